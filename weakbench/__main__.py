@@ -1,0 +1,3 @@
+from weakbench.platform.cli import main
+
+main()

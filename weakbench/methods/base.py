@@ -1,0 +1,330 @@
+"""The method contract and the method registry.
+
+A *method* is a plugin: a name, a validated hyperparameter schema (pydantic), a default search
+space file (``search_spaces/<name>.yaml``), a pipeline *shape* and the *stages* it runs. The
+engine (``weakbench.platform.engine``) owns loops, devices, DDP, checkpoints and logging; a
+method only answers the hooks below, in the spirit of PyTorch Lightning's ``LightningModule``.
+No method module imports Ray or MLflow.
+
+Three pipeline shapes are foreseen (DESIGN.md, "The five methods as pipelines"):
+
+* ``classifier_cam`` — ``cam``, ``minmaxcam``, ``puzzlecam``, ``topgap``: one trainable stage
+  (``train``) producing a classifier; localisation maps are CAMs per (image, class).
+* ``detector_attribution`` — ``bbam``: ``train`` (detector on GT boxes) → ``attribute`` (per-box
+  mask optimisation) → ``pseudo_masks`` → optional ``train_instance`` (Mask R-CNN).
+* ``multi_branch`` — ``ccgr``: rounds of ``train`` → ``refine`` → ``pseudo_masks``.
+
+Each trainable stage runs as one Ray Train job; the engine iterates ``Method.stages`` and calls
+``run_stage`` for stages that are not plain classifier training. Only ``classifier_cam`` methods
+are implemented today; the contract keeps the other shapes expressible (stage list, per-stage
+hooks, artifacts passed between stages through :class:`StageContext`).
+
+Adding a method is one decorated class in one module::
+
+    @register_method("cam")
+    class CAM(Method):
+        Config = CAMConfig
+        ...
+
+and ``build_method("cam", {"lr": 0.01})`` validates the config and returns an instance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from weakbench.platform.errors import ConfigError, UnknownNameError
+
+PipelineShape = Literal["classifier_cam", "detector_attribution", "multi_branch"]
+
+
+class MethodConfig(BaseModel):
+    """Hyperparameters common to every method (DESIGN.md: "Common: backbone, learning rate,
+    batch size, epochs, input size, seed").
+
+    Subclasses add the method's own fields (with the paper's default) and may override these
+    defaults. Unknown keys are refused (``extra="forbid"``) so that a misspelt search-space key
+    is an error, not a silently ignored value.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    backbone: str = Field("resnet18", description="timm model name (features_only must work)")
+    pretrained: bool = Field(False, description="load timm pretrained weights (needs a hub; off by default)")
+    weights_path: str | None = Field(None, description="local .pth/.safetensors state dict for the backbone")
+    output_stride: Literal[8, 16, 32] = Field(32, description="backbone output stride (8/16 give larger CAMs)")
+    lr: float = Field(0.01, gt=0, le=10, description="learning rate of the new layers (SGD)")
+    backbone_lr_mult: float = Field(1.0, gt=0, le=10, description="backbone lr = lr * this (0.1 with pretrained weights)")
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(16, ge=1, le=4096, description="images per worker per step")
+    epochs: int = Field(4, ge=1, le=1000)
+    input_size: int = Field(128, ge=32, le=1024, description="square input side in pixels; also the WSOL evaluation frame")
+    seed: int = Field(0, ge=0, description="seeds torch, numpy, python and the data order")
+    cam_curve_interval: float = Field(0.01, gt=0, lt=1, description="WSOL threshold step (0.01 validation, 0.001 reference)")
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What the engine tells a method at each training step.
+
+    Attributes:
+        epoch: 0-based epoch index.
+        step: 0-based global step (across epochs) on this worker.
+        steps_per_epoch: number of steps of one epoch on this worker.
+        total_steps: ``epochs * steps_per_epoch``.
+        device: the device tensors live on.
+        unwrap: returns the bare model behind a DDP wrapper (for hooks that must call
+            sub-modules directly).
+    """
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    total_steps: int
+    device: torch.device
+    unwrap: Callable[[torch.nn.Module], torch.nn.Module]
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1)."""
+        return self.step / max(1, self.total_steps)
+
+
+@dataclasses.dataclass
+class StageContext:
+    """Passed to :meth:`Method.run_stage` for non-training stages (BBAM, CCGR).
+
+    Attributes:
+        stage: stage name.
+        workdir: a directory private to this trial where the stage writes its products.
+        artifacts: products of earlier stages by name (paths), filled by the engine.
+        device: the device to run on.
+    """
+
+    stage: str
+    workdir: Path
+    artifacts: dict[str, Path]
+    device: torch.device
+
+
+class Method:
+    """Base class of every method. Subclass, set the class variables, implement the hooks.
+
+    Class variables:
+        name: registry name (set by :func:`register_method`).
+        shape: one of ``classifier_cam``, ``detector_attribution``, ``multi_branch``.
+        stages: ordered stage names; ``"train"`` is classifier/detector training on Ray Train.
+        Config: the pydantic schema of this method's hyperparameters.
+        find_unused_parameters: passed to DDP (True when a step updates only part of the model,
+            as MinMaxCAM's Stage II does).
+
+    Hooks a ``classifier_cam`` method implements:
+        :meth:`build_model`, :meth:`training_step` (or :meth:`training_losses`),
+        :meth:`class_scores`, :meth:`cams`.
+    """
+
+    name: ClassVar[str] = ""
+    shape: ClassVar[PipelineShape] = "classifier_cam"
+    stages: ClassVar[tuple[str, ...]] = ("train",)
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, num_classes: int, multilabel: bool = True):
+        if num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        self.config = config
+        self.num_classes = num_classes
+        self.multilabel = multilabel
+
+    # ------------------------------------------------------------------ model and optimiser
+    def build_model(self) -> torch.nn.Module:
+        """Return a fresh ``nn.Module`` (weights initialised, on CPU)."""
+        raise NotImplementedError
+
+    def configure_optimizers(self, model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+        """Return named optimisers. Default: one SGD ``"main"`` over all parameters, backbone
+        parameters (those whose name starts with ``backbone.``) at ``lr * backbone_lr_mult``."""
+        c = self.config
+        backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+        head = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+        groups = [g for g in (
+            {"params": backbone, "lr": c.lr * c.backbone_lr_mult},
+            {"params": head, "lr": c.lr},
+        ) if g["params"]]
+        return {"main": torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)}
+
+    # ------------------------------------------------------------------ training
+    def training_losses(self, model: torch.nn.Module, batch: Mapping[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Return named scalar losses; the key ``"loss"`` is the one optimised.
+
+        Args:
+            model: the (possibly DDP-wrapped) model in train mode.
+            batch: ``{"image": float32 (B, 3, S, S) normalised, "labels": float32 (B, C) multi-hot
+                in {0, 1}, "image_id": int64 (B,)}``.
+        """
+        raise NotImplementedError
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        batch: Mapping[str, Any],
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        ctx: StepContext,
+    ) -> dict[str, float]:
+        """One optimisation step; returns the named losses as floats for logging.
+
+        The default does ``training_losses`` → ``backward`` → ``step`` on ``optimizers["main"]``.
+        Methods with several updates per mini-batch (MinMaxCAM's Stage I / Stage II) override it.
+        """
+        opt = optimizers["main"]
+        opt.zero_grad(set_to_none=True)
+        losses = self.training_losses(model, batch, ctx)
+        losses["loss"].backward()
+        opt.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def train_batch_sampler(self, labels: torch.Tensor, batch_size: int, seed: int, rank: int, world_size: int):
+        """Optional: return an iterable of index lists (a batch sampler) for training, already
+        sharded to ``rank`` of ``world_size``; ``None`` (default) lets the engine use a
+        ``DistributedSampler``. MinMaxCAM uses this for its N sets × S images batches.
+
+        Args:
+            labels: float32 (num_train_images, C) multi-hot labels of the training split.
+        """
+        return None
+
+    # ------------------------------------------------------------------ inference
+    def class_scores(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Classification logits, float32 (B, C)."""
+        raise NotImplementedError
+
+    def cams(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Raw class activation maps of every class, float32 (B, C, h, w) at the model's
+        feature resolution (not normalised, may be negative). The engine min-max normalises
+        and resizes them per the WSOL protocol."""
+        raise NotImplementedError
+
+    def cams_and_scores(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cams (B, C, h, w), logits (B, C))``; override to share one forward pass."""
+        return self.cams(model, images), self.class_scores(model, images)
+
+    def localization_maps(self, model: torch.nn.Module, images: torch.Tensor, class_ids: torch.Tensor, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """Localisation maps for (image, class) pairs, float32 (B, H, W) in [0, 1].
+
+        ``class_ids`` is int64 (B,). Each map is the CAM of its class, resized bilinearly to
+        ``size`` (default: the input size) and min-max normalised per map (a constant map
+        becomes all zeros), as in Choe et al. (CVPR 2020)'s protocol.
+        """
+        cams = self.cams(model, images)
+        sel = cams[torch.arange(cams.shape[0], device=cams.device), class_ids]
+        size = size or images.shape[-2:]
+        return normalize_maps(resize_maps(sel, size))
+
+    # ------------------------------------------------------------------ other shapes
+    def run_stage(self, ctx: StageContext) -> dict[str, Path]:
+        """Run a non-training stage (BBAM attribution, CCGR refinement); returns its products."""
+        raise NotImplementedError(f"method {self.name!r} has no stage {ctx.stage!r}")
+
+    # ------------------------------------------------------------------ search space
+    @classmethod
+    def default_search_space(cls) -> Path:
+        """Path of ``search_spaces/<name>.yaml`` in the source tree (or next to the package)."""
+        return search_space_dir() / f"{cls.name}.yaml"
+
+
+def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, h, w) maps to (B, H, W) (``align_corners=False``)."""
+    if isinstance(size, int):
+        size = (size, size)
+    return torch.nn.functional.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max normalisation of (B, H, W) maps to [0, 1]; constant maps become 0.
+
+    This is wsolevaluation's ``normalize_scoremap``: ``(m - min) / (max - min)``.
+    """
+    flat = maps.reshape(maps.shape[0], -1)
+    lo = flat.min(dim=1).values[:, None, None]
+    hi = flat.max(dim=1).values[:, None, None]
+    span = hi - lo
+    out = (maps - lo) / torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, out, torch.zeros_like(out)).clamp_(0, 1)
+
+
+# ---------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Method]] = {}
+_BUILTIN_MODULES = ("cam", "minmaxcam", "puzzlecam", "topgap")
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: register ``cls`` under ``name`` (timm's ``register_model`` pattern)."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"weakbench.methods.{mod}")
+        except ModuleNotFoundError as e:  # a method module not written yet
+            if e.name != f"weakbench.methods.{mod}":
+                raise
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    """Return the registered class; raises :class:`UnknownNameError` listing known names."""
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def validate_config(name: str, params: Mapping[str, Any], source: str = "config") -> MethodConfig:
+    """Validate ``params`` against method ``name``'s schema.
+
+    Raises:
+        ConfigError: naming ``source`` (a file path or "config"), each bad field and what is
+            allowed there.
+    """
+    cls = get_method_class(name)
+    try:
+        return cls.Config(**dict(params))
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"{source}: invalid hyperparameters for method {name!r}: {problems}") from None
+
+
+def build_method(name: str, params: Mapping[str, Any] | MethodConfig | None = None, *, num_classes: int, multilabel: bool = True) -> Method:
+    """Validate the config and instantiate method ``name`` (timm's ``create_model`` pattern)."""
+    cls = get_method_class(name)
+    cfg = params if isinstance(params, MethodConfig) else validate_config(name, params or {})
+    return cls(cfg, num_classes=num_classes, multilabel=multilabel)
+
+
+def search_space_dir() -> Path:
+    """``search_spaces/`` of the source checkout (the package's parent directory)."""
+    return Path(__file__).resolve().parents[2] / "search_spaces"

@@ -1,0 +1,69 @@
+"""Names shared by the engine, tracking, results tables, leaderboard and registry.
+
+One place for each fact: every module that writes or reads an MLflow run uses these names.
+
+MLflow layout (DESIGN.md, "Tracking conventions"):
+
+* one **parent run** per sweep: tag ``weakbench.kind = "sweep"``, tag ``weakbench.sweep_id``;
+* one **child run** per trial: tag ``mlflow.parentRunId`` = parent id, ``weakbench.kind =
+  "trial"``, plus the :data:`TRIAL_TAGS` below; params = the trial's resolved hyperparameters
+  (flat, ``str(value)``); an artifact ``config.yaml`` with the resolved config;
+* metrics are keyed ``<split>/<name>`` (``val/max_box_acc_v2``, ``test/pxap``,
+  ``train/loss``); per-epoch metrics use ``step = epoch`` (1-based), final metrics are logged
+  once at the last step; cost metrics are ``cost/<name>``;
+* the trained model is logged with ``mlflow.pytorch.log_model(..., name=MODEL_ARTIFACT)``; its
+  URI is stored in tag ``weakbench.model_uri``;
+* CAM overlay PNGs are artifacts under ``overlays/``.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- tags
+TAG_KIND = "weakbench.kind"  # "sweep" | "trial"
+TAG_SWEEP_ID = "weakbench.sweep_id"
+TAG_TRIAL_ID = "weakbench.trial_id"
+TAG_METHOD = "weakbench.method"
+TAG_BACKBONE = "weakbench.backbone"
+TAG_DATASET = "weakbench.dataset"  # a short name (directory name or "synthetic")
+TAG_DATASET_FINGERPRINT = "weakbench.dataset_fingerprint"  # sha256 hex prefix (16 chars)
+TAG_SPLIT = "weakbench.selection_split"  # split that selects hyperparameters: "val"
+TAG_SEED = "weakbench.seed"
+TAG_GIT_COMMIT = "weakbench.git_commit"
+TAG_CONFIG_HASH = "weakbench.config_hash"  # sha256 of the sorted-keys JSON of the config, 16 chars
+TAG_VERSION = "weakbench.version"
+TAG_ERROR = "weakbench.error"  # set on FAILED runs: "<ExceptionType>: message"
+TAG_MODEL_URI = "weakbench.model_uri"
+TAG_DEVICE = "weakbench.device"  # "cpu" | "cuda"
+TAG_NUM_WORKERS = "weakbench.num_workers"
+
+TRIAL_TAGS = (
+    TAG_METHOD, TAG_BACKBONE, TAG_DATASET, TAG_DATASET_FINGERPRINT, TAG_SPLIT, TAG_SEED,
+    TAG_GIT_COMMIT, TAG_CONFIG_HASH, TAG_VERSION, TAG_SWEEP_ID, TAG_TRIAL_ID,
+)
+
+KIND_SWEEP = "sweep"
+KIND_TRIAL = "trial"
+
+DEFAULT_EXPERIMENT = "weakbench"
+MODEL_ARTIFACT = "model"
+OVERLAY_DIR = "overlays"
+CONFIG_ARTIFACT = "config.yaml"
+
+# ---------------------------------------------------------------- metrics
+SPLITS = ("train", "val", "test")
+
+#: localisation / segmentation / classification metric names (values in percent, 0–100,
+#: except losses). Keys in MLflow are f"{split}/{name}".
+WSOL_METRICS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "top5_loc")
+CLS_METRICS = ("cls_map", "cls_acc")  # multi-label mAP, top-1 accuracy (%)
+SEG_METRICS = ("miou",)  # semantic pseudo-mask mIoU at the best background threshold (%)
+HIGHER_IS_BETTER = {m: True for m in WSOL_METRICS + CLS_METRICS + SEG_METRICS}
+
+COST_TRAIN_SECONDS = "cost/train_seconds"  # wall seconds of the training stage
+COST_CPU_HOURS = "cost/cpu_hours"  # wall hours × CPUs held (all workers)
+COST_GPU_HOURS = "cost/gpu_hours"  # wall hours × GPUs held (all workers)
+
+
+def metric_key(split: str, name: str) -> str:
+    """``metric_key("val", "pxap") == "val/pxap"``."""
+    return f"{split}/{name}"
