@@ -227,6 +227,16 @@ class Method:
         size = size or images.shape[-2:]
         return normalize_maps(resize_maps(sel, size))
 
+    def extra_metrics(self, model: torch.nn.Module, batches: list[Mapping[str, Any]], device: torch.device) -> dict[str, float]:
+        """Optional method-specific evaluation (e.g. Top-GAP's ERF distance and robust accuracy).
+
+        Called by rank 0 after training on a few validation batches (each like a training
+        batch, plus ``"masks"``: bool (B, C, S, S) per-class GT masks at the input size and
+        ``"ignore"``: bool (B, S, S)). Returns ``{name: value}``; the engine logs them as
+        ``val/<name>``. Default: no extra metrics.
+        """
+        return {}
+
     # ------------------------------------------------------------------ other shapes
     def run_stage(self, ctx: StageContext) -> dict[str, Path]:
         """Run a non-training stage (BBAM attribution, CCGR refinement); returns its products."""
@@ -237,6 +247,37 @@ class Method:
     def default_search_space(cls) -> Path:
         """Path of ``search_spaces/<name>.yaml`` in the source tree (or next to the package)."""
         return search_space_dir() / f"{cls.name}.yaml"
+
+
+class CamPredictor(torch.nn.Module):
+    """A trained model packaged for inference: what the engine logs to MLflow and ``predict`` loads.
+
+    ``forward(images)`` takes float32 (B, 3, S, S) images normalised with ``mean``/``std``
+    (ImageNet statistics) and returns ``(logits (B, C) float32, cams (B, C, h, w) float32 raw)``
+    using the method's own inference (e.g. Puzzle-CAM's multi-scale, flipped CAMs).
+
+    Attributes:
+        method_name, class_names (list of C str), input_size (S, pixels), mean, std (3 floats),
+        multilabel (bool), config (dict of hyperparameters).
+    """
+
+    def __init__(self, method: "Method", model: torch.nn.Module, class_names: list[str], input_size: int,
+                 mean: tuple[float, float, float], std: tuple[float, float, float]):
+        super().__init__()
+        self.method = method
+        self.model = model
+        self.method_name = method.name
+        self.class_names = list(class_names)
+        self.input_size = int(input_size)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.multilabel = method.multilabel
+        self.config = method.config.model_dump()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cams, logits = self.method.cams_and_scores(self.model, images)
+        return logits, cams
 
 
 def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
