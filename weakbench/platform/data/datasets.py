@@ -1,0 +1,152 @@
+"""``torch.utils.data.Dataset`` views of a :class:`~.source.DatasetSource`.
+
+Every image is resized to a square ``S x S`` (``input_size``) with PIL bilinear filtering, with
+no crop and *without* keeping the aspect ratio (wsolevaluation evaluates on ``Resize((224,
+224))`` the same way), then normalised with ImageNet mean / std. ``S x S`` is also the WSOL
+evaluation frame: GT boxes are scaled into it with the ``int()`` truncation of
+``resize_bbox`` and GT masks are resized with pixel-centre nearest neighbour.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from weakbench.platform.data.source import DatasetSource
+from weakbench.platform.data.transforms import (
+    IMAGENET_MEAN, IMAGENET_STD, hflip_image, image_to_tensor, resize_boxes_wsol, resize_image, resize_masks,
+)
+
+__all__ = ["ClassificationDataset", "EvalDataset", "collate_classification", "collate_eval", "EVAL_LIST_FIELDS"]
+
+#: EvalDataset fields of variable length, kept as lists by :func:`collate_eval`.
+EVAL_LIST_FIELDS = ("boxes", "box_classes")
+
+
+def _check_indices(source: DatasetSource, indices: Sequence[int]) -> list[int]:
+    idx = [int(i) for i in indices]
+    n = len(source.records)
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise IndexError(f"record index {bad[0]} outside [0, {n}) of dataset {source.name!r}")
+    return idx
+
+
+class ClassificationDataset(Dataset):
+    """Images and image-level labels for classifier training / validation.
+
+    Args:
+        source: the dataset.
+        indices: record indices (a split).
+        input_size: ``S``, side of the square input in pixels.
+        train: when True, a random horizontal flip with probability 0.5, drawn with
+            ``torch.rand`` (so ``torch.manual_seed`` and DataLoader worker seeding control it).
+
+    Item: ``{"image": float32 (3, S, S) normalised with IMAGENET_MEAN/STD,
+    "labels": float32 (C,) multi-hot in {0, 1}, "index": int64 () record index}``.
+
+    Raises:
+        IndexError: an index outside the dataset. Items raise DataError for undecodable images.
+    """
+
+    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int, train: bool = False):
+        self.source = source
+        self.indices = _check_indices(source, indices)
+        self.input_size = int(input_size)
+        self.train = bool(train)
+        self._labels = source.labels_matrix()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        idx = self.indices[i]
+        img = resize_image(self.source.load_image(idx), self.input_size)
+        if self.train and torch.rand(()) < 0.5:
+            img = hflip_image(img)
+        return {
+            "image": image_to_tensor(img, IMAGENET_MEAN, IMAGENET_STD),
+            "labels": torch.from_numpy(np.array(self._labels[idx], dtype=np.float32)),
+            "index": torch.tensor(idx, dtype=torch.int64),
+        }
+
+
+class EvalDataset(Dataset):
+    """Images with every localisation label, in the ``S x S`` evaluation frame.
+
+    Args:
+        source: the dataset.
+        indices: record indices (a split).
+        input_size: ``S``, side of the square input and evaluation frame, pixels.
+
+    Item::
+
+        image       float32 (3, S, S)  normalised
+        labels      float32 (C,)       multi-hot
+        index       int64 ()           record index
+        boxes       int64 (K, 4)       GT boxes x0,y0,x1,y1 in the S x S frame,
+                                       int(x·S/w) as wsolevaluation's resize_bbox
+        box_classes int64 (K,)         class index of each box
+        masks       bool (C, S, S)     per-class union of instance masks (zeros without masks)
+        ignore      bool (S, S)        pixels excluded from PxAP / mIoU (crowd / ignore regions)
+        semantic    uint8 (S, S)       0 background, c+1 class c, 255 ignore (all 255 without masks)
+        has_masks   bool ()            whether masks / semantic are real
+
+    Memory: ``masks`` is C·S² bytes per item (80 classes at 224 px: 4 MB).
+    """
+
+    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int):
+        self.source = source
+        self.indices = _check_indices(source, indices)
+        self.input_size = int(input_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        idx = self.indices[i]
+        rec = self.source.records[idx]
+        s = self.input_size
+        c = self.source.num_classes
+        img = resize_image(self.source.load_image(idx), s)
+        ann = self.source.annotations(idx)
+        boxes = resize_boxes_wsol(ann.boxes, (rec.width, rec.height), (s, s))
+        masks = torch.zeros((c, s, s), dtype=torch.bool)
+        if ann.instance_masks is not None and len(ann.instance_masks):
+            present = np.unique(ann.box_classes)
+            unions = np.stack([ann.instance_masks[ann.box_classes == k].any(axis=0) for k in present])
+            masks[torch.from_numpy(present)] = resize_masks(unions, s)
+        ignore = (resize_masks(ann.ignore_mask, s) if ann.ignore_mask is not None
+                  else torch.zeros((s, s), dtype=torch.bool))
+        semantic = (resize_masks(ann.semantic_mask, s) if ann.semantic_mask is not None
+                    else torch.full((s, s), 255, dtype=torch.uint8))
+        return {
+            "image": image_to_tensor(img, IMAGENET_MEAN, IMAGENET_STD),
+            "labels": torch.from_numpy(ann.labels.astype(np.float32)),
+            "index": torch.tensor(idx, dtype=torch.int64),
+            "boxes": torch.from_numpy(boxes),
+            "box_classes": torch.from_numpy(ann.box_classes.astype(np.int64)),
+            "masks": masks,
+            "ignore": ignore,
+            "semantic": semantic,
+            "has_masks": torch.tensor(ann.instance_masks is not None),
+        }
+
+
+def collate_classification(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack ClassificationDataset items: image (B, 3, S, S), labels (B, C), index (B,)."""
+    return default_collate(batch)
+
+
+def collate_eval(batch: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Stack EvalDataset items; ``boxes`` and ``box_classes`` stay lists of B tensors
+    ((K_i, 4) and (K_i,)); every other field is stacked along a new first dimension
+    (``has_masks`` becomes bool (B,))."""
+    out: dict[str, Any] = {k: [item[k] for item in batch] for k in EVAL_LIST_FIELDS}
+    for k in batch[0]:
+        if k not in EVAL_LIST_FIELDS:
+            out[k] = torch.stack([item[k] for item in batch])
+    return out

@@ -1,0 +1,66 @@
+"""``open_dataset``: one entry point that recognises the dataset format of a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from weakbench.platform.data.coco import COCO_ANNOTATION_FILE, CocoSource
+from weakbench.platform.data.source import DatasetSource
+from weakbench.platform.data.synthetic import ensure_synthetic
+from weakbench.platform.data.wsol import WSOL_METADATA_FILES, WsolMetadataSource
+from weakbench.platform.errors import DataError
+
+__all__ = ["open_dataset", "DEFAULT_CACHE_DIR"]
+
+DEFAULT_CACHE_DIR = Path("~/.cache/weakbench")
+
+_EXPECTED = (f"a COCO directory ({COCO_ANNOTATION_FILE} + images/) or a wsolevaluation metadata directory "
+             f"({', '.join(WSOL_METADATA_FILES)}), or no path for the synthetic default")
+
+
+def open_dataset(path: str | Path | None, *, cache_dir: str | Path | None = None, seed: int = 0,
+                 image_root: str | Path | None = None, mask_root: str | Path | None = None) -> DatasetSource:
+    """Open a dataset, recognising its format.
+
+    Args:
+        path: ``None`` for the embedded synthetic dataset; a COCO directory
+            (``annotations/instances.json`` + ``images/``); or a wsolevaluation metadata
+            directory (``image_ids.txt``, ``class_labels.txt``, ``image_sizes.txt``,
+            ``localization.txt``).
+        cache_dir: where the synthetic dataset is generated (``<cache_dir>/synthetic-v1-seed<seed>``,
+            re-used while its fingerprint file matches); default ``~/.cache/weakbench``.
+        seed: seed of the synthetic dataset (ignored for real data).
+        image_root, mask_root: wsol metadata only; the directories image and mask paths are
+            relative to (default: the metadata directory's parent).
+
+    Returns:
+        a :class:`DatasetSource` (``CocoSource`` named ``"synthetic"`` for ``None``).
+
+    Raises:
+        DataError: the path does not exist, is not a directory, or holds neither format
+            (the message lists what was expected); any reader error.
+    """
+    if path is None:
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR.expanduser()
+        return CocoSource(ensure_synthetic(cache, seed=seed), name="synthetic")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: dataset directory does not exist; expected {_EXPECTED}")
+    if not p.is_dir():
+        raise DataError(f"{p}: not a directory; expected {_EXPECTED}")
+    if (p / COCO_ANNOTATION_FILE).exists():
+        if image_root is not None or mask_root is not None:
+            raise DataError(f"{p}: image_root/mask_root apply to wsolevaluation metadata only; a COCO dataset keeps "
+                            f"its images in {p / 'images'}")
+        return CocoSource(p)
+    if (p / "image_ids.txt").exists() or (p / "class_labels.txt").exists():
+        missing = [f for f in WSOL_METADATA_FILES[:3] if not (p / f).exists()]
+        if missing:
+            raise DataError(f"{p}: wsolevaluation metadata directory lacks {', '.join(missing)}; "
+                            f"expected {', '.join(WSOL_METADATA_FILES)}")
+        return WsolMetadataSource(p, image_root=image_root, mask_root=mask_root)
+    if (p / "instances.json").exists() or (p / "annotations").is_dir():
+        raise DataError(f"{p}: no {COCO_ANNOTATION_FILE}; a COCO dataset needs its annotations at exactly that path "
+                        f"(rename the JSON to instances.json under annotations/)")
+    found = sorted(x.name for x in p.iterdir())[:8]
+    raise DataError(f"{p}: not a dataset (found {found or 'an empty directory'}); expected {_EXPECTED}")

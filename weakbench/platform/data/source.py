@@ -1,0 +1,191 @@
+"""The dataset-source contract: records, per-image annotations, images, fingerprints.
+
+A :class:`DatasetSource` answers every query the engine and the evaluators ask about a dataset
+(in the spirit of pycocotools' ``COCO`` object). Concrete sources: :class:`~.coco.CocoSource`
+(COCO instances JSON, the primary format) and :class:`~.wsol.WsolMetadataSource`
+(wsolevaluation's plain-text metadata). Use :func:`~.open.open_dataset` to get one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from weakbench.platform.errors import DataError
+
+__all__ = ["ImageRecord", "Annotations", "DatasetSource", "fingerprint_files"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """One image of a dataset.
+
+    Attributes:
+        index: position in ``DatasetSource.records`` (0-based); what splits store.
+        image_id: the dataset's own id (COCO: the int ``images[].id``; wsol metadata: the
+            relative image path string).
+        path: absolute path of the image file.
+        width, height: size in pixels as declared by the annotations (the image must decode to
+            this size).
+    """
+
+    index: int
+    image_id: int | str
+    path: Path
+    width: int
+    height: int
+
+
+@dataclasses.dataclass
+class Annotations:
+    """Ground truth of one image, in ORIGINAL pixel coordinates.
+
+    Attributes:
+        labels: float32 (C,) multi-hot in {0, 1}: classes with at least one non-crowd instance.
+        boxes: float32 (K, 4) ``x0, y0, x1, y1`` pixels (COCO ``[x, y, w, h]`` →
+            ``(x, y, x + w, y + h)``); crowd regions are not boxes.
+        box_classes: int64 (K,) class index in ``[0, C)`` of each box.
+        instance_masks: bool (K, H, W), one per box, or ``None`` when the dataset has no masks.
+        ignore_mask: bool (H, W) pixels excluded from pixel metrics (COCO crowd regions, wsol
+            ignore PNGs) minus pixels of any instance; ``None`` when there is none.
+        semantic_mask: uint8 (H, W): 0 background, ``c + 1`` for class ``c``, 255 ignore; or
+            ``None`` when the dataset has no masks.
+    """
+
+    labels: np.ndarray
+    boxes: np.ndarray
+    box_classes: np.ndarray
+    instance_masks: np.ndarray | None
+    ignore_mask: np.ndarray | None
+    semantic_mask: np.ndarray | None
+
+    @property
+    def num_instances(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+class DatasetSource:
+    """Base class of dataset readers.
+
+    Attributes:
+        name: short name (directory name, or ``"synthetic"``) used in tags and tables.
+        root: the dataset directory.
+        fingerprint: 16 hex characters, sha256 over the annotation file bytes and the sorted
+            image file names and sizes (see :func:`fingerprint_files`); tags every run and guards
+            stored splits.
+        num_classes: ``C``.
+        class_names: ``C`` names in class-index order.
+        multilabel: True when an image may carry several classes (COCO), False for
+            single-label data (wsol metadata: CUB, ILSVRC, OpenImages).
+        has_masks: True when instance masks are available (semantic masks then too).
+        records: the images, ``records[i].index == i``.
+    """
+
+    name: str
+    root: Path
+    fingerprint: str
+    num_classes: int
+    class_names: list[str]
+    multilabel: bool
+    has_masks: bool
+    records: list[ImageRecord]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, root='{self.root}', images={len(self.records)}, "
+                f"classes={self.num_classes}, fingerprint={self.fingerprint})")
+
+    # ---------------------------------------------------------------- labels (cheap)
+    def labels_matrix(self) -> np.ndarray:
+        """float32 (N, C) multi-hot image-level labels of every record (cached, cheap)."""
+        raise NotImplementedError
+
+    def image_labels(self, index: int) -> np.ndarray:
+        """float32 (C,) multi-hot labels of record ``index`` (no mask decoding)."""
+        return self.labels_matrix()[index]
+
+    # ---------------------------------------------------------------- full annotations
+    def annotations(self, index: int) -> Annotations:
+        """Labels, boxes, instance / ignore / semantic masks of record ``index`` in original pixels."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- images
+    def load_image(self, index: int) -> Image.Image:
+        """Decode record ``index`` as an RGB PIL image of the declared size.
+
+        Raises:
+            DataError: the file is missing or does not decode (names the file), or it decodes to
+                a size other than the annotations declare (boxes would be wrong).
+        """
+        rec = self.records[index]
+        try:
+            with Image.open(rec.path) as im:
+                im.load()
+                img = im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"{rec.path}: image file not found (record {index}, image id {rec.image_id!r}); "
+                            f"restore it or remove it from the annotations") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{rec.path}: cannot decode image ({type(e).__name__}: {e}); "
+                            f"re-download it or remove it from the annotations") from None
+        if img.size != (rec.width, rec.height):
+            raise DataError(f"{rec.path}: image is {img.size[0]}x{img.size[1]} but the annotations declare "
+                            f"width={rec.width}, height={rec.height}; fix the annotation sizes")
+        return img
+
+
+def fingerprint_files(annotation_files: Iterable[Path], image_files: Iterable[tuple[str, Path]]) -> str:
+    """Dataset fingerprint: 16 hex chars of sha256.
+
+    The hash covers, in order, the bytes of each annotation file, then for each image (sorted by
+    its relative name) the line ``"<name>\\0<size in bytes>\\n"``.
+
+    Args:
+        annotation_files: annotation / metadata files, hashed in the given order.
+        image_files: ``(relative name, absolute path)`` of every image referenced.
+
+    Raises:
+        DataError: an image file is missing (names the first few and how many).
+    """
+    h = hashlib.sha256()
+    for f in annotation_files:
+        h.update(Path(f).read_bytes())
+    missing: list[str] = []
+    entries = []
+    for rel, path in image_files:
+        try:
+            entries.append((rel, path.stat().st_size))
+        except FileNotFoundError:
+            missing.append(str(path))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise DataError(f"{len(missing)} image file(s) referenced by the annotations are missing: {shown}; "
+                        f"restore them or remove them from the annotations")
+    for rel, size in sorted(entries):
+        h.update(f"{rel}\0{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def semantic_from_instances(shape: tuple[int, int], masks: np.ndarray, classes: np.ndarray,
+                            ignore: np.ndarray | None) -> np.ndarray:
+    """Paint a semantic mask uint8 (H, W) from instance masks.
+
+    Instances are painted in order of decreasing mask area, so a smaller object lying on a larger
+    one keeps its class where they overlap (painter's order); pixels of class ``c`` get ``c + 1``,
+    background 0, and ``ignore`` pixels 255.
+    """
+    sem = np.zeros(shape, dtype=np.uint8)
+    if masks.shape[0]:
+        areas = masks.reshape(masks.shape[0], -1).sum(axis=1)
+        for k in np.argsort(-areas, kind="stable"):
+            sem[masks[k]] = int(classes[k]) + 1
+    if ignore is not None:
+        sem[ignore] = 255
+    return sem
