@@ -1,0 +1,278 @@
+"""Puzzle-CAM (Jo, Yu, "Puzzle-CAM: Improved localization via matching partial and full features",
+ICIP 2021).
+
+Model: the CAM baseline's network (:class:`weakbench.methods.cam.CAMNet`): backbone ``F``, 1×1
+classifier ``θ``; the class maps are ``A_c = θ_cᵀ F(I)`` (eq. 1), the logits their spatial mean.
+
+Training (Sec. 3.3–3.4): the puzzle module tiles the image ``I`` into ``g × g`` non-overlapping
+tiles (``num_tiles = g²``, paper: 2 × 2), computes the class maps of every tile and merges them
+back into ``A^re`` with the layout of the full image's maps ``A^s``. The loss is (eq. 7)
+
+    L = L_cls + L_p-cls + α · L_re
+
+* ``L_cls`` (eq. 4) and ``L_p-cls`` (eq. 5): multi-label soft-margin loss (eqs. 2–3) of
+  ``GAP(A^s)`` and ``GAP(A^re)`` (cross-entropy for single-label data);
+* ``L_re`` (eq. 6): L1 distance between ``A^s`` and ``A^re``. As in the official code
+  (``re_loss_option="masking"``) the absolute difference is kept only for the image's classes
+  and averaged over all ``B × C × h × w`` entries (:func:`reconstruction_loss`);
+* ``α`` ramps linearly from 0 to its maximum (paper: 4) over the first ``alpha_ramp_fraction``
+  (paper: half) of training, then stays there (:func:`alpha_at`).
+
+If the merged tile maps do not have the full image's map size (e.g. odd feature sizes), they are
+resized bilinearly to it (our choice; with ``input_size`` divisible by ``32·g`` the sizes match
+for stride-32 backbones).
+
+Inference (Sec. 4.1): CAMs from multiple scales (0.5, 1, 1.5, 2) and horizontal flips, ReLU,
+summed after resizing each to the largest scale's map size, then max-normalised per (image,
+class) (``A / (max A + 1e-5)``, Sec. 3.2). Pseudo semantic masks: the normalised CAMs of the
+image's classes against a constant background score ``bg_threshold``
+(:func:`pseudo_semantic_masks`); :meth:`PuzzleCAM.extra_metrics` reports their mIoU with the
+background threshold swept, as the paper evaluates pseudo-labels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+
+from weakbench.methods.base import Method, MethodConfig, StepContext, register_method
+from weakbench.methods.cam import CAMNet, classification_loss
+
+
+class PuzzleCAMConfig(MethodConfig):
+    """Puzzle-CAM hyperparameters (defaults: the paper's α = 4, 2 × 2 tiles, ramp over half of
+    training, scales (0.5, 1, 1.5, 2) with flips)."""
+
+    alpha: float = Field(4.0, ge=0, le=100, description="α, maximum weight of L_re (eq. 7)")
+    num_tiles: int = Field(4, ge=4, le=64, description="tiles of the puzzle module (a square: 4 = 2×2, 9, 16)")
+    alpha_ramp_fraction: float = Field(0.5, ge=0, le=1, description="fraction of training over which α ramps 0 → alpha")
+    inference_scales: tuple[float, ...] = Field((0.5, 1.0, 1.5, 2.0), min_length=1, description="image scales of the inference CAMs")
+    inference_flip: bool = Field(True, description="add horizontally flipped images to the inference CAMs")
+    bg_threshold: float = Field(0.2, gt=0, lt=1, description="background score of the pseudo semantic masks")
+
+    @field_validator("inference_scales")
+    @classmethod
+    def _scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not (0 < s <= 4) for s in v):
+            raise ValueError(f"inference_scales must lie in (0, 4], got {list(v)}")
+        return tuple(float(s) for s in v)
+
+    @model_validator(mode="after")
+    def _tiles(self) -> "PuzzleCAMConfig":
+        g = math.isqrt(self.num_tiles)
+        if g * g != self.num_tiles:
+            raise ValueError(f"num_tiles ({self.num_tiles}) must be a square number of tiles: 4 (2×2), 9 (3×3), 16 (4×4)")
+        if self.input_size % g:
+            raise ValueError(f"input_size ({self.input_size}) must be divisible by the tile grid side {g} "
+                             f"(num_tiles={self.num_tiles}); use input_size {self.input_size // g * g} or {(self.input_size // g + 1) * g}")
+        return self
+
+    @property
+    def grid(self) -> int:
+        """Tiles per side, ``g = √num_tiles``."""
+        return math.isqrt(self.num_tiles)
+
+
+# ---------------------------------------------------------------------- puzzle module
+def tile_images(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """Tiling module: split (B, ch, H, W) into ``grid²`` non-overlapping tiles.
+
+    Returns (grid²·B, ch, H/grid, W/grid), tile-major: tile ``(i, j)`` (row i, column j) of every
+    image comes in block ``i·grid + j``. Raises ``ValueError`` if H or W is not divisible by grid.
+    """
+    b, ch, h, w = images.shape
+    if h % grid or w % grid:
+        raise ValueError(f"tile_images: size {h}×{w} is not divisible by grid {grid}")
+    th, tw = h // grid, w // grid
+    t = images.reshape(b, ch, grid, th, grid, tw).permute(2, 4, 0, 1, 3, 5)
+    return t.reshape(grid * grid * b, ch, th, tw)
+
+
+def merge_tiles(tiles: torch.Tensor, grid: int) -> torch.Tensor:
+    """Merging module, the inverse of :func:`tile_images`: (grid²·B, ch, h, w) → (B, ch, grid·h, grid·w)."""
+    n, ch, h, w = tiles.shape
+    if n % (grid * grid):
+        raise ValueError(f"merge_tiles: {n} tiles is not a multiple of grid² = {grid * grid}")
+    b = n // (grid * grid)
+    t = tiles.reshape(grid, grid, b, ch, h, w).permute(2, 3, 0, 4, 1, 5)
+    return t.reshape(b, ch, grid * h, grid * w)
+
+
+# ---------------------------------------------------------------------- losses
+def reconstruction_loss(cams_full: torch.Tensor, cams_merged: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``L_re`` (Puzzle-CAM eq. 6) restricted to the image's classes (official "masking" option).
+
+    Args:
+        cams_full: float (B, C, h, w) class maps ``A^s`` of the full images.
+        cams_merged: float (B, C, h, w) merged tile maps ``A^re``.
+        labels: float (B, C) multi-hot image labels in {0, 1}.
+
+    Returns:
+        Scalar ``mean_{b,c,x,y} |A^s − A^re| · y_{b,c}`` (mean over all B·C·h·w entries).
+    """
+    if cams_full.shape != cams_merged.shape:
+        raise ValueError(f"reconstruction_loss: shapes differ, {tuple(cams_full.shape)} vs {tuple(cams_merged.shape)}")
+    return ((cams_full - cams_merged).abs() * labels[:, :, None, None]).mean()
+
+
+def alpha_at(progress: float, alpha: float, ramp_fraction: float) -> float:
+    """α at training progress ``progress`` ∈ [0, 1]: ``alpha · min(1, progress / ramp_fraction)``
+    (linear ramp; ``ramp_fraction = 0`` means constant ``alpha``)."""
+    if ramp_fraction <= 0:
+        return float(alpha)
+    return float(alpha) * min(1.0, max(0.0, progress) / ramp_fraction)
+
+
+def pseudo_semantic_masks(cams: torch.Tensor, labels: torch.Tensor, bg_threshold: float) -> torch.Tensor:
+    """Pseudo semantic masks from normalised CAMs.
+
+    Args:
+        cams: float (B, C, H, W) CAMs in [0, 1].
+        labels: float (B, C) multi-hot image labels; absent classes are never predicted.
+        bg_threshold: constant background score in (0, 1).
+
+    Returns:
+        int64 (B, H, W): 0 where no present class's CAM exceeds ``bg_threshold`` (background),
+        otherwise ``1 + argmax_c`` over the present classes (ties go to the background).
+    """
+    scores = cams * (labels[:, :, None, None] > 0.5)
+    bg = torch.full_like(scores[:, :1], float(bg_threshold))
+    return torch.cat([bg, scores], dim=1).argmax(dim=1)
+
+
+def semantic_confusion(pred: torch.Tensor, gt: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Confusion matrix int64 (L, L) [gt, pred] of int64 label maps; ``gt < 0`` pixels are ignored."""
+    keep = gt >= 0
+    idx = gt[keep] * num_labels + pred[keep]
+    return torch.bincount(idx, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+
+
+def miou_from_confusion(conf: torch.Tensor) -> float:
+    """Mean IoU (%) over labels present in the ground truth or the prediction."""
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    valid = union > 0
+    return float(100.0 * (tp[valid] / union[valid]).mean()) if valid.any() else float("nan")
+
+
+def semantic_targets(masks: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-class bool masks (B, C, H, W) → int64 (B, H, W) labels: 0 background, ``c + 1`` class
+    ``c``, −1 ignored (``ignore`` pixels and pixels claimed by two or more classes)."""
+    m = masks.bool()
+    count = m.sum(dim=1)
+    target = torch.where(count > 0, m.to(torch.int8).argmax(dim=1) + 1, torch.zeros_like(count))
+    target = torch.where(count > 1, torch.full_like(target, -1), target)
+    if ignore is not None:
+        target = torch.where(ignore.bool(), torch.full_like(target, -1), target)
+    return target.long()
+
+
+# ---------------------------------------------------------------------- method
+@register_method("puzzlecam")
+class PuzzleCAM(Method):
+    """Puzzle-CAM: L_cls + L_p-cls + α·L_re with α ramped (ICIP 2021, eqs. 4–7).
+
+    ``training_losses`` returns ``{"loss", "cls", "p_cls", "re", "alpha"}``.
+    """
+
+    Config = PuzzleCAMConfig
+    config: PuzzleCAMConfig
+
+    #: thresholds swept for the pseudo-mask mIoU of :meth:`extra_metrics`
+    bg_thresholds = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+    def build_model(self) -> torch.nn.Module:
+        return CAMNet(self.config, self.num_classes)
+
+    def training_losses(self, model: torch.nn.Module, batch: Mapping[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["labels"]
+        g = self.config.grid
+        b = images.shape[0]
+        # one forward for the full images and their tiles would mix BN statistics of two input
+        # sizes; the official code runs them as two forwards, and so do we
+        logits, cams_full = model(images)
+        _, cams_tiles = model(tile_images(images, g))
+        cams_merged = merge_tiles(cams_tiles, g)
+        if cams_merged.shape[-2:] != cams_full.shape[-2:]:
+            cams_merged = F.interpolate(cams_merged, size=cams_full.shape[-2:], mode="bilinear", align_corners=False)
+        assert cams_merged.shape[0] == b
+        cls = classification_loss(logits, labels, self.multilabel)
+        p_cls = classification_loss(cams_merged.mean(dim=(2, 3)), labels, self.multilabel)
+        target = labels if self.multilabel else F.one_hot(labels.argmax(1), labels.shape[1]).to(labels.dtype)
+        re = reconstruction_loss(cams_full, cams_merged, target)
+        alpha = alpha_at(ctx.progress, self.config.alpha, self.config.alpha_ramp_fraction)
+        loss = cls + p_cls + alpha * re
+        return {"loss": loss, "cls": cls.detach(), "p_cls": p_cls.detach(), "re": re.detach(),
+                "alpha": torch.tensor(alpha)}
+
+    def class_scores(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model(images)[0]
+
+    def cams(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return self.cams_and_scores(model, images)[0]
+
+    def cams_and_scores(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multi-scale, flipped CAMs (ReLU, summed, max-normalised to [0, 1]) (B, C, h, w) at the
+        largest scale's map size, and the logits (B, C) of the scale-1 un-flipped image."""
+        c = self.config
+        h, w = images.shape[-2:]
+        maps: list[torch.Tensor] = []
+        logits = None
+        for s in c.inference_scales:
+            x = images if s == 1.0 else F.interpolate(images, size=(max(1, round(h * s)), max(1, round(w * s))),
+                                                      mode="bilinear", align_corners=False)
+            batch = torch.cat([x, x.flip(-1)]) if c.inference_flip else x
+            lg, cam = model(batch)
+            b = images.shape[0]
+            if s == 1.0:
+                logits = lg[:b]
+            cam = F.relu(cam)
+            if c.inference_flip:
+                cam = cam[:b] + cam[b:].flip(-1)
+            maps.append(cam)
+        if logits is None:
+            logits = model(images)[0]
+        size = max((m.shape[-2:] for m in maps), key=lambda t: t[0] * t[1])
+        total = sum(F.interpolate(m, size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size else m
+                    for m in maps)
+        total = total / (total.amax(dim=(2, 3), keepdim=True) + 1e-5)
+        return total, logits
+
+    @torch.no_grad()
+    def extra_metrics(self, model: torch.nn.Module, batches: list[Mapping[str, Any]], device: torch.device) -> dict[str, float]:
+        """mIoU (%) of pseudo semantic masks (classes + background) over ``batches``: at the best
+        background threshold of a sweep 0.05, 0.10, …, 0.95 (``pseudo_mask_miou`` and
+        ``pseudo_mask_bg_threshold``) and at ``bg_threshold`` (``pseudo_mask_miou_at_config``).
+        Batches without ``"masks"`` are skipped; no batch with masks gives ``{}``."""
+        n_labels = self.num_classes + 1
+        ths = sorted(set(self.bg_thresholds) | {self.config.bg_threshold})
+        conf = {t: torch.zeros(n_labels, n_labels, dtype=torch.long) for t in ths}
+        seen = False
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                if "masks" not in batch:
+                    continue
+                seen = True
+                images = batch["image"].to(device)
+                labels = batch["labels"].to(device)
+                cams, _ = self.cams_and_scores(model, images)
+                cams = F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)
+                gt = semantic_targets(batch["masks"].to(device), batch.get("ignore"))
+                for t in ths:
+                    pred = pseudo_semantic_masks(cams, labels, t)
+                    conf[t] += semantic_confusion(pred.cpu(), gt.cpu(), n_labels)
+        finally:
+            model.train(was_training)
+        if not seen:
+            return {}
+        scores = {t: miou_from_confusion(conf[t]) for t in ths}
+        best = max(scores, key=lambda t: -1 if math.isnan(scores[t]) else scores[t])
+        return {"pseudo_mask_miou": scores[best], "pseudo_mask_bg_threshold": float(best),
+                "pseudo_mask_miou_at_config": scores[self.config.bg_threshold]}
