@@ -1,0 +1,119 @@
+"""Registry round trip on a real MLflow sqlite store: register the val-selected run's CamPredictor,
+load it by alias, predict, register a second version, roll back."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from weakbench.methods import build_method
+from weakbench.methods.base import CamPredictor
+from weakbench.platform import conventions as C
+from weakbench.platform import registry
+from weakbench.platform.errors import DataError, UnknownNameError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _log_trial(client: MlflowClient, exp_id: str, parent: str, lr: float, seed: int, val: float, test: float,
+               with_model: bool, method: str = "cam", dataset: str = "toy") -> str:
+    params = {"backbone": "resnet10t", "input_size": 64, "lr": lr, "seed": seed}
+    tags = {
+        C.TAG_KIND: C.KIND_TRIAL, "mlflow.parentRunId": parent, C.TAG_METHOD: method, C.TAG_BACKBONE: "resnet10t",
+        C.TAG_DATASET: dataset, C.TAG_DATASET_FINGERPRINT: "abcdef0123456789", C.TAG_SPLIT: "val",
+        C.TAG_SEED: str(seed), C.TAG_SWEEP_ID: parent, C.TAG_CONFIG_HASH: f"h{lr}{seed}",
+    }
+    with mlflow.start_run(experiment_id=exp_id, tags=tags) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics({"val/max_box_acc_v2": val, "test/max_box_acc_v2": test, "train/loss": 0.5})
+        if with_model:
+            m = build_method(method, {"backbone": "resnet10t", "input_size": 64, "lr": lr, "seed": seed}, num_classes=3)
+            predictor = CamPredictor(m, m.build_model().eval(), ["a", "b", "c"], 64, IMAGENET_MEAN, IMAGENET_STD)
+            info = mlflow.pytorch.log_model(predictor, name=C.MODEL_ARTIFACT, serialization_format="pickle",
+                                            pip_requirements=["torch"], metadata={"weakbench.method": method})
+            mlflow.set_tag(C.TAG_MODEL_URI, info.model_uri)
+    return run.info.run_id
+
+
+@pytest.fixture()
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(old)
+    mlflow.set_registry_uri(old)
+
+
+def test_register_load_predict_rollback(store):
+    client = MlflowClient(tracking_uri=store)
+    exp_id = client.create_experiment(C.DEFAULT_EXPERIMENT)
+    parent = client.create_run(exp_id, tags={C.TAG_KIND: C.KIND_SWEEP}).info.run_id
+    # config lr=0.1: mean val 60 over seeds 0,1 (seed 1 better → it is registered);
+    # config lr=0.01: one seed with val 59.5 (a single lucky-looking run does not win: its mean is lower)
+    _log_trial(client, exp_id, parent, 0.1, 0, 58.0, 50.0, with_model=False)
+    best_run = _log_trial(client, exp_id, parent, 0.1, 1, 62.0, 51.0, with_model=True)
+    _log_trial(client, exp_id, parent, 0.01, 0, 59.5, 70.0, with_model=True)
+    client.set_terminated(parent)
+
+    info = registry.register_best(store, "cam")
+    assert info.name == "weakbench-cam-toy"
+    assert (info.version, info.run_id, info.metric_value) == (1, best_run, 62.0)
+    mv = client.get_model_version_by_alias(info.name, "champion")
+    assert int(mv.version) == 1
+    assert mv.tags["metric.val/max_box_acc_v2"] == "62.0"
+    assert mv.tags["param.lr"] == "0.1"
+    assert mv.tags["weakbench.dataset_fingerprint"] == "abcdef0123456789"
+
+    predictor = registry.load_predictor(f"models:/{info.name}@champion", tracking_uri=store)
+    assert isinstance(predictor, CamPredictor) and predictor.class_names == ["a", "b", "c"]
+    logits, cams = predictor(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3) and cams.shape[:2] == (2, 3) and torch.isfinite(cams).all()
+
+    # a better run arrives: the second registration moves @champion to version 2
+    newer = _log_trial(client, exp_id, parent, 0.1, 2, 70.0, 52.0, with_model=False)
+    assert newer
+    info2 = registry.register_best(store, "cam", dataset="toy")  # still the lr=0.1 config, best seed with a model
+    assert info2.version == 2 and info2.run_id == best_run
+    assert int(client.get_model_version_by_alias(info.name, "champion").version) == 2
+    # another alias does not touch @champion
+    info3 = registry.register_best(store, "cam", alias="challenger")
+    assert int(client.get_model_version_by_alias(info.name, "challenger").version) == info3.version == 3
+    assert int(client.get_model_version_by_alias(info.name, "champion").version) == 2
+
+    assert registry.rollback(store, info.name) == 1
+    assert int(client.get_model_version_by_alias(info.name, "champion").version) == 1
+    with pytest.raises(DataError, match="nothing to roll back"):
+        registry.rollback(store, info.name)
+
+    rows = registry.list_registered(store)
+    assert [(r.version, r.aliases) for r in rows] == [(3, ("challenger",)), (2, ()), (1, ("champion",))]
+    assert all(r.run_id == best_run for r in rows)
+
+    out = CliRunner().invoke(registry.app, ["list", "--tracking-uri", store], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "weakbench-cam-toy" in out.output and "@champion" in out.output
+    registry.set_alias(store, info.name, "champion", 3)
+    out = CliRunner().invoke(registry.app, ["rollback", info.name, "--tracking-uri", store])
+    assert out.exit_code == 0, out.output
+    assert "version 1" in out.output
+
+
+def test_register_errors(store):
+    client = MlflowClient(tracking_uri=store)
+    exp_id = client.create_experiment(C.DEFAULT_EXPERIMENT)
+    parent = client.create_run(exp_id, tags={C.TAG_KIND: C.KIND_SWEEP}).info.run_id
+    with pytest.raises(UnknownNameError, match="no finished trial run of method 'cam'"):
+        registry.register_best(store, "cam")
+    _log_trial(client, exp_id, parent, 0.1, 0, 58.0, 50.0, with_model=False, dataset="a")
+    _log_trial(client, exp_id, parent, 0.1, 0, 58.0, 50.0, with_model=False, dataset="b")
+    with pytest.raises(DataError, match="pass --dataset"):
+        registry.register_best(store, "cam")
+    with pytest.raises(DataError, match="no tag 'weakbench.model_uri'"):
+        registry.register_best(store, "cam", dataset="a")
+    with pytest.raises(UnknownNameError, match="no alias"):
+        registry.rollback(store, "weakbench-cam-a")

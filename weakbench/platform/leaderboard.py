@@ -1,0 +1,369 @@
+"""The leaderboard: test numbers of validation-selected configurations, with seed intervals.
+
+Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation protocol"):
+
+* A **group** is one (dataset, method, backbone).
+* A **configuration** is the set of runs of a group sharing ``config_group`` (the hash of the
+  params without ``seed``; see :func:`weakbench.platform.results.config_group`).
+* Selection: among the ``FINISHED`` runs that logged ``select_metric`` (default
+  ``val/max_box_acc_v2``), the configuration with the best **mean over seeds** of that metric is
+  chosen (higher is better, except for metric names containing ``loss``). Ties go to the
+  configuration with more seeds, then to the smaller ``config_group`` (deterministic).
+* Report: the chosen configuration's ``<report_split>/*`` metrics (default ``test``), one value
+  per seed (runs repeating a seed are averaged first), as mean, sample standard deviation
+  (``ddof=1``) and a 95% percentile-bootstrap confidence interval of the mean over seeds
+  (``n_boot`` resamples of the seeds with replacement). With one seed, std and the interval are
+  NaN (rendered "n/a").
+* Cost: ``n_trials`` counts every run of the group (failed ones included); ``gpu_hours`` and
+  ``cpu_hours`` sum ``cost/gpu_hours`` and ``cost/cpu_hours`` over all those runs (the price of the
+  whole search, not only of the winner).
+* Paired comparison with the baseline (``cam``): the primary reported metric
+  (``<report_split>/<name of select_metric>``) of this row and of the baseline's selected
+  configuration for the same dataset and backbone, paired on seed. The mean paired difference
+  gets a 95% percentile-bootstrap interval over the pairs and a paired t-test p-value
+  (``scipy.stats.ttest_rel``). The verdict is "better/worse than cam beyond seed noise" when the
+  interval excludes 0 **and** p < 0.05 (with 2–5 seeds the percentile bootstrap alone is too
+  narrow: it cannot reach beyond the observed extremes), "within seed noise" otherwise, and
+  "not enough seeds" with fewer than two common seeds.
+
+The output is a :class:`pyarrow.Table`, one row per group, sorted by dataset then by the primary
+metric (best first). Its schema metadata and its ``selected_on`` / ``reported_on`` columns say
+which split selected and which split is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from weakbench.platform import conventions as C
+from weakbench.platform.errors import ConfigError
+from weakbench.platform.results import SCHEMA, metric_columns
+
+_FIXED_FIELDS = [
+    pa.field("dataset", pa.string()),
+    pa.field("method", pa.string()),
+    pa.field("backbone", pa.string()),
+    pa.field("selected_on", pa.string()),
+    pa.field("reported_on", pa.string()),
+    pa.field("select_metric", pa.string()),
+    pa.field("select_mean", pa.float64()),
+    pa.field("config_group", pa.string()),
+    pa.field("params_json", pa.string()),
+    pa.field("n_seeds", pa.int64()),
+    pa.field("seeds", pa.list_(pa.int64())),
+    pa.field("n_trials", pa.int64()),
+    pa.field("n_failed", pa.int64()),
+    pa.field("n_configs", pa.int64()),
+    pa.field("run_ids", pa.list_(pa.string())),
+    pa.field("experiment_id", pa.string()),
+    pa.field("sweep_ids", pa.list_(pa.string())),
+    pa.field("gpu_hours", pa.float64()),
+    pa.field("cpu_hours", pa.float64()),
+    pa.field("baseline_method", pa.string()),
+    pa.field("baseline_n_pairs", pa.int64()),
+    pa.field("baseline_diff_mean", pa.float64()),
+    pa.field("baseline_diff_ci_low", pa.float64()),
+    pa.field("baseline_diff_ci_high", pa.float64()),
+    pa.field("baseline_p_value", pa.float64()),
+    pa.field("baseline_verdict", pa.string()),
+]
+STAT_SUFFIXES = ("mean", "std", "ci_low", "ci_high", "n")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a metric key like ``val/max_box_acc_v2`` (losses: lower is better)."""
+    name = metric.split("/", 1)[-1]
+    return C.HIGHER_IS_BETTER.get(name, "loss" not in name)
+
+
+def _rng(seed: int, *key: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32("\x1f".join(key).encode())])
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator, level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (float64 (n,)).
+
+    Returns ``(low, high)``; ``(nan, nan)`` when ``n < 2``. Resamples ``n`` values with
+    replacement ``n_boot`` times and takes the ``(1-level)/2`` and ``(1+level)/2`` quantiles of the
+    resampled means (Efron & Tibshirani 1993, ch. 13).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    idx = rng.integers(0, n, size=(n_boot, n))
+    means = values[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _per_seed(seeds: np.ndarray, values: np.ndarray) -> dict[int, float]:
+    """Average ``values`` per seed, ignoring NaN; returns ``{seed: mean}``."""
+    out: dict[int, list[float]] = {}
+    for s, v in zip(seeds.tolist(), values.tolist()):
+        if not math.isnan(v):
+            out.setdefault(int(s), []).append(v)
+    return {s: float(np.mean(v)) for s, v in sorted(out.items())}
+
+
+def _str_array(table: pa.Table, name: str) -> np.ndarray:
+    return np.asarray(table[name].fill_null("").to_numpy(zero_copy_only=False), dtype=object)
+
+
+def build_leaderboard(
+    table: pa.Table,
+    select_metric: str = "val/max_box_acc_v2",
+    report_split: str = "test",
+    baseline_method: str = "cam",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pa.Table:
+    """Build the leaderboard from a results table (:data:`weakbench.platform.results.SCHEMA`).
+
+    Args:
+        table: one row per run (from :func:`weakbench.platform.results.read_store`).
+        select_metric: MLflow metric key that selects the configuration, ``<split>/<name>``.
+        report_split: split whose metrics are reported (``test``).
+        baseline_method: method for the paired comparison.
+        n_boot: bootstrap resamples (≥ 100).
+        seed: seed of the bootstrap generator (each group also mixes in its own key, so results
+            do not depend on row order).
+
+    Returns:
+        a table with the fixed columns listed in ``docs/results_schema.md`` plus, for every
+        reported metric ``m`` (e.g. ``test/pxap``), columns ``m.mean``, ``m.std``, ``m.ci_low``,
+        ``m.ci_high`` (float64, the metric's unit) and ``m.n`` (int64, seeds with a value).
+
+    Raises:
+        ConfigError: ``select_metric`` is not ``<split>/<name>``, ``n_boot`` < 100, or the
+            selection split equals the reported split.
+    """
+    if "/" not in select_metric:
+        raise ConfigError(f"select_metric {select_metric!r}: expected '<split>/<name>', e.g. 'val/max_box_acc_v2'")
+    select_split, select_name = select_metric.split("/", 1)
+    if select_split == report_split:
+        raise ConfigError(
+            f"select_metric {select_metric!r} and report_split {report_split!r}: selecting and reporting on the "
+            f"same split overstates results (Choe et al. 2020); select on 'val', report on 'test'"
+        )
+    if n_boot < 100:
+        raise ConfigError(f"n_boot={n_boot}: use at least 100 bootstrap resamples (2000 is the default)")
+    primary = f"{report_split}/{select_name}"
+    hib = higher_is_better(select_metric)
+
+    missing = [c for c in ("dataset", "method", "backbone", "config_group", "status", "seed", "metrics", "run_id")
+               if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"results table: missing columns {missing}; build it with weakbench.platform.results")
+    metrics = metric_columns(table)
+    report_names = sorted((k for k in metrics if k.startswith(report_split + "/")), key=lambda k: (k != primary, k))
+    if primary not in report_names:
+        report_names.insert(0, primary)
+        metrics[primary] = np.full(table.num_rows, np.nan)
+    sel = metrics.get(select_metric, np.full(table.num_rows, np.nan))
+
+    ds, me, bb = _str_array(table, "dataset"), _str_array(table, "method"), _str_array(table, "backbone")
+    cg, status = _str_array(table, "config_group"), _str_array(table, "status")
+    run_ids = _str_array(table, "run_id")
+    exp_ids = _str_array(table, "experiment_id") if "experiment_id" in table.column_names else np.full(table.num_rows, "", object)
+    sweep_ids = _str_array(table, "sweep_id") if "sweep_id" in table.column_names else np.full(table.num_rows, "", object)
+    seeds = table["seed"].fill_null(-1).to_numpy()
+    gpu = metrics.get(C.COST_GPU_HOURS, np.full(table.num_rows, np.nan))
+    cpu = metrics.get(C.COST_CPU_HOURS, np.full(table.num_rows, np.nan))
+    params_col = table["params"] if "params" in table.column_names else None
+
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for i, key in enumerate(zip(ds.tolist(), me.tolist(), bb.tolist())):
+        groups.setdefault(key, []).append(i)
+
+    rows: list[dict[str, Any]] = []
+    chosen_runs: dict[tuple[str, str, str], np.ndarray] = {}
+    for key, idx_list in groups.items():
+        idx = np.asarray(idx_list)
+        ok = idx[(status[idx] == "FINISHED") & ~np.isnan(sel[idx])]
+        if len(ok) == 0:
+            continue
+        # mean of the selection metric per configuration (over seeds)
+        best = None
+        for g in np.unique(cg[ok]).tolist():
+            runs = ok[cg[ok] == g]
+            per_seed = _per_seed(seeds[runs], sel[runs])
+            score = float(np.mean(list(per_seed.values())))
+            rank = ((score if hib else -score), len(per_seed), _neg_str(g))
+            if best is None or rank > best[0]:
+                best = (rank, g, runs, score)
+        _, g, runs, score = best
+        chosen_runs[key] = runs
+        row: dict[str, Any] = {
+            "dataset": key[0], "method": key[1], "backbone": key[2],
+            "selected_on": select_split, "reported_on": report_split, "select_metric": select_metric,
+            "select_mean": score, "config_group": g,
+            "params_json": _params_json(params_col, int(runs[0])),
+            "seeds": sorted({int(s) for s in seeds[runs].tolist()}),
+            "n_trials": len(idx), "n_failed": int(np.sum(status[idx] == "FAILED")),
+            "n_configs": len(np.unique(cg[idx])),
+            "run_ids": run_ids[runs].tolist(),
+            "experiment_id": exp_ids[runs[0]] or None,
+            "sweep_ids": sorted({s for s in sweep_ids[idx].tolist() if s}),
+            "gpu_hours": _nansum(gpu[idx]), "cpu_hours": _nansum(cpu[idx]),
+        }
+        row["n_seeds"] = len(row["seeds"])
+        for m in report_names:
+            per_seed = _per_seed(seeds[runs], metrics[m][runs])
+            vals = np.array(list(per_seed.values()), dtype=np.float64)
+            lo, hi = bootstrap_ci(vals, n_boot, _rng(seed, *key, m))
+            row[f"{m}.mean"] = float(vals.mean()) if len(vals) else math.nan
+            row[f"{m}.std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+            row[f"{m}.ci_low"], row[f"{m}.ci_high"] = lo, hi
+            row[f"{m}.n"] = len(vals)
+        rows.append(row)
+
+    # paired comparison with the baseline's selected configuration (same dataset and backbone)
+    for row in rows:
+        key = (row["dataset"], row["method"], row["backbone"])
+        base_key = (row["dataset"], baseline_method, row["backbone"])
+        row.update(baseline_method=baseline_method, baseline_n_pairs=0, baseline_diff_mean=math.nan,
+                   baseline_diff_ci_low=math.nan, baseline_diff_ci_high=math.nan, baseline_p_value=math.nan)
+        if row["method"] == baseline_method:
+            row["baseline_verdict"] = "is the baseline"
+            continue
+        if base_key not in chosen_runs:
+            row["baseline_verdict"] = f"no {baseline_method} run on this dataset and backbone"
+            continue
+        mine = _per_seed(seeds[chosen_runs[key]], metrics[primary][chosen_runs[key]])
+        theirs = _per_seed(seeds[chosen_runs[base_key]], metrics[primary][chosen_runs[base_key]])
+        common = sorted(set(mine) & set(theirs))
+        row["baseline_n_pairs"] = len(common)
+        diffs = np.array([mine[s] - theirs[s] for s in common])
+        if len(common):
+            row["baseline_diff_mean"] = float(diffs.mean())
+        if len(common) < 2:
+            row["baseline_verdict"] = "not enough seeds"
+            continue
+        lo, hi = bootstrap_ci(diffs, n_boot, _rng(seed, *key, "paired", primary))
+        row["baseline_diff_ci_low"], row["baseline_diff_ci_high"] = lo, hi
+        row["baseline_p_value"] = _paired_p(diffs)
+        significant = row["baseline_p_value"] < 0.05  # NaN compares False
+        better, worse = (lo > 0, hi < 0) if higher_is_better(primary) else (hi < 0, lo > 0)
+        better, worse = better and significant, worse and significant
+        if better:
+            row["baseline_verdict"] = f"better than {baseline_method} beyond seed noise"
+        elif worse:
+            row["baseline_verdict"] = f"worse than {baseline_method} beyond seed noise"
+        else:
+            row["baseline_verdict"] = "within seed noise"
+
+    sign = -1.0 if hib else 1.0
+    rows.sort(key=lambda r: (r["dataset"], _nan_last(sign * r[f"{primary}.mean"]), r["method"], r["backbone"]))
+    fields = list(_FIXED_FIELDS)
+    for m in report_names:
+        fields += [pa.field(f"{m}.{s}", pa.int64() if s == "n" else pa.float64()) for s in STAT_SUFFIXES]
+    schema = pa.schema(fields, metadata={
+        b"weakbench.selected_on": select_split.encode(), b"weakbench.reported_on": report_split.encode(),
+        b"weakbench.select_metric": select_metric.encode(), b"weakbench.primary_metric": primary.encode(),
+        b"weakbench.baseline_method": baseline_method.encode(), b"weakbench.n_boot": str(n_boot).encode(),
+    })
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _neg_str(s: str) -> tuple[int, ...]:
+    """Sort key that prefers the lexicographically smaller string inside a max()."""
+    return tuple(-ord(c) for c in s)
+
+
+def _nan_last(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
+def _nansum(x: np.ndarray) -> float:
+    return float(np.nansum(x)) if np.any(~np.isnan(x)) else math.nan
+
+
+def _paired_p(diffs: np.ndarray) -> float:
+    """Two-sided paired t-test p-value of mean(diffs) = 0 (Student's t, n-1 degrees of freedom);
+    the same number as ``scipy.stats.ttest_rel`` without importing ``scipy.stats`` (1 s)."""
+    from scipy.special import stdtr
+
+    n = len(diffs)
+    sd = float(np.std(diffs, ddof=1)) if n > 1 else 0.0
+    if n < 2 or sd == 0.0:
+        return math.nan
+    t = float(np.mean(diffs)) / (sd / math.sqrt(n))
+    return float(2.0 * stdtr(n - 1, -abs(t)))
+
+
+def _params_json(params_col: pa.ChunkedArray | None, i: int) -> str:
+    if params_col is None:
+        return "{}"
+    items = params_col[i].as_py() or []
+    d = dict(items) if isinstance(items, list) else dict(items)
+    d.pop("seed", None)
+    return json.dumps(d, sort_keys=True)
+
+
+def leaderboard_metrics(lb: pa.Table) -> list[str]:
+    """Reported metric keys of a leaderboard (primary first), e.g. ``["test/max_box_acc_v2", ...]``."""
+    names = [c[: -len(".mean")] for c in lb.column_names if c.endswith(".mean")]
+    return names
+
+
+def format_stat(mean: float | None, std: float | None, lo: float | None, hi: float | None, digits: int = 2) -> str:
+    """``"61.20 ± 1.30 [59.9, 62.5]"``; ``"61.20 ± n/a"`` with one seed; ``"—"`` without value."""
+    if mean is None or math.isnan(mean):
+        return "—"
+    s = f"{mean:.{digits}f} ± " + ("n/a" if std is None or math.isnan(std) else f"{std:.{digits}f}")
+    if lo is not None and not math.isnan(lo):
+        s += f" [{lo:.{digits - 1}f}, {hi:.{digits - 1}f}]"
+    return s
+
+
+def title(lb: pa.Table) -> str:
+    """``"Leaderboard — selected on val (val/max_box_acc_v2), reported on test"``."""
+    meta = lb.schema.metadata or {}
+    sel = meta.get(b"weakbench.selected_on", b"val").decode()
+    rep = meta.get(b"weakbench.reported_on", b"test").decode()
+    metric = meta.get(b"weakbench.select_metric", b"?").decode()
+    return f"Leaderboard — selected on {sel} ({metric}), reported on {rep}"
+
+
+def render_rich(lb: pa.Table, max_metrics: int = 3):
+    """A :class:`rich.table.Table` of the leaderboard whose title says which split selected and
+    which split is reported. Shows the primary metric and up to ``max_metrics - 1`` others as
+    ``mean ± std [95% CI]``, seeds/trials, cost and the comparison with the baseline."""
+    from rich.table import Table
+    from rich.markup import escape
+
+    names = leaderboard_metrics(lb)[:max_metrics]
+    t = Table(title=title(lb), caption="mean ± std over seeds [95% bootstrap CI]; n/a with one seed")
+    for col in ("dataset", "method", "backbone", "seeds/trials"):
+        t.add_column(col)
+    meta = lb.schema.metadata or {}
+    t.add_column(meta.get(b"weakbench.select_metric", b"val").decode() + " (mean)", justify="right")
+    for m in names:
+        t.add_column(m, justify="right")
+    t.add_column("GPU-h / CPU-h", justify="right")
+    base = meta.get(b"weakbench.baseline_method", b"cam").decode()
+    t.add_column(f"vs {base} (paired)")
+    for r in lb.to_pylist():
+        diff = r["baseline_diff_mean"]
+        vs = r["baseline_verdict"] or ""
+        if diff is not None and not math.isnan(diff):
+            vs = f"{diff:+.2f}: {vs}"
+        cost = f"{_fmt(r['gpu_hours'])} / {_fmt(r['cpu_hours'])}"
+        t.add_row(
+            escape(r["dataset"]), escape(r["method"]), escape(r["backbone"]), f"{r['n_seeds']}/{r['n_trials']}",
+            _fmt(r["select_mean"]),
+            *[format_stat(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.ci_low"], r[f"{m}.ci_high"]) for m in names],
+            cost, escape(vs),
+        )
+    return t
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
