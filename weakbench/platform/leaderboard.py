@@ -291,9 +291,11 @@ def _paired_p(diffs: np.ndarray) -> float:
     from scipy.special import stdtr
 
     n = len(diffs)
-    sd = float(np.std(diffs, ddof=1)) if n > 1 else 0.0
-    if n < 2 or sd == 0.0:
+    if n < 2:
         return math.nan
+    sd = float(np.std(diffs, ddof=1))
+    if sd == 0.0:  # identical differences: certain if non-zero, no evidence if all zero
+        return 0.0 if float(diffs[0]) != 0.0 else 1.0
     t = float(np.mean(diffs)) / (sd / math.sqrt(n))
     return float(2.0 * stdtr(n - 1, -abs(t)))
 

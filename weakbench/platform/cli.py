@@ -1,0 +1,248 @@
+"""The ``weakbench`` command line (typer + rich).
+
+    weakbench sweep search_spaces/cam.yaml --data ../shared/data/coco128 --trials 4
+    weakbench leaderboard --metric max_box_acc_v2
+    weakbench register --method cam --metric max_box_acc_v2      # alias @champion
+    weakbench predict --model models:/weakbench-cam-coco128@champion some.jpg
+    weakbench dashboard build && weakbench dashboard serve
+
+Every command reads and writes under ``--output-dir`` (default ``./weakbench_runs``), where the
+default MLflow store ``mlflow.db`` lives; ``--tracking-uri`` points anywhere else (a server).
+Bad input prints one line naming the file, the field and the fix, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from weakbench import __version__
+from weakbench.platform.errors import WeakbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="weakbench: sweeps, leaderboards and a model registry for weakly supervised localisation.")
+console = Console()
+err_console = Console(stderr=True)
+
+OUTPUT_DIR = typer.Option("weakbench_runs", "--output-dir", "-o", help="Where sweeps, the MLflow database and the results store live.")
+TRACKING_URI = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite:///<output-dir>/mlflow.db).")
+EXPERIMENT = typer.Option("weakbench", "--experiment", help="MLflow experiment name.")
+
+
+def _tracking_uri(output_dir: str, tracking_uri: str | None) -> str:
+    from weakbench.platform.tracking import default_tracking_uri
+
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
+
+
+def _parse_sets(sets: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise WeakbenchError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=2")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _metric_name(metric: str) -> str:
+    return metric if "/" in metric else f"val/{metric}"
+
+
+@app.command()
+def sweep(
+    space: Path = typer.Argument(..., help="Search-space YAML, e.g. search_spaces/cam.yaml."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset directory (COCO: annotations/instances.json + images/; or wsolevaluation metadata). Omit for the embedded synthetic default."),
+    trials: int = typer.Option(4, "--trials", "-n", help="Total number of trials (seed repeats included)."),
+    output_dir: str = OUTPUT_DIR,
+    tracking_uri: Optional[str] = TRACKING_URI,
+    experiment: str = EXPERIMENT,
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default <method>-<dataset>-<time>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the named (or latest) sweep of this method: finished trials are kept, interrupted ones resume from their checkpoints."),
+    num_workers: int = typer.Option(1, "--num-workers", help="Ray Train workers per trial (DDP)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker (NCCL)."),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker"),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once (default: as many as the CPUs allow)."),
+    searcher: str = typer.Option("optuna", "--searcher", help="optuna (TPE, seeded) or random (grid axes crossed)."),
+    search_seed: int = typer.Option(0, "--search-seed", help="Seed of the Optuna sampler."),
+    executor: str = typer.Option("train", "--executor", help="train (a Ray Train TorchTrainer per trial) or inline (1-worker CPU trials run inside the Tune trial, no Train start-up)."),
+    eval_max_images: Optional[int] = typer.Option(None, "--eval-max-images", help="Evaluate at most this many images per split."),
+    sets: List[str] = typer.Option([], "--set", help="Override a hyperparameter for every trial, KEY=VALUE (repeatable)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local instance)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+    no_model: bool = typer.Option(False, "--no-model", help="Do not log trained models to MLflow."),
+):
+    """Run a hyperparameter sweep of one method (Ray Tune + Optuna + ASHA), tracked in MLflow."""
+    from weakbench.platform.sweep import SweepOptions, run_sweep
+
+    opts = SweepOptions(space=str(space), data=data, output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment,
+                        trials=trials, name=name, resume=resume, num_workers=num_workers, use_gpu=gpu,
+                        cpus_per_worker=cpus_per_worker, max_concurrent=max_concurrent, searcher=searcher,
+                        search_seed=search_seed, executor=executor, eval_max_images=eval_max_images,
+                        address=address, num_cpus=num_cpus, overrides=_parse_sets(sets), log_model=not no_model)
+    console.print(f"[bold]weakbench sweep[/] {space} on {data or 'the synthetic default'}: {trials} trials, executor={executor}")
+    s = run_sweep(opts, console=console)
+    from rich.table import Table
+
+    t = Table(title=f"sweep {s.sweep_name} ({s.method} on {s.dataset})", show_header=False)
+    t.add_row("trials", f"{s.num_trials} ({s.num_finished} finished, {s.num_stopped} stopped early, {s.num_failed} failed)")
+    t.add_row("wall time", f"{s.wall_seconds:.0f} s")
+    if s.best_run_id:
+        t.add_row(f"best ({s.metric})", f"{s.best_metrics.get(s.metric, float('nan')):.2f}  run {s.best_run_id}")
+        shown = {k: v for k, v in s.best_metrics.items() if k.startswith(("val/", "test/")) and not k.endswith("num_images")}
+        t.add_row("best metrics", ", ".join(f"{k}={v:.2f}" for k, v in sorted(shown.items())))
+        t.add_row("best params", ", ".join(f"{k}={v}" for k, v in sorted(s.best_params.items())))
+    t.add_row("MLflow", f"{s.tracking_uri}  (experiment {s.experiment}, parent run {s.parent_run_id})")
+    t.add_row("sweep dir", s.sweep_dir)
+    console.print(t)
+    if s.num_finished == 0:
+        err_console.print("[red]no trial finished[/]; see the runs' weakbench.error tags and <sweep dir>/trials/*/error.txt")
+        raise typer.Exit(1)
+
+
+@app.command()
+def leaderboard(
+    metric: str = typer.Option("max_box_acc_v2", "--metric", help="Validation metric that selects the configuration (val/ prefix implied)."),
+    output_dir: str = OUTPUT_DIR,
+    tracking_uri: Optional[str] = TRACKING_URI,
+    experiment: str = EXPERIMENT,
+    report_split: str = typer.Option("test", "--report-split", help="Split whose metrics are reported."),
+    baseline: str = typer.Option("cam", "--baseline", help="Method the others are compared with (paired over seeds)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Results store directory (default <output-dir>/results)."),
+):
+    """Update the Parquet results store from MLflow and print the leaderboard."""
+    from weakbench.platform import leaderboard as lb_mod
+    from weakbench.platform import results
+
+    uri = _tracking_uri(output_dir, tracking_uri)
+    store_dir = store or Path(output_dir) / "results"
+    report = results.update_store(uri, store_dir, experiment=experiment)
+    table = results.read_store(store_dir)
+    lb = lb_mod.build_leaderboard(table, select_metric=_metric_name(metric), report_split=report_split, baseline_method=baseline)
+    console.print(lb_mod.render_rich(lb))
+    console.print(f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)")
+
+
+@app.command()
+def register(
+    method: str = typer.Option(..., "--method", help="Method whose best run is registered."),
+    metric: str = typer.Option("max_box_acc_v2", "--metric", help="Validation metric that picks the run."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Restrict to runs on this dataset name."),
+    model_name: Optional[str] = typer.Option(None, "--name", help="Registered model name (default weakbench-<method>-<dataset>)."),
+    alias: str = typer.Option("champion", "--alias", help="Alias to point at the new version."),
+    output_dir: str = OUTPUT_DIR,
+    tracking_uri: Optional[str] = TRACKING_URI,
+):
+    """Register the best run's model (chosen on validation) and set an alias (default @champion)."""
+    from weakbench.platform import registry
+
+    info = registry.register_best(_tracking_uri(output_dir, tracking_uri), method, select_metric=_metric_name(metric),
+                                  dataset=dataset, model_name=model_name, alias=alias)
+    console.print(f"registered [bold]{info.name}[/] version {info.version} from run {info.run_id} "
+                  f"({_metric_name(metric)} = {info.metric_value:.2f}); alias @{alias}")
+    console.print(f"load it with: weakbench predict --model models:/{info.name}@{alias} IMAGE...")
+
+
+@app.command()
+def predict(
+    images: List[Path] = typer.Argument(..., help="Image files (JPEG/PNG)."),
+    model: str = typer.Option(..., "--model", "-m", help="MLflow model URI, e.g. models:/weakbench-cam-coco128@champion."),
+    out: Path = typer.Option(Path("predictions"), "--out", help="Directory for the overlay PNGs."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Probability a class needs beyond the top one."),
+    output_dir: str = OUTPUT_DIR,
+    tracking_uri: Optional[str] = TRACKING_URI,
+):
+    """Load a model by URI, predict classes and write CAM overlay PNGs."""
+    from weakbench.platform.predict import load_predictor, predict_images
+
+    predictor = load_predictor(model, _tracking_uri(output_dir, tracking_uri))
+    for p in predict_images(predictor, list(images), out, threshold=threshold):
+        console.print(f"{p.image}: " + ", ".join(f"{c} ({q:.2f})" for c, q in zip(p.classes, p.probabilities))
+                      + " → " + ", ".join(str(o) for o in p.overlays))
+
+
+@app.command()
+def methods():
+    """List the registered methods with their pipeline shape and default search space."""
+    from weakbench.methods import get_method_class, list_methods
+
+    for name in list_methods():
+        cls = get_method_class(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        console.print(f"[bold]{name}[/] ({cls.shape}) — {doc}  [dim]{cls.default_search_space()}[/]")
+
+
+@app.command("data")
+def data_info(
+    path: Optional[str] = typer.Argument(None, help="Dataset directory; omit for the synthetic default."),
+    output_dir: str = OUTPUT_DIR,
+):
+    """Check a dataset and print its size, classes and fingerprint."""
+    from weakbench.platform.data import open_dataset
+
+    src = open_dataset(path, cache_dir=Path(output_dir) / "data_cache")
+    n_boxes = 0
+    from rich.progress import track
+
+    for rec in track(src.records, description="reading annotations", console=err_console, transient=True):
+        n_boxes += len(src.annotations(rec.index).boxes)
+    console.print(f"{src.name}: {len(src.records)} images, {src.num_classes} classes, {n_boxes} boxes, "
+                  f"multilabel={src.multilabel}, fingerprint {src.fingerprint}, root {src.root}")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        console.print(f"weakbench {__version__}")
+        raise typer.Exit()
+
+
+def _mount_subapps() -> None:
+    try:
+        from weakbench.dashboards.cli import app as dashboard_app
+
+        app.add_typer(dashboard_app, name="dashboard", help="Build or serve the leaderboard dashboard (one offline HTML file).")
+    except ImportError:
+        pass
+    try:
+        from weakbench.platform.registry import app as registry_app
+
+        app.add_typer(registry_app, name="registry", help="List registered models; roll an alias back.")
+    except ImportError:
+        pass
+
+
+_mount_subapps()
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except WeakbenchError as e:
+        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code or 0)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Evaluate a trained classifier → CAM model on one split.
+
+WSOL samples are (image, present class) pairs (DESIGN.md, multi-label images); the map of the
+ground-truth class ("GT-known") is resized to the evaluation frame (the input size ``S``) and
+min-max normalised (wsolevaluation: resize, then ``normalize_scoremap``); GT boxes are scaled
+into the frame with ``int()`` truncation by the data layer. Metrics, all in percent:
+
+* ``max_box_acc`` (δ = 0.5, largest contour), ``max_box_acc_v2`` (mean over δ ∈ {0.3, 0.5, 0.7},
+  all contours), ``top1_loc`` / ``top5_loc`` — :class:`weakbench.platform.metrics.BoxEvaluator`;
+* ``pxap`` over per-class GT masks with crowd regions ignored (when the data has masks);
+* ``miou`` of semantic pseudo-masks with the background threshold swept
+  (:class:`~weakbench.platform.metrics.SemanticEvaluator`), and its best threshold;
+* ``cls_map`` (multi-label mAP) or ``cls_acc`` (single-label top-1 accuracy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from weakbench.methods.base import Method, normalize_maps, resize_maps
+from weakbench.platform.overlay import cam_overlay, denormalize
+
+
+def _maybe_progress(iterable, total: int, description: str, show: bool):
+    if not show:
+        yield from iterable
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            progress.advance(task)
+
+
+@torch.no_grad()
+def evaluate_split(
+    method: Method,
+    model: torch.nn.Module,
+    source,
+    indices: list[int],
+    *,
+    input_size: int,
+    device: torch.device,
+    cam_curve_interval: float = 0.01,
+    batch_size: int = 16,
+    max_images: int | None = None,
+    num_overlays: int = 0,
+    progress: bool = False,
+    extra_batches: int = 0,
+) -> tuple[dict[str, float], list[tuple[str, Image.Image]], dict[str, Any]]:
+    """Run the model over ``indices`` of ``source`` and compute the split's metrics.
+
+    Args:
+        method: the method (its ``cams_and_scores`` gives raw CAMs and logits).
+        model: the bare (not DDP-wrapped) model; put in eval mode here.
+        source: a ``weakbench.platform.data.DatasetSource``.
+        indices: record indices of the split.
+        input_size: S, the input side and the WSOL evaluation frame (pixels).
+        cam_curve_interval: threshold step of the CAM curve (0.01 or 0.001).
+        max_images: evaluate only the first ``max_images`` indices (None: all).
+        num_overlays: how many (image, class) overlay pictures to return.
+        extra_batches: how many batches to keep for ``method.extra_metrics``.
+
+    Returns:
+        ``(metrics, overlays, details)``: metrics in percent keyed by bare name
+        (``max_box_acc_v2``…), overlays as ``(file name, PIL image)``, details with curves and
+        best thresholds.
+    """
+    from weakbench.platform.data import IMAGENET_MEAN, IMAGENET_STD, EvalDataset, collate_eval
+    from weakbench.platform.metrics import (
+        BoxEvaluator,
+        PxAPEvaluator,
+        SemanticEvaluator,
+        multilabel_average_precision,
+        top1_accuracy,
+    )
+
+    model.eval()
+    if max_images is not None:
+        indices = list(indices)[:max_images]
+    dataset = EvalDataset(source, indices, input_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_eval, num_workers=0)
+    box_eval = BoxEvaluator(cam_curve_interval=cam_curve_interval, device=device)
+    pxap_eval = PxAPEvaluator(cam_curve_interval=cam_curve_interval)
+    sem_eval = SemanticEvaluator(source.num_classes)
+    any_masks = False
+    all_scores, all_labels = [], []
+    overlays: list[tuple[str, Image.Image]] = []
+    kept_batches: list[dict[str, Any]] = []
+    class_names = source.class_names
+
+    steps = (len(dataset) + batch_size - 1) // batch_size
+    for batch in _maybe_progress(loader, steps, "evaluating", progress):
+        images = batch["image"].to(device)
+        labels = batch["labels"]
+        cams, logits = method.cams_and_scores(model, images)
+        cams = cams.float()
+        all_scores.append(logits.float().cpu())
+        all_labels.append(labels)
+        b, c = cams.shape[:2]
+        # every class's map in the frame, normalised per (image, class)
+        frame = normalize_maps(resize_maps(cams.reshape(b * c, *cams.shape[2:]), input_size)).reshape(b, c, input_size, input_size).cpu()
+        sem_eval.accumulate(frame, labels, batch["semantic"])
+        pair_img, pair_cls = torch.nonzero(labels > 0.5, as_tuple=True)
+        if len(pair_img) == 0:
+            continue
+        maps = frame[pair_img, pair_cls]
+        gt_boxes = []
+        for i, cls in zip(pair_img.tolist(), pair_cls.tolist()):
+            boxes, box_classes = batch["boxes"][i], batch["box_classes"][i]
+            gt_boxes.append(boxes[box_classes == cls].numpy())
+        top5 = logits.float().cpu().topk(min(5, c), dim=1).indices
+        top1_ok = (top5[pair_img, 0] == pair_cls).numpy()
+        top5_ok = (top5[pair_img] == pair_cls[:, None]).any(dim=1).numpy()
+        box_eval.accumulate(maps.numpy(), gt_boxes, class_correct_top1=top1_ok, class_correct_top5=top5_ok)
+        has_masks = batch["has_masks"][pair_img]
+        if bool(has_masks.any()):
+            any_masks = True
+            sel = has_masks.nonzero(as_tuple=True)[0]
+            pi, pc = pair_img[sel], pair_cls[sel]
+            pxap_eval.accumulate(maps[sel].numpy(), batch["masks"][pi, pc].numpy(), batch["ignore"][pi].numpy())
+        if len(overlays) < num_overlays:
+            for k in range(len(pair_img)):
+                if len(overlays) >= num_overlays:
+                    break
+                i, cls = int(pair_img[k]), int(pair_cls[k])
+                img = denormalize(batch["image"][i].numpy(), IMAGENET_MEAN, IMAGENET_STD)
+                idx = int(batch["index"][i])
+                name = f"{idx:05d}_{class_names[cls]}.png".replace("/", "_").replace(" ", "_")
+                overlays.append((name, cam_overlay(img, maps[k].numpy(), gt_boxes=gt_boxes[k].tolist(), title=class_names[cls])))
+        if len(kept_batches) < extra_batches:
+            kept_batches.append({k: batch[k] for k in ("image", "labels", "index", "masks", "ignore")})
+
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    box = box_eval.compute()
+    for key in ("max_box_acc", "max_box_acc_v2", "top1_loc", "top5_loc"):
+        if key in box:
+            metrics[key] = float(box[key])
+    details["box"] = {k: v for k, v in box.items() if not isinstance(v, np.ndarray)}
+    if any_masks:
+        px = pxap_eval.compute()
+        metrics["pxap"] = float(px["pxap"])
+        sem = sem_eval.compute()
+        metrics["miou"] = float(sem["miou"])
+        metrics["best_bg_threshold"] = float(sem["best_bg_threshold"])
+        details["semantic"] = sem
+    scores = torch.cat(all_scores) if all_scores else torch.zeros(0, source.num_classes)
+    labels_all = torch.cat(all_labels) if all_labels else torch.zeros(0, source.num_classes)
+    if len(scores):
+        if source.multilabel:
+            metrics["cls_map"] = float(multilabel_average_precision(scores.numpy(), labels_all.numpy()))
+        else:
+            metrics["cls_acc"] = float(top1_accuracy(scores.numpy(), labels_all.numpy()))
+    metrics["num_images"] = float(len(dataset))
+    if extra_batches and kept_batches:
+        for k, v in method.extra_metrics(model, kept_batches, device).items():
+            metrics[k] = float(v)
+    return metrics, overlays, details

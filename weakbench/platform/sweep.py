@@ -1,0 +1,313 @@
+"""Hyperparameter sweeps on Ray Tune (Train V2 pattern) with Optuna and ASHA.
+
+Each Tune trial is a plain function (:func:`_trial`) that builds a ``TorchTrainer`` for its
+configuration and fits it, with ``TuneReportCallback`` forwarding the workers' reports to Tune
+(Ray ≥ 2.51: ``Tuner(trainer)`` is deprecated). The trial function itself holds only
+``{"cpu": 0.01}`` so that the Train workers get the CPUs (a ``{"cpu": 0}`` request is refused by
+Ray). With ``executor="inline"`` a one-worker CPU trial trains inside the trial function instead,
+holding ``cpus_per_worker`` CPUs.
+
+Search: ``OptunaSearch`` (TPE, seeded) over the sampled axes; the ``seed`` grid axis is realised
+with Tune's ``Repeater`` (each suggested configuration is run once per seed and Optuna sees the
+mean), other grid axes become categorical choices for Optuna. ``searcher="random"`` uses Tune's
+own variant generator, where grid axes are crossed natively. ``ASHAScheduler`` (time attribute
+``epoch``) stops poor trials early.
+
+Layout of a sweep directory ``<output>/sweeps/<sweep name>/``::
+
+    splits.json     the stored split (same for every trial)
+    sweep.json      options of the sweep (for --resume)
+    tune/           Ray Tune experiment state (restored by --resume)
+    train/<trial>/  Ray Train runs, one per trial, deterministic names → a restarted trial resumes
+    trials/<trial>/ trial scratch space (checkpoint staging, error.txt)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from weakbench.platform import conventions as C
+from weakbench.platform.errors import ConfigError
+from weakbench.platform.search_space import SearchSpace, load_search_space
+
+
+class SweepOptions(BaseModel):
+    """Options of :func:`run_sweep` (the CLI's ``weakbench sweep`` flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    space: str = Field(description="search-space YAML file")
+    data: str | None = Field(None, description="dataset directory; None = embedded synthetic default")
+    output_dir: str = "weakbench_runs"
+    tracking_uri: str | None = Field(None, description="MLflow URI; default sqlite:///<output_dir>/mlflow.db")
+    experiment: str = C.DEFAULT_EXPERIMENT
+    trials: int = Field(4, ge=1, description="total Tune trials (seed repeats included)")
+    name: str | None = Field(None, description="sweep name; default <method>-<dataset>-<time>")
+    resume: bool = False
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_concurrent: int | None = Field(None, ge=1)
+    searcher: Literal["optuna", "random"] = "optuna"
+    search_seed: int = 0
+    split_seed: int = 0
+    executor: Literal["train", "inline"] = "train"
+    eval_max_images: int | None = Field(None, ge=1)
+    num_overlays: int = Field(6, ge=0)
+    log_model: bool = True
+    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local instance")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="fixed values overriding the space file")
+
+
+class SweepSummary(BaseModel):
+    sweep_name: str
+    sweep_dir: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    method: str
+    dataset: str
+    num_trials: int
+    num_finished: int
+    num_failed: int
+    num_stopped: int
+    wall_seconds: float
+    best_run_id: str | None = None
+    best_params: dict[str, Any] = Field(default_factory=dict)
+    best_metrics: dict[str, float] = Field(default_factory=dict)
+    metric: str
+
+
+class _SweepContext(BaseModel):
+    """Static part of every trial's spec, handed to the trial function with ``tune.with_parameters``."""
+
+    method: str
+    data: str | None
+    data_cache: str
+    splits_path: str
+    sweep_dir: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    sweep_id: str
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    executor: str
+    eval_max_images: int | None
+    num_overlays: int
+    log_model: bool
+    seed_values: list[int] | None
+
+
+def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune trial function: one configuration, one Train run."""
+    from ray import tune
+
+    from weakbench.platform.engine import TrialSpec, build_trainer, run_inline_in_tune
+
+    c = _SweepContext(**ctx)
+    params = dict(config)
+    index = params.pop("__trial_index__", None)
+    if c.seed_values is not None:
+        params["seed"] = c.seed_values[int(index or 0) % len(c.seed_values)]
+    trial_id = tune.get_context().get_trial_id()
+    spec = TrialSpec(
+        method=c.method, params=params, data=c.data, data_cache=c.data_cache, splits_path=c.splits_path,
+        trial_dir=str(Path(c.sweep_dir) / "trials" / trial_id), tracking_uri=c.tracking_uri, experiment=c.experiment,
+        parent_run_id=c.parent_run_id, sweep_id=c.sweep_id, trial_id=trial_id, run_name=f"{c.method}-{trial_id}",
+        num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
+        eval_max_images=c.eval_max_images, num_overlays=c.num_overlays, log_model=c.log_model,
+    )
+    if c.executor == "inline":
+        run_inline_in_tune(spec)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    build_trainer(spec, storage_path=str(Path(c.sweep_dir) / "train"), name=trial_id, callbacks=[TuneReportCallback()]).fit()
+
+
+def _latest_sweep(sweeps: Path, method: str) -> Path:
+    cands = sorted((p for p in sweeps.glob(f"{method}-*") if (p / "sweep.json").is_file()), key=lambda p: p.stat().st_mtime)
+    if not cands:
+        raise ConfigError(f"--resume: no earlier {method} sweep in {sweeps}; run without --resume first or pass --name")
+    return cands[-1]
+
+
+def _ensure_ray(opts: SweepOptions) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    if opts.address:
+        ray.init(address=opts.address, **kwargs)
+    else:
+        ray.init(num_cpus=opts.num_cpus or os.cpu_count(), **kwargs)
+
+
+def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str]:
+    """Resolve the sweep directory and name (new, or the one to resume)."""
+    out = Path(opts.output_dir).resolve()
+    sweeps = out / "sweeps"
+    sweeps.mkdir(parents=True, exist_ok=True)
+    if opts.resume:
+        sweep_dir = sweeps / opts.name if opts.name else _latest_sweep(sweeps, space.method)
+        if not (sweep_dir / "sweep.json").is_file():
+            raise ConfigError(f"--resume: {sweep_dir} holds no sweep (sweep.json missing); check --name and --output-dir")
+        return sweep_dir, sweep_dir.name
+    data_name = Path(opts.data).resolve().name if opts.data else "synthetic"
+    name = opts.name or f"{space.method}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = sweeps / name
+    if (sweep_dir / "sweep.json").exists():
+        raise ConfigError(f"sweep {name!r} already exists in {sweeps}; pass --resume to continue it or another --name (finished results are never overwritten)")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    return sweep_dir, name
+
+
+def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
+    """Run (or resume) a sweep; returns its summary. See the module docstring.
+
+    Raises:
+        ConfigError / DataError / UnknownNameError: bad input, before any run is created.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from weakbench.methods import validate_config
+    from weakbench.platform import tracking
+    from weakbench.platform.data import load_splits, make_splits, open_dataset, save_splits
+
+    t0 = time.time()
+    space = load_search_space(opts.space)
+    if opts.overrides:
+        space = space.model_copy(update={"fixed": {**space.fixed, **opts.overrides},
+                                         "search": {k: v for k, v in space.search.items() if k not in opts.overrides}})
+        validate_config(space.method, space.fixed, source=f"{opts.space} (with command-line overrides)")
+    sweep_dir, sweep_name = prepare_sweep_dir(opts, space)
+    if opts.resume:
+        saved = json.loads((sweep_dir / "sweep.json").read_text())
+        # a resumed sweep keeps its data, split and tracking; the caller may change resources
+        for key in ("data", "split_seed", "tracking_uri", "experiment", "trials", "searcher", "search_seed", "overrides"):
+            setattr(opts, key, saved[key])
+        if opts.overrides:
+            space = space.model_copy(update={"fixed": {**space.fixed, **opts.overrides},
+                                             "search": {k: v for k, v in space.search.items() if k not in opts.overrides}})
+    out = Path(opts.output_dir).resolve()
+    tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
+    data_cache = str(out / "data_cache")
+
+    source = open_dataset(opts.data, cache_dir=data_cache)
+    splits_path = sweep_dir / "splits.json"
+    if splits_path.exists():
+        load_splits(splits_path, source)
+    else:
+        save_splits(make_splits(source, seed=opts.split_seed), splits_path)
+    if not opts.resume:
+        (sweep_dir / "sweep.json").write_text(json.dumps({**opts.model_dump(), "tracking_uri": tracking_uri, "name": sweep_name}, indent=2))
+
+    client = tracking.client_for(tracking_uri)
+    exp_id = tracking.ensure_experiment(client, opts.experiment)
+    parent = tracking.get_or_create_parent_run(
+        client, exp_id, sweep_name, run_name=sweep_name,
+        tags={C.TAG_METHOD: space.method, C.TAG_DATASET: source.name, C.TAG_DATASET_FINGERPRINT: source.fingerprint,
+              C.TAG_SPLIT: "val"},
+        params={"space_file": opts.space, "trials": opts.trials, "searcher": opts.searcher, "metric": space.metric,
+                "num_workers": opts.num_workers, "executor": opts.executor,
+                **{f"fixed.{k}": v for k, v in space.fixed.items()},
+                **{f"search.{k}": f"{d.kind}{d.values}" for k, d in space.search.items()}})
+
+    status = "FAILED"
+    try:
+        _ensure_ray(opts)
+        epochs = int(validate_config(space.method, space.defaults_config()).epochs)
+        grid = space.grid_axes()
+        seed_values = [int(s) for s in grid["seed"]] if "seed" in grid else None
+        param_space: dict[str, Any] = dict(space.fixed)
+        search_alg = None
+        num_samples = opts.trials
+        if opts.searcher == "optuna":
+            import optuna
+            from ray.tune.search import Repeater
+            from ray.tune.search.optuna import OptunaSearch
+
+            for k, d in space.search.items():
+                if k == "seed" and d.kind == "grid":
+                    continue
+                param_space[k] = tune.choice(list(d.values)) if d.kind == "grid" else d.to_tune()
+            search_alg = OptunaSearch(metric=space.metric, mode=space.mode,
+                                      sampler=optuna.samplers.TPESampler(seed=opts.search_seed))
+            if seed_values and len(seed_values) > 1:
+                search_alg = Repeater(search_alg, repeat=len(seed_values), set_index=True)
+                num_samples = max(1, math.ceil(opts.trials / len(seed_values))) * len(seed_values)
+            elif seed_values:
+                param_space["seed"] = seed_values[0]
+                seed_values = None
+        else:
+            seed_values = None
+            param_space.update(space.tune_param_space())
+            num_samples = max(1, math.ceil(opts.trials / space.num_grid_points()))
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(space.asha.grace_period, epochs),
+                                   reduction_factor=space.asha.reduction_factor)
+                     if space.asha else FIFOScheduler())
+
+        per_trial_cpu = opts.num_workers * opts.cpus_per_worker
+        total_cpu = ray.cluster_resources().get("CPU", 1)
+        max_conc = opts.max_concurrent or max(1, int(total_cpu // per_trial_cpu))
+        trial_resources = {"cpu": opts.cpus_per_worker} if opts.executor == "inline" else {"cpu": 0.01}
+        ctx = _SweepContext(method=space.method, data=opts.data, data_cache=data_cache, splits_path=str(splits_path),
+                            sweep_dir=str(sweep_dir), tracking_uri=tracking_uri, experiment=opts.experiment,
+                            parent_run_id=parent, sweep_id=sweep_name, num_workers=opts.num_workers,
+                            use_gpu=opts.use_gpu, cpus_per_worker=opts.cpus_per_worker, executor=opts.executor,
+                            eval_max_images=opts.eval_max_images, num_overlays=opts.num_overlays,
+                            log_model=opts.log_model, seed_values=seed_values).model_dump()
+        trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), trial_resources)
+        tune_path = sweep_dir / "tune"
+        if opts.resume and tune.Tuner.can_restore(str(tune_path)):
+            tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
+                                            num_samples=num_samples, max_concurrent_trials=max_conc),
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        results = tuner.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        stopped = tracking.reconcile_children(client, exp_id, parent)
+        runs = tracking.child_runs(client, exp_id, parent)
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        failed = [r for r in runs if r.info.status == "FAILED"]
+        killed = [r for r in runs if r.info.status == "KILLED"]
+        if status == "FINISHED" and not finished:
+            status = "FAILED"
+        best = None
+        key = space.metric
+        cands = [r for r in finished if key in r.data.metrics]
+        if cands:
+            best = (max if space.mode == "max" else min)(cands, key=lambda r: r.data.metrics[key])
+            tracking.log_metrics(client, parent, {f"best/{k}": v for k, v in best.data.metrics.items()}, step=0)
+            client.set_tag(parent, "weakbench.best_run_id", best.info.run_id)
+        client.set_terminated(parent, status=status)
+    summary = SweepSummary(
+        sweep_name=sweep_name, sweep_dir=str(sweep_dir), tracking_uri=tracking_uri, experiment=opts.experiment,
+        parent_run_id=parent, method=space.method, dataset=source.name, num_trials=len(runs),
+        num_finished=len(finished), num_failed=len(failed), num_stopped=len(killed), wall_seconds=time.time() - t0,
+        best_run_id=best.info.run_id if best else None, best_params=dict(best.data.params) if best else {},
+        best_metrics=dict(best.data.metrics) if best else {}, metric=space.metric)
+    del stopped, results
+    return summary

@@ -1,0 +1,199 @@
+"""MLflow tracking: parent sweep runs, child trial runs, restart safety.
+
+Conventions (names in :mod:`weakbench.platform.conventions`): one parent run per sweep, one
+child run per trial (``mlflow.parentRunId``), only rank 0 of a Train job logs. Everything goes
+through an explicit :class:`mlflow.MlflowClient` (no global active run), so Ray workers and the
+driver never share hidden state.
+
+Restart safety:
+
+* a trial's child run is found again by its tags (sweep id + trial id), and its id is also kept
+  in the trial checkpoint, so a restarted trial continues its own run instead of creating a
+  duplicate;
+* a run that is already FINISHED is never written again (:func:`get_or_create_trial_run`
+  reports it and the engine skips the trial);
+* a failing trial ends its run FAILED with the error in tag ``weakbench.error``;
+* after a sweep, :func:`reconcile_children` ends any child still RUNNING (a trial stopped early
+  by ASHA or killed with its node) as KILLED, so no run is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from weakbench import __version__
+from weakbench.platform import conventions as C
+from weakbench.platform.errors import ConfigError
+
+
+def default_tracking_uri(output_dir: str | Path) -> str:
+    """``sqlite:///<absolute output_dir>/mlflow.db`` (the plain file store is refused by MLflow 3)."""
+    p = Path(output_dir).resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{p / 'mlflow.db'}"
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    """An ``MlflowClient`` for ``tracking_uri``; a ``sqlite:///`` parent directory is created."""
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | Path | None = None) -> str:
+    """Return the id of experiment ``name``, creating it (artifacts under ``artifact_root``)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise ConfigError(f"MLflow experiment {name!r} is deleted; restore it or pass another --experiment")
+        return exp.experiment_id
+    location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """16 hex chars of sha256 over the sorted-keys JSON of ``config``."""
+    blob = json.dumps(dict(config), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    """The commit of the weakbench checkout (``+dirty`` if modified), or ``"unknown"``."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _search_one(client: MlflowClient, experiment_id: str, filter_string: str):
+    runs = client.search_runs([experiment_id], filter_string=filter_string, max_results=10, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep_id: str, run_name: str,
+                             tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
+    """The sweep's parent run: found by tag ``weakbench.sweep_id`` (resume) or created."""
+    found = _search_one(client, experiment_id, f"tags.`{C.TAG_KIND}` = '{C.KIND_SWEEP}' and tags.`{C.TAG_SWEEP_ID}` = '{sweep_id}'")
+    if found is not None:
+        if found.info.status != "RUNNING":
+            client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={C.TAG_KIND: C.KIND_SWEEP, C.TAG_SWEEP_ID: sweep_id, C.TAG_VERSION: __version__,
+                                  C.TAG_GIT_COMMIT: git_commit(), **tags})
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def get_or_create_trial_run(client: MlflowClient, experiment_id: str, *, parent_run_id: str | None, sweep_id: str,
+                            trial_id: str, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any],
+                            known_run_id: str | None = None) -> tuple[str, str]:
+    """Find or create the child run of one trial.
+
+    Returns:
+        ``(run_id, status)``; ``status`` is the run's status before this call (``"NEW"`` when
+        created). A FINISHED run is returned untouched: the caller must not write to it.
+    """
+    run = None
+    if known_run_id:
+        run = client.get_run(known_run_id)
+    if run is None:
+        run = _search_one(client, experiment_id,
+                          f"tags.`{C.TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'")
+    if run is not None:
+        status = run.info.status
+        if status != "FINISHED" and status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+            client.delete_tag(run.info.run_id, C.TAG_ERROR) if C.TAG_ERROR in run.data.tags else None
+        return run.info.run_id, status
+    all_tags = {C.TAG_KIND: C.KIND_TRIAL, C.TAG_SWEEP_ID: sweep_id, C.TAG_TRIAL_ID: trial_id, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    created = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    log_params(client, created.info.run_id, params)
+    return created.info.run_id, "NEW"
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log params (``str(value)``, truncated to MLflow's 6000 chars), skipping keys already set."""
+    existing = client.get_run(run_id).data.params
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items()) if k not in existing]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log finite float metrics at ``step`` in one batch (NaN/inf are skipped)."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
+             if isinstance(v, (int, float)) and v == v and abs(float(v)) != float("inf")]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+def fail_run(client: MlflowClient, run_id: str, error: BaseException | str) -> None:
+    """End ``run_id`` as FAILED with ``weakbench.error = "<Type>: message"`` (never raises)."""
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    try:
+        client.set_tag(run_id, C.TAG_ERROR, msg[:5000])
+        client.set_terminated(run_id, status="FAILED")
+    except Exception:  # noqa: BLE001 - reporting a failure must not mask the original error
+        pass
+
+
+def reconcile_children(client: MlflowClient, experiment_id: str, parent_run_id: str,
+                       reason: str = "stopped early by the scheduler or interrupted") -> int:
+    """End every child run of ``parent_run_id`` still RUNNING as KILLED; returns how many."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+                              max_results=10000)
+    for r in runs:
+        client.set_tag(r.info.run_id, "weakbench.stopped", reason)
+        client.set_terminated(r.info.run_id, status="KILLED")
+    return len(runs)
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str):
+    """All child runs of a sweep's parent run."""
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
+
+
+def log_model(tracking_uri: str, run_id: str, predictor, *, metadata: Mapping[str, Any]) -> str:
+    """Log a :class:`~weakbench.methods.base.CamPredictor` as the run's model.
+
+    Uses MLflow's pickle serialisation (the default ``pt2`` torch.export format cannot capture
+    a method's inference code such as Puzzle-CAM's multi-scale flipped CAMs) and explicit pip
+    requirements (inferring them costs several seconds per trial). Returns the model URI and
+    records it in tag ``weakbench.model_uri``.
+    """
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pytorch.log_model(
+            predictor, name=C.MODEL_ARTIFACT, serialization_format="pickle",
+            pip_requirements=[f"weakbench=={__version__}", "torch", "timm"], metadata=dict(metadata),
+        )
+    # start_run(run_id=...) ends the run FINISHED on exit; the engine finishes it itself
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, C.TAG_MODEL_URI, info.model_uri)
+    return info.model_uri
