@@ -27,6 +27,7 @@ MLflow 3.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, Mapping
 
 import torch
@@ -192,7 +193,9 @@ def pgd_robust_correct(model: torch.nn.Module, images: torch.Tensor, labels: tor
         ConfigError: Foolbox is not installed.
     """
     try:
-        import foolbox as fb
+        with warnings.catch_warnings():  # foolbox 3.3.4 imports scipy.ndimage.filters (deprecated)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import foolbox as fb
     except ImportError:  # pragma: no cover - depends on the environment
         raise ConfigError("topgap robust accuracy needs Foolbox: pip install 'foolbox==3.3.4'") from None
     m = torch.tensor(mean, device=images.device)[:, None, None]

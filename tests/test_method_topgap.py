@@ -1,0 +1,132 @@
+"""Top-GAP: pooling, ℓ1 term, k resolution, IoU, ERF distance and PGD robust accuracy on
+hand-computed cases; the FPN-style head's CAM size; training smoke and the paper's metrics."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+
+import pytest
+import torch
+
+from weakbench.methods import build_method
+from weakbench.methods.base import StepContext
+from weakbench.methods.topgap import (
+    cam_mask_iou, erf_distance, l1_sparsity, pgd_robust_correct, resolve_k, top1_correct, top_gap,
+)
+from weakbench.platform.errors import ConfigError
+
+SMALL = {"backbone": "resnet10t", "input_size": 64, "batch_size": 4, "lr": 0.05, "head_channels": 32,
+         "top_k_fraction": 0.1, "eval_images": 4, "pgd_steps": 2}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _ctx() -> StepContext:
+    return StepContext(epoch=0, step=0, steps_per_epoch=2, total_steps=2, device=torch.device("cpu"), unwrap=lambda m: m)
+
+
+def _batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.float32)
+    return {"image": torch.randn(4, 3, 64, 64, generator=g), "labels": labels, "index": torch.arange(4)}
+
+
+def test_top_gap_hand_values():
+    x = torch.tensor([[[[1.0, 5.0], [3.0, 2.0]]]])
+    assert top_gap(x, 2).item() == pytest.approx(4.0)       # (5 + 3) / 2
+    assert top_gap(x, 1).item() == pytest.approx(5.0)       # k = 1: global max pooling
+    assert top_gap(x, 4).item() == pytest.approx(11 / 4)    # k = h·w: GAP
+    assert top_gap(x, 100).item() == pytest.approx(11 / 4)  # clamped to h·w
+    y = torch.randn(2, 3, 5, 7)
+    assert torch.allclose(top_gap(y, 35), y.mean(dim=(2, 3)))
+    assert torch.allclose(top_gap(y, 1), y.amax(dim=(2, 3)))
+
+
+def test_l1_sparsity_and_k_resolution():
+    assert l1_sparsity(torch.tensor([-1.0, 2.0, 0.0, -3.0])).item() == pytest.approx(1.5)
+    cfg = build_method("topgap", {}, num_classes=2).config
+    assert (cfg.top_k, cfg.l1_weight, cfg.num_feature_maps, cfg.head_channels) == (256, 1.0, 4, 256)
+    assert resolve_k(cfg, 1024) == 256 and resolve_k(cfg, 100) == 100
+    frac = build_method("topgap", {"top_k_fraction": 0.25}, num_classes=2).config
+    assert resolve_k(frac, 100) == 25 and resolve_k(frac, 2) == 1
+    with pytest.raises(ConfigError, match="top_k_fraction"):
+        build_method("topgap", {"top_k_fraction": 1.5}, num_classes=2)
+
+
+def test_cam_mask_iou_hand():
+    maps = torch.tensor([[[0.9, 0.1], [0.6, 0.4]]])
+    mask = torch.tensor([[[True, True], [False, False]]])
+    assert cam_mask_iou(maps, mask, 0.5).item() == pytest.approx(1 / 3)
+    ignore = torch.tensor([[[False, True], [False, False]]])
+    assert cam_mask_iou(maps, mask, 0.5, ignore).item() == pytest.approx(1 / 2)
+
+
+def test_erf_distance_hand():
+    w = torch.tensor([[1.0, 1.0], [1.0, 2.0]])  # the centre (h/2, w/2) = (1, 1) weighs 2, the corner 1
+
+    def cam_fn(x):
+        return x.sum(1, keepdim=True) * w
+
+    d = erf_distance(cam_fn, torch.zeros(1, 3, 2, 2))
+    # |grad| summed over RGB: centre map has 6 at (1, 1), corner map 3 at (0, 0); z-normalised jointly
+    values = [0, 0, 0, 6, 3, 0, 0, 0]
+    assert d.item() == pytest.approx((6 / 4 - 3 / 4) / statistics.stdev(values), rel=1e-5)
+    assert erf_distance(lambda x: x.sum(1, keepdim=True), torch.zeros(1, 3, 2, 2)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+class _RedGreen(torch.nn.Module):
+    """Class 0 scores the red channel, class 1 the green one; returns (logits, cams)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])[:, :, None, None])
+
+    def forward(self, x):
+        cams = self.conv(x)
+        return cams.mean(dim=(2, 3)), cams
+
+
+def test_pgd_robust_accuracy_small_and_large_epsilon():
+    x01 = torch.zeros(2, 3, 8, 8)
+    x01[:, 0], x01[:, 1] = 0.8, 0.2  # clearly red: class 0
+    images = (x01 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    model = _RedGreen()
+    assert top1_correct(model(images)[0], labels).all()
+    assert pgd_robust_correct(model, images, labels, 8 / 255, 20, 2 / 255).all()
+    assert not pgd_robust_correct(model, images, labels, 1.0, 20, 0.1).any()  # the attacker may repaint the image
+
+
+def test_head_cam_resolution_is_largest_feature_map():
+    for n, stride in ((4, 4), (3, 8)):
+        m = build_method("topgap", {**SMALL, "num_feature_maps": n}, num_classes=3)
+        logits, cams = m.build_model().eval()(torch.zeros(1, 3, 64, 64))
+        assert cams.shape == (1, 3, 64 // stride, 64 // stride) and logits.shape == (1, 3)
+
+
+def test_training_steps_smoke_and_paper_metrics():
+    m = build_method("topgap", SMALL, num_classes=3)
+    torch.manual_seed(0)
+    net = m.build_model().train()
+    opts = m.configure_optimizers(net)
+    before = copy.deepcopy(net.state_dict())
+    for i in range(2):
+        out = m.training_step(net, _batch(i), opts, _ctx())
+        assert all(math.isfinite(v) for v in out.values())
+        assert out["loss"] == pytest.approx(out["cls"] + out["l1"], rel=1e-5)
+    after = net.state_dict()
+    for prefix in ("backbone.", "laterals.", "classifier."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix) and k.endswith("weight")), prefix
+
+    batch = _batch()
+    masks = torch.zeros(4, 3, 64, 64, dtype=torch.bool)
+    masks[:, :, 16:48, 16:48] = batch["labels"][:, :, None, None].bool()
+    batch.update(masks=masks, ignore=torch.zeros(4, 64, 64, dtype=torch.bool))
+    metrics = m.extra_metrics(net, [batch], torch.device("cpu"))
+    assert set(metrics) == {"cam_iou", "erf_distance", "clean_accuracy", "robust_accuracy"}
+    assert 0 <= metrics["cam_iou"] <= 100 and math.isfinite(metrics["erf_distance"])
+    assert 0 <= metrics["robust_accuracy"] <= 100 and 0 <= metrics["clean_accuracy"] <= 100
+    assert net.training
