@@ -1,0 +1,159 @@
+"""Leaderboard semantics on hand-built results tables (values chosen so the answers are known)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+from rich.console import Console
+from scipy import stats
+
+from weakbench.platform.errors import ConfigError
+from weakbench.platform.leaderboard import bootstrap_ci, build_leaderboard, render_rich
+from weakbench.platform.results import rows_to_table
+
+
+def _run(i, method, lr, seed, val, test, status="FINISHED", backbone="r18", cpu=1.0, dataset="d"):
+    metrics = {"train/loss": 0.3, "cost/cpu_hours": cpu, "cost/gpu_hours": 0.0}
+    if val is not None:
+        metrics["val/max_box_acc_v2"] = val
+    if test is not None:
+        metrics["test/max_box_acc_v2"] = test
+        metrics["test/pxap"] = test + 1
+    return {"run_id": f"r{i:03d}", "method": method, "backbone": backbone, "dataset": dataset, "seed": seed,
+            "status": status, "experiment_id": "1", "sweep_id": f"s-{method}",
+            "params": {"lr": lr, "seed": seed, "backbone": backbone}, "metrics": metrics}
+
+
+def _rows():
+    rows = []
+    add = lambda *a, **k: rows.append(_run(len(rows), *a, **k))  # noqa: E731
+    # cam, config lr=0.1: val mean 52, test 40, 41, 45  (selected)
+    for s, v, t in [(0, 50, 40), (1, 52, 41), (2, 54, 45)]:
+        add("cam", 0.1, s, v, t)
+    # cam, config lr=0.01: val mean 50 (one seed at 60 does not win), test 90
+    add("cam", 0.01, 0, 60, 90)
+    add("cam", 0.01, 1, 40, 90)
+    add("cam", 0.01, 2, None, None, status="FAILED", cpu=0.5)  # counted as a trial and in the cost only
+    # minmaxcam: test 50, 52, 54 → paired differences with cam 10, 11, 9
+    for s, t in [(0, 50), (1, 52), (2, 54)]:
+        add("minmaxcam", 0.1, s, 70, t)
+    # topgap: one seed
+    add("topgap", 0.1, 0, 65, 48)
+    # puzzlecam: seeds disjoint from cam's
+    add("puzzlecam", 0.1, 5, 66, 49)
+    add("puzzlecam", 0.1, 6, 66, 47)
+    # a backbone without a cam run
+    add("minmaxcam", 0.1, 0, 70, 60, backbone="r50")
+    add("minmaxcam", 0.1, 1, 70, 62, backbone="r50")
+    return rows
+
+
+def _by_method(lb, backbone="r18"):
+    return {r["method"]: r for r in lb.to_pylist() if r["backbone"] == backbone}
+
+
+def test_selection_and_stats():
+    lb = build_leaderboard(rows_to_table(_rows()))
+    rows = _by_method(lb)
+    cam = rows["cam"]
+    assert cam["selected_on"] == "val" and cam["reported_on"] == "test"
+    assert cam["select_mean"] == pytest.approx(52.0)
+    assert cam["test/max_box_acc_v2.mean"] == pytest.approx(42.0)
+    assert cam["test/max_box_acc_v2.std"] == pytest.approx(math.sqrt(7.0))  # deviations -2, -1, 3
+    assert cam["test/pxap.mean"] == pytest.approx(43.0)
+    assert 40.0 <= cam["test/max_box_acc_v2.ci_low"] < 42.0 < cam["test/max_box_acc_v2.ci_high"] <= 45.0
+    assert cam["n_seeds"] == 3 and cam["seeds"] == [0, 1, 2]
+    assert cam["n_trials"] == 6 and cam["n_failed"] == 1 and cam["n_configs"] == 2
+    assert cam["cpu_hours"] == pytest.approx(5.5) and cam["gpu_hours"] == 0.0
+    assert sorted(cam["run_ids"]) == ["r000", "r001", "r002"]
+    assert '"lr": "0.1"' in cam["params_json"] and "seed" not in cam["params_json"]
+    assert cam["baseline_verdict"] == "is the baseline"
+
+
+def test_paired_comparison_with_baseline():
+    rows = _by_method(build_leaderboard(rows_to_table(_rows())))
+    mm = rows["minmaxcam"]
+    assert mm["baseline_n_pairs"] == 3
+    assert mm["baseline_diff_mean"] == pytest.approx(10.0)
+    assert 9.0 <= mm["baseline_diff_ci_low"] <= mm["baseline_diff_ci_high"] <= 11.0
+    expected_p = stats.ttest_rel([50, 52, 54], [40, 41, 45]).pvalue
+    assert mm["baseline_p_value"] == pytest.approx(expected_p)
+    assert mm["baseline_verdict"] == "better than cam beyond seed noise"
+
+    top = rows["topgap"]  # one seed: no spread, no verdict
+    assert top["n_seeds"] == 1 and math.isnan(top["test/max_box_acc_v2.std"])
+    assert math.isnan(top["test/max_box_acc_v2.ci_low"]) and top["baseline_verdict"] == "not enough seeds"
+    assert rows["puzzlecam"]["baseline_n_pairs"] == 0 and rows["puzzlecam"]["baseline_verdict"] == "not enough seeds"
+    r50 = _by_method(build_leaderboard(rows_to_table(_rows())), "r50")["minmaxcam"]
+    assert r50["baseline_verdict"].startswith("no cam run")
+
+
+def test_noise_sized_difference_is_within_noise():
+    rows = [_run(i, "cam", 0.1, s, 50, t) for i, (s, t) in enumerate([(0, 40), (1, 45), (2, 50), (3, 42)])]
+    rows += [_run(10 + i, "minmaxcam", 0.1, s, 50, t) for i, (s, t) in enumerate([(0, 46), (1, 41), (2, 49), (3, 44)])]
+    mm = _by_method(build_leaderboard(rows_to_table(rows)))["minmaxcam"]
+    assert mm["baseline_diff_mean"] == pytest.approx(0.75)
+    assert mm["baseline_diff_ci_low"] < 0 < mm["baseline_diff_ci_high"]
+    assert mm["baseline_verdict"] == "within seed noise"
+
+
+def test_order_independent_and_deterministic():
+    # dataset "e": 20 seeds with irregular values, so that bootstrap quantiles depend on the draw
+    rows = _rows() + [_run(100 + s, "cam", 0.1, s, 50, 40 + 3 * math.sin(s * 1.7), dataset="e") for s in range(20)]
+    a = build_leaderboard(rows_to_table(rows), seed=3)
+    random.Random(0).shuffle(rows)
+    b = build_leaderboard(rows_to_table(rows), seed=3)
+    key = lambda t: sorted(  # noqa: E731
+        ((r["dataset"], r["method"], r["backbone"]), repr(r["test/max_box_acc_v2.ci_low"]), repr(r["test/max_box_acc_v2.ci_high"])) for r in t.to_pylist())
+    assert key(a) == key(b)
+    c = build_leaderboard(rows_to_table(rows), seed=4)
+    assert key(a) != key(c)  # the bootstrap really resamples
+
+
+def test_sorted_best_first_and_metadata():
+    lb = build_leaderboard(rows_to_table(_rows()))
+    means = [r["test/max_box_acc_v2.mean"] for r in lb.to_pylist()]
+    assert means == sorted(means, reverse=True)
+    assert lb.schema.metadata[b"weakbench.selected_on"] == b"val"
+    assert lb.schema.metadata[b"weakbench.reported_on"] == b"test"
+
+
+def test_lower_is_better_selection():
+    rows = [_run(0, "cam", 0.1, 0, None, 40), _run(1, "cam", 0.2, 0, None, 60)]
+    rows[0]["metrics"]["val/loss"] = 0.9
+    rows[1]["metrics"]["val/loss"] = 0.2
+    lb = build_leaderboard(rows_to_table(rows), select_metric="val/loss")
+    assert lb.to_pylist()[0]["test/loss.mean"] is None or math.isnan(lb.to_pylist()[0]["test/loss.mean"])
+    assert lb.to_pylist()[0]["test/max_box_acc_v2.mean"] == 60
+
+
+def test_bad_arguments():
+    t = rows_to_table(_rows())
+    with pytest.raises(ConfigError, match="same split"):
+        build_leaderboard(t, select_metric="test/max_box_acc_v2")
+    with pytest.raises(ConfigError, match="<split>/<name>"):
+        build_leaderboard(t, select_metric="max_box_acc_v2")
+    with pytest.raises(ConfigError, match="n_boot"):
+        build_leaderboard(t, n_boot=10)
+
+
+def test_bootstrap_ci_bounds():
+    rng = np.random.default_rng(0)
+    values = np.array([1.0, 2.0, 3.0, 10.0])
+    lo, hi = bootstrap_ci(values, 2000, rng)
+    assert 1.0 <= lo < values.mean() < hi <= 10.0
+    assert all(math.isnan(x) for x in bootstrap_ci(np.array([5.0]), 2000, rng))
+
+
+def test_render_rich_says_splits():
+    lb = build_leaderboard(rows_to_table(_rows()))
+    console = Console(width=250, record=True)
+    console.print(render_rich(lb))
+    text = console.export_text()
+    assert "selected on val" in text and "reported on test" in text
+    assert "42.00 ± 2.65" in text  # cam: mean ± sqrt(7)
+    assert "± n/a" in text  # topgap's single seed
+    assert "not enough seeds" in text

@@ -1,0 +1,192 @@
+"""Synthetic trial runs for tests, benchmarks and demos of the leaderboard and dashboard.
+
+Two entry points, both deterministic given ``seed``:
+
+* :func:`synthetic_table` — a results table (:data:`weakbench.platform.results.SCHEMA`) built in
+  memory, for scale benchmarks of the Parquet path;
+* :func:`log_synthetic_sweeps` — real MLflow runs that follow :mod:`weakbench.platform.conventions`
+  (one parent sweep run per (dataset, method), child trial runs with the trial tags, params,
+  ``val/*``, ``test/*`` and ``cost/*`` metrics, optional ``overlays/*.png``), logged with
+  ``MlflowClient.log_batch``.
+
+The numbers are invented: a latent quality per configuration plus Gaussian seed noise. They
+exercise the code paths; they say nothing about the methods.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from weakbench.platform import conventions as C
+from weakbench.platform.results import rows_to_table
+
+METHODS = ("cam", "minmaxcam", "puzzlecam", "topgap")
+_METHOD_BONUS = {"cam": 0.0, "minmaxcam": 4.0, "puzzlecam": 2.5, "topgap": 1.0}
+
+
+def _config_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trial_record(method: str, backbone: str, dataset: str, config_id: int, seed: int, rng: np.random.Generator,
+                 sweep_id: str, noise: float = 1.0) -> dict[str, Any]:
+    """One synthetic trial: ``{"params", "metrics", "tags"}`` following the conventions.
+
+    Args:
+        config_id: index of the configuration; the learning rate and (for MinMaxCAM) λ1/λ2 derive
+            from it, so equal ``config_id`` means equal params apart from ``seed``.
+        noise: standard deviation of the seed noise, in metric points.
+    """
+    crng = np.random.default_rng([zlib.crc32(f"{method}|{backbone}|{dataset}".encode()), config_id])
+    lr = float(10 ** crng.uniform(-3, -1))
+    params: dict[str, Any] = {"backbone": backbone, "lr": round(lr, 6), "batch_size": int(crng.choice([8, 16, 32])),
+                              "epochs": 4, "input_size": 128, "seed": seed}
+    if method == "minmaxcam":
+        params.update(crr_weight=round(float(crng.uniform(0, 2)), 4), frr_weight=round(float(crng.uniform(0, 2)), 4))
+    quality = 55.0 + _METHOD_BONUS.get(method, 0.0) - 12.0 * abs(np.log10(lr) + 2.0) + crng.normal(0, 2)
+    val = quality + rng.normal(0, noise)
+    test = quality - 1.0 + rng.normal(0, noise)
+    hours = float(rng.uniform(0.05, 0.2))
+    metrics = {
+        "val/max_box_acc_v2": val, "test/max_box_acc_v2": test,
+        "val/max_box_acc": val + 3 + rng.normal(0, 0.5), "test/max_box_acc": test + 3 + rng.normal(0, 0.5),
+        "val/pxap": val - 5 + rng.normal(0, 0.5), "test/pxap": test - 5 + rng.normal(0, 0.5),
+        "val/cls_acc": 80.0 - 0.3 * (val - 50) + rng.normal(0, 0.5),
+        "test/cls_acc": 80.0 - 0.3 * (test - 50) + rng.normal(0, 0.5),
+        "train/loss": float(rng.uniform(0.1, 0.5)),
+        C.COST_TRAIN_SECONDS: hours * 3600, C.COST_GPU_HOURS: 0.0, C.COST_CPU_HOURS: hours * 2,
+    }
+    tags = {
+        C.TAG_KIND: C.KIND_TRIAL, C.TAG_METHOD: method, C.TAG_BACKBONE: backbone, C.TAG_DATASET: dataset,
+        C.TAG_DATASET_FINGERPRINT: hashlib.sha256(dataset.encode()).hexdigest()[:16], C.TAG_SPLIT: "val",
+        C.TAG_SEED: str(seed), C.TAG_GIT_COMMIT: "0" * 40, C.TAG_CONFIG_HASH: _config_hash(params),
+        C.TAG_VERSION: "0.1.0", C.TAG_SWEEP_ID: sweep_id, C.TAG_TRIAL_ID: f"{sweep_id}-{config_id:04d}-s{seed}",
+        C.TAG_DEVICE: "cpu", C.TAG_NUM_WORKERS: "1",
+    }
+    return {"params": params, "metrics": {k: float(v) for k, v in metrics.items()}, "tags": tags}
+
+
+def synthetic_table(n_runs: int, datasets: Sequence[str] = ("cub", "ilsvrc", "openimages"),
+                    methods: Sequence[str] = METHODS, backbones: Sequence[str] = ("resnet18", "resnet50"),
+                    n_seeds: int = 3, seed: int = 0, failed_fraction: float = 0.02) -> pa.Table:
+    """A results table of about ``n_runs`` synthetic runs (exactly ``n_runs``, cut at the end),
+    spread over every (dataset, method, backbone), ``n_seeds`` seeds per configuration."""
+    rng = np.random.default_rng(seed)
+    groups = [(d, m, b) for d in datasets for m in methods for b in backbones]
+    per_group = -(-n_runs // len(groups))
+    n_configs = -(-per_group // n_seeds)
+    t0 = _dt.datetime(2026, 1, 1, tzinfo=_dt.timezone.utc)
+    rows = []
+    for d, m, b in groups:
+        sweep = f"sweep-{d}-{m}-{b}"
+        for c in range(n_configs):
+            for s in range(n_seeds):
+                if len(rows) >= n_runs:
+                    break
+                rec = trial_record(m, b, d, c, s, rng, sweep)
+                failed = rng.random() < failed_fraction
+                start = t0 + _dt.timedelta(seconds=len(rows) * 60)
+                dur = rec["metrics"][C.COST_TRAIN_SECONDS] * 1.1
+                tags = rec["tags"]
+                rows.append({
+                    "run_id": hashlib.sha256(f"{seed}-{len(rows)}".encode()).hexdigest()[:32],
+                    "run_name": f"{m}-{c}-s{s}", "experiment_id": "1", "sweep_id": sweep, "parent_run_id": sweep,
+                    "trial_id": tags[C.TAG_TRIAL_ID], "method": m, "backbone": b, "dataset": d,
+                    "dataset_fingerprint": tags[C.TAG_DATASET_FINGERPRINT], "selection_split": "val", "seed": s,
+                    "status": "FAILED" if failed else "FINISHED", "start_time": start,
+                    "end_time": start + _dt.timedelta(seconds=dur), "duration_s": dur,
+                    "git_commit": tags[C.TAG_GIT_COMMIT], "config_hash": tags[C.TAG_CONFIG_HASH],
+                    "weakbench_version": "0.1.0", "device": "cpu", "num_workers": 1,
+                    "error": "RuntimeError: synthetic failure" if failed else None,
+                    "params": rec["params"],
+                    "metrics": {"train/loss": 1.0} if failed else rec["metrics"],
+                    "artifact_uri": f"file:///tmp/mlruns/1/{len(rows)}/artifacts", "overlay_uris": [],
+                })
+    return rows_to_table(rows)
+
+
+def overlay_png(size: int, rng: np.random.Generator) -> bytes:
+    """A small RGB PNG (``size``×``size``) that looks like a CAM overlay: a smooth blob in a
+    jet-like colour map over grey noise."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cy, cx = rng.uniform(0.3, 0.7, size=2)
+    heat = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.03)
+    base = rng.uniform(90, 150, size=(size, size, 1))
+    rgb = np.concatenate([base + 120 * heat[..., None], base + 60 * np.sin(np.pi * heat)[..., None],
+                          base + 100 * (1 - heat)[..., None]], axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def log_synthetic_sweeps(
+    tracking_uri: str,
+    experiment: str = C.DEFAULT_EXPERIMENT,
+    methods: Sequence[str] = ("cam", "minmaxcam"),
+    backbones: Sequence[str] = ("resnet18",),
+    dataset: str = "synthetic",
+    n_configs: int = 2,
+    n_seeds: int = 2,
+    overlays_per_run: int = 0,
+    failed_runs: int = 0,
+    seed: int = 0,
+    run_name_prefix: str = "",
+) -> list[str]:
+    """Log synthetic sweeps to MLflow: per (method, backbone) a parent run tagged
+    ``weakbench.kind=sweep`` with ``n_configs × n_seeds`` finished child trial runs, plus
+    ``failed_runs`` FAILED children; each trial gets ``overlays_per_run`` PNGs under
+    ``overlays/``. Uses one ``log_batch`` call per run. Returns the child run ids.
+
+    ``run_name_prefix`` is prepended to run names (tests use it to check HTML escaping).
+    """
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    rng = np.random.default_rng(seed)
+    child_ids: list[str] = []
+    now_ms = int(_dt.datetime.now(_dt.timezone.utc).timestamp() * 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in methods:
+            for b in backbones:
+                parent = client.create_run(exp_id, run_name=f"{run_name_prefix}sweep-{m}-{b}",
+                                           tags={C.TAG_KIND: C.KIND_SWEEP})
+                sweep_id = parent.info.run_id
+                client.set_tag(sweep_id, C.TAG_SWEEP_ID, sweep_id)
+                jobs = [(c, s, False) for c in range(n_configs) for s in range(n_seeds)]
+                jobs += [(n_configs + k, 0, True) for k in range(failed_runs)]
+                for c, s, failed in jobs:
+                    rec = trial_record(m, b, dataset, c, s, rng, sweep_id)
+                    tags = dict(rec["tags"], **{"mlflow.parentRunId": sweep_id})
+                    run = client.create_run(exp_id, run_name=f"{run_name_prefix}{m}-c{c}-s{s}", tags=tags)
+                    rid = run.info.run_id
+                    metrics = {"train/loss": 1.0} if failed else rec["metrics"]
+                    client.log_batch(
+                        rid,
+                        metrics=[Metric(k, v, now_ms, 4) for k, v in metrics.items()],
+                        params=[Param(k, str(v)) for k, v in rec["params"].items()],
+                        tags=[RunTag(C.TAG_ERROR, "RuntimeError: synthetic failure")] if failed else [],
+                    )
+                    if not failed:
+                        for k in range(overlays_per_run):
+                            p = Path(tmp) / f"img{k:03d}_class{k % 3}.png"
+                            p.write_bytes(overlay_png(48, rng))
+                            client.log_artifact(rid, str(p), C.OVERLAY_DIR)
+                    client.set_terminated(rid, "FAILED" if failed else "FINISHED")
+                    child_ids.append(rid)
+                client.set_terminated(sweep_id, "FINISHED")
+    return child_ids
