@@ -31,6 +31,7 @@ import contextlib
 import io
 import json
 import numbers
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +245,7 @@ class CocoSource(DatasetSource):
         for objs in self._objects:
             b = np.array([a["bbox"] for a in objs], dtype=np.float64).reshape(-1, 4)
             b[:, 2:] += b[:, :2]
-            self._boxes.append(b.astype(np.float32))
+            self._boxes.append(b)
             self._box_classes.append(np.array([self._cat_to_class[a["category_id"]] for a in objs], dtype=np.int64))
 
     # ---------------------------------------------------------------- queries
@@ -259,9 +260,14 @@ class CocoSource(DatasetSource):
         """COCO annotation ids of record ``index``: its objects, or its crowd regions."""
         return [a["id"] for a in (self._crowds if crowd else self._objects)[index]]
 
+    def gt_boxes(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._boxes[index].copy(), self._box_classes[index].copy()
+
     def _mask(self, a: dict, h: int, w: int) -> np.ndarray:
         if _has_segmentation(a):
-            m = self.coco.annToMask(a)
+            with warnings.catch_warnings():  # pycocotools' numpy-2 copy= DeprecationWarning
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = self.coco.annToMask(a)
             if m.shape != (h, w):
                 raise DataError(f"{self.ann_file}: annotation id {a['id']}: segmentation size {m.shape} differs from "
                                 f"its image's (height, width) = ({h}, {w})")
@@ -292,7 +298,7 @@ class CocoSource(DatasetSource):
         sem = semantic_from_instances((h, w), inst, self._box_classes[index], ignore) if inst is not None else None
         return Annotations(
             labels=self._labels[index].copy(),
-            boxes=self._boxes[index].copy(),
+            boxes=self._boxes[index].astype(np.float32),
             box_classes=self._box_classes[index].copy(),
             instance_masks=inst,
             ignore_mask=ignore,

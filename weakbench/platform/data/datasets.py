@@ -113,7 +113,8 @@ class EvalDataset(Dataset):
         c = self.source.num_classes
         img = resize_image(self.source.load_image(idx), s)
         ann = self.source.annotations(idx)
-        boxes = resize_boxes_wsol(ann.boxes, (rec.width, rec.height), (s, s))
+        gt_boxes, _ = self.source.gt_boxes(idx)  # float64: exact x + w before int() truncation
+        boxes = resize_boxes_wsol(gt_boxes, (rec.width, rec.height), (s, s))
         masks = torch.zeros((c, s, s), dtype=torch.bool)
         if ann.instance_masks is not None and len(ann.instance_masks):
             present = np.unique(ann.box_classes)

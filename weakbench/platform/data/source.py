@@ -111,6 +111,14 @@ class DatasetSource:
         """float32 (C,) multi-hot labels of record ``index`` (no mask decoding)."""
         return self.labels_matrix()[index]
 
+    # ---------------------------------------------------------------- boxes (cheap)
+    def gt_boxes(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """GT boxes of record ``index`` without decoding masks: ``(boxes float64 (K, 4) x0, y0, x1, y1
+        in original pixels, box_classes int64 (K,))``. Float64 keeps COCO's ``x + w`` exact, which
+        matters where ``int(x·S/w)`` truncates (``Annotations.boxes`` is the same in float32)."""
+        a = self.annotations(index)
+        return a.boxes.astype(np.float64), a.box_classes
+
     # ---------------------------------------------------------------- full annotations
     def annotations(self, index: int) -> Annotations:
         """Labels, boxes, instance / ignore / semantic masks of record ``index`` in original pixels."""

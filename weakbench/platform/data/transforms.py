@@ -12,16 +12,15 @@ call these. Conventions:
   :func:`resize_boxes_wsol`.
 * **Images** are resized to a square ``S x S`` frame without crop; the aspect ratio is *not*
   kept (as in wsolevaluation's evaluation transform ``Resize((224, 224))``).
-* **Masks** are resized with nearest neighbour sampled at pixel centres (PIL's ``NEAREST``,
-  torch's ``"nearest-exact"``): output pixel ``i`` takes input pixel
-  ``floor((i + 0.5) * H_in / H_out)``, which does not shift the mask.
+* **Masks** are resized with nearest neighbour sampled at pixel centres: output pixel ``i``
+  takes input pixel ``floor((i + 0.5) * H_in / H_out)`` computed in exact integer arithmetic
+  (:func:`nearest_indices`), which does not shift the mask.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
@@ -33,6 +32,7 @@ __all__ = [
     "resize_boxes",
     "resize_boxes_wsol",
     "hflip_boxes",
+    "nearest_indices",
     "resize_masks",
     "hflip_masks",
 ]
@@ -139,8 +139,20 @@ def hflip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     return b
 
 
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel for pixel-centre nearest neighbour, in exact integer
+    arithmetic: ``floor((i + 0.5) * n_in / n_out) = ((2i + 1) * n_in) // (2 * n_out)``.
+
+    Returns int64 (n_out,) in ``[0, n_in)``. (torch's ``"nearest-exact"`` and PIL's ``NEAREST``
+    compute the same formula in floating point and can differ by one at exact ties, e.g.
+    ``n_in = 190, n_out = 35, i = 10`` gives 57 here.)
+    """
+    i = np.arange(n_out, dtype=np.int64)
+    return np.minimum(((2 * i + 1) * n_in) // (2 * n_out), n_in - 1)
+
+
 def resize_masks(masks: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of masks sampled at pixel centres (``"nearest-exact"``).
+    """Nearest-neighbour resize of masks sampled at pixel centres (see :func:`nearest_indices`).
 
     Args:
         masks: (H, W) or (N, H, W) bool or uint8 (labels such as a semantic mask with 255 =
@@ -152,17 +164,9 @@ def resize_masks(masks: np.ndarray | torch.Tensor, size: int | tuple[int, int]) 
     """
     t = torch.as_tensor(np.asarray(masks)) if not isinstance(masks, torch.Tensor) else masks
     w, h = (size, size) if isinstance(size, int) else size
-    squeeze = t.dim() == 2
-    if squeeze:
-        t = t[None]
-    dtype = t.dtype
-    if t.shape[-2:] == (h, w):
-        out = t.clone()
-    elif t.shape[0] == 0:
-        out = torch.zeros((0, h, w), dtype=dtype)
-    else:
-        out = F.interpolate(t[None].to(torch.float32), size=(int(h), int(w)), mode="nearest-exact")[0].to(dtype)
-    return out[0] if squeeze else out
+    iy = torch.from_numpy(nearest_indices(t.shape[-2], int(h)))
+    ix = torch.from_numpy(nearest_indices(t.shape[-1], int(w)))
+    return t.index_select(-2, iy).index_select(-1, ix)
 
 
 def hflip_masks(masks: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,7 @@ class WsolMetadataSource(DatasetSource):
         self._boxes: dict[str, list[list[float]]] = {i: [] for i in ids}
         self._mask_paths: dict[str, list[str]] = {i: [] for i in ids}
         self._ignore_paths: dict[str, str] = {}
+        self._mask_boxes: dict[str, np.ndarray] = {}
         if f_loc.exists():
             for n, line in _lines(f_loc):
                 parts = line.split(",")
@@ -174,6 +175,16 @@ class WsolMetadataSource(DatasetSource):
     def labels_matrix(self) -> np.ndarray:
         return self._labels
 
+    def gt_boxes(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        iid = self.records[index].image_id
+        if self.localization == "masks":
+            if iid not in self._mask_boxes:  # boxes of the mask variant come from the masks
+                self.annotations(index)
+            boxes = self._mask_boxes[iid]
+        else:
+            boxes = np.array(self._boxes[iid], dtype=np.float64).reshape(-1, 4)
+        return boxes.copy(), np.full((boxes.shape[0],), self._classes[index], dtype=np.int64)
+
     def _read_mask(self, rel: str, w: int, h: int) -> np.ndarray:
         path = self.mask_root / rel
         try:
@@ -201,6 +212,7 @@ class WsolMetadataSource(DatasetSource):
                 ys, xs = np.nonzero(m)
                 boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
             boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+            self._mask_boxes[iid] = boxes.astype(np.float64)  # integers: exact in float32
             ign = self._ignore_paths.get(iid, "")
             if ign:
                 ignore = self._read_mask(ign, w, h)

@@ -1,0 +1,32 @@
+"""Shared pytest fixtures.
+
+* ``coco128_dir``: the real COCO128 subset (``WEAKBENCH_COCO128`` env var, default
+  ``<repo>/../shared/data/coco128``); tests using it are skipped when it is absent.
+* ``synthetic_dir``: the synthetic COCO-format dataset, generated once per session with the
+  default arguments into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def coco128_dir() -> Path:
+    path = Path(os.environ.get("WEAKBENCH_COCO128", REPO_ROOT.parent / "shared" / "data" / "coco128"))
+    if not (path / "annotations" / "instances.json").is_file() or not (path / "images").is_dir():
+        pytest.skip(f"COCO128 not found at {path} (needs annotations/instances.json and images/); "
+                    f"set WEAKBENCH_COCO128 to its directory")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    from weakbench.platform.data import generate_synthetic_coco
+
+    return generate_synthetic_coco(tmp_path_factory.mktemp("synthetic") / "synthetic", seed=0)
