@@ -192,7 +192,6 @@ class PuzzleCAM(Method):
     def training_losses(self, model: torch.nn.Module, batch: Mapping[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         images, labels = batch["image"], batch["labels"]
         g = self.config.grid
-        b = images.shape[0]
         # one forward for the full images and their tiles would mix BN statistics of two input
         # sizes; the official code runs them as two forwards, and so do we
         logits, cams_full = model(images)
@@ -200,7 +199,6 @@ class PuzzleCAM(Method):
         cams_merged = merge_tiles(cams_tiles, g)
         if cams_merged.shape[-2:] != cams_full.shape[-2:]:
             cams_merged = F.interpolate(cams_merged, size=cams_full.shape[-2:], mode="bilinear", align_corners=False)
-        assert cams_merged.shape[0] == b
         cls = classification_loss(logits, labels, self.multilabel)
         p_cls = classification_loss(cams_merged.mean(dim=(2, 3)), labels, self.multilabel)
         target = labels if self.multilabel else F.one_hot(labels.argmax(1), labels.shape[1]).to(labels.dtype)
@@ -264,7 +262,8 @@ class PuzzleCAM(Method):
                 labels = batch["labels"].to(device)
                 cams, _ = self.cams_and_scores(model, images)
                 cams = F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)
-                gt = semantic_targets(batch["masks"].to(device), batch.get("ignore"))
+                ignore = batch.get("ignore")
+                gt = semantic_targets(batch["masks"].to(device), ignore.to(device) if ignore is not None else None)
                 for t in ths:
                     pred = pseudo_semantic_masks(cams, labels, t)
                     conf[t] += semantic_confusion(pred.cpu(), gt.cpu(), n_labels)
