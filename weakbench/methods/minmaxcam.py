@@ -30,6 +30,9 @@ Choices where the paper is silent or the official code differs:
   **lowest class index all ``S`` images share** (the CAM used for ``H`` is that class's). A set
   without a shared class (only possible when batches do not come from the sampler) is left out of
   Stage II (weight 0), and images after the last full set are ignored by Stage II.
+* ``output_stride`` keeps the common default (32) so that the leaderboard compares methods on
+  equal backbones; the paper used a stride-16 last stage for ResNet-50 and MobileNetV2
+  (``output_stride=16``).
 * Both stages step the same SGD optimiser (as the official code does); Stage II clears the
   backbone's gradients before stepping so momentum and weight decay cannot move ``B``.
 * Under DDP, Stage II goes through the wrapped model's ``forward`` (``stage="regularize"``), with

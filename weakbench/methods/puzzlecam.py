@@ -18,6 +18,9 @@ back into ``A^re`` with the layout of the full image's maps ``A^s``. The loss is
 * ``α`` ramps linearly from 0 to its maximum (paper: 4) over the first ``alpha_ramp_fraction``
   (paper: half) of training, then stays there (:func:`alpha_at`).
 
+``output_stride`` keeps the common default (32) for equal backbones across methods; the official
+code runs its ResNets at stride 16 (``output_stride=16``).
+
 If the merged tile maps do not have the full image's map size (e.g. odd feature sizes), they are
 resized bilinearly to it (our choice; with ``input_size`` divisible by ``32·g`` the sizes match
 for stride-32 backbones).
