@@ -38,6 +38,12 @@ def _log_trial(client: MlflowClient, exp_id: str, parent: str, lr: float, seed: 
     return run.info.run_id
 
 
+def _artifacts(uri: str):
+    from pathlib import Path
+
+    return Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+
+
 @pytest.fixture()
 def store(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -51,7 +57,7 @@ def store(tmp_path):
 
 def test_register_load_predict_rollback(store):
     client = MlflowClient(tracking_uri=store)
-    exp_id = client.create_experiment(C.DEFAULT_EXPERIMENT)
+    exp_id = client.create_experiment(C.DEFAULT_EXPERIMENT, _artifacts(store).as_uri())
     parent = client.create_run(exp_id, tags={C.TAG_KIND: C.KIND_SWEEP}).info.run_id
     # config lr=0.1: mean val 60 over seeds 0,1 (seed 1 better → it is registered);
     # config lr=0.01: one seed with val 59.5 (a single lucky-looking run does not win: its mean is lower)
@@ -105,7 +111,7 @@ def test_register_load_predict_rollback(store):
 
 def test_register_errors(store):
     client = MlflowClient(tracking_uri=store)
-    exp_id = client.create_experiment(C.DEFAULT_EXPERIMENT)
+    exp_id = client.create_experiment(C.DEFAULT_EXPERIMENT, _artifacts(store).as_uri())
     parent = client.create_run(exp_id, tags={C.TAG_KIND: C.KIND_SWEEP}).info.run_id
     with pytest.raises(UnknownNameError, match="no finished trial run of method 'cam'"):
         registry.register_best(store, "cam")

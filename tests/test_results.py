@@ -24,7 +24,8 @@ def tracking(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{tmp}/mlflow.db"
     ids = log_synthetic_sweeps(uri, methods=("cam", "minmaxcam"), n_configs=2, n_seeds=2,
-                               overlays_per_run=2, failed_runs=1)
+                               overlays_per_run=2, failed_runs=1,
+                               artifact_location=(tmp / "artifacts").as_uri())
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(C.DEFAULT_EXPERIMENT)
     running = client.create_run(exp.experiment_id, tags={C.TAG_KIND: C.KIND_TRIAL, C.TAG_METHOD: "cam",

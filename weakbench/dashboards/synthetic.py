@@ -143,6 +143,7 @@ def log_synthetic_sweeps(
     failed_runs: int = 0,
     seed: int = 0,
     run_name_prefix: str = "",
+    artifact_location: str | None = None,
 ) -> list[str]:
     """Log synthetic sweeps to MLflow: per (method, backbone) a parent run tagged
     ``weakbench.kind=sweep`` with ``n_configs × n_seeds`` finished child trial runs, plus
@@ -150,13 +151,15 @@ def log_synthetic_sweeps(
     ``overlays/``. Uses one ``log_batch`` call per run. Returns the child run ids.
 
     ``run_name_prefix`` is prepended to run names (tests use it to check HTML escaping).
+    ``artifact_location`` is used when the experiment has to be created (default: MLflow's,
+    ``./mlruns`` under the working directory for a sqlite store).
     """
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment, artifact_location)
     rng = np.random.default_rng(seed)
     child_ids: list[str] = []
     now_ms = int(_dt.datetime.now(_dt.timezone.utc).timestamp() * 1000)

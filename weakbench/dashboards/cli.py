@@ -1,0 +1,95 @@
+"""``weakbench dashboard build`` / ``serve``: a Typer sub-app mounted by ``weakbench.platform.cli``.
+
+``build`` refreshes the results store from MLflow when ``--tracking-uri`` is given (only runs not
+yet in the store are read), then writes one self-contained HTML file. ``serve`` serves that one
+file on 127.0.0.1 until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import http.server
+import socketserver
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from weakbench.platform.conventions import DEFAULT_EXPERIMENT
+
+app = typer.Typer(help="Leaderboard and sweep dashboard: one HTML file that works offline.", no_args_is_help=True)
+
+
+@app.command("build")
+def build(
+    store: Path = typer.Option(Path("weakbench_runs/results"), "--store", help="results store directory (Parquet)"),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+        help="MLflow tracking URI; when given, new runs are added to the store first and overlays are fetched from it"),
+    experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="MLflow experiment name"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output HTML file (default <store>/dashboard.html)"),
+    select_metric: str = typer.Option("val/max_box_acc_v2", "--select-metric", help="validation metric that selects"),
+    report_split: str = typer.Option("test", "--report-split", help="split whose metrics are reported"),
+    baseline: str = typer.Option("cam", "--baseline", help="method for the paired comparison"),
+    mlflow_ui_url: Optional[str] = typer.Option(None, "--mlflow-ui-url", help="MLflow UI base URL for run links"),
+) -> None:
+    """Build the dashboard HTML from the results store."""
+    from weakbench.dashboards.build import build_dashboard
+    from weakbench.platform.errors import DataError
+    from weakbench.platform.results import read_store, update_store
+
+    if tracking_uri:
+        rep = update_store(tracking_uri, store, experiment)
+        typer.echo(f"results store {store}: {rep.n_new} new runs, {rep.n_total} in total")
+    table = read_store(store)
+    if table.num_rows == 0:
+        raise DataError(f"{store}: the results store is empty; fix: pass --tracking-uri of the MLflow store the sweeps logged to")
+    out = out or Path(store) / "dashboard.html"
+    counts = build_dashboard(table, out, select_metric=select_metric, report_split=report_split,
+                             baseline_method=baseline, tracking_uri=tracking_uri, mlflow_ui_url=mlflow_ui_url)
+    typer.echo(f"wrote {out} ({counts['bytes'] / 1e6:.1f} MB): {counts['rows']} leaderboard rows, "
+               f"{counts['sweeps']} sweeps, {counts['images']} overlay images")
+
+
+def make_server(html_file: Path, port: int = 8765) -> socketserver.TCPServer:
+    """An HTTP server on 127.0.0.1:``port`` that answers every GET with ``html_file`` (nothing
+    else on disk is reachable). ``port=0`` picks a free port (see ``server.server_address``)."""
+    html_file = Path(html_file)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            if self.path.split("?")[0] not in ("/", "/index.html", "/" + html_file.name):
+                self.send_error(404)
+                return
+            data = html_file.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, fmt: str, *args) -> None:
+            pass
+
+    socketserver.TCPServer.allow_reuse_address = True
+    return socketserver.TCPServer(("127.0.0.1", port), Handler)
+
+
+@app.command("serve")
+def serve(
+    store: Path = typer.Option(Path("weakbench_runs/results"), "--store", help="results store directory"),
+    file: Optional[Path] = typer.Option(None, "--file", help="HTML file to serve (default <store>/dashboard.html)"),
+    port: int = typer.Option(8765, "--port", help="port on 127.0.0.1"),
+) -> None:
+    """Serve the built dashboard on http://127.0.0.1:PORT/ (Ctrl-C to stop)."""
+    from weakbench.platform.errors import DataError
+
+    html_file = file or Path(store) / "dashboard.html"
+    if not html_file.is_file():
+        raise DataError(f"{html_file}: no dashboard there; fix: run `weakbench dashboard build --store {store}` first")
+    with make_server(html_file, port) as server:
+        typer.echo(f"serving {html_file} on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            typer.echo("stopped")
