@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from weakbench.platform.errors import ConfigError, UnknownNameError
 
@@ -68,6 +68,16 @@ class MethodConfig(BaseModel):
     input_size: int = Field(128, ge=32, le=1024, description="square input side in pixels; also the WSOL evaluation frame")
     seed: int = Field(0, ge=0, description="seeds torch, numpy, python and the data order")
     cam_curve_interval: float = Field(0.01, gt=0, lt=1, description="WSOL threshold step (0.01 validation, 0.001 reference)")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        import timm
+
+        if v not in timm.list_models():
+            similar = timm.list_models(f"*{v.split('_')[0][:6]}*")[:6]
+            raise ValueError(f"unknown backbone {v!r} (not a timm model name); similar: {', '.join(similar) or 'none'}")
+        return v
 
 
 @dataclasses.dataclass
@@ -167,7 +177,7 @@ class Method:
         Args:
             model: the (possibly DDP-wrapped) model in train mode.
             batch: ``{"image": float32 (B, 3, S, S) normalised, "labels": float32 (B, C) multi-hot
-                in {0, 1}, "image_id": int64 (B,)}``.
+                in {0, 1}, "index": int64 (B,) record indices}``.
         """
         raise NotImplementedError
 

@@ -68,7 +68,7 @@ class TrialSpec(BaseModel):
     eval_batch_size: int = Field(16, ge=1)
     num_overlays: int = Field(6, ge=0)
     log_model: bool = True
-    record_shards: bool = Field(False, description="write the indices each rank trained on (tests)")
+    record_shards: bool = Field(False, description="write the indices each rank trained on and a hash of its final weights (tests)")
     fail_at_epoch: int | None = Field(None, description="raise after this epoch once (restart tests)")
 
 
@@ -210,7 +210,7 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
         # ---------------------------------------------------------- data
         train_idx = splits["train"]
         train_ds = ClassificationDataset(source, train_idx, cfg.input_size, train=True)
-        labels = torch.stack([torch.as_tensor(source.annotations(i).labels) for i in train_idx])
+        labels = torch.from_numpy(source.labels_matrix()[train_idx])
         batch_sampler = method.train_batch_sampler(labels, cfg.batch_size, cfg.seed, rank, world)
         sampler = None
         if batch_sampler is None:
@@ -287,6 +287,14 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
                 if not marker.exists():
                     marker.write_text("1")
                     raise RuntimeError(f"injected failure after epoch {epoch + 1} (fail_at_epoch)")
+        if spec.record_shards:
+            import hashlib
+
+            digest = hashlib.sha256()
+            for k, v in sorted(bare.state_dict().items()):
+                digest.update(k.encode())
+                digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+            (trial_dir / f"weights_rank{rank}.sha256").write_text(digest.hexdigest())
         if rank == 0 and start_epoch >= cfg.epochs:
             # resumed after the last checkpoint but before the run was finished: finish it now
             final = _finalize(spec, method, bare.to(device), source, splits, device, client, run_id, {})

@@ -193,6 +193,10 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
         space = space.model_copy(update={"fixed": {**space.fixed, **opts.overrides},
                                          "search": {k: v for k, v in space.search.items() if k not in opts.overrides}})
         validate_config(space.method, space.fixed, source=f"{opts.space} (with command-line overrides)")
+    out = Path(opts.output_dir).resolve()
+    data_cache = str(out / "data_cache")
+    if not opts.resume:  # bad data fails before anything is created
+        open_dataset(opts.data, cache_dir=data_cache)
     sweep_dir, sweep_name = prepare_sweep_dir(opts, space)
     if opts.resume:
         saved = json.loads((sweep_dir / "sweep.json").read_text())
@@ -202,9 +206,7 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
         if opts.overrides:
             space = space.model_copy(update={"fixed": {**space.fixed, **opts.overrides},
                                              "search": {k: v for k, v in space.search.items() if k not in opts.overrides}})
-    out = Path(opts.output_dir).resolve()
     tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
-    data_cache = str(out / "data_cache")
 
     source = open_dataset(opts.data, cache_dir=data_cache)
     splits_path = sweep_dir / "splits.json"

@@ -1,0 +1,123 @@
+"""End to end through the CLI: sweep → leaderboard → register → predict, on real Ray and MLflow.
+
+Runs a 2-trial sweep on the embedded synthetic default, and on ``../shared/data/coco128`` when
+present, and checks the counts the spine promises: one parent run, one child run per trial with
+metrics, one Parquet row per run, a registered model that loads by alias and writes overlays.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from weakbench.platform import conventions as C
+from weakbench.platform import tracking
+from weakbench.platform.cli import app
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def runs_of(out: Path):
+    client = tracking.client_for(tracking.default_tracking_uri(out))
+    exp = client.get_experiment_by_name(C.DEFAULT_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_SWEEP]
+    children = [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_TRIAL]
+    return client, parents, children
+
+
+def sweep_and_check(out: Path, data: str | None, *extra: str):
+    args = ["sweep", REPO / "search_spaces" / "cam.yaml", "--trials", 2, "--output-dir", out, "--name", "e2e",
+            "--set", "epochs=2", "--set", "input_size=64", "--set", "batch_size=8", "--eval-max-images", 16, *extra]
+    if data:
+        args += ["--data", data]
+    output = invoke(*args)
+    assert "best (val/max_box_acc_v2)" in output
+    client, parents, children = runs_of(out)
+    assert len(parents) == 1 and len(children) == 2
+    assert parents[0].info.status == "FINISHED"
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.info.status in ("FINISHED", "KILLED")  # KILLED: stopped early by ASHA
+        assert "val/max_box_acc_v2" in child.data.metrics and "train/loss" in child.data.metrics
+    assert any(c.info.status == "FINISHED" and "test/max_box_acc_v2" in c.data.metrics for c in children)
+    return client, parents, children
+
+
+def leaderboard_register_predict(out: Path, image: Path, dataset: str):
+    import pyarrow.parquet as pq
+
+    output = invoke("leaderboard", "--output-dir", out, "--metric", "max_box_acc_v2")
+    assert "cam" in output
+    table = pq.read_table(out / "results")  # partitioned dataset directory
+    assert table.num_rows == 2
+    invoke("register", "--method", "cam", "--output-dir", out)
+    name = f"weakbench-cam-{dataset}"
+    preds = out / "pred"
+    output = invoke("predict", "--model", f"models:/{name}@champion", "--output-dir", out, "--out", preds, image)
+    pngs = list(preds.glob("*.png"))
+    assert pngs, output
+    from PIL import Image
+
+    with Image.open(pngs[0]) as im, Image.open(image) as src:
+        assert im.size == src.size  # overlay at the image's original size
+
+
+def test_sweep_synthetic_default_end_to_end(tmp_path, ray_local):
+    out = tmp_path / "runs"
+    sweep_and_check(out, None)
+    image = next((out / "data_cache").rglob("*.png"))
+    leaderboard_register_predict(out, image, "synthetic")
+    # --resume of a finished sweep adds nothing and rewrites nothing
+    _, _, before = runs_of(out)
+    invoke("sweep", REPO / "search_spaces" / "cam.yaml", "--output-dir", out, "--resume", "--name", "e2e")
+    _, parents, after = runs_of(out)
+    assert len(parents) == 1
+    assert sorted((r.info.run_id, r.info.end_time) for r in after) == sorted((r.info.run_id, r.info.end_time) for r in before)
+
+
+def test_sweep_coco128_end_to_end(tmp_path, ray_local, coco128_dir):
+    out = tmp_path / "runs"
+    sweep_and_check(out, str(coco128_dir), "--executor", "inline")
+    leaderboard_register_predict(out, next((coco128_dir / "images").glob("*.jpg")), coco128_dir.name)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["sweep", "search_spaces/nope.yaml"], ["nope.yaml", "not found"]),
+    (["sweep", "search_spaces/cam.yaml", "--data", "/nonexistent/data"], ["/nonexistent/data"]),
+    (["sweep", "search_spaces/cam.yaml", "--set", "backbone=resnet9000"], ["resnet9000", "backbone"]),
+    (["sweep", "search_spaces/cam.yaml", "--set", "epochs=-1"], ["epochs", "greater than or equal to 1"]),
+    (["predict", "--model", "models:/nothing@champion", "x.jpg"], ["models:/nothing@champion", "registry list"]),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragments):
+    proc = subprocess.run([sys.executable, "-m", "weakbench", *args, "--output-dir", str(tmp_path / "o")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and err.startswith("error:"), err
+    for f in fragments:
+        assert f in err, (f, err)
+    db = tmp_path / "o" / "mlflow.db"
+    if db.exists():  # nothing left RUNNING
+        client = tracking.client_for(tracking.default_tracking_uri(tmp_path / "o"))
+        for exp in client.search_experiments():
+            assert not client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'")
