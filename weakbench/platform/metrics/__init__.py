@@ -1,0 +1,26 @@
+"""Evaluation metrics: WSOL boxes and PxAP (Choe et al. 2020), classification, semantic
+pseudo-masks (mIoU) and instances (COCO AP, mAP^r, ABO).
+
+All WSOL numbers follow DESIGN.md, "Evaluation protocol", count for count with the reference
+implementation (clovaai/wsolevaluation); see :mod:`weakbench.platform.metrics.wsol`.
+"""
+
+from weakbench.platform.metrics.boxes import iou_inclusive, resize_box, scale_boxes
+from weakbench.platform.metrics.wsol import (
+    BoxEvaluator,
+    PxAPEvaluator,
+    WsolEvaluator,
+    box_scores,
+    threshold_list,
+)
+
+__all__ = [
+    "BoxEvaluator",
+    "PxAPEvaluator",
+    "WsolEvaluator",
+    "box_scores",
+    "iou_inclusive",
+    "resize_box",
+    "scale_boxes",
+    "threshold_list",
+]

@@ -1,0 +1,401 @@
+"""WSOL metrics of Choe et al., "Evaluating Weakly Supervised Object Localization Methods
+Right" (CVPR 2020): MaxBoxAcc, MaxBoxAccV2, PxAP and top-1 / top-5 localisation.
+
+Numbers equal those of the reference implementation (clovaai/wsolevaluation) count for count,
+but every threshold of a map is evaluated at once instead of tracing OpenCV contours once per
+threshold. The protocol (DESIGN.md, "Evaluation protocol"):
+
+* a map ``m`` (float, already min-max normalised and in the evaluation frame) becomes bytes
+  ``b = uint8(m * 255)`` (computed in the map's own float dtype, truncated);
+* at threshold ``τ`` a pixel is foreground when ``b > int(τ · max(b))`` (OpenCV's strict
+  ``THRESH_BINARY``);
+* boxes come from ``cv2.findContours(RETR_TREE, CHAIN_APPROX_SIMPLE)``: the outer contour of
+  each 8-connected foreground component and the inner contour of each hole (a bounded
+  4-connected background component); ``boundingRect`` ``(x, y, w, h)`` gives
+  ``[x, y, min(x + w, W − 1), min(y + h, H − 1)]``; no foreground gives ``[0, 0, 0, 0]``;
+* MaxBoxAcc keeps only the contour of largest ``cv2.contourArea`` (ties: the first contour
+  in OpenCV's order); MaxBoxAccV2 keeps all contours;
+* an image is correct at ``τ`` when the best inclusive IoU over its boxes and its GT boxes is
+  ``≥ δ``; accuracy is over the split and maximised over ``τ`` (one ``τ`` per split and δ).
+
+How the fast path reproduces each OpenCV step without tracing (proved in the docstrings of
+:mod:`._levelsets` and checked count by count against OpenCV in ``tests/``):
+
+* an outer contour's ``boundingRect`` is the bounding box of its component; a hole
+  contour runs through the foreground pixels 4-adjacent to the hole, so its rectangle is the
+  hole's bounding box grown by one pixel on each side;
+* the largest contour is always the outer contour of a top-level component (a hole's polygon
+  lies inside its parent's, an island's inside the hole), and the outer polygon's area is
+  that of the component with its holes filled, counted on 2×2 cells of pixel centres (1 for
+  a full cell, 1/2 for a cell with three pixels). Holes are filled for all levels at once
+  with the grey-level hole filling ``g = max(b, level at which the pixel's background joins
+  the border)``, computed from the background component tree;
+* OpenCV lists top-level contours in reverse raster order of their first pixel, so among
+  equal areas the component whose first pixel (top row, then leftmost) comes last in raster
+  order wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from weakbench.platform.errors import DataError
+from weakbench.platform.metrics._levelsets import build_forest, node_table, pad_batch
+
+NLEV = 256
+
+
+def threshold_list(cam_curve_interval: float) -> np.ndarray:
+    """``np.arange(0, 1, interval)`` as the reference builds it (float64)."""
+    if not 0 < cam_curve_interval < 1:
+        raise DataError(f"cam_curve_interval must be in (0, 1), got {cam_curve_interval}; "
+                        "use 0.01 (validation) or 0.001 (reference default)")
+    return np.arange(0, 1, cam_curve_interval)
+
+
+def _as_tensor(maps, device) -> torch.Tensor:
+    t = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.asarray(maps))
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3:
+        raise DataError(f"maps must be (N, H, W), got shape {tuple(t.shape)}; "
+                        "pass one normalised map per image")
+    if not t.is_floating_point():
+        raise DataError(f"maps must be float in [0, 1], got dtype {t.dtype}; "
+                        "min-max normalise the CAMs first")
+    if t.numel() and (torch.isnan(t).any() or t.min() < 0 or t.max() > 1):
+        raise DataError("maps must lie in [0, 1] without NaN (check_scoremap_validity); "
+                        "min-max normalise each map before evaluation")
+    return t.to(device) if device is not None else t
+
+
+def to_bytes(maps: torch.Tensor) -> torch.Tensor:
+    """``uint8(map * 255)`` in the map's float dtype, as int64 (N, H, W)."""
+    return (maps * 255).to(torch.uint8).to(torch.int64)
+
+
+def _gt_tensor(gt_boxes: Sequence, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(gt_boxes) != n:
+        raise DataError(f"gt_boxes has {len(gt_boxes)} entries for {n} maps; "
+                        "pass one (K_i, 4) array per map")
+    arrs = [np.asarray(g, dtype=np.int64).reshape(-1, 4) for g in gt_boxes]
+    for i, a in enumerate(arrs):
+        if a.shape[0] == 0:
+            raise DataError(f"gt_boxes[{i}] is empty; every evaluated image needs at least one "
+                            "GT box (drop the image or fix localization.txt)")
+    k = max((a.shape[0] for a in arrs), default=1)
+    gt = np.zeros((n, k, 4), dtype=np.int64)
+    valid = np.zeros((n, k), dtype=bool)
+    for i, a in enumerate(arrs):
+        gt[i, :len(a)] = a
+        valid[i, :len(a)] = True
+    return torch.from_numpy(gt).to(device), torch.from_numpy(valid).to(device)
+
+
+def _best_iou(boxes: torch.Tensor, image: torch.Tensor, gt: torch.Tensor,
+              valid: torch.Tensor) -> torch.Tensor:
+    """Max inclusive IoU (float64) of each box (P, 4) over the GT boxes of its image."""
+    g = gt[image]  # (P, K, 4)
+    a = boxes[:, None, :]
+    iw = (torch.minimum(a[..., 2], g[..., 2]) - torch.maximum(a[..., 0], g[..., 0]) + 1).clamp(min=0)
+    ih = (torch.minimum(a[..., 3], g[..., 3]) - torch.maximum(a[..., 1], g[..., 1]) + 1).clamp(min=0)
+    inter = iw * ih
+    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+    area_b = (g[..., 2] - g[..., 0] + 1) * (g[..., 3] - g[..., 1] + 1)
+    union = area_a + area_b - inter
+    bad = union <= 0
+    iou = inter.to(torch.float64) / torch.where(bad, torch.ones_like(union), union).to(torch.float64)
+    iou = torch.where(bad, torch.zeros_like(iou), iou)
+    iou = torch.where(valid[image], iou, torch.full_like(iou, -1.0))
+    return iou.max(1).values
+
+
+def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
+               largest_contour: bool = True, device=None) -> dict[str, torch.Tensor]:
+    """Best IoU of every map at every byte level, for both box rules.
+
+    Args:
+        maps: float (N, H, W) in [0, 1] (numpy or torch), normalised, in the evaluation frame.
+        gt_boxes: N int arrays (K_i, 4), ``[x0, y0, x1, y1]`` in frame pixels, K_i ≥ 1.
+        multi_contour: compute the all-contours table (MaxBoxAccV2).
+        largest_contour: compute the largest-contour table (MaxBoxAcc).
+        device: torch device (``None``: the maps' own device).
+
+    Returns:
+        ``{"multi": float64 (N, 256), "largest": float64 (N, 256), "max_byte": int64 (N,)}``:
+        entry ``[i, L]`` is the best IoU of map i's boxes for the foreground ``b > L``
+        (defined for ``L < max(b)``, and for every L when ``max(b) = 0``).
+
+    Raises:
+        DataError: bad shapes, values outside [0, 1], NaN, or an image without GT boxes.
+    """
+    t = _as_tensor(maps, device)
+    dev = t.device
+    n, h, w = t.shape
+    gt, valid = _gt_tensor(gt_boxes, n, dev)
+    b = to_bytes(t)
+    out: dict[str, torch.Tensor] = {"max_byte": b.reshape(n, -1).max(1).values}
+    zero_iou = _best_iou(torch.zeros((n, 4), dtype=torch.int64, device=dev),
+                         torch.arange(n, device=dev), gt, valid)
+
+    def finish(rows_boxes, rows_image, rows_level):
+        table = torch.full((n * NLEV,), -1.0, dtype=torch.float64, device=dev)
+        if rows_boxes:
+            bx = torch.cat(rows_boxes)
+            im = torch.cat(rows_image)
+            lv = torch.cat(rows_level)
+            table.scatter_reduce_(0, im * NLEV + lv, _best_iou(bx, im, gt, valid),
+                                  reduce="amax", include_self=True)
+        table = table.view(n, NLEV)
+        return torch.where(table < 0, zero_iou[:, None].expand(n, NLEV), table)
+
+    # Background (4-connected) components of {b <= L} = upper sets of 256 - b; the border
+    # ring is always background, the outermost ring never.
+    bgv = pad_batch(256 - b, 257)
+    fbg = build_forest(bgv, 4, NLEV)
+    hp, wp = h + 4, w + 4
+    ring_basin = fbg.basin_of.view(n, hp, wp)[:, 1, 1]
+    outside = fbg.comp[ring_basin]  # (n, NLEV) node of the outside at level L'
+
+    if multi_contour:
+        fgv = pad_batch(b, 0)
+        ffg = build_forest(fgv, 8, NLEV)
+        nt = node_table(fgv, ffg, NLEV, w)
+        boxes = [torch.stack([nt.x0, nt.y0, (nt.x1 + 1).clamp(max=w - 1),
+                              (nt.y1 + 1).clamp(max=h - 1)], 1)]
+        images, levels = [nt.image], [nt.level]
+        hb = node_table(bgv, fbg, NLEV, w)
+        hole = hb.node != outside[hb.image, hb.level]
+        if bool(hole.any()):
+            boxes.append(torch.stack([hb.x0[hole] - 1, hb.y0[hole] - 1,
+                                      (hb.x1[hole] + 2).clamp(max=w - 1),
+                                      (hb.y1[hole] + 2).clamp(max=h - 1)], 1))
+            images.append(hb.image[hole])
+            levels.append(255 - hb.level[hole])
+        out["multi"] = finish(boxes, images, levels)
+
+    if largest_contour:
+        # Grey-level hole filling: the pixel is outside at b-level L iff b <= L and its
+        # background basin has joined the outside, i.e. L >= 255 - J.
+        r = fbg.num_basins
+        img_of_basin = fbg.image_of_node[:r]
+        joined = (fbg.comp >= 0) & (fbg.comp == outside[img_of_basin])
+        jlev = joined.sum(1) - 1
+        bas = fbg.basin_of.view(n, hp, wp)[:, 2:-2, 2:-2]
+        g = torch.maximum(b, 255 - jlev[bas])
+        gv = pad_batch(g, 0)
+        fg = build_forest(gv, 8, NLEV)
+        nt = node_table(gv, fg, NLEV, w, cells=True)
+        key = nt.area2 * (h * w + 1) + nt.first
+        slot = nt.image * NLEV + nt.level
+        best = torch.full((n * NLEV,), -1, dtype=torch.int64, device=dev)
+        best.scatter_reduce_(0, slot, key, reduce="amax", include_self=True)
+        win = key == best[slot]
+        boxes = torch.stack([nt.x0[win], nt.y0[win], (nt.x1[win] + 1).clamp(max=w - 1),
+                             (nt.y1[win] + 1).clamp(max=h - 1)], 1)
+        out["largest"] = finish([boxes], [nt.image[win]], [nt.level[win]])
+    return out
+
+
+def threshold_levels(max_byte: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """``int(τ · max(b))`` for every map and threshold: int64 (N, T), as the reference."""
+    return (thresholds[None, :] * max_byte[:, None].astype(np.float64)).astype(np.int64)
+
+
+class BoxEvaluator:
+    """MaxBoxAcc / MaxBoxAccV2 accumulated batch by batch (Choe et al. 2020, Sec. 4.1).
+
+    Args:
+        cam_curve_interval: threshold step; thresholds are ``np.arange(0, 1, interval)``
+            (0.01 for validation, 0.001 is the reference default).
+        iou_thresholds: δ values in percent.
+        multi_contour: all contours (MaxBoxAccV2 rule) or only the largest (MaxBoxAcc rule).
+        device: torch device for the computation (``None``: where the maps are; pass
+            ``"cuda"`` to use a GPU).
+        chunk: maps processed together (memory ~ chunk × (H+4)(W+4) × 100 bytes).
+
+    ``counts[δ]`` (int64 (T,)) is the number of images correct at each threshold, the
+    reference's ``num_correct``. :meth:`compute` returns percentages (0–100):
+    ``max_box_acc_iou{δ}`` and ``best_threshold_iou{δ}`` for each δ, ``max_box_acc`` (δ = 50
+    if evaluated), ``max_box_acc_v2`` (mean over δ of the maxima), and ``top1_loc`` /
+    ``top5_loc`` when class flags were given: the percentage of images whose top-1 (top-5)
+    class is correct *and* whose IoU ≥ 0.5 at the δ = 50 best threshold (first argmax).
+    """
+
+    def __init__(self, cam_curve_interval: float = 0.01,
+                 iou_thresholds: Sequence[int] = (30, 50, 70), multi_contour: bool = True,
+                 device=None, chunk: int = 32) -> None:
+        self.thresholds = threshold_list(cam_curve_interval)
+        self.iou_thresholds = tuple(int(d) for d in iou_thresholds)
+        if not self.iou_thresholds or any(not 0 < d <= 100 for d in self.iou_thresholds):
+            raise DataError(f"iou_thresholds must be percentages in (0, 100], got "
+                            f"{iou_thresholds}; use (30, 50, 70)")
+        self.multi_contour = multi_contour
+        self.device = device
+        self.chunk = chunk
+        t = len(self.thresholds)
+        self.counts = {d: np.zeros(t, dtype=np.int64) for d in self.iou_thresholds}
+        self.counts_top1 = np.zeros(t, dtype=np.int64)
+        self.counts_top5 = np.zeros(t, dtype=np.int64)
+        self.has_top1 = self.has_top5 = False
+        self.cnt = 0
+
+    def _key(self) -> str:
+        return "multi" if self.multi_contour else "largest"
+
+    def accumulate(self, maps, gt_boxes: Sequence, class_correct_top1=None,
+                   class_correct_top5=None) -> None:
+        """Add a batch: maps float (N, H, W) in [0, 1]; gt_boxes N int (K_i, 4) arrays;
+        optional bool (N,) flags: is the image's top-1 / top-5 predicted class correct."""
+        n = len(maps)
+        for s in range(0, n, self.chunk):
+            e = min(n, s + self.chunk)
+            sc = box_scores(maps[s:e], gt_boxes[s:e], multi_contour=self.multi_contour,
+                            largest_contour=not self.multi_contour, device=self.device)
+            self._add(sc[self._key()], sc["max_byte"],
+                      None if class_correct_top1 is None else np.asarray(class_correct_top1)[s:e],
+                      None if class_correct_top5 is None else np.asarray(class_correct_top5)[s:e])
+
+    def _add(self, table: torch.Tensor, max_byte: torch.Tensor, top1, top5) -> None:
+        tab = table.cpu().numpy()
+        lev = threshold_levels(max_byte.cpu().numpy(), self.thresholds)
+        ious = np.take_along_axis(tab, lev, axis=1)  # (n, T)
+        for d in self.iou_thresholds:
+            self.counts[d] += (ious >= d / 100).sum(0)
+        ok50 = ious >= 0.5
+        if top1 is not None:
+            self.has_top1 = True
+            self.counts_top1 += (ok50 & np.asarray(top1, dtype=bool)[:, None]).sum(0)
+        if top5 is not None:
+            self.has_top5 = True
+            self.counts_top5 += (ok50 & np.asarray(top5, dtype=bool)[:, None]).sum(0)
+        self.cnt += tab.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        """Metrics in percent; raises DataError when nothing was accumulated."""
+        if self.cnt == 0:
+            raise DataError("BoxEvaluator.compute() before any accumulate(); "
+                            "evaluate at least one image")
+        res: dict[str, float] = {}
+        maxima = []
+        for d in self.iou_thresholds:
+            acc = self.counts[d] * 100.0 / float(self.cnt)
+            i = int(np.argmax(acc))
+            res[f"max_box_acc_iou{d}"] = float(acc[i])
+            res[f"best_threshold_iou{d}"] = float(self.thresholds[i])
+            maxima.append(float(acc[i]))
+        if 50 in self.iou_thresholds:
+            res["max_box_acc"] = res["max_box_acc_iou50"]
+            i50 = int(np.argmax(self.counts[50]))
+            if self.has_top1:
+                res["top1_loc"] = float(self.counts_top1[i50] * 100.0 / self.cnt)
+            if self.has_top5:
+                res["top5_loc"] = float(self.counts_top5[i50] * 100.0 / self.cnt)
+        res["max_box_acc_v2"] = float(np.mean(maxima))
+        return res
+
+
+class WsolEvaluator:
+    """Everything the engine logs for WSOL boxes in one pass over the maps.
+
+    MaxBoxAcc (δ = 50, largest contour) and MaxBoxAccV2 (δ ∈ {30, 50, 70}, all contours,
+    each δ with its own best threshold) share the background component tree of each batch.
+    :meth:`compute` returns (percent, 0–100): ``max_box_acc``, ``best_threshold``,
+    ``max_box_acc_v2``, ``max_box_acc_v2_iou30/50/70``, ``best_threshold_v2_iou30/50/70``,
+    and ``top1_loc`` / ``top5_loc`` (class correct and IoU ≥ 0.5 with the largest contour, at
+    MaxBoxAcc's best threshold) when the class flags were given.
+    """
+
+    def __init__(self, cam_curve_interval: float = 0.01,
+                 iou_thresholds: Sequence[int] = (30, 50, 70), device=None,
+                 chunk: int = 32) -> None:
+        self.v1 = BoxEvaluator(cam_curve_interval, (50,), multi_contour=False,
+                               device=device, chunk=chunk)
+        self.v2 = BoxEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True,
+                               device=device, chunk=chunk)
+        self.device = device
+        self.chunk = chunk
+
+    def accumulate(self, maps, gt_boxes: Sequence, class_correct_top1=None,
+                   class_correct_top5=None) -> None:
+        """Same arguments as :meth:`BoxEvaluator.accumulate`."""
+        n = len(maps)
+        for s in range(0, n, self.chunk):
+            e = min(n, s + self.chunk)
+            sc = box_scores(maps[s:e], gt_boxes[s:e], multi_contour=True,
+                            largest_contour=True, device=self.device)
+            t1 = None if class_correct_top1 is None else np.asarray(class_correct_top1)[s:e]
+            t5 = None if class_correct_top5 is None else np.asarray(class_correct_top5)[s:e]
+            self.v1._add(sc["largest"], sc["max_byte"], t1, t5)
+            self.v2._add(sc["multi"], sc["max_byte"], None, None)
+
+    def compute(self) -> dict[str, float]:
+        r1 = self.v1.compute()
+        r2 = self.v2.compute()
+        out = {"max_box_acc": r1["max_box_acc"], "best_threshold": r1["best_threshold_iou50"],
+               "max_box_acc_v2": r2["max_box_acc_v2"]}
+        for d in self.v2.iou_thresholds:
+            out[f"max_box_acc_v2_iou{d}"] = r2[f"max_box_acc_iou{d}"]
+            out[f"best_threshold_v2_iou{d}"] = r2[f"best_threshold_iou{d}"]
+        for k in ("top1_loc", "top5_loc"):
+            if k in r1:
+                out[k] = r1[k]
+        return out
+
+
+class PxAPEvaluator:
+    """Pixel average precision, PxAP (Choe et al. 2020, Sec. 4.2), as wsolevaluation's
+    ``MaskEvaluator``.
+
+    Histograms of map values over GT-positive and GT-negative pixels (ignore pixels that are
+    not positive are excluded) with bin edges ``[τ_0, …, τ_{T−1}, 1, 2, 3]``; reversed
+    cumulative sums give tp and fp at every threshold; precision = tp / (tp + fp), recall =
+    tp / P; ``PxAP = 100 · Σ_{i≥1, tp_i+fp_i>0} precision_i (recall_i − recall_{i−1})``.
+    A constant map gives 100·P/(P+N); a perfect map gives 100.
+
+    :meth:`compute` returns ``{"pxap": float (0–100), "precision": list, "recall": list}``.
+    """
+
+    def __init__(self, cam_curve_interval: float = 0.01) -> None:
+        self.thresholds = threshold_list(cam_curve_interval)
+        self.edges = np.append(self.thresholds, [1.0, 2.0, 3.0])
+        self.num_bins = len(self.thresholds) + 2
+        self.pos_hist = np.zeros(self.num_bins, dtype=np.float64)
+        self.neg_hist = np.zeros(self.num_bins, dtype=np.float64)
+
+    def accumulate(self, maps, gt_masks, ignore=None) -> None:
+        """maps float (N, H, W) in [0, 1]; gt_masks bool (N, H, W); ignore bool (N, H, W)."""
+        m = _as_tensor(maps, None).cpu().numpy()
+        gt = np.asarray(gt_masks.cpu() if isinstance(gt_masks, torch.Tensor) else gt_masks)
+        gt = gt.astype(bool).reshape(m.shape) if gt.size == m.size else None
+        if gt is None:
+            raise DataError(f"gt_masks must have the maps' shape {m.shape}; resize the masks "
+                            "to the evaluation frame with nearest-neighbour interpolation")
+        neg = ~gt
+        if ignore is not None:
+            ig = np.asarray(ignore.cpu() if isinstance(ignore, torch.Tensor) else ignore)
+            if ig.size != m.size:
+                raise DataError(f"ignore must have the maps' shape {m.shape}")
+            neg &= ~ig.astype(bool).reshape(m.shape)
+        self.pos_hist += np.histogram(m[gt], bins=self.edges)[0]
+        self.neg_hist += np.histogram(m[neg], bins=self.edges)[0]
+
+    def compute(self) -> dict:
+        tp = self.pos_hist[::-1].cumsum()
+        fp = self.neg_hist[::-1].cumsum()
+        num_pos = self.pos_hist.sum()
+        if num_pos <= 0:
+            raise DataError("PxAP needs at least one positive GT pixel in the split; "
+                            "check the masks (localization.txt mask entries)")
+        if ((tp + fp) <= 0).all():
+            raise DataError("PxAP: no pixel was evaluated; check the maps and masks")
+        nonzero = (tp + fp) != 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = tp / (tp + fp)
+            recall = tp / num_pos
+        auc = (precision[1:] * np.diff(recall))[nonzero[1:]].sum() * 100
+        return {"pxap": float(auc), "precision": np.nan_to_num(precision).tolist(),
+                "recall": recall.tolist()}
