@@ -71,7 +71,7 @@ def leaderboard_html(lb: pa.Table, mlflow_ui_url: str | None) -> str:
     base = meta.get(b"weakbench.baseline_method", b"cam").decode()
     heads = ["dataset", "method", "backbone", "seeds", "trials", f"{sel_metric} (mean, selects)"]
     heads += [f"{m} (reported)" for m in metrics] + ["GPU-h", "CPU-h", f"vs {base} (paired, same seeds)", "MLflow runs"]
-    out = ['<table id="leaderboard-table" class="sortable"><thead><tr>']
+    out = ['<div class="scroll"><table id="leaderboard-table" class="sortable"><thead><tr>']
     for i, h in enumerate(heads):
         out.append(f'<th data-col="{i}" title="click to sort">{_esc(h)}</th>')
     out.append("</tr></thead><tbody>")
@@ -96,7 +96,7 @@ def leaderboard_html(lb: pa.Table, mlflow_ui_url: str | None) -> str:
             out.append(f'<td data-sort="{_esc(str(sort))}">{_esc(str(text))}</td>')
         links = " ".join(run_link(mlflow_ui_url, r["experiment_id"], rid) for rid in r["run_ids"])
         out.append(f'<td class="runs">{links}</td></tr>')
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 
@@ -335,7 +335,7 @@ table.sortable td{padding:5px 8px;border-top:1px solid #e4e7ee;white-space:nowra
 table.sortable tr:hover td{background:#f8faff}td.runs a,td.runs code{margin-right:6px;font-family:monospace}
 .grid{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:170px;font-size:11px;color:#445}
 figure img{width:160px;height:160px;object-fit:contain;image-rendering:pixelated;border:1px solid #dde;background:#000}
-.empty{color:#888;font-style:italic}
+.empty{color:#888;font-style:italic}.scroll{overflow-x:auto}
 """
 
 _SORT_JS = """

@@ -24,7 +24,8 @@ def build(
     store: Path = typer.Option(Path("weakbench_runs/results"), "--store", help="results store directory (Parquet)"),
     tracking_uri: Optional[str] = typer.Option(
         None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-        help="MLflow tracking URI; when given, new runs are added to the store first and overlays are fetched from it"),
+        help="MLflow tracking URI; new runs are added to the store first and overlays are fetched from it "
+             "(default: sqlite:///<store>/../mlflow.db when that file exists, as `weakbench sweep` lays it out)"),
     experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="MLflow experiment name"),
     out: Optional[Path] = typer.Option(None, "--out", help="output HTML file (default <store>/dashboard.html)"),
     select_metric: str = typer.Option("val/max_box_acc_v2", "--select-metric", help="validation metric that selects"),
@@ -37,6 +38,8 @@ def build(
     from weakbench.platform.errors import DataError
     from weakbench.platform.results import read_store, update_store
 
+    if tracking_uri is None and (Path(store).parent / "mlflow.db").is_file():
+        tracking_uri = f"sqlite:///{(Path(store).parent / 'mlflow.db').resolve()}"  # the CLI's default layout
     if tracking_uri:
         rep = update_store(tracking_uri, store, experiment)
         typer.echo(f"results store {store}: {rep.n_new} new runs, {rep.n_total} in total")

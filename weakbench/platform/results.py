@@ -261,7 +261,8 @@ def _check_versions(files: Iterable[str]) -> None:
         if version != str(SCHEMA_VERSION):
             raise DataError(
                 f"{f}: results schema version {version!r}, this weakbench reads version {SCHEMA_VERSION}; "
-                f"fix: delete the store directory and rebuild it with `weakbench results update`"
+                f"fix: delete the store directory and rebuild it from MLflow "
+                f"(`weakbench dashboard build --store DIR --tracking-uri URI`)"
             )
 
 
