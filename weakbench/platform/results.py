@@ -298,7 +298,7 @@ def _drop_duplicate_runs(table: pa.Table) -> pa.Table:
     first = (
         pa.table({"run_id": ids, "i": idx}).group_by("run_id", use_threads=False).aggregate([("i", "min")])["i_min"]
     )
-    return table.take(pc.sort_indices(first))
+    return table.take(np.sort(first.to_numpy()))  # first occurrence of each run id, in file order
 
 
 def compact_store(store_dir: Path) -> int:
@@ -326,11 +326,19 @@ def compact_store(store_dir: Path) -> int:
 
 # ---------------------------------------------------------------------- MLflow → store
 def _list_overlays(client: Any, run: Any) -> list[str]:
+    """``overlays/*.png`` URIs of ``run``, listed through the artifact repository of the run's
+    artifact URI directly (``client.list_artifacts`` would re-read the run from the tracking
+    store first: about 15 ms per run on sqlite, most of an update's time)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    base = run.info.artifact_uri.rstrip("/")
     try:
-        items = client.list_artifacts(run.info.run_id, C.OVERLAY_DIR)
+        try:
+            items = get_artifact_repository(base).list_artifacts(C.OVERLAY_DIR)
+        except Exception:  # noqa: BLE001 - e.g. mlflow-artifacts:/ URIs that need the client's resolution
+            items = client.list_artifacts(run.info.run_id, C.OVERLAY_DIR)
     except Exception:  # noqa: BLE001 - an unreachable artifact store must not block the table
         return []
-    base = run.info.artifact_uri.rstrip("/")
     return sorted(f"{base}/{it.path}" for it in items if not it.is_dir and it.path.lower().endswith(".png"))
 
 
