@@ -51,12 +51,24 @@ def test_update_is_incremental(tracking, tmp_path):
 
     client = MlflowClient(tracking_uri=uri)
     client.set_terminated(running, "KILLED")
+    failed = table.filter(pc.equal(table["status"], "FAILED"))["run_id"][0].as_py()
+    end = client.get_run(failed).info.end_time
+    client.set_terminated(failed, "FINISHED", end_time=end + 5000)  # a resumed trial finishes its own run
     try:
         third = results.update_store(uri, store)
-        assert (third.n_new, third.n_total) == (1, 11)
-        assert results.read_store(store).num_rows == 11
-    finally:
-        client.delete_run(running)  # keep the module fixture as it was for the other tests
+        assert (third.n_new, third.n_updated, third.n_total) == (1, 1, 11)
+        after = results.read_store(store)
+        assert after.num_rows == 11
+        row = after.filter(pc.equal(after["run_id"], failed)).to_pylist()
+        assert len(row) == 1 and row[0]["status"] == "FINISHED"
+        assert results.update_store(uri, store).n_updated == 0
+        results.compact_store(store)
+        compacted = results.read_store(store)
+        assert compacted.num_rows == 11 and len(list(store.rglob("*.parquet"))) == 2
+        assert compacted.filter(pc.equal(compacted["run_id"], failed))["status"].to_pylist() == ["FINISHED"]
+    finally:  # keep the module fixture as it was for the other tests
+        client.delete_run(running)
+        client.set_terminated(failed, "FAILED", end_time=end)
 
 
 def test_rows_match_mlflow(tracking, tmp_path):

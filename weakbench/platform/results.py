@@ -14,8 +14,11 @@ touches few of them). Directory names are percent-encoded (``urllib.parse.quote`
 * Writes are atomic: each file is written under a hidden temporary name (``.part-….tmp``) in its
   final directory, flushed, ``fsync``-ed and renamed with :func:`os.replace`; readers skip
   hidden files, so a crash leaves either the whole file or nothing visible.
-* :func:`read_store` returns one :class:`pyarrow.Table`; if two concurrent updates both wrote a
-  run, the duplicate is dropped (first file in path order wins).
+* A run already in the store is read again when its ``end_time`` changed (a restarted trial
+  continues its own MLflow run, so a ``FAILED`` row can later become ``FINISHED``); the new row
+  is appended and supersedes the old one.
+* :func:`read_store` returns one :class:`pyarrow.Table` with one row per run id: the most
+  recently ingested row (also when two concurrent updates both wrote a run).
 * :func:`compact_store` rewrites each partition into one file (write new, then delete old; a
   crash in between leaves duplicates that :func:`read_store` drops).
 
@@ -102,11 +105,14 @@ class UpdateReport:
         n_new: runs added by this update.
         n_total: runs in the store after the update.
         paths: the Parquet files written (empty when nothing was new).
+        n_updated: runs already in the store whose MLflow ``end_time`` changed (resumed
+            trials), re-read; their new row supersedes the old one.
     """
 
     n_new: int
     n_total: int
     paths: list[Path]
+    n_updated: int = 0
 
 
 # ---------------------------------------------------------------------- helpers
@@ -291,14 +297,19 @@ def read_store(store_dir: Path, columns: Sequence[str] | None = None, filter: pc
 
 
 def _drop_duplicate_runs(table: pa.Table) -> pa.Table:
+    """Keep one row per run id: the most recently ingested (ties: the later in file order)."""
     ids = table["run_id"]
     if pc.count_distinct(ids).as_py() == table.num_rows:
         return table
-    idx = pa.array(np.arange(table.num_rows))
-    first = (
-        pa.table({"run_id": ids, "i": idx}).group_by("run_id", use_threads=False).aggregate([("i", "min")])["i_min"]
-    )
-    return table.take(np.sort(first.to_numpy()))  # first occurrence of each run id, in file order
+    if "ingested_at" in table.column_names:
+        when = table["ingested_at"].cast(pa.int64()).fill_null(0)  # rows without a time count as oldest
+        keys = pa.table({"t": when, "i": pa.array(np.arange(table.num_rows))})
+        order = pc.sort_indices(keys, sort_keys=[("t", "ascending"), ("i", "ascending")])
+    else:
+        order = pa.array(np.arange(table.num_rows))
+    ranked = pa.table({"run_id": ids.take(order), "pos": order})
+    last = ranked.group_by("run_id", use_threads=False).aggregate([("pos", "last")])["pos_last"]
+    return table.take(np.sort(last.to_numpy()))
 
 
 def compact_store(store_dir: Path) -> int:
@@ -342,14 +353,15 @@ def _list_overlays(client: Any, run: Any) -> list[str]:
     return sorted(f"{base}/{it.path}" for it in items if not it.is_dir and it.path.lower().endswith(".png"))
 
 
-def fetch_trial_runs(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, exclude: set[str] | None = None,
-                     list_overlays: bool = True) -> pa.Table:
+def fetch_trial_runs(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT,
+                     known: Mapping[str, int | None] | None = None, list_overlays: bool = True) -> pa.Table:
     """Read the terminal trial runs of ``experiment`` from MLflow as a results table.
 
     Args:
         tracking_uri: e.g. ``sqlite:///runs/mlflow.db`` or ``http://host:5000``.
         experiment: MLflow experiment name.
-        exclude: run ids to skip (those already in the store).
+        known: ``{run_id: end_time in epoch ms}`` of the runs already in the store; those whose
+            MLflow ``end_time`` is unchanged are skipped.
         list_overlays: list ``overlays/*.png`` artifacts of each new run (one artifact-store
             call per run).
 
@@ -366,7 +378,7 @@ def fetch_trial_runs(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, ex
             f"{tracking_uri}: no MLflow experiment named {experiment!r}; fix: run a sweep first "
             f"or pass the experiment name that the sweep used"
         )
-    exclude = exclude or set()
+    known = known or {}
     now = _dt.datetime.now(_dt.timezone.utc)
     rows: list[dict[str, Any]] = []
     token = None
@@ -376,7 +388,9 @@ def fetch_trial_runs(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, ex
             run_view_type=ViewType.ACTIVE_ONLY, max_results=5000, page_token=token,
         )
         for run in page:
-            if run.info.run_id in exclude or run.info.status not in TERMINAL_STATUSES:
+            if run.info.status not in TERMINAL_STATUSES:
+                continue
+            if run.info.run_id in known and known[run.info.run_id] == run.info.end_time:
                 continue
             overlays = _list_overlays(client, run) if list_overlays else []
             rows.append(_run_to_row(run, overlays, now))
@@ -387,7 +401,8 @@ def fetch_trial_runs(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, ex
 
 
 def update_store(tracking_uri: str, store_dir: Path, experiment: str = DEFAULT_EXPERIMENT) -> UpdateReport:
-    """Add the terminal trial runs of ``experiment`` that are not in the store yet.
+    """Add the terminal trial runs of ``experiment`` that are not in the store yet (and re-read
+    those whose ``end_time`` changed since).
 
     Args:
         tracking_uri: MLflow tracking URI.
@@ -402,10 +417,14 @@ def update_store(tracking_uri: str, store_dir: Path, experiment: str = DEFAULT_E
     """
     store_dir = Path(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
-    seen = set(read_store(store_dir, columns=["run_id"])["run_id"].to_pylist())
-    new = fetch_trial_runs(tracking_uri, experiment, exclude=seen)
-    paths = write_table(new, store_dir)
-    return UpdateReport(n_new=new.num_rows, n_total=len(seen) + new.num_rows, paths=paths)
+    existing = read_store(store_dir, columns=["end_time"])
+    ends = existing["end_time"].cast(pa.int64()).to_pylist()
+    known = dict(zip(existing["run_id"].to_pylist(), ends))
+    fetched = fetch_trial_runs(tracking_uri, experiment, known=known)
+    paths = write_table(fetched, store_dir)
+    n_updated = sum(1 for r in fetched["run_id"].to_pylist() if r in known)
+    n_new = fetched.num_rows - n_updated
+    return UpdateReport(n_new=n_new, n_total=len(known) + n_new, paths=paths, n_updated=n_updated)
 
 
 # ---------------------------------------------------------------------- column access
