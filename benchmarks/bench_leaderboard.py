@@ -102,7 +102,7 @@ def main() -> None:
             r = ml["by_size"][s]
             print(f"MLflow ({s} runs in sqlite): logging {r['log_runs']} runs took {r['log_s']:.1f} s "
                   f"({1000 * r['log_s'] / max(1, r['log_runs']):.1f} ms/run); MLflow -> table {r['fetch_s']:.2f} s "
-                  f"(search_runs alone {r['search_only_s']:.2f} s, the rest is list_artifacts per run), "
+                  f"(again without listing overlays: {r['search_only_s']:.2f} s), "
                   f"build_leaderboard {r['leaderboard_s']:.3f} s")
         (s1, s2) = sizes
         t1 = ml["by_size"][s1]["fetch_s"] + ml["by_size"][s1]["leaderboard_s"]

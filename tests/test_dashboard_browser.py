@@ -98,7 +98,9 @@ def test_dashboard_in_headless_chromium(built):
             cell = rows.nth(0).locator("td").nth(6).text_content()
             assert "±" in cell and "[" in cell  # mean ± std [CI]
             assert page.locator("#leaderboard h2").text_content().endswith("selected on val (val/max_box_acc_v2), reported on test")
-            assert page.locator("#leaderboard-table td.runs code").count() == 4  # 2 seeds × 2 rows, no UI URL
+            hrefs = page.locator("#leaderboard-table td.runs a").evaluate_all("as => as.map(a => a.href)")
+            assert len(hrefs) == 4  # 2 seeds × 2 rows
+            assert all(h.startswith("http://127.0.0.1:5000/#/experiments/") and "/runs/" in h for h in hrefs)
 
             # clicking the method header sorts the rows; clicking again reverses
             page.locator("#leaderboard-table th", has_text="method").click()

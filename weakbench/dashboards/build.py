@@ -40,6 +40,7 @@ from weakbench.platform.leaderboard import (build_leaderboard, format_stat, high
 from weakbench.platform.results import metric_columns, param_columns
 
 MAX_SWEEPS = 30
+DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
 MAX_OVERLAY_BYTES = 2_000_000
 _esc = html.escape
 
@@ -383,8 +384,9 @@ def build_dashboard(
         select_metric, report_split, baseline_method, n_boot: passed to
             :func:`~weakbench.platform.leaderboard.build_leaderboard`.
         tracking_uri: used to download overlay artifacts that are not local files.
-        mlflow_ui_url: base URL of the MLflow UI for run links (e.g. ``http://127.0.0.1:5000``);
-            default: the tracking URI when it is ``http(s)``, else run ids are shown unlinked.
+        mlflow_ui_url: base URL of the MLflow UI for run links; default: the tracking URI when it
+            is ``http(s)``, else ``http://127.0.0.1:5000`` (where ``mlflow ui --backend-store-uri
+            <tracking uri>`` serves a sqlite store); ``""`` shows run ids without links.
 
     Returns:
         counts of what was drawn: ``{"rows", "bar_charts", "sweeps", "pareto_charts", "images", "bytes"}``.
@@ -392,8 +394,13 @@ def build_dashboard(
     import plotly.offline
 
     out = Path(out)
-    if mlflow_ui_url is None and tracking_uri and tracking_uri.startswith(("http://", "https://")):
-        mlflow_ui_url = tracking_uri
+    if mlflow_ui_url is None:
+        is_server = bool(tracking_uri) and tracking_uri.startswith(("http://", "https://"))
+        mlflow_ui_url = tracking_uri if is_server else DEFAULT_MLFLOW_UI
+    ui_note = (f'Run ids link to the MLflow UI at <code>{_esc(mlflow_ui_url)}</code>'
+               + (f' (start it with <code>mlflow ui --backend-store-uri {_esc(tracking_uri)}</code>)'
+                  if tracking_uri and mlflow_ui_url == DEFAULT_MLFLOW_UI else "") + "."
+               if mlflow_ui_url else "")
     lb = build_leaderboard(table, select_metric=select_metric, report_split=report_split,
                            baseline_method=baseline_method, n_boot=n_boot)
     bars = bar_charts(lb)
@@ -416,7 +423,7 @@ def build_dashboard(
 <p class="note">Per (dataset, method, backbone): the configuration with the best mean {_esc(select_metric)} over its
 seeds is selected on the <b>{_esc(select_metric.split("/")[0])}</b> split; its <b>{_esc(report_split)}</b> metrics are
 reported as mean ± std over seeds [95% bootstrap CI] ("n/a" with one seed). Trials and cost count every run of the
-search. The comparison with {_esc(baseline_method)} pairs runs on the same seeds. Click a column to sort.</p>
+search. The comparison with {_esc(baseline_method)} pairs runs on the same seeds. Click a column to sort. {ui_note}</p>
 {leaderboard_html(lb, mlflow_ui_url)}</section>
 <section id="bars"><h2>Reported metrics with 95% intervals</h2>{"".join(bars)}</section>
 <section id="sweeps"><h2>Sweeps</h2><p class="note">Hyperparameters against the selection metric
