@@ -6,7 +6,8 @@ min-max normalised (wsolevaluation: resize, then ``normalize_scoremap``); GT box
 into the frame with ``int()`` truncation by the data layer. Metrics, all in percent:
 
 * ``max_box_acc`` (δ = 0.5, largest contour), ``max_box_acc_v2`` (mean over δ ∈ {0.3, 0.5, 0.7},
-  all contours), ``top1_loc`` / ``top5_loc`` — :class:`weakbench.platform.metrics.BoxEvaluator`;
+  all contours) with its per-δ values and best thresholds, ``top1_loc`` / ``top5_loc`` —
+  :class:`weakbench.platform.metrics.WsolEvaluator`;
 * ``pxap`` over per-class GT masks with crowd regions ignored (when the data has masks);
 * ``miou`` of semantic pseudo-masks with the background threshold swept
   (:class:`~weakbench.platform.metrics.SemanticEvaluator`), and its best threshold;
@@ -74,8 +75,8 @@ def evaluate_split(
     """
     from weakbench.platform.data import IMAGENET_MEAN, IMAGENET_STD, EvalDataset, collate_eval
     from weakbench.platform.metrics import (
-        BoxEvaluator,
         PxAPEvaluator,
+        WsolEvaluator,
         SemanticEvaluator,
         multilabel_average_precision,
         top1_accuracy,
@@ -86,7 +87,7 @@ def evaluate_split(
         indices = list(indices)[:max_images]
     dataset = EvalDataset(source, indices, input_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_eval, num_workers=0)
-    box_eval = BoxEvaluator(cam_curve_interval=cam_curve_interval, device=device)
+    box_eval = WsolEvaluator(cam_curve_interval=cam_curve_interval, device=device)
     pxap_eval = PxAPEvaluator(cam_curve_interval=cam_curve_interval)
     sem_eval = SemanticEvaluator(source.num_classes)
     any_masks = False
@@ -139,11 +140,10 @@ def evaluate_split(
 
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
-    box = box_eval.compute()
-    for key in ("max_box_acc", "max_box_acc_v2", "top1_loc", "top5_loc"):
-        if key in box:
-            metrics[key] = float(box[key])
-    details["box"] = {k: v for k, v in box.items() if not isinstance(v, np.ndarray)}
+    if box_eval.v1.cnt:
+        box = box_eval.compute()
+        metrics.update({k: float(v) for k, v in box.items()})
+        details["box"] = box
     if any_masks:
         px = pxap_eval.compute()
         metrics["pxap"] = float(px["pxap"])

@@ -5,6 +5,8 @@ All WSOL numbers follow DESIGN.md, "Evaluation protocol", count for count with t
 implementation (clovaai/wsolevaluation); see :mod:`weakbench.platform.metrics.wsol`.
 """
 
+from weakbench.platform.metrics.classification import average_precision, multilabel_average_precision, top1_accuracy
+from weakbench.platform.metrics.segmentation import SemanticEvaluator
 from weakbench.platform.metrics.boxes import iou_inclusive, resize_box, scale_boxes
 from weakbench.platform.metrics.wsol import (
     BoxEvaluator,
@@ -15,6 +17,10 @@ from weakbench.platform.metrics.wsol import (
 )
 
 __all__ = [
+    "SemanticEvaluator",
+    "average_precision",
+    "multilabel_average_precision",
+    "top1_accuracy",
     "BoxEvaluator",
     "PxAPEvaluator",
     "WsolEvaluator",
