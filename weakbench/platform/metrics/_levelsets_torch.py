@@ -64,6 +64,8 @@ class Forest:
     comp: torch.Tensor  # int64 (R, nlev) node alive at level L containing basin, -1 if none
     image_of_node: torch.Tensor  # int64 (n_nodes,)
     num_nodes: int
+    canon_row: torch.Tensor  # int64 (R,): row of ``comp`` for each basin (identity here)
+    peak: torch.Tensor  # int64 (R,)
 
 
 def _shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -179,7 +181,8 @@ def build_forest(v: torch.Tensor, conn: int, nlev: int) -> Forest:
         image_of_node = torch.tensor(img, dtype=torch.int64, device=dev)
     else:
         image_of_node = image_of_basin
-    return Forest(basin_of, r, comp, image_of_node, num_nodes)
+    return Forest(basin_of, r, comp, image_of_node, num_nodes,
+                  torch.arange(r, device=dev), peak)
 
 
 def _rev_cum(table: torch.Tensor, op: str) -> torch.Tensor:

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 
 from weakbench.platform.errors import DataError
-from weakbench.platform.metrics._levelsets import build_forest, node_table, pad_batch
 
 NLEV = 256
 
@@ -77,7 +76,7 @@ def to_bytes(maps: torch.Tensor) -> torch.Tensor:
     return (maps * 255).to(torch.uint8).to(torch.int64)
 
 
-def _gt_tensor(gt_boxes: Sequence, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _gt_arrays(gt_boxes: Sequence, n: int) -> tuple[np.ndarray, np.ndarray]:
     if len(gt_boxes) != n:
         raise DataError(f"gt_boxes has {len(gt_boxes)} entries for {n} maps; "
                         "pass one (K_i, 4) array per map")
@@ -92,29 +91,84 @@ def _gt_tensor(gt_boxes: Sequence, n: int, device) -> tuple[torch.Tensor, torch.
     for i, a in enumerate(arrs):
         gt[i, :len(a)] = a
         valid[i, :len(a)] = True
-    return torch.from_numpy(gt).to(device), torch.from_numpy(valid).to(device)
+    return gt, valid
 
 
-def _best_iou(boxes: torch.Tensor, image: torch.Tensor, gt: torch.Tensor,
-              valid: torch.Tensor) -> torch.Tensor:
-    """Max inclusive IoU (float64) of each box (P, 4) over the GT boxes of its image."""
+def _best_iou(boxes: np.ndarray, image: np.ndarray, gt: np.ndarray,
+              valid: np.ndarray) -> np.ndarray:
+    """Max inclusive IoU (float64) of each box (P, 4) over the GT boxes of its image.
+
+    Same integer areas and float64 quotient as the reference's ``calculate_multiple_iou``."""
     g = gt[image]  # (P, K, 4)
     a = boxes[:, None, :]
-    iw = (torch.minimum(a[..., 2], g[..., 2]) - torch.maximum(a[..., 0], g[..., 0]) + 1).clamp(min=0)
-    ih = (torch.minimum(a[..., 3], g[..., 3]) - torch.maximum(a[..., 1], g[..., 1]) + 1).clamp(min=0)
+    iw = np.maximum(0, np.minimum(a[..., 2], g[..., 2]) - np.maximum(a[..., 0], g[..., 0]) + 1)
+    ih = np.maximum(0, np.minimum(a[..., 3], g[..., 3]) - np.maximum(a[..., 1], g[..., 1]) + 1)
     inter = iw * ih
     area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
     area_b = (g[..., 2] - g[..., 0] + 1) * (g[..., 3] - g[..., 1] + 1)
     union = area_a + area_b - inter
     bad = union <= 0
-    iou = inter.to(torch.float64) / torch.where(bad, torch.ones_like(union), union).to(torch.float64)
-    iou = torch.where(bad, torch.zeros_like(iou), iou)
-    iou = torch.where(valid[image], iou, torch.full_like(iou, -1.0))
-    return iou.max(1).values
+    iou = inter / np.where(bad, 1, union)
+    iou[bad] = 0.0
+    iou[~valid[image]] = -1.0
+    return iou.max(1)
+
+
+def _component_tables(b, multi: bool, largest: bool) -> dict:
+    """NodeTables (numpy) of the foreground, the holes and the hole-filled foreground.
+
+    ``b``: int bytes (N, H, W), a numpy array (CPU path) or a torch tensor (its device path).
+    """
+    is_torch = isinstance(b, torch.Tensor)
+    if is_torch:
+        from weakbench.platform.metrics import _levelsets_torch as lv
+    else:
+        from weakbench.platform.metrics import _levelsets as lv
+    n, h, w = b.shape
+    hp, wp = h + 4, w + 4
+    out: dict = {}
+    # Background (4-connected) components of {b <= L} are the upper sets of 256 - b at level
+    # 255 - L; the border ring is always background, the outermost ring never.
+    bgv = lv.pad_batch(256 - b, 257)
+    fbg = lv.build_forest(bgv, 4, NLEV)
+    ring_basin = fbg.basin_of.reshape(n, hp, wp)[:, 1, 1]
+    outside = fbg.comp[fbg.canon_row[ring_basin]]  # (n, NLEV): node of the outside per level
+    if multi:
+        fgv = lv.pad_batch(b, 0)
+        out["fg"] = lv.node_table(fgv, lv.build_forest(fgv, 8, NLEV), NLEV, w)
+        hb = lv.node_table(bgv, fbg, NLEV, w)
+        out["holes"] = (hb, outside)
+    if largest:
+        # Grey-level hole filling: a pixel is outside at level L iff b <= L and its background
+        # basin has joined the outside, i.e. L >= 255 - J; so g = max(b, 255 - J).
+        # canonical rows are exact below each basin's peak; joining is a prefix of levels
+        img_c = fbg.image_of_node[fbg.comp[:, 0]]
+        joined_c = (fbg.comp >= 0) & (fbg.comp == outside[img_c])
+        jlev = np.minimum(joined_c.sum(1)[fbg.canon_row] - 1, fbg.peak - 1) if not is_torch \
+            else torch.minimum(joined_c.sum(1)[fbg.canon_row] - 1, fbg.peak - 1)
+        bas = fbg.basin_of.reshape(n, hp, wp)[:, 2:-2, 2:-2]
+        if is_torch:
+            g = torch.maximum(b, 255 - jlev[bas])
+        else:
+            g = np.maximum(b, 255 - jlev[bas])
+        gv = lv.pad_batch(g, 0)
+        out["filled"] = lv.node_table(gv, lv.build_forest(gv, 8, NLEV), NLEV, w, cells=True)
+    if is_torch:
+        def conv(t):
+            return None if t is None else t.cpu().numpy()
+        for k in ("fg", "filled"):
+            if k in out:
+                nt = out[k]
+                out[k] = type(nt)(*[conv(getattr(nt, f)) for f in nt.__dataclass_fields__])
+        if "holes" in out:
+            nt, o = out["holes"]
+            out["holes"] = (type(nt)(*[conv(getattr(nt, f)) for f in nt.__dataclass_fields__]),
+                            o.cpu().numpy())
+    return out
 
 
 def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
-               largest_contour: bool = True, device=None) -> dict[str, torch.Tensor]:
+               largest_contour: bool = True, device=None) -> dict[str, np.ndarray]:
     """Best IoU of every map at every byte level, for both box rules.
 
     Args:
@@ -122,7 +176,7 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
         gt_boxes: N int arrays (K_i, 4), ``[x0, y0, x1, y1]`` in frame pixels, K_i ≥ 1.
         multi_contour: compute the all-contours table (MaxBoxAccV2).
         largest_contour: compute the largest-contour table (MaxBoxAcc).
-        device: torch device (``None``: the maps' own device).
+        device: ``None`` or ``"cpu"``: numpy on the CPU; a CUDA device: torch on that device.
 
     Returns:
         ``{"multi": float64 (N, 256), "largest": float64 (N, 256), "max_byte": int64 (N,)}``:
@@ -132,70 +186,55 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
     Raises:
         DataError: bad shapes, values outside [0, 1], NaN, or an image without GT boxes.
     """
-    t = _as_tensor(maps, device)
-    dev = t.device
+    t = _as_tensor(maps, None)
     n, h, w = t.shape
-    gt, valid = _gt_tensor(gt_boxes, n, dev)
+    gt, valid = _gt_arrays(gt_boxes, n)
     b = to_bytes(t)
-    out: dict[str, torch.Tensor] = {"max_byte": b.reshape(n, -1).max(1).values}
-    zero_iou = _best_iou(torch.zeros((n, 4), dtype=torch.int64, device=dev),
-                         torch.arange(n, device=dev), gt, valid)
+    use_torch = device is not None and torch.device(device).type != "cpu"
+    bb = b.to(device) if use_torch else b.cpu().numpy().astype(np.int16)
+    max_byte = b.reshape(n, -1).max(1).values.cpu().numpy() if n else np.zeros(0, np.int64)
+    out: dict[str, np.ndarray] = {"max_byte": max_byte}
+    zero_iou = _best_iou(np.zeros((n, 4), dtype=np.int64), np.arange(n), gt, valid)
+    tabs = _component_tables(bb, multi_contour, largest_contour)
 
     def finish(rows_boxes, rows_image, rows_level):
-        table = torch.full((n * NLEV,), -1.0, dtype=torch.float64, device=dev)
+        table = np.full(n * NLEV, -1.0)
         if rows_boxes:
-            bx = torch.cat(rows_boxes)
-            im = torch.cat(rows_image)
-            lv = torch.cat(rows_level)
-            table.scatter_reduce_(0, im * NLEV + lv, _best_iou(bx, im, gt, valid),
-                                  reduce="amax", include_self=True)
-        table = table.view(n, NLEV)
-        return torch.where(table < 0, zero_iou[:, None].expand(n, NLEV), table)
-
-    # Background (4-connected) components of {b <= L} = upper sets of 256 - b; the border
-    # ring is always background, the outermost ring never.
-    bgv = pad_batch(256 - b, 257)
-    fbg = build_forest(bgv, 4, NLEV)
-    hp, wp = h + 4, w + 4
-    ring_basin = fbg.basin_of.view(n, hp, wp)[:, 1, 1]
-    outside = fbg.comp[ring_basin]  # (n, NLEV) node of the outside at level L'
+            bx = np.concatenate(rows_boxes)
+            im = np.concatenate(rows_image)
+            lv = np.concatenate(rows_level)
+            if bx.size:
+                np.maximum.at(table, im * NLEV + lv, _best_iou(bx, im, gt, valid))
+        table = table.reshape(n, NLEV)
+        return np.where(table < 0, zero_iou[:, None], table)
 
     if multi_contour:
-        fgv = pad_batch(b, 0)
-        ffg = build_forest(fgv, 8, NLEV)
-        nt = node_table(fgv, ffg, NLEV, w)
-        boxes = [torch.stack([nt.x0, nt.y0, (nt.x1 + 1).clamp(max=w - 1),
-                              (nt.y1 + 1).clamp(max=h - 1)], 1)]
+        nt = tabs["fg"]
+        boxes = [np.stack([nt.x0, nt.y0, np.minimum(nt.x1 + 1, w - 1),
+                           np.minimum(nt.y1 + 1, h - 1)], 1)]
         images, levels = [nt.image], [nt.level]
-        hb = node_table(bgv, fbg, NLEV, w)
+        hb, outside = tabs["holes"]
         hole = hb.node != outside[hb.image, hb.level]
-        if bool(hole.any()):
-            boxes.append(torch.stack([hb.x0[hole] - 1, hb.y0[hole] - 1,
-                                      (hb.x1[hole] + 2).clamp(max=w - 1),
-                                      (hb.y1[hole] + 2).clamp(max=h - 1)], 1))
-            images.append(hb.image[hole])
-            levels.append(255 - hb.level[hole])
+        # a hole contour runs through the foreground pixels around the hole: its rectangle is
+        # the hole's bounding box grown by one pixel
+        boxes.append(np.stack([hb.x0[hole] - 1, hb.y0[hole] - 1,
+                               np.minimum(hb.x1[hole] + 2, w - 1),
+                               np.minimum(hb.y1[hole] + 2, h - 1)], 1))
+        images.append(hb.image[hole])
+        levels.append(255 - hb.level[hole])
         out["multi"] = finish(boxes, images, levels)
 
     if largest_contour:
-        # Grey-level hole filling: the pixel is outside at b-level L iff b <= L and its
-        # background basin has joined the outside, i.e. L >= 255 - J.
-        r = fbg.num_basins
-        img_of_basin = fbg.image_of_node[:r]
-        joined = (fbg.comp >= 0) & (fbg.comp == outside[img_of_basin])
-        jlev = joined.sum(1) - 1
-        bas = fbg.basin_of.view(n, hp, wp)[:, 2:-2, 2:-2]
-        g = torch.maximum(b, 255 - jlev[bas])
-        gv = pad_batch(g, 0)
-        fg = build_forest(gv, 8, NLEV)
-        nt = node_table(gv, fg, NLEV, w, cells=True)
+        nt = tabs["filled"]
+        # largest area first; among equal areas OpenCV lists the component whose first pixel
+        # comes last in raster order first
         key = nt.area2 * (h * w + 1) + nt.first
         slot = nt.image * NLEV + nt.level
-        best = torch.full((n * NLEV,), -1, dtype=torch.int64, device=dev)
-        best.scatter_reduce_(0, slot, key, reduce="amax", include_self=True)
+        best = np.full(n * NLEV, -1, dtype=np.int64)
+        np.maximum.at(best, slot, key)
         win = key == best[slot]
-        boxes = torch.stack([nt.x0[win], nt.y0[win], (nt.x1[win] + 1).clamp(max=w - 1),
-                             (nt.y1[win] + 1).clamp(max=h - 1)], 1)
+        boxes = np.stack([nt.x0[win], nt.y0[win], np.minimum(nt.x1[win] + 1, w - 1),
+                          np.minimum(nt.y1[win] + 1, h - 1)], 1)
         out["largest"] = finish([boxes], [nt.image[win]], [nt.level[win]])
     return out
 
@@ -260,8 +299,8 @@ class BoxEvaluator:
                       None if class_correct_top5 is None else np.asarray(class_correct_top5)[s:e])
 
     def _add(self, table: torch.Tensor, max_byte: torch.Tensor, top1, top5) -> None:
-        tab = table.cpu().numpy()
-        lev = threshold_levels(max_byte.cpu().numpy(), self.thresholds)
+        tab = np.asarray(table)
+        lev = threshold_levels(np.asarray(max_byte), self.thresholds)
         ious = np.take_along_axis(tab, lev, axis=1)  # (n, T)
         for d in self.iou_thresholds:
             self.counts[d] += (ious >= d / 100).sum(0)

@@ -1,0 +1,335 @@
+"""Connected components of every upper level set of a batch of byte maps, at once (numpy).
+
+For an integer image ``v`` the upper level sets ``U(L) = {p : v[p] > L}`` only grow as ``L``
+drops, so their connected components only merge: they form a tree (the *component tree*).
+We build it without tracing anything per level:
+
+1. **Basins.** Every pixel of the set points to the neighbour (itself included) with the
+   largest ``(v, raster index)``; following the pointers (pointer jumping) leads every pixel
+   to a root, a local maximum. A basin is the set of pixels reaching the same root. Along a
+   pointer path ``v`` never decreases, so ``basin ∩ U(L)`` is connected for every ``L``:
+   each of its pixels reaches the root through pixels at least as high.
+2. **Kruskal on basins.** Two basins touch at level ``L`` when some adjacent pair of their
+   pixels has ``min(v_p, v_q) > L``. Processing the (few) basin adjacencies by decreasing
+   weight with a union-find gives the merge tree; a node created by a merge at weight ``w``
+   is alive for ``L < w`` until its own parent is created.
+3. **Tables per (basin, level).** Bounding boxes, raster-first pixel and cell areas are
+   scattered into ``(basin, value)`` tables and reverse-cumulated over the value axis, then
+   reduced per (tree node, level).
+
+All steps are vectorised over a batch of maps; only step 2 loops in Python, over basin
+adjacencies (tens per smooth 224×224 map). :mod:`._levelsets_torch` is the same algorithm in
+torch, used on GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Neighbour offsets in increasing raster order; "self" sits at its rank in that order, so the
+# rank breaks ties of equal values exactly as the raster index does.
+_OFF8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1))
+_OFF4 = ((-1, 0), (0, -1), (0, 0), (0, 1), (1, 0))
+_HALF8 = ((0, 1), (1, -1), (1, 0), (1, 1))
+_HALF4 = ((0, 1), (1, 0))
+_BIG = np.int64(1 << 40)
+
+
+@dataclass
+class NodeTable:
+    """Per alive (tree node, level) statistics of the components of ``U(L)`` (1-D arrays).
+
+    Coordinates are in the unpadded frame (columns ``x``, rows ``y``); ``first`` is the raster
+    index ``y * W + x`` of the component's first pixel; ``area2`` is twice the outer-contour
+    polygon area (only when requested).
+    """
+
+    node: np.ndarray
+    level: np.ndarray
+    image: np.ndarray
+    x0: np.ndarray
+    y0: np.ndarray
+    x1: np.ndarray
+    y1: np.ndarray
+    first: np.ndarray
+    area2: np.ndarray | None
+
+
+@dataclass
+class Forest:
+    """The component tree of a padded batch (internal)."""
+
+    basin_of: np.ndarray  # int64 (N,) basin id of each padded pixel, -1 outside the set
+    num_basins: int
+    comp: np.ndarray  # int64 (C, nlev): node alive at level L above canonical leaf c, or -1
+    image_of_node: np.ndarray  # int64 (n_nodes,)
+    num_nodes: int
+    rep: np.ndarray  # int64 (n_nodes,): the leaf of highest peak below each node
+    canon_row: np.ndarray  # int64 (R,): row of ``comp`` valid for basin j at levels < peak_j
+    peak: np.ndarray  # int64 (R,): highest value of each basin
+
+
+def _shift(t: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """View of the padded array (B, Hp, Wp) at offset (dy, dx) over the region [1:-1, 1:-1]."""
+    _, hp, wp = t.shape
+    return t[:, 1 + dy:hp - 1 + dy, 1 + dx:wp - 1 + dx]
+
+
+def pad_batch(values: np.ndarray, inner: int) -> np.ndarray:
+    """(B, H, W) -> int16 (B, H + 4, W + 4): a ring of ``inner`` then an outer ring of 0."""
+    b, h, w = values.shape
+    out = np.zeros((b, h + 4, w + 4), dtype=np.int16)
+    out[:, 1:-1, 1:-1] = inner
+    out[:, 2:-2, 2:-2] = values
+    return out
+
+
+def build_forest(v: np.ndarray, conn: int, nlev: int) -> Forest:
+    """Component tree of the upper level sets ``{v > L}``, ``L = 0..nlev-1``.
+
+    Args:
+        v: int16 (B, Hp, Wp) with values in [0, 2047]; the outermost ring must be 0.
+        conn: 8 or 4 (pixel connectivity).
+        nlev: number of levels to tabulate.
+    """
+    b, hp, wp = v.shape
+    n = b * hp * wp
+    offs = _OFF8 if conn == 8 else _OFF4
+    # (v, rank) packed in int16: the max over the neighbourhood names the pointer target.
+    best = None
+    for rank, (dy, dx) in enumerate(offs):
+        k = _shift(v, dy, dx) * np.int16(16)
+        k += np.int16(rank)
+        best = k if best is None else np.maximum(best, k, out=best)
+    dtab = np.array([dy * wp + dx for dy, dx in offs], dtype=np.int64)
+    self_rank = offs.index((0, 0))
+    inset = v > 0
+    ar = np.arange(n, dtype=np.int64)
+    ptr = ar.reshape(b, hp, wp).copy()
+    inner_in = inset[:, 1:-1, 1:-1]
+    step = dtab[best & 15]
+    step[~inner_in] = 0
+    ptr[:, 1:-1, 1:-1] += step
+    ptr = ptr.reshape(-1)
+    is_root = np.zeros((b, hp, wp), dtype=bool)
+    is_root[:, 1:-1, 1:-1] = inner_in & ((best & 15) == self_rank)
+    roots = np.flatnonzero(is_root)
+    while True:
+        nxt = ptr.take(ptr)
+        if np.array_equal(nxt, ptr):
+            break
+        ptr = nxt
+    r = int(roots.size)
+    bid = np.full(n, -1, dtype=np.int64)
+    bid[roots] = np.arange(r)
+    basin_of = bid.take(ptr)  # pixels outside the set point to themselves and are not roots
+    vf = v.reshape(-1)
+    peak = vf[roots].astype(np.int64)
+    image_of_basin = roots // (hp * wp)
+
+    bo = basin_of.reshape(b, hp, wp)
+    cb, cv = _shift(bo, 0, 0), _shift(v, 0, 0)
+    ea, eb, ew = [], [], []
+    for dy, dx in (_HALF8 if conn == 8 else _HALF4):
+        ob = _shift(bo, dy, dx)
+        m = np.nonzero(cb != ob)
+        a_, b_ = cb[m], ob[m]
+        ok = (a_ >= 0) & (b_ >= 0)
+        ea.append(a_[ok])
+        eb.append(b_[ok])
+        ew.append(np.minimum(cv[m][ok], _shift(v, dy, dx)[m][ok]).astype(np.int64))
+    parent = [-1] * r
+    birth = peak.tolist()
+    img = image_of_basin.tolist()
+    rep = list(range(r))
+    a_ = np.concatenate(ea)
+    if a_.size:
+        b_ = np.concatenate(eb)
+        w_ = np.concatenate(ew)
+        k = np.minimum(a_, b_) * r + np.maximum(a_, b_)
+        # max weight per basin pair: sort by (pair, weight) and keep the last of each pair
+        order = np.lexsort((w_, k))
+        ks, ws_ = k[order], w_[order]
+        last = np.ones(ks.size, dtype=bool)
+        last[:-1] = ks[1:] != ks[:-1]
+        ks, ws_ = ks[last], ws_[last]
+        o2 = np.argsort(-ws_, kind="stable")
+        lo = (ks[o2] // r).tolist()
+        hi = (ks[o2] % r).tolist()
+        ws = ws_[o2].tolist()
+        uf = list(range(r))
+        top = list(range(r))
+        for e in range(len(ws)):
+            x = lo[e]
+            while uf[x] != x:
+                uf[x] = uf[uf[x]]
+                x = uf[x]
+            y = hi[e]
+            while uf[y] != y:
+                uf[y] = uf[uf[y]]
+                y = uf[y]
+            if x == y:
+                continue
+            node = len(parent)
+            parent.append(-1)
+            birth.append(ws[e])
+            img.append(img[lo[e]])
+            rx, ry = rep[top[x]], rep[top[y]]
+            rep.append(rx if birth[rx] >= birth[ry] else ry)
+            parent[top[x]] = node
+            parent[top[y]] = node
+            uf[y] = x
+            top[x] = node
+    num_nodes = len(parent)
+    parent_a = np.asarray(parent, dtype=np.int64)
+    birth_a = np.asarray(birth, dtype=np.int64)
+    rep_a = np.asarray(rep, dtype=np.int64)
+    # Canonical leaf of basin j: below j's highest ancestor born at peak_j, the highest leaf.
+    # Both have the same alive ancestor at every level L < peak_j, so only canonical leaves
+    # need a row in the (leaf, level) table (plateau basins that never stand alone drop out).
+    cur = np.arange(r, dtype=np.int64)
+    while True:
+        par = parent_a[cur]
+        move = par >= 0
+        move[move] = birth_a[par[move]] == birth_a[cur[move]]
+        if not move.any():
+            break
+        cur[move] = par[move]
+    canon = rep_a[cur]
+    canon_u, canon_row = np.unique(canon, return_inverse=True)
+    comp = _alive_table(parent_a, birth_a, canon_u, peak[canon_u], nlev)
+    return Forest(basin_of, r, comp, np.asarray(img, dtype=np.int64), num_nodes, rep_a,
+                  canon_row.astype(np.int64), peak)
+
+
+def _alive_table(parent: np.ndarray, birth: np.ndarray, leaves: np.ndarray, peak: np.ndarray,
+                 nlev: int) -> np.ndarray:
+    """``comp[i, L]``: the ancestor of ``leaves[i]`` alive at level L (-1 if ``L >= peak_i``).
+
+    Node a is alive for ``birth[parent[a]] <= L < birth[a]``; along a leaf's ancestor chain
+    births do not increase and ids increase, so marking each ancestor at ``birth - 1`` (the
+    larger id winning a shared mark) and filling every level from the nearest mark above
+    gives the alive ancestor.
+    """
+    r = leaves.size
+    marks = np.full((r, nlev), -1, dtype=np.int64)
+    cur = leaves.astype(np.int64)
+    rows = np.arange(r, dtype=np.int64)
+    while cur.size:
+        pos = np.minimum(birth[cur] - 1, nlev - 1)
+        np.maximum.at(marks, (rows, pos), cur)
+        nxt = parent[cur]
+        keep = nxt >= 0
+        cur, rows = nxt[keep], rows[keep]
+    lev = np.arange(nlev, dtype=np.int64)
+    pos = np.where(marks >= 0, lev[None, :], np.int64(nlev))
+    nearest = np.flip(np.minimum.accumulate(np.flip(pos, 1), 1), 1)
+    comp = np.take_along_axis(marks, np.minimum(nearest, nlev - 1), 1)
+    comp[lev[None, :] >= peak[:, None]] = -1
+    return comp
+
+
+def _rev_cum(table: np.ndarray, op) -> np.ndarray:
+    """``out[:, L] = op over value > L of table[:, value]`` (shape (R, V - 1))."""
+    f = op.accumulate(table[:, ::-1], axis=1)[:, ::-1]
+    return f[:, 1:]
+
+
+def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
+               cells: bool = False) -> NodeTable:
+    """Bounding boxes (and outer-contour areas if ``cells``) per alive (node, level).
+
+    ``v`` is the padded batch (B, H + 4, W + 4) whose interior starts at (2, 2).
+    ``cells=True`` adds ``area2``, twice ``cv2.contourArea`` of the outer contour of each
+    component, valid when the components have no holes (the caller passes hole-filled maps):
+    a 2×2 cell of pixel centres counts 1 when its 4 pixels are in the component and 1/2 when
+    3 are (the traced polygon cuts it along the diagonal); fewer contribute nothing.
+    """
+    b, hp, wp = v.shape
+    vcols = max(int(v.max()) + 2, nlev + 1)
+    comp = forest.comp
+    basin = forest.basin_of
+    sel = np.flatnonzero(basin >= 0)
+    bsel = basin[sel]
+    vsel = v.reshape(-1)[sel].astype(np.int64)
+    # A pixel of value v only counts at levels L < v, where its component is the one alive at
+    # v - 1: any leaf below that node stands for it. Using the node's highest leaf ("rep")
+    # gathers the pixels on few rows (plateau basins that are never alone disappear).
+    rows_of_leaf = np.full(forest.num_basins, -1, dtype=np.int64)
+    alive_nodes = comp[comp >= 0]
+    rep_leaves = np.unique(forest.rep[alive_nodes])
+    canon_row = forest.canon_row
+    r = int(rep_leaves.size)
+    rows_of_leaf[rep_leaves] = np.arange(r)
+    ncomp = comp.shape[1]
+
+    def row_of(bas: np.ndarray, val: np.ndarray) -> np.ndarray:
+        node = comp.reshape(-1)[canon_row[bas] * ncomp + np.minimum(val - 1, ncomp - 1)]
+        return rows_of_leaf[forest.rep[node]]
+
+    rsel = row_of(bsel, vsel)
+    local = sel % (hp * wp)
+    y = local // wp - 2
+    x = local % wp - 2
+    ras = y * width + x
+    idx = rsel * vcols + vsel
+    size = r * vcols
+
+    def red(vals: np.ndarray, ufunc, fill) -> np.ndarray:
+        t = np.full(size, fill, dtype=np.int64)
+        ufunc.at(t, idx, vals)
+        return t.reshape(r, vcols)
+
+    tx0 = _rev_cum(red(x, np.minimum, _BIG), np.minimum)[:, :nlev]
+    tx1 = _rev_cum(red(x, np.maximum, -_BIG), np.maximum)[:, :nlev]
+    tfi = _rev_cum(red(ras, np.minimum, _BIG), np.minimum)[:, :nlev]
+    tla = _rev_cum(red(ras, np.maximum, -_BIG), np.maximum)[:, :nlev]
+    tar = None
+    if cells:
+        vv = np.maximum(v, 0).astype(np.int16)
+        a, bb, c, d = vv[:, :-1, :-1], vv[:, :-1, 1:], vv[:, 1:, :-1], vv[:, 1:, 1:]
+        lo1, hi1 = np.minimum(a, bb), np.maximum(a, bb)
+        lo2, hi2 = np.minimum(c, d), np.maximum(c, d)
+        v3 = np.minimum(np.maximum(lo1, lo2), np.minimum(hi1, hi2))
+        m = np.nonzero(v3 > 0)
+        v4 = np.minimum(lo1[m], lo2[m]).astype(np.int64)
+        c3 = v3[m].astype(np.int64)
+        # the pixels of such a cell with value >= v3 are in one component: take any of them
+        bo = basin.reshape(b, hp, wp)
+        cand = [(bo[:, :-1, :-1][m], a[m]), (bo[:, :-1, 1:][m], bb[m]),
+                (bo[:, 1:, :-1][m], c[m]), (bo[:, 1:, 1:][m], d[m])]
+        cb = cand[3][0].copy()
+        for cbas, cval in cand[2::-1]:
+            cb = np.where(cval >= c3, cbas, cb)
+        crow = row_of(cb, c3)
+        t = np.bincount(crow * vcols + c3, minlength=size)
+        t += np.bincount(crow * vcols + v4, minlength=size)  # v4 == 0 lands in column 0: unused
+        tar = _rev_cum(t.reshape(r, vcols).astype(np.int64), np.add)[:, :nlev]
+
+    lev = np.arange(nlev)
+    crows = comp[canon_row[rep_leaves]]
+    crows = np.where(lev[None, :] < forest.peak[rep_leaves][:, None], crows, -1)
+    bi, li = np.nonzero(crows >= 0)
+    nodes_u, nodes = np.unique(crows[bi, li], return_inverse=True)
+    slot = nodes * nlev + li
+    tsize = int(nodes_u.size) * nlev
+
+    def agg(vals: np.ndarray, ufunc, fill) -> np.ndarray:
+        t = np.full(tsize, fill, dtype=np.int64)
+        ufunc.at(t, slot, vals)
+        return t
+
+    nx0 = agg(tx0[bi, li], np.minimum, _BIG)
+    used = np.flatnonzero(nx0 < _BIG)
+    out_node = nodes_u[used // nlev]
+    out_lev = used % nlev
+    nx1 = agg(tx1[bi, li], np.maximum, -_BIG)[used]
+    nfi = agg(tfi[bi, li], np.minimum, _BIG)[used]
+    nla = agg(tla[bi, li], np.maximum, -_BIG)[used]
+    nar = None
+    if tar is not None:
+        nar = np.bincount(slot, weights=tar[bi, li], minlength=tsize)[used].astype(np.int64)
+    return NodeTable(out_node, out_lev, forest.image_of_node[out_node], nx0[used],
+                     nfi // width, nx1, nla // width, nfi, nar)
