@@ -290,8 +290,11 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
         if spec.record_shards:
             import hashlib
 
+            # parameters only: DDP keeps them identical across ranks; BatchNorm buffers are
+            # broadcast from rank 0 at each forward, so after the last step a rank's running
+            # statistics include its own last batch (the checkpoint is rank 0's).
             digest = hashlib.sha256()
-            for k, v in sorted(bare.state_dict().items()):
+            for k, v in sorted(bare.named_parameters()):
                 digest.update(k.encode())
                 digest.update(v.detach().cpu().contiguous().numpy().tobytes())
             (trial_dir / f"weights_rank{rank}.sha256").write_text(digest.hexdigest())
