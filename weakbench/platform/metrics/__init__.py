@@ -8,6 +8,7 @@ implementation (clovaai/wsolevaluation); see :mod:`weakbench.platform.metrics.ws
 from weakbench.platform.metrics.classification import average_precision, multilabel_average_precision, top1_accuracy
 from weakbench.platform.metrics.segmentation import SemanticEvaluator
 from weakbench.platform.metrics.boxes import iou_inclusive, resize_box, scale_boxes
+from weakbench.platform.metrics.instance import average_best_overlap, coco_instance_eval
 from weakbench.platform.metrics.wsol import (
     BoxEvaluator,
     PxAPEvaluator,
@@ -18,7 +19,9 @@ from weakbench.platform.metrics.wsol import (
 
 __all__ = [
     "SemanticEvaluator",
+    "average_best_overlap",
     "average_precision",
+    "coco_instance_eval",
     "multilabel_average_precision",
     "top1_accuracy",
     "BoxEvaluator",

@@ -71,6 +71,11 @@ class Forest:
     peak: np.ndarray  # int64 (R,): highest value of each basin
 
 
+def ar_dtype(n: int):
+    """Smallest index dtype for n elements."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 def _shift(t: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """View of the padded array (B, Hp, Wp) at offset (dy, dx) over the region [1:-1, 1:-1]."""
     _, hp, wp = t.shape
@@ -103,10 +108,10 @@ def build_forest(v: np.ndarray, conn: int, nlev: int) -> Forest:
         k = _shift(v, dy, dx) * np.int16(16)
         k += np.int16(rank)
         best = k if best is None else np.maximum(best, k, out=best)
-    dtab = np.array([dy * wp + dx for dy, dx in offs], dtype=np.int64)
+    dtab = np.array([dy * wp + dx for dy, dx in offs], dtype=ar_dtype(n))
     self_rank = offs.index((0, 0))
     inset = v > 0
-    ar = np.arange(n, dtype=np.int64)
+    ar = np.arange(n, dtype=ar_dtype(n))
     ptr = ar.reshape(b, hp, wp).copy()
     inner_in = inset[:, 1:-1, 1:-1]
     step = dtab[best & 15]
@@ -293,19 +298,19 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
         lo1, hi1 = np.minimum(a, bb), np.maximum(a, bb)
         lo2, hi2 = np.minimum(c, d), np.maximum(c, d)
         v3 = np.minimum(np.maximum(lo1, lo2), np.minimum(hi1, hi2))
-        m = np.nonzero(v3 > 0)
-        v4 = np.minimum(lo1[m], lo2[m]).astype(np.int64)
-        c3 = v3[m].astype(np.int64)
-        # the pixels of such a cell with value >= v3 are in one component: take any of them
+        v4 = np.minimum(lo1, lo2)
+        # at most one pixel of the cell is below v3, so the top-left or the bottom-right pixel
+        # is in the cell's component; cells with fewer than 3 pixels in the set (v3 == 0) only
+        # touch column 0, which no level reads
         bo = basin.reshape(b, hp, wp)
-        cand = [(bo[:, :-1, :-1][m], a[m]), (bo[:, :-1, 1:][m], bb[m]),
-                (bo[:, 1:, :-1][m], c[m]), (bo[:, 1:, 1:][m], d[m])]
-        cb = cand[3][0].copy()
-        for cbas, cval in cand[2::-1]:
-            cb = np.where(cval >= c3, cbas, cb)
-        crow = row_of(cb, c3)
-        t = np.bincount(crow * vcols + c3, minlength=size)
-        t += np.bincount(crow * vcols + v4, minlength=size)  # v4 == 0 lands in column 0: unused
+        cb = np.where(a >= v3, bo[:, :-1, :-1], bo[:, 1:, 1:]).reshape(-1)
+        c3 = v3.reshape(-1).astype(np.int64)
+        c4 = v4.reshape(-1).astype(np.int64)
+        ok = c3 > 0
+        crow = np.zeros(c3.shape, dtype=np.int64)
+        crow[ok] = row_of(cb[ok], c3[ok])
+        t = np.bincount(crow * vcols + c3, minlength=size)[:size]
+        t += np.bincount(crow * vcols + c4, minlength=size)[:size]
         tar = _rev_cum(t.reshape(r, vcols).astype(np.int64), np.add)[:, :nlev]
 
     lev = np.arange(nlev)
