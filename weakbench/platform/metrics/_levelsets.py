@@ -82,31 +82,38 @@ def _shift(t: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return t[:, 1 + dy:hp - 1 + dy, 1 + dx:wp - 1 + dx]
 
 
-def pad_batch(values: np.ndarray, inner: int) -> np.ndarray:
-    """(B, H, W) -> int16 (B, H + 4, W + 4): a ring of ``inner`` then an outer ring of 0."""
+def pad_batch(values: np.ndarray, inner: int, dtype=np.int16) -> np.ndarray:
+    """(B, H, W) -> (B, H + 4, W + 4): a ring of ``inner`` then an outer ring of 0."""
     b, h, w = values.shape
-    out = np.zeros((b, h + 4, w + 4), dtype=np.int16)
+    out = np.zeros((b, h + 4, w + 4), dtype=dtype)
     out[:, 1:-1, 1:-1] = inner
     out[:, 2:-2, 2:-2] = values
     return out
 
 
-def build_forest(v: np.ndarray, conn: int, nlev: int) -> Forest:
+def build_forest(v: np.ndarray, conn: int, nlev: int, sub: np.ndarray | None = None) -> Forest:
     """Component tree of the upper level sets ``{v > L}``, ``L = 0..nlev-1``.
 
     Args:
         v: int16 (B, Hp, Wp) with values in [0, 2047]; the outermost ring must be 0.
         conn: 8 or 4 (pixel connectivity).
         nlev: number of levels to tabulate.
+        sub: optional int (B, Hp, Wp) in [0, 2**18), a secondary key that orders pixels of
+            equal ``v`` for the pointers (e.g. the float map before byte quantisation). Any
+            order gives the same tree; a smooth one gives few basins on byte plateaus.
     """
     b, hp, wp = v.shape
     n = b * hp * wp
     offs = _OFF8 if conn == 8 else _OFF4
-    # (v, rank) packed in int16: the max over the neighbourhood names the pointer target.
+    # (v, sub, rank) packed in one integer: the max over the neighbourhood names the target,
+    # and the rank of the offset (raster order) breaks the remaining ties like the index does.
+    if sub is None:
+        base = v * np.int16(16)
+    else:
+        base = ((v.astype(np.int32) << 18) | sub.astype(np.int32)) << 4  # < 2**31
     best = None
     for rank, (dy, dx) in enumerate(offs):
-        k = _shift(v, dy, dx) * np.int16(16)
-        k += np.int16(rank)
+        k = _shift(base, dy, dx) + base.dtype.type(rank)
         best = k if best is None else np.maximum(best, k, out=best)
     dtab = np.array([dy * wp + dx for dy, dx in offs], dtype=ar_dtype(n))
     self_rank = offs.index((0, 0))
@@ -127,8 +134,8 @@ def build_forest(v: np.ndarray, conn: int, nlev: int) -> Forest:
             break
         ptr = nxt
     r = int(roots.size)
-    bid = np.full(n, -1, dtype=np.int64)
-    bid[roots] = np.arange(r)
+    bid = np.full(n, -1, dtype=np.int32)
+    bid[roots] = np.arange(r, dtype=np.int32)
     basin_of = bid.take(ptr)  # pixels outside the set point to themselves and are not roots
     vf = v.reshape(-1)
     peak = vf[roots].astype(np.int64)
@@ -142,8 +149,8 @@ def build_forest(v: np.ndarray, conn: int, nlev: int) -> Forest:
         m = np.nonzero(cb != ob)
         a_, b_ = cb[m], ob[m]
         ok = (a_ >= 0) & (b_ >= 0)
-        ea.append(a_[ok])
-        eb.append(b_[ok])
+        ea.append(a_[ok].astype(np.int64))
+        eb.append(b_[ok].astype(np.int64))
         ew.append(np.minimum(cv[m][ok], _shift(v, dy, dx)[m][ok]).astype(np.int64))
     parent = [-1] * r
     birth = peak.tolist()

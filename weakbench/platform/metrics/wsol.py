@@ -114,28 +114,36 @@ def _best_iou(boxes: np.ndarray, image: np.ndarray, gt: np.ndarray,
     return iou.max(1)
 
 
-def _component_tables(b, multi: bool, largest: bool) -> dict:
+def _component_tables(b, multi: bool, largest: bool, fine=None) -> dict:
     """NodeTables (numpy) of the foreground, the holes and the hole-filled foreground.
 
     ``b``: int bytes (N, H, W), a numpy array (CPU path) or a torch tensor (its device path).
+    ``fine``: optional int (N, H, W) in [0, 2**18), the map before quantisation, used only to
+    order pixels of equal byte value inside the component-tree construction (fewer basins).
     """
     is_torch = isinstance(b, torch.Tensor)
     if is_torch:
         from weakbench.platform.metrics import _levelsets_torch as lv
+        kw_fg = kw_bg = {}
     else:
         from weakbench.platform.metrics import _levelsets as lv
+        if fine is None:
+            kw_fg = kw_bg = {}
+        else:
+            kw_fg = {"sub": lv.pad_batch(fine, 0, np.int32)}
+            kw_bg = {"sub": lv.pad_batch((1 << 18) - 1 - fine, 0, np.int32)}
     n, h, w = b.shape
     hp, wp = h + 4, w + 4
     out: dict = {}
     # Background (4-connected) components of {b <= L} are the upper sets of 256 - b at level
     # 255 - L; the border ring is always background, the outermost ring never.
     bgv = lv.pad_batch(256 - b, 257)
-    fbg = lv.build_forest(bgv, 4, NLEV)
+    fbg = lv.build_forest(bgv, 4, NLEV, **kw_bg)
     ring_basin = fbg.basin_of.reshape(n, hp, wp)[:, 1, 1]
     outside = fbg.comp[fbg.canon_row[ring_basin]]  # (n, NLEV): node of the outside per level
     if multi:
         fgv = lv.pad_batch(b, 0)
-        out["fg"] = lv.node_table(fgv, lv.build_forest(fgv, 8, NLEV), NLEV, w)
+        out["fg"] = lv.node_table(fgv, lv.build_forest(fgv, 8, NLEV, **kw_fg), NLEV, w)
         hb = lv.node_table(bgv, fbg, NLEV, w)
         out["holes"] = (hb, outside)
     if largest:
@@ -152,7 +160,8 @@ def _component_tables(b, multi: bool, largest: bool) -> dict:
         else:
             g = np.maximum(b, 255 - jlev[bas])
         gv = lv.pad_batch(g, 0)
-        out["filled"] = lv.node_table(gv, lv.build_forest(gv, 8, NLEV), NLEV, w, cells=True)
+        out["filled"] = lv.node_table(gv, lv.build_forest(gv, 8, NLEV, **kw_fg), NLEV, w,
+                                      cells=True)
     if is_torch:
         def conv(t):
             return None if t is None else t.cpu().numpy()
@@ -195,7 +204,10 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
     max_byte = b.reshape(n, -1).max(1).values.cpu().numpy() if n else np.zeros(0, np.int64)
     out: dict[str, np.ndarray] = {"max_byte": max_byte}
     zero_iou = _best_iou(np.zeros((n, 4), dtype=np.int64), np.arange(n), gt, valid)
-    tabs = _component_tables(bb, multi_contour, largest_contour)
+    fine = None
+    if not use_torch:
+        fine = (t.cpu().to(torch.float64) * ((1 << 18) - 1)).to(torch.int32).numpy()
+    tabs = _component_tables(bb, multi_contour, largest_contour, fine)
 
     def finish(rows_boxes, rows_image, rows_level):
         table = np.full(n * NLEV, -1.0)
