@@ -108,50 +108,54 @@ def build_forest(v: np.ndarray, conn: int, nlev: int, sub: np.ndarray | None = N
     # (v, sub, rank) packed in one integer: the max over the neighbourhood names the target,
     # and the rank of the offset (raster order) breaks the remaining ties like the index does.
     if sub is None:
-        base = v * np.int16(16)
+        base = (v * np.int16(16)).reshape(-1)
     else:
-        base = ((v.astype(np.int32) << 18) | sub.astype(np.int32)) << 4  # < 2**31
-    best = None
-    for rank, (dy, dx) in enumerate(offs):
-        k = _shift(base, dy, dx) + base.dtype.type(rank)
-        best = k if best is None else np.maximum(best, k, out=best)
+        base = (((v.astype(np.int32) << 18) | sub.astype(np.int32)) << 4).reshape(-1)
+    # Work on the flat array: pixel i and its neighbour i + d for i in [lo, hi) covers the
+    # inner region [1:-1, 1:-1] of every map (the extra positions are outermost-ring pixels,
+    # never in the set, whose result is discarded).
+    lo, hi = wp + 1, n - wp - 1
     dtab = np.array([dy * wp + dx for dy, dx in offs], dtype=ar_dtype(n))
+    best = None
+    for rank, d in enumerate(dtab.tolist()):
+        k = base[lo + d:hi + d] + base.dtype.type(rank)
+        best = k if best is None else np.maximum(best, k, out=best)
     self_rank = offs.index((0, 0))
-    inset = v > 0
+    vf = v.reshape(-1)
+    inset = vf[lo:hi] > 0
     ar = np.arange(n, dtype=ar_dtype(n))
-    ptr = ar.reshape(b, hp, wp).copy()
-    inner_in = inset[:, 1:-1, 1:-1]
-    step = dtab[best & 15]
-    step[~inner_in] = 0
-    ptr[:, 1:-1, 1:-1] += step
-    ptr = ptr.reshape(-1)
-    is_root = np.zeros((b, hp, wp), dtype=bool)
-    is_root[:, 1:-1, 1:-1] = inner_in & ((best & 15) == self_rank)
-    roots = np.flatnonzero(is_root)
-    while True:
-        nxt = ptr.take(ptr)
-        if np.array_equal(nxt, ptr):
-            break
-        ptr = nxt
+    ptr = ar.copy()
+    rank = best & 15
+    step = dtab[rank]
+    step[~inset] = 0
+    ptr[lo:hi] += step
+    roots = np.flatnonzero(inset & (rank == self_rank)) + lo
+    # Pointer jumping, restricted to the pixels whose pointer is not a root yet.
+    for _ in range(2):
+        ptr = ptr.take(ptr)
+    act = np.flatnonzero(ptr.take(ptr) != ptr)
+    while act.size:
+        p = ptr.take(act)
+        pp = ptr.take(p)
+        ptr[act] = pp
+        act = act[pp != p]
     r = int(roots.size)
     bid = np.full(n, -1, dtype=np.int32)
     bid[roots] = np.arange(r, dtype=np.int32)
     basin_of = bid.take(ptr)  # pixels outside the set point to themselves and are not roots
-    vf = v.reshape(-1)
     peak = vf[roots].astype(np.int64)
     image_of_basin = roots // (hp * wp)
 
-    bo = basin_of.reshape(b, hp, wp)
-    cb, cv = _shift(bo, 0, 0), _shift(v, 0, 0)
     ea, eb, ew = [], [], []
     for dy, dx in (_HALF8 if conn == 8 else _HALF4):
-        ob = _shift(bo, dy, dx)
-        m = np.nonzero(cb != ob)
-        a_, b_ = cb[m], ob[m]
+        d = dy * wp + dx
+        m = np.flatnonzero(basin_of[lo:hi] != basin_of[lo + d:hi + d]) + lo
+        a_, b_ = basin_of.take(m), basin_of.take(m + d)
         ok = (a_ >= 0) & (b_ >= 0)
+        m = m[ok]
         ea.append(a_[ok].astype(np.int64))
         eb.append(b_[ok].astype(np.int64))
-        ew.append(np.minimum(cv[m][ok], _shift(v, dy, dx)[m][ok]).astype(np.int64))
+        ew.append(np.minimum(vf.take(m), vf.take(m + d)).astype(np.int64))
     parent = [-1] * r
     birth = peak.tolist()
     img = image_of_basin.tolist()
@@ -243,6 +247,21 @@ def _alive_table(parent: np.ndarray, birth: np.ndarray, leaves: np.ndarray, peak
     return comp
 
 
+_COORDS: dict = {}
+
+
+def _coords(b: int, hp: int, wp: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column ``x`` and raster index ``y * width + x`` of every padded pixel (cached)."""
+    key = (b, hp, wp, width)
+    if key not in _COORDS:
+        yy, xx = np.mgrid[-2:hp - 2, -2:wp - 2]
+        x = np.broadcast_to(xx, (b, hp, wp)).reshape(-1).astype(np.int64)
+        ras = np.broadcast_to(yy * width + xx, (b, hp, wp)).reshape(-1).astype(np.int64)
+        _COORDS.clear()
+        _COORDS[key] = (x, ras)
+    return _COORDS[key]
+
+
 def _rev_cum(table: np.ndarray, op) -> np.ndarray:
     """``out[:, L] = op over value > L of table[:, value]`` (shape (R, V - 1))."""
     f = op.accumulate(table[:, ::-1], axis=1)[:, ::-1]
@@ -263,9 +282,6 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
     vcols = max(int(v.max()) + 2, nlev + 1)
     comp = forest.comp
     basin = forest.basin_of
-    sel = np.flatnonzero(basin >= 0)
-    bsel = basin[sel]
-    vsel = v.reshape(-1)[sel].astype(np.int64)
     # A pixel of value v only counts at levels L < v, where its component is the one alive at
     # v - 1: any leaf below that node stands for it. Using the node's highest leaf ("rep")
     # gathers the pixels on few rows (plateau basins that are never alone disappear).
@@ -276,23 +292,23 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
     r = int(rep_leaves.size)
     rows_of_leaf[rep_leaves] = np.arange(r)
     ncomp = comp.shape[1]
-
-    def row_of(bas: np.ndarray, val: np.ndarray) -> np.ndarray:
-        node = comp.reshape(-1)[canon_row[bas] * ncomp + np.minimum(val - 1, ncomp - 1)]
-        return rows_of_leaf[forest.rep[node]]
-
-    rsel = row_of(bsel, vsel)
-    local = sel % (hp * wp)
-    y = local // wp - 2
-    x = local % wp - 2
-    ras = y * width + x
-    idx = rsel * vcols + vsel
     size = r * vcols
+    # slot[j, v]: table slot of a pixel of basin j and value v; value 0 (outside the set) and
+    # the extra last row (basin -1, reached by negative indexing) go to the dummy slot `size`.
+    vals = np.arange(vcols)
+    node = comp[canon_row][:, np.minimum(np.maximum(vals - 1, 0), ncomp - 1)]
+    slot = np.full((forest.num_basins + 1, vcols), size, dtype=np.int64)
+    ok = (node >= 0) & (vals[None, :] > 0)
+    slot[:-1][ok] = (rows_of_leaf[forest.rep[node[ok]]] * vcols
+                     + np.broadcast_to(vals, node.shape)[ok])
+    slot_flat = slot.reshape(-1)
+    idx = slot_flat.take(basin * vcols + v.reshape(-1))
+    x, ras = _coords(b, hp, wp, width)
 
-    def red(vals: np.ndarray, ufunc, fill) -> np.ndarray:
-        t = np.full(size, fill, dtype=np.int64)
-        ufunc.at(t, idx, vals)
-        return t.reshape(r, vcols)
+    def red(vals_: np.ndarray, ufunc, fill) -> np.ndarray:
+        t = np.full(size + 1, fill, dtype=np.int64)
+        ufunc.at(t, idx, vals_)
+        return t[:size].reshape(r, vcols)
 
     tx0 = _rev_cum(red(x, np.minimum, _BIG), np.minimum)[:, :nlev]
     tx1 = _rev_cum(red(x, np.maximum, -_BIG), np.maximum)[:, :nlev]
@@ -307,17 +323,15 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
         v3 = np.minimum(np.maximum(lo1, lo2), np.minimum(hi1, hi2))
         v4 = np.minimum(lo1, lo2)
         # at most one pixel of the cell is below v3, so the top-left or the bottom-right pixel
-        # is in the cell's component; cells with fewer than 3 pixels in the set (v3 == 0) only
-        # touch column 0, which no level reads
+        # is in the cell's component; cells with fewer than 3 pixels in the set (v3 == 0) go
+        # to the dummy slot (their v4 is 0 too)
         bo = basin.reshape(b, hp, wp)
-        cb = np.where(a >= v3, bo[:, :-1, :-1], bo[:, 1:, 1:]).reshape(-1)
-        c3 = v3.reshape(-1).astype(np.int64)
-        c4 = v4.reshape(-1).astype(np.int64)
-        ok = c3 > 0
-        crow = np.zeros(c3.shape, dtype=np.int64)
-        crow[ok] = row_of(cb[ok], c3[ok])
-        t = np.bincount(crow * vcols + c3, minlength=size)[:size]
-        t += np.bincount(crow * vcols + c4, minlength=size)[:size]
+        cb = np.where(a >= v3, bo[:, :-1, :-1], bo[:, 1:, 1:])
+        c3 = v3.astype(np.int64)
+        i3 = slot_flat.take((cb * vcols + c3).reshape(-1))
+        i4 = i3 + (v4.reshape(-1) - v3.reshape(-1))  # same row, column v4 (0: never read)
+        t = np.bincount(i3, minlength=size + 1)[:size]
+        t += np.bincount(i4, minlength=size + 1)[:size]
         tar = _rev_cum(t.reshape(r, vcols).astype(np.int64), np.add)[:, :nlev]
 
     lev = np.arange(nlev)
