@@ -225,6 +225,15 @@ def test_wsol_evaluator_on_cam_like_maps_at_1000_thresholds():
     assert out["top1_loc"] <= out["top5_loc"]
 
 
+def test_torch_engine_equals_numpy_engine():
+    maps = np.stack([_make_map(KINDS[i % 6], i, 14, 17) for i in range(8)])
+    gts = [_gt(i, 14, 17) for i in range(8)]
+    a = box_scores(maps, gts)
+    b = box_scores(torch.from_numpy(maps), gts, engine="torch")
+    for k in ("multi", "largest", "max_byte"):
+        np.testing.assert_array_equal(a[k], b[k])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_path_equals_cpu_path():
     rng = np.random.default_rng(5)

@@ -177,7 +177,8 @@ def _component_tables(b, multi: bool, largest: bool, fine=None) -> dict:
 
 
 def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
-               largest_contour: bool = True, device=None) -> dict[str, np.ndarray]:
+               largest_contour: bool = True, device=None,
+               engine: str = "auto") -> dict[str, np.ndarray]:
     """Best IoU of every map at every byte level, for both box rules.
 
     Args:
@@ -186,6 +187,8 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
         multi_contour: compute the all-contours table (MaxBoxAccV2).
         largest_contour: compute the largest-contour table (MaxBoxAcc).
         device: ``None`` or ``"cpu"``: numpy on the CPU; a CUDA device: torch on that device.
+        engine: ``"auto"`` (as above), ``"numpy"`` or ``"torch"`` (force one implementation;
+            both give identical tables).
 
     Returns:
         ``{"multi": float64 (N, 256), "largest": float64 (N, 256), "max_byte": int64 (N,)}``:
@@ -199,8 +202,12 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
     n, h, w = t.shape
     gt, valid = _gt_arrays(gt_boxes, n)
     b = to_bytes(t)
-    use_torch = device is not None and torch.device(device).type != "cpu"
-    bb = b.to(device) if use_torch else b.cpu().numpy().astype(np.int16)
+    if engine not in ("auto", "numpy", "torch"):
+        raise DataError(f"engine must be 'auto', 'numpy' or 'torch', got {engine!r}")
+    use_torch = engine == "torch" or (
+        engine == "auto" and device is not None and torch.device(device).type != "cpu")
+    bb = b.to(device if device is not None else b.device) if use_torch \
+        else b.cpu().numpy().astype(np.int16)
     max_byte = b.reshape(n, -1).max(1).values.cpu().numpy() if n else np.zeros(0, np.int64)
     out: dict[str, np.ndarray] = {"max_byte": max_byte}
     zero_iou = _best_iou(np.zeros((n, 4), dtype=np.int64), np.arange(n), gt, valid)
