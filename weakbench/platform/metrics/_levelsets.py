@@ -130,8 +130,9 @@ def build_forest(v: np.ndarray, conn: int, nlev: int, sub: np.ndarray | None = N
     step[~inset] = 0
     ptr[lo:hi] += step
     roots = np.flatnonzero(inset & (rank == self_rank)) + lo
-    # Pointer jumping, restricted to the pixels whose pointer is not a root yet.
-    for _ in range(2):
+    # Pointer jumping: a few rounds over every pixel (cheap, local accesses), then only over
+    # the pixels whose pointer is not a root yet.
+    for _ in range(4):
         ptr = ptr.take(ptr)
     act = np.flatnonzero(ptr.take(ptr) != ptr)
     while act.size:

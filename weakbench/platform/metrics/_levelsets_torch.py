@@ -1,4 +1,7 @@
-"""Connected components of every upper level set of a batch of byte maps, at once.
+"""Connected components of every upper level set of a batch of byte maps, at once (torch).
+
+The torch twin of :mod:`._levelsets` (same algorithm, same results, tested equal), used when
+the evaluation runs on a GPU; on a CPU the numpy version is faster.
 
 For an integer image ``v`` the upper level sets ``U(L) = {p : v[p] > L}`` only grow as ``L``
 drops, so their connected components only merge: they form a tree (the *component tree*).

@@ -285,7 +285,7 @@ class BoxEvaluator:
 
     def __init__(self, cam_curve_interval: float = 0.01,
                  iou_thresholds: Sequence[int] = (30, 50, 70), multi_contour: bool = True,
-                 device=None, chunk: int = 32) -> None:
+                 device=None, chunk: int = 8) -> None:
         self.thresholds = threshold_list(cam_curve_interval)
         self.iou_thresholds = tuple(int(d) for d in iou_thresholds)
         if not self.iou_thresholds or any(not 0 < d <= 100 for d in self.iou_thresholds):
@@ -369,7 +369,7 @@ class WsolEvaluator:
 
     def __init__(self, cam_curve_interval: float = 0.01,
                  iou_thresholds: Sequence[int] = (30, 50, 70), device=None,
-                 chunk: int = 32) -> None:
+                 chunk: int = 8) -> None:
         self.v1 = BoxEvaluator(cam_curve_interval, (50,), multi_contour=False,
                                device=device, chunk=chunk)
         self.v2 = BoxEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True,
