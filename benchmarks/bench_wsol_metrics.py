@@ -57,7 +57,8 @@ def coco_cams(n: int, coco_dir: Path) -> tuple[np.ndarray, list[np.ndarray]]:
             anns.setdefault(a["image_id"], []).append(a)
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=80).eval()
-    cat_index = {c["id"]: i for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
     maps, gts = [], []
     images = [im for im in data["images"] if im["id"] in anns]
     for im in images:

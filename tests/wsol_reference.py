@@ -82,7 +82,8 @@ class ReferenceBoxEvaluator:
         self.cam_threshold_list = list(np.arange(0, 1, cam_curve_interval))
         self.iou_threshold_list = list(iou_threshold_list)
         self.multi_contour_eval = multi_contour_eval
-        self.num_correct = {t: np.zeros(len(self.cam_threshold_list)) for t in self.iou_threshold_list}
+        self.num_correct = {t: np.zeros(len(self.cam_threshold_list))
+                            for t in self.iou_threshold_list}
         self.cnt = 0
 
     def accumulate(self, scoremap, gt_boxes):

@@ -5,8 +5,9 @@ drops, so their connected components only merge: they form a tree (the *componen
 We build it without tracing anything per level:
 
 1. **Basins.** Every pixel of the set points to the neighbour (itself included) with the
-   largest ``(v, raster index)``; following the pointers (pointer jumping) leads every pixel
-   to a root, a local maximum. A basin is the set of pixels reaching the same root. Along a
+   largest ``(v, secondary key, raster index)`` (the secondary key is the float map before
+   byte quantisation, so byte plateaus do not shatter into many basins); following the
+   pointers (pointer jumping) leads every pixel to a root, a local maximum. A basin is the set of pixels reaching the same root. Along a
    pointer path ``v`` never decreases, so ``basin ∩ U(L)`` is connected for every ``L``:
    each of its pixels reaches the root through pixels at least as high.
 2. **Kruskal on basins.** Two basins touch at level ``L`` when some adjacent pair of their

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 _OFF8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -295,4 +294,4 @@ def pad_batch(bytes_: torch.Tensor, inner: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (1, 1, 1, 1), value=0)
 
 
-__all__ = ["Forest", "NodeTable", "build_forest", "node_table", "pad_batch", "np"]
+__all__ = ["Forest", "NodeTable", "build_forest", "node_table", "pad_batch"]
