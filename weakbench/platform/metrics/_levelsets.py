@@ -131,9 +131,11 @@ def build_forest(v: np.ndarray, conn: int, nlev: int, sub: np.ndarray | None = N
     step[~inset] = 0
     ptr[lo:hi] += step
     roots = np.flatnonzero(inset & (rank == self_rank)) + lo
-    # Pointer jumping: a few rounds over every pixel (cheap, local accesses), then only over
-    # the pixels whose pointer is not a root yet.
-    for _ in range(4):
+    # Pointer jumping: rounds over every pixel while most paths are unresolved (cheap, local
+    # accesses; ascent paths are up to ~H + W long), then only over the pixels whose pointer
+    # is not a root yet.
+    full_rounds = max(1, int(np.ceil(np.log2(max(hp, wp)))) - (2 if conn == 8 else 1))
+    for _ in range(full_rounds):
         ptr = ptr.take(ptr)
     act = np.flatnonzero(ptr.take(ptr) != ptr)
     while act.size:

@@ -55,25 +55,42 @@ def threshold_list(cam_curve_interval: float) -> np.ndarray:
     return np.arange(0, 1, cam_curve_interval)
 
 
-def _as_tensor(maps, device) -> torch.Tensor:
-    t = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.asarray(maps))
-    if t.ndim == 2:
-        t = t[None]
-    if t.ndim != 3:
-        raise DataError(f"maps must be (N, H, W), got shape {tuple(t.shape)}; "
+def _as_maps(maps):
+    """Validated float maps (N, H, W): a numpy array, or a torch tensor left on its device
+    when it is not on the CPU (no copy to the host)."""
+    if isinstance(maps, torch.Tensor):
+        m = maps.detach()
+        if m.device.type == "cpu":
+            m = m.numpy()
+    else:
+        m = np.asarray(maps)
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim != 3:
+        raise DataError(f"maps must be (N, H, W), got shape {tuple(m.shape)}; "
                         "pass one normalised map per image")
-    if not t.is_floating_point():
-        raise DataError(f"maps must be float in [0, 1], got dtype {t.dtype}; "
+    if isinstance(m, torch.Tensor):
+        ok = m.is_floating_point() and (m.numel() == 0 or bool(
+            (~torch.isnan(m).any()) & (m.min() >= 0) & (m.max() <= 1)))
+        floating = m.is_floating_point()
+    else:
+        floating = np.issubdtype(m.dtype, np.floating)
+        ok = floating and (m.size == 0 or bool(
+            not np.isnan(m).any() and m.min() >= 0 and m.max() <= 1))
+    if not floating:
+        raise DataError(f"maps must be float in [0, 1], got dtype {m.dtype}; "
                         "min-max normalise the CAMs first")
-    if t.numel() and (torch.isnan(t).any() or t.min() < 0 or t.max() > 1):
+    if not ok:
         raise DataError("maps must lie in [0, 1] without NaN (check_scoremap_validity); "
                         "min-max normalise each map before evaluation")
-    return t.to(device) if device is not None else t
+    return m
 
 
-def to_bytes(maps: torch.Tensor) -> torch.Tensor:
-    """``uint8(map * 255)`` in the map's float dtype, as int64 (N, H, W)."""
-    return (maps * 255).to(torch.uint8).to(torch.int64)
+def to_bytes(maps):
+    """``uint8(map * 255)`` computed in the map's own float dtype, as the reference does."""
+    if isinstance(maps, torch.Tensor):
+        return (maps * 255).to(torch.uint8)
+    return (maps * maps.dtype.type(255)).astype(np.uint8)
 
 
 def _gt_arrays(gt_boxes: Sequence, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,22 +215,29 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
     Raises:
         DataError: bad shapes, values outside [0, 1], NaN, or an image without GT boxes.
     """
-    t = _as_tensor(maps, None)
-    n, h, w = t.shape
+    m = _as_maps(maps)
+    n, h, w = m.shape
     gt, valid = _gt_arrays(gt_boxes, n)
-    b = to_bytes(t)
     if engine not in ("auto", "numpy", "torch"):
         raise DataError(f"engine must be 'auto', 'numpy' or 'torch', got {engine!r}")
     use_torch = engine == "torch" or (
         engine == "auto" and device is not None and torch.device(device).type != "cpu")
-    bb = b.to(device if device is not None else b.device) if use_torch \
-        else b.cpu().numpy().astype(np.int16)
-    max_byte = b.reshape(n, -1).max(1).values.cpu().numpy() if n else np.zeros(0, np.int64)
+    b = to_bytes(m)
+    fine = None
+    if use_torch:
+        bt = b if isinstance(b, torch.Tensor) else torch.from_numpy(b)
+        bb = bt.to(device if device is not None else bt.device).to(torch.int64)
+        max_byte = bt.reshape(n, -1).max(1).values.cpu().numpy().astype(np.int64) if n \
+            else np.zeros(0, np.int64)
+    else:
+        if isinstance(b, torch.Tensor):  # a map tensor on an accelerator, numpy engine
+            m, b = m.cpu().numpy(), b.cpu().numpy()
+        bb = b.astype(np.int16)
+        max_byte = b.reshape(n, -1).max(1).astype(np.int64) if n else np.zeros(0, np.int64)
+        # the map before quantisation orders pixels of equal bytes (fewer basins)
+        fine = (m.astype(np.float64) * ((1 << 18) - 1)).astype(np.int32)
     out: dict[str, np.ndarray] = {"max_byte": max_byte}
     zero_iou = _best_iou(np.zeros((n, 4), dtype=np.int64), np.arange(n), gt, valid)
-    fine = None
-    if not use_torch:
-        fine = (t.cpu().to(torch.float64) * ((1 << 18) - 1)).to(torch.int32).numpy()
     tabs = _component_tables(bb, multi_contour, largest_contour, fine)
 
     def finish(rows_boxes, rows_image, rows_level):
@@ -426,7 +450,8 @@ class PxAPEvaluator:
 
     def accumulate(self, maps, gt_masks, ignore=None) -> None:
         """maps float (N, H, W) in [0, 1]; gt_masks bool (N, H, W); ignore bool (N, H, W)."""
-        m = _as_tensor(maps, None).cpu().numpy()
+        m = _as_maps(maps)
+        m = m.cpu().numpy() if isinstance(m, torch.Tensor) else m
         gt = np.asarray(gt_masks.cpu() if isinstance(gt_masks, torch.Tensor) else gt_masks)
         gt = gt.astype(bool).reshape(m.shape) if gt.size == m.size else None
         if gt is None:
