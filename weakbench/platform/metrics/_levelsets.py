@@ -273,7 +273,7 @@ def _rev_cum(table: np.ndarray, op) -> np.ndarray:
 
 
 def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
-               cells: bool = False) -> NodeTable:
+               cells: bool = False, exclude: np.ndarray | None = None) -> NodeTable:
     """Bounding boxes (and outer-contour areas if ``cells``) per alive (node, level).
 
     ``v`` is the padded batch (B, H + 4, W + 4) whose interior starts at (2, 2).
@@ -281,6 +281,9 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
     component, valid when the components have no holes (the caller passes hole-filled maps):
     a 2×2 cell of pixel centres counts 1 when its 4 pixels are in the component and 1/2 when
     3 are (the traced polygon cuts it along the diagonal); fewer contribute nothing.
+    ``exclude`` (int (B, nlev)): per map and level a node whose statistics are not needed
+    (the outside of the background); pixels already in it at the highest level they count at
+    stay in it below and are skipped, and that node's rows come out incomplete.
     """
     b, hp, wp = v.shape
     vcols = max(int(v.max()) + 2, nlev + 1)
@@ -303,11 +306,18 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
     node = comp[canon_row][:, np.minimum(np.maximum(vals - 1, 0), ncomp - 1)]
     slot = np.full((forest.num_basins + 1, vcols), size, dtype=np.int64)
     ok = (node >= 0) & (vals[None, :] > 0)
+    if exclude is not None:
+        img = forest.image_of_node[: forest.num_basins]
+        lev_of_val = np.minimum(np.maximum(vals - 1, 0), exclude.shape[1] - 1)
+        ok &= node != exclude[img][:, lev_of_val]
     slot[:-1][ok] = (rows_of_leaf[forest.rep[node[ok]]] * vcols
                      + np.broadcast_to(vals, node.shape)[ok])
     slot_flat = slot.reshape(-1)
     idx = slot_flat.take(basin * vcols + v.reshape(-1))
     x, ras = _coords(b, hp, wp, width)
+    if exclude is not None:
+        keep = np.flatnonzero(idx != size)
+        idx, x, ras = idx[keep], x[keep], ras[keep]
 
     def red(vals_: np.ndarray, ufunc, fill) -> np.ndarray:
         t = np.full(size + 1, fill, dtype=np.int64)

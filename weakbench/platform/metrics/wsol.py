@@ -161,7 +161,8 @@ def _component_tables(b, multi: bool, largest: bool, fine=None) -> dict:
     if multi:
         fgv = lv.pad_batch(b, 0)
         out["fg"] = lv.node_table(fgv, lv.build_forest(fgv, 8, NLEV, **kw_fg), NLEV, w)
-        hb = lv.node_table(bgv, fbg, NLEV, w)
+        hb = lv.node_table(bgv, fbg, NLEV, w) if is_torch \
+            else lv.node_table(bgv, fbg, NLEV, w, exclude=outside)
         out["holes"] = (hb, outside)
     if largest:
         # Grey-level hole filling: a pixel is outside at level L iff b <= L and its background
