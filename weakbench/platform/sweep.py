@@ -147,7 +147,7 @@ def _ensure_ray(opts: SweepOptions) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if opts.address:
         ray.init(address=opts.address, **kwargs)
     else:
@@ -264,7 +264,10 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
 
         per_trial_cpu = opts.num_workers * opts.cpus_per_worker
         total_cpu = ray.cluster_resources().get("CPU", 1)
-        max_conc = opts.max_concurrent or max(1, int(total_cpu // per_trial_cpu))
+        # the Train executor's trial function holds 0.01 CPU beside its workers: count it, or the
+        # last trial's workers wait for a CPU inside Train (and time out) instead of in Tune's queue
+        overhead = 0.0 if opts.executor == "inline" else 0.01
+        max_conc = opts.max_concurrent or max(1, int(total_cpu // (per_trial_cpu + overhead)))
         trial_resources = {"cpu": opts.cpus_per_worker} if opts.executor == "inline" else {"cpu": 0.01}
         ctx = _SweepContext(method=space.method, data=opts.data, data_cache=data_cache, splits_path=str(splits_path),
                             sweep_dir=str(sweep_dir), tracking_uri=tracking_uri, experiment=opts.experiment,
