@@ -169,12 +169,18 @@ def build_forest(v: np.ndarray, conn: int, nlev: int, sub: np.ndarray | None = N
         b_ = np.concatenate(eb)
         w_ = np.concatenate(ew)
         k = np.minimum(a_, b_) * r + np.maximum(a_, b_)
-        # max weight per basin pair: sort by (pair, weight) and keep the last of each pair
-        order = np.lexsort((w_, k))
-        ks, ws_ = k[order], w_[order]
-        last = np.ones(ks.size, dtype=bool)
-        last[:-1] = ks[1:] != ks[:-1]
-        ks, ws_ = ks[last], ws_[last]
+        # max weight per basin pair
+        if r * r <= 1 << 22:  # few basins: a dense (pair) table
+            dense = np.zeros(r * r, dtype=np.int64)
+            np.maximum.at(dense, k, w_)
+            ks = np.flatnonzero(dense)
+            ws_ = dense[ks]
+        else:  # sort by (pair, weight) and keep the last of each pair
+            order = np.lexsort((w_, k))
+            ks, ws_ = k[order], w_[order]
+            last = np.ones(ks.size, dtype=bool)
+            last[:-1] = ks[1:] != ks[:-1]
+            ks, ws_ = ks[last], ws_[last]
         o2 = np.argsort(-ws_, kind="stable")
         lo = (ks[o2] // r).tolist()
         hi = (ks[o2] % r).tolist()
