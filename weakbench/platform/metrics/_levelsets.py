@@ -36,6 +36,7 @@ _OFF4 = ((-1, 0), (0, -1), (0, 0), (0, 1), (1, 0))
 _HALF8 = ((0, 1), (1, -1), (1, 0), (1, 1))
 _HALF4 = ((0, 1), (1, 0))
 _BIG = np.int64(1 << 40)
+_BIG32 = np.int32(1 << 30)
 
 
 @dataclass
@@ -265,8 +266,8 @@ def _coords(b: int, hp: int, wp: int, width: int) -> tuple[np.ndarray, np.ndarra
     key = (b, hp, wp, width)
     if key not in _COORDS:
         yy, xx = np.mgrid[-2:hp - 2, -2:wp - 2]
-        x = np.broadcast_to(xx, (b, hp, wp)).reshape(-1).astype(np.int64)
-        ras = np.broadcast_to(yy * width + xx, (b, hp, wp)).reshape(-1).astype(np.int64)
+        x = np.broadcast_to(xx, (b, hp, wp)).reshape(-1).astype(np.int32)
+        ras = np.broadcast_to(yy * width + xx, (b, hp, wp)).reshape(-1).astype(np.int32)
         _COORDS.clear()
         _COORDS[key] = (x, ras)
     return _COORDS[key]
@@ -310,7 +311,7 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
     # the extra last row (basin -1, reached by negative indexing) go to the dummy slot `size`.
     vals = np.arange(vcols)
     node = comp[canon_row][:, np.minimum(np.maximum(vals - 1, 0), ncomp - 1)]
-    slot = np.full((forest.num_basins + 1, vcols), size, dtype=np.int64)
+    slot = np.full((forest.num_basins + 1, vcols), size, dtype=np.int32)
     ok = (node >= 0) & (vals[None, :] > 0)
     if exclude is not None:
         img = forest.image_of_node[: forest.num_basins]
@@ -326,17 +327,17 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
         idx, x, ras = idx[keep], x[keep], ras[keep]
 
     def red(vals_: np.ndarray, ufunc, fill) -> np.ndarray:
-        t = np.full(size + 1, fill, dtype=np.int64)
+        t = np.full(size + 1, fill, dtype=np.int32)
         ufunc.at(t, idx, vals_)
         return t[:size].reshape(r, vcols)
 
-    tx0 = _rev_cum(red(x, np.minimum, _BIG), np.minimum)[:, :nlev]
-    tx1 = _rev_cum(red(x, np.maximum, -_BIG), np.maximum)[:, :nlev]
-    tfi = _rev_cum(red(ras, np.minimum, _BIG), np.minimum)[:, :nlev]
-    tla = _rev_cum(red(ras, np.maximum, -_BIG), np.maximum)[:, :nlev]
+    tx0 = _rev_cum(red(x, np.minimum, _BIG32), np.minimum)[:, :nlev]
+    tx1 = _rev_cum(red(x, np.maximum, -_BIG32), np.maximum)[:, :nlev]
+    tfi = _rev_cum(red(ras, np.minimum, _BIG32), np.minimum)[:, :nlev]
+    tla = _rev_cum(red(ras, np.maximum, -_BIG32), np.maximum)[:, :nlev]
     tar = None
     if cells:
-        vv = np.maximum(v, 0).astype(np.int16)
+        vv = v if v.min() >= 0 else np.maximum(v, 0)
         a, bb, c, d = vv[:, :-1, :-1], vv[:, :-1, 1:], vv[:, 1:, :-1], vv[:, 1:, 1:]
         lo1, hi1 = np.minimum(a, bb), np.maximum(a, bb)
         lo2, hi2 = np.minimum(c, d), np.maximum(c, d)
@@ -347,9 +348,8 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
         # to the dummy slot (their v4 is 0 too)
         bo = basin.reshape(b, hp, wp)
         cb = np.where(a >= v3, bo[:, :-1, :-1], bo[:, 1:, 1:])
-        c3 = v3.astype(np.int64)
-        i3 = slot_flat.take((cb * vcols + c3).reshape(-1))
-        i4 = i3 + (v4.reshape(-1) - v3.reshape(-1))  # same row, column v4 (0: never read)
+        i3 = slot_flat.take((cb * np.int32(vcols) + v3).reshape(-1))
+        i4 = i3 + (v4 - v3).reshape(-1)  # same row, column v4 (0: never read)
         t = np.bincount(i3, minlength=size + 1)[:size]
         t += np.bincount(i4, minlength=size + 1)[:size]
         tar = _rev_cum(t.reshape(r, vcols).astype(np.int64), np.add)[:, :nlev]
@@ -358,24 +358,29 @@ def node_table(v: np.ndarray, forest: Forest, nlev: int, width: int,
     crows = comp[canon_row[rep_leaves]]
     crows = np.where(lev[None, :] < forest.peak[rep_leaves][:, None], crows, -1)
     bi, li = np.nonzero(crows >= 0)
-    nodes_u, nodes = np.unique(crows[bi, li], return_inverse=True)
+    nodes_all = crows[bi, li]
+    mark = np.zeros(forest.num_nodes, dtype=bool)
+    mark[nodes_all] = True
+    nodes_u = np.flatnonzero(mark)
+    nodes = (np.cumsum(mark) - 1)[nodes_all]
     slot = nodes * nlev + li
     tsize = int(nodes_u.size) * nlev
 
     def agg(vals: np.ndarray, ufunc, fill) -> np.ndarray:
-        t = np.full(tsize, fill, dtype=np.int64)
+        t = np.full(tsize, fill, dtype=np.int32)
         ufunc.at(t, slot, vals)
         return t
 
-    nx0 = agg(tx0[bi, li], np.minimum, _BIG)
-    used = np.flatnonzero(nx0 < _BIG)
+    nx0 = agg(tx0[bi, li], np.minimum, _BIG32)
+    used = np.flatnonzero(nx0 < _BIG32)
     out_node = nodes_u[used // nlev]
     out_lev = used % nlev
-    nx1 = agg(tx1[bi, li], np.maximum, -_BIG)[used]
-    nfi = agg(tfi[bi, li], np.minimum, _BIG)[used]
-    nla = agg(tla[bi, li], np.maximum, -_BIG)[used]
+    nx1 = agg(tx1[bi, li], np.maximum, -_BIG32)[used].astype(np.int64)
+    nfi = agg(tfi[bi, li], np.minimum, _BIG32)[used].astype(np.int64)
+    nla = agg(tla[bi, li], np.maximum, -_BIG32)[used].astype(np.int64)
     nar = None
     if tar is not None:
         nar = np.bincount(slot, weights=tar[bi, li], minlength=tsize)[used].astype(np.int64)
-    return NodeTable(out_node, out_lev, forest.image_of_node[out_node], nx0[used],
+    return NodeTable(out_node, out_lev, forest.image_of_node[out_node],
+                     nx0[used].astype(np.int64),
                      nfi // width, nx1, nla // width, nfi, nar)
