@@ -118,10 +118,11 @@ def build_forest(v: np.ndarray, conn: int, nlev: int, sub: np.ndarray | None = N
     # never in the set, whose result is discarded).
     lo, hi = wp + 1, n - wp - 1
     dtab = np.array([dy * wp + dx for dy, dx in offs], dtype=ar_dtype(n))
-    best = None
-    for rank, d in enumerate(dtab.tolist()):
-        k = base[lo + d:hi + d] + base.dtype.type(rank)
-        best = k if best is None else np.maximum(best, k, out=best)
+    best = base[lo + dtab[0]:hi + dtab[0]].copy()  # rank 0
+    tmp = np.empty_like(best)
+    for rank, d in enumerate(dtab.tolist()[1:], start=1):
+        np.add(base[lo + d:hi + d], base.dtype.type(rank), out=tmp)
+        np.maximum(best, tmp, out=best)
     self_rank = offs.index((0, 0))
     vf = v.reshape(-1)
     inset = vf[lo:hi] > 0
