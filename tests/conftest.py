@@ -30,3 +30,18 @@ def synthetic_dir(tmp_path_factory) -> Path:
     from weakbench.platform.data import generate_synthetic_coco
 
     return generate_synthetic_coco(tmp_path_factory.mktemp("synthetic") / "synthetic", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the session (2 CPUs, as in CI).
+
+    The dashboard is started because Ray Train's placement-group cleaner queries actor state
+    through the State API it serves; without it a finished trial's placement group can stay
+    reserved inside a Tune sweep.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()

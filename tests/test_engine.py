@@ -21,14 +21,6 @@ pytestmark = pytest.mark.slow
 TINY = {"backbone": "resnet18", "input_size": 64, "epochs": 2, "batch_size": 8, "lr": 0.02}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):

@@ -21,14 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 def invoke(*args: str):
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
@@ -64,11 +56,11 @@ def sweep_and_check(out: Path, data: str | None, *extra: str):
 
 
 def leaderboard_register_predict(out: Path, image: Path, dataset: str):
-    import pyarrow.parquet as pq
+    from weakbench.platform.results import read_store
 
     output = invoke("leaderboard", "--output-dir", out, "--metric", "max_box_acc_v2")
     assert "cam" in output
-    table = pq.read_table(out / "results")  # partitioned dataset directory
+    table = read_store(out / "results")  # Parquet partitioned by dataset and method
     assert table.num_rows == 2
     invoke("register", "--method", "cam", "--output-dir", out)
     name = f"weakbench-cam-{dataset}"

@@ -26,18 +26,20 @@ from weakbench.platform.errors import WeakbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="weakbench: sweeps, leaderboards and a model registry for weakly supervised localisation.")
-console = Console()
-err_console = Console(stderr=True)
+# not a terminal (a pipe, a log file, CI): render tables wide instead of squashing them to 80 columns
+console = Console(width=None if sys.stdout.isatty() else 180)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
 
 OUTPUT_DIR = typer.Option("weakbench_runs", "--output-dir", "-o", help="Where sweeps, the MLflow database and the results store live.")
-TRACKING_URI = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite:///<output-dir>/mlflow.db).")
+TRACKING_URI = typer.Option(None, "--tracking-uri", envvar="WEAKBENCH_TRACKING_URI",
+                            help="MLflow tracking URI, e.g. http://mlflow:5000 (default: sqlite:///<output-dir>/mlflow.db).")
 EXPERIMENT = typer.Option("weakbench", "--experiment", help="MLflow experiment name.")
 
 
 def _tracking_uri(output_dir: str, tracking_uri: str | None) -> str:
     from weakbench.platform.tracking import default_tracking_uri
 
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
+    return tracking_uri or default_tracking_uri(output_dir)
 
 
 def _parse_sets(sets: list[str]) -> dict:
@@ -74,6 +76,7 @@ def sweep(
     search_seed: int = typer.Option(0, "--search-seed", help="Seed of the Optuna sampler."),
     executor: str = typer.Option("train", "--executor", help="train (a Ray Train TorchTrainer per trial) or inline (1-worker CPU trials run inside the Tune trial, no Train start-up)."),
     eval_max_images: Optional[int] = typer.Option(None, "--eval-max-images", help="Evaluate at most this many images per split."),
+    early_stopping: bool = typer.Option(True, "--early-stopping/--no-early-stopping", help="Stop poor trials early with the space file's ASHA scheduler; off keeps every seed of every configuration to the end."),
     sets: List[str] = typer.Option([], "--set", help="Override a hyperparameter for every trial, KEY=VALUE (repeatable)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local instance)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
@@ -85,7 +88,7 @@ def sweep(
     opts = SweepOptions(space=str(space), data=data, output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment,
                         trials=trials, name=name, resume=resume, num_workers=num_workers, use_gpu=gpu,
                         cpus_per_worker=cpus_per_worker, max_concurrent=max_concurrent, searcher=searcher,
-                        search_seed=search_seed, executor=executor, eval_max_images=eval_max_images,
+                        search_seed=search_seed, executor=executor, eval_max_images=eval_max_images, early_stopping=early_stopping,
                         address=address, num_cpus=num_cpus, overrides=_parse_sets(sets), log_model=not no_model)
     console.print(f"[bold]weakbench sweep[/] {space} on {data or 'the synthetic default'}: {trials} trials, executor={executor}")
     s = run_sweep(opts, console=console)

@@ -334,14 +334,22 @@ def title(lb: pa.Table) -> str:
     return f"Leaderboard — selected on {sel} ({metric}), reported on {rep}"
 
 
-def render_rich(lb: pa.Table, max_metrics: int = 3):
+#: metrics shown after the selecting one in the terminal table, in this order (thresholds and
+#: counts stay in the Parquet table and the dashboard)
+HEADLINE_METRICS = ("max_box_acc_v2", "max_box_acc", "pxap", "miou", "cls_map", "cls_acc", "top1_loc")
+
+
+def render_rich(lb: pa.Table, max_metrics: int = 5):
     """A :class:`rich.table.Table` of the leaderboard whose title says which split selected and
-    which split is reported. Shows the primary metric and up to ``max_metrics - 1`` others as
-    ``mean ± std [95% CI]``, seeds/trials, cost and the comparison with the baseline."""
+    which split is reported. Shows the primary metric and up to ``max_metrics - 1`` headline
+    metrics (:data:`HEADLINE_METRICS`) as ``mean ± std [95% CI]``, seeds/trials, cost and the
+    comparison with the baseline."""
     from rich.table import Table
     from rich.markup import escape
 
-    names = leaderboard_metrics(lb)[:max_metrics]
+    reported = leaderboard_metrics(lb)
+    rest = [n for h in HEADLINE_METRICS for n in reported[1:] if n.split("/", 1)[-1] == h]
+    names = (reported[:1] + rest)[:max_metrics]
     t = Table(title=title(lb), caption="mean ± std over seeds [95% bootstrap CI]; n/a with one seed")
     for col in ("dataset", "method", "backbone", "seeds/trials"):
         t.add_column(col)

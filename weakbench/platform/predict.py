@@ -10,7 +10,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from weakbench.methods.base import normalize_maps, resize_maps
-from weakbench.platform.errors import DataError, UnknownNameError
+from weakbench.platform.errors import DataError
+from weakbench.platform.registry import load_predictor  # noqa: F401  (re-exported: one loader)
 from weakbench.platform.overlay import cam_overlay
 
 
@@ -22,27 +23,6 @@ class Prediction:
     classes: list[str]
     probabilities: list[float]
     overlays: list[Path]
-
-
-def load_predictor(model_uri: str, tracking_uri: str | None = None):
-    """Load a :class:`~weakbench.methods.base.CamPredictor` from an MLflow model URI
-    (``models:/<name>@champion``, ``models:/<name>/<version>``, ``runs:/<run id>/model``).
-
-    Raises:
-        UnknownNameError: the URI does not resolve (names the URI and how to list models).
-    """
-    import mlflow
-    import mlflow.pytorch
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    try:
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - MLflow raises several types for a bad URI
-        raise UnknownNameError(f"cannot load model {model_uri!r} from {tracking_uri or mlflow.get_tracking_uri()}: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-                               f"list registered models with `weakbench registry list`") from None
 
 
 def _load_image(path: Path) -> Image.Image:

@@ -60,21 +60,12 @@ class ModelVersionRow:
     tags: dict[str, str]
 
 
-@contextlib.contextmanager
-def _tracking(tracking_uri: str | None) -> Iterator[None]:
-    """Point the fluent ``mlflow`` API at ``tracking_uri`` and restore the previous URI after (the
+def _tracking(tracking_uri: str | None):
+    """Point the fluent ``mlflow`` API at ``tracking_uri`` for a block and restore it after (the
     registry URI follows the tracking URI unless ``MLFLOW_REGISTRY_URI`` is set)."""
-    import mlflow
+    from weakbench.platform.tracking import using_tracking_uri
 
-    if tracking_uri is None:
-        yield
-        return
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old)
+    return using_tracking_uri(tracking_uri)
 
 
 def _client(tracking_uri: str | None):
@@ -285,6 +276,7 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None):
     ``(logits (B, C), cams (B, C, h, w))``.
 
     Raises:
+        UnknownNameError: the URI does not resolve (no such model, version, alias or run).
         DataError: the URI holds something other than a ``CamPredictor``.
     """
     import mlflow.pytorch
@@ -292,8 +284,15 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None):
 
     from weakbench.methods.base import CamPredictor
 
-    with _tracking(tracking_uri):
-        model = mlflow.pytorch.load_model(model_uri, map_location=torch.device("cpu"))
+    from weakbench.platform.errors import UnknownNameError
+
+    try:
+        with _tracking(tracking_uri):
+            model = mlflow.pytorch.load_model(model_uri, map_location=torch.device("cpu"))
+    except Exception as e:  # noqa: BLE001 - MLflow raises several types for a URI that does not resolve
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UnknownNameError(f"cannot load model {model_uri!r} from {tracking_uri or mlflow.get_tracking_uri()}: "
+                               f"{type(e).__name__}: {first}; list registered models with `weakbench registry list`") from None
     if not isinstance(model, CamPredictor):
         raise DataError(f"{model_uri}: holds a {type(model).__name__}, not a CamPredictor; fix: register a model logged by weakbench")
     return model.eval()
@@ -302,17 +301,19 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None):
 # ---------------------------------------------------------------------- CLI sub-app
 app = typer.Typer(help="Registered models: list versions and aliases, roll an alias back.", no_args_is_help=True)
 
-_URI = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking/registry URI")
+_URI = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking/registry URI (default: sqlite:///<output-dir>/mlflow.db)")
+_OUT = typer.Option("weakbench_runs", "--output-dir", "-o", help="weakbench output directory holding mlflow.db")
 
 
 @app.command("list")
-def list_cmd(name: Optional[str] = typer.Argument(None, help="only this registered model"), tracking_uri: Optional[str] = _URI) -> None:
+def list_cmd(name: Optional[str] = typer.Argument(None, help="only this registered model"), tracking_uri: Optional[str] = _URI,
+             output_dir: str = _OUT) -> None:
     """List registered models, their versions, aliases and selection metric."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    rows = list_registered(_uri(tracking_uri), name)
+    rows = list_registered(_uri(tracking_uri, output_dir), name)
     t = Table(title="Registered models")
     for col in ("name", "version", "aliases", "run id", "selected by", "value", "created (UTC)"):
         t.add_column(col, no_wrap=col in ("name", "aliases", "run id"))
@@ -328,16 +329,17 @@ def rollback_cmd(
     name: str = typer.Argument(..., help="registered model name, e.g. weakbench-cam-coco128"),
     alias: str = typer.Option("champion", "--alias", help="alias to move back"),
     tracking_uri: Optional[str] = _URI,
+    output_dir: str = _OUT,
 ) -> None:
     """Move NAME@ALIAS back to the version it pointed at before."""
-    version = rollback(_uri(tracking_uri), name, alias)
+    version = rollback(_uri(tracking_uri, output_dir), name, alias)
     typer.echo(f"{name}@{alias} -> version {version}")
 
 
-def _uri(tracking_uri: str | None) -> str:
-    import mlflow
+def _uri(tracking_uri: str | None, output_dir: str = "weakbench_runs") -> str:
+    from weakbench.platform.tracking import default_tracking_uri
 
-    return tracking_uri or mlflow.get_tracking_uri()
+    return tracking_uri or default_tracking_uri(output_dir)
 
 
 def _short(v: str | None) -> str:

@@ -59,6 +59,7 @@ class SweepOptions(BaseModel):
     search_seed: int = 0
     split_seed: int = 0
     executor: Literal["train", "inline"] = "train"
+    early_stopping: bool = Field(True, description="use the space file's ASHA scheduler (False: every trial runs all epochs)")
     eval_max_images: int | None = Field(None, ge=1)
     num_overlays: int = Field(6, ge=0)
     log_model: bool = True
@@ -260,7 +261,7 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
             num_samples = max(1, math.ceil(opts.trials / space.num_grid_points()))
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(space.asha.grace_period, epochs),
                                    reduction_factor=space.asha.reduction_factor)
-                     if space.asha else FIFOScheduler())
+                     if space.asha and opts.early_stopping else FIFOScheduler())
 
         per_trial_cpu = opts.num_workers * opts.cpus_per_worker
         total_cpu = ray.cluster_resources().get("CPU", 1)

@@ -19,8 +19,10 @@ Restart safety:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +35,28 @@ from mlflow.tracking import MlflowClient
 from weakbench import __version__
 from weakbench.platform import conventions as C
 from weakbench.platform.errors import ConfigError
+
+
+@contextlib.contextmanager
+def using_tracking_uri(tracking_uri: str | None):
+    """Point MLflow's fluent API at ``tracking_uri`` for the ``with`` block, then restore both
+    MLflow's global URI and the ``MLFLOW_TRACKING_URI`` environment variable (which
+    ``mlflow.set_tracking_uri`` also writes) as they were. ``None`` changes nothing."""
+    if tracking_uri is None:
+        yield
+        return
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    uri_before = mlflow.get_tracking_uri() if env_before is not None else None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        if env_before is None:
+            mlflow.set_tracking_uri(None)  # back to MLflow's own default
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            mlflow.set_tracking_uri(uri_before)
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -186,8 +210,7 @@ def log_model(tracking_uri: str, run_id: str, predictor, *, metadata: Mapping[st
     """
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id, nested=True):
+    with using_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
         info = mlflow.pytorch.log_model(
             predictor, name=C.MODEL_ARTIFACT, serialization_format="pickle",
             pip_requirements=[f"weakbench=={__version__}", "torch", "timm"], metadata=dict(metadata),
