@@ -303,6 +303,17 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
             final = _finalize(spec, method, bare.to(device), source, splits, device, client, run_id, {})
             reporter.report({**final, "epoch": float(cfg.epochs)}, None)
         return final if rank == 0 else None
+    except SystemExit as e:
+        # Tune ends a function trial by raising SystemExit(0) from tune.report: after the last
+        # report, or when the scheduler (ASHA) stops it early. A finished run stays FINISHED.
+        if rank == 0 and client is not None and run_id is not None:
+            if e.code in (0, None):
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_tag(run_id, "weakbench.stopped", "stopped early by the scheduler")
+                    client.set_terminated(run_id, status="KILLED")
+            else:
+                tracking.fail_run(client, run_id, f"SystemExit: {e.code}")
+        raise
     except BaseException as e:
         if rank == 0 and client is not None and run_id is not None:
             tracking.fail_run(client, run_id, e)

@@ -241,6 +241,8 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
         if opts.searcher == "optuna":
             import optuna
             from ray.tune.search import Repeater
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" chatter
             from ray.tune.search.optuna import OptunaSearch
 
             for k, d in space.search.items():
