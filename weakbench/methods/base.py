@@ -211,19 +211,23 @@ class Method:
         return None
 
     # ------------------------------------------------------------------ inference
+    # The defaults below follow the house model convention: ``model(images)`` returns
+    # ``(logits (B, C), cams (B, C, h, w))``. A method whose inference differs (Puzzle-CAM's
+    # multi-scale flipped CAMs) overrides ``cams`` / ``cams_and_scores``.
     def class_scores(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Classification logits, float32 (B, C)."""
-        raise NotImplementedError
+        return model(images)[0]
 
     def cams(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Raw class activation maps of every class, float32 (B, C, h, w) at the model's
         feature resolution (not normalised, may be negative). The engine min-max normalises
         and resizes them per the WSOL protocol."""
-        raise NotImplementedError
+        return model(images)[1]
 
     def cams_and_scores(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cams (B, C, h, w), logits (B, C))``; override to share one forward pass."""
-        return self.cams(model, images), self.class_scores(model, images)
+        """``(cams (B, C, h, w), logits (B, C))`` from one forward pass."""
+        logits, cams = model(images)
+        return cams, logits
 
     def localization_maps(self, model: torch.nn.Module, images: torch.Tensor, class_ids: torch.Tensor, size: int | tuple[int, int] | None = None) -> torch.Tensor:
         """Localisation maps for (image, class) pairs, float32 (B, H, W) in [0, 1].

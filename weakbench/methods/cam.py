@@ -68,13 +68,3 @@ class CAM(Method):
         logits, _ = model(batch["image"])
         loss = classification_loss(logits, batch["labels"], self.multilabel)
         return {"loss": loss, "cls": loss.detach()}
-
-    def class_scores(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model(images)[0]
-
-    def cams(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model(images)[1]
-
-    def cams_and_scores(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cams = model(images)
-        return cams, logits

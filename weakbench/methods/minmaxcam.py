@@ -361,13 +361,3 @@ class MinMaxCAM(Method):
                "stage2": float(s2["loss"].detach()), "sets": float(s2["sets"])}
         out["loss"] = out["cls"] + out["stage2"]
         return out
-
-    def class_scores(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model(images)[0]
-
-    def cams(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model(images)[1]
-
-    def cams_and_scores(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cams = model(images)
-        return cams, logits

@@ -243,16 +243,6 @@ class TopGAP(Method):
         loss = cls + self.config.l1_weight * l1
         return {"loss": loss, "cls": cls.detach(), "l1": l1.detach()}
 
-    def class_scores(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model(images)[0]
-
-    def cams(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model(images)[1]
-
-    def cams_and_scores(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cams = model(images)
-        return cams, logits
-
     def extra_metrics(self, model: torch.nn.Module, batches: list[Mapping[str, Any]], device: torch.device) -> dict[str, float]:
         """The paper's own evaluation on validation ``batches``:
 
