@@ -205,8 +205,10 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
         multi_contour: compute the all-contours table (MaxBoxAccV2).
         largest_contour: compute the largest-contour table (MaxBoxAcc).
         device: ``None`` or ``"cpu"``: numpy on the CPU; a CUDA device: torch on that device.
-        engine: ``"auto"`` (as above), ``"numpy"`` or ``"torch"`` (force one implementation;
-            both give identical tables).
+        engine: ``"auto"`` (on the CPU: the compiled union-find sweep when numba is
+            installed, else the vectorised numpy component trees; on an accelerator: torch),
+            or force one implementation: ``"numba"``, ``"numpy"`` or ``"torch"``. All give
+            identical tables.
 
     Returns:
         ``{"multi": float64 (N, 256), "largest": float64 (N, 256), "max_byte": int64 (N,)}``:
@@ -214,17 +216,54 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
         (defined for ``L < max(b)``, and for every L when ``max(b) = 0``).
 
     Raises:
-        DataError: bad shapes, values outside [0, 1], NaN, or an image without GT boxes.
+        DataError: bad shapes, values outside [0, 1], NaN, an image without GT boxes, or
+            ``engine="numba"`` without numba installed.
     """
+    return _box_scores(maps, gt_boxes, multi_contour, largest_contour, device, engine)
+
+
+def _box_scores(maps, gt_boxes: Sequence, multi_contour: bool, largest_contour: bool, device,
+                engine: str, thresholds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """:func:`box_scores`; with ``thresholds`` the compiled engine evaluates only the levels
+    ``int(τ · max(b))`` those thresholds map to (the other table entries are not meaningful)."""
     m = _as_maps(maps)
     n, h, w = m.shape
     gt, valid = _gt_arrays(gt_boxes, n)
-    if engine not in ("auto", "numpy", "torch"):
-        raise DataError(f"engine must be 'auto', 'numpy' or 'torch', got {engine!r}")
+    if engine not in ("auto", "numba", "numpy", "torch"):
+        raise DataError(f"engine must be 'auto', 'numba', 'numpy' or 'torch', got {engine!r}")
     use_torch = engine == "torch" or (
         engine == "auto" and device is not None and torch.device(device).type != "cpu")
+    from weakbench.platform.metrics import _levelsets
+    if engine == "numba" and not _levelsets.HAVE_NUMBA:
+        raise DataError("engine='numba' needs the numba package; pip install numba, or use "
+                        "engine='numpy'")
+    use_numba = not use_torch and engine != "numpy" and _levelsets.HAVE_NUMBA
     b = to_bytes(m)
     fine = None
+    if use_numba:
+        if isinstance(b, torch.Tensor):  # a map tensor on an accelerator
+            b = b.cpu().numpy()
+        b = np.ascontiguousarray(b)
+        max_byte = b.reshape(n, -1).max(1).astype(np.int64) if n else np.zeros(0, np.int64)
+        zero_iou = _best_iou(np.zeros((n, 4), dtype=np.int64), np.arange(n), gt, valid)
+        if thresholds is None:
+            need = np.ones((n, NLEV), dtype=bool)
+        else:
+            need = np.zeros((n, NLEV), dtype=bool)
+            lev = threshold_levels(max_byte, np.asarray(thresholds, dtype=np.float64))
+            np.put_along_axis(need, np.minimum(lev, NLEV - 1), True, axis=1)
+        tm = np.full((n, NLEV), -1.0)
+        tl = np.full((n, NLEV), -1.0)
+        if n and h and w:
+            _levelsets.sweep_scores(b, gt, valid.sum(1).astype(np.int64), need,
+                                    multi_contour, largest_contour, tm, tl, _levelsets._REP,
+                                    _levelsets._NREP, _levelsets._CELL)
+        out = {"max_byte": max_byte}
+        if multi_contour:
+            out["multi"] = np.where(tm < 0, zero_iou[:, None], tm)
+        if largest_contour:
+            out["largest"] = np.where(tl < 0, zero_iou[:, None], tl)
+        return out
     if use_torch:
         bt = b if isinstance(b, torch.Tensor) else torch.from_numpy(b)
         bb = bt.to(device if device is not None else bt.device).to(torch.int64)
@@ -336,8 +375,8 @@ class BoxEvaluator:
         n = len(maps)
         for s in range(0, n, self.chunk):
             e = min(n, s + self.chunk)
-            sc = box_scores(maps[s:e], gt_boxes[s:e], multi_contour=self.multi_contour,
-                            largest_contour=not self.multi_contour, device=self.device)
+            sc = _box_scores(maps[s:e], gt_boxes[s:e], self.multi_contour,
+                             not self.multi_contour, self.device, "auto", self.thresholds)
             self._add(sc[self._key()], sc["max_byte"],
                       None if class_correct_top1 is None else np.asarray(class_correct_top1)[s:e],
                       None if class_correct_top5 is None else np.asarray(class_correct_top5)[s:e])
@@ -408,8 +447,8 @@ class WsolEvaluator:
         n = len(maps)
         for s in range(0, n, self.chunk):
             e = min(n, s + self.chunk)
-            sc = box_scores(maps[s:e], gt_boxes[s:e], multi_contour=True,
-                            largest_contour=True, device=self.device)
+            sc = _box_scores(maps[s:e], gt_boxes[s:e], True, True, self.device, "auto",
+                             self.v1.thresholds)
             t1 = None if class_correct_top1 is None else np.asarray(class_correct_top1)[s:e]
             t5 = None if class_correct_top5 is None else np.asarray(class_correct_top5)[s:e]
             self.v1._add(sc["largest"], sc["max_byte"], t1, t5)
