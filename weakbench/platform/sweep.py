@@ -189,6 +189,9 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
     from weakbench.platform.data import load_splits, make_splits, open_dataset, save_splits
 
     t0 = time.time()
+    # Ray workers run in other working directories: hand them absolute paths
+    if opts.data is not None:
+        opts = opts.model_copy(update={"data": str(Path(opts.data).expanduser().resolve())})
     space = load_search_space(opts.space)
     if opts.overrides:
         space = space.model_copy(update={"fixed": {**space.fixed, **opts.overrides},
