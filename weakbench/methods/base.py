@@ -232,7 +232,7 @@ class Method:
     def localization_maps(self, model: torch.nn.Module, images: torch.Tensor, class_ids: torch.Tensor, size: int | tuple[int, int] | None = None) -> torch.Tensor:
         """Localisation maps for (image, class) pairs, float32 (B, H, W) in [0, 1].
 
-        ``class_ids`` is int64 (B,). Each map is the CAM of its class, resized bilinearly to
+        ``class_ids`` is int64 (B,). Each map is the CAM of its class, resized (bicubic) to
         ``size`` (default: the input size) and min-max normalised per map (a constant map
         becomes all zeros), as in Choe et al. (CVPR 2020)'s protocol.
         """
@@ -295,10 +295,17 @@ class CamPredictor(torch.nn.Module):
 
 
 def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, h, w) maps to (B, H, W) (``align_corners=False``)."""
+    """Bicubic resize of float (B, h, w) maps to (B, H, W), ``align_corners=False``.
+
+    wsolevaluation resizes each CAM with ``cv2.resize(cam, size, interpolation=cv2.INTER_CUBIC)``
+    before ``normalize_scoremap``; torch's bicubic uses the same kernel (a = −0.75) and pixel
+    centres, but replicates the border where OpenCV reflects it, so values can differ in the
+    outermost pixels. Overshoot outside the input range is removed by the min-max normalisation
+    that follows.
+    """
     if isinstance(size, int):
         size = (size, size)
-    return torch.nn.functional.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return torch.nn.functional.interpolate(maps[:, None].float(), size=tuple(size), mode="bicubic", align_corners=False)[:, 0]
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:

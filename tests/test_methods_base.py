@@ -1,0 +1,41 @@
+"""Method contract helpers: registry errors, map normalisation and the reference's bicubic resize."""
+
+import numpy as np
+import pytest
+import torch
+
+from weakbench.methods import build_method, list_methods, validate_config
+from weakbench.methods.base import normalize_maps, resize_maps
+from weakbench.platform.errors import ConfigError, UnknownNameError
+
+
+def test_registry_lists_builtin_methods_and_refuses_unknown():
+    assert {"cam", "minmaxcam", "puzzlecam", "topgap"} <= set(list_methods())
+    with pytest.raises(UnknownNameError, match="unknown method 'gradcam'; known methods: .*minmaxcam"):
+        build_method("gradcam", {}, num_classes=3)
+
+
+def test_config_errors_name_the_field_and_the_rule():
+    with pytest.raises(ConfigError, match=r"my.yaml: invalid hyperparameters for method 'cam': lr: .*greater than 0"):
+        validate_config("cam", {"lr": -1}, source="my.yaml")
+    with pytest.raises(ConfigError, match=r"lr_typo: Extra inputs are not permitted"):
+        validate_config("cam", {"lr_typo": 0.1})
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet9000'"):
+        validate_config("cam", {"backbone": "resnet9000"})
+
+
+def test_normalize_maps_min_max_and_constant_maps():
+    maps = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[7.0, 7.0], [7.0, 7.0]]])
+    out = normalize_maps(maps)
+    assert torch.allclose(out[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
+    assert torch.equal(out[1], torch.zeros(2, 2))  # a constant map carries no localisation
+
+
+def test_resize_matches_opencv_bicubic_away_from_the_border():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    cam = rng.random((7, 7)).astype(np.float32)
+    ours = resize_maps(torch.from_numpy(cam)[None], 56)[0].numpy()
+    ref = cv2.resize(cam, (56, 56), interpolation=cv2.INTER_CUBIC)
+    inner = (slice(8, -8), slice(8, -8))  # OpenCV reflects the border, torch replicates it
+    np.testing.assert_allclose(ours[inner], ref[inner], atol=1e-5)
