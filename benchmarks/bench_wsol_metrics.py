@@ -7,7 +7,7 @@ images (7×7 class maps bilinearly upsampled, as methods produce them) with thei
 (MaxBoxAccV2) rules it prints the time per map of each path, the speed ratio, and asserts that
 the per-threshold correct counts are identical.
 
-    python benchmarks/bench_wsol_metrics.py [--maps 500] [--device cuda]
+    python benchmarks/bench_wsol_metrics.py [--maps 500] [--device cuda] [--engine numpy]
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from wsol_reference import ReferenceBoxEvaluator  # noqa: E402
 
-from weakbench.platform.metrics import BoxEvaluator, scale_boxes  # noqa: E402
+from weakbench.platform.metrics import BoxEvaluator, WsolEvaluator, scale_boxes  # noqa: E402
+from weakbench.platform.metrics import _levelsets  # noqa: E402
 
 SIZE = 224
 
@@ -87,7 +88,11 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="torch device for the fast path (cuda)")
     ap.add_argument("--coco", type=Path, default=ROOT.parent / "shared" / "data" / "coco128")
     ap.add_argument("--intervals", default="0.01,0.001")
+    ap.add_argument("--engine", choices=("auto", "numpy"), default="auto",
+                    help="numpy: time the vectorised numpy fallback (as without numba)")
     args = ap.parse_args()
+    if args.engine == "numpy":
+        _levelsets.HAVE_NUMBA = False  # the CPU path then takes the numpy component trees
 
     maps, gts = [], []
     if (args.coco / "annotations" / "instances.json").is_file():
@@ -98,8 +103,16 @@ def main() -> None:
     maps.append(sm)
     gts += sg
     maps_np = np.concatenate(maps)
+    cuda = bool(args.device and str(args.device).startswith("cuda"))
+    engine = "torch" if cuda else ("numba" if _levelsets.HAVE_NUMBA else "numpy")
     print(f"{len(maps_np)} maps of {SIZE}x{SIZE} ({len(maps_np) - len(sm)} COCO128 CAMs, "
-          f"{len(sm)} smooth random); fast path device: {args.device or 'cpu (numpy)'}")
+          f"{len(sm)} smooth random); fast path: {engine} on {args.device or 'cpu'}")
+    if not cuda:
+        # one-time cost, not timed below: numba compiles the sweep on the very first call
+        # (or loads it from its on-disk cache, ~1 s)
+        t0 = time.perf_counter()
+        WsolEvaluator(0.01).accumulate(maps_np[:2], gts[:2])
+        print(f"warm-up (JIT compile or cache load): {time.perf_counter() - t0:.2f} s")
 
     rows = []
     # wall-clock and CPU-time ratios are both printed: on a shared machine the CPU time of
@@ -112,7 +125,7 @@ def main() -> None:
                 ref.accumulate(m, g)
             t_ref, c_ref = time.perf_counter() - t0, time.process_time() - c0
             fast = BoxEvaluator(interval, ious, multi_contour=multi, device=args.device)
-            if args.device and str(args.device).startswith("cuda"):
+            if cuda:
                 fast.accumulate(maps_np[:32], gts[:32])  # warm-up
                 fast = BoxEvaluator(interval, ious, multi_contour=multi, device=args.device)
             t0, c0 = time.perf_counter(), time.process_time()

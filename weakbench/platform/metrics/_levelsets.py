@@ -696,55 +696,68 @@ def _hole_sweep(v, g, h, w, vmax, need, gt, k, out, hist, order, ox, oy,
 
 
 @_jit
-def _fill_holes(v, h, w, g, queue, inq):
+def _fill_holes(v, h, w, g, head, ent_pix, ent_next, done):
     """Grey-level hole filling of the padded map ``v`` (ring 0): ``g[p]`` = the smallest
     level L at which p belongs to the outside, the 4-connected component of ``{v <= L}``
-    holding the border (the minimax path value from the ring). Reconstruction by erosion
-    with Vincent's hybrid algorithm (IEEE TIP 1993): a raster and an anti-raster scan, then
-    a FIFO propagation for what the scans missed."""
+    holding the border, i.e. the minimax value of 4-paths from the ring to p
+    (reconstruction by erosion).
+
+    A raster and an anti-raster scan of ``g = max(v, min(g, g of the neighbour before))``
+    from ``g = 255`` give an upper bound; where it equals ``v`` it is exact (``g >= v``).
+    The few other pixels (in or near holes) are settled by a priority flood (Dijkstra on
+    256 buckets) from their bounds, lowered first by their exact neighbours. ``ent_pix`` / ``ent_next`` hold the
+    bucket entries (at most 5 per pixel: one seed and one per improving neighbour).
+    """
     wp = w + 2
     hp = h + 2
-    npx = hp * wp
     g[:] = 0
-    inq[:] = False
-    for y in range(1, hp - 1):
+    for y in range(1, hp - 1):  # raster scan (the left neighbour's value kept in a register)
+        left = 0
         for x in range(1, wp - 1):
             p = y * wp + x
-            g[p] = 255
-    for y in range(1, hp - 1):
-        for x in range(1, wp - 1):
-            p = y * wp + x
-            g[p] = max(v[p], min(g[p], g[p - wp], g[p - 1]))
-    head = 0
-    tail = 0
-    for y in range(hp - 2, 0, -1):
+            left = max(v[p], min(g[p - wp], left))
+            g[p] = left
+    nc = 0
+    for y in range(hp - 2, 0, -1):  # anti-raster scan; the pixels above v are listed
+        right = 0
         for x in range(wp - 2, 0, -1):
             p = y * wp + x
-            gp = max(v[p], min(g[p], g[p + wp], g[p + 1]))
-            g[p] = gp
-            if not inq[p] and ((g[p + 1] > gp and g[p + 1] > v[p + 1])
-                               or (g[p + wp] > gp and g[p + wp] > v[p + wp])):
-                inq[p] = True
-                queue[tail] = p
-                tail += 1
-                if tail == npx:
-                    tail = 0
-    while head != tail:
-        p = queue[head]
-        head += 1
-        if head == npx:
-            head = 0
-        inq[p] = False
-        gp = g[p]
+            right = max(v[p], min(g[p], g[p + wp], right))
+            g[p] = right
+            exact = right == v[p]
+            done[p] = exact
+            if not exact:
+                ent_pix[nc] = p
+                nc += 1
+    head[:] = -1
+    for e in range(nc):
+        p = ent_pix[e]
+        best = 256
         for q in (p - wp, p - 1, p + 1, p + wp):
-            if g[q] > gp and g[q] != v[q]:
-                g[q] = max(gp, v[q])
-                if not inq[q]:
-                    inq[q] = True
-                    queue[tail] = q
-                    tail += 1
-                    if tail == npx:
-                        tail = 0
+            if g[q] == v[q] and g[q] < best:  # exact neighbour (ring included)
+                best = g[q]
+        if best < 256 and max(best, v[p]) < g[p]:
+            g[p] = max(best, v[p])
+        ent_next[e] = head[g[p]]  # every listed pixel enters at its bound (achievable)
+        head[g[p]] = e
+    ne = nc
+    for lev in range(256):
+        while head[lev] >= 0:
+            e = head[lev]
+            head[lev] = ent_next[e]
+            p = ent_pix[e]
+            if done[p] or g[p] != lev:
+                continue
+            done[p] = True
+            for q in (p - wp, p - 1, p + 1, p + wp):
+                if not done[q]:
+                    key = max(lev, v[q])
+                    if key < g[q]:
+                        g[q] = key
+                        ent_pix[ne] = q
+                        ent_next[ne] = head[key]
+                        head[key] = ne
+                        ne += 1
 
 
 @_jit
@@ -780,8 +793,10 @@ def sweep_scores(b, gt, nk, need, multi, largest, out_multi, out_largest, rep, n
     dirty = np.zeros(npx, np.bool_)
     cache = np.zeros(npx, np.float64)
     rl = np.zeros(h * w, np.int32)
-    queue = np.zeros(npx, np.int32)
-    inq = np.zeros(npx, np.bool_)
+    head = np.zeros(256, np.int64)
+    ent_pix = np.zeros(5 * npx, np.int32)
+    ent_next = np.zeros(5 * npx, np.int64)
+    done = np.zeros(npx, np.bool_)
     for i in range(n):
         vmax = 0
         for y in range(h):
@@ -794,7 +809,7 @@ def sweep_scores(b, gt, nk, need, multi, largest, out_multi, out_largest, rep, n
             continue
         k = nk[i]
         gi = gt[i]
-        _fill_holes(v, h, w, g, queue, inq)
+        _fill_holes(v, h, w, g, head, ent_pix, ent_next, done)
         if multi:
             _bucket(v, h, w, hist, order, ox, oy)
             par[:] = -1
