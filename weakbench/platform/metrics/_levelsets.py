@@ -441,16 +441,18 @@ def _box_iou(x0, y0, x1, y1, gt, k):
 
 
 @_jit
-def _bucket(v, h, w, hist, order, ox, oy):
+def _bucket(v, h, w, hist, order, ox, oy, counted=False):
     """Counting sort of the interior pixels by value: the pixels of value t (padded indices
     in ``order``, unpadded columns / rows in ``ox`` / ``oy``) sit at ``hist[t]:hist[t + 1]``
-    (hist has 257 entries), in raster order within a value."""
+    (hist has 257 entries), in raster order within a value. ``counted``: ``hist[t + 1]``
+    already holds the number of pixels of value t."""
     wp = w + 2
-    hist[:] = 0
-    for y in range(h):
-        row = (y + 1) * wp + 1
-        for x in range(w):
-            hist[v[row + x] + 1] += 1
+    if not counted:
+        hist[:] = 0
+        for y in range(h):
+            row = (y + 1) * wp + 1
+            for x in range(w):
+                hist[v[row + x] + 1] += 1
     for t in range(256):
         hist[t + 1] += hist[t]
     pos = hist[:256].copy()
@@ -557,9 +559,8 @@ def _fg_sweep(v, h, w, vmax, largest, need, gt, k, out, hist, order, ox, oy, rep
                 dirty[p] = True
                 rl[nr] = p
                 nr += 1
-            else:
+            else:  # (sizes count merged components only: a balance heuristic)
                 par[p] = r
-                size[r] += 1
                 sx0[r] = min(sx0[r], x)
                 sy0[r] = min(sy0[r], y)
                 sx1[r] = max(sx1[r], x)
@@ -705,8 +706,9 @@ def _fill_holes(v, h, w, g, head, ent_pix, ent_next, done):
     A raster and an anti-raster scan of ``g = max(v, min(g, g of the neighbour before))``
     from ``g = 255`` give an upper bound; where it equals ``v`` it is exact (``g >= v``).
     The few other pixels (in or near holes) are settled by a priority flood (Dijkstra on
-    256 buckets) from their bounds, lowered first by their exact neighbours. ``ent_pix`` / ``ent_next`` hold the
-    bucket entries (at most 5 per pixel: one seed and one per improving neighbour).
+    256 buckets) from their bounds, lowered first by their exact neighbours. ``ent_pix`` /
+    ``ent_next`` hold the bucket entries (at most 5 per pixel: one at its bound and one per
+    improving neighbour).
     """
     wp = w + 2
     hp = h + 2
@@ -799,19 +801,21 @@ def sweep_scores(b, gt, nk, need, multi, largest, out_multi, out_largest, rep, n
     done = np.zeros(npx, np.bool_)
     for i in range(n):
         vmax = 0
+        hist[:] = 0
         for y in range(h):
+            row = (y + 1) * wp + 1
             for x in range(w):
                 val = np.int32(b[i, y, x])
-                v[(y + 1) * wp + x + 1] = val
-                if val > vmax:
-                    vmax = val
+                v[row + x] = val
+                hist[val + 1] += 1
+                vmax = max(vmax, val)
         if vmax == 0:
             continue
         k = nk[i]
         gi = gt[i]
         _fill_holes(v, h, w, g, head, ent_pix, ent_next, done)
         if multi:
-            _bucket(v, h, w, hist, order, ox, oy)
+            _bucket(v, h, w, hist, order, ox, oy, True)
             par[:] = -1
             _fg_sweep(v, h, w, vmax, False, need[i], gi, k, out_multi[i], hist, order, ox, oy,
                       rep, nrep, cell, par, size, sx0, sy0, sx1, sy1, sfirst, area, dirty,
