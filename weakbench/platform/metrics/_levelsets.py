@@ -7,9 +7,10 @@ We build it without tracing anything per level:
 1. **Basins.** Every pixel of the set points to the neighbour (itself included) with the
    largest ``(v, secondary key, raster index)`` (the secondary key is the float map before
    byte quantisation, so byte plateaus do not shatter into many basins); following the
-   pointers (pointer jumping) leads every pixel to a root, a local maximum. A basin is the set of pixels reaching the same root. Along a
-   pointer path ``v`` never decreases, so ``basin ∩ U(L)`` is connected for every ``L``:
-   each of its pixels reaches the root through pixels at least as high.
+   pointers (pointer jumping) leads every pixel to a root, a local maximum. A basin is the
+   set of pixels reaching the same root. Along a pointer path ``v`` never decreases, so
+   ``basin ∩ U(L)`` is connected for every ``L``: each of its pixels reaches the root
+   through pixels at least as high.
 2. **Kruskal on basins.** Two basins touch at level ``L`` when some adjacent pair of their
    pixels has ``min(v_p, v_q) > L``. Processing the (few) basin adjacencies by decreasing
    weight with a union-find gives the merge tree; a node created by a merge at weight ``w``
@@ -21,6 +22,12 @@ We build it without tracing anything per level:
 All steps are vectorised over a batch of maps; only step 2 loops in Python, over basin
 adjacencies (tens per smooth 224×224 map). :mod:`._levelsets_torch` is the same algorithm in
 torch, used on GPU.
+
+When numba is installed, the CPU path uses instead the compiled sweep at the end of this
+module (:func:`sweep_scores`): one union-find pass over the pixels sorted by byte value gives
+the same component statistics level by level, and the best IoU of every needed level is
+computed inside it (about 10× faster than the vectorised trees on 224×224 CAMs). Both are
+tested equal entry by entry; the numpy trees stay as the fallback without numba.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ threshold. The protocol (DESIGN.md, "Evaluation protocol"):
   ``≥ δ``; accuracy is over the split and maximised over ``τ`` (one ``τ`` per split and δ).
 
 How the fast path reproduces each OpenCV step without tracing (proved in the docstrings of
-:mod:`._levelsets` and checked count by count against OpenCV in ``tests/``):
+:mod:`._levelsets` and checked count by count against OpenCV in ``tests/``). On the CPU it
+is a compiled union-find sweep over the pixels by decreasing byte value when numba is
+installed (:func:`._levelsets.sweep_scores`), else vectorised numpy component trees; on an
+accelerator the torch twin of the latter. All give identical tables.
 
 * an outer contour's ``boundingRect`` is the bounding box of its component; a hole
   contour runs through the foreground pixels 4-adjacent to the hole, so its rectangle is the
@@ -29,7 +32,8 @@ How the fast path reproduces each OpenCV step without tracing (proved in the doc
   that of the component with its holes filled, counted on 2×2 cells of pixel centres (1 for
   a full cell, 1/2 for a cell with three pixels). Holes are filled for all levels at once
   with the grey-level hole filling ``g = max(b, level at which the pixel's background joins
-  the border)``, computed from the background component tree;
+  the border)``, computed from the background component tree (numpy, torch) or by a
+  raster / anti-raster scan and a priority flood (compiled sweep);
 * OpenCV lists top-level contours in reverse raster order of their first pixel, so among
   equal areas the component whose first pixel (top row, then leftmost) comes last in raster
   order wins.
