@@ -5,6 +5,7 @@ present, and checks the counts the spine promises: one parent run, one child run
 metrics, one Parquet row per run, a registered model that loads by alias and writes overlays.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,8 @@ def test_sweep_synthetic_default_end_to_end(tmp_path, ray_local):
 
 def test_sweep_coco128_end_to_end(tmp_path, ray_local, coco128_dir):
     out = tmp_path / "runs"
-    sweep_and_check(out, str(coco128_dir), "--executor", "inline")
+    # a relative --data path (as a user types it) must reach the Ray workers, whose cwd differs
+    sweep_and_check(out, os.path.relpath(coco128_dir), "--executor", "inline")
     leaderboard_register_predict(out, next((coco128_dir / "images").glob("*.jpg")), coco128_dir.name)
 
 
@@ -113,3 +115,35 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragments):
         client = tracking.client_for(tracking.default_tracking_uri(tmp_path / "o"))
         for exp in client.search_experiments():
             assert not client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'")
+
+
+def test_trials_that_fail_are_marked_failed_and_the_sweep_exits_non_zero(tmp_path, ray_local):
+    """Images that do not decode: the driver accepts the annotations, every trial fails on the
+    first image it reads; runs end FAILED (never RUNNING) with the file named, exit status 1."""
+    import shutil
+
+    from weakbench.platform.data import generate_synthetic_coco
+
+    data = generate_synthetic_coco(tmp_path / "broken", num_images=12, seed=3)
+    for img in (data / "images").iterdir():
+        img.write_bytes(b"not an image")
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--data", str(data),
+                           "--trials", "1", "--output-dir", str(out), "--executor", "inline", "--set", "epochs=1",
+                           "--set", "input_size=64", "--set", "batch_size=4", "--set", "seed=0", "--address", ray_local_address()],
+                          cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no trial finished" in proc.stderr
+    client, parents, children = runs_of(out)
+    assert [p.info.status for p in parents] == ["FAILED"]
+    assert children and all(c.info.status == "FAILED" for c in children)
+    for c in children:  # the error names the file and says what is wrong
+        err = c.data.tags[C.TAG_ERROR]
+        assert err.startswith("DataError: ") and "cannot decode image" in err and str(data / "images") in err, err
+    shutil.rmtree(data)
+
+
+def ray_local_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address

@@ -69,6 +69,13 @@ class MethodConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seeds torch, numpy, python and the data order")
     cam_curve_interval: float = Field(0.01, gt=0, lt=1, description="WSOL threshold step (0.01 validation, 0.001 reference)")
 
+    @field_validator("weights_path")
+    @classmethod
+    def _weights_file_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_file():
+            raise ValueError(f"file {v!r} not found; give a local state dict (.pth, .pt or .safetensors)")
+        return v
+
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str) -> str:

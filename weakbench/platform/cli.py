@@ -228,7 +228,9 @@ _mount_subapps()
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 2."""
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False: click returns (not raises) the exit code of typer.Exit
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except WeakbenchError as e:
         err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

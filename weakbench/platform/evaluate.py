@@ -160,6 +160,8 @@ def evaluate_split(
             metrics["cls_acc"] = float(top1_accuracy(scores.numpy(), labels_all.numpy()))
     metrics["num_images"] = float(len(dataset))
     if extra_batches and kept_batches:
-        for k, v in method.extra_metrics(model, kept_batches, device).items():
-            metrics[k] = float(v)
+        # method metrics may need input gradients (Top-GAP's ERF distance, PGD robust accuracy)
+        with torch.enable_grad():
+            for k, v in method.extra_metrics(model, kept_batches, device).items():
+                metrics[k] = float(v)
     return metrics, overlays, details
