@@ -715,7 +715,8 @@ def _fill_holes(v, h, w, g, head, ent_pix, ent_next, done):
     The few other pixels (in or near holes) are settled by a priority flood (Dijkstra on
     256 buckets) from their bounds, lowered first by their exact neighbours. ``ent_pix`` /
     ``ent_next`` hold the bucket entries (at most 5 per pixel: one at its bound and one per
-    improving neighbour).
+    improving neighbour). Returns ``nc``: ``ent_pix[:nc]`` lists every pixel with ``g > v``
+    (and possibly some with ``g == v``).
     """
     wp = w + 2
     hp = h + 2
@@ -767,6 +768,7 @@ def _fill_holes(v, h, w, g, head, ent_pix, ent_next, done):
                         ent_next[ne] = head[key]
                         head[key] = ne
                         ne += 1
+    return nc
 
 
 @_jit
@@ -806,22 +808,24 @@ def sweep_scores(b, gt, nk, need, multi, largest, out_multi, out_largest, rep, n
     ent_pix = np.zeros(5 * npx, np.int32)
     ent_next = np.zeros(5 * npx, np.int64)
     done = np.zeros(npx, np.bool_)
+    hv = np.zeros(257, np.int64)
     for i in range(n):
         vmax = 0
-        hist[:] = 0
+        hv[:] = 0
         for y in range(h):
             row = (y + 1) * wp + 1
             for x in range(w):
                 val = np.int32(b[i, y, x])
                 v[row + x] = val
-                hist[val + 1] += 1
+                hv[val + 1] += 1
                 vmax = max(vmax, val)
         if vmax == 0:
             continue
         k = nk[i]
         gi = gt[i]
-        _fill_holes(v, h, w, g, head, ent_pix, ent_next, done)
+        nc = _fill_holes(v, h, w, g, head, ent_pix, ent_next, done)
         if multi:
+            hist[:] = hv
             _bucket(v, h, w, hist, order, ox, oy, True)
             par[:] = -1
             _fg_sweep(v, h, w, vmax, False, need[i], gi, k, out_multi[i], hist, order, ox, oy,
@@ -831,7 +835,12 @@ def sweep_scores(b, gt, nk, need, multi, largest, out_multi, out_largest, rep, n
             _hole_sweep(v, g, h, w, vmax, need[i], gi, k, out_multi[i], hist, order, ox, oy,
                         par, sx0, sy0, sx1, sy1, dirty, cache, rl)
         if largest:
-            _bucket(g, h, w, hist, order, ox, oy)
+            hist[:] = hv  # the histogram of g: v's, moved for the pixels the filling raised
+            for e in range(nc):
+                p = ent_pix[e]
+                hist[v[p] + 1] -= 1
+                hist[g[p] + 1] += 1
+            _bucket(g, h, w, hist, order, ox, oy, True)
             par[:] = -1
             _fg_sweep(g, h, w, vmax, True, need[i], gi, k, out_largest[i], hist, order, ox, oy,
                       rep, nrep, cell, par, size, sx0, sy0, sx1, sy1, sfirst, area, dirty,
