@@ -309,10 +309,20 @@ def _params_json(params_col: pa.ChunkedArray | None, i: int) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+#: reported metrics in display order after the selecting one; thresholds, counts and the rest follow
+HEADLINE_METRICS = ("max_box_acc_v2", "max_box_acc", "pxap", "miou", "cls_map", "cls_acc", "top1_loc", "top5_loc")
+
+
 def leaderboard_metrics(lb: pa.Table) -> list[str]:
-    """Reported metric keys of a leaderboard (primary first), e.g. ``["test/max_box_acc_v2", ...]``."""
+    """Reported metric keys of a leaderboard in display order: the primary (selecting) metric,
+    then :data:`HEADLINE_METRICS`, then the others (thresholds, counts) as stored, e.g.
+    ``["test/max_box_acc_v2", "test/max_box_acc", "test/pxap", ...]``."""
     names = [c[: -len(".mean")] for c in lb.column_names if c.endswith(".mean")]
-    return names
+    if not names:
+        return names
+    rank = {h: i for i, h in enumerate(HEADLINE_METRICS)}
+    rest = sorted(names[1:], key=lambda n: (rank.get(n.split("/", 1)[-1], len(rank)), names.index(n)))
+    return names[:1] + rest
 
 
 def format_stat(mean: float | None, std: float | None, lo: float | None, hi: float | None, digits: int = 2) -> str:
@@ -334,11 +344,6 @@ def title(lb: pa.Table) -> str:
     return f"Leaderboard — selected on {sel} ({metric}), reported on {rep}"
 
 
-#: metrics shown after the selecting one in the terminal table, in this order (thresholds and
-#: counts stay in the Parquet table and the dashboard)
-HEADLINE_METRICS = ("max_box_acc_v2", "max_box_acc", "pxap", "miou", "cls_map", "cls_acc", "top1_loc")
-
-
 def render_rich(lb: pa.Table, max_metrics: int = 5):
     """A :class:`rich.table.Table` of the leaderboard whose title says which split selected and
     which split is reported. Shows the primary metric and up to ``max_metrics - 1`` headline
@@ -348,8 +353,8 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     from rich.markup import escape
 
     reported = leaderboard_metrics(lb)
-    rest = [n for h in HEADLINE_METRICS for n in reported[1:] if n.split("/", 1)[-1] == h]
-    names = (reported[:1] + rest)[:max_metrics]
+    headline = [n for n in reported[1:] if n.split("/", 1)[-1] in HEADLINE_METRICS]
+    names = (reported[:1] + headline)[:max_metrics]
     t = Table(title=title(lb), caption="mean ± std over seeds [95% bootstrap CI]; n/a with one seed")
     for col in ("dataset", "method", "backbone", "seeds/trials"):
         t.add_column(col)
