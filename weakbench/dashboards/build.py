@@ -178,7 +178,7 @@ def sweep_charts(table: pa.Table, select_metric: str) -> list[tuple[str, list[st
     out = []
     for k, sweep in enumerate(order):
         idx = np.nonzero((sweeps == sweep) & ~np.isnan(metric))[0]
-        label = f"sweep {sweep[:12] or '(none)'} — {methods[idx[0]] if len(idx) else ''} on {datasets[idx[0]] if len(idx) else ''}"
+        label = f"sweep {sweep[:48] or '(none)'} — {methods[idx[0]] if len(idx) else ''} on {datasets[idx[0]] if len(idx) else ''}"
         if len(idx) == 0:
             continue
         axes = _param_axes(params, idx)[:12]
