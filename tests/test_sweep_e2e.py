@@ -147,3 +147,42 @@ def ray_local_address() -> str:
     import ray
 
     return ray.get_runtime_context().gcs_address
+
+
+def test_killed_sweep_resumes_without_duplicate_runs(tmp_path):
+    """A sweep whose whole process group is killed (a dying head node) after its first
+    checkpoint is continued with --resume: every trial ends FINISHED with exactly one MLflow run,
+    and the interrupted trial continues its epochs instead of repeating them."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "runs"
+    base = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--output-dir", str(out),
+            "--name", "killed"]
+    first = base + ["--trials", "2", "--executor", "inline", "--no-early-stopping", "--max-concurrent", "1",
+                    "--set", "epochs=3", "--set", "input_size=64", "--set", "batch_size=8", "--eval-max-images", "8",
+                    "--no-model", "--num-cpus", "1"]
+    proc = subprocess.Popen(first, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tune_dir = out / "sweeps" / "killed" / "tune"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not list(tune_dir.glob("_trial_*/checkpoint_*")):
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(0.5)
+        assert list(tune_dir.glob("_trial_*/checkpoint_*")), "no checkpoint within 300 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray instance and every trial
+        proc.wait()
+    _, _, before = runs_of(out)
+    assert before and any(r.info.status == "RUNNING" for r in before)  # killed mid-trial
+    resumed = subprocess.run(base + ["--resume", "--num-cpus", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client, parents, children = runs_of(out)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trial_ids = [c.data.tags[C.TAG_TRIAL_ID] for c in children]
+    assert len(children) == 2 and len(set(trial_ids)) == 2, trial_ids  # no duplicate run for the resumed trial
+    for c in children:
+        assert c.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
+        assert sorted(steps) == [1, 2, 3], steps  # each epoch logged once: resumed, not restarted

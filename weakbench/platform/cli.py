@@ -227,6 +227,8 @@ _mount_subapps()
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    # MLflow reads this when it is imported: no "Creating initial MLflow database tables..." lines
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         # standalone_mode=False: click returns (not raises) the exit code of typer.Exit
         code = app(standalone_mode=False)

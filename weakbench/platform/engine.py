@@ -11,10 +11,15 @@ A trial runs :func:`train_loop_per_worker` on every worker of a ``TorchTrainer``
 3. rank 0 finds or creates the trial's MLflow child run (found again by its tags if no
    checkpoint exists yet; a FINISHED run is never written again and the trial returns at once);
 4. each epoch: train on this rank's shard (``DistributedSampler`` or the method's batch
-   sampler), rank 0 evaluates on the validation split and logs, every rank calls
-   ``ray.train.report`` (rank 0 with the checkpoint);
-5. after the last epoch rank 0 evaluates the test split once, logs overlays and the model, and
-   ends the run FINISHED. Any exception ends it FAILED with the error as a tag.
+   sampler); rank 0 evaluates on the validation split and saves a checkpoint that also carries
+   the epoch's metrics; every rank calls ``ray.train.report`` (rank 0 with the checkpoint); then
+   rank 0 logs the metrics to MLflow. A trial killed between the report and the logging logs
+   them when it resumes from that checkpoint, and one killed before the report redoes the epoch:
+   each epoch lands in MLflow exactly once;
+5. at the last epoch rank 0 evaluates the test split once, logs overlays and the model and ends
+   the run FINISHED *before* the last report (Tune may end a trial inside ``report``). Any
+   exception ends the run FAILED with the error as a tag; a trial stopped early by the scheduler
+   ends KILLED.
 
 Executors: ``"train"`` (default) runs the loop in a ``TorchTrainer`` with ``num_workers``
 workers. ``"inline"`` runs the same loop in the calling process (the Tune trial actor) for
@@ -166,6 +171,7 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
 
     client = run_id = None
+    unlogged: dict[str, Any] | None = None
     try:
         source = open_dataset(spec.data, cache_dir=spec.data_cache)
         splits = load_splits(spec.splits_path, source)
@@ -176,15 +182,24 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
         optimizers = method.configure_optimizers(model)
 
         # ---------------------------------------------------------- resume
-        start_epoch, known_run_id, history = 0, None, []
+        start_epoch, known_run_id, history, pending = 0, None, [], None
+        state = None
         ckpt = reporter.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        # Tune records a trial's checkpoints in its experiment state only every few seconds, so a
+        # sweep killed right after a report can restore the trial without it: the trial's own
+        # latest checkpoint (written before every report) is used when it is newer
+        local = _latest_local_checkpoint(trial_dir)
+        if local is not None and (state is None or local["epoch"] > state["epoch"]):
+            state = local
+        if state is not None:
             model.load_state_dict(state["model"])
             for name, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][name])
             start_epoch, known_run_id, history = state["epoch"], state.get("mlflow_run_id"), state.get("history", [])
+            pending = state.get("pending_metrics")
             torch.set_rng_state(state["torch_rng"])
 
         # ---------------------------------------------------------- tracking (rank 0)
@@ -200,6 +215,8 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
                 final["already_finished"] = 1.0
                 reporter.report(final, None)
                 return final
+            if pending is not None:
+                _log_pending(client, run_id, pending)
             if status == "NEW":
                 import yaml
 
@@ -239,6 +256,7 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
 
         t_start = time.time()
         final: dict[str, float] = {}
+        unlogged: dict[str, Any] | None = None
         for epoch in range(start_epoch, cfg.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
@@ -272,15 +290,28 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
                 metrics.update({C.metric_key("val", k): v for k, v in val.items()})
                 elapsed = time.time() - t_start
                 metrics[C.COST_TRAIN_SECONDS] = elapsed + (history[-1][C.COST_TRAIN_SECONDS] if history else 0.0)
-                tracking.log_metrics(client, run_id, metrics, step=epoch + 1)
                 if last:
+                    # finish the run before the last report: Tune may end the trial inside it
+                    tracking.log_metrics(client, run_id, metrics, step=epoch + 1)
                     metrics.update(_finalize(spec, method, bare, source, splits, device, client, run_id, metrics))
+                    unlogged = None
+                else:
+                    # logged after the checkpoint is reported; carried in the checkpoint so that a
+                    # trial killed in between logs it on resume: every epoch lands exactly once
+                    unlogged = {"step": epoch + 1, "metrics": dict(metrics)}
                 history.append({k: metrics[k] for k in (C.COST_TRAIN_SECONDS,)})
                 ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=trial_dir)
+                tmp = Path(ckpt_dir) / (CHECKPOINT_FILE + ".tmp")
                 torch.save({"model": bare.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                            "epoch": epoch + 1, "mlflow_run_id": run_id, "history": history,
-                            "torch_rng": torch.get_rng_state()}, Path(ckpt_dir) / CHECKPOINT_FILE)
+                            "epoch": epoch + 1, "mlflow_run_id": run_id, "history": history, "pending_metrics": unlogged,
+                            "torch_rng": torch.get_rng_state()}, tmp)
+                os.replace(tmp, Path(ckpt_dir) / CHECKPOINT_FILE)  # a kill never leaves half a checkpoint
             reporter.report(metrics, ckpt_dir)
+            if rank == 0:
+                _prune_local_checkpoints(trial_dir, keep=Path(ckpt_dir))
+            if rank == 0 and unlogged is not None:
+                tracking.log_metrics(client, run_id, unlogged["metrics"], step=unlogged["step"])
+                unlogged = None
             final = metrics
             if spec.fail_at_epoch is not None and epoch + 1 == spec.fail_at_epoch:
                 marker = trial_dir / "failed_once"
@@ -308,6 +339,8 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
         # report, or when the scheduler (ASHA) stops it early. A finished run stays FINISHED.
         if rank == 0 and client is not None and run_id is not None:
             if e.code in (0, None):
+                if unlogged is not None:  # stopped inside the report of a checkpointed epoch
+                    tracking.log_metrics(client, run_id, unlogged["metrics"], step=unlogged["step"])
                 if client.get_run(run_id).info.status == "RUNNING":
                     client.set_tag(run_id, "weakbench.stopped", "stopped early by the scheduler")
                     client.set_terminated(run_id, status="KILLED")
@@ -319,6 +352,37 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
             tracking.fail_run(client, run_id, e)
             (trial_dir / "error.txt").write_text(traceback.format_exc())
         raise
+
+
+def _latest_local_checkpoint(trial_dir: Path) -> dict[str, Any] | None:
+    """The newest readable ``wb-ckpt-*/trial_state.pt`` of a trial, or None."""
+    dirs = sorted(trial_dir.glob("wb-ckpt-*"), key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in dirs:
+        f = d / CHECKPOINT_FILE
+        if f.is_file():
+            try:
+                return torch.load(f, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - an unreadable file: try the one before
+                continue
+    return None
+
+
+def _prune_local_checkpoints(trial_dir: Path, keep: Path) -> None:
+    """Remove a trial's older local checkpoints once ``keep`` has been reported."""
+    import shutil
+
+    for d in trial_dir.glob("wb-ckpt-*"):
+        if d != keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _log_pending(client, run_id: str, pending: dict[str, Any]) -> None:
+    """Log a checkpoint's epoch metrics unless MLflow already has that step (idempotent)."""
+    steps = {m.step for m in client.get_metric_history(run_id, "epoch")}
+    if pending["step"] not in steps:
+        from weakbench.platform import tracking
+
+        tracking.log_metrics(client, run_id, pending["metrics"], step=pending["step"])
 
 
 def _finalize(spec: TrialSpec, method, model, source, splits, device, client, run_id, val_metrics) -> dict[str, float]:

@@ -204,9 +204,14 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
     sweep_dir, sweep_name = prepare_sweep_dir(opts, space)
     if opts.resume:
         saved = json.loads((sweep_dir / "sweep.json").read_text())
-        # a resumed sweep keeps its data, split and tracking; the caller may change resources
-        for key in ("data", "split_seed", "tracking_uri", "experiment", "trials", "searcher", "search_seed", "overrides"):
-            setattr(opts, key, saved[key])
+        # a resumed sweep keeps everything that shapes its trials and their checkpoints (an inline
+        # trial's checkpoint is a Tune checkpoint, a Train trial's a Train one); only where it
+        # runs (--address, --num-cpus, --max-concurrent) may change
+        for key in ("data", "split_seed", "tracking_uri", "experiment", "trials", "searcher", "search_seed", "overrides",
+                    "executor", "num_workers", "use_gpu", "cpus_per_worker", "eval_max_images", "num_overlays",
+                    "log_model", "early_stopping"):
+            if key in saved:
+                setattr(opts, key, saved[key])
         if opts.overrides:
             space = space.model_copy(update={"fixed": {**space.fixed, **opts.overrides},
                                              "search": {k: v for k, v in space.search.items() if k not in opts.overrides}})
@@ -270,6 +275,14 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
 
         per_trial_cpu = opts.num_workers * opts.cpus_per_worker
         total_cpu = ray.cluster_resources().get("CPU", 1)
+        need = per_trial_cpu + (0.0 if opts.executor == "inline" else 0.01)
+        if need > total_cpu + 1e-9:
+            raise ConfigError(f"one trial needs {need:g} CPUs ({opts.num_workers} worker(s) × {opts.cpus_per_worker:g}"
+                              f"{' + 0.01 for the trial function' if opts.executor != 'inline' else ''}) but the Ray cluster has "
+                              f"{total_cpu:g}; lower --num-workers or --cpus-per-worker, raise --num-cpus, or use --executor inline")
+        if opts.use_gpu and opts.num_workers > ray.cluster_resources().get("GPU", 0):
+            raise ConfigError(f"--gpu asks for {opts.num_workers} GPU(s) per trial but the Ray cluster has "
+                              f"{ray.cluster_resources().get('GPU', 0):g}; run on a GPU cluster (--address) or drop --gpu")
         # the Train executor's trial function holds 0.01 CPU beside its workers: count it, or the
         # last trial's workers wait for a CPU inside Train (and time out) instead of in Tune's queue
         overhead = 0.0 if opts.executor == "inline" else 0.01
