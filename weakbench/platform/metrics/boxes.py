@@ -70,6 +70,15 @@ def iou_inclusive(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(boxes_a, dtype=np.int64).reshape(-1, 4)[:, None, :]
     b = np.asarray(boxes_b, dtype=np.int64).reshape(-1, 4)[None, :, :]
+    return iou_broadcast(a, b)
+
+
+def iou_broadcast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Inclusive IoU of broadcastable integer box arrays ``a`` (..., 4) and ``b`` (..., 4).
+
+    Integer areas with ``+1`` on widths and heights and a float64 quotient, as the reference's
+    ``calculate_multiple_iou``; a non-positive union gives 0.
+    """
     iw = np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1)
     ih = np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1)
     inter = iw * ih

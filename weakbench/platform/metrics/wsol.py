@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from weakbench.platform.errors import DataError
+from weakbench.platform.metrics.boxes import iou_broadcast
 
 NLEV = 256
 
@@ -120,17 +121,7 @@ def _best_iou(boxes: np.ndarray, image: np.ndarray, gt: np.ndarray,
     """Max inclusive IoU (float64) of each box (P, 4) over the GT boxes of its image.
 
     Same integer areas and float64 quotient as the reference's ``calculate_multiple_iou``."""
-    g = gt[image]  # (P, K, 4)
-    a = boxes[:, None, :]
-    iw = np.maximum(0, np.minimum(a[..., 2], g[..., 2]) - np.maximum(a[..., 0], g[..., 0]) + 1)
-    ih = np.maximum(0, np.minimum(a[..., 3], g[..., 3]) - np.maximum(a[..., 1], g[..., 1]) + 1)
-    inter = iw * ih
-    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
-    area_b = (g[..., 2] - g[..., 0] + 1) * (g[..., 3] - g[..., 1] + 1)
-    union = area_a + area_b - inter
-    bad = union <= 0
-    iou = inter / np.where(bad, 1, union)
-    iou[bad] = 0.0
+    iou = iou_broadcast(boxes[:, None, :], gt[image])  # (P, K): each box against its image's GT boxes
     iou[~valid[image]] = -1.0
     return iou.max(1)
 
