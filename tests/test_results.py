@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest

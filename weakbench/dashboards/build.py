@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from weakbench.platform import conventions as C
 from weakbench.platform.leaderboard import (build_leaderboard, format_stat, higher_is_better,
                                             leaderboard_metrics, title)
 from weakbench.platform.results import metric_columns, param_columns

@@ -91,7 +91,7 @@ def sweep(
                         search_seed=search_seed, executor=executor, eval_max_images=eval_max_images, early_stopping=early_stopping,
                         address=address, num_cpus=num_cpus, overrides=_parse_sets(sets), log_model=not no_model)
     console.print(f"[bold]weakbench sweep[/] {space} on {data or 'the synthetic default'}: {trials} trials, executor={executor}")
-    s = run_sweep(opts, console=console)
+    s = run_sweep(opts)
     from rich.table import Table
 
     t = Table(title=f"sweep {s.sweep_name} ({s.method} on {s.dataset})", show_header=False)

@@ -18,25 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from weakbench.methods.base import Method, normalize_maps, resize_maps
 from weakbench.platform.overlay import cam_overlay, denormalize
-
-
-def _maybe_progress(iterable, total: int, description: str, show: bool):
-    if not show:
-        yield from iterable
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        for item in iterable:
-            yield item
-            progress.advance(task)
 
 
 @torch.no_grad()
@@ -52,7 +38,6 @@ def evaluate_split(
     batch_size: int = 16,
     max_images: int | None = None,
     num_overlays: int = 0,
-    progress: bool = False,
     extra_batches: int = 0,
 ) -> tuple[dict[str, float], list[tuple[str, Image.Image]], dict[str, Any]]:
     """Run the model over ``indices`` of ``source`` and compute the split's metrics.
@@ -96,8 +81,7 @@ def evaluate_split(
     kept_batches: list[dict[str, Any]] = []
     class_names = source.class_names
 
-    steps = (len(dataset) + batch_size - 1) // batch_size
-    for batch in _maybe_progress(loader, steps, "evaluating", progress):
+    for batch in loader:
         images = batch["image"].to(device)
         labels = batch["labels"]
         cams, logits = method.cams_and_scores(model, images)

@@ -43,7 +43,7 @@ import pyarrow as pa
 
 from weakbench.platform import conventions as C
 from weakbench.platform.errors import ConfigError
-from weakbench.platform.results import SCHEMA, metric_columns
+from weakbench.platform.results import metric_columns
 
 _FIXED_FIELDS = [
     pa.field("dataset", pa.string()),

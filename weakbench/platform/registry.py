@@ -21,11 +21,10 @@ roll back, load by name.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import typer
 

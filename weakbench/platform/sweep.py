@@ -174,7 +174,15 @@ def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str
     return sweep_dir, name
 
 
-def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
+def _with_overrides(space: SearchSpace, overrides: dict[str, Any]) -> SearchSpace:
+    """``space`` with command-line ``--set`` values fixed (and dropped from the search)."""
+    if not overrides:
+        return space
+    return space.model_copy(update={"fixed": {**space.fixed, **overrides},
+                                    "search": {k: v for k, v in space.search.items() if k not in overrides}})
+
+
+def run_sweep(opts: SweepOptions) -> SweepSummary:
     """Run (or resume) a sweep; returns its summary. See the module docstring.
 
     Raises:
@@ -192,10 +200,8 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
     # Ray workers run in other working directories: hand them absolute paths
     if opts.data is not None:
         opts = opts.model_copy(update={"data": str(Path(opts.data).expanduser().resolve())})
-    space = load_search_space(opts.space)
+    space = _with_overrides(load_search_space(opts.space), opts.overrides)
     if opts.overrides:
-        space = space.model_copy(update={"fixed": {**space.fixed, **opts.overrides},
-                                         "search": {k: v for k, v in space.search.items() if k not in opts.overrides}})
         validate_config(space.method, space.fixed, source=f"{opts.space} (with command-line overrides)")
     out = Path(opts.output_dir).resolve()
     data_cache = str(out / "data_cache")
@@ -212,9 +218,7 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
                     "log_model", "early_stopping"):
             if key in saved:
                 setattr(opts, key, saved[key])
-        if opts.overrides:
-            space = space.model_copy(update={"fixed": {**space.fixed, **opts.overrides},
-                                             "search": {k: v for k, v in space.search.items() if k not in opts.overrides}})
+        space = _with_overrides(load_search_space(opts.space), opts.overrides)
     tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
 
     source = open_dataset(opts.data, cache_dir=data_cache)
@@ -306,13 +310,13 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
-        results = tuner.fit()
+        tuner.fit()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        stopped = tracking.reconcile_children(client, exp_id, parent)
+        tracking.reconcile_children(client, exp_id, parent)
         runs = tracking.child_runs(client, exp_id, parent)
         finished = [r for r in runs if r.info.status == "FINISHED"]
         failed = [r for r in runs if r.info.status == "FAILED"]
@@ -333,5 +337,4 @@ def run_sweep(opts: SweepOptions, *, console=None) -> SweepSummary:
         num_finished=len(finished), num_failed=len(failed), num_stopped=len(killed), wall_seconds=time.time() - t0,
         best_run_id=best.info.run_id if best else None, best_params=dict(best.data.params) if best else {},
         best_metrics=dict(best.data.metrics) if best else {}, metric=space.metric)
-    del stopped, results
     return summary

@@ -143,7 +143,8 @@ def get_or_create_trial_run(client: MlflowClient, experiment_id: str, *, parent_
         status = run.info.status
         if status != "FINISHED" and status != "RUNNING":
             client.update_run(run.info.run_id, status="RUNNING")
-            client.delete_tag(run.info.run_id, C.TAG_ERROR) if C.TAG_ERROR in run.data.tags else None
+            if C.TAG_ERROR in run.data.tags:
+                client.delete_tag(run.info.run_id, C.TAG_ERROR)
         return run.info.run_id, status
     all_tags = {C.TAG_KIND: C.KIND_TRIAL, C.TAG_SWEEP_ID: sweep_id, C.TAG_TRIAL_ID: trial_id, **tags}
     if parent_run_id:
