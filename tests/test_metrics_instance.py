@@ -113,3 +113,40 @@ def test_abo_hand_computed():
     assert coco_instance_eval(gt, [])["segm_ap"] == 0.0
     with pytest.raises(DataError, match="segmentation"):
         coco_instance_eval(gt, [{"image_id": 1, "category_id": 1, "score": 1.0}])
+
+
+def test_mask_iou_by_hand():
+    from weakbench.platform.metrics import mask_iou
+
+    a = np.zeros((4, 4), bool)
+    a[0:2, 0:2] = True  # 4 px
+    b = np.zeros((4, 4), bool)
+    b[1:3, 1:3] = True  # 4 px, 1 shared
+    assert mask_iou(a, b) == pytest.approx(1 / 7)
+    assert mask_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 0.0
+
+
+def test_pseudo_mask_evaluator_gt_is_perfect_and_box_filled_is_not(synthetic_dir):
+    from weakbench.platform.data import open_dataset
+    from weakbench.platform.metrics import PseudoMaskEvaluator
+
+    source = open_dataset(str(synthetic_dir))
+    perfect = PseudoMaskEvaluator(source, source.num_classes)
+    boxes = PseudoMaskEvaluator(source, source.num_classes)
+    for idx in range(12):
+        a = source.annotations(idx)
+        perfect.accumulate(idx, list(a.instance_masks))
+        filled = []
+        for x0, y0, x1, y1 in a.boxes:
+            m = np.zeros(a.instance_masks.shape[1:], bool)
+            m[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
+            filled.append(m)
+        boxes.accumulate(idx, filled)
+    p = perfect.compute()
+    assert p["instance_miou"] == pytest.approx(100.0) and p["miou"] == pytest.approx(100.0)
+    assert p["ap"] == pytest.approx(100.0) and p["abo"] == pytest.approx(100.0)
+    b = boxes.compute()
+    # boxes hold their shape plus background: IoU < 1 for every shape but never 0
+    assert 30.0 < b["instance_miou"] < 99.0 and b["miou"] < 99.0 and b["ap"] < 100.0
+    with pytest.raises(ValueError, match="pseudo masks for"):
+        boxes.accumulate(0, [])

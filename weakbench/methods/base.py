@@ -392,7 +392,7 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[Method]] = {}
-_BUILTIN_MODULES = ("cam", "minmaxcam", "puzzlecam", "topgap")
+_BUILTIN_MODULES = ("cam", "minmaxcam", "puzzlecam", "topgap", "bbam")
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:

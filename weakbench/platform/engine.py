@@ -583,6 +583,7 @@ class _Runner:
         if done and self.rank == 0:
             print(f"weakbench: trial {self.spec.trial_id} stage {st.name}: resuming, {len(keys) - len(todo)}/{len(keys)} "
                   f"item(s) already saved", flush=True)
+            self.client.set_tag(self.run_id, f"weakbench.stage.{st.name}.resumed_items", str(len(keys) - len(todo)))
         finished = len(keys) - len(todo)
         for j in range(self.rank, len(chunks), self.world):
             results = self.method.map_batch(st, chunks[j], ctx)

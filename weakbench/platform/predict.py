@@ -1,4 +1,5 @@
-"""Run a registered or logged model on new images and write CAM overlays."""
+"""Run a registered or logged model on new images and write overlays: CAMs for classifier
+methods, instance masks for detection methods (``InstancePredictor``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from weakbench.methods.base import normalize_maps, resize_maps
 from weakbench.platform.errors import DataError
 from weakbench.platform.registry import load_predictor  # noqa: F401  (re-exported: one loader)
-from weakbench.platform.overlay import cam_overlay
+from weakbench.platform.overlay import cam_overlay, instance_overlay
 
 
 @dataclass
@@ -52,6 +53,8 @@ def predict_images(predictor, images: list[Path], out_dir: Path, *, threshold: f
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor.eval()
+    if getattr(predictor, "kind", "cam") == "instance":
+        return _predict_instances(predictor, images, out_dir)
     s = predictor.input_size
     mean = torch.tensor(predictor.mean).view(3, 1, 1)
     std = torch.tensor(predictor.std).view(3, 1, 1)
@@ -74,4 +77,22 @@ def predict_images(predictor, images: list[Path], out_dir: Path, *, threshold: f
             overlay.save(target)
             written.append(target)
         results.append(Prediction(Path(path), [predictor.class_names[c] for c in keep], [float(probs[c]) for c in keep], written))
+    return results
+
+
+def _predict_instances(predictor, images: list[Path], out_dir: Path) -> list[Prediction]:
+    """One overlay per image with every detection's mask, box and ``class score`` caption."""
+    results = []
+    for path in images:
+        img = _load_image(Path(path))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        det = predictor([x])[0]
+        names = [predictor.class_names[int(c)] for c in det["labels"].tolist()]
+        scores = [float(v) for v in det["scores"].tolist()]
+        overlay = instance_overlay(np.asarray(img), det["masks"].cpu().numpy(), det["boxes"].tolist(),
+                                   [f"{n} {q:.2f}" for n, q in zip(names, scores)],
+                                   title=f"{len(names)} instance(s)")
+        target = out_dir / f"{Path(path).stem}_instances.png"
+        overlay.save(target)
+        results.append(Prediction(Path(path), names, scores, [target]))
     return results

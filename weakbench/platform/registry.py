@@ -268,20 +268,23 @@ def _paged(fn):
 
 
 def load_predictor(model_uri: str, tracking_uri: str | None = None):
-    """Load a logged :class:`weakbench.methods.base.CamPredictor` (e.g. ``models:/weakbench-cam-coco128@champion``)
-    on CPU, in eval mode.
+    """Load a logged predictor (e.g. ``models:/weakbench-cam-coco128@champion``) on CPU, in eval mode:
+    a :class:`weakbench.methods.base.CamPredictor` (classifier methods) or a
+    :class:`weakbench.methods.instance.InstancePredictor` (detection methods).
 
-    ``predictor(images)`` with float32 (B, 3, S, S) normalised images returns
-    ``(logits (B, C), cams (B, C, h, w))``.
+    A ``CamPredictor``'s ``predictor(images)`` with float32 (B, 3, S, S) normalised images returns
+    ``(logits (B, C), cams (B, C, h, w))``; an ``InstancePredictor`` takes a list of (3, H, W)
+    images in [0, 1] and returns per-image dicts of boxes, labels, scores and masks.
 
     Raises:
         UnknownNameError: the URI does not resolve (no such model, version, alias or run).
-        DataError: the URI holds something other than a ``CamPredictor``.
+        DataError: the URI holds something other than a weakbench predictor.
     """
     import mlflow.pytorch
     import torch
 
     from weakbench.methods.base import CamPredictor
+    from weakbench.methods.instance import InstancePredictor
 
     from weakbench.platform.errors import UnknownNameError
 
@@ -292,8 +295,9 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None):
         first = str(e).splitlines()[0] if str(e) else ""
         raise UnknownNameError(f"cannot load model {model_uri!r} from {tracking_uri or mlflow.get_tracking_uri()}: "
                                f"{type(e).__name__}: {first}; list registered models with `weakbench registry list`") from None
-    if not isinstance(model, CamPredictor):
-        raise DataError(f"{model_uri}: holds a {type(model).__name__}, not a CamPredictor; fix: register a model logged by weakbench")
+    if not isinstance(model, (CamPredictor, InstancePredictor)):
+        raise DataError(f"{model_uri}: holds a {type(model).__name__}, not a CamPredictor or InstancePredictor; "
+                        f"fix: register a model logged by weakbench")
     return model.eval()
 
 

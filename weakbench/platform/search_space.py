@@ -206,7 +206,8 @@ def parse_search_space(data: Any, source: str = "<memory>") -> SearchSpace:
         except ValidationError as e:
             raise ConfigError(f"{source}: scheduler.asha: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     try:
-        space = SearchSpace(method=method, metric=data.get("metric", "val/max_box_acc_v2"),
+        default_metric = f"val/{get_method_class(method).headline_metric}"  # the method names its headline
+        space = SearchSpace(method=method, metric=data.get("metric", default_metric),
                             mode=data.get("mode", "max"), fixed=fixed, search=search, asha=asha, source=source)
     except ValidationError as e:
         err = e.errors()[0]

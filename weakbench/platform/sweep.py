@@ -140,6 +140,21 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     run_segments(spec, storage_path=str(Path(c.sweep_dir) / "train"), callbacks=[TuneReportCallback()])
 
 
+def _stage_aware(searcher_cls):
+    """``searcher_cls`` ignoring intermediate results that lack the selecting metric: a
+    multi-stage trial (BBAM) reports its early stages (the detector's epochs) before the stage
+    that computes the metric; its final result always carries it."""
+
+    class StageAware(searcher_cls):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if isinstance(self.metric, str) and self.metric not in result:
+                return
+            super().on_trial_result(trial_id, result)
+
+    StageAware.__name__ = StageAware.__qualname__ = f"StageAware{searcher_cls.__name__}"
+    return StageAware
+
+
 def _plan_units(method: str, params: dict[str, Any], source) -> int:
     """Progress units of one trial's plan (the search space's defaults; ASHA's ``max_t``)."""
     from weakbench.methods import build_method
@@ -254,6 +269,10 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                 **{f"search.{k}": f"{d.kind}{d.values}" for k, d in space.search.items()}})
 
     status = "FAILED"
+    # results of a multi-stage trial's early stages lack the selecting metric (it comes with the
+    # stage that computes it); Tune's controller would refuse them. ASHA skips such results and
+    # the searcher is wrapped to skip them (_stage_aware)
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     try:
         _ensure_ray(opts)
         units = _plan_units(space.method, space.defaults_config(), source)
@@ -273,7 +292,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                 if k == "seed" and d.kind == "grid":
                     continue
                 param_space[k] = tune.choice(list(d.values)) if d.kind == "grid" else d.to_tune()
-            search_alg = OptunaSearch(metric=space.metric, mode=space.mode,
+            search_alg = _stage_aware(OptunaSearch)(metric=space.metric, mode=space.mode,
                                       sampler=optuna.samplers.TPESampler(seed=opts.search_seed))
             if seed_values and len(seed_values) > 1:
                 search_alg = Repeater(search_alg, repeat=len(seed_values), set_index=True)

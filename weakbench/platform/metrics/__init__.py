@@ -8,7 +8,9 @@ implementation (clovaai/wsolevaluation); see :mod:`weakbench.platform.metrics.ws
 from weakbench.platform.metrics.classification import average_precision, multilabel_average_precision, top1_accuracy
 from weakbench.platform.metrics.segmentation import SemanticEvaluator
 from weakbench.platform.metrics.boxes import iou_inclusive, resize_box, scale_boxes
-from weakbench.platform.metrics.instance import average_best_overlap, coco_instance_eval
+from weakbench.platform.metrics.instance import (
+    PseudoMaskEvaluator, average_best_overlap, coco_gt_from_source, coco_instance_eval, mask_iou,
+)
 from weakbench.platform.metrics.wsol import (
     BoxEvaluator,
     PxAPEvaluator,
@@ -18,7 +20,10 @@ from weakbench.platform.metrics.wsol import (
 )
 
 __all__ = [
+    "PseudoMaskEvaluator",
     "SemanticEvaluator",
+    "coco_gt_from_source",
+    "mask_iou",
     "average_best_overlap",
     "average_precision",
     "coco_instance_eval",

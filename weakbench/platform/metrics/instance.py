@@ -1,7 +1,8 @@
 """Instance metrics through pycocotools ``COCOeval``: mask and box AP, mAP^r, and ABO.
 
-* ``segm_ap``, ``segm_ap50``, ``segm_ap75`` (and ``bbox_*``) are COCOeval's own summary
-  (``stats[0:3]``), ×100.
+* ``segm_ap``, ``segm_ap50``, ``segm_ap75``, ``segm_ap_s``, ``segm_ap_m``, ``segm_ap_l`` (and
+  ``bbox_*``) are COCOeval's own summary (``stats[0:6]``), ×100; ``segm_ap70`` is the precision
+  table at IoU 0.70 (one of COCOeval's ten thresholds), averaged like AP50 (BBAM reports it).
 * ``segm_map_r25``, ``segm_map_r50`` (mAP^r, Hariharan et al. 2014, as used by CCGR and other
   WSIS papers) are COCOeval re-run with ``params.iouThrs = [0.25, 0.5]``: the mean of the
   precision table over recall points, classes (area "all", maxDets 100), at each IoU.
@@ -78,8 +79,8 @@ def coco_instance_eval(gt: COCO, results: list[dict],
         iou_types: any of ``"segm"``, ``"bbox"``.
 
     Returns:
-        ``{segm_ap, segm_ap50, segm_ap75, segm_map_r25, segm_map_r50, bbox_ap, bbox_ap50,
-        bbox_ap75, bbox_map_r25, bbox_map_r50, abo}`` (percent, 0–100; ``abo`` only with
+        ``{segm_ap, segm_ap50, segm_ap75, segm_ap70, segm_ap_s, segm_ap_m, segm_ap_l,
+        segm_map_r25, segm_map_r50, bbox_…(the same), abo}`` (percent, 0–100; ``abo`` only with
         ``"segm"``). With no result at all every value is 0.
 
     Raises:
@@ -101,7 +102,7 @@ def coco_instance_eval(gt: COCO, results: list[dict],
             seg["counts"] = seg["counts"].decode("ascii")
     for t in iou_types:
         if not res:
-            out.update({f"{t}_{k}": 0.0 for k in ("ap", "ap50", "ap75", "map_r25", "map_r50")})
+            out.update({f"{t}_{k}": 0.0 for k in ("ap", "ap50", "ap75", "ap70", "ap_s", "ap_m", "ap_l", "map_r25", "map_r50")})
             continue
         per_type = copy.deepcopy(res)
         if t == "bbox":
@@ -111,8 +112,120 @@ def coco_instance_eval(gt: COCO, results: list[dict],
         ev = _run(gt, dt, t)
         _quiet(ev.summarize)
         out[f"{t}_ap"], out[f"{t}_ap50"], out[f"{t}_ap75"] = (float(s * 100) for s in ev.stats[:3])
+        # COCOeval writes -1 for an area range without GT: report 0 there (no instance to find)
+        out[f"{t}_ap_s"], out[f"{t}_ap_m"], out[f"{t}_ap_l"] = (max(0.0, float(s * 100)) for s in ev.stats[3:6])
+        out[f"{t}_ap70"] = _ap_at(ev, int(np.argmin(np.abs(ev.params.iouThrs - 0.70))))
         evr = _run(gt, dt, t, [0.25, 0.5])
         out[f"{t}_map_r25"], out[f"{t}_map_r50"] = _ap_at(evr, 0), _ap_at(evr, 1)
     if "segm" in iou_types:
         out["abo"] = average_best_overlap(gt, res)
     return out
+
+
+def coco_gt_from_source(source, indices: Sequence[int], *, masks: bool = True) -> COCO:
+    """A ground-truth ``COCO`` object for records ``indices`` of a weakbench dataset source.
+
+    ``image_id`` is the record index, ``category_id`` is ``class + 1``, every non-crowd instance
+    becomes an annotation with an RLE ``segmentation`` (its instance mask), its ``bbox``
+    ``[x, y, w, h]`` and ``area`` (mask pixels). Crowd regions are not annotations here (they
+    are not boxes in weakbench's data layer); predictions on them count as false positives.
+
+    With ``masks=False`` only boxes are written (box AP on box-only data such as ILSVRC).
+
+    Raises:
+        DataError: ``masks`` on a source without instance masks.
+    """
+    if masks and not source.has_masks:
+        raise DataError(f"dataset {source.name!r} has no instance masks: mask AP needs them "
+                        f"(COCO annotations with segmentations)")
+    images, anns = [], []
+    for idx in indices:
+        rec = source.records[int(idx)]
+        a = source.annotations(int(idx))
+        images.append({"id": int(idx), "width": rec.width, "height": rec.height})
+        for k in range(a.num_instances):
+            x0, y0, x1, y1 = (float(v) for v in a.boxes[k])
+            ann = {"id": len(anns) + 1, "image_id": int(idx), "category_id": int(a.box_classes[k]) + 1,
+                   "area": (x1 - x0) * (y1 - y0), "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0}
+            if masks:
+                m = np.asfortranarray(a.instance_masks[k].astype(np.uint8))
+                rle = mask_utils.encode(m)
+                rle["counts"] = rle["counts"].decode("ascii")
+                ann.update(segmentation=rle, area=float(m.sum()))
+            anns.append(ann)
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns,
+                  "categories": [{"id": c + 1, "name": n} for c, n in enumerate(source.class_names)]}
+    _quiet(gt.createIndex)
+    return gt
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two bool (H, W) masks in [0, 1]; two empty masks give 0."""
+    a = np.asarray(a, bool)
+    b = np.asarray(b, bool)
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+class PseudoMaskEvaluator:
+    """Quality of per-box pseudo instance masks against GT instance masks (BBAM, CCGR).
+
+    Accumulate one image at a time with the pseudo mask of each GT box (same order as
+    ``source.annotations(index).boxes``); :meth:`compute` returns, in percent:
+
+    * ``instance_miou``: mean over GT boxes of IoU(pseudo mask, the box's GT instance mask);
+    * ``miou``: semantic mIoU over classes + background of the pseudo label map (instances
+      painted largest first; ignore pixels excluded; classes with an empty union skipped);
+    * COCOeval of the masks as instance predictions (score 1, or the given scores):
+      ``ap, ap50, ap75, ap70, ap_s, ap_m, ap_l, map_r25, map_r50, abo``.
+    """
+
+    def __init__(self, source, num_classes: int):
+        self.source = source
+        self.num_classes = int(num_classes)
+        k = self.num_classes + 1
+        self.confusion = np.zeros((k, k), dtype=np.int64)
+        self.ious: list[float] = []
+        self.results: list[dict] = []
+        self.indices: list[int] = []
+
+    def accumulate(self, index: int, masks: Sequence[np.ndarray], scores: Sequence[float] | None = None) -> None:
+        """Add record ``index``: ``masks`` bool (H, W) at the image's size, one per GT box."""
+        a = self.source.annotations(int(index))
+        if len(masks) != a.num_instances:
+            raise ValueError(f"record {index}: {len(masks)} pseudo masks for {a.num_instances} GT boxes")
+        self.indices.append(int(index))
+        h, w = a.semantic_mask.shape if a.semantic_mask is not None else (self.source.records[index].height,
+                                                                          self.source.records[index].width)
+        pred = np.zeros((h, w), dtype=np.int64)
+        order = np.argsort([-int(np.asarray(m).sum()) for m in masks], kind="stable")
+        for k in order:
+            pred[np.asarray(masks[k], bool)] = int(a.box_classes[k]) + 1
+        for k, m in enumerate(masks):
+            m = np.asarray(m, bool)
+            self.ious.append(mask_iou(m, a.instance_masks[k]))
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            x0, y0, x1, y1 = (float(v) for v in a.boxes[k])
+            self.results.append({"image_id": int(index), "category_id": int(a.box_classes[k]) + 1,
+                                 "segmentation": rle, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                 "score": float(scores[k]) if scores is not None else 1.0})
+        gt = a.semantic_mask.astype(np.int64)
+        valid = gt != 255
+        kk = self.num_classes + 1
+        self.confusion += np.bincount(gt[valid] * kk + pred[valid], minlength=kk * kk).reshape(kk, kk)
+
+    def compute(self) -> dict[str, float]:
+        conf = self.confusion.astype(np.float64)
+        tp = np.diag(conf)
+        union = conf.sum(0) + conf.sum(1) - tp
+        iou = tp[union > 0] / union[union > 0]
+        out = {"instance_miou": 100.0 * float(np.mean(self.ious)) if self.ious else 0.0,
+               "miou": 100.0 * float(iou.mean()) if iou.size else 0.0,
+               "num_instances": float(len(self.ious))}
+        if self.indices:
+            gt = coco_gt_from_source(self.source, self.indices)
+            coco = coco_instance_eval(gt, self.results, iou_types=("segm",))
+            out.update({k.replace("segm_", ""): v for k, v in coco.items()})
+        return out
