@@ -66,22 +66,69 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{p / 'mlflow.db'}"
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, or None for any other store (a server)."""
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+
+
+def default_artifact_root(tracking_uri: str) -> Path | None:
+    """Where new experiments keep their artifacts: ``<dir of mlflow.db>/mlartifacts`` for the
+    sqlite default (so that everything stays under ``--output-dir``, not in ``./mlruns`` of the
+    working directory); None for a tracking server, which decides its own."""
+    db = sqlite_path(tracking_uri)
+    return db.resolve().parent / "mlartifacts" if db is not None else None
+
+
+@contextlib.contextmanager
+def _db_lock(db: Path):
+    """An exclusive ``flock`` on ``<db>.lock`` for the ``with`` block (POSIX)."""
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def client_for(tracking_uri: str) -> MlflowClient:
-    """An ``MlflowClient`` for ``tracking_uri``; a ``sqlite:///`` parent directory is created."""
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=tracking_uri)
+    """An ``MlflowClient`` for ``tracking_uri``, its store opened.
+
+    For ``sqlite:///`` the parent directory is created and the store is opened under a file lock
+    (``<db>.lock``): MLflow creates and migrates the schema of a fresh database when the store
+    is first opened, and two processes doing that at once corrupt it (``AttributeError:
+    dimension_attributes`` inside the migration), e.g. two sweeps started together.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        with _db_lock(db):
+            client.search_experiments(max_results=1)  # opens the store: schema created / upgraded here
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | Path | None = None) -> str:
-    """Return the id of experiment ``name``, creating it (artifacts under ``artifact_root``)."""
+    """Return the id of experiment ``name``, creating it (artifacts under ``artifact_root``).
+
+    Safe when several processes create the same experiment at once (the loser finds the
+    winner's). An existing experiment keeps its own artifact location.
+    """
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            raise ConfigError(f"MLflow experiment {name!r} is deleted; restore it or pass another --experiment")
-        return exp.experiment_id
-    location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    if exp is None:
+        location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # created meanwhile by another sweep
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise ConfigError(f"MLflow experiment {name!r} is deleted; restore it or pass another --experiment")
+    return exp.experiment_id
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
