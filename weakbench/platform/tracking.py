@@ -171,6 +171,11 @@ def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep_id:
     return run.info.run_id
 
 
+def find_trial_run(client: MlflowClient, experiment_id: str, sweep_id: str, trial_id: str):
+    """The child run of trial ``trial_id`` of sweep ``sweep_id`` (found by its tags), or None."""
+    return _search_one(client, experiment_id, f"tags.`{C.TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'")
+
+
 def get_or_create_trial_run(client: MlflowClient, experiment_id: str, *, parent_run_id: str | None, sweep_id: str,
                             trial_id: str, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any],
                             known_run_id: str | None = None) -> tuple[str, str]:
@@ -190,8 +195,9 @@ def get_or_create_trial_run(client: MlflowClient, experiment_id: str, *, parent_
         status = run.info.status
         if status != "FINISHED" and status != "RUNNING":
             client.update_run(run.info.run_id, status="RUNNING")
-            if C.TAG_ERROR in run.data.tags:
-                client.delete_tag(run.info.run_id, C.TAG_ERROR)
+            for tag in (C.TAG_ERROR, C.TAG_INTERRUPTED):  # the run goes on: yesterday's ending no longer holds
+                if tag in run.data.tags:
+                    client.delete_tag(run.info.run_id, tag)
         return run.info.run_id, status
     all_tags = {C.TAG_KIND: C.KIND_TRIAL, C.TAG_SWEEP_ID: sweep_id, C.TAG_TRIAL_ID: trial_id, **tags}
     if parent_run_id:
