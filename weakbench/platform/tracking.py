@@ -101,11 +101,12 @@ def client_for(tracking_uri: str) -> MlflowClient:
     is first opened, and two processes doing that at once corrupt it (``AttributeError:
     dimension_attributes`` inside the migration), e.g. two sweeps started together.
     """
-    client = MlflowClient(tracking_uri=tracking_uri)
     db = sqlite_path(tracking_uri)
-    if db is not None:
-        with _db_lock(db):
-            client.search_experiments(max_results=1)  # opens the store: schema created / upgraded here
+    if db is None:
+        return MlflowClient(tracking_uri=tracking_uri)
+    with _db_lock(db):
+        client = MlflowClient(tracking_uri=tracking_uri)  # opens the store: schema created / upgraded here
+        client.search_experiments(max_results=1)
     return client
 
 
@@ -216,10 +217,16 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Log finite float metrics at ``step`` in one batch (NaN/inf are skipped)."""
+    """Log numeric metrics at ``step`` in one batch.
+
+    A non-finite evaluation metric (NaN: undefined, e.g. no positive pixels) is skipped; a
+    non-finite ``train/*`` value (a loss) is logged as it is: it is the evidence that training
+    diverged, and it keeps the run off the leaderboard and out of the registry.
+    """
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
-             if isinstance(v, (int, float)) and v == v and abs(float(v)) != float("inf")]
+             if isinstance(v, (int, float))
+             and (k.startswith("train/") or (v == v and abs(float(v)) != float("inf")))]
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i:i + 500])
 
