@@ -171,15 +171,11 @@ def _latest_sweep(sweeps: Path, method: str) -> Path:
 
 
 def _running_ray_instances() -> list[str]:
-    """GCS addresses of the Ray instances running on this machine (any user), from Ray's own
-    discovery (``ray start``'s address file and the running ``gcs_server`` processes)."""
+    """GCS addresses of the Ray instances running on this machine (any user): Ray's own discovery
+    of live ``gcs_server`` processes (not ``ray start``'s address file, which outlives its cluster)."""
     from ray._private import services
 
-    found = set(services.find_gcs_addresses())
-    latest = services.find_bootstrap_address(None)
-    if latest:
-        found.add(latest)
-    return sorted(found)
+    return sorted(set(services.find_gcs_addresses()))
 
 
 def _check_ray_target(opts: SweepOptions) -> None:
