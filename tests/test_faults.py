@@ -121,3 +121,73 @@ def test_node_running_a_trial_dies_and_the_sweep_finishes(tmp_path, private_clus
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
         assert sorted(steps) == [1, 2, 3], (c.data.tags[C.TAG_TRIAL_ID], steps)  # resumed from its checkpoint, not redone
     assert "2 of 2 planned (2 finished" in output and "1 restart(s)" in output
+
+
+def _sweep(out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--output-dir", str(out),
+           "--address", "local", "--num-cpus", "1", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=LOOPBACK_ENV)
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_ends_the_sweep_killed_with_exit_130(tmp_path):
+    """Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it) after the
+    first checkpoint: exit 130, the parent run KILLED, no run RUNNING, the sweep resumable."""
+    import signal
+
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--output-dir", str(out),
+           "--name", "ctrlc", "--address", "local", "--num-cpus", "1", "--max-concurrent", "1", "--no-early-stopping", *TINY]
+    log = tmp_path / "sweep.log"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=LOOPBACK_ENV,
+                            start_new_session=True)
+    tune_dir = out / "sweeps" / "ctrlc" / "tune"
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and not list(tune_dir.glob("_trial_*/checkpoint_*")):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert list(tune_dir.glob("_trial_*/checkpoint_*")), "no checkpoint within 150 s"
+        t_int = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=90)
+        stop_seconds = time.time() - t_int
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 130, output[-4000:]
+    assert "interrupted" in output and "--resume" in output
+    client, parents, children = _runs(out)
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    assert children and not [c for c in children if c.info.status == "RUNNING"]
+    assert any(c.data.tags.get(C.TAG_INTERRUPTED) for c in children)
+    print("ctrl-c figures:", json.dumps({"seconds_to_stop": round(stop_seconds, 1), "runs": len(children)}))
+
+
+@pytest.mark.timeout(300)
+def test_diverging_fixed_configuration_fails_and_never_ranks(tmp_path):
+    """Every axis fixed (by --set) runs the fixed configuration once per seed, no OptunaSearch
+    error; with lr=10 the loss goes NaN: the run ends FAILED with a DivergenceError, the sweep
+    exits 1, the leaderboard and the registry never pick it."""
+    from weakbench.platform import leaderboard, registry, results
+    from weakbench.platform.errors import DataError, UnknownNameError
+
+    out = tmp_path / "runs"
+    proc = _sweep(out, "--name", "nan", "--executor", "inline", "--eval-max-images", "8", "--set", "epochs=2",
+                  "--set", "input_size=64", "--set", "batch_size=8", "--set", "lr=10", "--set", "momentum=0.99",
+                  "--set", "weight_decay=1", "--set", "backbone_lr_mult=10", "--set", "seed=0")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "RuntimeError" not in proc.stderr and "1 of 1 planned" in proc.stdout
+    client, parents, children = _runs(out)
+    assert len(children) == 1
+    run = children[0]
+    assert run.info.status == "FAILED", run.data.tags
+    assert run.data.tags[C.TAG_ERROR].startswith("DivergenceError: ") and "train/loss" in run.data.tags[C.TAG_ERROR]
+    assert parents[0].info.status == "FAILED" and "weakbench.best_run_id" not in parents[0].data.tags
+    uri = tracking.default_tracking_uri(out)
+    results.update_store(uri, out / "results")
+    assert leaderboard.build_leaderboard(results.read_store(out / "results")).num_rows == 0
+    with pytest.raises((DataError, UnknownNameError)):
+        registry.register_best(uri, "cam")

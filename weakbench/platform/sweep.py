@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from weakbench.platform import conventions as C
-from weakbench.platform.errors import ConfigError, is_finite_metrics
+from weakbench.platform.errors import ConfigError, DivergenceError, check_finite, is_finite_metrics
 from weakbench.platform.search_space import SearchSpace, load_search_space
 
 
@@ -522,6 +522,7 @@ def _reconcile_with_tune(client, exp_id: str, parent: str, sweep_id: str, tune_p
 
     * a trial Tune marks ERROR ends FAILED in MLflow with ``weakbench.error`` (its run is created
       FAILED when it errored before creating one: a worker that died, an actor that could not start);
+    * a FINISHED run with a non-finite metric (a NaN loss) ends FAILED with a ``DivergenceError``;
     * a run still RUNNING ends KILLED: stopped early by the scheduler, or, when the sweep was
       interrupted, tagged ``weakbench.interrupted`` (then it does not count as stopped early);
     * a trial Tune restarted gets tag ``weakbench.restarts``.
@@ -549,6 +550,14 @@ def _reconcile_with_tune(client, exp_id: str, parent: str, sweep_id: str, tune_p
                 tracking.fail_run(client, run.info.run_id, run.data.tags.get(C.TAG_ERROR) or _tune_error_text(trial))
         if restarted > 0 and run is not None:
             client.set_tag(run.info.run_id, C.TAG_RESTARTS, str(restarted))
+    # a run that finished with a non-finite loss or metric diverged: it fails (the engine may
+    # already have failed it at the epoch it diverged; this catches any run that slipped through)
+    for r in tracking.child_runs(client, exp_id, parent):
+        if r.info.status == "FINISHED" and not is_finite_metrics(r.data.metrics):
+            try:
+                check_finite(r.data.metrics, f"run {r.info.run_id} (trial {r.data.tags.get(C.TAG_TRIAL_ID, '?')})")
+            except DivergenceError as e:
+                tracking.fail_run(client, r.info.run_id, e)
     if interrupted:
         for r in client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
                                     max_results=10000):
