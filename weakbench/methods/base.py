@@ -6,18 +6,20 @@ engine (``weakbench.platform.engine``) owns loops, devices, DDP, checkpoints and
 method only answers the hooks below, in the spirit of PyTorch Lightning's ``LightningModule``.
 No method module imports Ray or MLflow.
 
-Three pipeline shapes are foreseen (DESIGN.md, "The five methods as pipelines"):
+Every method runs as a *plan* of typed stages (:mod:`weakbench.methods.pipeline`): ``fit``
+(a model trained with Lightning-style hooks), ``map`` (per-item work, sharded and resumable) and
+``eval`` (metrics from earlier products). The engine (``weakbench.platform.engine``) executes
+the plan, caches products, runs each trainable stage as its own Ray Train job and carries the
+stage cursor in its checkpoints. Three pipeline shapes (DESIGN.md, "The five methods as
+pipelines"):
 
-* ``classifier_cam`` — ``cam``, ``minmaxcam``, ``puzzlecam``, ``topgap``: one trainable stage
-  (``train``) producing a classifier; localisation maps are CAMs per (image, class).
-* ``detector_attribution`` — ``bbam``: ``train`` (detector on GT boxes) → ``attribute`` (per-box
-  mask optimisation) → ``pseudo_masks`` → optional ``train_instance`` (Mask R-CNN).
-* ``multi_branch`` — ``ccgr``: rounds of ``train`` → ``refine`` → ``pseudo_masks``.
-
-Each trainable stage runs as one Ray Train job; the engine iterates ``Method.stages`` and calls
-``run_stage`` for stages that are not plain classifier training. Only ``classifier_cam`` methods
-are implemented today; the contract keeps the other shapes expressible (stage list, per-stage
-hooks, artifacts passed between stages through :class:`StageContext`).
+* ``classifier_cam`` — ``cam``, ``minmaxcam``, ``puzzlecam``, ``topgap``: the default plan
+  ``train`` (fit: the classifier, validated on ``val`` every epoch) → ``eval`` (the ``test``
+  split, once). Their hooks below (:meth:`Method.build_model`, :meth:`Method.training_losses`,
+  …) are the ``train`` stage's fit task (:class:`ClassifierFitTask`).
+* ``detector_attribution`` — ``bbam``: detector fit → per-box attribution (map) → pseudo masks
+  (map) → eval, optionally Mask R-CNN fit → eval.
+* ``multi_branch`` — ``ccgr``: rounds of fit → refine → pseudo masks.
 
 Adding a method is one decorated class in one module::
 
@@ -31,7 +33,6 @@ and ``build_method("cam", {"lr": 0.01})`` validates the config and returns an in
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping
@@ -39,7 +40,12 @@ from typing import Any, Callable, ClassVar, Literal, Mapping
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, validate_plan
 from weakbench.platform.errors import ConfigError, UnknownNameError
+
+__all__ = ["Method", "MethodConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
+           "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
+           "normalize_maps", "resize_maps", "search_space_dir"]
 
 PipelineShape = Literal["classifier_cam", "detector_attribution", "multi_branch"]
 
@@ -87,70 +93,29 @@ class MethodConfig(BaseModel):
         return v
 
 
-@dataclasses.dataclass
-class StepContext:
-    """What the engine tells a method at each training step.
-
-    Attributes:
-        epoch: 0-based epoch index.
-        step: 0-based global step (across epochs) on this worker.
-        steps_per_epoch: number of steps of one epoch on this worker.
-        total_steps: ``epochs * steps_per_epoch``.
-        device: the device tensors live on.
-        unwrap: returns the bare model behind a DDP wrapper (for hooks that must call
-            sub-modules directly).
-    """
-
-    epoch: int
-    step: int
-    steps_per_epoch: int
-    total_steps: int
-    device: torch.device
-    unwrap: Callable[[torch.nn.Module], torch.nn.Module]
-
-    @property
-    def progress(self) -> float:
-        """Fraction of training done, in [0, 1)."""
-        return self.step / max(1, self.total_steps)
-
-
-@dataclasses.dataclass
-class StageContext:
-    """Passed to :meth:`Method.run_stage` for non-training stages (BBAM, CCGR).
-
-    Attributes:
-        stage: stage name.
-        workdir: a directory private to this trial where the stage writes its products.
-        artifacts: products of earlier stages by name (paths), filled by the engine.
-        device: the device to run on.
-    """
-
-    stage: str
-    workdir: Path
-    artifacts: dict[str, Path]
-    device: torch.device
-
-
 class Method:
     """Base class of every method. Subclass, set the class variables, implement the hooks.
 
     Class variables:
         name: registry name (set by :func:`register_method`).
         shape: one of ``classifier_cam``, ``detector_attribution``, ``multi_branch``.
-        stages: ordered stage names; ``"train"`` is classifier/detector training on Ray Train.
         Config: the pydantic schema of this method's hyperparameters.
-        find_unused_parameters: passed to DDP (True when a step updates only part of the model,
-            as MinMaxCAM's Stage II does).
+        headline_metric: the metric (bare name, as in ``<split>/<name>``) the leaderboard and
+            registry rank this method by when no metric is given.
+        find_unused_parameters: passed to DDP for the classifier's ``train`` stage (True when a
+            step updates only part of the model, as MinMaxCAM's Stage II does).
 
     Hooks a ``classifier_cam`` method implements:
         :meth:`build_model`, :meth:`training_step` (or :meth:`training_losses`),
-        :meth:`class_scores`, :meth:`cams`.
+        :meth:`class_scores`, :meth:`cams`. Other shapes override :meth:`plan` and the stage
+        hooks (:meth:`fit_task`, :meth:`map_items`, :meth:`map_batch`, :meth:`map_reduce`,
+        :meth:`evaluate_stage`, :meth:`build_predictor`).
     """
 
     name: ClassVar[str] = ""
     shape: ClassVar[PipelineShape] = "classifier_cam"
-    stages: ClassVar[tuple[str, ...]] = ("train",)
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    headline_metric: ClassVar[str] = "max_box_acc_v2"
     find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, num_classes: int, multilabel: bool = True):
@@ -258,16 +223,113 @@ class Method:
         """
         return {}
 
-    # ------------------------------------------------------------------ other shapes
-    def run_stage(self, ctx: StageContext) -> dict[str, Path]:
-        """Run a non-training stage (BBAM attribution, CCGR refinement); returns its products."""
-        raise NotImplementedError(f"method {self.name!r} has no stage {ctx.stage!r}")
+    # ------------------------------------------------------------------ the plan
+    def plan(self) -> tuple[Stage, ...]:
+        """The ordered stages of one trial, from the config (see :mod:`weakbench.methods.pipeline`).
+
+        Default (``classifier_cam``): ``train`` (fit, ``epochs`` epochs, validated on ``val``
+        after every epoch; its product is private to the trial) → ``eval`` (the ``test`` split,
+        evaluated once). Keys stay un-namespaced (``val/max_box_acc_v2``, ``test/pxap``).
+        """
+        fields = tuple(sorted(type(self.config).model_fields))
+        return (
+            Stage("train", "fit", reads=fields, epochs=self.config.epochs, namespaced=False),
+            Stage("eval", "eval", reads=("cam_curve_interval",), inputs=("train",), split="test", namespaced=False),
+        )
+
+    def fit_task(self, stage: Stage, inputs: Mapping[str, Path] | None = None) -> FitTask:
+        """The hooks of fit stage ``stage``; ``inputs`` are the product directories of the
+        stage's inputs (``None`` when the engine only rebuilds the model to load its weights).
+        Default: the classifier's ``train`` stage."""
+        if stage.name != "train":
+            raise NotImplementedError(f"method {self.name!r} has no fit stage {stage.name!r}")
+        return ClassifierFitTask(self)
+
+    def map_items(self, stage: Stage, ctx: StageContext) -> list[str]:
+        """Map stage: every item key of the stage, in a deterministic order (e.g. box ids)."""
+        raise NotImplementedError(f"method {self.name!r} has no map stage {stage.name!r}")
+
+    def map_batch(self, stage: Stage, keys: list[str], ctx: StageContext) -> dict[str, Any]:
+        """Map stage: results for ``keys`` (any picklable values), ``{key: result}``."""
+        raise NotImplementedError(f"method {self.name!r} has no map stage {stage.name!r}")
+
+    def map_reduce(self, stage: Stage, results: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+        """Map stage, rank 0: write the product's files into ``ctx.out_dir`` from every result;
+        return metrics of the stage (bare names, keyed ``<split>/<stage>/<name>`` by the engine)."""
+        raise NotImplementedError(f"method {self.name!r} has no map stage {stage.name!r}")
+
+    def evaluate_stage(self, stage: Stage, ctx: StageContext) -> tuple[dict[str, float], list]:
+        """Eval stage, rank 0: ``(metrics by bare name, overlays as (file name, PIL image))``.
+
+        Default (``classifier_cam``): the WSOL, pixel, segmentation and classification metrics
+        of :func:`weakbench.platform.evaluate.evaluate_split` on ``stage.split`` with the model
+        of the ``train`` stage.
+        """
+        from weakbench.platform.evaluate import evaluate_split
+
+        model = ctx.load_model("train")
+        metrics, overlays, _ = evaluate_split(
+            self, model, ctx.source, ctx.splits[stage.split], input_size=self.config.input_size, device=ctx.device,
+            cam_curve_interval=self.config.cam_curve_interval, batch_size=ctx.eval_batch_size,
+            max_images=ctx.max_images, num_overlays=ctx.num_overlays)
+        return metrics, overlays
+
+    def build_predictor(self, ctx: StageContext) -> torch.nn.Module | None:
+        """The model logged to MLflow (and registered) after the last stage; ``None`` logs none.
+        Default: a :class:`CamPredictor` around the ``train`` stage's model."""
+        from weakbench.platform.data import IMAGENET_MEAN, IMAGENET_STD
+
+        model = ctx.load_model("train")
+        return CamPredictor(self, model.cpu().eval(), ctx.source.class_names, self.config.input_size,
+                            IMAGENET_MEAN, IMAGENET_STD)
 
     # ------------------------------------------------------------------ search space
     @classmethod
     def default_search_space(cls) -> Path:
         """Path of ``search_spaces/<name>.yaml`` in the source tree (or next to the package)."""
         return search_space_dir() / f"{cls.name}.yaml"
+
+
+class ClassifierFitTask(FitTask):
+    """The ``train`` stage of a ``classifier_cam`` method: delegates to the method's hooks
+    (:meth:`Method.build_model`, :meth:`Method.configure_optimizers`,
+    :meth:`Method.training_step`, :meth:`Method.train_batch_sampler`) and validates the CAMs
+    on the ``val`` split after every epoch (Top-GAP's method metrics on two batches after the
+    last one)."""
+
+    def __init__(self, method: "Method"):
+        self.method = method
+        self.find_unused_parameters = method.find_unused_parameters
+        self.batch_size = method.config.batch_size
+        self.seed = method.config.seed
+
+    def build_model(self) -> torch.nn.Module:
+        return self.method.build_model()
+
+    def configure_optimizers(self, model):
+        return self.method.configure_optimizers(model)
+
+    def train_dataset(self, source, indices):
+        from weakbench.platform.data import ClassificationDataset
+
+        return ClassificationDataset(source, indices, self.method.config.input_size, train=True)
+
+    def batch_sampler(self, source, indices, rank, world_size):
+        labels = torch.from_numpy(source.labels_matrix()[list(indices)])
+        return self.method.train_batch_sampler(labels, self.batch_size, self.seed, rank, world_size)
+
+    def training_step(self, model, batch, optimizers, ctx):
+        return self.method.training_step(model, batch, optimizers, ctx)
+
+    def validate(self, model, ctx: StageContext, last: bool) -> dict[str, float]:
+        from weakbench.platform.evaluate import evaluate_split
+
+        c = self.method.config
+        metrics, _, _ = evaluate_split(self.method, model, ctx.source, ctx.splits["val"], input_size=c.input_size,
+                                       device=ctx.device, cam_curve_interval=c.cam_curve_interval,
+                                       batch_size=ctx.eval_batch_size, max_images=ctx.max_images,
+                                       extra_batches=2 if last else 0)
+        return metrics
 
 
 class CamPredictor(torch.nn.Module):

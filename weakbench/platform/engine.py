@@ -1,31 +1,44 @@
-"""The training engine: one trial of one method, on Ray Train (DDP over gloo on CPU, NCCL on GPU).
+"""The training engine: one trial of one method, as a plan of stages, on Ray Train (DDP over
+gloo on CPU, NCCL on GPU).
 
-The engine owns loops, devices, DDP, data sharding, checkpoints, evaluation and logging; methods
-only answer the hooks of :class:`weakbench.methods.base.Method`.
+The engine owns loops, devices, DDP, data sharding, stage products, checkpoints, evaluation and
+logging; methods only answer the hooks of :class:`weakbench.methods.base.Method` and
+:mod:`weakbench.methods.pipeline` (no Ray, MLflow or DDP in method code).
 
-A trial runs :func:`train_loop_per_worker` on every worker of a ``TorchTrainer``:
+A trial executes its method's plan (``Method.plan()``): ``fit`` stages (an epoch loop over the
+stage's :class:`~weakbench.methods.pipeline.FitTask`), ``map`` stages (items sharded over the
+ranks, results saved chunk by chunk) and ``eval`` stages (rank 0). Every stage's product is
+keyed by the hash of what shapes it (:mod:`weakbench.platform.products`); a complete product is
+a cache hit and is not recomputed (tags ``weakbench.stage.<name>.cache = hit|computed`` record
+which), and ``shared`` products are reused across the trials of a sweep.
+
+Under the Train executor each *segment* of the plan — a fit stage and the map/eval stages after
+it (:func:`plan_segments`) — runs as its own ``TorchTrainer`` named ``<trial>-<stage>``; the
+inline executor runs the whole plan in the calling process. On every worker:
 
 1. open the dataset and the sweep's stored split (every trial sees the same split);
-2. build the method and model; restore model, optimiser state, epoch and the MLflow run id from
-   the latest checkpoint (``ray.train.get_checkpoint()``) if the trial is being resumed;
+2. build the method, its plan and the products' hashes; restore the latest checkpoint (it
+   carries the stage cursor: stage name and index, the epoch within the stage, model and
+   optimiser state, the MLflow run id);
 3. rank 0 finds or creates the trial's MLflow child run (found again by its tags if no
    checkpoint exists yet; a FINISHED run is never written again and the trial returns at once);
-4. each epoch: train on this rank's shard (``DistributedSampler`` or the method's batch
-   sampler); rank 0 evaluates on the validation split and saves a checkpoint that also carries
-   the epoch's metrics; every rank calls ``ray.train.report`` (rank 0 with the checkpoint); then
-   rank 0 logs the metrics to MLflow. A trial killed between the report and the logging logs
-   them when it resumes from that checkpoint, and one killed before the report redoes the epoch:
-   each epoch lands in MLflow exactly once;
-5. at the last epoch rank 0 evaluates the test split once, logs overlays and the model and ends
-   the run FINISHED *before* the last report (Tune may end a trial inside ``report``). Any
-   exception ends the run FAILED with the error as a tag; a trial stopped early by the scheduler
-   ends KILLED.
+4. each stage of the segment: cache hit, or compute under the product's lock. In a fit stage,
+   each epoch trains on this rank's shard, rank 0 validates and saves a checkpoint that also
+   carries the epoch's metrics, every rank reports (rank 0 with the checkpoint), then rank 0
+   logs the metrics to MLflow; a trial killed between report and logging logs them when it
+   resumes from that checkpoint, so each epoch lands in MLflow exactly once;
+5. after the plan's last stage rank 0 logs the cost and the method's predictor and ends the
+   run FINISHED *before* the last report (Tune may end a trial inside ``report``). Any
+   exception ends the run FAILED with the error as a tag (a non-finite loss or metric raises
+   :class:`DivergenceError`); a trial stopped early by the scheduler ends KILLED.
 
-Executors: ``"train"`` (default) runs the loop in a ``TorchTrainer`` with ``num_workers``
-workers. ``"inline"`` runs the same loop in the calling process (the Tune trial actor) for
-one-worker CPU trials, reporting to Tune directly; it saves the start-up of the Train controller
-and worker actors (each a fresh process importing torch), measured in
-``benchmarks/bench_trial_startup.py``.
+Reports carry ``progress`` (plan units done: one per fit epoch and per map/eval stage; ASHA's
+clock) and ``epoch`` (fit epochs done), plus the latest val/test metrics.
+
+Executors: ``"train"`` (default) runs each segment in a ``TorchTrainer`` with ``num_workers``
+workers. ``"inline"`` runs the plan in the calling process (the Tune trial actor) for one-worker
+CPU trials, reporting to Tune directly; it saves the start-up of the Train controller and worker
+actors (each a fresh process importing torch), measured in ``benchmarks/bench_trial_startup.py``.
 """
 
 from __future__ import annotations
@@ -73,6 +86,7 @@ class TrialSpec(BaseModel):
     eval_batch_size: int = Field(16, ge=1)
     num_overlays: int = Field(6, ge=0)
     log_model: bool = True
+    products_dir: str | None = Field(None, description="where shared stage products live (the sweep's products/); None: under the trial")
     record_shards: bool = Field(False, description="write the indices each rank trained on and a hash of its final weights (tests)")
     fail_at_epoch: int | None = Field(None, description="raise after this epoch once (restart tests)")
 
@@ -144,120 +158,331 @@ def _trial_tags(spec: TrialSpec, source, cfg) -> dict[str, str]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float] | None:
-    """Ray Train worker entry point; ``config = {"spec": TrialSpec.model_dump(), "reporter": mode}``.
+    """Ray Train worker entry point; ``config = {"spec": TrialSpec.model_dump(), "reporter": mode,
+    "segment": index of the plan segment this job runs (None: every stage)}``.
 
     Returns the final metrics on rank 0 (``None`` elsewhere).
     """
     spec = TrialSpec(**config["spec"])
     reporter = _Reporter(config.get("reporter", "train"))
-    return _run(spec, reporter)
+    return _run(spec, reporter, segment=config.get("segment"))
 
 
-def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
-    from weakbench.methods import build_method
-    from weakbench.platform import tracking
-    from weakbench.platform.data import ClassificationDataset, load_splits, open_dataset
-    from weakbench.platform.evaluate import evaluate_split
+def plan_segments(plan) -> list[list[int]]:
+    """Split a plan into the stage-index lists run by one Ray Train job each: a new job starts at
+    every ``fit`` stage and carries the ``map``/``eval`` stages that follow it (so the classifier
+    plan ``train → eval`` is one job, as BBAM's ``detector → attribute → pseudo_masks → eval``)."""
+    segments: list[list[int]] = []
+    for i, st in enumerate(plan):
+        if not segments or (st.kind == "fit" and segments[-1]):
+            segments.append([])
+        segments[-1].append(i)
+    return segments
 
-    rank, world = _world()
-    trial_dir = Path(spec.trial_dir)
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    if spec.use_gpu and torch.cuda.is_available():
-        import ray.train.torch as rtt
 
-        device = rtt.get_device()
-    else:
-        device = torch.device("cpu")
-    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+def segment_job_name(trial_id: str, plan, segment: int) -> str:
+    """Ray Train run name of a segment: ``<trial id>-<first stage>`` (deterministic, so a
+    restarted job finds its own checkpoints)."""
+    return f"{trial_id}-{plan[plan_segments(plan)[segment][0]].name}"
 
-    client = run_id = None
-    unlogged: dict[str, Any] | None = None
-    try:
-        source = open_dataset(spec.data, cache_dir=spec.data_cache)
-        splits = load_splits(spec.splits_path, source)
-        method = build_method(spec.method, spec.params, num_classes=source.num_classes, multilabel=source.multilabel)
-        cfg = method.config
-        _seed_everything(cfg.seed)
-        model = method.build_model()
-        optimizers = method.configure_optimizers(model)
 
-        # ---------------------------------------------------------- resume
-        start_epoch, known_run_id, history, pending = 0, None, [], None
+def _splits_digest(splits) -> str:
+    import hashlib
+
+    doc = json.dumps({k: [int(i) for i in v] for k, v in sorted(splits.items())}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def stage_products(spec: TrialSpec, method, plan, source, splits):
+    """The :class:`~weakbench.platform.products.Product` of every stage, by name (hash chain
+    over the plan; shared stages under ``spec.products_dir``, others under the trial)."""
+    from weakbench.platform.products import Product, stage_hash
+
+    cfg = method.config.model_dump()
+    digest = _splits_digest(splits)
+    shared_root = Path(spec.products_dir) if spec.products_dir else Path(spec.trial_dir) / "products"
+    private_root = Path(spec.trial_dir) / "products"
+    out: dict[str, Any] = {}
+    for st in plan:
+        h = stage_hash(method=spec.method, stage=st.name, reads={f: cfg[f] for f in st.reads},
+                       inputs={i: out[i].hash for i in st.inputs}, dataset_fingerprint=source.fingerprint,
+                       splits_digest=digest)
+        out[st.name] = Product(shared_root if st.shared else private_root, st.name, h)
+    return out
+
+
+def _stage_key(stage, split: str, name: str) -> str:
+    """MLflow key of a stage metric: ``<split>/<name>``, or ``<split>/<ns>/<name>`` for a
+    namespaced stage (``ns`` = ``stage.metric_ns`` or the stage name). A name that starts with a
+    split (``"val/miou"``) names its own split: a stage may report several splits."""
+    head, _, rest = name.partition("/")
+    if rest and head in C.SPLITS:
+        split, name = head, rest
+    if not stage.namespaced:
+        return C.metric_key(split, name)
+    return C.metric_key(split, f"{stage.metric_ns or stage.name}/{name}")
+
+
+def _check_finite(metrics: dict[str, float], where: str) -> None:
+    """A non-finite loss or metric fails the trial (a diverged run never reaches the board)."""
+    import math
+
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        raise DivergenceError(f"{where}: non-finite value(s) in {', '.join(bad)}; the run diverged "
+                              f"(lower lr, or check the data); the trial is marked FAILED")
+
+
+class DivergenceError(RuntimeError):
+    """A trial's loss or metric became NaN or infinite."""
+
+
+class _Runner:
+    """Executes stages of one trial on one worker (rank 0 logs, all ranks compute)."""
+
+    def __init__(self, spec: TrialSpec, reporter: _Reporter, rank: int, world: int, device: torch.device):
+        self.spec, self.reporter, self.rank, self.world, self.device = spec, reporter, rank, world, device
+        self.trial_dir = Path(spec.trial_dir)
+        self.client = None
+        self.run_id: str | None = None
+        self.unlogged: dict[str, Any] | None = None  # epoch metrics reported but not yet in MLflow
+        self.models: dict[str, torch.nn.Module] = {}
+        self.carry: dict[str, float] = {}  # latest metrics, repeated in every report (Tune needs its metric)
+        self.state: dict[str, Any] | None = None
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ set-up
+    def open(self) -> bool:
+        """Open data, method, plan; restore state; find the MLflow run. False when the run is
+        already FINISHED (reported and nothing else to do)."""
+        from weakbench.methods import build_method
+        from weakbench.methods.pipeline import validate_plan
+        from weakbench.platform import tracking
+        from weakbench.platform.data import load_splits, open_dataset
+
+        spec = self.spec
+        self.source = open_dataset(spec.data, cache_dir=spec.data_cache)
+        self.splits = load_splits(spec.splits_path, self.source)
+        self.method = build_method(spec.method, spec.params, num_classes=self.source.num_classes,
+                                   multilabel=self.source.multilabel)
+        self.cfg = self.method.config
+        self.plan = validate_plan(self.method.plan(), set(type(self.cfg).model_fields))
+        self.products = stage_products(spec, self.method, self.plan, self.source, self.splits)
+        self.total_units = sum(st.units for st in self.plan)
+        _seed_everything(self.cfg.seed)
+
         state = None
-        ckpt = reporter.get_checkpoint()
+        ckpt = self.reporter.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
         # Tune records a trial's checkpoints in its experiment state only every few seconds, so a
         # sweep killed right after a report can restore the trial without it: the trial's own
         # latest checkpoint (written before every report) is used when it is newer
-        local = _latest_local_checkpoint(trial_dir)
-        if local is not None and (state is None or local["epoch"] > state["epoch"]):
+        local = _latest_local_checkpoint(self.trial_dir)
+        if local is not None and (state is None or _ckpt_order(local) > _ckpt_order(state)):
             state = local
+        self.state = state
         if state is not None:
-            model.load_state_dict(state["model"])
-            for name, opt in optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
-            start_epoch, known_run_id, history = state["epoch"], state.get("mlflow_run_id"), state.get("history", [])
-            pending = state.get("pending_metrics")
-            torch.set_rng_state(state["torch_rng"])
+            self.history = state.get("history", [])
+            self.carry = dict(state.get("carry", {}))
+        if self.rank == 0:
+            self.client = tracking.client_for(spec.tracking_uri)
+            exp_id = tracking.ensure_experiment(self.client, spec.experiment, artifact_root=None)
+            self.run_id, status = tracking.get_or_create_trial_run(
+                self.client, exp_id, parent_run_id=spec.parent_run_id, sweep_id=spec.sweep_id, trial_id=spec.trial_id,
+                run_name=spec.run_name, tags=_trial_tags(spec, self.source, self.cfg), params=self.cfg.model_dump(),
+                known_run_id=state.get("mlflow_run_id") if state else None)
+            finished = status == "FINISHED"
+        else:
+            finished = False
+        if self.world > 1:  # every rank learns whether there is anything to do
+            import torch.distributed as dist
 
-        # ---------------------------------------------------------- tracking (rank 0)
-        if rank == 0:
-            client = tracking.client_for(spec.tracking_uri)
-            exp_id = tracking.ensure_experiment(client, spec.experiment, artifact_root=None)
-            run_id, status = tracking.get_or_create_trial_run(
-                client, exp_id, parent_run_id=spec.parent_run_id, sweep_id=spec.sweep_id, trial_id=spec.trial_id,
-                run_name=spec.run_name, tags=_trial_tags(spec, source, cfg), params=cfg.model_dump(), known_run_id=known_run_id)
-            if status == "FINISHED":
-                final = {k: v for k, v in client.get_run(run_id).data.metrics.items()}
-                final["epoch"] = float(cfg.epochs)
+            box = [finished]
+            dist.broadcast_object_list(box, src=0)
+            finished = box[0]
+        if finished:
+            if self.rank == 0:
+                final = {k: v for k, v in self.client.get_run(self.run_id).data.metrics.items()}
+                final["epoch"] = float(self.fit_epochs_before(len(self.plan)))
+                final["progress"] = float(self.total_units)
                 final["already_finished"] = 1.0
-                reporter.report(final, None)
-                return final
-            if pending is not None:
-                _log_pending(client, run_id, pending)
+                self.final = final
+            else:
+                self.final = {}
+            self.reporter.report(self.final, None)
+            return False
+        if self.rank == 0:
+            if state is not None and state.get("pending_metrics") is not None:
+                _log_pending(self.client, self.run_id, state["pending_metrics"])
             if status == "NEW":
                 import yaml
 
-                client.log_text(run_id, yaml.safe_dump({"method": spec.method, **cfg.model_dump()}, sort_keys=True), C.CONFIG_ARTIFACT)
-        if start_epoch >= cfg.epochs and rank != 0:
-            return None
+                self.client.log_text(self.run_id, yaml.safe_dump({"method": spec.method, **self.cfg.model_dump()},
+                                                                 sort_keys=True), C.CONFIG_ARTIFACT)
+        self.final = {}
+        return True
 
-        # ---------------------------------------------------------- data
-        train_idx = splits["train"]
-        train_ds = ClassificationDataset(source, train_idx, cfg.input_size, train=True)
-        labels = torch.from_numpy(source.labels_matrix()[train_idx])
-        batch_sampler = method.train_batch_sampler(labels, cfg.batch_size, cfg.seed, rank, world)
+    def units_before(self, i: int) -> int:
+        return sum(st.units for st in self.plan[:i])
+
+    def fit_epochs_before(self, i: int) -> int:
+        return sum(st.epochs for st in self.plan[:i] if st.kind == "fit")
+
+    def context(self, st, out_dir: Path | None = None):
+        from weakbench.methods.pipeline import StageContext
+
+        return StageContext(stage=st, config=self.cfg, source=self.source, splits=self.splits,
+                            inputs={i: self.products[i].dir for i in st.inputs}, out_dir=out_dir or self.trial_dir,
+                            device=self.device, load_model=self.load_model, max_images=self.spec.eval_max_images,
+                            num_overlays=self.spec.num_overlays, eval_batch_size=self.spec.eval_batch_size)
+
+    def load_model(self, name: str) -> torch.nn.Module:
+        """The trained model of fit stage ``name`` (in memory, or rebuilt from its product)."""
+        if name not in self.models:
+            st = next(s for s in self.plan if s.name == name)
+            if st.kind != "fit":
+                raise ValueError(f"stage {name!r} is a {st.kind} stage, not a fit stage: it has no model")
+            model = self.method.fit_task(st).build_model()
+            model.load_state_dict(torch.load(self.products[name].dir / "model.pt", map_location="cpu", weights_only=False))
+            self.models[name] = model
+        return self.models[name].to(self.device).eval()
+
+    # ------------------------------------------------------------------ reporting / tags
+    def report(self, metrics: dict[str, float], progress: int, epoch: int, checkpoint_dir: str | None = None) -> None:
+        self.carry.update({k: v for k, v in metrics.items() if k.startswith(("val/", "test/", "train/"))})
+        out = {**self.carry, **metrics, "progress": float(progress), "epoch": float(epoch)}
+        self.reporter.report(out, checkpoint_dir)
+        self.final = out
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.rank == 0 and metrics:
+            from weakbench.platform import tracking
+
+            tracking.log_metrics(self.client, self.run_id, metrics, step=step)
+
+    def tag_stage(self, st, cache: str) -> None:
+        if self.rank != 0:
+            return
+        p = self.products[st.name]
+        self.client.set_tag(self.run_id, "weakbench.stage", st.name)
+        self.client.set_tag(self.run_id, f"weakbench.stage.{st.name}.hash", p.hash)
+        self.client.set_tag(self.run_id, f"weakbench.stage.{st.name}.cache", cache)
+        self.client.set_tag(self.run_id, f"weakbench.stage.{st.name}.product", str(p.dir))
+        print(f"weakbench: trial {self.spec.trial_id} stage {st.name} ({st.kind}): "
+              f"{'cache hit' if cache == 'hit' else 'computed'} [{p.dir}]", flush=True)
+
+    def _decide(self, product) -> dict[str, Any] | None:
+        """Rank 0 reads the manifest; every rank gets the same answer."""
+        man = product.manifest() if self.rank == 0 else None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            box = [man]
+            dist.broadcast_object_list(box, src=0)
+            man = box[0]
+        return man
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    # ------------------------------------------------------------------ stages
+    def run_stage(self, i: int) -> None:
+        st = self.plan[i]
+        product = self.products[st.name]
+        import contextlib
+
+        with contextlib.ExitStack() as stack:
+            if self.rank == 0:
+                stack.enter_context(product.lock())  # a concurrent trial computing it: wait, then hit
+            man = self._decide(product)
+            if man is not None:
+                self._cache_hit(i, man)
+                return
+            self.tag_stage(st, "computed")
+            if st.kind == "fit":
+                self._fit(i)
+            elif st.kind == "map":
+                self._map(i)
+            else:
+                self._eval(i)
+
+    def _cache_hit(self, i: int, man: dict[str, Any]) -> None:
+        st = self.plan[i]
+        self.tag_stage(st, "hit")
+        metrics = {k: float(v) for k, v in man.get("metrics", {}).items()}
+        step = self.fit_epochs_before(i + 1)
+        self.log(metrics, step=step)
+        if self.rank == 0 and st.kind == "eval" and man.get("overlays"):
+            self.client.log_artifacts(self.run_id, str(self.products[st.name].dir / C.OVERLAY_DIR), C.OVERLAY_DIR)
+        if i < len(self.plan) - 1:
+            self.report(metrics, progress=self.units_before(i + 1), epoch=step)
+        else:
+            self.final = {**self.carry, **metrics}
+
+    def _publish(self, i: int, staging: Path, metrics: dict[str, float], extra: dict[str, Any] | None = None) -> None:
+        st = self.plan[i]
+        p = self.products[st.name]
+        p.publish(staging, {"method": self.spec.method, "reads": {f: self.cfg.model_dump()[f] for f in st.reads},
+                            "inputs": {n: self.products[n].hash for n in st.inputs}, "kind": st.kind,
+                            "dataset_fingerprint": self.source.fingerprint, "trial": self.spec.trial_id,
+                            "metrics": metrics, **(extra or {})})
+
+    def _fit(self, i: int) -> None:
+        from weakbench.methods.pipeline import StepContext
+
+        spec, st, rank, world, device = self.spec, self.plan[i], self.rank, self.world, self.device
+        task = self.method.fit_task(st, {n: self.products[n].dir for n in st.inputs})
+        torch.manual_seed(self.cfg.seed)
+        model = task.build_model()
+        optimizers = task.configure_optimizers(model)
+        start_epoch = 0
+        state = self.state
+        if state is not None and state.get("stage", "train") == st.name:
+            model.load_state_dict(state["model"])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+            start_epoch = state["epoch"]
+            torch.set_rng_state(state["torch_rng"])
+        train_ds = task.train_dataset(self.source, self.splits["train"])
+        batch_sampler = task.batch_sampler(self.source, self.splits["train"], rank, world)
         sampler = None
         if batch_sampler is None:
-            sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=world > 1)
-            loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=0, drop_last=False)
+            sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                          seed=task.seed, drop_last=world > 1)
+            loader = torch.utils.data.DataLoader(train_ds, batch_size=task.batch_size, sampler=sampler, num_workers=0,
+                                                 drop_last=False, collate_fn=task.collate)
         else:
-            loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batch_sampler, num_workers=0)
+            loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batch_sampler, num_workers=0,
+                                                 collate_fn=task.collate)
         steps_per_epoch = max(1, len(loader))
-
-        # ---------------------------------------------------------- model on device / DDP
         model.to(device)
         for opt in optimizers.values():  # move restored optimiser state
-            for st in opt.state.values():
-                for k, v in st.items():
+            for stt in opt.state.values():
+                for k, v in stt.items():
                     if torch.is_tensor(v):
-                        st[k] = v.to(device)
+                        stt[k] = v.to(device)
         bare = model
         if world > 1:
             import ray.train.torch as rtt
 
             model = rtt.prepare_model(model, move_to_device=False,
-                                      parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters})
-        unwrap = (lambda m: getattr(m, "module", m))
+                                      parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters})
 
-        from weakbench.methods.base import StepContext
+        def unwrap(m):
+            return getattr(m, "module", m)
 
+        ctx_stage = self.context(st)
+        epochs_before = self.fit_epochs_before(i)
+        units_before = self.units_before(i)
         t_start = time.time()
-        final: dict[str, float] = {}
-        unlogged: dict[str, Any] | None = None
-        for epoch in range(start_epoch, cfg.epochs):
+        prev_seconds = self.history[-1][C.COST_TRAIN_SECONDS] if self.history else 0.0
+        last_metrics: dict[str, float] = {}
+        for epoch in range(start_epoch, st.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
             elif hasattr(batch_sampler, "set_epoch"):
@@ -267,57 +492,62 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
             seen: list[int] = []
             n = 0
             for step, batch in enumerate(loader):
-                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                ctx = StepContext(epoch=epoch, step=epoch * steps_per_epoch + step, steps_per_epoch=steps_per_epoch,
-                                  total_steps=cfg.epochs * steps_per_epoch, device=device, unwrap=unwrap)
-                losses = method.training_step(model, batch, optimizers, ctx)
+                batch = task.to_device(batch, device)
+                sctx = StepContext(epoch=epoch, step=epoch * steps_per_epoch + step, steps_per_epoch=steps_per_epoch,
+                                   total_steps=st.epochs * steps_per_epoch, device=device, unwrap=unwrap)
+                losses = task.training_step(model, batch, optimizers, sctx)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
                 if spec.record_shards:
-                    seen.extend(int(i) for i in batch["index"].tolist())
-            train_metrics = {C.metric_key("train", k): v / max(1, n) for k, v in sums.items()}
+                    seen.extend(task.batch_indices(batch))
+            train_metrics = {_stage_key(st, "train", k): v / max(1, n) for k, v in sums.items()}
+            _check_finite(train_metrics, f"stage {st.name}, epoch {epoch + 1}")
             if spec.record_shards:
-                (trial_dir / f"shard_rank{rank}_epoch{epoch}.json").write_text(json.dumps(seen))
-            last = epoch == cfg.epochs - 1
+                (self.trial_dir / f"shard_rank{rank}_epoch{epoch}.json").write_text(json.dumps(seen))
+            last = epoch == st.epochs - 1
             metrics: dict[str, float] = dict(train_metrics)
-            metrics["epoch"] = float(epoch + 1)
             ckpt_dir = None
+            step_no = epochs_before + epoch + 1
             if rank == 0:
-                val, _, _ = evaluate_split(method, bare, source, splits["val"], input_size=cfg.input_size, device=device,
-                                           cam_curve_interval=cfg.cam_curve_interval, batch_size=spec.eval_batch_size,
-                                           max_images=spec.eval_max_images, extra_batches=2 if last else 0)
-                metrics.update({C.metric_key("val", k): v for k, v in val.items()})
-                elapsed = time.time() - t_start
-                metrics[C.COST_TRAIN_SECONDS] = elapsed + (history[-1][C.COST_TRAIN_SECONDS] if history else 0.0)
-                if last:
-                    # finish the run before the last report: Tune may end the trial inside it
-                    tracking.log_metrics(client, run_id, metrics, step=epoch + 1)
-                    metrics.update(_finalize(spec, method, bare, source, splits, device, client, run_id, metrics))
-                    unlogged = None
-                else:
-                    # logged after the checkpoint is reported; carried in the checkpoint so that a
-                    # trial killed in between logs it on resume: every epoch lands exactly once
-                    unlogged = {"step": epoch + 1, "metrics": dict(metrics)}
-                history.append({k: metrics[k] for k in (C.COST_TRAIN_SECONDS,)})
-                ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=trial_dir)
+                val = task.validate(bare, ctx_stage, last)
+                metrics.update({_stage_key(st, "val", k): v for k, v in val.items()})
+                _check_finite(metrics, f"stage {st.name}, epoch {epoch + 1}")
+                metrics[C.COST_TRAIN_SECONDS] = (time.time() - t_start) + prev_seconds
+                last_metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
+                # logged after the checkpoint is reported; carried in the checkpoint so that a
+                # trial killed in between logs it on resume: every epoch lands exactly once
+                self.unlogged = {"step": step_no, "metrics": {**metrics, "epoch": float(step_no)}}
+                self.history.append({C.COST_TRAIN_SECONDS: metrics[C.COST_TRAIN_SECONDS]})
+                ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=self.trial_dir)
                 tmp = Path(ckpt_dir) / (CHECKPOINT_FILE + ".tmp")
-                torch.save({"model": bare.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                            "epoch": epoch + 1, "mlflow_run_id": run_id, "history": history, "pending_metrics": unlogged,
-                            "torch_rng": torch.get_rng_state()}, tmp)
+                torch.save({"stage": st.name, "cursor": i, "model": bare.state_dict(),
+                            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                            "epoch": epoch + 1, "mlflow_run_id": self.run_id, "history": self.history,
+                            "pending_metrics": self.unlogged, "torch_rng": torch.get_rng_state(),
+                            "carry": {**self.carry, **last_metrics}}, tmp)
                 os.replace(tmp, Path(ckpt_dir) / CHECKPOINT_FILE)  # a kill never leaves half a checkpoint
-            reporter.report(metrics, ckpt_dir)
+            if last and i == len(self.plan) - 1:
+                # the plan ends with this fit stage: finish() makes the last report, after the
+                # run is FINISHED (Tune may end the trial inside a report)
+                self.carry.update(metrics)
+            else:
+                self.report(metrics, progress=units_before + epoch + 1, epoch=step_no, checkpoint_dir=ckpt_dir)
             if rank == 0:
-                _prune_local_checkpoints(trial_dir, keep=Path(ckpt_dir))
-            if rank == 0 and unlogged is not None:
-                tracking.log_metrics(client, run_id, unlogged["metrics"], step=unlogged["step"])
-                unlogged = None
-            final = metrics
+                _prune_local_checkpoints(self.trial_dir, keep=Path(ckpt_dir))
+                tracking_metrics = self.unlogged["metrics"]
+                self.unlogged = None
+                self.log(tracking_metrics, step=step_no)
             if spec.fail_at_epoch is not None and epoch + 1 == spec.fail_at_epoch:
-                marker = trial_dir / "failed_once"
+                marker = self.trial_dir / "failed_once"
                 if not marker.exists():
                     marker.write_text("1")
                     raise RuntimeError(f"injected failure after epoch {epoch + 1} (fail_at_epoch)")
+        if st.epochs == 0 and rank == 0:  # no training: validate the initial (e.g. pretrained) model once
+            val = task.validate(bare, ctx_stage, True)
+            last_metrics = {_stage_key(st, "val", k): v for k, v in val.items()}
+            self.log(last_metrics, step=epochs_before)
+            self.carry.update(last_metrics)
         if spec.record_shards:
             import hashlib
 
@@ -328,19 +558,164 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
             for k, v in sorted(bare.named_parameters()):
                 digest.update(k.encode())
                 digest.update(v.detach().cpu().contiguous().numpy().tobytes())
-            (trial_dir / f"weights_rank{rank}.sha256").write_text(digest.hexdigest())
-        if rank == 0 and start_epoch >= cfg.epochs:
-            # resumed after the last checkpoint but before the run was finished: finish it now
-            final = _finalize(spec, method, bare.to(device), source, splits, device, client, run_id, {})
-            reporter.report({**final, "epoch": float(cfg.epochs)}, None)
-        return final if rank == 0 else None
+            (self.trial_dir / f"weights_rank{rank}.sha256").write_text(digest.hexdigest())
+        if rank == 0:
+            staging = self.products[st.name].new_staging_dir()
+            torch.save(bare.state_dict(), staging / "model.pt")
+            if not last_metrics and self.state is not None and self.state.get("stage") == st.name:
+                last_metrics = {k: v for k, v in self.carry.items() if k.startswith("val/")}
+            self._publish(i, staging, last_metrics)
+        self._barrier()
+        self.models[st.name] = bare
+        self.state = None  # a later fit stage starts fresh
+
+    def _map(self, i: int) -> None:
+        st, p = self.plan[i], self.products[self.plan[i].name]
+        t0 = time.time()
+        ctx = self.context(st)
+        keys = [str(k) for k in self.method.map_items(st, ctx)]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"method {self.spec.method!r} stage {st.name!r}: map_items returned duplicate keys")
+        done = p.saved_keys()
+        todo = [k for k in keys if k not in done]
+        size = max(1, int(getattr(self.method, "map_chunk_size", 16)))
+        chunks = [todo[j:j + size] for j in range(0, len(todo), size)]
+        if done and self.rank == 0:
+            print(f"weakbench: trial {self.spec.trial_id} stage {st.name}: resuming, {len(keys) - len(todo)}/{len(keys)} "
+                  f"item(s) already saved", flush=True)
+        finished = len(keys) - len(todo)
+        for j in range(self.rank, len(chunks), self.world):
+            results = self.method.map_batch(st, chunks[j], ctx)
+            missing = [k for k in chunks[j] if k not in results]
+            if missing:
+                raise RuntimeError(f"method {self.spec.method!r} stage {st.name!r}: map_batch returned no result for "
+                                   f"{missing[0]!r}")
+            p.save_chunk({k: results[k] for k in chunks[j]})
+            finished += len(chunks[j]) * self.world
+            ctx.progress(min(finished, len(keys)), len(keys))
+        self._barrier()
+        metrics: dict[str, float] = {}
+        if self.rank == 0:
+            results = p.load_chunks()
+            missing = [k for k in keys if k not in results]
+            if missing:
+                raise RuntimeError(f"stage {st.name}: {len(missing)} item(s) have no saved result (e.g. {missing[0]!r})")
+            staging = p.new_staging_dir()
+            raw = self.method.map_reduce(st, {k: results[k] for k in keys}, self.context(st, out_dir=staging)) or {}
+            metrics = {_stage_key(st, st.split or "train", k): float(v) for k, v in raw.items()}
+            _check_finite(metrics, f"stage {st.name}")
+            metrics[f"cost/{st.name}_seconds"] = time.time() - t0
+            self._publish(i, staging, metrics, {"items": len(keys)})
+            self.log(metrics, step=self.fit_epochs_before(i + 1))
+        self._barrier()
+        self._after(i, metrics)
+
+    def _eval(self, i: int) -> None:
+        st, p = self.plan[i], self.products[self.plan[i].name]
+        metrics: dict[str, float] = {}
+        if self.rank == 0:
+            t0 = time.time()
+            raw, overlays = self.method.evaluate_stage(st, self.context(st))
+            metrics = {_stage_key(st, st.split or "test", k): float(v) for k, v in raw.items()}
+            _check_finite(metrics, f"stage {st.name}")
+            metrics[f"cost/{st.name}_seconds"] = time.time() - t0
+            staging = p.new_staging_dir()
+            if overlays:
+                (staging / C.OVERLAY_DIR).mkdir()
+                for name, img in overlays:
+                    img.save(staging / C.OVERLAY_DIR / name)
+            self._publish(i, staging, metrics, {"overlays": len(overlays)})
+            self.log(metrics, step=self.fit_epochs_before(i + 1))
+            if overlays:
+                self.client.log_artifacts(self.run_id, str(p.dir / C.OVERLAY_DIR), C.OVERLAY_DIR)
+        self._barrier()
+        self._after(i, metrics)
+
+    def _after(self, i: int, metrics: dict[str, float]) -> None:
+        """Report a finished map/eval stage (the plan's last stage reports in :meth:`finish`)."""
+        if i < len(self.plan) - 1:
+            self.report(metrics, progress=self.units_before(i + 1), epoch=self.fit_epochs_before(i + 1))
+        else:
+            self.final = {**self.carry, **metrics}
+
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> dict[str, float]:
+        """After the plan's last stage: cost, the predictor, FINISHED, then the last report (Tune
+        may end the trial inside it, so the run is finished first)."""
+        from weakbench.platform import tracking
+
+        out = dict(self.final)
+        if self.rank == 0:
+            seconds = self.history[-1][C.COST_TRAIN_SECONDS] if self.history else 0.0
+            hours = seconds / 3600.0
+            cost = {C.COST_CPU_HOURS: hours * self.spec.num_workers * self.spec.cpus_per_worker,
+                    C.COST_GPU_HOURS: hours * self.spec.num_workers if self.spec.use_gpu else 0.0}
+            if self.history:
+                cost[C.COST_TRAIN_SECONDS] = seconds
+            step = self.fit_epochs_before(len(self.plan))
+            self.log(cost, step=step)
+            out.update(cost)
+            if self.spec.log_model:
+                predictor = self.method.build_predictor(self.context(self.plan[-1]))
+                if predictor is not None:
+                    tracking.log_model(self.spec.tracking_uri, self.run_id, predictor, metadata={
+                        "method": self.spec.method, "class_names": self.source.class_names,
+                        "input_size": self.cfg.input_size, "dataset": self.source.name,
+                        "dataset_fingerprint": self.source.fingerprint,
+                        "predictor": type(predictor).__name__})
+                    for m in self.models.values():
+                        m.to(self.device)
+            self.client.set_terminated(self.run_id, status="FINISHED")
+        ckpt_dir = None
+        if self.rank == 0:
+            # a small checkpoint with the last report: Ray Train's Result.metrics are those of the
+            # latest checkpointed report, and a restored trial sees the cursor past the last stage
+            ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=self.trial_dir)
+            torch.save({"stage": None, "cursor": len(self.plan), "epoch": 0, "mlflow_run_id": self.run_id,
+                        "history": self.history, "pending_metrics": None, "carry": self.carry},
+                       Path(ckpt_dir) / CHECKPOINT_FILE)
+        self.report({k: v for k, v in out.items() if k not in ("progress", "epoch")},
+                    progress=self.total_units, epoch=self.fit_epochs_before(len(self.plan)), checkpoint_dir=ckpt_dir)
+        if ckpt_dir is not None:
+            _prune_local_checkpoints(self.trial_dir, keep=Path(ckpt_dir))
+        return self.final
+
+
+def _ckpt_order(state: dict[str, Any]) -> tuple[int, int]:
+    return int(state.get("cursor", 0)), int(state.get("epoch", 0))
+
+
+def _run(spec: TrialSpec, reporter: _Reporter, segment: int | None = None) -> dict[str, float] | None:
+    from weakbench.platform import tracking
+
+    rank, world = _world()
+    Path(spec.trial_dir).mkdir(parents=True, exist_ok=True)
+    if spec.use_gpu and torch.cuda.is_available():
+        import ray.train.torch as rtt
+
+        device = rtt.get_device()
+    else:
+        device = torch.device("cpu")
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    runner = _Runner(spec, reporter, rank, world, device)
+    try:
+        if not runner.open():
+            return runner.final if rank == 0 else None
+        segments = plan_segments(runner.plan)
+        stage_ids = [i for seg in segments for i in seg] if segment is None else segments[segment]
+        for i in stage_ids:
+            runner.run_stage(i)
+        if stage_ids[-1] == len(runner.plan) - 1:
+            runner.finish()
+        return runner.final if rank == 0 else None
     except SystemExit as e:
         # Tune ends a function trial by raising SystemExit(0) from tune.report: after the last
         # report, or when the scheduler (ASHA) stops it early. A finished run stays FINISHED.
+        client, run_id = runner.client, runner.run_id
         if rank == 0 and client is not None and run_id is not None:
             if e.code in (0, None):
-                if unlogged is not None:  # stopped inside the report of a checkpointed epoch
-                    tracking.log_metrics(client, run_id, unlogged["metrics"], step=unlogged["step"])
+                if runner.unlogged is not None:  # stopped inside the report of a checkpointed epoch
+                    tracking.log_metrics(client, run_id, runner.unlogged["metrics"], step=runner.unlogged["step"])
                 if client.get_run(run_id).info.status == "RUNNING":
                     client.set_tag(run_id, "weakbench.stopped", "stopped early by the scheduler")
                     client.set_terminated(run_id, status="KILLED")
@@ -348,9 +723,11 @@ def _run(spec: TrialSpec, reporter: _Reporter) -> dict[str, float] | None:
                 tracking.fail_run(client, run_id, f"SystemExit: {e.code}")
         raise
     except BaseException as e:
-        if rank == 0 and client is not None and run_id is not None:
-            tracking.fail_run(client, run_id, e)
-            (trial_dir / "error.txt").write_text(traceback.format_exc())
+        if rank == 0 and runner.client is not None and runner.run_id is not None:
+            tracking.fail_run(runner.client, runner.run_id, e)
+            if isinstance(e, DivergenceError):
+                runner.client.set_tag(runner.run_id, "weakbench.diverged", "true")
+            (Path(spec.trial_dir) / "error.txt").write_text(traceback.format_exc())
         raise
 
 
@@ -385,50 +762,32 @@ def _log_pending(client, run_id: str, pending: dict[str, Any]) -> None:
         tracking.log_metrics(client, run_id, pending["metrics"], step=pending["step"])
 
 
-def _finalize(spec: TrialSpec, method, model, source, splits, device, client, run_id, val_metrics) -> dict[str, float]:
-    """Rank 0, after the last epoch: evaluate test once, log overlays and the model, end FINISHED."""
-    from weakbench.methods.base import CamPredictor
-    from weakbench.platform import tracking
-    from weakbench.platform.data import IMAGENET_MEAN, IMAGENET_STD
-    from weakbench.platform.evaluate import evaluate_split
-
-    cfg = method.config
-    test, overlays, _ = evaluate_split(method, model, source, splits["test"], input_size=cfg.input_size, device=device,
-                                       cam_curve_interval=cfg.cam_curve_interval, batch_size=spec.eval_batch_size,
-                                       max_images=spec.eval_max_images, num_overlays=spec.num_overlays)
-    out = {C.metric_key("test", k): v for k, v in test.items()}
-    hours = (val_metrics.get(C.COST_TRAIN_SECONDS, 0.0)) / 3600.0
-    out[C.COST_CPU_HOURS] = hours * spec.num_workers * spec.cpus_per_worker
-    out[C.COST_GPU_HOURS] = hours * spec.num_workers if spec.use_gpu else 0.0
-    tracking.log_metrics(client, run_id, out, step=cfg.epochs)
-    with tempfile.TemporaryDirectory() as d:
-        for name, img in overlays:
-            img.save(Path(d) / name)
-        if overlays:
-            client.log_artifacts(run_id, d, C.OVERLAY_DIR)
-    if spec.log_model:
-        predictor = CamPredictor(method, model.cpu().eval(), source.class_names, cfg.input_size, IMAGENET_MEAN, IMAGENET_STD)
-        tracking.log_model(spec.tracking_uri, run_id, predictor, metadata={
-            "method": spec.method, "class_names": source.class_names, "input_size": cfg.input_size,
-            "dataset": source.name, "dataset_fingerprint": source.fingerprint})
-        model.to(device)
-    client.set_terminated(run_id, status="FINISHED")
-    return out
-
-
 # ---------------------------------------------------------------------- executors
-def build_trainer(spec: TrialSpec, *, storage_path: str, name: str, callbacks: list | None = None, max_failures: int = 0):
-    """A ``TorchTrainer`` running :func:`train_loop_per_worker` with ``spec.num_workers`` workers.
+def trial_plan(spec: TrialSpec):
+    """The validated plan of ``spec``'s method and config (what the driver needs to start jobs)."""
+    from weakbench.methods import build_method
+    from weakbench.methods.pipeline import validate_plan
+    from weakbench.platform.data import open_dataset
 
-    ``name`` and ``storage_path`` are deterministic per trial, so a restarted trial finds its
-    own checkpoints (Train V2 restores the latest one for a run of the same name).
+    source = open_dataset(spec.data, cache_dir=spec.data_cache)
+    method = build_method(spec.method, spec.params, num_classes=source.num_classes, multilabel=source.multilabel)
+    return validate_plan(method.plan(), set(type(method.config).model_fields))
+
+
+def build_trainer(spec: TrialSpec, *, storage_path: str, name: str, callbacks: list | None = None, max_failures: int = 0,
+                  segment: int | None = None):
+    """A ``TorchTrainer`` running :func:`train_loop_per_worker` with ``spec.num_workers`` workers
+    over plan segment ``segment`` (``None``: the whole plan in one job).
+
+    ``name`` and ``storage_path`` are deterministic per trial and segment, so a restarted job
+    finds its own checkpoints (Train V2 restores the latest one for a run of the same name).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(), "reporter": "train"},
+        train_loop_config={"spec": spec.model_dump(), "reporter": "train", "segment": segment},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
@@ -438,12 +797,29 @@ def build_trainer(spec: TrialSpec, *, storage_path: str, name: str, callbacks: l
     )
 
 
-def run_trial(spec: TrialSpec, *, executor: str = "train", storage_path: str | None = None, name: str | None = None,
+def run_segments(spec: TrialSpec, *, storage_path: str, callbacks: list | None = None, max_failures: int = 0) -> dict[str, float]:
+    """Run a trial's plan on Ray Train: one ``TorchTrainer`` per segment (a fit stage and the
+    map/eval stages after it), named ``<trial id>-<first stage>``, in plan order. Products of
+    finished stages are cache hits in later jobs, so a restarted trial redoes no finished stage.
+    Returns the last job's final metrics."""
+    plan = trial_plan(spec)
+    metrics: dict[str, float] = {}
+    for seg in range(len(plan_segments(plan))):
+        trainer = build_trainer(spec, storage_path=storage_path, name=segment_job_name(spec.trial_id, plan, seg),
+                                callbacks=callbacks, max_failures=max_failures, segment=seg)
+        metrics = dict(trainer.fit().metrics or {})
+        if metrics.get("already_finished"):
+            break
+    return metrics
+
+
+def run_trial(spec: TrialSpec, *, executor: str = "train", storage_path: str | None = None,
               max_failures: int = 0) -> dict[str, float]:
     """Run one trial outside a sweep and return its final metrics (rank 0's last report).
 
-    ``executor="train"`` uses a ``TorchTrainer`` (Ray must be initialised or will be started
-    locally); ``"inline"`` runs in this process without checkpoint reporting.
+    ``executor="train"`` runs each plan segment as a ``TorchTrainer`` (Ray must be initialised or
+    will be started locally); ``"inline"`` runs every stage in this process without checkpoint
+    reporting.
 
     Raises:
         ray.train.TrainingFailedError (train) or the original exception (inline); in both cases
@@ -454,8 +830,7 @@ def run_trial(spec: TrialSpec, *, executor: str = "train", storage_path: str | N
             raise ValueError("the inline executor runs one CPU worker; use executor='train' for DDP or GPUs")
         return _run(spec, _Reporter("none")) or {}
     storage = storage_path or str(Path(spec.trial_dir).parent / "ray_train")
-    result = build_trainer(spec, storage_path=storage, name=name or spec.trial_id, max_failures=max_failures).fit()
-    return dict(result.metrics or {})
+    return run_segments(spec, storage_path=storage, max_failures=max_failures)
 
 
 def run_inline_in_tune(spec: TrialSpec) -> dict[str, float]:

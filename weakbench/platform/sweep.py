@@ -18,7 +18,10 @@ Layout of a sweep directory ``<output>/sweeps/<sweep name>/``::
     splits.json     the stored split (same for every trial)
     sweep.json      options of the sweep (for --resume)
     tune/           Ray Tune experiment state (restored by --resume)
-    train/<trial>/  Ray Train runs, one per trial, deterministic names → a restarted trial resumes
+    train/<trial>-<stage>/  Ray Train runs, one per trial and plan segment (a fit stage and the
+                    map/eval stages after it), deterministic names → a restarted job resumes
+    products/       shared stage products (weakbench.platform.products), reused by every trial
+                    whose upstream settings agree (a BBAM sweep trains its detector once)
     trials/<trial>/ trial scratch space (checkpoint staging, error.txt)
 """
 
@@ -140,7 +143,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune trial function: one configuration, one Train run."""
     from ray import tune
 
-    from weakbench.platform.engine import TrialSpec, build_trainer, run_inline_in_tune
+    from weakbench.platform.engine import TrialSpec, run_inline_in_tune, run_segments
 
     c = _SweepContext(**ctx)
     params = dict(config)
@@ -154,13 +157,22 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         parent_run_id=c.parent_run_id, sweep_id=c.sweep_id, trial_id=trial_id, run_name=f"{c.method}-{trial_id}",
         num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
         eval_max_images=c.eval_max_images, num_overlays=c.num_overlays, log_model=c.log_model,
+        products_dir=str(Path(c.sweep_dir) / "products"),
     )
     if c.executor == "inline":
         run_inline_in_tune(spec)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    build_trainer(spec, storage_path=str(Path(c.sweep_dir) / "train"), name=trial_id, callbacks=[TuneReportCallback()]).fit()
+    run_segments(spec, storage_path=str(Path(c.sweep_dir) / "train"), callbacks=[TuneReportCallback()])
+
+
+def _plan_units(method: str, params: dict[str, Any], source) -> int:
+    """Progress units of one trial's plan (the search space's defaults; ASHA's ``max_t``)."""
+    from weakbench.methods import build_method
+
+    m = build_method(method, params, num_classes=source.num_classes, multilabel=source.multilabel)
+    return sum(st.units for st in m.plan())
 
 
 def _latest_sweep(sweeps: Path, method: str) -> Path:
@@ -330,7 +342,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     tune_path = sweep_dir / "tune"
     try:
         _ensure_ray(opts)
-        epochs = int(validate_config(space.method, space.defaults_config()).epochs)
+        units = _plan_units(space.method, space.defaults_config(), source)
         grid = space.grid_axes()
         seed_values = [int(s) for s in grid["seed"]] if "seed" in grid else None
         param_space: dict[str, Any] = dict(space.fixed)
@@ -367,7 +379,10 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             param_space.update(space.tune_param_space())
             num_samples = max(1, math.ceil(opts.trials / space.num_grid_points()))
             num_planned = num_samples * space.num_grid_points()
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(space.asha.grace_period, epochs),
+        # ASHA's clock is the plan's progress units (fit epochs + one per map/eval stage), so it
+        # means the same across stages; the plan's last report (progress == max_t) comes after
+        # the trial's run is FINISHED
+        scheduler = (ASHAScheduler(time_attr="progress", max_t=units, grace_period=min(space.asha.grace_period, units),
                                    reduction_factor=space.asha.reduction_factor)
                      if space.asha and opts.early_stopping else FIFOScheduler())
 

@@ -1,0 +1,248 @@
+"""The pipeline contract: a method's ordered plan of typed stages (no Ray, no MLflow, no DDP here).
+
+A method declares its pipeline from its config with :meth:`Method.plan`: a tuple of
+:class:`Stage` objects, each of one of three kinds:
+
+* ``fit`` — a model trained with Lightning-style hooks (:class:`FitTask`: build the model, the
+  optimisers, a training dataset and collate of its own, one step, per-epoch validation). The
+  engine runs the epoch loop, DDP, checkpoints and logging. Its product is the trained state
+  dict (``model.pt``).
+* ``map`` — per-item work (BBAM's per-box mask optimisation, pseudo-mask generation): the method
+  lists item keys (:meth:`Method.map_items`), computes results for a list of keys
+  (:meth:`Method.map_batch`) and writes the stage's product from all results
+  (:meth:`Method.map_reduce`). The engine shards the keys over the ranks, saves results chunk by
+  chunk (a killed stage resumes at the first unsaved chunk) and calls ``map_reduce`` on rank 0.
+* ``eval`` — rank 0 computes metrics from earlier products (:meth:`Method.evaluate_stage`).
+
+Each stage declares the config fields that shape its product (``reads``) and the earlier stages
+whose products it uses (``inputs``). The engine keys a product by the hash of those field
+values, of its inputs' hashes, of the dataset fingerprint and of the stored split
+(:mod:`weakbench.platform.products`); a stage whose product is complete is not recomputed, and
+a ``shared`` stage's product is shared by every trial of a sweep with the same upstream hash
+(a sweep over BBAM's θ_fg trains its detector once).
+
+Rounds (CCGR) are expressed by repeating stages with distinct names in the plan
+(``"mil_r1"``, ``"mil_r2"``, …): the plan is built from the config, so the number of rounds is a
+hyperparameter.
+
+Progress: each epoch of a ``fit`` stage and each ``map``/``eval`` stage is one *unit*; the
+engine reports ``progress`` = units done (ASHA's time attribute) and ``epoch`` = fit epochs done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+
+StageKind = Literal["fit", "map", "eval"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a method's plan.
+
+    Attributes:
+        name: unique in the plan; names products, Train jobs (``<trial>-<name>``) and, where
+            ``namespaced``, metric keys (``val/<name>/<metric>``).
+        kind: ``"fit"``, ``"map"`` or ``"eval"`` (module docstring).
+        reads: config field names whose values shape this stage's product (hashed).
+        inputs: names of earlier stages whose products this stage reads.
+        epochs: ``fit`` only: epochs of this stage (≥ 0; 0 keeps the initial weights).
+        shared: the product may be reused by other trials of the sweep whose upstream hash is
+            equal (it lives in the sweep's ``products/``; otherwise under the trial).
+        namespaced: metric keys carry the stage name (``val/pseudo_masks/miou``); False keeps
+            the plain ``<split>/<metric>`` keys of single-model methods.
+        split: ``map``/``eval``: the split the stage reads and its metrics' split by default
+            (``"train"``, ``"val"``, ``"test"``); metric names that start with a split
+            (``"val/miou"``) name their own, so one stage may report several splits.
+        metric_ns: namespace of the stage's metric keys instead of its name (BBAM's ``evaluate``
+            stage reports under ``pseudo_masks``: ``val/pseudo_masks/miou``).
+    """
+
+    name: str
+    kind: StageKind
+    reads: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    epochs: int = 0
+    shared: bool = False
+    namespaced: bool = True
+    split: str | None = None
+    metric_ns: str | None = None
+
+    @property
+    def units(self) -> int:
+        """Progress units of the stage: its epochs for ``fit``, 1 otherwise."""
+        return self.epochs if self.kind == "fit" else 1
+
+
+def validate_plan(plan: tuple[Stage, ...] | list[Stage], config_fields: set[str] | None = None) -> tuple[Stage, ...]:
+    """Check a plan: non-empty, unique names, inputs name earlier stages, known config fields.
+
+    Raises:
+        ValueError: naming the stage and the bad entry.
+    """
+    plan = tuple(plan)
+    if not plan:
+        raise ValueError("a method's plan needs at least one stage")
+    seen: set[str] = set()
+    for st in plan:
+        if st.kind not in ("fit", "map", "eval"):
+            raise ValueError(f"stage {st.name!r}: kind {st.kind!r} is not one of fit, map, eval")
+        if st.name in seen:
+            raise ValueError(f"stage name {st.name!r} appears twice in the plan")
+        for inp in st.inputs:
+            if inp not in seen:
+                raise ValueError(f"stage {st.name!r} reads {inp!r}, which is not an earlier stage")
+        if config_fields is not None:
+            unknown = [f for f in st.reads if f not in config_fields]
+            if unknown:
+                raise ValueError(f"stage {st.name!r} reads unknown config field(s) {unknown}")
+        if st.kind == "fit" and st.epochs < 0:
+            raise ValueError(f"stage {st.name!r}: epochs must be >= 0")
+        seen.add(st.name)
+    return plan
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What the engine tells a fit task at each training step.
+
+    Attributes:
+        epoch: 0-based epoch index within the stage.
+        step: 0-based global step (across epochs) on this worker.
+        steps_per_epoch: number of steps of one epoch on this worker.
+        total_steps: ``epochs * steps_per_epoch``.
+        device: the device tensors live on.
+        unwrap: returns the bare model behind a data-parallel wrapper (for hooks that must call
+            sub-modules directly, as MinMaxCAM's Stage II does).
+    """
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    total_steps: int
+    device: torch.device
+    unwrap: Callable[[torch.nn.Module], torch.nn.Module]
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the stage's training done, in [0, 1)."""
+        return self.step / max(1, self.total_steps)
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What the engine hands a stage hook.
+
+    Attributes:
+        stage: the stage being run.
+        config: the method's validated config.
+        source: the dataset (``weakbench.platform.data.DatasetSource``).
+        splits: ``{"train"|"val"|"test": [record indices]}`` (the sweep's stored split).
+        inputs: product directory of each input stage, by stage name.
+        out_dir: where the stage writes its product files (``map_reduce``); published
+            atomically by the engine when the hook returns.
+        device: the device to compute on.
+        load_model: ``load_model(stage_name)`` rebuilds the fit task of an earlier fit stage and
+            loads its trained weights (eval mode, on ``device``); cached per stage.
+        progress: ``progress(done, total)`` to advance the stage's progress bar (optional).
+        max_images: cap on images per evaluated split (``None``: all), from the trial's options.
+        num_overlays: how many overlay pictures an eval stage may return.
+        eval_batch_size: images per evaluation batch.
+    """
+
+    stage: Stage
+    config: Any
+    source: Any
+    splits: Mapping[str, list[int]]
+    inputs: dict[str, Path]
+    out_dir: Path
+    device: torch.device
+    load_model: Callable[[str], torch.nn.Module]
+    progress: Callable[[int, int], None] = lambda done, total: None
+    max_images: int | None = None
+    num_overlays: int = 0
+    eval_batch_size: int = 16
+
+
+class FitTask:
+    """The hooks of one ``fit`` stage (PyTorch Lightning's ``LightningModule`` in spirit).
+
+    Subclass and implement :meth:`build_model`, :meth:`train_dataset` and
+    :meth:`training_step` (or :meth:`training_losses`). The engine owns the loop, the device,
+    data-parallel wrapping, sharding (``DistributedSampler``, or shards of
+    :meth:`batch_sampler`'s batches), checkpoints and logging.
+    """
+
+    #: passed to DDP (True when a step updates only part of the model, as MinMaxCAM's Stage II).
+    find_unused_parameters: bool = False
+
+    def build_model(self) -> torch.nn.Module:
+        """A fresh ``nn.Module`` (weights initialised, on CPU)."""
+        raise NotImplementedError
+
+    def configure_optimizers(self, model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+        """Named optimisers over ``model``'s parameters."""
+        raise NotImplementedError
+
+    def train_dataset(self, source, indices: list[int]) -> torch.utils.data.Dataset:
+        """The stage's training dataset over record ``indices`` of ``source``."""
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Any:
+        """Batch collation; default ``torch.utils.data.default_collate``."""
+        return torch.utils.data.default_collate(items)
+
+    def batch_sampler(self, source, indices: list[int], rank: int, world_size: int):
+        """Optional: a batch sampler (an iterable of position lists into the training dataset,
+        with ``set_epoch(epoch)`` if its order changes per epoch) already sharded to ``rank`` of
+        ``world_size``. ``None`` (default): the engine uses a shuffled ``DistributedSampler``
+        with :attr:`batch_size` items per worker."""
+        return None
+
+    #: items per worker per step (the default sampler's batch size).
+    batch_size: int = 16
+    #: seed of the default sampler's shuffle.
+    seed: int = 0
+
+    def training_losses(self, model: torch.nn.Module, batch: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Named scalar losses; the key ``"loss"`` is optimised by the default step."""
+        raise NotImplementedError
+
+    def training_step(self, model: torch.nn.Module, batch: Any, optimizers: Mapping[str, torch.optim.Optimizer],
+                      ctx: StepContext) -> dict[str, float]:
+        """One optimisation step; returns the named losses as floats. Default: ``training_losses``
+        → backward → step of ``optimizers["main"]``."""
+        opt = optimizers["main"]
+        opt.zero_grad(set_to_none=True)
+        losses = self.training_losses(model, batch, ctx)
+        losses["loss"].backward()
+        opt.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def validate(self, model: torch.nn.Module, ctx: StageContext, last: bool) -> dict[str, float]:
+        """Rank 0, after every epoch: validation metrics keyed by bare name (the engine adds
+        ``val/`` and, for namespaced stages, the stage name). Default: none."""
+        return {}
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """Move a batch to ``device``; the default handles dicts of tensors and
+        ``(list[Tensor], list[dict])`` detection batches."""
+        if isinstance(batch, dict):
+            return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
+            images, targets = batch
+            return ([im.to(device) for im in images],
+                    [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets])
+        return batch
+
+    def batch_indices(self, batch: Any) -> list[int]:
+        """Record indices of a batch (for the engine's shard records in tests)."""
+        if isinstance(batch, dict) and "index" in batch:
+            return [int(i) for i in batch["index"].tolist()]
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return [int(t["index"]) for t in batch[1] if "index" in t]
+        return []
