@@ -158,7 +158,7 @@ def test_sweep_trains_the_detector_once_and_resumes_in_the_attribution_stage(tmp
     out = tmp_path / "runs"
     space = str(REPO / "search_spaces" / "bbam.yaml")
     done = subprocess.run([sys.executable, "-m", "weakbench", "sweep", space, "--trials", "2", "--output-dir", str(out),
-                           "--name", "once", "--num-cpus", "2", "--no-model", *SWEEP_SETS],
+                           "--name", "once", "--num-cpus", "2", "--address", "local", "--no-model", *SWEEP_SETS],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client, trials = _runs(out)
@@ -171,7 +171,7 @@ def test_sweep_trains_the_detector_once_and_resumes_in_the_attribution_stage(tmp
 
     # kill during attribution, then --resume
     out2 = tmp_path / "runs2"
-    base = [sys.executable, "-m", "weakbench", "sweep", space, "--output-dir", str(out2), "--name", "killed"]
+    base = [sys.executable, "-m", "weakbench", "sweep", space, "--output-dir", str(out2), "--name", "killed", "--address", "local"]
     first = base + ["--trials", "1", "--executor", "inline", "--num-cpus", "1", "--no-model", *SWEEP_SETS,
                     "--set", "max_images_per_split=8", "--set", "mask_iterations=30"]
     proc = subprocess.Popen(first, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -140,8 +140,8 @@ def test_undecodable_jpg_in_coco128_copy(coco128_dir, tmp_path):
 
 
 def test_size_mismatch_is_an_error(coco_copy):
-    _edit_json(coco_copy, lambda d: d["images"][0].update(width=50))
-    with pytest.raises(DataError, match=r"000000\.png: image is 96x96 but the annotations declare width=50"):
+    _edit_json(coco_copy, lambda d: d["images"][0].update(width=200))  # wider: its boxes stay inside
+    with pytest.raises(DataError, match=r"000000\.png: image is 96x96 but the annotations declare width=200"):
         CocoSource(coco_copy).load_image(0)
 
 

@@ -157,3 +157,21 @@ def test_render_rich_says_splits():
     assert "42.00 ± 2.65" in text  # cam: mean ± sqrt(7)
     assert "± n/a" in text  # topgap's single seed
     assert "not enough seeds" in text
+
+
+def test_diverged_or_failed_runs_never_select():
+    """A run with a NaN/inf metric (diverged) or status FAILED is never picked, however good its val."""
+    rows = [_run(i, "cam", 0.1, s, 50, 40 + s) for i, s in enumerate(range(2))]
+    nan_loss = _run(10, "cam", 10.0, 0, 99, 90)  # FINISHED but its loss went NaN
+    nan_loss["metrics"]["train/loss"] = math.nan
+    inf_val = _run(11, "cam", 5.0, 0, math.inf, 91)  # an infinite selection metric
+    failed = _run(12, "cam", 3.0, 0, 98, 92, status="FAILED")
+    stored_inf = _run(13, "cam", 4.0, 0, 97, 93)  # inf as MLflow's SQL store returns it
+    stored_inf["metrics"]["train/loss"] = 1.7976931348623157e308
+    lb = build_leaderboard(rows_to_table(rows + [nan_loss, inf_val, failed, stored_inf]))
+    cam = _by_method(lb)["cam"]
+    assert sorted(cam["run_ids"]) == ["r000", "r001"]
+    assert cam["select_mean"] == pytest.approx(50.0) and cam["test/max_box_acc_v2.mean"] == pytest.approx(40.5)
+    assert cam["n_trials"] == 6 and cam["n_failed"] == 1
+    # only diverged runs: the group has no selectable configuration and no row
+    assert build_leaderboard(rows_to_table([nan_loss, inf_val, failed])).num_rows == 0

@@ -123,3 +123,23 @@ def test_register_errors(store):
         registry.register_best(store, "cam", dataset="a")
     with pytest.raises(UnknownNameError, match="no alias"):
         registry.rollback(store, "weakbench-cam-a")
+
+
+def test_diverged_run_is_never_registered(store):
+    """A FINISHED run whose loss went NaN (or a metric inf) is skipped even with the best val; with
+    nothing else left the registry refuses."""
+    client = MlflowClient(tracking_uri=store)
+    exp_id = client.create_experiment(C.DEFAULT_EXPERIMENT, _artifacts(store).as_uri())
+    parent = client.create_run(exp_id, tags={C.TAG_KIND: C.KIND_SWEEP}).info.run_id
+    diverged = _log_trial(client, exp_id, parent, 10.0, 0, 99.0, 90.0, with_model=True)
+    client.log_metric(diverged, "train/loss", float("nan"), step=2)  # MLflow stores NaN as is
+    assert client.get_run(diverged).info.status == "FINISHED"
+    with pytest.raises(DataError, match="finite metrics"):
+        registry.register_best(store, "cam")
+    good = _log_trial(client, exp_id, parent, 0.1, 0, 50.0, 40.0, with_model=True)
+    inf_run = _log_trial(client, exp_id, parent, 5.0, 0, 98.0, 91.0, with_model=True)
+    client.log_metric(inf_run, "val/max_box_acc_v2", float("inf"), step=1)
+    failed = _log_trial(client, exp_id, parent, 3.0, 0, 97.0, 92.0, with_model=True)
+    client.set_terminated(failed, status="FAILED")
+    info = registry.register_best(store, "cam")
+    assert info.run_id == good and info.metric_value == 50.0

@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from weakbench import __version__
 from weakbench.platform.errors import WeakbenchError
@@ -78,24 +79,31 @@ def sweep(
     eval_max_images: Optional[int] = typer.Option(None, "--eval-max-images", help="Evaluate at most this many images per split."),
     early_stopping: bool = typer.Option(True, "--early-stopping/--no-early-stopping", help="Stop poor trials early with the space file's ASHA scheduler; off keeps every seed of every configuration to the end."),
     sets: List[str] = typer.Option([], "--set", help="Override a hyperparameter for every trial, KEY=VALUE (repeatable)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local instance)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; 'auto' joins the Ray instance running on this machine, 'local' starts a private one beside any other (default: start a private local instance, refused when another Ray instance already runs here)."),
+    max_failures: int = typer.Option(2, "--max-failures", min=0, help="Restarts of a trial whose worker, actor or node died; each restart resumes from the trial's latest checkpoint."),
+    worker_start_timeout: float = typer.Option(120.0, "--worker-start-timeout", help="Seconds a trial's Ray Train worker group may wait for its resources before the attempt fails."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
     no_model: bool = typer.Option(False, "--no-model", help="Do not log trained models to MLflow."),
 ):
-    """Run a hyperparameter sweep of one method (Ray Tune + Optuna + ASHA), tracked in MLflow."""
+    """Run a hyperparameter sweep of one method (Ray Tune + Optuna + ASHA), tracked in MLflow.
+
+    Exit status: 0 when every planned trial finished or was stopped early by ASHA (and at least one finished); 1 when a trial failed, a planned trial never ran, or no trial finished; 2 for bad input (nothing started); 130 when interrupted (Ctrl-C: the parent run ends KILLED and --resume continues the sweep).
+    """
     from weakbench.platform.sweep import SweepOptions, run_sweep
 
     opts = SweepOptions(space=str(space), data=data, output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment,
                         trials=trials, name=name, resume=resume, num_workers=num_workers, use_gpu=gpu,
                         cpus_per_worker=cpus_per_worker, max_concurrent=max_concurrent, searcher=searcher,
                         search_seed=search_seed, executor=executor, eval_max_images=eval_max_images, early_stopping=early_stopping,
-                        address=address, num_cpus=num_cpus, overrides=_parse_sets(sets), log_model=not no_model)
+                        address=address, num_cpus=num_cpus, overrides=_parse_sets(sets), log_model=not no_model,
+                        max_failures=max_failures, worker_start_timeout_s=worker_start_timeout)
     console.print(f"[bold]weakbench sweep[/] {space} on {data or 'the synthetic default'}: {trials} trials, executor={executor}")
     s = run_sweep(opts)
     from rich.table import Table
 
     t = Table(title=f"sweep {s.sweep_name} ({s.method} on {s.dataset})", show_header=False)
-    t.add_row("trials", f"{s.num_trials} ({s.num_finished} finished, {s.num_stopped} stopped early, {s.num_failed} failed)")
+    t.add_row("trials", f"{s.num_trials} of {s.num_planned} planned ({s.num_finished} finished, {s.num_stopped} stopped early, "
+                        f"{s.num_failed} failed{f', {s.num_restarts} restart(s)' if s.num_restarts else ''})")
     t.add_row("wall time", f"{s.wall_seconds:.0f} s")
     if s.best_run_id:
         t.add_row(f"best ({s.metric})", f"{s.best_metrics.get(s.metric, float('nan')):.2f}  run {s.best_run_id}")
@@ -105,9 +113,17 @@ def sweep(
     t.add_row("MLflow", f"{s.tracking_uri}  (experiment {s.experiment}, parent run {s.parent_run_id})")
     t.add_row("sweep dir", s.sweep_dir)
     console.print(t)
-    if s.num_finished == 0:
-        err_console.print("[red]no trial finished[/]; see the runs' weakbench.error tags and <sweep dir>/trials/*/error.txt")
-        raise typer.Exit(1)
+    if s.interrupted:
+        err_console.print(Text("interrupted: the parent run is KILLED; continue with --resume --name " + s.sweep_name, style="yellow"))
+    elif s.num_finished == 0:
+        err_console.print(Text("no trial finished", style="red")
+                          + Text("; see the runs' weakbench.error tags and <sweep dir>/trials/*/error.txt"))
+    elif s.exit_code:
+        err_console.print(Text(f"{s.num_failed} trial(s) failed", style="red")
+                          + Text(f", {s.num_planned - s.num_finished - s.num_stopped - s.num_failed} never ran; "
+                                 f"see the runs' weakbench.error tags"))
+    if s.exit_code:
+        raise typer.Exit(s.exit_code)
 
 
 @app.command()
@@ -187,10 +203,13 @@ def data_info(
     path: Optional[str] = typer.Argument(None, help="Dataset directory; omit for the synthetic default."),
     output_dir: str = OUTPUT_DIR,
 ):
-    """Check a dataset and print its size, classes and fingerprint."""
+    """Check a dataset (annotations, boxes inside their images, every image decodes) and print its size, classes and fingerprint."""
     from weakbench.platform.data import open_dataset
 
+    from weakbench.platform.data import check_images
+
     src = open_dataset(path, cache_dir=Path(output_dir) / "data_cache")
+    check_images(src, Path(output_dir) / "data_cache", console=err_console)  # every image decodes (cached)
     n_boxes = 0
     from rich.progress import track
 
@@ -234,7 +253,8 @@ def main() -> None:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except WeakbenchError as e:
-        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # printed literally: Rich markup would eat bracketed text such as "[x, y, w, h]"
+        err_console.print(Text("error:", style="red") + Text(" " + str(e)), highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))

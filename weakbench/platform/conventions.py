@@ -33,6 +33,8 @@ TAG_CONFIG_HASH = "weakbench.config_hash"  # sha256 of the sorted-keys JSON of t
 TAG_VERSION = "weakbench.version"
 TAG_ERROR = "weakbench.error"  # set on FAILED runs: "<ExceptionType>: message"
 TAG_MODEL_URI = "weakbench.model_uri"
+TAG_INTERRUPTED = "weakbench.interrupted"  # set on runs ended KILLED because the sweep was interrupted
+TAG_RESTARTS = "weakbench.restarts"  # how many times Tune restarted the trial (worker / node loss)
 TAG_DEVICE = "weakbench.device"  # "cpu" | "cuda"
 TAG_NUM_WORKERS = "weakbench.num_workers"
 

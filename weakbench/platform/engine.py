@@ -58,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weakbench import __version__
 from weakbench.platform import conventions as C
+from weakbench.platform.errors import DivergenceError, check_finite
 
 CHECKPOINT_FILE = "trial_state.pt"
 
@@ -221,20 +222,6 @@ def _stage_key(stage, split: str, name: str) -> str:
     if not stage.namespaced:
         return C.metric_key(split, name)
     return C.metric_key(split, f"{stage.metric_ns or stage.name}/{name}")
-
-
-def _check_finite(metrics: dict[str, float], where: str) -> None:
-    """A non-finite loss or metric fails the trial (a diverged run never reaches the board)."""
-    import math
-
-    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
-    if bad:
-        raise DivergenceError(f"{where}: non-finite value(s) in {', '.join(bad)}; the run diverged "
-                              f"(lower lr, or check the data); the trial is marked FAILED")
-
-
-class DivergenceError(RuntimeError):
-    """A trial's loss or metric became NaN or infinite."""
 
 
 class _Runner:
@@ -502,7 +489,11 @@ class _Runner:
                 if spec.record_shards:
                     seen.extend(task.batch_indices(batch))
             train_metrics = {_stage_key(st, "train", k): v / max(1, n) for k, v in sums.items()}
-            _check_finite(train_metrics, f"stage {st.name}, epoch {epoch + 1}")
+            try:
+                check_finite(train_metrics, f"stage {st.name}, epoch {epoch + 1} train losses")
+            except DivergenceError:
+                self.log(train_metrics, step=epochs_before + epoch + 1)  # the evidence, then FAILED
+                raise
             if spec.record_shards:
                 (self.trial_dir / f"shard_rank{rank}_epoch{epoch}.json").write_text(json.dumps(seen))
             last = epoch == st.epochs - 1
@@ -512,7 +503,7 @@ class _Runner:
             if rank == 0:
                 val = task.validate(bare, ctx_stage, last)
                 metrics.update({_stage_key(st, "val", k): v for k, v in val.items()})
-                _check_finite(metrics, f"stage {st.name}, epoch {epoch + 1}")
+                check_finite(metrics, f"stage {st.name}, epoch {epoch + 1} validation metrics")
                 metrics[C.COST_TRAIN_SECONDS] = (time.time() - t_start) + prev_seconds
                 last_metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
                 # logged after the checkpoint is reported; carried in the checkpoint so that a
@@ -604,7 +595,7 @@ class _Runner:
             staging = p.new_staging_dir()
             raw = self.method.map_reduce(st, {k: results[k] for k in keys}, self.context(st, out_dir=staging)) or {}
             metrics = {_stage_key(st, st.split or "train", k): float(v) for k, v in raw.items()}
-            _check_finite(metrics, f"stage {st.name}")
+            check_finite(metrics, f"stage {st.name} metrics")
             metrics[f"cost/{st.name}_seconds"] = time.time() - t0
             self._publish(i, staging, metrics, {"items": len(keys)})
             self.log(metrics, step=self.fit_epochs_before(i + 1))
@@ -618,7 +609,7 @@ class _Runner:
             t0 = time.time()
             raw, overlays = self.method.evaluate_stage(st, self.context(st))
             metrics = {_stage_key(st, st.split or "test", k): float(v) for k, v in raw.items()}
-            _check_finite(metrics, f"stage {st.name}")
+            check_finite(metrics, f"stage {st.name} metrics")
             metrics[f"cost/{st.name}_seconds"] = time.time() - t0
             staging = p.new_staging_dir()
             if overlays:
@@ -794,7 +785,10 @@ def build_trainer(spec: TrialSpec, *, storage_path: str, name: str, callbacks: l
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             # a bounded controller: Train V2's default (-1) retries a worker group
+                             # that cannot start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) forever
+                             failure_config=FailureConfig(max_failures=max_failures,
+                                                          controller_failure_limit=max(1, max_failures))),
     )
 
 

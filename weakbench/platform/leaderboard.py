@@ -5,7 +5,8 @@ Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation pro
 * A **group** is one (dataset, method, backbone).
 * A **configuration** is the set of runs of a group sharing ``config_group`` (the hash of the
   params without ``seed``; see :func:`weakbench.platform.results.config_group`).
-* Selection: among the ``FINISHED`` runs that logged ``select_metric`` (default
+* Selection: among the ``FINISHED`` runs whose metrics are all finite (a run with any NaN or
+  infinite metric diverged and never selects) and that logged ``select_metric`` (default
   ``val/max_box_acc_v2``), the configuration with the best **mean over seeds** of that metric is
   chosen (higher is better, except for metric names containing ``loss``). Ties go to the
   configuration with more seeds, then to the smaller ``config_group`` (deterministic).
@@ -43,7 +44,7 @@ import pyarrow as pa
 
 from weakbench.platform import conventions as C
 from weakbench.platform.errors import ConfigError
-from weakbench.platform.results import metric_columns
+from weakbench.platform.results import finite_metric_rows, metric_columns
 
 _FIXED_FIELDS = [
     pa.field("dataset", pa.string()),
@@ -167,6 +168,7 @@ def build_leaderboard(
         report_names.insert(0, primary)
         metrics[primary] = np.full(table.num_rows, np.nan)
     sel = metrics.get(select_metric, np.full(table.num_rows, np.nan))
+    finite_row = finite_metric_rows(table)
 
     ds, me, bb = _str_array(table, "dataset"), _str_array(table, "method"), _str_array(table, "backbone")
     cg, status = _str_array(table, "config_group"), _str_array(table, "status")
@@ -186,7 +188,8 @@ def build_leaderboard(
     chosen_runs: dict[tuple[str, str, str], np.ndarray] = {}
     for key, idx_list in groups.items():
         idx = np.asarray(idx_list)
-        ok = idx[(status[idx] == "FINISHED") & ~np.isnan(sel[idx])]
+        # a diverged run (any metric NaN/inf) or a failed one never selects, even if it finished
+        ok = idx[(status[idx] == "FINISHED") & finite_row[idx] & ~np.isnan(sel[idx])]
         if len(ok) == 0:
             continue
         # mean of the selection metric per configuration (over seeds)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
 from typing import Any, Optional
 
 import typer
 
 from weakbench.platform import conventions as C
-from weakbench.platform.errors import DataError, UnknownNameError
+from weakbench.platform.errors import DataError, UnknownNameError, is_finite_metrics
 from weakbench.platform.leaderboard import higher_is_better
 
 HISTORY_TAG = "weakbench.alias_history."
@@ -85,10 +84,13 @@ def _select_run(runs: list[Any], select_metric: str) -> tuple[Any, float]:
     hib = higher_is_better(select_metric)
     configs: dict[str, list[Any]] = {}
     for r in runs:
-        if select_metric in r.data.metrics and not math.isnan(r.data.metrics[select_metric]):
+        # the leaderboard rule: FINISHED runs only, and never one with a NaN/inf metric (diverged)
+        if (r.info.status == "FINISHED" and select_metric in r.data.metrics
+                and is_finite_metrics(r.data.metrics)):
             configs.setdefault(config_group(r.data.params), []).append(r)
     if not configs:
-        raise DataError(f"no FINISHED trial run logged {select_metric!r}; fix: pass --select-metric with a logged metric")
+        raise DataError(f"no FINISHED trial run with finite metrics logged {select_metric!r}; fix: pass --select-metric "
+                        f"with a logged metric (runs with NaN/inf metrics diverged and are never registered)")
 
     def score(group: list[Any]) -> tuple[float, int]:
         per_seed: dict[str, list[float]] = {}

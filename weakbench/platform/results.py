@@ -466,6 +466,20 @@ def metric_columns(table: pa.Table, names: Iterable[str] | None = None) -> dict[
     return out
 
 
+def finite_metric_rows(table: pa.Table) -> np.ndarray:
+    """bool (num_rows,): True where every metric the run logged is finite (no NaN, no ±inf).
+
+    A run with a non-finite metric diverged; the leaderboard never selects it. ±DBL_MAX counts as
+    infinite (MLflow's SQL stores return ±inf as that value)."""
+    ok = np.ones(table.num_rows, dtype=bool)
+    _, values, parents = _map_entries(table["metrics"])
+    if len(values):
+        v = values.astype(np.float64)
+        bad = ~np.isfinite(v) | (np.abs(v) >= np.finfo(np.float64).max)  # MLflow's SQL stores keep ±inf as ±DBL_MAX
+        ok[parents[bad]] = False
+    return ok
+
+
 def param_columns(table: pa.Table) -> dict[str, np.ndarray]:
     """Unpack the ``params`` map into ``{name: object array of str or None (num_rows,)}``."""
     n = table.num_rows

@@ -27,9 +27,12 @@ Layout of a sweep directory ``<output>/sweeps/<sweep name>/``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from weakbench.platform import conventions as C
-from weakbench.platform.errors import ConfigError
+from weakbench.platform.errors import ConfigError, DivergenceError, check_finite, is_finite_metrics
 from weakbench.platform.search_space import SearchSpace, load_search_space
 
 
@@ -66,12 +69,22 @@ class SweepOptions(BaseModel):
     eval_max_images: int | None = Field(None, ge=1)
     num_overlays: int = Field(6, ge=0)
     log_model: bool = True
-    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local instance")
+    address: str | None = Field(None, description="Ray cluster address ('auto' joins the local one, 'local' starts a "
+                                                  "private one); None starts a private local instance and refuses when "
+                                                  "another already runs on this machine")
+    max_failures: int = Field(2, ge=0, description="restarts of a trial whose worker, actor or node died (Tune's "
+                                                  "FailureConfig); each restart resumes from the trial's latest checkpoint")
+    worker_start_timeout_s: float = Field(120.0, gt=0, description="seconds a Train worker group may wait for its "
+                                                                    "resources before the attempt fails "
+                                                                    "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
     overrides: dict[str, Any] = Field(default_factory=dict, description="fixed values overriding the space file")
 
 
 class SweepSummary(BaseModel):
+    """What a sweep did. Counts come from Ray Tune's trial states reconciled with MLflow: a trial
+    that errored inside Tune is failed even when it never created a run (one is created FAILED)."""
+
     sweep_name: str
     sweep_dir: str
     tracking_uri: str
@@ -88,6 +101,20 @@ class SweepSummary(BaseModel):
     best_params: dict[str, Any] = Field(default_factory=dict)
     best_metrics: dict[str, float] = Field(default_factory=dict)
     metric: str
+    num_planned: int = 0
+    num_restarts: int = 0
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit status: 130 interrupted; 0 when every planned trial finished or was stopped
+        early by the scheduler (ASHA) and at least one finished; 1 otherwise (a trial failed, a
+        planned trial never ran, or no trial finished)."""
+        if self.interrupted:
+            return 130
+        if self.num_finished == 0 or self.num_failed or self.num_finished + self.num_stopped < self.num_planned:
+            return 1
+        return 0
 
 
 class _SweepContext(BaseModel):
@@ -110,6 +137,7 @@ class _SweepContext(BaseModel):
     num_overlays: int
     log_model: bool
     seed_values: list[int] | None
+    max_failures: int = 0
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -137,7 +165,8 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    run_segments(spec, storage_path=str(Path(c.sweep_dir) / "train"), callbacks=[TuneReportCallback()])
+    run_segments(spec, storage_path=str(Path(c.sweep_dir) / "train"), callbacks=[TuneReportCallback()],
+                 max_failures=c.max_failures)
 
 
 def _stage_aware(searcher_cls):
@@ -170,16 +199,53 @@ def _latest_sweep(sweeps: Path, method: str) -> Path:
     return cands[-1]
 
 
+def _running_ray_instances() -> list[str]:
+    """GCS addresses of the Ray instances running on this machine (any user): Ray's own discovery
+    of live ``gcs_server`` processes (not ``ray start``'s address file, which outlives its cluster)."""
+    from ray._private import services
+
+    return sorted(set(services.find_gcs_addresses()))
+
+
+def _check_ray_target(opts: SweepOptions) -> None:
+    """Refuse, before anything is created, a sweep without ``--address`` on a machine where Ray runs."""
+    import ray
+
+    if ray.is_initialized() or opts.address or os.environ.get("RAY_ADDRESS"):
+        return
+    running = _running_ray_instances()
+    if running:
+        raise ConfigError(f"a Ray instance already runs on this machine ({', '.join(running)}); pass --address auto "
+                          f"(or --address {running[0]}) to run the sweep on it, or --address local to start a "
+                          f"private instance beside it")
+
+
 def _ensure_ray(opts: SweepOptions) -> None:
+    """Connect this driver to Ray: ``--address ADDR|auto`` joins a cluster, ``--address local`` (or no
+    address on a machine where no Ray runs) starts a private local instance of ``--num-cpus``.
+
+    Raises:
+        ConfigError: no ``--address`` while another Ray instance runs on this machine (joining it
+            would be an accident: Ray would refuse ``--num-cpus``, or pick one of several); or
+            ``--num-cpus`` with a cluster address.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    # Ray Train's controller reads this in its own process: a bounded wait for a worker group
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{opts.worker_start_timeout_s:g}"}
     kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
-    if opts.address:
-        ray.init(address=opts.address, **kwargs)
-    else:
-        ray.init(num_cpus=opts.num_cpus or os.cpu_count(), **kwargs)
+    address = opts.address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        if opts.num_cpus is not None:
+            raise ConfigError(f"--num-cpus {opts.num_cpus} sizes a local Ray instance, but --address {address} joins a "
+                              f"cluster that has its own CPUs; drop --num-cpus (or use --address local)")
+        ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+        return
+    _check_ray_target(opts)
+    os.environ.update(env)  # inherited by the local instance's raylet and workers
+    ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), **kwargs)
 
 
 def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str]:
@@ -192,13 +258,22 @@ def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str
         if not (sweep_dir / "sweep.json").is_file():
             raise ConfigError(f"--resume: {sweep_dir} holds no sweep (sweep.json missing); check --name and --output-dir")
         return sweep_dir, sweep_dir.name
+    if opts.name:
+        sweep_dir = sweeps / opts.name
+        if (sweep_dir / "sweep.json").exists():
+            raise ConfigError(f"sweep {opts.name!r} already exists in {sweeps}; pass --resume to continue it or another --name (finished results are never overwritten)")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        return sweep_dir, opts.name
+    # <method>-<dataset>-<time>-<4 hex>: two sweeps started in the same second into one output
+    # directory (or one tracking server) get distinct names; the exclusive mkdir settles a clash
     data_name = Path(opts.data).resolve().name if opts.data else "synthetic"
-    name = opts.name or f"{space.method}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir = sweeps / name
-    if (sweep_dir / "sweep.json").exists():
-        raise ConfigError(f"sweep {name!r} already exists in {sweeps}; pass --resume to continue it or another --name (finished results are never overwritten)")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    return sweep_dir, name
+    while True:
+        name = f"{space.method}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        try:
+            (sweeps / name).mkdir()
+            return sweeps / name, name
+        except FileExistsError:
+            continue
 
 
 def _with_overrides(space: SearchSpace, overrides: dict[str, Any]) -> SearchSpace:
@@ -224,16 +299,19 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     from weakbench.platform.data import load_splits, make_splits, open_dataset, save_splits
 
     t0 = time.time()
+    from weakbench.platform.data import check_images, resolve_path
+
     # Ray workers run in other working directories: hand them absolute paths
     if opts.data is not None:
-        opts = opts.model_copy(update={"data": str(Path(opts.data).expanduser().resolve())})
+        opts = opts.model_copy(update={"data": str(resolve_path(opts.data))})
     space = _with_overrides(load_search_space(opts.space), opts.overrides)
     if opts.overrides:
         validate_config(space.method, space.fixed, source=f"{opts.space} (with command-line overrides)")
     out = Path(opts.output_dir).resolve()
     data_cache = str(out / "data_cache")
+    _check_ray_target(opts)
     if not opts.resume:  # bad data fails before anything is created
-        open_dataset(opts.data, cache_dir=data_cache)
+        check_images(open_dataset(opts.data, cache_dir=data_cache), data_cache)
     sweep_dir, sweep_name = prepare_sweep_dir(opts, space)
     if opts.resume:
         saved = json.loads((sweep_dir / "sweep.json").read_text())
@@ -242,23 +320,30 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         # runs (--address, --num-cpus, --max-concurrent) may change
         for key in ("data", "split_seed", "tracking_uri", "experiment", "trials", "searcher", "search_seed", "overrides",
                     "executor", "num_workers", "use_gpu", "cpus_per_worker", "eval_max_images", "num_overlays",
-                    "log_model", "early_stopping"):
+                    "log_model", "early_stopping", "max_failures"):
             if key in saved:
                 setattr(opts, key, saved[key])
         space = _with_overrides(load_search_space(opts.space), opts.overrides)
     tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
 
     source = open_dataset(opts.data, cache_dir=data_cache)
+    check_images(source, data_cache)  # cached by fingerprint: free after the first check
+    if not opts.resume:
+        try:  # exclusive: of two sweeps given the same --name at once, the second stops here
+            with open(sweep_dir / "sweep.json", "x") as f:
+                f.write(json.dumps({**opts.model_dump(), "tracking_uri": tracking_uri, "name": sweep_name}, indent=2))
+        except FileExistsError:
+            raise ConfigError(f"sweep {sweep_name!r} was just created in {sweep_dir.parent} by another process; "
+                              f"pass another --name") from None
     splits_path = sweep_dir / "splits.json"
     if splits_path.exists():
         load_splits(splits_path, source)
     else:
         save_splits(make_splits(source, seed=opts.split_seed), splits_path)
-    if not opts.resume:
-        (sweep_dir / "sweep.json").write_text(json.dumps({**opts.model_dump(), "tracking_uri": tracking_uri, "name": sweep_name}, indent=2))
 
     client = tracking.client_for(tracking_uri)
-    exp_id = tracking.ensure_experiment(client, opts.experiment)
+    # artifacts of the sqlite default under <output-dir>/mlartifacts (a tracking server decides its own)
+    exp_id = tracking.ensure_experiment(client, opts.experiment, artifact_root=tracking.default_artifact_root(tracking_uri))
     parent = tracking.get_or_create_parent_run(
         client, exp_id, sweep_name, run_name=sweep_name,
         tags={C.TAG_METHOD: space.method, C.TAG_DATASET: source.name, C.TAG_DATASET_FINGERPRINT: source.fingerprint,
@@ -268,11 +353,14 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                 **{f"fixed.{k}": v for k, v in space.fixed.items()},
                 **{f"search.{k}": f"{d.kind}{d.values}" for k, d in space.search.items()}})
 
-    status = "FAILED"
     # results of a multi-stage trial's early stages lack the selecting metric (it comes with the
     # stage that computes it); Tune's controller would refuse them. ASHA skips such results and
     # the searcher is wrapped to skip them (_stage_aware)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    interrupted = False
+    error: BaseException | None = None
+    num_planned = opts.trials
+    tune_path = sweep_dir / "tune"
     try:
         _ensure_ray(opts)
         units = _plan_units(space.method, space.defaults_config(), source)
@@ -281,7 +369,13 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         param_space: dict[str, Any] = dict(space.fixed)
         search_alg = None
         num_samples = opts.trials
-        if opts.searcher == "optuna":
+        if not [k for k in space.search if k != "seed"]:
+            # every axis fixed (by the file or by --set): nothing to search, the fixed
+            # configuration runs once per seed (OptunaSearch refuses an empty space)
+            if seed_values:
+                param_space["seed"] = tune.grid_search(seed_values)
+            num_samples, num_planned, seed_values = 1, len(seed_values or [0]), None
+        elif opts.searcher == "optuna":
             import optuna
             from ray.tune.search import Repeater
 
@@ -300,10 +394,12 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             elif seed_values:
                 param_space["seed"] = seed_values[0]
                 seed_values = None
+            num_planned = num_samples
         else:
             seed_values = None
             param_space.update(space.tune_param_space())
             num_samples = max(1, math.ceil(opts.trials / space.num_grid_points()))
+            num_planned = num_samples * space.num_grid_points()
         # ASHA's clock is the plan's progress units (fit epochs + one per map/eval stage), so it
         # means the same across stages; the plan's last report (progress == max_t) comes after
         # the trial's run is FINISHED
@@ -331,9 +427,9 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                             parent_run_id=parent, sweep_id=sweep_name, num_workers=opts.num_workers,
                             use_gpu=opts.use_gpu, cpus_per_worker=opts.cpus_per_worker, executor=opts.executor,
                             eval_max_images=opts.eval_max_images, num_overlays=opts.num_overlays,
-                            log_model=opts.log_model, seed_values=seed_values).model_dump()
+                            log_model=opts.log_model, seed_values=seed_values,
+                            max_failures=opts.max_failures).model_dump()
         trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), trial_resources)
-        tune_path = sweep_dir / "tune"
         if opts.resume and tune.Tuner.can_restore(str(tune_path)):
             tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -342,33 +438,167 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
                                             num_samples=num_samples, max_concurrent_trials=max_conc),
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                                          failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
             )
-        tuner.fit()
-        status = "FINISHED"
+        with _graceful_interrupt() as stop:
+            tuner.fit()
+        interrupted = stop.requested
     except KeyboardInterrupt:
-        status = "KILLED"
+        interrupted = True
+        raise
+    except Exception as e:
+        error = e
         raise
     finally:
-        tracking.reconcile_children(client, exp_id, parent)
+        outcome = _reconcile_with_tune(client, exp_id, parent, sweep_name, tune_path, space.method, source,
+                                       interrupted=interrupted)
         runs = tracking.child_runs(client, exp_id, parent)
         finished = [r for r in runs if r.info.status == "FINISHED"]
         failed = [r for r in runs if r.info.status == "FAILED"]
-        killed = [r for r in runs if r.info.status == "KILLED"]
-        if status == "FINISHED" and not finished:
-            status = "FAILED"
+        killed = [r for r in runs if r.info.status == "KILLED" and not r.data.tags.get(C.TAG_INTERRUPTED)]
         best = None
         key = space.metric
-        cands = [r for r in finished if key in r.data.metrics]
+        cands = [r for r in finished if key in r.data.metrics and is_finite_metrics(r.data.metrics)]
         if cands:
             best = (max if space.mode == "max" else min)(cands, key=lambda r: r.data.metrics[key])
             tracking.log_metrics(client, parent, {f"best/{k}": v for k, v in best.data.metrics.items()}, step=0)
             client.set_tag(parent, "weakbench.best_run_id", best.info.run_id)
-        client.set_terminated(parent, status=status)
-    summary = SweepSummary(
-        sweep_name=sweep_name, sweep_dir=str(sweep_dir), tracking_uri=tracking_uri, experiment=opts.experiment,
-        parent_run_id=parent, method=space.method, dataset=source.name, num_trials=len(runs),
-        num_finished=len(finished), num_failed=len(failed), num_stopped=len(killed), wall_seconds=time.time() - t0,
-        best_run_id=best.info.run_id if best else None, best_params=dict(best.data.params) if best else {},
-        best_metrics=dict(best.data.metrics) if best else {}, metric=space.metric)
+        summary = SweepSummary(
+            sweep_name=sweep_name, sweep_dir=str(sweep_dir), tracking_uri=tracking_uri, experiment=opts.experiment,
+            parent_run_id=parent, method=space.method, dataset=source.name, num_trials=len(runs),
+            num_finished=len(finished), num_failed=len(failed), num_stopped=len(killed), wall_seconds=time.time() - t0,
+            best_run_id=best.info.run_id if best else None, best_params=dict(best.data.params) if best else {},
+            best_metrics=dict(best.data.metrics) if best else {}, metric=space.metric,
+            num_planned=num_planned, num_restarts=outcome["restarts"], interrupted=interrupted)
+        tracking.set_tags(client, parent, {"weakbench.trials_planned": num_planned, "weakbench.trials_finished": len(finished),
+                                           "weakbench.trials_failed": len(failed), "weakbench.trials_stopped": len(killed),
+                                           "weakbench.trial_restarts": outcome["restarts"]})
+        # the parent says what happened: KILLED when interrupted, FINISHED only when every planned
+        # trial finished (or was stopped early by the scheduler), FAILED otherwise
+        code = summary.exit_code
+        if error is not None:
+            client.set_tag(parent, C.TAG_ERROR, f"{type(error).__name__}: {error}"[:5000])
+        elif code == 1:
+            client.set_tag(parent, C.TAG_ERROR, f"{len(finished)} of {num_planned} planned trial(s) finished, "
+                                                f"{len(failed)} failed, {len(killed)} stopped early")
+        client.set_terminated(parent, status={0: "FINISHED", 130: "KILLED"}.get(code, "FAILED"))
     return summary
+
+
+class _StopRequest:
+    requested = False
+
+
+@contextlib.contextmanager
+def _graceful_interrupt():
+    """Ctrl-C (SIGINT) during ``tuner.fit()`` stops the sweep gracefully and is remembered.
+
+    Tune's own SIGINT handler would stop the experiment but make ``fit()`` return as if it had
+    ended normally (the sweep would exit 0, its parent run FINISHED). Here Tune's handler is
+    disabled (``TUNE_DISABLE_SIGINT_HANDLER``) and the first SIGINT asks Tune for the same graceful
+    stop through SIGUSR1, which Tune always handles; a second SIGINT raises KeyboardInterrupt.
+    Outside the main thread nothing changes.
+    """
+    import threading
+
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum, frame):
+        if stop.requested or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt
+        stop.requested = True
+        import sys
+
+        print("weakbench: interrupted; stopping the sweep (press Ctrl-C again to stop at once)", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    env_before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if env_before is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env_before
+
+
+def _tune_trials(tune_path: Path) -> list[Any]:
+    """Ray Tune's trials of the experiment at ``tune_path`` (read back from its saved state), or []."""
+    from ray import tune
+
+    if not tune_path.is_dir() or not list(tune_path.glob("experiment_state-*.json")):
+        return []
+    try:
+        return list(tune.ExperimentAnalysis(str(tune_path)).trials)
+    except Exception:  # noqa: BLE001 - a state Tune cannot read back: MLflow alone counts
+        return []
+
+
+def _tune_error_text(trial: Any) -> str:
+    """The last line of a Tune trial's error (``ValueError: …``), or a generic reason."""
+    try:
+        err = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001
+        err = None
+    if err is None:
+        return f"the trial errored inside Ray Tune (after {trial.num_failures} failure(s)); see its error.txt"
+    cause = getattr(err, "cause", None) or err
+    lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else cause}"
+
+
+def _reconcile_with_tune(client, exp_id: str, parent: str, sweep_id: str, tune_path: Path, method: str, source,
+                         *, interrupted: bool) -> dict[str, int]:
+    """Make MLflow agree with Ray Tune after a sweep.
+
+    * a trial Tune marks ERROR ends FAILED in MLflow with ``weakbench.error`` (its run is created
+      FAILED when it errored before creating one: a worker that died, an actor that could not start);
+    * a FINISHED run with a non-finite metric (a NaN loss) ends FAILED with a ``DivergenceError``;
+    * a run still RUNNING ends KILLED: stopped early by the scheduler, or, when the sweep was
+      interrupted, tagged ``weakbench.interrupted`` (then it does not count as stopped early);
+    * a trial Tune restarted gets tag ``weakbench.restarts``.
+
+    Returns ``{"restarts": total restarts over all trials}``.
+    """
+    from weakbench.platform import tracking
+
+    restarts = 0
+    for trial in _tune_trials(tune_path):
+        tid = trial.trial_id
+        failures = int(getattr(trial, "num_failures", 0) or 0)
+        restarted = failures - 1 if trial.status == "ERROR" and failures else failures
+        restarts += max(0, restarted)
+        run = tracking.find_trial_run(client, exp_id, sweep_id, tid)
+        if trial.status == "ERROR":
+            if run is None:
+                run_id, _ = tracking.get_or_create_trial_run(
+                    client, exp_id, parent_run_id=parent, sweep_id=sweep_id, trial_id=tid, run_name=f"{method}-{tid}",
+                    tags={C.TAG_METHOD: method, C.TAG_DATASET: source.name, C.TAG_DATASET_FINGERPRINT: source.fingerprint,
+                          C.TAG_SPLIT: "val"},
+                    params={k: v for k, v in (trial.config or {}).items() if not k.startswith("__")})
+                tracking.fail_run(client, run_id, _tune_error_text(trial))
+            elif run.info.status != "FINISHED" and run.info.status != "FAILED":
+                tracking.fail_run(client, run.info.run_id, run.data.tags.get(C.TAG_ERROR) or _tune_error_text(trial))
+        if restarted > 0 and run is not None:
+            client.set_tag(run.info.run_id, C.TAG_RESTARTS, str(restarted))
+    # a run that finished with a non-finite loss or metric diverged: it fails (the engine may
+    # already have failed it at the epoch it diverged; this catches any run that slipped through)
+    for r in tracking.child_runs(client, exp_id, parent):
+        if r.info.status == "FINISHED" and not is_finite_metrics(r.data.metrics):
+            try:
+                check_finite(r.data.metrics, f"run {r.info.run_id} (trial {r.data.tags.get(C.TAG_TRIAL_ID, '?')})")
+            except DivergenceError as e:
+                tracking.fail_run(client, r.info.run_id, e)
+    if interrupted:
+        for r in client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
+                                    max_results=10000):
+            client.set_tag(r.info.run_id, C.TAG_INTERRUPTED, "the sweep was interrupted; --resume continues it")
+    tracking.reconcile_children(client, exp_id, parent,
+                                reason="the sweep was interrupted" if interrupted else "stopped early by the scheduler or interrupted")
+    return {"restarts": restarts}

@@ -66,22 +66,70 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{p / 'mlflow.db'}"
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, or None for any other store (a server)."""
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+
+
+def default_artifact_root(tracking_uri: str) -> Path | None:
+    """Where new experiments keep their artifacts: ``<dir of mlflow.db>/mlartifacts`` for the
+    sqlite default (so that everything stays under ``--output-dir``, not in ``./mlruns`` of the
+    working directory); None for a tracking server, which decides its own."""
+    db = sqlite_path(tracking_uri)
+    return db.resolve().parent / "mlartifacts" if db is not None else None
+
+
+@contextlib.contextmanager
+def _db_lock(db: Path):
+    """An exclusive ``flock`` on ``<db>.lock`` for the ``with`` block (POSIX)."""
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def client_for(tracking_uri: str) -> MlflowClient:
-    """An ``MlflowClient`` for ``tracking_uri``; a ``sqlite:///`` parent directory is created."""
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=tracking_uri)
+    """An ``MlflowClient`` for ``tracking_uri``, its store opened.
+
+    For ``sqlite:///`` the parent directory is created and the store is opened under a file lock
+    (``<db>.lock``): MLflow creates and migrates the schema of a fresh database when the store
+    is first opened, and two processes doing that at once corrupt it (``AttributeError:
+    dimension_attributes`` inside the migration), e.g. two sweeps started together.
+    """
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return MlflowClient(tracking_uri=tracking_uri)
+    with _db_lock(db):
+        client = MlflowClient(tracking_uri=tracking_uri)  # opens the store: schema created / upgraded here
+        client.search_experiments(max_results=1)
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | Path | None = None) -> str:
-    """Return the id of experiment ``name``, creating it (artifacts under ``artifact_root``)."""
+    """Return the id of experiment ``name``, creating it (artifacts under ``artifact_root``).
+
+    Safe when several processes create the same experiment at once (the loser finds the
+    winner's). An existing experiment keeps its own artifact location.
+    """
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            raise ConfigError(f"MLflow experiment {name!r} is deleted; restore it or pass another --experiment")
-        return exp.experiment_id
-    location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    if exp is None:
+        location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # created meanwhile by another sweep
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise ConfigError(f"MLflow experiment {name!r} is deleted; restore it or pass another --experiment")
+    return exp.experiment_id
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -124,6 +172,11 @@ def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep_id:
     return run.info.run_id
 
 
+def find_trial_run(client: MlflowClient, experiment_id: str, sweep_id: str, trial_id: str):
+    """The child run of trial ``trial_id`` of sweep ``sweep_id`` (found by its tags), or None."""
+    return _search_one(client, experiment_id, f"tags.`{C.TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'")
+
+
 def get_or_create_trial_run(client: MlflowClient, experiment_id: str, *, parent_run_id: str | None, sweep_id: str,
                             trial_id: str, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any],
                             known_run_id: str | None = None) -> tuple[str, str]:
@@ -143,8 +196,9 @@ def get_or_create_trial_run(client: MlflowClient, experiment_id: str, *, parent_
         status = run.info.status
         if status != "FINISHED" and status != "RUNNING":
             client.update_run(run.info.run_id, status="RUNNING")
-            if C.TAG_ERROR in run.data.tags:
-                client.delete_tag(run.info.run_id, C.TAG_ERROR)
+            for tag in (C.TAG_ERROR, C.TAG_INTERRUPTED):  # the run goes on: yesterday's ending no longer holds
+                if tag in run.data.tags:
+                    client.delete_tag(run.info.run_id, tag)
         return run.info.run_id, status
     all_tags = {C.TAG_KIND: C.KIND_TRIAL, C.TAG_SWEEP_ID: sweep_id, C.TAG_TRIAL_ID: trial_id, **tags}
     if parent_run_id:
@@ -163,10 +217,16 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Log finite float metrics at ``step`` in one batch (NaN/inf are skipped)."""
+    """Log numeric metrics at ``step`` in one batch.
+
+    A non-finite evaluation metric (NaN: undefined, e.g. no positive pixels) is skipped; a
+    non-finite ``train/*`` value (a loss) is logged as it is: it is the evidence that training
+    diverged, and it keeps the run off the leaderboard and out of the registry.
+    """
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
-             if isinstance(v, (int, float)) and v == v and abs(float(v)) != float("inf")]
+             if isinstance(v, (int, float))
+             and (k.startswith("train/") or (v == v and abs(float(v)) != float("inf")))]
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i:i + 500])
 

@@ -13,6 +13,7 @@ Conventions (class order, crowd regions, box and mask geometry) are documented i
 :mod:`.coco`, :mod:`.wsol` and :mod:`.transforms`.
 """
 
+from weakbench.platform.data.check import check_images, resolve_path
 from weakbench.platform.data.coco import CocoSource, load_coco_json
 from weakbench.platform.data.datasets import (
     ClassificationDataset, EvalDataset, collate_classification, collate_eval,
@@ -31,5 +32,5 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ImageRecord", "SHAPES", "SPLIT_NAMES", "Splits", "WsolMetadataSource",
     "collate_classification", "collate_eval", "ensure_synthetic", "fingerprint_files", "generate_synthetic_coco",
     "load_coco_json", "load_or_make_splits", "load_splits", "make_splits", "open_dataset", "save_splits",
-    "split_path",
+    "split_path", "check_images", "resolve_path",
 ]

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from weakbench.platform.data.source import (
-    Annotations, DatasetSource, ImageRecord, fingerprint_files, semantic_from_instances,
+    Annotations, DatasetSource, ImageRecord, box_outside_image, fingerprint_files, semantic_from_instances,
 )
 from weakbench.platform.errors import DataError
 
@@ -99,6 +99,7 @@ def load_coco_json(ann_file: Path) -> dict:
         raise fail("categories", "no categories: the list is empty")
 
     img_ids: set = set()
+    images_by_id: dict = {}
     for i, im in enumerate(d["images"]):
         where = f"images[{i}]"
         if not isinstance(im, dict):
@@ -111,6 +112,7 @@ def load_coco_json(ann_file: Path) -> dict:
         if im["id"] in img_ids:
             raise fail(f"{where}.id", f"duplicate image id {im['id']}")
         img_ids.add(im["id"])
+        images_by_id[im["id"]] = im
         if not isinstance(im["file_name"], str) or not im["file_name"]:
             raise fail(f"{where}.file_name", f"expected a non-empty string, got {im['file_name']!r}")
         for f in ("width", "height"):
@@ -151,6 +153,13 @@ def load_coco_json(ann_file: Path) -> dict:
             raise fail(f"{where}.bbox", f"expected 4 numbers [x, y, w, h], got {b!r}")
         if b[2] < 0 or b[3] < 0:
             raise fail(f"{where}.bbox", f"negative width or height in [x, y, w, h] = {b!r}")
+        im = images_by_id[a["image_id"]]
+        outside = box_outside_image((b[0], b[1], b[0] + b[2], b[1] + b[3]), im["width"], im["height"])
+        if outside:
+            raise fail(f"{where}.bbox", f"annotation id {a['id']!r} of image id {im['id']!r} ({im['file_name']}, "
+                                        f"{im['width']}x{im['height']}): [x, y, w, h] = {b!r} lies outside the image "
+                                        f"({outside}); fix the box or the image's width/height (boxes outside their "
+                                        f"image are refused, never clipped)")
         a.setdefault("iscrowd", 0)
         if a["iscrowd"] not in (0, 1):
             raise fail(f"{where}.iscrowd", f"expected 0 or 1, got {a['iscrowd']!r}")

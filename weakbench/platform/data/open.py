@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from weakbench.platform.data.check import resolve_path
 from weakbench.platform.data.coco import COCO_ANNOTATION_FILE, CocoSource
 from weakbench.platform.data.source import DatasetSource
 from weakbench.platform.data.synthetic import ensure_synthetic
@@ -37,13 +38,14 @@ def open_dataset(path: str | Path | None, *, cache_dir: str | Path | None = None
         a :class:`DatasetSource` (``CocoSource`` named ``"synthetic"`` for ``None``).
 
     Raises:
-        DataError: the path does not exist, is not a directory, or holds neither format
+        DataError: the path does not exist, is a symlink loop, is not a directory, or holds neither format
             (the message lists what was expected); any reader error.
     """
     if path is None:
         cache = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR.expanduser()
         return CocoSource(ensure_synthetic(cache, seed=seed), name="synthetic")
     p = Path(path).expanduser()
+    resolve_path(p)  # a symlink loop is named as such (exists() would say "does not exist")
     if not p.exists():
         raise DataError(f"{p}: dataset directory does not exist; expected {_EXPECTED}")
     if not p.is_dir():

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from weakbench.platform.errors import DataError
 
-__all__ = ["ImageRecord", "Annotations", "DatasetSource", "fingerprint_files"]
+__all__ = ["ImageRecord", "Annotations", "DatasetSource", "fingerprint_files", "box_outside_image", "BOX_TOLERANCE_PX"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +147,22 @@ class DatasetSource:
             raise DataError(f"{rec.path}: image is {img.size[0]}x{img.size[1]} but the annotations declare "
                             f"width={rec.width}, height={rec.height}; fix the annotation sizes")
         return img
+
+
+BOX_TOLERANCE_PX = 1.0
+"""How far (pixels) a box may reach beyond its image before it is refused (float rounding of
+annotation tools); beyond it the dataset is refused, never clipped, in every format."""
+
+
+def box_outside_image(box: tuple[float, float, float, float], width: int, height: int) -> str:
+    """``""`` when ``box = (x0, y0, x1, y1)`` (pixels) lies inside a ``width`` × ``height`` image
+    (within :data:`BOX_TOLERANCE_PX`), otherwise what is wrong, e.g. ``"x1 = 790 > width 640"``."""
+    x0, y0, x1, y1 = box
+    t = BOX_TOLERANCE_PX
+    problems = [p for p, bad in ((f"x0 = {x0:g} < 0", x0 < -t), (f"y0 = {y0:g} < 0", y0 < -t),
+                                 (f"x1 = {x1:g} > width {width}", x1 > width + t),
+                                 (f"y1 = {y1:g} > height {height}", y1 > height + t)) if bad]
+    return ", ".join(problems)
 
 
 def fingerprint_files(annotation_files: Iterable[Path], image_files: Iterable[tuple[str, Path]]) -> str:

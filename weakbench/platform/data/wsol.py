@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from weakbench.platform.data.source import (
-    Annotations, DatasetSource, ImageRecord, fingerprint_files, semantic_from_instances,
+    Annotations, DatasetSource, ImageRecord, box_outside_image, fingerprint_files, semantic_from_instances,
 )
 from weakbench.platform.errors import DataError
 
@@ -129,6 +129,12 @@ class WsolMetadataSource(DatasetSource):
                         raise DataError(f"{f_loc}: line {n}: box {box} has x1 < x0 or y1 < y0 (expected x0,y0,x1,y1)")
                     if path not in known:
                         raise DataError(f"{f_loc}: line {n}: image {path!r} is not listed in image_ids.txt")
+                    outside = box_outside_image(tuple(box), *sizes[path]) if path in sizes else ""
+                    if outside:
+                        raise DataError(f"{f_loc}: line {n}: box x0,y0,x1,y1 = {box} of image {path!r} "
+                                        f"({sizes[path][0]}x{sizes[path][1]} in image_sizes.txt) lies outside the image "
+                                        f"({outside}); fix the box or the image size (boxes outside their image are "
+                                        f"refused, never clipped)")
                     self.localization = "boxes"
                     self._boxes[path].append(box)
                 elif len(parts) >= 3 and self.localization != "boxes":

@@ -1,0 +1,118 @@
+"""A sweep's outcome is the truth: exit codes, Tune errors reconciled into MLflow, distinct names,
+a clear refusal when Ray already runs here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from weakbench.platform import conventions as C
+from weakbench.platform import tracking
+from weakbench.platform.search_space import load_search_space
+from weakbench.platform.sweep import SweepOptions, SweepSummary, _reconcile_with_tune, prepare_sweep_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _summary(**kw) -> SweepSummary:
+    base = dict(sweep_name="s", sweep_dir="d", tracking_uri="u", experiment="e", parent_run_id="p", method="cam",
+                dataset="x", num_trials=4, num_finished=4, num_failed=0, num_stopped=0, wall_seconds=1.0, metric="m",
+                num_planned=4)
+    return SweepSummary(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, code", [
+    ({}, 0),
+    ({"num_finished": 2, "num_stopped": 2}, 0),                    # ASHA stopped two: still a success
+    ({"num_finished": 3, "num_failed": 1}, 1),                      # one failed
+    ({"num_finished": 3, "num_trials": 3}, 1),                      # a planned trial never ran
+    ({"num_finished": 0, "num_stopped": 4}, 1),                     # nothing finished
+    ({"interrupted": True}, 130),
+])
+def test_exit_code_rule(kw, code):
+    assert _summary(**kw).exit_code == code
+
+
+def test_two_sweeps_in_the_same_second_get_distinct_names(tmp_path):
+    space = load_search_space(REPO / "search_spaces" / "cam.yaml")
+    opts = SweepOptions(space=str(REPO / "search_spaces" / "cam.yaml"), output_dir=str(tmp_path))
+    names = {prepare_sweep_dir(opts, space)[1] for _ in range(20)}
+    assert len(names) == 20 and all(n.startswith("cam-synthetic-") for n in names)
+
+
+def _toy_trial(config):
+    """x=0 errors before any MLflow run exists; x=1 leaves a RUNNING run behind, then errors;
+    x=2 finishes its run."""
+    from ray import tune
+
+    from weakbench.platform import tracking as T
+
+    tid = tune.get_context().get_trial_id()
+    if config["x"] == 0:
+        raise ValueError("boom before any run [x, y, w, h]")
+    client = T.client_for(config["uri"])
+    exp = T.ensure_experiment(client, "weakbench")
+    rid, _ = T.get_or_create_trial_run(client, exp, parent_run_id=config["parent"], sweep_id="toy", trial_id=tid,
+                                       run_name=tid, tags={}, params={"x": config["x"]})
+    if config["x"] == 1:
+        raise RuntimeError("worker died")
+    client.set_terminated(rid, "FINISHED")
+    tune.report({"m": 1.0})
+
+
+@pytest.mark.slow
+def test_tune_errors_are_failed_in_mlflow(tmp_path, ray_local):
+    import ray.cloudpickle
+    from ray import tune
+
+    from weakbench.platform.data import open_dataset
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+    uri = tracking.default_tracking_uri(tmp_path)
+    client = tracking.client_for(uri)
+    exp = tracking.ensure_experiment(client, "weakbench")
+    parent = tracking.get_or_create_parent_run(client, exp, "toy", "toy", tags={}, params={})
+    tuner = tune.Tuner(tune.with_resources(_toy_trial, {"cpu": 0.5}),
+                       param_space={"x": tune.grid_search([0, 1, 2]), "uri": uri, "parent": parent},
+                       run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=1)))
+    tuner.fit()
+    source = open_dataset(None, cache_dir=tmp_path / "cache")
+    outcome = _reconcile_with_tune(client, exp, parent, "toy", tmp_path / "tune", "cam", source, interrupted=False)
+    runs = {r.data.params.get("x"): r for r in tracking.child_runs(client, exp, parent)}
+    assert sorted(runs) == ["0", "1", "2"]  # the trial that never created a run has one now
+    assert runs["0"].info.status == "FAILED" and runs["0"].data.tags[C.TAG_ERROR] == "ValueError: boom before any run [x, y, w, h]"
+    assert runs["0"].data.tags[C.TAG_KIND] == C.KIND_TRIAL and runs["0"].data.tags[C.TAG_METHOD] == "cam"
+    assert runs["1"].info.status == "FAILED" and runs["1"].data.tags[C.TAG_ERROR] == "RuntimeError: worker died"
+    assert runs["2"].info.status == "FINISHED"
+    assert outcome["restarts"] == 2  # x=0 and x=1 each retried once (max_failures=1)
+    # idempotent: a second reconciliation creates nothing
+    _reconcile_with_tune(client, exp, parent, "toy", tmp_path / "tune", "cam", source, interrupted=False)
+    assert len(tracking.child_runs(client, exp, parent)) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sweep_without_address_while_ray_runs_is_refused_clearly(tmp_path, monkeypatch):
+    import ray._common.utils
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    address = cluster.address
+    try:
+        proc = subprocess.run([sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"),
+                               "--output-dir", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=100)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert err.startswith("error: a Ray instance already runs on this machine") and address in err, err
+    assert "--address auto" in err and "--address local" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "mlflow.db").exists()  # refused before anything was created

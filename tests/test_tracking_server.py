@@ -1,0 +1,137 @@
+"""A real tracking server: ``mlflow server`` backed by PostgreSQL (Debian's ``postgresql``, as
+``.ci/run`` installs it) on 127.0.0.1, and a small sweep with several concurrent trials against it.
+
+Skipped when PostgreSQL's ``initdb`` or ``psycopg2`` is not installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from weakbench.platform import conventions as C
+from weakbench.platform import tracking
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root: the Debian package's postgres user runs it
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    pytest.importorskip("psycopg2")
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL (initdb, pg_ctl) not installed; .ci/run installs Debian's postgresql")
+    import tempfile
+
+    # pytest's tmp dirs are private to their owner; the postgres user needs a directory of its own
+    root = Path(tempfile.mkdtemp(prefix="weakbench-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    data, port = root / "data", _free_port()
+    made = subprocess.run(_as_postgres([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "start",
+                                 "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {root}"]),
+                   check=True, capture_output=True, timeout=120)
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE mlflow")
+        conn.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]), capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(postgres, tmp_path):
+    port = _free_port()
+    log = (tmp_path / "mlflow-server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "2", "--backend-store-uri", postgres,
+                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow server did not answer within 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(400)
+def test_sweep_against_mlflow_server_on_postgresql(tmp_path, mlflow_server):
+    from weakbench.platform.data import generate_synthetic_coco
+
+    data = generate_synthetic_coco(tmp_path / "data", num_images=24, image_size=64, seed=0)
+    out = tmp_path / "runs"
+    t0 = time.time()
+    # 4 trials (2 Optuna configurations × seeds 0, 1), all 4 at once on 2 CPUs
+    proc = subprocess.run([sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"),
+                           "--data", str(data), "--trials", "4", "--output-dir", str(out), "--name", "server",
+                           "--tracking-uri", mlflow_server, "--executor", "inline", "--no-model", "--no-early-stopping",
+                           "--cpus-per-worker", "0.5", "--max-concurrent", "4", "--num-cpus", "2", "--address", "local",
+                           "--eval-max-images", "8", "--set", "epochs=1", "--set", "input_size=64", "--set", "batch_size=8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=360,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 of 4 planned (4 finished" in proc.stdout
+    assert not (out / "mlflow.db").exists() and not (out / "mlartifacts").exists()  # the server decides
+    client = tracking.client_for(mlflow_server)
+    exp = client.get_experiment_by_name(C.DEFAULT_EXPERIMENT)
+    assert exp.artifact_location.startswith("mlflow-artifacts:")  # the server's own artifact store
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_SWEEP]
+    children = [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_TRIAL]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and len({c.data.tags[C.TAG_TRIAL_ID] for c in children}) == 4
+    for c in children:
+        assert c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert "val/max_box_acc_v2" in c.data.metrics and "test/max_box_acc_v2" in c.data.metrics
+        assert [a.path for a in client.list_artifacts(c.info.run_id) if a.path == C.CONFIG_ARTIFACT]
+    # the trials overlapped in time (concurrent writers on one server)
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), spans
+    print(f"tracking-server sweep: 4 trials, wall {wall:.0f} s")
