@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.text import Text
 
 from weakbench import __version__
+from weakbench.platform import conventions as C
 from weakbench.platform.errors import WeakbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -56,7 +57,20 @@ def _parse_sets(sets: list[str]) -> dict:
 
 
 def _metric_name(metric: str) -> str:
-    return metric if "/" in metric else f"val/{metric}"
+    """``"pxap"`` → ``"val/pxap"``; ``"pseudo_masks/miou"`` → ``"val/pseudo_masks/miou"``; a key
+    that starts with a split is kept."""
+    return metric if metric.split("/", 1)[0] in C.SPLITS else f"val/{metric}"
+
+
+def _headline(method: str) -> str:
+    """The metric a method is ranked by when none is given (``Method.headline_metric``)."""
+    from weakbench.methods import get_method_class
+    from weakbench.platform.errors import UnknownNameError
+
+    try:
+        return get_method_class(method).headline_metric
+    except UnknownNameError:
+        return "max_box_acc_v2"
 
 
 @app.command()
@@ -128,7 +142,9 @@ def sweep(
 
 @app.command()
 def leaderboard(
-    metric: str = typer.Option("max_box_acc_v2", "--metric", help="Validation metric that selects the configuration (val/ prefix implied)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Validation metric that selects the configuration (val/ prefix implied). "
+                                         "Default: each method's headline metric, one board per headline "
+                                         "(max_box_acc_v2 for CAM methods, pseudo_masks/instance_miou for BBAM)."),
     output_dir: str = OUTPUT_DIR,
     tracking_uri: Optional[str] = TRACKING_URI,
     experiment: str = EXPERIMENT,
@@ -144,15 +160,27 @@ def leaderboard(
     store_dir = store or Path(output_dir) / "results"
     report = results.update_store(uri, store_dir, experiment=experiment)
     table = results.read_store(store_dir)
-    lb = lb_mod.build_leaderboard(table, select_metric=_metric_name(metric), report_split=report_split, baseline_method=baseline)
-    console.print(lb_mod.render_rich(lb))
+    if metric is not None:
+        boards = [(_metric_name(metric), table)]
+    else:  # methods ranked by different headline metrics get a board each
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        groups: dict[str, list[str]] = {}
+        for m in sorted(set(table["method"].to_pylist())) if table.num_rows else []:
+            groups.setdefault(_metric_name(_headline(m)), []).append(m)
+        boards = [(key, table.filter(pc.is_in(table["method"], value_set=pa.array(ms)))) for key, ms in groups.items()]
+        boards = boards or [("val/max_box_acc_v2", table)]
+    for key, part in boards:
+        lb = lb_mod.build_leaderboard(part, select_metric=key, report_split=report_split, baseline_method=baseline)
+        console.print(lb_mod.render_rich(lb))
     console.print(f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)")
 
 
 @app.command()
 def register(
     method: str = typer.Option(..., "--method", help="Method whose best run is registered."),
-    metric: str = typer.Option("max_box_acc_v2", "--metric", help="Validation metric that picks the run."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Validation metric that picks the run (default: the method's headline metric)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Restrict to runs on this dataset name."),
     model_name: Optional[str] = typer.Option(None, "--name", help="Registered model name (default weakbench-<method>-<dataset>)."),
     alias: str = typer.Option("champion", "--alias", help="Alias to point at the new version."),
@@ -162,10 +190,11 @@ def register(
     """Register the best run's model (chosen on validation) and set an alias (default @champion)."""
     from weakbench.platform import registry
 
-    info = registry.register_best(_tracking_uri(output_dir, tracking_uri), method, select_metric=_metric_name(metric),
+    key = _metric_name(metric or _headline(method))
+    info = registry.register_best(_tracking_uri(output_dir, tracking_uri), method, select_metric=key,
                                   dataset=dataset, model_name=model_name, alias=alias)
     console.print(f"registered [bold]{info.name}[/] version {info.version} from run {info.run_id} "
-                  f"({_metric_name(metric)} = {info.metric_value:.2f}); alias @{alias}")
+                  f"({key} = {info.metric_value:.2f}); alias @{alias}")
     console.print(f"load it with: weakbench predict --model models:/{info.name}@{alias} IMAGE...")
 
 

@@ -255,6 +255,11 @@ class _Runner:
         self.cfg = self.method.config
         self.plan = validate_plan(self.method.plan(), set(type(self.cfg).model_fields))
         self.products = stage_products(spec, self.method, self.plan, self.source, self.splits)
+        if self.rank == 0:
+            from weakbench.platform.products import clean_stale_staging
+
+            for root in {p.root for p in self.products.values()}:
+                clean_stale_staging(root)  # staging dirs of trials killed more than an hour ago
         self.total_units = sum(st.units for st in self.plan)
         _seed_everything(self.cfg.seed)
 

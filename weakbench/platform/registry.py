@@ -67,9 +67,9 @@ def _tracking(tracking_uri: str | None):
 
 
 def _client(tracking_uri: str | None):
-    from mlflow.tracking import MlflowClient
+    from weakbench.platform.tracking import client_for
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    return client_for(tracking_uri)
 
 
 def _quote(value: str) -> str:

@@ -369,9 +369,10 @@ def fetch_trial_runs(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT,
         DataError: the experiment does not exist at ``tracking_uri``.
     """
     from mlflow.entities import ViewType
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    from weakbench.platform.tracking import client_for
+
+    client = client_for(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise DataError(

@@ -93,15 +93,17 @@ def _db_lock(db: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def client_for(tracking_uri: str) -> MlflowClient:
-    """An ``MlflowClient`` for ``tracking_uri``, its store opened.
+def client_for(tracking_uri: str | None) -> MlflowClient:
+    """An ``MlflowClient`` for ``tracking_uri``, its store opened — the one door through which
+    weakbench's engine, sweeps, results store, registry and dashboards reach MLflow (``None``:
+    MLflow's own default URI, e.g. ``MLFLOW_TRACKING_URI``).
 
     For ``sqlite:///`` the parent directory is created and the store is opened under a file lock
     (``<db>.lock``): MLflow creates and migrates the schema of a fresh database when the store
     is first opened, and two processes doing that at once corrupt it (``AttributeError:
     dimension_attributes`` inside the migration), e.g. two sweeps started together.
     """
-    db = sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri) if tracking_uri else None
     if db is None:
         return MlflowClient(tracking_uri=tracking_uri)
     with _db_lock(db):
@@ -262,22 +264,27 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str):
 
 
 def log_model(tracking_uri: str, run_id: str, predictor, *, metadata: Mapping[str, Any]) -> str:
-    """Log a :class:`~weakbench.methods.base.CamPredictor` as the run's model.
+    """Log a predictor (:class:`~weakbench.methods.base.CamPredictor`,
+    :class:`~weakbench.methods.instance.InstancePredictor`) as the run's model, artifact
+    ``model/``, and return its URI ``runs:/<run id>/model`` (also in tag ``weakbench.model_uri``).
 
-    Uses MLflow's pickle serialisation (the default ``pt2`` torch.export format cannot capture
-    a method's inference code such as Puzzle-CAM's multi-scale flipped CAMs) and explicit pip
-    requirements (inferring them costs several seconds per trial). Returns the model URI and
-    records it in tag ``weakbench.model_uri``.
+    The model is saved with ``mlflow.pytorch.save_model`` into a temporary directory and
+    uploaded through this client: no global tracking URI is set and no run is re-opened (the
+    fluent ``log_model`` would end the run it opens). MLflow's pickle serialisation is used (the
+    default ``pt2`` torch.export format cannot capture a method's inference code such as
+    Puzzle-CAM's multi-scale flipped CAMs or BBAM's per-detection mask optimisation), with
+    explicit pip requirements (inferring them costs several seconds per trial).
     """
+    import tempfile
+
     import mlflow.pytorch
 
-    with using_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
-        info = mlflow.pytorch.log_model(
-            predictor, name=C.MODEL_ARTIFACT, serialization_format="pickle",
-            pip_requirements=[f"weakbench=={__version__}", "torch", "timm"], metadata=dict(metadata),
-        )
-    # start_run(run_id=...) ends the run FINISHED on exit; the engine finishes it itself
-    client = MlflowClient(tracking_uri=tracking_uri)
-    client.update_run(run_id, status="RUNNING")
-    client.set_tag(run_id, C.TAG_MODEL_URI, info.model_uri)
-    return info.model_uri
+    client = client_for(tracking_uri)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / C.MODEL_ARTIFACT
+        mlflow.pytorch.save_model(predictor, str(path), serialization_format="pickle",
+                                  pip_requirements=[f"weakbench=={__version__}", "torch", "timm"], metadata=dict(metadata))
+        client.log_artifacts(run_id, str(path), C.MODEL_ARTIFACT)
+    uri = f"runs:/{run_id}/{C.MODEL_ARTIFACT}"
+    client.set_tag(run_id, C.TAG_MODEL_URI, uri)
+    return uri
