@@ -88,7 +88,7 @@ class ToyPipeline(Method):
                 Stage("score", "map", reads=("score_scale",), inputs=("fit",), split="train", shared=True),
                 Stage("acc", "eval", inputs=("fit", "score"), split="test"))
 
-    def fit_task(self, stage):
+    def fit_task(self, stage, inputs=None):
         return ToyFit(self)
 
     def map_items(self, stage, ctx):

@@ -173,8 +173,11 @@ class FitTask:
 
     Subclass and implement :meth:`build_model`, :meth:`train_dataset` and
     :meth:`training_step` (or :meth:`training_losses`). The engine owns the loop, the device,
-    data-parallel wrapping, sharding (``DistributedSampler``, or shards of
-    :meth:`batch_sampler`'s batches), checkpoints and logging.
+    data-parallel wrapping, the default sharding (a ``DistributedSampler``), checkpoints and
+    logging. Two data-parallel facts remain the task's to declare, because only the method
+    knows them: :attr:`find_unused_parameters` (a step that updates part of the model) and, for a
+    task with its own :meth:`batch_sampler`, how its batches are dealt to ``rank`` of
+    ``world_size`` (MinMaxCAM cycles its class sets so every rank gets equally many).
     """
 
     #: passed to DDP (True when a step updates only part of the model, as MinMaxCAM's Stage II).
