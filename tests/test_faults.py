@@ -191,3 +191,47 @@ def test_diverging_fixed_configuration_fails_and_never_ranks(tmp_path):
     assert leaderboard.build_leaderboard(results.read_store(out / "results")).num_rows == 0
     with pytest.raises((DataError, UnknownNameError)):
         registry.register_best(uri, "cam")
+
+
+@pytest.mark.timeout(300)
+def test_two_sweeps_started_together_into_one_output_directory(tmp_path):
+    """Two full sweeps started at the same moment into one fresh ``--output-dir`` (each its own
+    local Ray instance, inline executor): distinct sweep names, parent runs and trial runs, both
+    exit 0, and the one SQLite database (created by whichever came first) is sound afterwards."""
+    import sqlite3
+
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--output-dir", str(out),
+           "--address", "local", "--num-cpus", "1", "--max-concurrent", "1", "--trials", "1",
+           "--no-early-stopping", "--executor", "inline", "--no-model", "--eval-max-images", "8", "--set", "epochs=1",
+           "--set", "input_size=64", "--set", "batch_size=8", "--set", "lr=0.01", "--set", "weight_decay=0",
+           "--set", "seed=0"]
+    logs = [tmp_path / f"sweep{i}.log" for i in range(2)]
+    t0 = time.time()
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=LOOPBACK_ENV)
+             for log in logs]
+    try:
+        for p in procs:
+            p.wait(timeout=260)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    wall = time.time() - t0
+    outputs = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(o[-3000:] for o in outputs)
+    names = sorted(d.name for d in (out / "sweeps").iterdir() if (d / "sweep.json").is_file())
+    assert len(names) == 2, names  # distinct names, though started in the same second
+    client, parents, children = _runs(out)
+    assert sorted(p.info.run_name for p in parents) == names
+    assert all(p.info.status == "FINISHED" for p in parents)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {p.info.run_id for p in parents}  # one trial run under each parent
+    db = out / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert len(con.execute("SELECT version_num FROM alembic_version").fetchall()) == 1  # migrated once, to one head
+        assert con.execute("SELECT COUNT(*) FROM experiments WHERE name = ?", (C.DEFAULT_EXPERIMENT,)).fetchone()[0] == 1
+    figures = {"wall_seconds": round(wall, 1), "sweeps": names, "parent_runs": len(parents), "trial_runs": len(children)}
+    print("two-sweeps figures:", json.dumps(figures))

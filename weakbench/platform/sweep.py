@@ -220,14 +220,35 @@ def _check_ray_target(opts: SweepOptions) -> None:
                           f"private instance beside it")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ensure_ray(opts: SweepOptions) -> None:
     """Connect this driver to Ray: ``--address ADDR|auto`` joins a cluster, ``--address local`` (or no
     address on a machine where no Ray runs) starts a private local instance of ``--num-cpus``.
 
+    Ray's State API (served by the head's dashboard) must answer on the head node for the Train
+    executor: Ray Train's ``PlacementGroupCleaner`` (a detached actor on the head) asks it whether a
+    trial's Train controller still lives, and removes the worker group's placement group when it
+    does not. Tune kills a trial's actor, and the controller it owns, when it stops the trial (ASHA,
+    or at its last report, ``progress == max_t``) before the controller has released that group; a
+    placement group outlives its creator actor, so without the cleaner the CPUs stay reserved and
+    the next trial waits for them forever. The cleaner finds the State API by discovering "the" Ray
+    instance of its machine, which fails when several run there ("Found multiple active Ray
+    instances") or names another one; so this driver tells every process of the job where it is:
+    ``RAY_ADDRESS`` (a cluster) or ``RAY_API_SERVER_ADDRESS`` (a local instance, whose dashboard gets
+    a free port rather than 8265, which another instance may hold).
+
     Raises:
         ConfigError: no ``--address`` while another Ray instance runs on this machine (joining it
-            would be an accident: Ray would refuse ``--num-cpus``, or pick one of several); or
-            ``--num-cpus`` with a cluster address.
+            would be an accident: Ray would refuse ``--num-cpus``, or pick one of several);
+            ``--num-cpus`` with a cluster address; no State API on the cluster's head (Train
+            executor).
     """
     import ray
 
@@ -241,11 +262,63 @@ def _ensure_ray(opts: SweepOptions) -> None:
         if opts.num_cpus is not None:
             raise ConfigError(f"--num-cpus {opts.num_cpus} sizes a local Ray instance, but --address {address} joins a "
                               f"cluster that has its own CPUs; drop --num-cpus (or use --address local)")
+        if "://" not in address:  # not a Ray Client address: pin the cluster for State API calls
+            from ray._private import services
+
+            try:
+                address = services.canonicalize_bootstrap_address_or_die(address)
+            except (ConnectionError, ValueError) as e:
+                raise ConfigError(f"--address {opts.address or address}: {e}") from None
+            env["RAY_ADDRESS"] = address
         ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
-        return
-    _check_ray_target(opts)
-    os.environ.update(env)  # inherited by the local instance's raylet and workers
-    ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), **kwargs)
+    else:
+        _check_ray_target(opts)
+        port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        os.environ.update(env)  # inherited by the local instance's raylet and workers
+        ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
+                 dashboard_port=port, **kwargs)
+    if opts.executor != "inline":
+        _check_state_api(address if address and address != "local" else "the local Ray instance")
+
+
+def _check_state_api(where: str, timeout_s: float = 120.0) -> None:
+    """Ask Ray's State API from the head node, as Train's placement-group cleaner does; refuse the
+    sweep (ConfigError) when it does not answer. See :func:`_ensure_ray`."""
+    import ray
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    @ray.remote(num_cpus=0, resources={HEAD_NODE_RESOURCE_NAME: 0.001}, max_retries=0)
+    def probe() -> int:
+        from ray.util.state import list_nodes
+
+        return len(list_nodes(limit=10, timeout=10, raise_on_missing_output=False))
+
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    def refuse(reason: str):
+        ray.shutdown()
+        return ConfigError(
+            f"{where}: Ray's State API (the head node's dashboard) does not answer on its head node ({reason[:300]}). "
+            f"Ray Train frees the CPUs of a trial that Tune stopped through it; without it they stay reserved and later "
+            f"trials wait forever. Start the head with `ray start --head --include-dashboard=true --dashboard-port=<free "
+            f"port>` (needs ray[default]), or use --executor inline")
+
+    # no dashboard registered at all: say so soon (the State API client would retry for 40 s); a
+    # local instance's dashboard may register a moment after ray.init returns
+    deadline = time.time() + 20
+    while internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD) is None:
+        if time.time() > deadline:
+            raise refuse("no dashboard is registered in the cluster") from None
+        time.sleep(1)
+    ref = probe.remote()
+    try:
+        ray.get(ref, timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - any failure means the cleaner would fail the same way
+        ray.cancel(ref, force=True)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise refuse(reason) from None
 
 
 def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str]:
