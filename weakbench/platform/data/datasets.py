@@ -2,7 +2,7 @@
 
 Every image is resized to a square ``S x S`` (``input_size``) with PIL bilinear filtering, with
 no crop and *without* keeping the aspect ratio (wsolevaluation evaluates on ``Resize((224,
-224))`` the same way), then normalised with ImageNet mean / std. ``S x S`` is also the WSOL
+224))`` the same way), then normalised with the backbone's mean / std (ImageNet statistics by default). ``S x S`` is also the WSOL
 evaluation frame: GT boxes are scaled into it with the ``int()`` truncation of
 ``resize_bbox`` and GT masks are resized with pixel-centre nearest neighbour.
 """
@@ -44,16 +44,20 @@ class ClassificationDataset(Dataset):
         input_size: ``S``, side of the square input in pixels.
         train: when True, a random horizontal flip with probability 0.5, drawn with
             ``torch.rand`` (so ``torch.manual_seed`` and DataLoader worker seeding control it).
+        mean, std: per-channel input statistics (0–1 RGB units), the backbone's
+            (``Method.input_normalization``); default ImageNet's.
 
-    Item: ``{"image": float32 (3, S, S) normalised with IMAGENET_MEAN/STD,
+    Item: ``{"image": float32 (3, S, S) normalised with mean/std,
     "labels": float32 (C,) multi-hot in {0, 1}, "index": int64 () record index}``.
 
     Raises:
         IndexError: an index outside the dataset. Items raise DataError for undecodable images.
     """
 
-    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int, train: bool = False):
+    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int, train: bool = False,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.source = source
+        self.mean, self.std = tuple(mean), tuple(std)
         self.indices = _check_indices(source, indices)
         self.input_size = int(input_size)
         self.train = bool(train)
@@ -68,7 +72,7 @@ class ClassificationDataset(Dataset):
         if self.train and torch.rand(()) < 0.5:
             img = hflip_image(img)
         return {
-            "image": image_to_tensor(img, IMAGENET_MEAN, IMAGENET_STD),
+            "image": image_to_tensor(img, self.mean, self.std),
             "labels": torch.from_numpy(np.array(self._labels[idx], dtype=np.float32)),
             "index": torch.tensor(idx, dtype=torch.int64),
         }
@@ -81,6 +85,7 @@ class EvalDataset(Dataset):
         source: the dataset.
         indices: record indices (a split).
         input_size: ``S``, side of the square input and evaluation frame, pixels.
+        mean, std: per-channel input statistics (0–1 RGB units); default ImageNet's.
 
     Item::
 
@@ -98,8 +103,10 @@ class EvalDataset(Dataset):
     Memory: ``masks`` is C·S² bytes per item (80 classes at 224 px: 4 MB).
     """
 
-    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int):
+    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.source = source
+        self.mean, self.std = tuple(mean), tuple(std)
         self.indices = _check_indices(source, indices)
         self.input_size = int(input_size)
 
@@ -125,7 +132,7 @@ class EvalDataset(Dataset):
         semantic = (resize_masks(ann.semantic_mask, s) if ann.semantic_mask is not None
                     else torch.full((s, s), 255, dtype=torch.uint8))
         return {
-            "image": image_to_tensor(img, IMAGENET_MEAN, IMAGENET_STD),
+            "image": image_to_tensor(img, self.mean, self.std),
             "labels": torch.from_numpy(ann.labels.astype(np.float32)),
             "index": torch.tensor(idx, dtype=torch.int64),
             "boxes": torch.from_numpy(boxes),
