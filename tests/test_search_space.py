@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_search_spaces_are_valid(path):
     space = load_search_space(path)
-    assert space.method == path.stem
+    # <method>.yaml is the method's default space; <method>_<setting>.yaml a named setting of it
+    assert path.stem == space.method or path.stem.startswith(space.method + "_")
     assert space.metric.startswith("val/")
     cfg = space.defaults_config()
     from weakbench.methods import validate_config

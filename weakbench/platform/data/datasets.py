@@ -100,7 +100,8 @@ class EvalDataset(Dataset):
         semantic    uint8 (S, S)       0 background, c+1 class c, 255 ignore (all 255 without masks)
         has_masks   bool ()            whether masks / semantic are real
 
-    Memory: ``masks`` is C·S² bytes per item (80 classes at 224 px: 4 MB).
+    Memory: ``masks`` is C·S² bytes per item with masks (80 classes at 224 px: 4 MB); without
+    masks it is an all-False ``expand``ed view of no memory (read-only: do not write into it).
     """
 
     def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int,
@@ -122,7 +123,10 @@ class EvalDataset(Dataset):
         ann = self.source.annotations(idx)
         gt_boxes, _ = self.source.gt_boxes(idx)  # float64: exact x + w before int() truncation
         boxes = resize_boxes_wsol(gt_boxes, (rec.width, rec.height), (s, s))
-        masks = torch.zeros((c, s, s), dtype=torch.bool)
+        if ann.instance_masks is None:  # an all-False view: no C·S² bytes (1000 classes at 224 px: 50 MB)
+            masks = torch.zeros((), dtype=torch.bool).expand(c, s, s)
+        else:
+            masks = torch.zeros((c, s, s), dtype=torch.bool)
         if ann.instance_masks is not None and len(ann.instance_masks):
             present = np.unique(ann.box_classes)
             unions = np.stack([ann.instance_masks[ann.box_classes == k].any(axis=0) for k in present])
@@ -152,9 +156,13 @@ def collate_classification(batch: list[dict[str, torch.Tensor]]) -> dict[str, to
 def collate_eval(batch: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Stack EvalDataset items; ``boxes`` and ``box_classes`` stay lists of B tensors
     ((K_i, 4) and (K_i,)); every other field is stacked along a new first dimension
-    (``has_masks`` becomes bool (B,))."""
+    (``has_masks`` becomes bool (B,)). When no item has masks, ``masks`` is an all-False
+    ``expand``ed (B, C, S, S) view of no memory (box-only data with 1000 classes)."""
     out: dict[str, Any] = {k: [item[k] for item in batch] for k in EVAL_LIST_FIELDS}
+    no_masks = "has_masks" in batch[0] and not any(bool(item["has_masks"]) for item in batch)
     for k in batch[0]:
-        if k not in EVAL_LIST_FIELDS:
+        if k == "masks" and no_masks:
+            out[k] = torch.zeros((), dtype=torch.bool).expand(len(batch), *batch[0][k].shape)
+        elif k not in EVAL_LIST_FIELDS:
             out[k] = torch.stack([item[k] for item in batch])
     return out
