@@ -175,3 +175,66 @@ def test_diverged_or_failed_runs_never_select():
     assert cam["n_trials"] == 6 and cam["n_failed"] == 1
     # only diverged runs: the group has no selectable configuration and no row
     assert build_leaderboard(rows_to_table([nan_loss, inf_val, failed])).num_rows == 0
+
+
+def test_rows_not_beating_the_best_trivial_baseline_are_marked():
+    """Per dataset the best trivial baseline (here center_gaussian at 44, whole_image at 30) is
+    compared with every row whatever its backbone; a deterministic baseline run with one seed is a
+    constant. cam (40, 41, 45) and topgap (one seed) are marked; minmaxcam (50, 52, 54) is not."""
+    rows = _rows()
+    add = lambda *a, **k: rows.append(_run(len(rows), *a, **k))  # noqa: E731
+    add("center_gaussian", 0.0, 0, 45, 44, backbone="none")
+    add("center_gaussian", 0.0, 0, 40, 99, backbone="none")  # another sigma: worse on val, never selected
+    rows[-1]["params"]["lr"] = 1.0
+    add("whole_image", 0.0, 0, 20, 30, backbone="none")
+    lb = build_leaderboard(rows_to_table(rows))
+    r18 = _by_method(lb)
+    cg = _by_method(lb, "none")["center_gaussian"]
+    assert cg["test/max_box_acc_v2.mean"] == pytest.approx(44.0)
+    assert cg["trivial_verdict"] == "is the best trivial baseline" and cg["below_trivial"] is None
+    assert _by_method(lb, "none")["whole_image"]["trivial_verdict"] == "is a trivial baseline"
+    mm = r18["minmaxcam"]
+    assert mm["trivial_baseline"] == "center_gaussian" and mm["trivial_n"] == 3
+    assert mm["trivial_diff_mean"] == pytest.approx(8.0) and mm["below_trivial"] is False
+    assert mm["trivial_p_value"] == pytest.approx(stats.ttest_1samp([6.0, 8.0, 10.0], 0.0).pvalue)
+    assert r18["cam"]["trivial_diff_mean"] == pytest.approx(-2.0) and r18["cam"]["below_trivial"] is True
+    assert r18["cam"]["trivial_verdict"] == "does not beat center_gaussian beyond seed noise"
+    assert r18["topgap"]["below_trivial"] is True and "fewer than 3" in r18["topgap"]["trivial_verdict"]
+    # the r50 minmaxcam (60, 62) is far above 44 but has two seeds: not called beyond seed noise
+    assert _by_method(lb, "r50")["minmaxcam"]["below_trivial"] is True
+    console = Console(width=400, record=True)
+    console.print(render_rich(lb))
+    text = console.export_text()
+    assert "vs best trivial baseline" in text and "✗ -2.00: does not beat center_gaussian" in text
+    assert "+8.00: beats center_gaussian beyond seed noise" in text
+
+
+def test_no_trivial_baseline_marks_nothing():
+    lb = build_leaderboard(rows_to_table(_rows()))
+    assert all(r["below_trivial"] is None for r in lb.to_pylist())
+    assert {r["trivial_verdict"] for r in lb.to_pylist()} == {"no trivial baseline on this dataset"}
+
+
+def test_dashboard_table_marks_rows_below_the_trivial_baseline():
+    from weakbench.dashboards.build import leaderboard_html
+
+    rows = _rows()
+    rows.append(_run(len(rows), "center_gaussian", 0.0, 0, 45, 44, backbone="none"))
+    html = leaderboard_html(build_leaderboard(rows_to_table(rows)), None)
+    marked = [tr.split(">", 1)[0] for tr in html.split("<tr")[1:] if "below-trivial" in tr.split(">", 1)[0]]
+    assert len(marked) == 4  # cam, topgap, puzzlecam and the two-seed r50 minmaxcam; not minmaxcam r18 nor the baseline
+    assert all('data-method="center_gaussian"' not in m for m in marked)
+    assert "vs best trivial baseline" in html and "✗ -2.00: does not beat center_gaussian" in html
+
+
+def test_two_seeds_are_never_beyond_seed_noise():
+    """A large, consistent difference on two common seeds is still 'not enough seeds'; the same
+    differences on three seeds are called."""
+    rows = [_run(i, "cam", 0.1, s, 50, t) for i, (s, t) in enumerate([(0, 40), (1, 41)])]
+    rows += [_run(10 + i, "minmaxcam", 0.1, s, 50, t) for i, (s, t) in enumerate([(0, 60), (1, 62)])]
+    mm = _by_method(build_leaderboard(rows_to_table(rows)))["minmaxcam"]
+    assert mm["baseline_n_pairs"] == 2 and mm["baseline_diff_mean"] == pytest.approx(20.5)
+    assert mm["baseline_verdict"] == "not enough seeds"
+    rows += [_run(20, "cam", 0.1, 2, 50, 42), _run(21, "minmaxcam", 0.1, 2, 50, 61)]
+    mm = _by_method(build_leaderboard(rows_to_table(rows)))["minmaxcam"]
+    assert mm["baseline_verdict"] == "better than cam beyond seed noise"

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_search_spaces_are_valid(path):
     space = load_search_space(path)
-    assert space.method == path.stem
+    # <method>.yaml is the method's default space; <method>_<setting>.yaml a named setting of it
+    assert path.stem == space.method or path.stem.startswith(space.method + "_")
     assert space.metric.startswith("val/")
     cfg = space.defaults_config()
     from weakbench.methods import validate_config
@@ -52,7 +53,7 @@ def write(tmp_path, data) -> Path:
     ({"method": "cam", "search": {"lr": [0.1, 0.2]}}, ["search.lr", "expected a mapping"]),
     ({"method": "cam", "search": {"batch_size": {"int": [1.5, 4]}}}, ["search.batch_size.int", "integers"]),
     ({"method": "cam", "search": {"learning_rate": {"uniform": [0.1, 0.2]}}}, ["search.learning_rate", "not a hyperparameter", "lr"]),
-    ({"method": "cam", "fixed": {"epochs": 0}}, ["fixed", "epochs", "greater than or equal to 1"]),
+    ({"method": "cam", "fixed": {"epochs": -1}}, ["fixed", "epochs", "greater than or equal to 0"]),  # 0: evaluate only
     ({"method": "cam", "fixed": {"lr": 0.1}, "search": {"lr": {"choice": [0.1]}}}, ["lr", "both fixed and search"]),
     ({"method": "cam", "metric": "test/max_box_acc_v2"}, ["metric", "validation metric"]),
     ({"method": "cam", "mode": "min"}, ["mode", "higher-is-better"]),

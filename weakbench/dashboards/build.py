@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from weakbench.platform.leaderboard import (build_leaderboard, format_stat, higher_is_better,
-                                            leaderboard_metrics, title)
+from weakbench.platform.leaderboard import (MIN_SEEDS_BEYOND_NOISE, build_leaderboard, format_stat,
+                                            higher_is_better, leaderboard_metrics, title, trivial_cell)
 from weakbench.platform.results import metric_columns, param_columns
 
 MAX_SWEEPS = 30
@@ -70,7 +70,8 @@ def leaderboard_html(lb: pa.Table, mlflow_ui_url: str | None) -> str:
     sel_metric = meta.get(b"weakbench.select_metric", b"val").decode()
     base = meta.get(b"weakbench.baseline_method", b"cam").decode()
     heads = ["dataset", "method", "backbone", "seeds", "trials", f"{sel_metric} (mean, selects)"]
-    heads += [f"{m} (reported)" for m in metrics] + ["GPU-h", "CPU-h", f"vs {base} (paired, same seeds)", "MLflow runs"]
+    heads += [f"{m} (reported)" for m in metrics] + ["GPU-h", "CPU-h", f"vs {base} (paired, same seeds)",
+                                                 "vs best trivial baseline", "MLflow runs"]
     out = ['<div class="scroll"><table id="leaderboard-table" class="sortable"><thead><tr>']
     for i, h in enumerate(heads):
         out.append(f'<th data-col="{i}" title="click to sort">{_esc(h)}</th>')
@@ -90,7 +91,9 @@ def leaderboard_html(lb: pa.Table, mlflow_ui_url: str | None) -> str:
                 vs += f" [{r['baseline_diff_ci_low']:+.1f}, {r['baseline_diff_ci_high']:+.1f}]"
             vs += f" — {r['baseline_verdict']}"
         cells.append((diff, vs))
-        out.append(f'<tr data-method="{_esc(r["method"])}">')
+        cells.append((_num(r.get("trivial_diff_mean")), trivial_cell(r)))
+        below = ' class="below-trivial" data-below-trivial="1"' if r.get("below_trivial") else ""
+        out.append(f'<tr data-method="{_esc(r["method"])}"{below}>')
         for key, text in cells:
             sort = key if isinstance(key, str) else ("" if key is None or math.isnan(key) else repr(float(key)))
             out.append(f'<td data-sort="{_esc(str(sort))}">{_esc(str(text))}</td>')
@@ -332,7 +335,7 @@ table.sortable{border-collapse:collapse;width:100%;font-size:13px}
 table.sortable th{background:#eef1f7;cursor:pointer;text-align:left;padding:6px 8px;position:sticky;top:0;white-space:nowrap}
 table.sortable th.asc::after{content:" ▲"}table.sortable th.desc::after{content:" ▼"}
 table.sortable td{padding:5px 8px;border-top:1px solid #e4e7ee;white-space:nowrap}
-table.sortable tr:hover td{background:#f8faff}td.runs a,td.runs code{margin-right:6px;font-family:monospace}
+table.sortable tr:hover td{background:#f8faff}tr.below-trivial td{color:#b00020;background:#fff4f4}td.runs a,td.runs code{margin-right:6px;font-family:monospace}
 .grid{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:170px;font-size:11px;color:#445}
 figure img{width:160px;height:160px;object-fit:contain;image-rendering:pixelated;border:1px solid #dde;background:#000}
 .empty{color:#888;font-style:italic}.scroll{overflow-x:auto}
@@ -422,7 +425,9 @@ def build_dashboard(
 <p class="note">Per (dataset, method, backbone): the configuration with the best mean {_esc(select_metric)} over its
 seeds is selected on the <b>{_esc(select_metric.split("/")[0])}</b> split; its <b>{_esc(report_split)}</b> metrics are
 reported as mean ± std over seeds [95% bootstrap CI] ("n/a" with one seed). Trials and cost count every run of the
-search. The comparison with {_esc(baseline_method)} pairs runs on the same seeds. Click a column to sort. {ui_note}</p>
+search. The comparison with {_esc(baseline_method)} pairs runs on the same seeds. Rows in red (✗) do not beat the best
+trivial baseline (centre Gaussian or whole image, no training) beyond seed noise, or have fewer than
+{MIN_SEEDS_BEYOND_NOISE} seeds to show it. Click a column to sort. {ui_note}</p>
 {leaderboard_html(lb, mlflow_ui_url)}</section>
 <section id="bars"><h2>Reported metrics with 95% intervals</h2>{"".join(bars)}</section>
 <section id="sweeps"><h2>Sweeps</h2><p class="note">Hyperparameters against the selection metric

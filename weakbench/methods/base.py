@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, validate_plan
 from weakbench.platform.errors import ConfigError, UnknownNameError
 
-__all__ = ["Method", "MethodConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
+__all__ = ["Method", "MethodConfig", "ClassifierConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
            "normalize_maps", "resize_maps", "search_space_dir"]
 
@@ -62,7 +62,9 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     backbone: str = Field("resnet18", description="timm model name (features_only must work)")
-    pretrained: bool = Field(False, description="load timm pretrained weights (needs a hub; off by default)")
+    pretrained: bool = Field(False, description="load pretrained weights: the packaged offline file where the backbone has "
+                             "one (weakbench.methods.backbones.PACKAGED_WEIGHTS, e.g. tf_efficientnet_lite0), else "
+                             "timm's hub (off by default)")
     weights_path: str | None = Field(None, description="local .pth/.safetensors state dict for the backbone")
     output_stride: Literal[8, 16, 32] = Field(32, description="backbone output stride (8/16 give larger CAMs)")
     lr: float = Field(0.01, gt=0, le=10, description="learning rate of the new layers (SGD)")
@@ -70,7 +72,7 @@ class MethodConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     batch_size: int = Field(16, ge=1, le=4096, description="images per worker per step")
-    epochs: int = Field(4, ge=1, le=1000)
+    epochs: int = Field(4, ge=0, le=1000, description="training epochs; 0 evaluates the initial (e.g. pretrained) model")
     input_size: int = Field(128, ge=32, le=1024, description="square input side in pixels; also the WSOL evaluation frame")
     seed: int = Field(0, ge=0, description="seeds torch, numpy, python and the data order")
     cam_curve_interval: float = Field(0.01, gt=0, lt=1, description="WSOL threshold step (0.01 validation, 0.001 reference)")
@@ -91,6 +93,20 @@ class MethodConfig(BaseModel):
             similar = timm.list_models(f"*{v.split('_')[0][:6]}*")[:6]
             raise ValueError(f"unknown backbone {v!r} (not a timm model name); similar: {', '.join(similar) or 'none'}")
         return v
+
+
+class ClassifierConfig(MethodConfig):
+    """Hyperparameters of the ``classifier_cam`` methods that build their network on
+    :class:`weakbench.methods.cam.CAMNet`: which features the CAM reads and how its 1×1
+    classifier starts."""
+
+    features: Literal["stages", "full"] = Field(
+        "stages", description="CAM features: 'stages' = the last timm features_only stage; 'full' = the backbone's "
+        "forward_features (for EfficientNet the 1280-channel conv_head output the pretrained head reads)")
+    classifier_init: Literal["random", "pretrained_head"] = Field(
+        "random", description="'pretrained_head' copies the backbone's pretrained classifier (weight and bias) into the "
+        "1x1 classifier; needs pretrained: true, features: full and the dataset's classes to be the backbone's "
+        "(ILSVRC's 1000 in the standard order)")
 
 
 class Method:
@@ -124,6 +140,19 @@ class Method:
         self.config = config
         self.num_classes = num_classes
         self.multilabel = multilabel
+
+    @property
+    def input_normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """``(mean, std)`` of the input images (3 floats each, units of the 0–1 RGB image): the
+        backbone's ``pretrained_cfg`` statistics (:func:`weakbench.methods.backbones.input_normalization`;
+        ImageNet statistics for backbones without a cfg). Used by training, evaluation,
+        overlays and the logged predictor alike."""
+        from weakbench.methods.backbones import DEFAULT_MEAN, DEFAULT_STD, input_normalization
+
+        name = getattr(self.config, "backbone", None)
+        if not name or name == "none":
+            return DEFAULT_MEAN, DEFAULT_STD
+        return input_normalization(name)
 
     # ------------------------------------------------------------------ model and optimiser
     def build_model(self) -> torch.nn.Module:
@@ -277,11 +306,9 @@ class Method:
     def build_predictor(self, ctx: StageContext) -> torch.nn.Module | None:
         """The model logged to MLflow (and registered) after the last stage; ``None`` logs none.
         Default: a :class:`CamPredictor` around the ``train`` stage's model."""
-        from weakbench.platform.data import IMAGENET_MEAN, IMAGENET_STD
-
         model = ctx.load_model("train")
-        return CamPredictor(self, model.cpu().eval(), ctx.source.class_names, self.config.input_size,
-                            IMAGENET_MEAN, IMAGENET_STD)
+        mean, std = self.input_normalization
+        return CamPredictor(self, model.cpu().eval(), ctx.source.class_names, self.config.input_size, mean, std)
 
     # ------------------------------------------------------------------ search space
     @classmethod
@@ -312,7 +339,8 @@ class ClassifierFitTask(FitTask):
     def train_dataset(self, source, indices):
         from weakbench.platform.data import ClassificationDataset
 
-        return ClassificationDataset(source, indices, self.method.config.input_size, train=True)
+        mean, std = self.method.input_normalization
+        return ClassificationDataset(source, indices, self.method.config.input_size, train=True, mean=mean, std=std)
 
     def batch_sampler(self, source, indices, rank, world_size):
         labels = torch.from_numpy(source.labels_matrix()[list(indices)])
@@ -336,7 +364,7 @@ class CamPredictor(torch.nn.Module):
     """A trained model packaged for inference: what the engine logs to MLflow and ``predict`` loads.
 
     ``forward(images)`` takes float32 (B, 3, S, S) images normalised with ``mean``/``std``
-    (ImageNet statistics) and returns ``(logits (B, C) float32, cams (B, C, h, w) float32 raw)``
+    (the backbone's ``pretrained_cfg`` statistics, :attr:`Method.input_normalization`) and returns ``(logits (B, C) float32, cams (B, C, h, w) float32 raw)``
     using the method's own inference (e.g. Puzzle-CAM's multi-scale, flipped CAMs).
 
     Attributes:
@@ -392,7 +420,7 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[Method]] = {}
-_BUILTIN_MODULES = ("cam", "minmaxcam", "puzzlecam", "topgap", "bbam")
+_BUILTIN_MODULES = ("cam", "minmaxcam", "puzzlecam", "topgap", "bbam", "baselines")
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:

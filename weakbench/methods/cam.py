@@ -19,27 +19,59 @@ import torch
 import torch.nn.functional as F
 
 from weakbench.methods.backbones import create_backbone
-from weakbench.methods.base import Method, MethodConfig, StepContext, register_method
+from weakbench.methods.base import ClassifierConfig, Method, MethodConfig, StepContext, register_method
+from weakbench.platform.errors import ConfigError
 
 
 class CAMNet(torch.nn.Module):
-    """Backbone + 1×1 conv classifier. ``forward(x)`` returns ``(logits (B, C), cams (B, C, h, w))``."""
+    """Backbone + 1×1 conv classifier. ``forward(x)`` returns ``(logits (B, C), cams (B, C, h, w))``.
+
+    With ``features: full`` (:class:`~weakbench.methods.base.ClassifierConfig`) the CAM reads the
+    backbone's full feature extractor (:class:`~weakbench.methods.backbones.FullFeatures`); with
+    ``classifier_init: pretrained_head`` the classifier is the pretrained head itself (weight
+    and bias copied), so with ``epochs: 0`` the CAMs are those of the pretrained classifier.
+
+    Raises:
+        ConfigError: ``classifier_init: pretrained_head`` without ``pretrained`` or
+            ``features: full``, or with ``num_classes`` different from the head's.
+    """
 
     def __init__(self, config: MethodConfig, num_classes: int):
         super().__init__()
+        features = getattr(config, "features", "stages")
+        init = getattr(config, "classifier_init", "random")
+        if init == "pretrained_head" and not (features == "full" and (config.pretrained or config.weights_path)):
+            raise ConfigError("classifier_init: pretrained_head needs features: full and pretrained: true (or "
+                              "weights_path): the head reads the full feature extractor's output")
         self.backbone = create_backbone(
             config.backbone, pretrained=config.pretrained, weights_path=config.weights_path,
-            output_stride=config.output_stride,
+            output_stride=config.output_stride, full=features == "full",
         )
         dim = self.backbone.feature_info.channels()[-1]
-        self.classifier = torch.nn.Conv2d(dim, num_classes, kernel_size=1, bias=False)
+        head = init == "pretrained_head"
+        self.classifier = torch.nn.Conv2d(dim, num_classes, kernel_size=1, bias=head)
+        if head:
+            w, b = getattr(self.backbone, "head_weight", None), getattr(self.backbone, "head_bias", None)
+            if w is None:
+                raise ConfigError(f"classifier_init: pretrained_head: backbone {config.backbone!r} has no linear head")
+            if w.shape != (num_classes, dim):
+                raise ConfigError(f"classifier_init: pretrained_head: the head of {config.backbone!r} has "
+                                  f"{w.shape[0]} classes over {w.shape[1]} features, the dataset {num_classes} classes; "
+                                  f"use it only on data whose classes are the backbone's (ILSVRC, 1000 in the standard "
+                                  f"order), else classifier_init: random")
+            with torch.no_grad():
+                self.classifier.weight.copy_(w[:, :, None, None])
+                if b is not None:
+                    self.classifier.bias.copy_(b)
+                else:
+                    self.classifier.bias.zero_()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map, float32 (B, D, h, w)."""
         return self.backbone(x)[-1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cams = self.classifier(self.features(x))
+        cams = self.classifier(self.features(x))  # a bias adds a constant per class: CAMs unchanged after min-max
         return cams.mean(dim=(2, 3)), cams
 
 
@@ -57,9 +89,9 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: 
 
 @register_method("cam")
 class CAM(Method):
-    """Plain CAM baseline; hyperparameters are the common ones of :class:`MethodConfig`."""
+    """Plain CAM baseline; hyperparameters are the common ones of :class:`ClassifierConfig`."""
 
-    Config = MethodConfig
+    Config = ClassifierConfig
 
     def build_model(self) -> torch.nn.Module:
         return CAMNet(self.config, self.num_classes)

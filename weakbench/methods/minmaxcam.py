@@ -51,12 +51,12 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch.func import functional_call
 
-from weakbench.methods.base import Method, MethodConfig, StepContext, register_method
+from weakbench.methods.base import ClassifierConfig, Method, MethodConfig, StepContext, register_method
 from weakbench.methods.cam import CAMNet, classification_loss
 from weakbench.platform.errors import DataError
 
 
-class MinMaxCAMConfig(MethodConfig):
+class MinMaxCAMConfig(ClassifierConfig):
     """MinMaxCAM hyperparameters (defaults: the paper's S = 5, N = 12, and the official code's
     λ1 = 1, λ2 = 10 with ``feature_distance="mean"``).
 

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from weakbench.methods.base import Method, MethodConfig, StepContext, register_method
+from weakbench.methods.base import ClassifierConfig, Method, MethodConfig, StepContext, register_method
 from weakbench.methods.cam import CAMNet, classification_loss
 
 
-class PuzzleCAMConfig(MethodConfig):
+class PuzzleCAMConfig(ClassifierConfig):
     """Puzzle-CAM hyperparameters (defaults: the paper's α = 4, 2 × 2 tiles, ramp over half of
     training, scales (0.5, 1, 1.5, 2) with flips)."""
 

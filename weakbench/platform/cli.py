@@ -4,6 +4,7 @@
     weakbench leaderboard --metric max_box_acc_v2
     weakbench register --method cam --metric max_box_acc_v2      # alias @champion
     weakbench predict --model models:/weakbench-cam-coco128@champion some.jpg
+    weakbench evaluate ../shared/data/ilsvrc_val1300/metadata --model models:/weakbench-cam-ilsvrc@champion
     weakbench dashboard build && weakbench dashboard serve
 
 Every command reads and writes under ``--output-dir`` (default ``./weakbench_runs``), where the
@@ -214,6 +215,43 @@ def predict(
     for p in predict_images(predictor, list(images), out, threshold=threshold):
         console.print(f"{p.image}: " + ", ".join(f"{c} ({q:.2f})" for c, q in zip(p.classes, p.probabilities))
                       + " → " + ", ".join(str(o) for o in p.overlays))
+
+
+@app.command()
+def evaluate(
+    data: Optional[str] = typer.Argument(None, help="Dataset directory, scored whole (every image, no split); omit for the synthetic default."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A logged model, e.g. models:/weakbench-cam-ilsvrc@champion."),
+    method: Optional[str] = typer.Option(None, "--method", help="Or a method that needs no training (center_gaussian, whole_image, cam with epochs=0)."),
+    sets: List[str] = typer.Option([], "--set", help="The method's hyperparameters, KEY=VALUE (repeatable), e.g. --set sigma=0.25."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Evaluation frame in pixels (default: the model's / method's)."),
+    interval: Optional[float] = typer.Option(None, "--interval", help="CAM threshold step (default: the config's cam_curve_interval)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Score only the first N images."),
+    log: bool = typer.Option(True, "--log/--no-log", help="Log an MLflow evaluation run (tag weakbench.kind=evaluation, metrics all/<name>)."),
+    output_dir: str = OUTPUT_DIR,
+    tracking_uri: Optional[str] = TRACKING_URI,
+    experiment: str = EXPERIMENT,
+):
+    """Score a registered model, or a method that needs no training, on a whole dataset; print the board's metrics."""
+    from weakbench.platform.evaluation import evaluate_dataset
+    from weakbench.platform.leaderboard import HEADLINE_METRICS
+
+    res = evaluate_dataset(data, tracking_uri=_tracking_uri(output_dir, tracking_uri), model_uri=model, method=method,
+                           params=_parse_sets(sets), experiment=experiment, cache_dir=Path(output_dir) / "data_cache",
+                           input_size=input_size, cam_curve_interval=interval, batch_size=batch_size,
+                           max_images=max_images, log=log)
+    from rich.table import Table
+
+    console.print(f"{res.evaluated} on {res.dataset}: {res.num_images} images (every image, no split)", highlight=False)
+    t = Table()
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rank = {h: i for i, h in enumerate(HEADLINE_METRICS)}
+    for k in sorted(res.metrics, key=lambda k: (rank.get(k, len(rank)), k)):
+        t.add_row(k, f"{res.metrics[k]:.2f}")
+    console.print(t)
+    if res.run_id:
+        console.print(f"logged evaluation run {res.run_id} ({res.seconds:.0f} s)")
 
 
 @app.command()

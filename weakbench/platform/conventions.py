@@ -69,3 +69,15 @@ COST_GPU_HOURS = "cost/gpu_hours"  # wall hours × GPUs held (all workers)
 def metric_key(split: str, name: str) -> str:
     """``metric_key("val", "pxap") == "val/pxap"``."""
     return f"{split}/{name}"
+
+
+# ---------------------------------------------------------------- evaluation runs (`weakbench evaluate`)
+KIND_EVALUATION = "evaluation"  # weakbench.kind of a run that scores a model on a whole dataset
+EVAL_SPLIT = "all"  # metric keys of an evaluation run: f"all/{name}" (every image, no split)
+TAG_EVALUATED_MODEL = "weakbench.evaluated_model"  # the model URI, or "method:<name>" for a no-training method
+TAG_EVALUATED_RUN = "weakbench.evaluated_run_id"  # the run that logged the evaluated model (when known)
+TAG_EVALUATED_VERSION = "weakbench.evaluated_model_version"  # registered model version (models:/name@alias)
+
+#: methods that need no training and localise by a fixed prior; the board marks every row that does
+#: not beat the best of them beyond seed noise (Choe et al. 2020: the centre Gaussian baseline)
+TRIVIAL_BASELINES = ("center_gaussian", "whole_image")

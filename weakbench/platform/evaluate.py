@@ -58,7 +58,7 @@ def evaluate_split(
         (``max_box_acc_v2``…), overlays as ``(file name, PIL image)``, details with curves and
         best thresholds.
     """
-    from weakbench.platform.data import IMAGENET_MEAN, IMAGENET_STD, EvalDataset, collate_eval
+    from weakbench.platform.data import EvalDataset, collate_eval
     from weakbench.platform.metrics import (
         PxAPEvaluator,
         WsolEvaluator,
@@ -70,7 +70,8 @@ def evaluate_split(
     model.eval()
     if max_images is not None:
         indices = list(indices)[:max_images]
-    dataset = EvalDataset(source, indices, input_size)
+    mean, std = method.input_normalization
+    dataset = EvalDataset(source, indices, input_size, mean=mean, std=std)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_eval, num_workers=0)
     box_eval = WsolEvaluator(cam_curve_interval=cam_curve_interval, device=device)
     pxap_eval = PxAPEvaluator(cam_curve_interval=cam_curve_interval)
@@ -89,13 +90,18 @@ def evaluate_split(
         all_scores.append(logits.float().cpu())
         all_labels.append(labels)
         b, c = cams.shape[:2]
-        # every class's map in the frame, normalised per (image, class)
-        frame = normalize_maps(resize_maps(cams.reshape(b * c, *cams.shape[2:]), input_size)).reshape(b, c, input_size, input_size).cpu()
-        sem_eval.accumulate(frame, labels, batch["semantic"])
         pair_img, pair_cls = torch.nonzero(labels > 0.5, as_tuple=True)
+        if bool(batch["has_masks"].any()):
+            # every class's map in the frame, normalised per (image, class), for the semantic masks
+            frame = normalize_maps(resize_maps(cams.reshape(b * c, *cams.shape[2:]), input_size)).reshape(b, c, input_size, input_size).cpu()
+            sem_eval.accumulate(frame, labels, batch["semantic"])
+            maps = frame[pair_img, pair_cls]
+        else:
+            # box-only data: the semantic masks are all ignore (255), so only the present
+            # classes' maps are needed (1000 classes at 224 px would be 3 GB a batch)
+            maps = normalize_maps(resize_maps(cams[pair_img.to(cams.device), pair_cls.to(cams.device)], input_size)).cpu()
         if len(pair_img) == 0:
             continue
-        maps = frame[pair_img, pair_cls]
         gt_boxes = []
         for i, cls in zip(pair_img.tolist(), pair_cls.tolist()):
             boxes, box_classes = batch["boxes"][i], batch["box_classes"][i]
@@ -115,7 +121,7 @@ def evaluate_split(
                 if len(overlays) >= num_overlays:
                     break
                 i, cls = int(pair_img[k]), int(pair_cls[k])
-                img = denormalize(batch["image"][i].numpy(), IMAGENET_MEAN, IMAGENET_STD)
+                img = denormalize(batch["image"][i].numpy(), mean, std)
                 idx = int(batch["index"][i])
                 name = f"{idx:05d}_{class_names[cls]}.png".replace("/", "_").replace(" ", "_")
                 overlays.append((name, cam_overlay(img, maps[k].numpy(), gt_boxes=gt_boxes[k].tolist(), title=class_names[cls])))

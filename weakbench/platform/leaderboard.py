@@ -25,7 +25,18 @@ Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation pro
   (``scipy.stats.ttest_rel``). The verdict is "better/worse than cam beyond seed noise" when the
   interval excludes 0 **and** p < 0.05 (with 2–5 seeds the percentile bootstrap alone is too
   narrow: it cannot reach beyond the observed extremes), "within seed noise" otherwise, and
-  "not enough seeds" with fewer than two common seeds.
+  "not enough seeds" with fewer than :data:`MIN_SEEDS_BEYOND_NOISE` (3) common seeds: the board
+  refuses to call a difference beyond seed noise on two seeds (the mean difference is still shown).
+
+* Trivial baselines (:data:`~weakbench.platform.conventions.TRIVIAL_BASELINES`: ``center_gaussian``,
+  ``whole_image``; Choe et al. 2020): per dataset, the trivial row with the best primary mean is
+  *the best trivial baseline*, compared with every other row of the dataset whatever its
+  backbone. Paired on seed where at least :data:`MIN_SEEDS_BEYOND_NOISE` seeds are common;
+  otherwise against the baseline's mean as a constant (a fixed prior has no randomness: every
+  seed gives the same value). ``below_trivial`` is True — the row is *marked* — unless the
+  difference's 95 % bootstrap interval lies above 0 **and** the t-test's p < 0.05 with at least
+  :data:`MIN_SEEDS_BEYOND_NOISE` seeds: with fewer seeds nothing is called beyond seed noise.
+  ``below_trivial`` is null for the trivial rows and where the dataset has no trivial row.
 
 The output is a :class:`pyarrow.Table`, one row per group, sorted by dataset then by the primary
 metric (best first). Its schema metadata and its ``selected_on`` / ``reported_on`` columns say
@@ -45,6 +56,9 @@ import pyarrow as pa
 from weakbench.platform import conventions as C
 from weakbench.platform.errors import ConfigError
 from weakbench.platform.results import finite_metric_rows, metric_columns
+
+#: fewest seeds with which the trivial-baseline comparison calls a difference "beyond seed noise"
+MIN_SEEDS_BEYOND_NOISE = 3
 
 _FIXED_FIELDS = [
     pa.field("dataset", pa.string()),
@@ -246,7 +260,7 @@ def build_leaderboard(
         diffs = np.array([mine[s] - theirs[s] for s in common])
         if len(common):
             row["baseline_diff_mean"] = float(diffs.mean())
-        if len(common) < 2:
+        if len(common) < MIN_SEEDS_BEYOND_NOISE:
             row["baseline_verdict"] = "not enough seeds"
             continue
         lo, hi = bootstrap_ci(diffs, n_boot, _rng(seed, *key, "paired", primary))
@@ -262,9 +276,11 @@ def build_leaderboard(
         else:
             row["baseline_verdict"] = "within seed noise"
 
+    _compare_with_trivial(rows, chosen_runs, seeds, metrics[primary], primary, n_boot, seed)
+
     sign = -1.0 if hib else 1.0
     rows.sort(key=lambda r: (r["dataset"], _nan_last(sign * r[f"{primary}.mean"]), r["method"], r["backbone"]))
-    fields = list(_FIXED_FIELDS)
+    fields = list(_FIXED_FIELDS) + list(_TRIVIAL_FIELDS)
     for m in report_names:
         fields += [pa.field(f"{m}.{s}", pa.int64() if s == "n" else pa.float64()) for s in STAT_SUFFIXES]
     schema = pa.schema(fields, metadata={
@@ -273,6 +289,64 @@ def build_leaderboard(
         b"weakbench.baseline_method": baseline_method.encode(), b"weakbench.n_boot": str(n_boot).encode(),
     })
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _compare_with_trivial(rows: list[dict[str, Any]], chosen_runs: dict, seeds: np.ndarray, values: np.ndarray,
+                          primary: str, n_boot: int, seed: int) -> None:
+    """Fill ``trivial_*`` and ``below_trivial`` of every row in place (module docstring)."""
+    hib = higher_is_better(primary)
+    for row in rows:
+        row.update(trivial_baseline=None, trivial_n=0, trivial_diff_mean=math.nan, trivial_diff_ci_low=math.nan,
+                   trivial_diff_ci_high=math.nan, trivial_p_value=math.nan, below_trivial=None)
+    for ds in sorted({r["dataset"] for r in rows}):
+        trivial = [r for r in rows if r["dataset"] == ds and r["method"] in C.TRIVIAL_BASELINES
+                   and not math.isnan(r[f"{primary}.mean"])]
+        if not trivial:
+            for r in rows:
+                if r["dataset"] == ds:
+                    r["trivial_verdict"] = "no trivial baseline on this dataset"
+            continue
+        best = max(trivial, key=lambda r: (r[f"{primary}.mean"] if hib else -r[f"{primary}.mean"]))
+        bkey = (best["dataset"], best["method"], best["backbone"])
+        theirs = _per_seed(seeds[chosen_runs[bkey]], values[chosen_runs[bkey]])
+        for r in rows:
+            if r["dataset"] != ds:
+                continue
+            r["trivial_baseline"] = best["method"]
+            if r["method"] in C.TRIVIAL_BASELINES:
+                r["trivial_verdict"] = "is the best trivial baseline" if r is best else "is a trivial baseline"
+                continue
+            key = (r["dataset"], r["method"], r["backbone"])
+            mine = _per_seed(seeds[chosen_runs[key]], values[chosen_runs[key]])
+            common = sorted(set(mine) & set(theirs))
+            if len(common) >= MIN_SEEDS_BEYOND_NOISE:
+                diffs = np.array([mine[s] - theirs[s] for s in common])
+            else:  # a fixed prior: its mean is its value for every seed
+                const = float(np.mean(list(theirs.values())))
+                diffs = np.array([v - const for v in mine.values()])
+            r["trivial_n"] = len(diffs)
+            r["trivial_diff_mean"] = float(diffs.mean()) if len(diffs) else math.nan
+            name = best["method"]
+            if len(diffs) < MIN_SEEDS_BEYOND_NOISE:
+                r["below_trivial"] = True
+                r["trivial_verdict"] = (f"{len(diffs)} seed(s): fewer than {MIN_SEEDS_BEYOND_NOISE}, not shown to beat "
+                                        f"{name}")
+                continue
+            lo, hi = bootstrap_ci(diffs, n_boot, _rng(seed, *key, "trivial", primary))
+            p = _paired_p(diffs)
+            r["trivial_diff_ci_low"], r["trivial_diff_ci_high"], r["trivial_p_value"] = lo, hi, p
+            beats = (lo > 0 if hib else hi < 0) and p < 0.05
+            r["below_trivial"] = not beats
+            r["trivial_verdict"] = (f"beats {name} beyond seed noise" if beats
+                                    else f"does not beat {name} beyond seed noise")
+
+
+_TRIVIAL_FIELDS = [
+    pa.field("trivial_baseline", pa.string()), pa.field("trivial_n", pa.int64()),
+    pa.field("trivial_diff_mean", pa.float64()), pa.field("trivial_diff_ci_low", pa.float64()),
+    pa.field("trivial_diff_ci_high", pa.float64()), pa.field("trivial_p_value", pa.float64()),
+    pa.field("trivial_verdict", pa.string()), pa.field("below_trivial", pa.bool_()),
+]
 
 
 def _neg_str(s: str) -> tuple[int, ...]:
@@ -358,7 +432,8 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     reported = leaderboard_metrics(lb)
     headline = [n for n in reported[1:] if n.split("/", 1)[-1] in HEADLINE_METRICS]
     names = (reported[:1] + headline)[:max_metrics]
-    t = Table(title=title(lb), caption="mean ± std over seeds [95% bootstrap CI]; n/a with one seed")
+    t = Table(title=title(lb), caption="mean ± std over seeds [95% bootstrap CI]; n/a with one seed; ✗ (red): does "
+              f"not beat the best trivial baseline beyond seed noise (≥ {MIN_SEEDS_BEYOND_NOISE} seeds needed)")
     for col in ("dataset", "method", "backbone", "seeds/trials"):
         t.add_column(col)
     meta = lb.schema.metadata or {}
@@ -368,6 +443,7 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     t.add_column("GPU-h / CPU-h", justify="right")
     base = meta.get(b"weakbench.baseline_method", b"cam").decode()
     t.add_column(f"vs {base} (paired)")
+    t.add_column("vs best trivial baseline")
     for r in lb.to_pylist():
         diff = r["baseline_diff_mean"]
         vs = r["baseline_verdict"] or ""
@@ -378,9 +454,20 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
             escape(r["dataset"]), escape(r["method"]), escape(r["backbone"]), f"{r['n_seeds']}/{r['n_trials']}",
             _fmt(r["select_mean"]),
             *[format_stat(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.ci_low"], r[f"{m}.ci_high"]) for m in names],
-            cost, escape(vs),
+            cost, escape(vs), escape(trivial_cell(r)),
+            style="red" if r.get("below_trivial") else None,
         )
     return t
+
+
+def trivial_cell(r: dict[str, Any]) -> str:
+    """The board's trivial-baseline cell of a leaderboard row: ``"✗ +0.42: does not beat
+    center_gaussian beyond seed noise"`` (✗ marks ``below_trivial``), ``""`` without a verdict."""
+    text = r.get("trivial_verdict") or ""
+    diff = r.get("trivial_diff_mean")
+    if diff is not None and not math.isnan(diff):
+        text = f"{diff:+.2f}: {text}"
+    return ("✗ " + text) if r.get("below_trivial") else text
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:

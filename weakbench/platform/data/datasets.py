@@ -2,7 +2,7 @@
 
 Every image is resized to a square ``S x S`` (``input_size``) with PIL bilinear filtering, with
 no crop and *without* keeping the aspect ratio (wsolevaluation evaluates on ``Resize((224,
-224))`` the same way), then normalised with ImageNet mean / std. ``S x S`` is also the WSOL
+224))`` the same way), then normalised with the backbone's mean / std (ImageNet statistics by default). ``S x S`` is also the WSOL
 evaluation frame: GT boxes are scaled into it with the ``int()`` truncation of
 ``resize_bbox`` and GT masks are resized with pixel-centre nearest neighbour.
 """
@@ -44,16 +44,20 @@ class ClassificationDataset(Dataset):
         input_size: ``S``, side of the square input in pixels.
         train: when True, a random horizontal flip with probability 0.5, drawn with
             ``torch.rand`` (so ``torch.manual_seed`` and DataLoader worker seeding control it).
+        mean, std: per-channel input statistics (0–1 RGB units), the backbone's
+            (``Method.input_normalization``); default ImageNet's.
 
-    Item: ``{"image": float32 (3, S, S) normalised with IMAGENET_MEAN/STD,
+    Item: ``{"image": float32 (3, S, S) normalised with mean/std,
     "labels": float32 (C,) multi-hot in {0, 1}, "index": int64 () record index}``.
 
     Raises:
         IndexError: an index outside the dataset. Items raise DataError for undecodable images.
     """
 
-    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int, train: bool = False):
+    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int, train: bool = False,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.source = source
+        self.mean, self.std = tuple(mean), tuple(std)
         self.indices = _check_indices(source, indices)
         self.input_size = int(input_size)
         self.train = bool(train)
@@ -68,7 +72,7 @@ class ClassificationDataset(Dataset):
         if self.train and torch.rand(()) < 0.5:
             img = hflip_image(img)
         return {
-            "image": image_to_tensor(img, IMAGENET_MEAN, IMAGENET_STD),
+            "image": image_to_tensor(img, self.mean, self.std),
             "labels": torch.from_numpy(np.array(self._labels[idx], dtype=np.float32)),
             "index": torch.tensor(idx, dtype=torch.int64),
         }
@@ -81,6 +85,7 @@ class EvalDataset(Dataset):
         source: the dataset.
         indices: record indices (a split).
         input_size: ``S``, side of the square input and evaluation frame, pixels.
+        mean, std: per-channel input statistics (0–1 RGB units); default ImageNet's.
 
     Item::
 
@@ -95,11 +100,14 @@ class EvalDataset(Dataset):
         semantic    uint8 (S, S)       0 background, c+1 class c, 255 ignore (all 255 without masks)
         has_masks   bool ()            whether masks / semantic are real
 
-    Memory: ``masks`` is C·S² bytes per item (80 classes at 224 px: 4 MB).
+    Memory: ``masks`` is C·S² bytes per item with masks (80 classes at 224 px: 4 MB); without
+    masks it is an all-False ``expand``ed view of no memory (read-only: do not write into it).
     """
 
-    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int):
+    def __init__(self, source: DatasetSource, indices: Sequence[int], input_size: int,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.source = source
+        self.mean, self.std = tuple(mean), tuple(std)
         self.indices = _check_indices(source, indices)
         self.input_size = int(input_size)
 
@@ -115,7 +123,10 @@ class EvalDataset(Dataset):
         ann = self.source.annotations(idx)
         gt_boxes, _ = self.source.gt_boxes(idx)  # float64: exact x + w before int() truncation
         boxes = resize_boxes_wsol(gt_boxes, (rec.width, rec.height), (s, s))
-        masks = torch.zeros((c, s, s), dtype=torch.bool)
+        if ann.instance_masks is None:  # an all-False view: no C·S² bytes (1000 classes at 224 px: 50 MB)
+            masks = torch.zeros((), dtype=torch.bool).expand(c, s, s)
+        else:
+            masks = torch.zeros((c, s, s), dtype=torch.bool)
         if ann.instance_masks is not None and len(ann.instance_masks):
             present = np.unique(ann.box_classes)
             unions = np.stack([ann.instance_masks[ann.box_classes == k].any(axis=0) for k in present])
@@ -125,7 +136,7 @@ class EvalDataset(Dataset):
         semantic = (resize_masks(ann.semantic_mask, s) if ann.semantic_mask is not None
                     else torch.full((s, s), 255, dtype=torch.uint8))
         return {
-            "image": image_to_tensor(img, IMAGENET_MEAN, IMAGENET_STD),
+            "image": image_to_tensor(img, self.mean, self.std),
             "labels": torch.from_numpy(ann.labels.astype(np.float32)),
             "index": torch.tensor(idx, dtype=torch.int64),
             "boxes": torch.from_numpy(boxes),
@@ -145,9 +156,13 @@ def collate_classification(batch: list[dict[str, torch.Tensor]]) -> dict[str, to
 def collate_eval(batch: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Stack EvalDataset items; ``boxes`` and ``box_classes`` stay lists of B tensors
     ((K_i, 4) and (K_i,)); every other field is stacked along a new first dimension
-    (``has_masks`` becomes bool (B,))."""
+    (``has_masks`` becomes bool (B,)). When no item has masks, ``masks`` is an all-False
+    ``expand``ed (B, C, S, S) view of no memory (box-only data with 1000 classes)."""
     out: dict[str, Any] = {k: [item[k] for item in batch] for k in EVAL_LIST_FIELDS}
+    no_masks = "has_masks" in batch[0] and not any(bool(item["has_masks"]) for item in batch)
     for k in batch[0]:
-        if k not in EVAL_LIST_FIELDS:
+        if k == "masks" and no_masks:
+            out[k] = torch.zeros((), dtype=torch.bool).expand(len(batch), *batch[0][k].shape)
+        elif k not in EVAL_LIST_FIELDS:
             out[k] = torch.stack([item[k] for item in batch])
     return out

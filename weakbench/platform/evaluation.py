@@ -1,0 +1,205 @@
+"""``weakbench evaluate``: score a registered model, or a method that needs no training, on a
+whole dataset directory (every image, no split) and log the result as an MLflow evaluation run.
+
+The metrics are exactly those of a trial's eval stage
+(:func:`weakbench.platform.evaluate.evaluate_split`, Choe et al. 2020's protocol) over all the
+dataset's records, keyed ``all/<name>`` in MLflow (:data:`~weakbench.platform.conventions.EVAL_SPLIT`),
+in a run tagged ``weakbench.kind = "evaluation"`` with the evaluated model's URI, its run and
+registered version (results tables and the registry read only ``trial`` runs, so an evaluation
+never selects anything).
+
+A method "needs no training" when its plan has no fit stage with epochs > 0: the trivial
+baselines (``center_gaussian``, ``whole_image``), or ``cam`` with ``epochs: 0``,
+``pretrained: true``, ``features: full``, ``classifier_init: pretrained_head`` on ImageNet data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from weakbench.platform import conventions as C
+from weakbench.platform.errors import ConfigError
+
+__all__ = ["EvaluationResult", "evaluate_dataset"]
+
+
+@dataclasses.dataclass
+class EvaluationResult:
+    """What :func:`evaluate_dataset` measured.
+
+    Attributes:
+        metrics: bare metric names → values (percent for accuracies/AP; ``num_images`` a count).
+        method: the method's registry name; params: its hyperparameters.
+        dataset: the dataset's short name; fingerprint: its fingerprint; num_images: images scored.
+        evaluated: the model URI, or ``"method:<name>"``.
+        run_id: the MLflow evaluation run (``None`` when not logged).
+        seconds: wall time of the evaluation.
+    """
+
+    metrics: dict[str, float]
+    method: str
+    params: dict[str, Any]
+    dataset: str
+    fingerprint: str
+    num_images: int
+    evaluated: str
+    run_id: str | None
+    seconds: float
+
+
+def _model_version(model_uri: str, tracking_uri: str) -> tuple[str | None, str | None]:
+    """``(run id, version)`` behind a ``models:/name@alias`` or ``models:/name/<version>`` URI."""
+    if not model_uri.startswith("models:/"):
+        if model_uri.startswith("runs:/"):
+            return model_uri[len("runs:/"):].split("/", 1)[0], None
+        return None, None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    rest = model_uri[len("models:/"):]
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = rest.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+    except Exception:  # noqa: BLE001 - the model loaded; its lineage is extra information
+        return None, None
+    return mv.run_id, str(mv.version)
+
+
+def evaluate_dataset(
+    data: str | None,
+    *,
+    tracking_uri: str,
+    model_uri: str | None = None,
+    method: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    experiment: str = C.DEFAULT_EXPERIMENT,
+    cache_dir: str | Path | None = None,
+    input_size: int | None = None,
+    cam_curve_interval: float | None = None,
+    batch_size: int = 16,
+    max_images: int | None = None,
+    num_overlays: int = 6,
+    log: bool = True,
+    device: str | None = None,
+) -> EvaluationResult:
+    """Score a model (``model_uri``) or a no-training ``method`` on every image of ``data``.
+
+    Args:
+        data: a dataset directory (COCO or wsolevaluation metadata); ``None``: the synthetic default.
+        tracking_uri: the MLflow tracking (and registry) URI.
+        model_uri: e.g. ``models:/weakbench-cam-ilsvrc@champion`` or ``runs:/<id>/model``.
+        method, params: instead of a model, a registered method and its hyperparameters; its plan
+            must train nothing (every fit stage ``epochs == 0``).
+        input_size: the evaluation frame S in pixels (default: the model's / method's).
+        cam_curve_interval: threshold step (default: the model's / method's config).
+        batch_size: images per batch; max_images: score only the first N images (``None``: all).
+        num_overlays: overlay pictures logged under ``overlays/``.
+        log: create the MLflow evaluation run (False: only compute).
+        device: ``"cpu"``, ``"cuda"``… (default: CUDA when available).
+
+    Returns:
+        :class:`EvaluationResult`.
+
+    Raises:
+        ConfigError: neither or both of ``model_uri`` / ``method``; a method that needs training
+            or is not a classifier → CAM method; the model's classes differ from the dataset's.
+        UnknownNameError: the URI or the method does not resolve.
+        DataError: the dataset does not open.
+    """
+    from weakbench.methods import build_method
+    from weakbench.platform.data import open_dataset
+    from weakbench.platform.evaluate import evaluate_split
+
+    if (model_uri is None) == (method is None):
+        raise ConfigError("weakbench evaluate: give exactly one of --model (a models:/ or runs:/ URI) and --method")
+    source = open_dataset(data, cache_dir=cache_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_id_src = version = None
+    if model_uri is not None:
+        from weakbench.platform.registry import load_predictor
+
+        predictor = load_predictor(model_uri, tracking_uri)
+        if getattr(predictor, "kind", "cam") == "instance":
+            raise ConfigError(f"{model_uri}: an instance-segmentation model; weakbench evaluate scores CAM models")
+        if list(predictor.class_names) != list(source.class_names):
+            raise ConfigError(f"{model_uri}: the model's {len(predictor.class_names)} classes are not the dataset's "
+                              f"{source.num_classes} ({source.name}) in the same order; evaluate it on data with its "
+                              f"classes")
+        m, model = predictor.method, predictor.model
+        size = input_size or predictor.input_size
+        evaluated = model_uri
+        run_id_src, version = _model_version(model_uri, tracking_uri)
+    else:
+        m = build_method(method, dict(params or {}), num_classes=source.num_classes, multilabel=source.multilabel)
+        if m.shape != "classifier_cam":
+            raise ConfigError(f"method {method!r} ({m.shape}): weakbench evaluate scores classifier → CAM methods")
+        trains = [st.name for st in m.plan() if st.kind == "fit" and st.epochs > 0]
+        if trains:
+            raise ConfigError(f"method {method!r} trains (stage {trains[0]!r} has epochs > 0): evaluate needs a "
+                              f"method that needs no training (--set epochs=0), or a trained model with --model")
+        torch.manual_seed(m.config.seed)
+        model = m.build_model()
+        size = input_size or m.config.input_size
+        evaluated = f"method:{method}"
+    interval = cam_curve_interval or m.config.cam_curve_interval
+    t0 = time.time()
+    metrics, overlays, _ = evaluate_split(m, model.to(dev), source, list(range(len(source.records))), input_size=size,
+                                          device=dev, cam_curve_interval=interval, batch_size=batch_size,
+                                          max_images=max_images, num_overlays=num_overlays)
+    drop = getattr(m, "unreported_metrics", ())
+    metrics = {k: v for k, v in metrics.items() if k not in drop}
+    seconds = time.time() - t0
+    params_out = {**m.config.model_dump(), "input_size": size, "cam_curve_interval": interval}
+    run_id = None
+    if log:
+        run_id = _log(tracking_uri, experiment, m.name, params_out, source, metrics, overlays, evaluated,
+                      run_id_src, version, seconds, max_images)
+    return EvaluationResult(metrics=metrics, method=m.name, params=params_out, dataset=source.name,
+                            fingerprint=source.fingerprint, num_images=int(metrics.get("num_images", 0)),
+                            evaluated=evaluated, run_id=run_id, seconds=seconds)
+
+
+def _log(tracking_uri, experiment, method, params, source, metrics, overlays, evaluated, run_id_src, version,
+         seconds, max_images) -> str:
+    from weakbench import __version__
+    from weakbench.platform import tracking
+
+    client = tracking.client_for(tracking_uri)
+    exp_id = tracking.ensure_experiment(client, experiment, artifact_root=None)
+    tags = {C.TAG_KIND: C.KIND_EVALUATION, C.TAG_METHOD: method, C.TAG_BACKBONE: str(params.get("backbone", "")),
+            C.TAG_DATASET: source.name, C.TAG_DATASET_FINGERPRINT: source.fingerprint,
+            C.TAG_EVALUATED_MODEL: evaluated, C.TAG_VERSION: __version__, C.TAG_GIT_COMMIT: tracking.git_commit(),
+            C.TAG_CONFIG_HASH: tracking.config_hash(params)}
+    if run_id_src:
+        tags[C.TAG_EVALUATED_RUN] = run_id_src
+    if version:
+        tags[C.TAG_EVALUATED_VERSION] = version
+    run = client.create_run(exp_id, run_name=f"evaluate-{method}-{source.name}", tags=tags)
+    rid = run.info.run_id
+    try:
+        tracking.log_params(client, rid, params)
+        tracking.log_metrics(client, rid, {C.metric_key(C.EVAL_SPLIT, k): float(v) for k, v in metrics.items()},
+                             step=0)
+        tracking.log_metrics(client, rid, {"cost/eval_seconds": seconds}, step=0)
+        if max_images is not None:
+            client.set_tag(rid, "weakbench.eval_max_images", str(max_images))
+        if overlays:
+            with tempfile.TemporaryDirectory() as d:
+                for name, img in overlays:
+                    img.save(Path(d) / name)
+                client.log_artifacts(rid, d, C.OVERLAY_DIR)
+    except BaseException as e:
+        tracking.fail_run(client, rid, e)
+        raise
+    client.set_terminated(rid, status="FINISHED")
+    return rid
