@@ -1,6 +1,7 @@
 """The ``weakbench`` command line (typer + rich).
 
     weakbench sweep search_spaces/cam.yaml --data ../shared/data/coco128 --trials 4
+    weakbench status --watch                                      # the latest sweep, live
     weakbench leaderboard --metric max_box_acc_v2
     weakbench register --method cam --metric max_box_acc_v2      # alias @champion
     weakbench predict --model models:/weakbench-cam-coco128@champion some.jpg
@@ -158,6 +159,41 @@ def _run_sweep_with_view(opts, *, verbose: bool):
     finally:
         if not ok and quiet.path.exists() and quiet.path.stat().st_size:
             err_console.print(Text(f"full log: {quiet.path}", style="dim"))
+
+
+@app.command()
+def status(
+    sweep_name: Optional[str] = typer.Argument(None, metavar="[SWEEP]", help="Sweep name (default: the latest sweep under --output-dir)."),
+    output_dir: str = OUTPUT_DIR,
+    tracking_uri: Optional[str] = TRACKING_URI,
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment name (default: the sweep's, or weakbench)."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the sweep ends (Ctrl-C stops watching, not the sweep)."),
+    interval: float = typer.Option(5.0, "--interval", help="Seconds between refreshes with --watch."),
+):
+    """Show a sweep's trials (running elsewhere, or finished): configuration, status, epoch / stage, latest and best
+    validation metric, elapsed time, estimate left. Reads Ray Tune's saved state under <output-dir>/sweeps/<name>/tune
+    where it is readable here and the sweep's MLflow runs (--tracking-uri for a cluster's server)."""
+    from weakbench.platform.live import load_view
+
+    def view():
+        return load_view(sweep_name, output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment)
+
+    v = view()
+    if not watch:
+        console.print(v.renderable())
+        return
+    import time
+
+    from rich.live import Live
+
+    try:
+        with Live(v.renderable(), console=console, refresh_per_second=1, redirect_stderr=False) as live:
+            while v.ended is None:
+                time.sleep(max(0.5, interval))
+                v = view()
+                live.update(v.renderable())
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

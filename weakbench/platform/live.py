@@ -35,11 +35,6 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-try:  # Ray Tune is a dependency of the sweep; `weakbench status` must still import without a driver
-    from ray.tune import Callback as _TuneCallback
-except Exception:  # noqa: BLE001
-    _TuneCallback = object  # type: ignore[assignment,misc]
-
 LOG_NAME = "sweep.log"
 
 
@@ -190,7 +185,8 @@ class SweepView:
         now = now or time.time()
         c = self.counts()
         seen = len(self.rows)
-        parts = [f"{c.get(s, 0)} {s}" for s in ("running", "finished", "stopped", "failed") if c.get(s)]
+        c["running"] = c.get("running", 0) + c.pop("starting", 0)
+        parts = [f"{c.get(s, 0)} {s}" for s in ("running", "finished", "stopped", "failed", "paused") if c.get(s)]
         waiting = max(0, self.planned - seen) + c.get("pending", 0)
         if waiting:
             parts.append(f"{waiting} waiting")
@@ -291,32 +287,49 @@ def _ended_status(row: TrialRow) -> str:
 _ACTIVE: "SweepObserver | None" = None
 
 
-class LiveCallback(_TuneCallback):  # type: ignore[misc,valid-type]
-    """Ray Tune callback feeding the process's active :class:`SweepObserver`.
+def _make_live_callback():
+    from ray.tune import Callback
 
-    Stateless on purpose: Tune pickles its run config (callbacks included) into ``tuner.pkl`` and a
-    resumed sweep gets this object back; it forwards to whatever observer is active (or does nothing).
-    """
+    class LiveCallback(Callback):
+        """Ray Tune callback feeding the process's active :class:`SweepObserver`.
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        if _ACTIVE is not None:
-            _ACTIVE.trial_started(trial)
+        Stateless on purpose: Tune pickles its run config (callbacks included) into ``tuner.pkl``
+        and a resumed sweep gets this object back; it forwards to whatever observer is active (or
+        does nothing).
+        """
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if _ACTIVE is not None:
-            _ACTIVE.trial_result(trial, result)
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if _ACTIVE is not None:
+                _ACTIVE.trial_started(trial)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        if _ACTIVE is not None:
-            _ACTIVE.trial_ended(trial, error=False)
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if _ACTIVE is not None:
+                _ACTIVE.trial_result(trial, result)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        if _ACTIVE is not None:
-            _ACTIVE.trial_ended(trial, error=True)
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if _ACTIVE is not None:
+                _ACTIVE.trial_ended(trial, error=False)
 
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        if _ACTIVE is not None:
-            _ACTIVE.trial_recovering(trial)
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if _ACTIVE is not None:
+                _ACTIVE.trial_ended(trial, error=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            if _ACTIVE is not None:
+                _ACTIVE.trial_recovering(trial)
+
+    LiveCallback.__module__, LiveCallback.__qualname__ = __name__, "LiveCallback"
+    return LiveCallback
+
+
+def __getattr__(name: str):
+    # ``LiveCallback`` is built on first use: importing Ray Tune costs seconds, and `weakbench
+    # status` (this module, on a laptop) needs none of it. Pickle finds the class here by name.
+    if name == "LiveCallback":
+        if "LiveCallback" not in globals():
+            globals()["LiveCallback"] = _make_live_callback()
+        return globals()["LiveCallback"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class QuietOutput:
@@ -429,7 +442,7 @@ class SweepObserver:
                              transient=False)
             self.live.start()
         _ACTIVE = self
-        return [LiveCallback()]
+        return [__getattr__("LiveCallback")()]
 
     def ended(self) -> None:
         """The sweep ended (or failed): stop the view, leaving its final state on the terminal."""
@@ -603,6 +616,7 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
     else:
         searched = [k[len("search."):] for k in pp if k.startswith("search.")]
         seed_values = None
+    fixed = dict(space.fixed) if space is not None else {}
     planned = int(parent.data.tags.get("weakbench.trials_planned") or 0) if parent else 0
     planned = planned or int(saved.get("trials") or pp.get("trials") or 0)
     started = parent.info.start_time / 1000.0 if parent is not None else None
@@ -614,7 +628,7 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
     for t, meta in trials:
         row = view.row(t["trial_id"])
         row.params = trial_params(t.get("config") or {}, seed_values)
-        row.plan = plan_of(method, row.params)
+        row.plan = plan_of(method, {**fixed, **row.params})
         row.total_units = sum(s.units for s in row.plan)
         row.status = _TUNE_STATUS.get(t.get("status"), "pending")
         row.started = meta.get("start_time")
