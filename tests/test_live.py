@@ -167,3 +167,22 @@ def test_status_shows_a_sweep_running_in_another_process(tmp_path):
     rows = [ln for ln in st.stdout.splitlines() if re.match(r"^[0-9a-f]{8}\s", ln)]
     assert len(rows) == 2 and all(re.search(r"(finished|stopped)\s+\d+ epochs?\s+\d+\.\d\d", ln) for ln in rows), st.stdout
     assert "left" not in st.stdout.splitlines()[0]
+
+
+def test_leaderboard_legend_says_what_the_metric_means_and_which_row_is_the_baseline():
+    from weakbench.platform.leaderboard import build_leaderboard, legend
+    from weakbench.platform.results import rows_to_table
+
+    def run(i, method, seed, val, test):
+        return {"run_id": f"r{i}", "method": method, "backbone": "r18", "dataset": "d", "seed": seed, "status": "FINISHED",
+                "experiment_id": "1", "sweep_id": f"s-{method}", "params": {"lr": 0.1, "seed": seed},
+                "metrics": {"val/max_box_acc_v2": val, "test/max_box_acc_v2": test, "cost/cpu_hours": 1.0,
+                            "cost/gpu_hours": 0.0}}
+
+    rows = [run(0, "cam", 0, 50, 40), run(1, "cam", 1, 52, 41), run(2, "minmaxcam", 0, 60, 50), run(3, "minmaxcam", 1, 61, 52)]
+    line = legend(build_leaderboard(rows_to_table(rows)))
+    assert "\n" not in line
+    assert line.startswith("test/max_box_acc_v2 = % of images where a box") and "higher is better" in line
+    assert "Baseline: cam / r18 on d" in line and '"vs cam"' in line
+    only = legend(build_leaderboard(rows_to_table(rows[2:])))
+    assert "Baseline: cam, which has no run here" in only

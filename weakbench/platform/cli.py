@@ -216,6 +216,7 @@ def leaderboard(
     table = results.read_store(store_dir)
     lb = lb_mod.build_leaderboard(table, select_metric=_metric_name(metric), report_split=report_split, baseline_method=baseline)
     console.print(lb_mod.render_rich(lb))
+    console.print(Text(lb_mod.legend(lb)), soft_wrap=False)
     console.print(f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)")
 
 
