@@ -109,12 +109,23 @@ def _weakbench(*args: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path):
-    """The README's main job (4 trials, the Train executor), shrunk to one epoch at 64 px: at most
-    ~40 lines before the summary, none of them Ray's, Tune's or MLflow's; all of that is in the log."""
+@pytest.mark.parametrize("executor", ["train", "inline"])
+def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path, executor):
+    """The README's main job (4 trials; the Train executor as in the README, and inline), shrunk to
+    one epoch at 64 px: at most ~40 lines before the summary, none of them Ray's, Tune's or
+    MLflow's; all of that is in the log."""
+    if executor == "train":
+        from weakbench.platform.sweep import _running_ray_instances
+
+        if _running_ray_instances():
+            # Ray Train's placement-group cleaner finds its cluster through the State API, which
+            # refuses "multiple active Ray instances": every finished trial's placement group then
+            # stays reserved and the next trial waits --worker-start-timeout (a sweep bug, reported)
+            pytest.skip("another Ray instance runs on this machine; the Train executor's trials would wait for "
+                        "leaked placement groups")
     proc = subprocess.run(_weakbench("sweep", "search_spaces/cam.yaml", "--trials", "4", "--address", "local",
                                      "--output-dir", str(tmp_path / "o"), "--set", "epochs=1", "--set", "input_size=64",
-                                     "--eval-max-images", "8", "--no-model"),
+                                     "--eval-max-images", "8", "--no-model", "--executor", executor),
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=880)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -126,7 +137,7 @@ def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path):
     leaked = [ln for ln in lines if INTERNAL.search(ln)]
     assert not leaked, "\n".join(leaked)
     log = next(Path(m) for m in re.findall(r"output: (\S+sweep\.log)", out))
-    assert log.is_file() and "RayTrainWorker" in log.read_text()  # the chatter went to the log
+    assert log.is_file() and "Checkpoint successfully created" in log.read_text()  # the chatter went to the log
     # one row per trial in the final view, with its searched params
     rows = [ln for ln in before if re.match(r"^[0-9a-f]{8}\s", ln)]
     assert len(rows) == 4 and all(re.search(r"finished|stopped", ln) for ln in rows), "\n".join(before)
