@@ -1,6 +1,7 @@
 """The ``weakbench`` command line (typer + rich).
 
     weakbench sweep search_spaces/cam.yaml --data ../shared/data/coco128 --trials 4
+    weakbench status --watch                                      # the latest sweep, live
     weakbench leaderboard --metric max_box_acc_v2
     weakbench register --method cam --metric max_box_acc_v2      # alias @champion
     weakbench predict --model models:/weakbench-cam-coco128@champion some.jpg
@@ -99,12 +100,13 @@ def sweep(
     worker_start_timeout: float = typer.Option(120.0, "--worker-start-timeout", help="Seconds a trial's Ray Train worker group may wait for its resources before the attempt fails."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
     no_model: bool = typer.Option(False, "--no-model", help="Do not log trained models to MLflow."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's, Tune's and MLflow's own output here instead of in <sweep dir>/sweep.log."),
 ):
     """Run a hyperparameter sweep of one method (Ray Tune + Optuna + ASHA), tracked in MLflow.
 
     Exit status: 0 when every planned trial finished or was stopped early by ASHA (and at least one finished); 1 when a trial failed, a planned trial never ran, or no trial finished; 2 for bad input (nothing started); 130 when interrupted (Ctrl-C: the parent run ends KILLED and --resume continues the sweep).
     """
-    from weakbench.platform.sweep import SweepOptions, run_sweep
+    from weakbench.platform.sweep import SweepOptions
 
     opts = SweepOptions(space=str(space), data=data, output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment,
                         trials=trials, name=name, resume=resume, num_workers=num_workers, use_gpu=gpu,
@@ -113,7 +115,7 @@ def sweep(
                         address=address, num_cpus=num_cpus, overrides=_parse_sets(sets), log_model=not no_model,
                         max_failures=max_failures, worker_start_timeout_s=worker_start_timeout)
     console.print(f"[bold]weakbench sweep[/] {space} on {data or 'the synthetic default'}: {trials} trials, executor={executor}")
-    s = run_sweep(opts)
+    s = _run_sweep_with_view(opts, verbose=verbose)
     from rich.table import Table
 
     t = Table(title=f"sweep {s.sweep_name} ({s.method} on {s.dataset})", show_header=False)
@@ -139,6 +141,74 @@ def sweep(
                                  f"see the runs' weakbench.error tags"))
     if s.exit_code:
         raise typer.Exit(s.exit_code)
+
+
+def _run_sweep_with_view(opts, *, verbose: bool):
+    """``run_sweep`` with the live view (weakbench.platform.live); unless ``verbose`` everything the
+    process and its children write to stdout/stderr goes to ``<sweep dir>/sweep.log``."""
+    from weakbench.platform.live import QuietOutput, SweepObserver
+    from weakbench.platform.sweep import run_sweep
+
+    if verbose:
+        return run_sweep(opts, observer=SweepObserver(console, live=False))
+    tmp = Path(opts.output_dir).resolve() / "sweeps" / f".sweep-{os.getpid()}.log"
+    quiet = QuietOutput(tmp)
+    ok = False
+    try:
+        with quiet:
+            view_console = Console(file=quiet.terminal, width=None if quiet.terminal.isatty() else 180)
+            observer = SweepObserver(view_console, quiet=quiet)
+            try:
+                s = run_sweep(opts, observer=observer)
+                ok = True
+            finally:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()  # its farewells go to the log too
+        return s
+    except WeakbenchError:
+        if quiet.path == tmp:  # refused before anything started: the one-line error says it all
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if not ok and quiet.path.exists() and quiet.path.stat().st_size:
+            err_console.print(Text(f"full log: {quiet.path}", style="dim"))
+
+
+@app.command()
+def status(
+    sweep_name: Optional[str] = typer.Argument(None, metavar="[SWEEP]", help="Sweep name (default: the latest sweep under --output-dir)."),
+    output_dir: str = OUTPUT_DIR,
+    tracking_uri: Optional[str] = TRACKING_URI,
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment name (default: the sweep's, or weakbench)."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the sweep ends (Ctrl-C stops watching, not the sweep)."),
+    interval: float = typer.Option(5.0, "--interval", help="Seconds between refreshes with --watch."),
+):
+    """Show a sweep's trials (running elsewhere, or finished): configuration, status, epoch / stage, latest and best
+    validation metric, elapsed time, estimate left. Reads Ray Tune's saved state under <output-dir>/sweeps/<name>/tune
+    where it is readable here and the sweep's MLflow runs (--tracking-uri for a cluster's server)."""
+    from weakbench.platform.live import load_view
+
+    def view():
+        return load_view(sweep_name, output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment)
+
+    v = view()
+    if not watch:
+        console.print(v.renderable())
+        return
+    import time
+
+    from rich.live import Live
+
+    try:
+        with Live(v.renderable(), console=console, refresh_per_second=1, redirect_stderr=False) as live:
+            while v.ended is None:
+                time.sleep(max(0.5, interval))
+                v = view()
+                live.update(v.renderable())
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()
@@ -175,6 +245,7 @@ def leaderboard(
     for key, part in boards:
         lb = lb_mod.build_leaderboard(part, select_metric=key, report_split=report_split, baseline_method=baseline)
         console.print(lb_mod.render_rich(lb))
+        console.print(Text(lb_mod.legend(lb)), soft_wrap=False)
     console.print(f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)")
 
 

@@ -472,3 +472,39 @@ def trivial_cell(r: dict[str, Any]) -> str:
 
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+# what each headline metric means, in words for a reader who does not know the field's metrics
+METRIC_MEANINGS = {
+    "max_box_acc_v2": "% of images where a box drawn around the map overlaps a true box (IoU ≥ 0.3, 0.5, 0.7, "
+                      "averaged; best single threshold; MaxBoxAccV2, Choe et al. 2020)",
+    "max_box_acc": "% of images where the box around the map's largest region overlaps a true box with IoU ≥ 0.5 "
+                   "(best single threshold; MaxBoxAcc)",
+    "pxap": "average precision of the map's pixels against the true masks (PxAP, Choe et al. 2020)",
+    "miou": "mean intersection-over-union of the pseudo masks with the true masks, background included",
+    "cls_map": "mean average precision of the image-level class predictions",
+    "cls_acc": "% of images whose top class is right",
+    "top1_loc": "% of images with the right top class and a box with IoU ≥ 0.5",
+    "top5_loc": "% of images with the right class in the top 5 and a box with IoU ≥ 0.5",
+}
+
+
+def legend(lb: pa.Table) -> str:
+    """One line for under the table: what the headline metric means and which row is the baseline,
+    e.g. ``"test/max_box_acc_v2 = % of images where … (0–100, higher is better). Baseline: cam /
+    resnet18 on synthetic; "vs cam" compares every other row with it over paired seeds."``."""
+    meta = lb.schema.metadata or {}
+    base = meta.get(b"weakbench.baseline_method", b"cam").decode()
+    reported = leaderboard_metrics(lb)
+    head = reported[0] if reported else meta.get(b"weakbench.select_metric", b"?").decode()
+    name = head.split("/")[-1]
+    meaning = METRIC_MEANINGS.get(name)
+    parts = [f"{head} = {meaning}; 0–100, higher is better." if meaning else f"{head}: see the method's docs."]
+    rows = [r for r in lb.to_pylist() if r.get("baseline_verdict") == "is the baseline"]
+    if rows:
+        where = "; ".join(f"{r['method']} / {r['backbone']} on {r['dataset']}" for r in rows)
+        parts.append(f"Baseline: {where} (the row marked \"is the baseline\"); \"vs {base}\" compares every other "
+                     f"row with it over the same seeds.")
+    else:
+        parts.append(f"Baseline: {base}, which has no run here; pass --baseline METHOD to compare with another.")
+    return " ".join(parts)

@@ -357,8 +357,12 @@ def _with_overrides(space: SearchSpace, overrides: dict[str, Any]) -> SearchSpac
                                     "search": {k: v for k, v in space.search.items() if k not in overrides}})
 
 
-def run_sweep(opts: SweepOptions) -> SweepSummary:
+def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     """Run (or resume) a sweep; returns its summary. See the module docstring.
+
+    ``observer`` (a :class:`weakbench.platform.live.SweepObserver`) is told when Tune starts, with
+    what it needs to show the sweep, and returns the Tune callbacks to install; it is told when
+    the sweep ends.
 
     Raises:
         ConfigError / DataError / UnknownNameError: bad input, before any run is created.
@@ -502,6 +506,9 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                             eval_max_images=opts.eval_max_images, num_overlays=opts.num_overlays,
                             log_model=opts.log_model, seed_values=seed_values,
                             max_failures=opts.max_failures).model_dump()
+        callbacks = observer.prepared(sweep_dir=sweep_dir, name=sweep_name, space=space, source=source,
+                                      num_planned=num_planned, concurrency=max_conc,
+                                      seed_values=seed_values) if observer is not None else None
         trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), trial_resources)
         if opts.resume and tune.Tuner.can_restore(str(tune_path)):
             tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -510,7 +517,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
                                             num_samples=num_samples, max_concurrent_trials=max_conc),
-                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
             )
         with _graceful_interrupt() as stop:
@@ -523,6 +530,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         error = e
         raise
     finally:
+        if observer is not None:
+            observer.ended()
         outcome = _reconcile_with_tune(client, exp_id, parent, sweep_name, tune_path, space.method, source,
                                        interrupted=interrupted)
         runs = tracking.child_runs(client, exp_id, parent)

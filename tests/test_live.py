@@ -1,0 +1,199 @@
+"""The live view of a sweep and ``weakbench status``.
+
+Fast tests check the view's arithmetic on hand-made reports; the slow ones run the README's main
+job (shrunk with ``--set``) in a subprocess and read what reached its terminal, and watch a sweep
+running in another process with ``weakbench status``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from weakbench.platform.live import PlanStage, SweepView, TrialRow, stage_label, trial_params
+
+REPO = Path(__file__).resolve().parents[1]
+PLAN = [PlanStage("train", "fit", 3, 3), PlanStage("eval", "eval", 1)]
+
+# lines of Ray's, Tune's, MLflow's and pycocotools' own output (the issue's list)
+INTERNAL = re.compile(r"RayTrainWorker|TrainController|Checkpoint successfully created|Reporting training result|"
+                      r"PlacementGroupCleaner|PreemptionWatcher|creating index|index created|Configuration for experiment|"
+                      r"tensorboard|View detailed results|mlflow\.(?!db)|Token authentication|\(_trial pid=|pid=\d+\)|"
+                      r"raylet|(?-i:WARNING|INFO)|Traceback", re.IGNORECASE)
+
+
+def test_stage_label_reads_the_plan():
+    assert stage_label(PLAN, 0) == "train epoch 1/3"
+    assert stage_label(PLAN, 2) == "train epoch 3/3"
+    assert stage_label(PLAN, 3) == "eval"
+    assert stage_label(PLAN, 4) == "finishing"
+    assert stage_label([], 2) == "2 units"
+
+
+def test_view_folds_reports_and_estimates_what_is_left():
+    v = SweepView("s", metric="val/max_box_acc_v2", mode="max", searched=["lr", "seed"], planned=3, concurrency=1,
+                  started=1000.0)
+    r = v.row("t1")
+    r.plan, r.total_units, r.started = PLAN, 4, 1000.0
+    v.on_result(r, {"progress": 1.0, "epoch": 1.0, "val/max_box_acc_v2": 40.0}, now=1010.0)
+    v.on_result(r, {"progress": 2.0, "epoch": 2.0, "val/max_box_acc_v2": 30.0}, now=1020.0)
+    assert (r.status, r.epoch, r.latest, r.best, r.stage) == ("running", 2, 30.0, 40.0, "train epoch 3/3")
+    assert r.left(1020.0) == pytest.approx(20.0)  # 10 s per unit, 2 units left
+    # two trials not started, one at a time, each estimated at 40 s: 20 + 2·40
+    assert v.left(1020.0) == pytest.approx(100.0)
+    r2 = v.row("t2")
+    r2.status, r2.started, r2.ended, r2.best = "finished", 1000.0, 1030.0, 45.0
+    assert v.best_row() is r2
+    head = v.header(1020.0).plain
+    assert "1 running" in head and "1 finished" in head and "1 waiting of 3 trials" in head and "best val/max_box_acc_v2 45.00 (t2)" in head
+    table = v.table(1020.0)
+    assert [c.header for c in table.columns] == ["trial", "lr", "seed", "status", "epoch / stage", "max_box_acc_v2",
+                                                "best", "elapsed", "left"]
+
+
+def test_min_mode_and_seed_from_the_repeater_index():
+    v = SweepView("s", metric="val/loss", mode="min")
+    r = v.row("t")
+    v.on_result(r, {"val/loss": 2.0}, now=1.0)
+    v.on_result(r, {"val/loss": 3.0}, now=2.0)
+    v.on_result(r, {"val/loss": float("nan")}, now=3.0)
+    assert (r.latest, r.best) == (3.0, 2.0)
+    assert trial_params({"lr": 0.1, "__trial_index__": 3}, [0, 1]) == {"lr": 0.1, "seed": 1}
+
+
+def test_status_reads_tune_state_without_ray(tmp_path):
+    """A sweep directory copied to a laptop: Tune's JSON state is enough (MLflow is empty here)."""
+    from weakbench.platform.live import load_view
+
+    sweep = tmp_path / "sweeps" / "cam-x"
+    (sweep / "tune").mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"space": str(REPO / "search_spaces" / "cam.yaml"), "overrides": {"epochs": 3},
+                                                  "trials": 3, "name": "cam-x",
+                                                  "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    def trial(tid, status, progress, vals, t0):
+        meta = {"start_time": t0, "last_result_time": t0 + 30, "error_filename": None,
+                "last_result": {"progress": progress, "epoch": min(progress, 3), "val/max_box_acc_v2": vals[-1]} if vals else {},
+                "metric_analysis": {"val/max_box_acc_v2": {"max": max(vals), "min": min(vals)}} if vals else {}}
+        return [json.dumps({"trial_id": tid, "status": status, "config": {"lr": 0.01, "weight_decay": 0.0, "__trial_index__": 1}}),
+                json.dumps(meta)]
+    state = {"trial_data": [trial("a", "TERMINATED", 4.0, [10.0, 20.0, 15.0], 100.0),
+                            trial("b", "TERMINATED", 1.0, [5.0], 140.0),
+                            trial("c", "RUNNING", 2.0, [7.0, 9.0], 150.0)]}
+    (sweep / "tune" / "experiment_state-2026.json").write_text(json.dumps(state))
+    v = load_view(None, output_dir=tmp_path)
+    rows = v.rows
+    assert (rows["a"].status, rows["a"].best, rows["a"].latest) == ("finished", 20.0, 15.0)
+    assert rows["b"].status == "stopped"
+    assert (rows["c"].status, rows["c"].stage, rows["c"].params["seed"]) == ("running", "train epoch 3/3", 1)
+    assert v.best_row() is rows["a"] and v.planned == 3
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("RAY_ADDRESS", None)
+    env["COLUMNS"] = "160"
+    return env
+
+
+def _weakbench(*args: str) -> list[str]:
+    return [sys.executable, "-m", "weakbench", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("executor", ["train", "inline"])
+def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path, executor):
+    """The README's main job (4 trials; the Train executor as in the README, and inline), shrunk to
+    one epoch at 64 px: at most ~40 lines before the summary, none of them Ray's, Tune's or
+    MLflow's; all of that is in the log."""
+    if executor == "train":
+        from weakbench.platform.sweep import _running_ray_instances
+
+        if _running_ray_instances():
+            # Ray Train's placement-group cleaner finds its cluster through the State API, which
+            # refuses "multiple active Ray instances": every finished trial's placement group then
+            # stays reserved and the next trial waits --worker-start-timeout (a sweep bug, reported)
+            pytest.skip("another Ray instance runs on this machine; the Train executor's trials would wait for "
+                        "leaked placement groups")
+    proc = subprocess.run(_weakbench("sweep", "search_spaces/cam.yaml", "--trials", "4", "--address", "local",
+                                     "--output-dir", str(tmp_path / "o"), "--set", "epochs=1", "--set", "input_size=64",
+                                     "--eval-max-images", "8", "--no-model", "--executor", executor),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=880)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    lines = [ln for ln in (proc.stdout.splitlines() + proc.stderr.splitlines()) if ln.strip()]
+    summary = next(i for i, ln in enumerate(lines) if re.search(r"sweep \S+ \(cam on synthetic\)", ln))
+    before = lines[:summary]
+    assert before[0].startswith("weakbench sweep search_spaces/cam.yaml")
+    assert len(before) <= 40, "\n".join(before)
+    leaked = [ln for ln in lines if INTERNAL.search(ln)]
+    assert not leaked, "\n".join(leaked)
+    log = next(Path(m) for m in re.findall(r"output: (\S+sweep\.log)", out))
+    assert log.is_file() and "Checkpoint successfully created" in log.read_text()  # the chatter went to the log
+    # one row per trial in the final view, with its searched params
+    rows = [ln for ln in before if re.match(r"^[0-9a-f]{8}\s", ln)]
+    assert len(rows) == 4 and all(re.search(r"finished|stopped", ln) for ln in rows), "\n".join(before)
+    assert sum("started: lr=" in ln for ln in before) == 4
+    assert not list((tmp_path / "o" / "sweeps").glob(".sweep-*.log"))  # the start-up log moved into the sweep
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_status_shows_a_sweep_running_in_another_process(tmp_path):
+    out_dir = tmp_path / "o"
+    sweep = subprocess.Popen(_weakbench("sweep", "search_spaces/cam.yaml", "--trials", "2", "--address", "local",
+                                        "--output-dir", str(out_dir), "--name", "watched", "--set", "epochs=4",
+                                        "--set", "input_size=64", "--eval-max-images", "8", "--executor", "inline",
+                                        "--no-model", "--max-concurrent", "1"),
+                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen_running = None
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and sweep.poll() is None:
+            st = subprocess.run(_weakbench("status", "watched", "--output-dir", str(out_dir)), cwd=REPO, env=_env(),
+                                capture_output=True, text=True, timeout=120)
+            if st.returncode == 0 and re.search(r"^[0-9a-f]{8}\s.*\b(running|starting)\b", st.stdout, re.M):
+                seen_running = st.stdout
+                break
+            time.sleep(2)
+        rest, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, rest[-3000:]
+    assert seen_running is not None, "weakbench status never showed a running trial"
+    assert "sweep watched" in seen_running and "lr" in seen_running.splitlines()[1]
+    # and after the end: both trials with their metric, the sweep ended
+    st = subprocess.run(_weakbench("status", "--output-dir", str(out_dir)), cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0, st.stderr
+    rows = [ln for ln in st.stdout.splitlines() if re.match(r"^[0-9a-f]{8}\s", ln)]
+    assert len(rows) == 2 and all(re.search(r"(finished|stopped)\s+\d+ epochs?\s+\d+\.\d\d", ln) for ln in rows), st.stdout
+    assert "left" not in st.stdout.splitlines()[0]
+
+
+def test_leaderboard_legend_says_what_the_metric_means_and_which_row_is_the_baseline():
+    from weakbench.platform.leaderboard import build_leaderboard, legend
+    from weakbench.platform.results import rows_to_table
+
+    def run(i, method, seed, val, test):
+        return {"run_id": f"r{i}", "method": method, "backbone": "r18", "dataset": "d", "seed": seed, "status": "FINISHED",
+                "experiment_id": "1", "sweep_id": f"s-{method}", "params": {"lr": 0.1, "seed": seed},
+                "metrics": {"val/max_box_acc_v2": val, "test/max_box_acc_v2": test, "cost/cpu_hours": 1.0,
+                            "cost/gpu_hours": 0.0}}
+
+    rows = [run(0, "cam", 0, 50, 40), run(1, "cam", 1, 52, 41), run(2, "minmaxcam", 0, 60, 50), run(3, "minmaxcam", 1, 61, 52)]
+    line = legend(build_leaderboard(rows_to_table(rows)))
+    assert "\n" not in line
+    assert line.startswith("test/max_box_acc_v2 = % of images where a box") and "higher is better" in line
+    assert "Baseline: cam / r18 on d" in line and '"vs cam"' in line
+    only = legend(build_leaderboard(rows_to_table(rows[2:])))
+    assert "Baseline: cam, which has no run here" in only
