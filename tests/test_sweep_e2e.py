@@ -100,7 +100,7 @@ def test_sweep_coco128_end_to_end(tmp_path, ray_local, coco128_dir):
     (["sweep", "search_spaces/nope.yaml"], ["nope.yaml", "not found"]),
     (["sweep", "search_spaces/cam.yaml", "--data", "/nonexistent/data"], ["/nonexistent/data"]),
     (["sweep", "search_spaces/cam.yaml", "--set", "backbone=resnet9000"], ["resnet9000", "backbone"]),
-    (["sweep", "search_spaces/cam.yaml", "--set", "epochs=-1"], ["epochs", "greater than or equal to 1"]),
+    (["sweep", "search_spaces/cam.yaml", "--set", "epochs=-1"], ["epochs", "greater than or equal to 0"]),
     (["predict", "--model", "models:/nothing@champion", "x.jpg"], ["models:/nothing@champion", "registry list"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragments):

@@ -83,7 +83,7 @@ def mlflow_server(postgres, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while True:
             assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
             try:
@@ -92,7 +92,7 @@ def mlflow_server(postgres, tmp_path):
                         break
             except OSError:
                 pass
-            assert time.time() < deadline, "mlflow server did not answer within 120 s"
+            assert time.time() < deadline, "mlflow server did not answer within 300 s"
             time.sleep(0.5)
         yield url
     finally:
@@ -100,24 +100,25 @@ def mlflow_server(postgres, tmp_path):
         proc.wait(timeout=30)
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(700)
 def test_sweep_against_mlflow_server_on_postgresql(tmp_path, mlflow_server):
     from weakbench.platform.data import generate_synthetic_coco
 
     data = generate_synthetic_coco(tmp_path / "data", num_images=24, image_size=64, seed=0)
     out = tmp_path / "runs"
     t0 = time.time()
-    # 4 trials (2 Optuna configurations × seeds 0, 1), all 4 at once on 2 CPUs
+    # 8 trials (4 Optuna configurations × seeds 0, 1), all 8 at once on 2 CPUs (the 8
+    # concurrent writers on one server)
     proc = subprocess.run([sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"),
-                           "--data", str(data), "--trials", "4", "--output-dir", str(out), "--name", "server",
+                           "--data", str(data), "--trials", "8", "--output-dir", str(out), "--name", "server",
                            "--tracking-uri", mlflow_server, "--executor", "inline", "--no-model", "--no-early-stopping",
-                           "--cpus-per-worker", "0.5", "--max-concurrent", "4", "--num-cpus", "2", "--address", "local",
+                           "--cpus-per-worker", "0.25", "--max-concurrent", "8", "--num-cpus", "2", "--address", "local",
                            "--eval-max-images", "8", "--set", "epochs=1", "--set", "input_size=64", "--set", "batch_size=8"],
-                          cwd=REPO, capture_output=True, text=True, timeout=360,
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4 of 4 planned (4 finished" in proc.stdout
+    assert "8 of 8 planned (8 finished" in proc.stdout
     assert not (out / "mlflow.db").exists() and not (out / "mlartifacts").exists()  # the server decides
     client = tracking.client_for(mlflow_server)
     exp = client.get_experiment_by_name(C.DEFAULT_EXPERIMENT)
@@ -126,12 +127,13 @@ def test_sweep_against_mlflow_server_on_postgresql(tmp_path, mlflow_server):
     parents = [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_SWEEP]
     children = [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_TRIAL]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 4 and len({c.data.tags[C.TAG_TRIAL_ID] for c in children}) == 4
+    assert len(children) == 8 and len({c.data.tags[C.TAG_TRIAL_ID] for c in children}) == 8
     for c in children:
         assert c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert "val/max_box_acc_v2" in c.data.metrics and "test/max_box_acc_v2" in c.data.metrics
         assert [a.path for a in client.list_artifacts(c.info.run_id) if a.path == C.CONFIG_ARTIFACT]
-    # the trials overlapped in time (concurrent writers on one server)
+    # the trials overlapped in time (concurrent writers on one server): the most runs open at once
     spans = sorted((c.info.start_time, c.info.end_time) for c in children)
-    assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), spans
-    print(f"tracking-server sweep: 4 trials, wall {wall:.0f} s")
+    most = max(sum(s0 <= t < s1 for s0, s1 in spans) for t, _ in spans)
+    assert most >= 4, spans
+    print(f"tracking-server sweep: 8 trials, at most {most} open at once, wall {wall:.0f} s")

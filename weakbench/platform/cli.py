@@ -154,6 +154,9 @@ def _run_sweep_with_view(opts, *, verbose: bool):
     tmp = Path(opts.output_dir).resolve() / "sweeps" / f".sweep-{os.getpid()}.log"
     quiet = QuietOutput(tmp)
     ok = False
+    import ray
+
+    ours = not ray.is_initialized()  # a caller's own Ray instance (a notebook, a test) is left running
     try:
         with quiet:
             view_console = Console(file=quiet.terminal, width=None if quiet.terminal.isatty() else 180)
@@ -162,9 +165,7 @@ def _run_sweep_with_view(opts, *, verbose: bool):
                 s = run_sweep(opts, observer=observer)
                 ok = True
             finally:
-                import ray
-
-                if ray.is_initialized():
+                if ours and ray.is_initialized():
                     ray.shutdown()  # its farewells go to the log too
         return s
     except WeakbenchError:

@@ -386,9 +386,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
         validate_config(space.method, space.fixed, source=f"{opts.space} (with command-line overrides)")
     out = Path(opts.output_dir).resolve()
     data_cache = str(out / "data_cache")
-    _check_ray_target(opts)
     if not opts.resume:  # bad data fails before anything is created
         check_images(open_dataset(opts.data, cache_dir=data_cache), data_cache)
+    _check_ray_target(opts)  # after the input: a wrong --data is named whatever Ray does
     sweep_dir, sweep_name = prepare_sweep_dir(opts, space)
     if opts.resume:
         saved = json.loads((sweep_dir / "sweep.json").read_text())
