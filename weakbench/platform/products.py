@@ -45,6 +45,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from weakbench.platform.results import _fsync_dir  # one fsync-a-directory helper for both stores
+
 MANIFEST = "manifest.json"
 #: bump when the product layout or a stage's semantics change, so old products are not reused.
 PRODUCTS_VERSION = 1
@@ -74,19 +76,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Product:
