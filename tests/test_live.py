@@ -150,7 +150,7 @@ def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path, executor):
 def test_status_shows_a_sweep_running_in_another_process(tmp_path):
     out_dir = tmp_path / "o"
     sweep = subprocess.Popen(_weakbench("sweep", "search_spaces/cam.yaml", "--trials", "2", "--address", "local",
-                                        "--output-dir", str(out_dir), "--name", "watched", "--set", "epochs=4",
+                                        "--output-dir", str(out_dir), "--name", "watched", "--set", "epochs=10",
                                         "--set", "input_size=64", "--eval-max-images", "8", "--executor", "inline",
                                         "--no-model", "--max-concurrent", "1"),
                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
