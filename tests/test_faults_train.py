@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from weakbench.platform import conventions as C
-from weakbench.platform import tracking
+from test_faults import _runs  # one reader of a sweep's parent and trial runs
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -135,14 +135,6 @@ class RayStartCluster:
             time.sleep(0.5)
         _kill(pids, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _runs(out: Path):
-    client = tracking.client_for(tracking.default_tracking_uri(out))
-    exp = client.get_experiment_by_name(C.DEFAULT_EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id])
-    return (client, [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_SWEEP],
-            [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_TRIAL])
 
 
 def _sweep_cmd(data: Path, out: Path, name: str, address: str, *args: str) -> list[str]:
