@@ -163,7 +163,8 @@ def test_ctrl_c_ends_the_sweep_killed_with_exit_130(tmp_path):
     client, parents, children = _runs(out)
     assert len(parents) == 1 and parents[0].info.status == "KILLED"
     assert children and not [c for c in children if c.info.status == "RUNNING"]
-    assert any(c.data.tags.get(C.TAG_INTERRUPTED) for c in children)
+    assert any(c.info.status == "KILLED" and c.data.tags.get(C.TAG_INTERRUPTED) for c in children), \
+        [(c.info.status, c.data.tags) for c in children]
     print("ctrl-c figures:", json.dumps({"seconds_to_stop": round(stop_seconds, 1), "runs": len(children)}))
 
 

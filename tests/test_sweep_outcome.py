@@ -116,3 +116,39 @@ def test_sweep_without_address_while_ray_runs_is_refused_clearly(tmp_path, monke
     assert err.startswith("error: a Ray instance already runs on this machine") and address in err, err
     assert "--address auto" in err and "--address local" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "mlflow.db").exists()  # refused before anything was created
+
+
+def test_interrupt_reconciliation_tells_interrupted_from_stopped(tmp_path):
+    """After Ctrl-C, a run the interrupt ended is KILLED and tagged interrupted, however it ended:
+    still RUNNING, KILLED by Tune's stop inside ``tune.report`` (tagged ``weakbench.stopped`` like a
+    scheduler stop), or FAILED with a KeyboardInterrupt in its worker. A run ASHA stopped before the
+    interrupt, and a run that failed for a real reason, keep their endings."""
+    import time
+
+    from weakbench.platform.data import open_dataset
+
+    uri = tracking.default_tracking_uri(tmp_path)
+    client = tracking.client_for(uri)
+    exp = tracking.ensure_experiment(client, "weakbench")
+    parent = tracking.get_or_create_parent_run(client, exp, "toy", "toy", tags={}, params={})
+    ids = {}
+    for name in ("running", "report_stop", "worker_sigint", "asha_before", "real_failure"):
+        ids[name], _ = tracking.get_or_create_trial_run(client, exp, parent_run_id=parent, sweep_id="toy", trial_id=name,
+                                                        run_name=name, tags={}, params={})
+    before = time.time() - 60
+    client.set_tag(ids["asha_before"], "weakbench.stopped", "stopped early by the scheduler")
+    client.set_terminated(ids["asha_before"], status="KILLED", end_time=int(before * 1000))
+    t_int = time.time()
+    client.set_tag(ids["report_stop"], "weakbench.stopped", "stopped early by the scheduler")
+    client.set_terminated(ids["report_stop"], status="KILLED")
+    tracking.fail_run(client, ids["worker_sigint"], KeyboardInterrupt())
+    tracking.fail_run(client, ids["real_failure"], ValueError("bad pixel"))
+    source = open_dataset(None, cache_dir=tmp_path / "cache")
+    _reconcile_with_tune(client, exp, parent, "toy", tmp_path / "no-tune", "cam", source, interrupted=True, interrupted_at=t_int)
+    runs = {r.info.run_name: r for r in tracking.child_runs(client, exp, parent)}
+    for name in ("running", "report_stop", "worker_sigint"):
+        assert runs[name].info.status == "KILLED" and runs[name].data.tags.get(C.TAG_INTERRUPTED), name
+        assert C.TAG_ERROR not in runs[name].data.tags, name
+    assert runs["asha_before"].info.status == "KILLED" and C.TAG_INTERRUPTED not in runs["asha_before"].data.tags
+    assert runs["real_failure"].info.status == "FAILED" and C.TAG_INTERRUPTED not in runs["real_failure"].data.tags
+    assert runs["real_failure"].data.tags[C.TAG_ERROR] == "ValueError: bad pixel"

@@ -719,6 +719,16 @@ def _run(spec: TrialSpec, reporter: _Reporter, segment: int | None = None) -> di
             else:
                 tracking.fail_run(client, run_id, f"SystemExit: {e.code}")
         raise
+    except KeyboardInterrupt:
+        # a SIGINT reached the worker (Ctrl-C to a terminal's whole process group): the run was
+        # interrupted, not broken; it ends KILLED and ``--resume`` continues it from its checkpoint
+        if rank == 0 and runner.client is not None and runner.run_id is not None:
+            try:
+                runner.client.set_tag(runner.run_id, C.TAG_INTERRUPTED, "the sweep was interrupted; --resume continues it")
+                runner.client.set_terminated(runner.run_id, status="KILLED")
+            except Exception:  # noqa: BLE001 - reporting must not mask the interrupt
+                pass
+        raise
     except BaseException as e:
         if rank == 0 and runner.client is not None and runner.run_id is not None:
             tracking.fail_run(runner.client, runner.run_id, e)

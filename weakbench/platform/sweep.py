@@ -435,6 +435,7 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     # the searcher is wrapped to skip them (_stage_aware)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     interrupted = False
+    interrupted_at: float | None = None
     error: BaseException | None = None
     num_planned = opts.trials
     tune_path = sweep_dir / "tune"
@@ -521,10 +522,14 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
                                           failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
             )
         with _graceful_interrupt() as stop:
-            tuner.fit()
+            try:
+                tuner.fit()
+            finally:
+                interrupted_at = stop.at
         interrupted = stop.requested
     except KeyboardInterrupt:
         interrupted = True
+        interrupted_at = interrupted_at or time.time()
         raise
     except Exception as e:
         error = e
@@ -533,7 +538,7 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
         if observer is not None:
             observer.ended()
         outcome = _reconcile_with_tune(client, exp_id, parent, sweep_name, tune_path, space.method, source,
-                                       interrupted=interrupted)
+                                       interrupted=interrupted, interrupted_at=interrupted_at)
         runs = tracking.child_runs(client, exp_id, parent)
         finished = [r for r in runs if r.info.status == "FINISHED"]
         failed = [r for r in runs if r.info.status == "FAILED"]
@@ -569,6 +574,7 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
 
 class _StopRequest:
     requested = False
+    at: float | None = None  # time.time() of the first SIGINT
 
 
 @contextlib.contextmanager
@@ -592,6 +598,7 @@ def _graceful_interrupt():
         if stop.requested or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
             raise KeyboardInterrupt
         stop.requested = True
+        stop.at = time.time()
         import sys
 
         print("weakbench: interrupted; stopping the sweep (press Ctrl-C again to stop at once)", file=sys.stderr)
@@ -636,7 +643,7 @@ def _tune_error_text(trial: Any) -> str:
 
 
 def _reconcile_with_tune(client, exp_id: str, parent: str, sweep_id: str, tune_path: Path, method: str, source,
-                         *, interrupted: bool) -> dict[str, int]:
+                         *, interrupted: bool, interrupted_at: float | None = None) -> dict[str, int]:
     """Make MLflow agree with Ray Tune after a sweep.
 
     * a trial Tune marks ERROR ends FAILED in MLflow with ``weakbench.error`` (its run is created
@@ -644,6 +651,11 @@ def _reconcile_with_tune(client, exp_id: str, parent: str, sweep_id: str, tune_p
     * a FINISHED run with a non-finite metric (a NaN loss) ends FAILED with a ``DivergenceError``;
     * a run still RUNNING ends KILLED: stopped early by the scheduler, or, when the sweep was
       interrupted, tagged ``weakbench.interrupted`` (then it does not count as stopped early);
+    * when the sweep was interrupted, a run that ended after the interrupt (``interrupted_at``)
+      because of it (Tune's stop reached it inside ``tune.report`` and it ended KILLED as if the
+      scheduler had stopped it, or a worker got the SIGINT and it ended FAILED with a
+      KeyboardInterrupt) is KILLED and tagged ``weakbench.interrupted`` too: the interrupt, not the
+      scheduler or the code, ended it, and ``--resume`` continues it;
     * a trial Tune restarted gets tag ``weakbench.restarts``.
 
     Returns ``{"restarts": total restarts over all trials}``.
@@ -678,9 +690,18 @@ def _reconcile_with_tune(client, exp_id: str, parent: str, sweep_id: str, tune_p
             except DivergenceError as e:
                 tracking.fail_run(client, r.info.run_id, e)
     if interrupted:
-        for r in client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
-                                    max_results=10000):
-            client.set_tag(r.info.run_id, C.TAG_INTERRUPTED, "the sweep was interrupted; --resume continues it")
+        since_ms = int(((interrupted_at or time.time()) - 2.0) * 1000)  # 2 s: clocks of one host, a report in flight
+        for r in tracking.child_runs(client, exp_id, parent):
+            ended_by_interrupt = r.info.status == "RUNNING" or (
+                (r.info.end_time or 0) >= since_ms
+                and ((r.info.status == "KILLED" and r.data.tags.get("weakbench.stopped"))
+                     or (r.info.status == "FAILED" and str(r.data.tags.get(C.TAG_ERROR, "")).startswith("KeyboardInterrupt"))))
+            if ended_by_interrupt:
+                client.set_tag(r.info.run_id, C.TAG_INTERRUPTED, "the sweep was interrupted; --resume continues it")
+                if r.info.status != "RUNNING":
+                    if r.info.status == "FAILED":
+                        client.delete_tag(r.info.run_id, C.TAG_ERROR)
+                        client.set_terminated(r.info.run_id, status="KILLED", end_time=r.info.end_time)
     tracking.reconcile_children(client, exp_id, parent,
                                 reason="the sweep was interrupted" if interrupted else "stopped early by the scheduler or interrupted")
     return {"restarts": restarts}
