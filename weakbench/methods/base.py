@@ -420,7 +420,7 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[Method]] = {}
-_BUILTIN_MODULES = ("cam", "minmaxcam", "puzzlecam", "topgap", "bbam", "baselines")
+_BUILTIN_MODULES = ("cam", "minmaxcam", "puzzlecam", "topgap", "bbam", "baselines", "ccgr")
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:

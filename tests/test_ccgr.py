@@ -1,0 +1,167 @@
+"""CCGR on the stage runner: the plan (rounds, what each stage reads), config errors, a two-round
+trial on the synthetic default (pseudo masks per round, refinement before/after, the IS branch's
+predictor), a sweep over the context scale that computes the classifier and the proposals once,
+a sweep killed in round 2 that resumes in round 2, and a capped COCO128 run.
+
+Real Ray, real MLflow (SQLite), real data. The unit tests of the algorithm itself (box
+integral, CCGR loss, refinement, peaks, bags, WSDDN) are in ``tests/test_ccgr_ops.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from weakbench.methods import build_method, validate_config
+from weakbench.methods.pipeline import validate_plan
+from weakbench.platform import conventions as C
+from weakbench.platform import tracking
+from weakbench.platform.data import make_splits, open_dataset, save_splits
+from weakbench.platform.engine import TrialSpec, run_trial
+from weakbench.platform.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+#: small enough for a 2-core CPU: each branch a few epochs on the synthetic default's 96 px images
+TINY = {"backbone": "resnet18", "input_size": 96, "epochs": 8, "batch_size": 16, "lr": 0.02, "rounds": 2,
+        "max_proposals": 150, "mil_epochs": 4, "mil_lr": 0.001, "semantic_epochs": 4, "semantic_lr": 0.001,
+        "mask_rcnn_epochs": 3, "refinement_steps": 100}
+
+
+def test_plan_rounds_and_what_each_stage_reads():
+    m = build_method("ccgr", {"rounds": 2}, num_classes=4)
+    plan = validate_plan(m.plan(), set(type(m.config).model_fields))
+    names = [s.name for s in plan]
+    assert names == ["classifier", "proposals", "peaks",
+                     "mil_r1", "semantic_r1", "refine_r1", "instance_r1", "instances_r1",
+                     "mil_r2", "semantic_r2", "refine_r2", "instance_r2", "evaluate", "instance_eval"]
+    st = {s.name: s for s in plan}
+    # a sweep over the context scale shares everything before the refinement
+    for name in ("classifier", "proposals", "peaks", "mil_r1", "semantic_r1"):
+        assert "context_scale" not in st[name].reads, name
+    assert "context_scale" in st["refine_r1"].reads and st["refine_r1"].shared
+    assert "seed" not in st["proposals"].reads and st["proposals"].inputs == ()  # keyed by data and settings only
+    assert st["mil_r2"].inputs[-1] == "instances_r1" and st["semantic_r2"].inputs[-1] == "instances_r1"
+    assert st["evaluate"].inputs == ("refine_r1", "refine_r2")
+    three = [s.name for s in build_method("ccgr", {"rounds": 3}, num_classes=4).plan()]
+    assert "refine_r3" in three and "instances_r2" in three and "instances_r3" not in three
+    assert m.headline_metric == "pseudo_masks/map_r50"
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="cam_bg_threshold .* must be <= cam_fg_threshold"):
+        validate_config("ccgr", {"cam_fg_threshold": 0.2, "cam_bg_threshold": 0.5})
+    with pytest.raises(ConfigError, match="context_scale"):
+        validate_config("ccgr", {"context_scale": 1.0})
+    with pytest.raises(ConfigError, match="rounds"):
+        validate_config("ccgr", {"rounds": 0})
+
+
+def _spec(tmp: Path, source_dir: str | None, cache: Path, splits: Path, params: dict, trial: str = "t0") -> TrialSpec:
+    return TrialSpec(method="ccgr", params=params, data=source_dir, data_cache=str(cache), splits_path=str(splits),
+                     trial_dir=str(tmp / trial), tracking_uri=tracking.default_tracking_uri(tmp), sweep_id="s",
+                     trial_id=trial, run_name=trial, eval_max_images=16, num_overlays=2, log_model=True,
+                     products_dir=str(tmp / "products"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_two_rounds_on_the_synthetic_default(tmp_path):
+    """Two rounds end to end: every round's pseudo masks are scored on val and test, the refined
+    boxes against the unrefined ones, the peaks find most instances, the IS branch is evaluated
+    and its predictor (the registered model) draws masks."""
+    cache = tmp_path / "cache"
+    source = open_dataset(None, cache_dir=cache)
+    splits = tmp_path / "splits.json"
+    save_splits(make_splits(source, seed=0), splits)
+    spec = _spec(tmp_path, None, cache, splits, {**TINY, "max_images_per_split": 40})
+    t0 = time.time()
+    m = run_trial(spec, executor="inline")
+    seconds = time.time() - t0
+    keys = ("map_r50", "map_r25", "box_map50", "box_iou_before", "box_iou_after", "unrefined/map_r50", "box_filled/map_r50")
+    summary = {k: round(m[f"val/pseudo_masks/{k}"], 2) for k in keys}
+    summary.update({f"r1/{k}": round(m[f"val/pseudo_masks/r1/{k}"], 2) for k in keys[:5]})
+    summary["peak_recall"] = round(m["val/peaks/peak_recall"], 1)
+    summary["seconds"] = round(seconds)
+    print("ccgr two rounds (val):", json.dumps(summary))
+    for split in ("val", "test"):
+        for r in (1, 2):
+            for k in keys:
+                assert f"{split}/pseudo_masks/r{r}/{k}" in m, (split, r, k)
+        assert m[f"{split}/pseudo_masks/map_r50"] == m[f"{split}/pseudo_masks/r2/map_r50"]
+        assert f"{split}/mask_rcnn/segm_map_r50" in m and f"{split}/pseudo_masks/round_gain/map_r50" in m
+    assert m["val/peaks/peak_recall"] >= 50, "the classifier's peaks miss most instances"
+    assert m["val/pseudo_masks/r1/num_instances"] > 0
+    client = tracking.client_for(spec.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name(spec.experiment).experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["weakbench.stage.refine_r2.cache"] == "computed"
+    arts = [a.path for a in client.list_artifacts(run.info.run_id, C.OVERLAY_DIR)]
+    assert arts, "no pseudo-mask overlay"
+    from weakbench.platform.predict import load_predictor, predict_images
+
+    predictor = load_predictor(run.data.tags[C.TAG_MODEL_URI], spec.tracking_uri)
+    preds = predict_images(predictor, [Path(source.records[0].path)], tmp_path / "pred")
+    assert preds[0].overlays[0].is_file()
+
+
+def _runs(out: Path):
+    client = tracking.client_for(tracking.default_tracking_uri(out))
+    exp = client.get_experiment_by_name(C.DEFAULT_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    return client, [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_TRIAL]
+
+
+SWEEP_SETS = ["--set", "epochs=3", "--set", "mil_epochs=2", "--set", "semantic_epochs=2", "--set", "mask_rcnn_epochs=2",
+              "--set", "max_images_per_split=12", "--set", "max_proposals=80", "--set", "refinement_steps=40",
+              "--eval-max-images", "8"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_sweep_over_context_scale_shares_round_one_and_resumes_in_round_two(tmp_path):
+    """A 2-trial sweep of ccgr.yaml (context scale, step size and steps searched): killed once
+    round 2 has begun, then ``--resume``d. Both trials finish; the classifier, the proposals, the
+    peaks and round 1's MIL and SS branches are computed once for the sweep (one computation,
+    every other use a cache hit with the same product hash); the killed trial resumes in round 2
+    (its round-1 stages are not recomputed); one MLflow run per trial, none RUNNING."""
+    from test_bbam import _kill_tree
+
+    out = tmp_path / "runs"
+    space = str(REPO / "search_spaces" / "ccgr.yaml")
+    base = [sys.executable, "-m", "weakbench", "sweep", space, "--output-dir", str(out), "--name", "ctx", "--address", "local"]
+    first = base + ["--trials", "2", "--executor", "inline", "--num-cpus", "1", "--max-concurrent", "1", "--no-model",
+                    *SWEEP_SETS]
+    proc = subprocess.Popen(first, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    products = out / "sweeps" / "ctx" / "products"
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline and not list(products.glob("mil_r2-*/manifest.json")):
+            assert proc.poll() is None, "the sweep ended before round 2"
+            time.sleep(0.5)
+        assert list(products.glob("mil_r2-*/manifest.json")), "round 2 did not start within 900 s"
+    finally:
+        _kill_tree(proc)
+    assert not list(products.glob("instance_r2-*/manifest.json")), "round 2 finished before the kill"
+    resumed = subprocess.run(base + ["--resume", "--num-cpus", "1"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client, trials = _runs(out)
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials), [t.info.status for t in trials]
+    assert len({t.data.params["context_scale"] for t in trials}) == 2
+    for stage in ("classifier", "proposals", "peaks", "mil_r1", "semantic_r1"):
+        assert len({t.data.tags[f"weakbench.stage.{stage}.hash"] for t in trials}) == 1, stage
+        assert len(list(products.glob(f"{stage}-*/manifest.json"))) == 1, stage
+    # the killed trial resumed in round 2: its classifier was trained once (one loss per epoch)
+    killed = [t for t in trials if t.data.tags.get("weakbench.stage.mil_r2.cache") == "computed"
+              and t.data.tags.get("weakbench.stage.classifier.cache") == "computed"]
+    assert killed, {t.info.run_id: {k: v for k, v in t.data.tags.items() if k.endswith(".cache")} for t in trials}
+    steps = [m.step for m in client.get_metric_history(killed[0].info.run_id, "train/classifier/loss")]
+    assert sorted(steps) == sorted(set(steps)) == [1, 2, 3], steps
+    other = [t for t in trials if t is not killed[0]][0]
+    assert other.data.tags["weakbench.stage.classifier.cache"] == "hit"
+    assert all("val/pseudo_masks/map_r50" in t.data.metrics and "val/pseudo_masks/r2/box_iou_after" in t.data.metrics
+               for t in trials)
