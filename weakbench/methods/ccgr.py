@@ -130,8 +130,11 @@ class CCGRConfig(MethodConfig):
     refine: bool = Field(True, description="run the CCGR refinement (false: the MIL boxes are used as they are)")
     context_scale: float = Field(1.5, gt=1, le=4, description="context box: this times the box's width and height (paper: 1.5)")
     refinement_steps: int = Field(200, ge=0, le=5000, description="gradient steps of the box refinement (~200)")
-    refinement_step_size: float = Field(ops.DEFAULT_STEP_SIZE, gt=0, le=100,
-                                        description="box refinement step (see ccgr_ops.refine_boxes for its unit)")
+    refinement_step_size: float = Field(0.003, gt=0, le=100, description="box refinement step: a fraction of the box's "
+                                        "width / height (refinement_step_unit 'box') or pixels ('pixel'); see "
+                                        "ccgr_ops.refine_boxes")
+    refinement_step_unit: Literal["box", "pixel"] = Field("box", description="unit of refinement_step_size: 'box' makes "
+                                                          "the refinement independent of image and object size")
     ccgr_form: Literal["area_weighted", "literal"] = Field("area_weighted", description="Φ(C): the mean over the context "
                                                            "ring (default) or the paper's written Φ(B̃) − Φ(B)")
     # instance branch
@@ -513,7 +516,7 @@ class CCGR(Method):
                 Stage(f"semantic_r{r}", "fit", reads=BRANCH_FIELDS + ("semantic_epochs", "semantic_lr"),
                       epochs=c.semantic_epochs, inputs=("classifier", src), shared=True),
                 Stage(f"refine_r{r}", "map", reads=("refine", "context_scale", "refinement_steps", "refinement_step_size",
-                                                    "ccgr_form"),
+                                                    "refinement_step_unit", "ccgr_form"),
                       inputs=("proposals", "peaks", src, f"mil_r{r}", f"semantic_r{r}"), shared=True, split="train"),
                 Stage(f"instance_r{r}", "fit", reads=("backbone", "input_size", "seed", "mask_rcnn_epochs", "mask_rcnn_lr",
                                                       "mask_rcnn_batch_size", "fpn_channels", "box_head_size", "momentum",
@@ -688,7 +691,7 @@ class CCGR(Method):
                     with torch.enable_grad():
                         after, info = ops.refine_boxes(prob[cls_t + 1], before, steps=c.refinement_steps,
                                                        step_size=c.refinement_step_size, context_scale=c.context_scale,
-                                                       form=c.ccgr_form, peaks=others)
+                                                       form=c.ccgr_form, peaks=others, step_unit=c.refinement_step_unit)
                     after = after.detach()
                     steps = torch.as_tensor(info.get("steps", steps))
                 res.update(boxes_before=before.numpy(), boxes_after=after.numpy(), classes=cls_t.numpy(),
