@@ -204,7 +204,8 @@ class Method:
     def train_batch_sampler(self, labels: torch.Tensor, batch_size: int, seed: int, rank: int, world_size: int):
         """Optional: return an iterable of index lists (a batch sampler) for training, already
         sharded to ``rank`` of ``world_size``; ``None`` (default) lets the engine use a
-        ``DistributedSampler``. MinMaxCAM uses this for its N sets × S images batches.
+        ``DistributedSampler``. MinMaxCAM uses this for its N sets × S images batches (its keys
+        are ``(position, set_class)`` pairs, which its own fit task's dataset accepts).
 
         Args:
             labels: float32 (num_train_images, C) multi-hot labels of the training split.
