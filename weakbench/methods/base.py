@@ -247,9 +247,11 @@ class Method:
         """Optional method-specific evaluation (e.g. Top-GAP's ERF distance and robust accuracy).
 
         Called by rank 0 after training on a few validation batches (each like a training
-        batch, plus ``"masks"``: bool (B, C, S, S) per-class GT masks at the input size and
-        ``"ignore"``: bool (B, S, S)). Returns ``{name: value}``; the engine logs them as
-        ``val/<name>``. Default: no extra metrics.
+        batch, plus ``"masks"``: bool (B, C, S, S) per-class GT masks at the input size,
+        ``"ignore"``: bool (B, S, S) and ``"has_masks"``: bool (B,) whether the image's masks are
+        real — on box-only data ``masks`` is an all-False placeholder and ``has_masks`` False).
+        Returns ``{name: value}``; the engine logs them as ``val/<name>``. Default: no extra
+        metrics.
         """
         return {}
 
