@@ -1,5 +1,6 @@
-"""MinMaxCAM: CRR/FRR on hand-computed tensors, the set sampler, Stage II freezing, training smoke
-(also through a one-process DDP wrapper, as the engine runs it)."""
+"""MinMaxCAM: CRR/FRR on hand-computed tensors, λ1/λ2 pinned, the set sampler (the drawn class carried
+through the batch, disjoint shards), Stage II freezing, training smoke (also through a one-process DDP
+wrapper, as the engine runs it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 
 from weakbench.methods import build_method
 from weakbench.methods.base import StepContext
-from weakbench.methods.minmaxcam import ClassSetBatchSampler, crr_loss, frr_loss, shared_set_classes
+from weakbench.methods.minmaxcam import (
+    ClassSetBatchSampler, MinMaxCAMFitTask, SetClassDataset, crr_loss, frr_loss, set_classes, shared_set_classes,
+)
 from weakbench.platform.errors import ConfigError, DataError
 
 SMALL = {"backbone": "resnet10t", "input_size": 64, "batch_size": 6, "set_size": 3, "lr": 0.05}
@@ -23,9 +26,16 @@ def _ctx() -> StepContext:
 
 
 def _batch(seed: int = 0) -> dict:
+    """Two sets of S = 3: set 0 drawn for class 0; set 1's images carry classes 1 and 2 and the set
+    was drawn for class 2 (the lowest shared index would be 1)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.tensor([[1, 0, 0]] * 3 + [[0, 1, 1]] * 3, dtype=torch.float32)
-    return {"image": torch.randn(6, 3, 64, 64, generator=g), "labels": labels, "index": torch.arange(6)}
+    return {"image": torch.randn(6, 3, 64, 64, generator=g), "labels": labels, "index": torch.arange(6),
+            "set_class": torch.tensor([0, 0, 0, 2, 2, 2])}
+
+
+def _positions(batch: list[tuple[int, int]]) -> list[int]:
+    return [i for i, _ in batch]
 
 
 # ---------------------------------------------------------------------- losses
@@ -73,11 +83,70 @@ def test_shared_set_classes_lowest_shared_index():
     assert valid.tolist() == [True, False, True]
 
 
+def test_set_classes_take_the_drawn_class_over_the_lowest_shared_one():
+    labels = torch.tensor([[1, 0, 1], [1, 0, 1], [1, 1, 0], [1, 1, 0]], dtype=torch.float32)  # both sets share 0
+    classes, valid = set_classes({"labels": labels, "set_class": torch.tensor([2, 2, 1, 1])}, 2)
+    assert classes.tolist() == [2, 1] and valid.tolist() == [True, True]
+    # without set_class (a hand-built batch): the lowest shared index; -1 marks one set unknown
+    assert set_classes({"labels": labels}, 2)[0].tolist() == [0, 0]
+    assert set_classes({"labels": labels, "set_class": torch.tensor([-1, -1, 1, 1])}, 2)[0].tolist() == [0, 1]
+    with pytest.raises(ValueError, match=r"set 0 carry different set_class values \[2, 1\]"):
+        set_classes({"labels": labels, "set_class": torch.tensor([2, 1, 1, 1])}, 2)
+    with pytest.raises(ValueError, match="set 0 was drawn for class 1 but not all its images carry"):
+        set_classes({"labels": labels, "set_class": torch.tensor([1, 1, 1, 1])}, 2)
+    with pytest.raises(ValueError, match="outside"):
+        set_classes({"labels": labels, "set_class": torch.tensor([3, 3, 1, 1])}, 2)
+
+
+def test_stage2_regularises_the_drawn_class_cam():
+    """H is the CAM of the drawn class: Stage II's gradient reaches exactly those rows of fc."""
+    m = build_method("minmaxcam", SMALL, num_classes=3)
+    torch.manual_seed(0)
+    net = m.build_model().train()
+    batch = _batch()
+    assert shared_set_classes(batch["labels"], 3)[0].tolist() == [0, 1]  # what the lowest-index rule picks
+    m.stage2_losses(net, batch)["loss"].backward()
+    per_class = net.classifier.weight.grad.flatten(1).abs().sum(1)
+    assert per_class[0] > 0 and per_class[2] > 0
+    assert per_class[1] == 0  # class 1 is shared by set 1's images but is not the class it was drawn for
+
+
 def test_config_batch_must_be_sets():
     with pytest.raises(ConfigError, match=r"batch_size \(16\).*set_size \(5\).*15 or 20"):
         build_method("minmaxcam", {"batch_size": 16}, num_classes=3)
     cfg = build_method("minmaxcam", {}, num_classes=3).config
     assert (cfg.batch_size, cfg.set_size, cfg.num_sets, cfg.crr_weight, cfg.frr_weight) == (60, 5, 12, 1.0, 10.0)
+    fields = type(cfg).model_fields  # the descriptions say whose value each default is
+    assert "official code" in fields["crr_weight"].description
+    assert "VGG16 optimum (Fig. 6)" in fields["frr_weight"].description and "official code's default is 1" in fields["frr_weight"].description
+
+
+def test_stage2_loss_is_lambda1_crr_plus_lambda2_frr():
+    """L_S2 = λ1·CRR + λ2·FRR (eq. 5) with CRR, FRR recomputed here from the same features."""
+    lam1, lam2 = 0.3, 2.5
+    m = build_method("minmaxcam", {**SMALL, "crr_weight": lam1, "frr_weight": lam2}, num_classes=3)
+    torch.manual_seed(0)
+    net = m.build_model().train()
+    batch = _batch()
+    out = m.stage2_losses(net, batch)
+    with torch.no_grad():  # B* runs in eval mode: the same features again
+        f, f_orig = net.regularization_features(batch["image"], batch["set_class"])
+    s, sets = 3, 2
+    crr = frr = 0.0
+    for n in range(sets):
+        fs, fo = f[n * s:(n + 1) * s], f_orig[n * s:(n + 1) * s]
+        crr += sum(((fs[i] - fs[j]) ** 2).mean() for i in range(s) for j in range(s) if i != j) / (s * (s - 1)) / sets
+        frr += sum(((fs[i] - fo[i]) ** 2).mean() for i in range(s)) / s / sets
+    crr, frr = float(crr), float(frr)
+    assert float(out["crr"]) == pytest.approx(crr, rel=1e-4)
+    assert float(out["frr"]) == pytest.approx(frr, rel=1e-4)
+    assert float(out["loss"].detach()) == pytest.approx(lam1 * crr + lam2 * frr, rel=1e-4)
+    swapped = lam2 * crr + lam1 * frr
+    assert abs(swapped - (lam1 * crr + lam2 * frr)) > 1e-2 * abs(swapped)  # swapping λ1 and λ2 is visible
+    # the logged losses: stage2 is the weighted sum of the logged (unweighted) crr and frr
+    logged = m.training_step(net, batch, m.configure_optimizers(net), _ctx())
+    assert logged["stage2"] == pytest.approx(lam1 * logged["crr"] + lam2 * logged["frr"], rel=1e-5)
+    assert logged["loss"] == pytest.approx(logged["cls"] + logged["stage2"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------- sampler
@@ -99,9 +168,11 @@ def test_sampler_sets_share_a_class_and_are_deterministic():
     for b in batches:
         assert len(b) == 6
         for k in range(0, 6, 3):
-            members = lab[b[k:k + 3]]
-            assert (members.prod(0) > 0).any(), f"set {b[k:k + 3]} shares no class"
-        seen.update(b)
+            (cls, *others) = {c for _, c in b[k:k + 3]}
+            assert not others, f"set {b[k:k + 3]} carries several set classes"
+            members = lab[_positions(b[k:k + 3])]
+            assert (members[:, cls] > 0).all(), f"set {b[k:k + 3]}: not every image has its drawn class"
+        seen.update(_positions(b))
     assert not seen & {21, 22}
     assert batches != list(s)  # the next epoch is reshuffled
     s2 = ClassSetBatchSampler(lab, set_size=3, num_sets=2, seed=7)
@@ -119,12 +190,38 @@ def test_sampler_small_class_with_replacement():
     assert (0, [0, 0, 0]) in sets  # the only image of class 0, three times
 
 
-def test_sampler_shards_ranks_equally_and_disjointly():
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sampler_shards_are_disjoint_and_cover_the_epoch(world_size):
+    """Single-label classes of 9, 6, 12 and 9 images, S = 3, N = 2: 12 sets, a multiple of
+    N × world_size, so no set is filled up or cycled and each labelled image belongs to exactly
+    one set of the epoch. Every rank's shard must then be disjoint from every other's and the
+    shards together must be the whole epoch."""
+    lab = torch.zeros(38, 4)
+    for c, (lo, hi) in enumerate([(0, 9), (9, 15), (15, 27), (27, 36)]):
+        lab[lo:hi, c] = 1  # images 36, 37 have no label
+    for epoch in (0, 1):
+        shards = []
+        for rank in range(world_size):
+            sampler = ClassSetBatchSampler(lab, 3, 2, seed=1, rank=rank, world_size=world_size)
+            sampler.set_epoch(epoch)
+            shards.append([i for b in sampler for i in _positions(b)])
+        assert all(len(sh) == len(shards[0]) == 36 // world_size for sh in shards)
+        for r in range(world_size):
+            assert len(set(shards[r])) == len(shards[r]), f"rank {r} sees an image twice"
+            for q in range(r + 1, world_size):
+                assert not set(shards[r]) & set(shards[q]), f"ranks {r} and {q} share images in epoch {epoch}"
+        assert sorted(i for sh in shards for i in sh) == list(range(36))  # together: every labelled image once
+
+
+def test_sampler_shards_are_disjoint_slices_of_one_epoch_order():
+    """With filled-up and cycled sets an image can recur, so the ranks' batches are checked as
+    slices of the epoch: every batch of the epoch goes to exactly one rank."""
     lab = _labels()
-    r0 = list(ClassSetBatchSampler(lab, 3, 2, seed=1, rank=0, world_size=2))
-    r1 = list(ClassSetBatchSampler(lab, 3, 2, seed=1, rank=1, world_size=2))
-    assert len(r0) == len(r1) >= 1
-    assert r0 != r1
+    epoch_batches = ClassSetBatchSampler(lab, 3, 2, seed=1).epoch_batches(0)
+    shards = [list(ClassSetBatchSampler(lab, 3, 2, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) >= 1
+    positions = [[epoch_batches.index(b, r) for b in sh] for r, sh in enumerate(shards)]
+    assert positions == [list(range(0, len(epoch_batches), 2)), list(range(1, len(epoch_batches), 2))]
 
 
 def test_sampler_without_labels_is_a_data_error():
@@ -136,6 +233,31 @@ def test_method_returns_sampler_of_config_shape():
     m = build_method("minmaxcam", SMALL, num_classes=4)
     batches = list(m.train_batch_sampler(_labels(), 6, seed=0, rank=0, world_size=1))
     assert all(len(b) == 6 for b in batches)
+
+
+def test_fit_task_batches_carry_the_drawn_class(synthetic_dir):
+    """The engine's path (the fit task's dataset and batch sampler in a DataLoader) delivers
+    ``set_class``: one class per set, carried by each of its images."""
+    from weakbench.platform.data import make_splits, open_dataset
+
+    source = open_dataset(synthetic_dir)
+    train = list(make_splits(source, seed=0)["train"])
+    m = build_method("minmaxcam", {**SMALL, "input_size": 32}, num_classes=source.num_classes)
+    task = m.fit_task(m.plan()[0])
+    assert isinstance(task, MinMaxCAMFitTask)
+    ds = task.train_dataset(source, train)
+    assert isinstance(ds, SetClassDataset) and ds[3]["set_class"].item() == -1  # a bare position: unknown
+    sampler = task.batch_sampler(source, train, 0, 1)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=task.collate)
+    n = 0
+    for batch, keys in zip(loader, sampler.epoch_batches(0)):
+        assert batch["set_class"].dtype == torch.int64 and batch["set_class"].tolist() == [c for _, c in keys]
+        assert batch["index"].tolist() == [train[i] for i, _ in keys]
+        sc = batch["set_class"].reshape(2, 3)
+        assert (sc == sc[:, :1]).all()
+        assert (batch["labels"].gather(1, batch["set_class"][:, None]) == 1).all()
+        n += 1
+    assert n == len(sampler) >= 1
 
 
 # ---------------------------------------------------------------------- training
@@ -192,3 +314,13 @@ def test_training_step_through_ddp(tmp_path):
         assert not torch.equal(before, inner.classifier.weight)
     finally:
         dist.destroy_process_group()
+
+
+def test_search_space_reaches_small_frr_weights():
+    """λ2 from 0.1 (MobileNetV2 degrades for large FRR weights, Fig. 6) past the paper's VGG16 optimum 10."""
+    from weakbench.methods import get_method_class
+    from weakbench.platform.search_space import load_search_space
+
+    space = load_search_space(get_method_class("minmaxcam").default_search_space())
+    frr = space.search["frr_weight"]
+    assert frr.kind == "loguniform" and frr.values[0] <= 0.1 and frr.values[1] >= 10

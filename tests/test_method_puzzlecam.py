@@ -1,4 +1,5 @@
-"""Puzzle-CAM: puzzle module, L_re and the α ramp on hand-computed tensors, pseudo masks and mIoU,
+"""Puzzle-CAM: puzzle module, L_re and the α ramp on hand-computed tensors, tile grids refused below
+2×2 tile CAMs, pseudo masks and mIoU (only on images with real masks, also through the evaluator),
 multi-scale inference CAMs, training smoke."""
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from weakbench.methods.puzzlecam import (
 )
 from weakbench.platform.errors import ConfigError
 
-SMALL = {"backbone": "resnet10t", "input_size": 64, "batch_size": 4, "lr": 0.05, "inference_scales": (0.5, 1.0, 2.0)}
+#: 64 px at stride 16: the 2×2 tiles' CAMs are 2×2, the smallest grid the config accepts
+SMALL = {"backbone": "resnet10t", "input_size": 64, "output_stride": 16, "batch_size": 4, "lr": 0.05,
+         "inference_scales": (0.5, 1.0, 2.0)}
 
 
 def _ctx(step: int = 0, total: int = 4) -> StepContext:
@@ -94,6 +97,27 @@ def test_config_validation():
     assert (cfg.alpha, cfg.num_tiles, cfg.alpha_ramp_fraction, cfg.inference_scales) == (4.0, 4, 0.5, (0.5, 1.0, 1.5, 2.0))
 
 
+@pytest.mark.parametrize("params, tile_cam, fixes", [
+    ({"num_tiles": 16, "input_size": 128}, "1×1", ["input_size >= 256", "output_stride 16", "num_tiles 4 (2×2)"]),
+    ({"num_tiles": 4, "input_size": 96}, "1.5×1.5", ["input_size >= 128", "output_stride 16"]),
+    ({"num_tiles": 9, "input_size": 96, "output_stride": 16}, "2×2", None),  # exactly 2×2: accepted
+    ({"num_tiles": 16, "input_size": 128, "output_stride": 16}, "2×2", None),
+    ({"num_tiles": 64, "input_size": 64, "output_stride": 8}, "1×1", ["input_size >= 128", "num_tiles 16 (4×4)"]),
+], ids=["4x4-tiles-128px-s32", "2x2-tiles-96px-s32", "3x3-tiles-96px-s16-ok", "4x4-tiles-128px-s16-ok", "8x8-tiles-64px-s8"])
+def test_config_refuses_tile_cams_below_2x2(params, tile_cam, fixes):
+    """input_size / output_stride / √num_tiles < 2 is refused, naming the fields and the fixes."""
+    if fixes is None:
+        assert build_method("puzzlecam", params, num_classes=2).config.grid ** 2 == params["num_tiles"]
+        return
+    with pytest.raises(ConfigError) as exc:
+        build_method("puzzlecam", params, num_classes=2)
+    msg = str(exc.value)
+    stride = params.get("output_stride", 32)
+    for fragment in (f"num_tiles={params['num_tiles']}", f"input_size={params['input_size']}", f"output_stride={stride}",
+                     f"tile CAMs of {tile_cam}", "smaller than 2×2", *fixes):
+        assert fragment in msg, (fragment, msg)
+
+
 def test_training_steps_smoke_and_inference_cams():
     m = build_method("puzzlecam", SMALL, num_classes=3)
     torch.manual_seed(0)
@@ -112,7 +136,7 @@ def test_training_steps_smoke_and_inference_cams():
     net.eval()
     images = _batch()["image"]
     cams, logits = m.cams_and_scores(net, images)
-    assert cams.shape == (4, 3, 4, 4)  # the largest scale (2×64 px at stride 32)
+    assert cams.shape == (4, 3, 8, 8)  # the largest scale (2×64 px at stride 16)
     assert logits.shape == (4, 3)
     assert torch.allclose(logits, m.class_scores(net, images), atol=1e-5)
     assert cams.min() >= 0 and cams.max() <= 1
@@ -120,16 +144,70 @@ def test_training_steps_smoke_and_inference_cams():
     assert torch.all((peak == 0) | ((peak > 0.99) & (peak <= 1)))  # max-normalised per (image, class)
 
 
+def _masked_batch(seed: int = 0, has_masks: tuple[bool, ...] = (True,) * 4) -> dict:
+    """_batch with a centred square mask per present class, except where ``has_masks`` is False:
+    there the all-empty placeholder masks of box-only data."""
+    batch = _batch(seed)
+    real = torch.tensor(has_masks)
+    masks = torch.zeros(4, 3, 64, 64, dtype=torch.bool)
+    masks[:, :, 16:48, 16:48] = (batch["labels"].bool() & real[:, None])[:, :, None, None]
+    batch.update(masks=masks, ignore=torch.zeros(4, 64, 64, dtype=torch.bool), has_masks=real)
+    return batch
+
+
 def test_extra_metrics_pseudo_mask_miou():
     m = build_method("puzzlecam", {**SMALL, "inference_scales": (1.0,), "inference_flip": False}, num_classes=3)
     torch.manual_seed(0)
     net = m.build_model()
-    batch = _batch()
-    masks = torch.zeros(4, 3, 64, 64, dtype=torch.bool)
-    masks[:, :, 16:48, 16:48] = batch["labels"][:, :, None, None].bool()
-    batch.update(masks=masks, ignore=torch.zeros(4, 64, 64, dtype=torch.bool))
-    out = m.extra_metrics(net, [batch], torch.device("cpu"))
+    out = m.extra_metrics(net, [_masked_batch()], torch.device("cpu"))
     assert set(out) == {"pseudo_mask_miou", "pseudo_mask_bg_threshold", "pseudo_mask_miou_at_config"}
     assert 0 <= out["pseudo_mask_miou_at_config"] <= out["pseudo_mask_miou"] <= 100
     assert net.training  # mode restored
-    assert m.extra_metrics(net, [_batch()], torch.device("cpu")) == {}
+    assert m.extra_metrics(net, [_batch()], torch.device("cpu")) == {}  # no masks at all
+
+
+def test_extra_metrics_skip_images_without_real_masks():
+    """Box-only images carry all-empty placeholder masks (has_masks False): they never count."""
+    m = build_method("puzzlecam", {**SMALL, "inference_scales": (1.0,), "inference_flip": False}, num_classes=3)
+    torch.manual_seed(0)
+    net = m.build_model()
+    cpu = torch.device("cpu")
+    assert m.extra_metrics(net, [_masked_batch(has_masks=(False,) * 4)], cpu) == {}
+    mixed = _masked_batch(has_masks=(True, True, False, False))
+    only_real = {k: v[:2] for k, v in mixed.items()}
+    assert m.extra_metrics(net, [mixed], cpu) == m.extra_metrics(net, [only_real], cpu) != {}
+    # masks whose reality is not stated are not trusted
+    assert m.extra_metrics(net, [{k: v for k, v in mixed.items() if k != "has_masks"}], cpu) == {}
+
+
+def _box_only_wsol(root):
+    """A box-only wsolevaluation metadata set (no masks) of 4 images 64×64 in 2 classes."""
+    from PIL import Image
+
+    meta = root / "test"
+    meta.mkdir(parents=True)
+    ids = [f"img/{i}.png" for i in range(4)]
+    for i, name in enumerate(ids):
+        (root / "img").mkdir(exist_ok=True)
+        Image.new("RGB", (64, 64), (40 * i, 100, 200 - 40 * i)).save(root / name)
+    (meta / "image_ids.txt").write_text("".join(f"{n}\n" for n in ids))
+    (meta / "class_labels.txt").write_text("".join(f"{n},{i % 2}\n" for i, n in enumerate(ids)))
+    (meta / "image_sizes.txt").write_text("".join(f"{n},64,64\n" for n in ids))
+    (meta / "localization.txt").write_text("".join(f"{n},8,8,40,40\n" for n in ids))
+    return meta
+
+
+def test_evaluator_reports_pseudo_mask_miou_only_on_data_with_masks(tmp_path, synthetic_dir):
+    from weakbench.platform.data import open_dataset
+    from weakbench.platform.evaluate import evaluate_split
+
+    for data, expect in ((_box_only_wsol(tmp_path / "boxes"), False), (synthetic_dir, True)):
+        source = open_dataset(data)
+        assert source.has_masks is expect
+        m = build_method("puzzlecam", {**SMALL, "inference_scales": (1.0,), "inference_flip": False},
+                         num_classes=source.num_classes, multilabel=source.multilabel)
+        torch.manual_seed(0)
+        metrics, _, _ = evaluate_split(m, m.build_model(), source, list(range(4)), input_size=64,
+                                       device=torch.device("cpu"), batch_size=4, extra_batches=1)
+        assert "max_box_acc_v2" in metrics
+        assert ("pseudo_mask_miou" in metrics) is expect, (data, metrics)

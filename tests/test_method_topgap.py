@@ -54,6 +54,25 @@ def test_l1_sparsity_and_k_resolution():
         build_method("topgap", {"top_k_fraction": 1.5}, num_classes=2)
 
 
+def test_training_loss_is_ce_plus_lambda_l1():
+    """L = CE + λ‖X‖₁ (eq. 1) with λ = 2.5, both terms recomputed here from the model's own outputs."""
+    lam = 2.5
+    m = build_method("topgap", {**SMALL, "l1_weight": lam}, num_classes=3)
+    torch.manual_seed(0)
+    net = m.build_model().eval()  # eval: the second forward below gives the same tensors
+    batch = _batch()
+    out = m.training_losses(net, batch, _ctx())
+    with torch.no_grad():
+        logits, cams = net(batch["image"])
+    ce = float(torch.nn.functional.multilabel_soft_margin_loss(logits, batch["labels"]))
+    l1 = float(cams.abs().mean())
+    assert float(out["cls"]) == pytest.approx(ce, rel=1e-5) and float(out["l1"]) == pytest.approx(l1, rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(ce + lam * l1, rel=1e-5)
+    assert abs((ce + l1) - (ce + lam * l1)) > 1e-3 * (ce + lam * l1)  # dropping λ is visible
+    logged = m.training_step(net.train(), batch, m.configure_optimizers(net), _ctx())
+    assert logged["loss"] == pytest.approx(logged["cls"] + lam * logged["l1"], rel=1e-5)
+
+
 def test_cam_mask_iou_hand():
     maps = torch.tensor([[[0.9, 0.1], [0.6, 0.4]]])
     mask = torch.tensor([[[True, True], [False, False]]])
@@ -116,7 +135,7 @@ def test_training_steps_smoke_and_paper_metrics():
     for i in range(2):
         out = m.training_step(net, _batch(i), opts, _ctx())
         assert all(math.isfinite(v) for v in out.values())
-        assert out["loss"] == pytest.approx(out["cls"] + out["l1"], rel=1e-5)
+        assert out["loss"] == pytest.approx(out["cls"] + m.config.l1_weight * out["l1"], rel=1e-5)
     after = net.state_dict()
     for prefix in ("backbone.", "laterals.", "classifier."):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix) and k.endswith("weight")), prefix

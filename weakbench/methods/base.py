@@ -204,7 +204,8 @@ class Method:
     def train_batch_sampler(self, labels: torch.Tensor, batch_size: int, seed: int, rank: int, world_size: int):
         """Optional: return an iterable of index lists (a batch sampler) for training, already
         sharded to ``rank`` of ``world_size``; ``None`` (default) lets the engine use a
-        ``DistributedSampler``. MinMaxCAM uses this for its N sets × S images batches.
+        ``DistributedSampler``. MinMaxCAM uses this for its N sets × S images batches (its keys
+        are ``(position, set_class)`` pairs, which its own fit task's dataset accepts).
 
         Args:
             labels: float32 (num_train_images, C) multi-hot labels of the training split.
@@ -246,9 +247,11 @@ class Method:
         """Optional method-specific evaluation (e.g. Top-GAP's ERF distance and robust accuracy).
 
         Called by rank 0 after training on a few validation batches (each like a training
-        batch, plus ``"masks"``: bool (B, C, S, S) per-class GT masks at the input size and
-        ``"ignore"``: bool (B, S, S)). Returns ``{name: value}``; the engine logs them as
-        ``val/<name>``. Default: no extra metrics.
+        batch, plus ``"masks"``: bool (B, C, S, S) per-class GT masks at the input size,
+        ``"ignore"``: bool (B, S, S) and ``"has_masks"``: bool (B,) whether the image's masks are
+        real — on box-only data ``masks`` is an all-False placeholder and ``has_masks`` False).
+        Returns ``{name: value}``; the engine logs them as ``val/<name>``. Default: no extra
+        metrics.
         """
         return {}
 

@@ -22,14 +22,20 @@ a set sharing one class:
 Choices where the paper is silent or the official code differs:
 
 * ``feature_distance="mean"`` (default): ``‖·‖²`` is averaged over the ``D`` feature dimensions
-  (the official code's ``MSELoss(reduction="mean")``), which is the scale the published weights
-  ``λ1 = 1``, ``λ2 = 10`` were tuned for. ``"sum"`` gives the paper's literal squared L2 norm
-  (``D`` times larger, e.g. ×512 for ResNet-18).
-* Multi-label data: a set is ``S`` images that all contain the set's class; the sampler
-  (:class:`ClassSetBatchSampler`) guarantees one shared class, and the step recomputes it as the
-  **lowest class index all ``S`` images share** (the CAM used for ``H`` is that class's). A set
-  without a shared class (only possible when batches do not come from the sampler) is left out of
-  Stage II (weight 0), and images after the last full set are ignored by Stage II.
+  (the official code's ``nn.MSELoss()``, reduction ``"mean"``). ``"sum"`` gives the paper's
+  literal squared L2 norm (``D`` times larger, e.g. ×512 for ResNet-18).
+* Weights: the default ``λ1 = 1``, ``λ2 = 10`` is the paper's VGG16 optimum of the FRR weight
+  (Sec. 4.4, Fig. 6: the VGG16 curve peaks at an FRR weight of 10); the official code's
+  ``train.py`` defaults are ``λ1 = λ2 = 1`` (``--w_loss_com 1 --w_loss_ori 1``). Fig. 6 also shows
+  MobileNetV2 degrading sharply for large FRR weights, so the search space reaches down to 0.1.
+* Multi-label data: a set is ``S`` images that all contain the set's class. The sampler
+  (:class:`ClassSetBatchSampler`) draws each set *for* a class and the batch carries it
+  (``batch["set_class"]``, int64 (B,), via :class:`SetClassDataset`); ``H`` is that class's CAM
+  (:func:`set_classes`). On COCO most images contain ``person``, so "a class the set's images
+  share" is not "the set's class": the drawn class is the one regularised. Only a batch without
+  ``set_class`` (not from the sampler: hand-built batches) falls back to the **lowest class index
+  all ``S`` images share**, and a set without any shared class is then left out of Stage II
+  (weight 0). Images after the last full set are ignored by Stage II.
 * ``output_stride`` keeps the common default (32) so that the leaderboard compares methods on
   equal backbones; the paper used a stride-16 last stage for ResNet-50 and MobileNetV2
   (``output_stride=16``).
@@ -51,20 +57,30 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch.func import functional_call
 
-from weakbench.methods.base import ClassifierConfig, Method, MethodConfig, StepContext, register_method
+from weakbench.methods.base import ClassifierConfig, ClassifierFitTask, Method, StepContext, register_method
 from weakbench.methods.cam import CAMNet, classification_loss
+from weakbench.methods.pipeline import FitTask, Stage
 from weakbench.platform.errors import DataError
 
 
 class MinMaxCAMConfig(ClassifierConfig):
-    """MinMaxCAM hyperparameters (defaults: the paper's S = 5, N = 12, and the official code's
-    λ1 = 1, λ2 = 10 with ``feature_distance="mean"``).
+    """MinMaxCAM hyperparameters (defaults: the paper's S = 5, N = 12 (Sec. 4.1), λ1 = 1 and
+    λ2 = 10 — the FRR weight at which the paper's VGG16 ablation peaks (Sec. 4.4, Fig. 6) — with
+    the official code's ``feature_distance="mean"``; the official ``train.py`` defaults to
+    λ1 = λ2 = 1).
 
     ``batch_size`` is ``N × S`` images per worker; it must be a multiple of ``set_size``.
+
+    Raises (through :func:`weakbench.methods.base.validate_config`):
+        ConfigError: ``batch_size`` is not a multiple of ``set_size`` (naming both and the nearest
+            valid batch sizes), or a field is out of range.
     """
 
-    crr_weight: float = Field(1.0, ge=0, le=1000, description="λ1, weight of CRR (eq. 5)")
-    frr_weight: float = Field(10.0, ge=0, le=1000, description="λ2, weight of FRR (eq. 5)")
+    crr_weight: float = Field(1.0, ge=0, le=1000, description=(
+        "λ1, weight of CRR (eq. 5); default 1 = the official code's default"))
+    frr_weight: float = Field(10.0, ge=0, le=1000, description=(
+        "λ2, weight of FRR (eq. 5); default 10 = the paper's VGG16 optimum (Fig. 6); the official code's "
+        "default is 1, and MobileNetV2 drops sharply for large values (Fig. 6)"))
     set_size: int = Field(5, ge=2, le=64, description="S, images per set sharing a class")
     batch_size: int = Field(60, ge=2, le=4096, description="N sets × S images per worker per step (paper: 12 × 5)")
     feature_distance: Literal["mean", "sum"] = Field(
@@ -145,12 +161,16 @@ def _weighted_mean(per_set: torch.Tensor, weights: torch.Tensor | None) -> torch
 
 
 def shared_set_classes(labels: torch.Tensor, set_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The class of each set of a MinMaxCAM batch: the lowest class index all its images share.
+    """Fallback class of each set of a batch that does not carry ``set_class``: the lowest class
+    index all the set's images share.
+
+    This is *not* the set's class on multi-label data (on COCO it is ``person`` for most sets);
+    batches from :class:`ClassSetBatchSampler` carry the drawn class, see :func:`set_classes`.
 
     Args:
-        labels: float (B, C) multi-hot labels; consecutive ``set_size`` rows form one set
-            (rows after the last full set are ignored).
-        set_size: S.
+        labels: float (B, C) multi-hot labels in {0, 1}; consecutive ``set_size`` rows form one
+            set (rows after the last full set are ignored).
+        set_size: S ≥ 1.
 
     Returns:
         ``(classes, valid)``: int64 (N,) class per set (0 where none is shared) and bool (N,)
@@ -162,6 +182,50 @@ def shared_set_classes(labels: torch.Tensor, set_size: int) -> tuple[torch.Tenso
     valid = shared.any(dim=1)
     classes = torch.where(valid, shared.to(torch.int8).argmax(dim=1), torch.zeros_like(valid, dtype=torch.long))
     return classes.long(), valid
+
+
+def set_classes(batch: Mapping[str, Any], set_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class each set of a MinMaxCAM batch regularises: the class the sampler drew it for.
+
+    Args:
+        batch: ``{"labels": float (B, C) multi-hot in {0, 1}, "set_class": int64 (B,) optional}``;
+            consecutive ``set_size`` rows form one set (rows after the last full set are
+            ignored). ``set_class[i]`` is the class image ``i``'s set was drawn for
+            (:class:`ClassSetBatchSampler` via :class:`SetClassDataset`), ``-1`` when unknown.
+        set_size: S ≥ 1.
+
+    Returns:
+        ``(classes, valid)``: int64 (N,) class per set and bool (N,) whether the set takes part
+        in Stage II, ``N = B // S``. A set with a known ``set_class`` uses it; a set without one
+        (no ``"set_class"`` key, or ``-1``) falls back to :func:`shared_set_classes` (valid only
+        when its images share a class).
+
+    Raises:
+        ValueError: the images of one set carry different ``set_class`` values, a ``set_class``
+            is outside ``[-1, C)``, or an image lacks the label of its set's class (the batch
+            did not come from the sampler over these labels).
+    """
+    labels = batch["labels"]
+    fallback, fallback_valid = shared_set_classes(labels, set_size)
+    if "set_class" not in batch:
+        return fallback, fallback_valid
+    n, c = fallback.shape[0], labels.shape[1]
+    drawn_all = torch.as_tensor(batch["set_class"], device=labels.device).long()[: n * set_size].reshape(n, set_size)
+    drawn = drawn_all[:, 0]
+    if (drawn_all != drawn[:, None]).any():
+        bad = int((drawn_all != drawn[:, None]).any(dim=1).nonzero()[0])
+        raise ValueError(f"MinMaxCAM: the images of set {bad} carry different set_class values "
+                         f"{drawn_all[bad].tolist()}; a set's {set_size} images must be drawn for one class")
+    if ((drawn < -1) | (drawn >= c)).any():
+        raise ValueError(f"MinMaxCAM: set_class values {sorted(set(drawn.tolist()))} outside [-1, {c})")
+    known = drawn >= 0
+    sets = labels[: n * set_size].reshape(n, set_size, c) > 0.5
+    carries = sets.gather(2, drawn.clamp(min=0)[:, None, None].expand(n, set_size, 1))[..., 0].all(dim=1)
+    if (known & ~carries).any():
+        bad = int((known & ~carries).nonzero()[0])
+        raise ValueError(f"MinMaxCAM: set {bad} was drawn for class {int(drawn[bad])} but not all its images carry "
+                         f"that label; batches must come from ClassSetBatchSampler over the same labels")
+    return torch.where(known, drawn, fallback), torch.where(known, torch.ones_like(known), fallback_valid)
 
 
 # ---------------------------------------------------------------------- model
@@ -205,29 +269,47 @@ class MinMaxCAMNet(CAMNet):
 
 # ---------------------------------------------------------------------- sampler
 class ClassSetBatchSampler:
-    """Batches of N sets × S images sharing a class, sharded across ranks (MinMaxCAM Sec. 4.1).
+    """Batches of N sets × S images sharing a class, sharded across ranks (MinMaxCAM Sec. 3.4, 4.1).
 
     Each epoch (deterministic in ``(seed, epoch)``): every labelled image is assigned to one of
-    its classes at random; each class's images are shuffled and cut into sets of ``S``; a last
-    incomplete set is filled with other images of the class, without replacement while the
-    class has enough images, **with replacement** when the class has fewer than ``S`` images.
+    its classes at random; each class's images are shuffled and cut into sets of ``S``, each set
+    *drawn for* that class; a last incomplete set is filled with other images of the class
+    (any image carrying its label), without replacement while the class has enough images.
     The sets are shuffled and truncated (or cycled) to a fixed count ``T`` — the smallest
     multiple of ``N × world_size`` ≥ ``ceil(#labelled images / S)`` — so that every rank gets the
-    same number of batches every epoch; rank ``r`` takes batches ``r, r + world_size, …``.
-    Images without any label are never sampled.
+    same number of batches every epoch; rank ``r`` takes batches ``r, r + world_size, …`` (the
+    ranks' batches are disjoint slices of one epoch order and together are all of it). Images
+    without any label are never sampled.
+
+    Yields, per batch, ``N·S`` ``(position, set_class)`` pairs of ints, set by set: ``position``
+    indexes the training dataset (the rows of ``labels``), ``set_class`` is the class the pair's
+    set was drawn for. :class:`SetClassDataset` turns them into items with ``"set_class"``, so
+    Stage II regularises the drawn class, not merely one the set's images happen to share.
+
+    Few images per class (e.g. ImageNet subsets with 1–2 training images per class): a class
+    with ``k < S`` images fills its sets **with replacement**, so a set repeats its ``k`` distinct
+    images. We keep such classes rather than skip them, because this sampler is the only training
+    sampler: skipping would drop their images from Stage I's classification too. Consequences:
+    CRR (eq. 2) sees only the pairs of distinct images (copies differ only by the random flip of
+    the training transform), so it is weaker for small ``k`` and carries no common-region signal
+    for ``k = 1``; FRR (eq. 3) is unaffected. Each such class makes ``ceil(k/S) = 1`` set of ``S``
+    slots for ``k`` images, so there are more sets than ``T`` and the truncation leaves classes out
+    of an epoch: with one image per class an epoch visits about ``1/S`` of the classes (a different
+    random part each epoch), each image ``S`` times.
 
     Iterating twice without :meth:`set_epoch` gives the next epoch's order (the epoch advances
     after each full iteration); call :meth:`set_epoch` to resume a given epoch.
 
     Args:
-        labels: float (num_images, C) multi-hot labels of the training split.
+        labels: float (num_images, C) multi-hot labels of the training split, in {0, 1}.
         set_size: S ≥ 1.
         num_sets: N ≥ 1 sets per batch.
         seed: base seed.
-        rank, world_size: this worker and the number of workers.
+        rank, world_size: this worker (``0 ≤ rank < world_size``) and the number of workers.
 
     Raises:
-        DataError: no image has a label.
+        ValueError: ``rank`` outside ``[0, world_size)``.
+        DataError: ``labels`` is not 2-D, or no image has a label.
     """
 
     def __init__(self, labels: torch.Tensor, set_size: int, num_sets: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -281,21 +363,60 @@ class ClassSetBatchSampler:
             sets += sets[: self.total_sets - len(sets)]
         return sets[: self.total_sets]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        sets = self.epoch_sets(self.epoch)
-        self.epoch += 1
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """All batches of ``epoch`` (every rank's, in order): lists of ``N·S`` ``(position,
+        set_class)`` pairs; rank ``r`` iterates ``epoch_batches(e)[r::world_size]``."""
+        sets = self.epoch_sets(epoch)
         n = self.num_sets
-        batches = [sum((s for _, s in sets[k:k + n]), []) for k in range(0, len(sets), n)]
+        return [[(i, c) for c, members in sets[k:k + n] for i in members] for k in range(0, len(sets), n)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = self.epoch_batches(self.epoch)
+        self.epoch += 1
         yield from batches[self.rank::self.world_size]
+
+
+class SetClassDataset(torch.utils.data.Dataset):
+    """The training dataset keyed by :class:`ClassSetBatchSampler`'s ``(position, set_class)`` pairs.
+
+    ``dataset[(i, c)]`` is ``base[i]`` (a dict: ``image``, ``labels``, ``index``, as
+    :class:`weakbench.platform.data.ClassificationDataset`) plus ``"set_class": int64 () c``;
+    a plain position ``i`` gives ``set_class = -1`` (unknown: Stage II falls back to the lowest
+    shared class, :func:`set_classes`). Collated, ``set_class`` is int64 (B,).
+
+    Raises:
+        IndexError: from ``base`` for a position outside it.
+    """
+
+    def __init__(self, base: torch.utils.data.Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        i, c = key if isinstance(key, tuple) else (key, -1)
+        item = dict(self.base[int(i)])
+        item["set_class"] = torch.tensor(int(c), dtype=torch.int64)
+        return item
+
+
+class MinMaxCAMFitTask(ClassifierFitTask):
+    """The classifier's ``train`` stage with :class:`SetClassDataset` around the training images,
+    so each batch from :class:`ClassSetBatchSampler` carries ``set_class`` (int64 (B,))."""
+
+    def train_dataset(self, source, indices):
+        return SetClassDataset(super().train_dataset(source, indices))
 
 
 # ---------------------------------------------------------------------- method
 @register_method("minmaxcam")
 class MinMaxCAM(Method):
-    """MinMaxCAM: CAM + Stage II regularisation of ``fc`` by CRR and FRR (BMVC 2021, eqs. 2, 3, 5).
+    """MinMaxCAM: CAM + Stage II regularisation of ``fc`` by CRR and FRR (BMVC 2021, eqs. 2–5).
 
-    ``training_step`` returns ``{"loss": L_S1 + L_S2, "cls": L_S1, "crr", "frr", "stage2": L_S2,
-    "sets": number of sets with a shared class}`` as floats.
+    ``training_step`` returns ``{"loss": L_S1 + L_S2, "cls": L_S1, "crr", "frr" (unweighted),
+    "stage2": L_S2 = crr_weight·crr + frr_weight·frr, "sets": number of sets regularised}`` as
+    floats (the engine logs them as ``train/<name>``, averaged over the epoch's steps).
     """
 
     Config = MinMaxCAMConfig
@@ -306,7 +427,16 @@ class MinMaxCAM(Method):
     def build_model(self) -> torch.nn.Module:
         return MinMaxCAMNet(self.config, self.num_classes)
 
+    def fit_task(self, stage: Stage, inputs=None) -> FitTask:
+        """The ``train`` stage: :class:`MinMaxCAMFitTask` (batches carry ``set_class``)."""
+        if stage.name != "train":
+            raise NotImplementedError(f"method {self.name!r} has no fit stage {stage.name!r}")
+        return MinMaxCAMFitTask(self)
+
     def train_batch_sampler(self, labels: torch.Tensor, batch_size: int, seed: int, rank: int, world_size: int):
+        """:class:`ClassSetBatchSampler` of ``batch_size // set_size`` sets (pairs of dataset
+        position and drawn class). Raises ``ValueError`` if ``batch_size`` is not a multiple of
+        ``set_size``."""
         s = self.config.set_size
         if batch_size % s:
             raise ValueError(f"MinMaxCAM: batch_size {batch_size} is not a multiple of set_size {s}")
@@ -319,11 +449,25 @@ class MinMaxCAM(Method):
         return {"loss": loss, "cls": loss.detach()}
 
     def stage2_losses(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """CRR, FRR and ``L_S2 = λ1·CRR + λ2·FRR`` (eq. 5) for a batch of consecutive sets."""
+        """CRR (eq. 2), FRR (eq. 3) and ``L_S2 = λ1·CRR + λ2·FRR`` (eq. 5) for a batch of sets.
+
+        Args:
+            model: the (possibly DDP-wrapped) :class:`MinMaxCAMNet`.
+            batch: ``{"image": float (B, 3, H, W), "labels": float (B, C) in {0, 1},
+                "set_class": int64 (B,) optional}``, ``B ≥ S``; consecutive ``S`` images form a
+                set; ``H`` is the CAM of each set's class (:func:`set_classes`).
+
+        Returns:
+            ``{"loss": L_S2 (scalar, differentiable w.r.t. fc), "crr", "frr" (detached scalars
+            ≥ 0), "sets": number of sets taking part (float scalar)}``.
+
+        Raises:
+            ValueError: the batch holds no full set, or its ``set_class`` is inconsistent.
+        """
         c = self.config
         s = c.set_size
-        images, labels = batch["image"], batch["labels"]
-        classes, valid = shared_set_classes(labels, s)
+        images = batch["image"]
+        classes, valid = set_classes(batch, s)
         n = classes.shape[0]
         if n == 0:
             raise ValueError(f"MinMaxCAM: a batch of {images.shape[0]} images holds no set of set_size={s}")

@@ -23,14 +23,20 @@ code runs its ResNets at stride 16 (``output_stride=16``).
 
 If the merged tile maps do not have the full image's map size (e.g. odd feature sizes), they are
 resized bilinearly to it (our choice; with ``input_size`` divisible by ``32·g`` the sizes match
-for stride-32 backbones).
+for stride-32 backbones). A tile grid whose tile CAMs would be smaller than 2×2
+(``input_size / output_stride / g < 2``) is refused: a 1×1 tile CAM is just the tile's score,
+so ``A^re`` would be a ``g × g`` grid of tile classification scores and the partial-to-full
+matching would carry no localisation within a tile (e.g. 4×4 tiles of a 128 px input at stride
+32, or the default 2×2 tiles of a 64 px input at stride 32).
 
 Inference (Sec. 4.1): CAMs from multiple scales (0.5, 1, 1.5, 2) and horizontal flips, ReLU,
 summed after resizing each to the largest scale's map size, then max-normalised per (image,
 class) (``A / (max A + 1e-5)``, Sec. 3.2). Pseudo semantic masks: the normalised CAMs of the
 image's classes against a constant background score ``bg_threshold``
 (:func:`pseudo_semantic_masks`); :meth:`PuzzleCAM.extra_metrics` reports their mIoU with the
-background threshold swept, as the paper evaluates pseudo-labels.
+background threshold swept, as the paper evaluates pseudo-labels — only over images with real
+masks (``has_masks``): on box-only data the metric is absent rather than scored against the
+all-empty placeholder masks (which would count every pixel as background ground truth).
 """
 
 from __future__ import annotations
@@ -48,7 +54,14 @@ from weakbench.methods.cam import CAMNet, classification_loss
 
 class PuzzleCAMConfig(ClassifierConfig):
     """Puzzle-CAM hyperparameters (defaults: the paper's α = 4, 2 × 2 tiles, ramp over half of
-    training, scales (0.5, 1, 1.5, 2) with flips)."""
+    training, scales (0.5, 1, 1.5, 2) with flips).
+
+    Raises (through :func:`weakbench.methods.base.validate_config`):
+        ConfigError: ``num_tiles`` is not a square; ``input_size`` is not divisible by the grid
+            side ``g = √num_tiles``; or the tile CAMs would be smaller than 2×2
+            (``input_size / output_stride / g < 2``) — each message names the fields and values
+            that fix it.
+    """
 
     alpha: float = Field(4.0, ge=0, le=100, description="α, maximum weight of L_re (eq. 7)")
     num_tiles: int = Field(4, ge=4, le=64, description="tiles of the puzzle module (a square: 4 = 2×2, 9, 16)")
@@ -72,6 +85,19 @@ class PuzzleCAMConfig(ClassifierConfig):
         if self.input_size % g:
             raise ValueError(f"input_size ({self.input_size}) must be divisible by the tile grid side {g} "
                              f"(num_tiles={self.num_tiles}); use input_size {self.input_size // g * g} or {(self.input_size // g + 1) * g}")
+        tile_cam = self.input_size / self.output_stride / g
+        if tile_cam < 2:
+            fixes = [f"input_size >= {2 * g * self.output_stride}"]
+            strides = [s for s in (16, 8) if s < self.output_stride and self.input_size / s / g >= 2]
+            if strides:
+                fixes.append(f"output_stride {strides[0]}")
+            grids = [k for k in range(g - 1, 1, -1) if self.input_size % k == 0 and self.input_size / self.output_stride / k >= 2]
+            if grids:
+                fixes.append(f"num_tiles {grids[0] ** 2} ({grids[0]}×{grids[0]})")
+            raise ValueError(
+                f"num_tiles={self.num_tiles} ({g}×{g} tiles) with input_size={self.input_size} and "
+                f"output_stride={self.output_stride} gives tile CAMs of {tile_cam:g}×{tile_cam:g} "
+                f"(input_size / output_stride / {g}), smaller than 2×2; use {' or '.join(fixes)}")
         return self
 
     @property
@@ -246,10 +272,22 @@ class PuzzleCAM(Method):
 
     @torch.no_grad()
     def extra_metrics(self, model: torch.nn.Module, batches: list[Mapping[str, Any]], device: torch.device) -> dict[str, float]:
-        """mIoU (%) of pseudo semantic masks (classes + background) over ``batches``: at the best
-        background threshold of a sweep 0.05, 0.10, …, 0.95 (``pseudo_mask_miou`` and
-        ``pseudo_mask_bg_threshold``) and at ``bg_threshold`` (``pseudo_mask_miou_at_config``).
-        Batches without ``"masks"`` are skipped; no batch with masks gives ``{}``."""
+        """mIoU (%) of pseudo semantic masks (classes + background; Puzzle-CAM Sec. 4.1's
+        pseudo-label evaluation) over the images of ``batches`` that have real masks.
+
+        Args:
+            batches: as :meth:`Method.extra_metrics`: ``"image"`` float (B, 3, S, S), ``"labels"``
+                float (B, C), ``"masks"`` bool (B, C, S, S), ``"ignore"`` bool (B, S, S) optional,
+                ``"has_masks"`` bool (B,). Only images with ``has_masks`` count; a batch without
+                ``"masks"`` or ``"has_masks"`` is skipped (its masks cannot be told from
+                box-only data's all-empty placeholders).
+
+        Returns:
+            ``{}`` when no image has masks; else ``pseudo_mask_miou`` (%, in [0, 100]) at the best
+            background threshold of a sweep 0.05, 0.10, …, 0.95, that threshold
+            (``pseudo_mask_bg_threshold``) and the mIoU at ``bg_threshold``
+            (``pseudo_mask_miou_at_config``).
+        """
         n_labels = self.num_classes + 1
         ths = sorted(set(self.bg_thresholds) | {self.config.bg_threshold})
         conf = {t: torch.zeros(n_labels, n_labels, dtype=torch.long) for t in ths}
@@ -258,15 +296,18 @@ class PuzzleCAM(Method):
         model.eval()
         try:
             for batch in batches:
-                if "masks" not in batch:
+                if "masks" not in batch or "has_masks" not in batch:
+                    continue
+                keep = torch.as_tensor(batch["has_masks"]).bool().cpu()
+                if not keep.any():
                     continue
                 seen = True
-                images = batch["image"].to(device)
-                labels = batch["labels"].to(device)
+                images = batch["image"][keep].to(device)
+                labels = batch["labels"][keep].to(device)
                 cams, _ = self.cams_and_scores(model, images)
                 cams = F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)
                 ignore = batch.get("ignore")
-                gt = semantic_targets(batch["masks"].to(device), ignore.to(device) if ignore is not None else None)
+                gt = semantic_targets(batch["masks"][keep].to(device), ignore[keep].to(device) if ignore is not None else None)
                 for t in ths:
                     pred = pseudo_semantic_masks(cams, labels, t)
                     conf[t] += semantic_confusion(pred.cpu(), gt.cpu(), n_labels)

@@ -126,7 +126,7 @@ def evaluate_split(
                 name = f"{idx:05d}_{class_names[cls]}.png".replace("/", "_").replace(" ", "_")
                 overlays.append((name, cam_overlay(img, maps[k].numpy(), gt_boxes=gt_boxes[k].tolist(), title=class_names[cls])))
         if len(kept_batches) < extra_batches:
-            kept_batches.append({k: batch[k] for k in ("image", "labels", "index", "masks", "ignore")})
+            kept_batches.append({k: batch[k] for k in ("image", "labels", "index", "masks", "ignore", "has_masks")})
 
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
