@@ -1,15 +1,21 @@
 """Learning-rate schedules: hand-computed lrs of the poly and step schedules, per-group multipliers
 kept in ratio, a checkpoint restore that continues the schedule exactly (the engine's own save and
-restore functions, and an inline trial killed after epoch 1 and resumed), and the refusals."""
+restore functions, and an inline trial killed after epoch 1 and resumed), the refusals, and the
+methods' official settings in their search-space files."""
+
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from weakbench.methods import build_method, validate_config
 from weakbench.methods.lr_schedules import build_lr_scheduler, milestone_steps
 from weakbench.methods.pipeline import Stage
 from weakbench.platform.engine import _check_optimization, optimization_state, restore_optimization
 from weakbench.platform.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class TinyNet(torch.nn.Module):
@@ -159,6 +165,31 @@ def test_fields_a_stage_would_ignore_are_refused():
         validate_config("cam", {"lr_milestones": [0.75, 0.5]})
     with pytest.raises(ConfigError, match="lr_milestones must be increasing fractions"):
         validate_config("cam", {"lr_milestones": [0.5, 1.0]})
+
+
+@pytest.mark.parametrize("method", ["minmaxcam", "puzzlecam"])
+def test_official_settings_are_the_search_space_files(method):
+    import importlib
+
+    setting = importlib.import_module(f"weakbench.methods.{method}").OFFICIAL_OPTIMIZATION
+    fixed = yaml.safe_load((REPO / "search_spaces" / f"{method}_official.yaml").read_text())["fixed"]
+    cfg = validate_config(method, fixed)
+    for key, value in setting.items():
+        assert key in fixed, key
+        assert getattr(cfg, key) == (tuple(value) if isinstance(value, (list, tuple)) else value), key
+    # the method's default stays the common constant schedule; the description names the setting
+    default = validate_config(method, {})
+    assert default.lr_schedule == "constant" and not default.nesterov
+    desc = type(default).model_fields["lr_schedule"].description
+    assert "OFFICIAL_OPTIMIZATION" in desc and f"lr_schedule={setting['lr_schedule']}" in desc
+    # and the setting selects the code it names: Nesterov SGD, new layers at 10x, the schedule
+    m = build_method(method, cfg, num_classes=2)
+    opts = m.configure_optimizers(TinyNet())
+    scheds = m.configure_schedulers(opts, 100)
+    backbone, head = opts["main"].param_groups
+    assert backbone["nesterov"] and head["nesterov"] and backbone["lr"] == pytest.approx(0.1 * head["lr"])
+    kind = {"step": torch.optim.lr_scheduler.MultiStepLR, "poly": torch.optim.lr_scheduler.LambdaLR}
+    assert type(scheds["main"]) is kind[setting["lr_schedule"]]
 
 
 def test_inline_trial_resumed_after_a_kill_continues_the_schedule_and_logs_lr(tmp_path):
