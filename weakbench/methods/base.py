@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from weakbench.methods.lr_schedules import LRSchedule, scheduler_from_config
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, validate_plan
 from weakbench.platform.errors import ConfigError, UnknownNameError
 
@@ -71,6 +72,19 @@ class MethodConfig(BaseModel):
     backbone_lr_mult: float = Field(1.0, gt=0, le=10, description="backbone lr = lr * this (0.1 with pretrained weights)")
     weight_decay: float = Field(1e-4, ge=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = Field(False, description="Nesterov momentum for SGD (needs momentum > 0; the engine refuses it for a "
+                           "stage whose optimiser is not Nesterov SGD)")
+    lr_schedule: LRSchedule = Field(
+        "constant", description="learning-rate schedule, stepped after every training step and multiplying each "
+        "parameter group's own lr (weakbench.methods.lr_schedules): 'constant'; 'poly' = (1 - t/T)^poly_power; 'step' "
+        "= x lr_gamma at each of lr_milestones; 'cosine' = cosine annealing to 0 over the T steps of the stage. "
+        "Honoured by Method.configure_schedulers (the classifier_cam methods); the engine refuses a non-constant "
+        "schedule for a fit stage that configures no scheduler")
+    poly_power: float = Field(0.9, gt=0, le=10, description="power of the 'poly' schedule")
+    lr_milestones: tuple[float, ...] = Field(
+        (0.5, 0.75), min_length=1, description="'step' schedule: fractions of training (increasing, in (0, 1)) at "
+        "which the lr is multiplied by lr_gamma")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="'step' schedule: factor applied at each milestone")
     batch_size: int = Field(16, ge=1, le=4096, description="images per worker per step")
     epochs: int = Field(4, ge=0, le=1000, description="training epochs; 0 evaluates the initial (e.g. pretrained) model")
     input_size: int = Field(128, ge=32, le=1024, description="square input side in pixels; also the WSOL evaluation frame")
@@ -83,6 +97,21 @@ class MethodConfig(BaseModel):
         if v is not None and not Path(v).expanduser().is_file():
             raise ValueError(f"file {v!r} not found; give a local state dict (.pth, .pt or .safetensors)")
         return v
+
+    @field_validator("lr_milestones")
+    @classmethod
+    def _milestones_are_fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        v = tuple(float(f) for f in v)
+        if any(not 0 < f < 1 for f in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"lr_milestones must be increasing fractions of training in (0, 1), e.g. [0.5, 0.75]; "
+                             f"got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "MethodConfig":
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov: true needs momentum > 0 (e.g. 0.9), or set nesterov: false")
+        return self
 
     @field_validator("backbone")
     @classmethod
@@ -160,8 +189,10 @@ class Method:
         raise NotImplementedError
 
     def configure_optimizers(self, model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
-        """Return named optimisers. Default: one SGD ``"main"`` over all parameters, backbone
-        parameters (those whose name starts with ``backbone.``) at ``lr * backbone_lr_mult``."""
+        """Return named optimisers. Default: one SGD ``"main"`` (``momentum``, ``weight_decay``,
+        ``nesterov``) over all parameters in two groups: backbone parameters (those whose name
+        starts with ``backbone.``) at ``lr * backbone_lr_mult``, then the new layers at ``lr``
+        (a schedule scales both, keeping their ratio)."""
         c = self.config
         backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
         head = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
@@ -169,7 +200,22 @@ class Method:
             {"params": backbone, "lr": c.lr * c.backbone_lr_mult},
             {"params": head, "lr": c.lr},
         ) if g["params"]]
-        return {"main": torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)}
+        return {"main": torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                        nesterov=c.nesterov)}
+
+    def configure_schedulers(self, optimizers: Mapping[str, torch.optim.Optimizer],
+                             total_steps: int) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """Named lr schedulers (keys: optimiser names), stepped by the engine after every training
+        step. Default: one scheduler per optimiser from ``lr_schedule``, ``poly_power``,
+        ``lr_milestones`` and ``lr_gamma`` (:func:`weakbench.methods.lr_schedules.scheduler_from_config`);
+        none for ``lr_schedule: constant``.
+
+        Args:
+            optimizers: those of :meth:`configure_optimizers`.
+            total_steps: ``T``, training steps of the stage on this worker (``epochs * steps_per_epoch``).
+        """
+        out = {name: scheduler_from_config(opt, total_steps, self.config) for name, opt in optimizers.items()}
+        return {name: s for name, s in out.items() if s is not None}
 
     # ------------------------------------------------------------------ training
     def training_losses(self, model: torch.nn.Module, batch: Mapping[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -322,7 +368,7 @@ class Method:
 
 class ClassifierFitTask(FitTask):
     """The ``train`` stage of a ``classifier_cam`` method: delegates to the method's hooks
-    (:meth:`Method.build_model`, :meth:`Method.configure_optimizers`,
+    (:meth:`Method.build_model`, :meth:`Method.configure_optimizers`, :meth:`Method.configure_schedulers`,
     :meth:`Method.training_step`, :meth:`Method.train_batch_sampler`) and validates the CAMs
     on the ``val`` split after every epoch (Top-GAP's method metrics on two batches after the
     last one)."""
@@ -338,6 +384,9 @@ class ClassifierFitTask(FitTask):
 
     def configure_optimizers(self, model):
         return self.method.configure_optimizers(model)
+
+    def configure_schedulers(self, optimizers, total_steps):
+        return self.method.configure_schedulers(optimizers, total_steps)
 
     def train_dataset(self, source, indices):
         from weakbench.platform.data import ClassificationDataset

@@ -59,8 +59,18 @@ from torch.func import functional_call
 
 from weakbench.methods.base import ClassifierConfig, ClassifierFitTask, Method, StepContext, register_method
 from weakbench.methods.cam import CAMNet, classification_loss
+from weakbench.methods.lr_schedules import LRSchedule, describe_setting
 from weakbench.methods.pipeline import FitTask, Stage
 from weakbench.platform.errors import DataError
+
+#: The optimisation of the official code (github.com/shadowwkl/MinMaxCAM, ``train.py``; the paper
+#: gives none): SGD with Nesterov momentum 0.9, weight decay 5e-4, the classifier at 10× the
+#: backbone's lr (``backbone_lr_mult`` 0.1), ``MultiStepLR`` ×0.1 after epochs 50 and 100 of 200
+#: (fractions 0.25 and 0.5; stepped per epoch there, per step here with the same milestones).
+#: Its lr (1e-4 for an ImageNet-pretrained backbone, 1e-3 for the classifier) is not part of the
+#: setting: it depends on the weights and the batch. ``search_spaces/minmaxcam_official.yaml``.
+OFFICIAL_OPTIMIZATION = {"lr_schedule": "step", "lr_milestones": (0.25, 0.5), "lr_gamma": 0.1, "nesterov": True,
+                         "momentum": 0.9, "weight_decay": 5e-4, "backbone_lr_mult": 0.1}
 
 
 class MinMaxCAMConfig(ClassifierConfig):
@@ -85,6 +95,10 @@ class MinMaxCAMConfig(ClassifierConfig):
     batch_size: int = Field(60, ge=2, le=4096, description="N sets × S images per worker per step (paper: 12 × 5)")
     feature_distance: Literal["mean", "sum"] = Field(
         "mean", description="‖f_i − f_j‖² averaged over feature dims (official code, MSE) or summed (paper's notation)")
+    lr_schedule: LRSchedule = Field(
+        "constant", description="lr schedule (weakbench.methods.lr_schedules); 'constant' keeps the common training of "
+        "the leaderboard. The official code (shadowwkl/MinMaxCAM train.py, 200 epochs) uses OFFICIAL_OPTIMIZATION: "
+        + describe_setting(OFFICIAL_OPTIMIZATION) + " (search_spaces/minmaxcam_official.yaml)")
 
     @model_validator(mode="after")
     def _batch_is_sets(self) -> "MinMaxCAMConfig":

@@ -4,7 +4,8 @@ A method declares its pipeline from its config with :meth:`Method.plan`: a tuple
 :class:`Stage` objects, each of one of three kinds:
 
 * ``fit`` — a model trained with Lightning-style hooks (:class:`FitTask`: build the model, the
-  optimisers, a training dataset and collate of its own, one step, per-epoch validation). The
+  optimisers and their lr schedulers, a training dataset and collate of its own, one step,
+  per-epoch validation). The
   engine runs the epoch loop, DDP, checkpoints and logging. Its product is the trained state
   dict (``model.pt``).
 * ``map`` — per-item work (BBAM's per-box mask optimisation, pseudo-mask generation): the method
@@ -171,8 +172,9 @@ class StageContext:
 class FitTask:
     """The hooks of one ``fit`` stage (PyTorch Lightning's ``LightningModule`` in spirit).
 
-    Subclass and implement :meth:`build_model`, :meth:`train_dataset` and
-    :meth:`training_step` (or :meth:`training_losses`). The engine owns the loop, the device,
+    Subclass and implement :meth:`build_model`, :meth:`configure_optimizers` (optionally
+    :meth:`configure_schedulers`), :meth:`train_dataset` and :meth:`training_step` (or
+    :meth:`training_losses`). The engine owns the loop, the device,
     data-parallel wrapping, the default sharding (a ``DistributedSampler``), checkpoints and
     logging. Two data-parallel facts remain the task's to declare, because only the method
     knows them: :attr:`find_unused_parameters` (a step that updates part of the model) and, for a
@@ -190,6 +192,16 @@ class FitTask:
     def configure_optimizers(self, model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
         """Named optimisers over ``model``'s parameters."""
         raise NotImplementedError
+
+    def configure_schedulers(self, optimizers: Mapping[str, torch.optim.Optimizer],
+                             total_steps: int) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """Optional: named learning-rate schedulers (torch's ``LRScheduler``; see
+        :mod:`weakbench.methods.lr_schedules`), keyed like ``optimizers``, for a stage of
+        ``total_steps`` training steps on this worker. The engine calls it once per fit stage,
+        after :meth:`configure_optimizers` and before restoring the optimisers' state, steps every
+        scheduler once after each :meth:`training_step` (however many optimiser steps the task took
+        in it) and saves their state in the trial checkpoint. Default: none (constant lr)."""
+        return {}
 
     def train_dataset(self, source, indices: list[int]) -> torch.utils.data.Dataset:
         """The stage's training dataset over record ``indices`` of ``source``."""

@@ -18,12 +18,14 @@ inline executor runs the whole plan in the calling process. On every worker:
 
 1. open the dataset and the sweep's stored split (every trial sees the same split);
 2. build the method, its plan and the products' hashes; restore the latest checkpoint (it
-   carries the stage cursor: stage name and index, the epoch within the stage, model and
-   optimiser state, the MLflow run id);
+   carries the stage cursor: stage name and index, the epoch within the stage, model,
+   optimiser and lr-scheduler state, the MLflow run id);
 3. rank 0 finds or creates the trial's MLflow child run (found again by its tags if no
    checkpoint exists yet; a FINISHED run is never written again and the trial returns at once);
 4. each stage of the segment: cache hit, or compute under the product's lock. In a fit stage,
-   each epoch trains on this rank's shard, rank 0 validates and saves a checkpoint that also
+   each epoch trains on this rank's shard (the task's lr schedulers,
+   ``FitTask.configure_schedulers``, step after every training step; the lr of the epoch's first
+   step is logged as ``train/lr``), rank 0 validates and saves a checkpoint that also
    carries the epoch's metrics, every rank reports (rank 0 with the checkpoint), then rank 0
    logs the metrics to MLflow; a trial killed between report and logging logs them when it
    resumes from that checkpoint, so each epoch lands in MLflow exactly once;
@@ -58,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weakbench import __version__
 from weakbench.platform import conventions as C
-from weakbench.platform.errors import DivergenceError, check_finite
+from weakbench.platform.errors import ConfigError, DivergenceError, check_finite
 
 CHECKPOINT_FILE = "trial_state.pt"
 
@@ -434,10 +436,9 @@ class _Runner:
         optimizers = task.configure_optimizers(model)
         start_epoch = 0
         state = self.state
-        if state is not None and state.get("stage", "train") == st.name:
+        resuming = state is not None and state.get("stage", "train") == st.name
+        if resuming:
             model.load_state_dict(state["model"])
-            for name, opt in optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
             start_epoch = state["epoch"]
             torch.set_rng_state(state["torch_rng"])
         train_ds = task.train_dataset(self.source, self.splits["train"])
@@ -452,6 +453,14 @@ class _Runner:
             loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batch_sampler, num_workers=0,
                                                  collate_fn=task.collate)
         steps_per_epoch = max(1, len(loader))
+        total_steps = st.epochs * steps_per_epoch
+        # schedulers are built before the optimisers' state is loaded (torch's documented order):
+        # their constructor resets each group's lr to its initial value, the loaded state then
+        # restores the lr reached, and each scheduler's own state its step count
+        schedulers = dict(task.configure_schedulers(optimizers, total_steps) or {})
+        _check_optimization(spec.method, st, self.cfg, optimizers, schedulers)
+        if resuming:
+            restore_optimization(state, optimizers, schedulers, stage=st.name)
         model.to(device)
         for opt in optimizers.values():  # move restored optimiser state
             for stt in opt.state.values():
@@ -483,17 +492,21 @@ class _Runner:
             sums: dict[str, float] = {}
             seen: list[int] = []
             n = 0
+            epoch_lrs = _learning_rates(optimizers)  # the lr the epoch's first step uses
             for step, batch in enumerate(loader):
                 batch = task.to_device(batch, device)
                 sctx = StepContext(epoch=epoch, step=epoch * steps_per_epoch + step, steps_per_epoch=steps_per_epoch,
-                                   total_steps=st.epochs * steps_per_epoch, device=device, unwrap=unwrap)
+                                   total_steps=total_steps, device=device, unwrap=unwrap)
                 losses = task.training_step(model, batch, optimizers, sctx)
+                for sched in schedulers.values():  # step-wise: once per training step
+                    sched.step()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
                 if spec.record_shards:
                     seen.extend(task.batch_indices(batch))
             train_metrics = {_stage_key(st, "train", k): v / max(1, n) for k, v in sums.items()}
+            train_metrics.update({_stage_key(st, "train", k): v for k, v in epoch_lrs.items()})
             try:
                 check_finite(train_metrics, f"stage {st.name}, epoch {epoch + 1} train losses")
             except DivergenceError:
@@ -518,7 +531,7 @@ class _Runner:
                 ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=self.trial_dir)
                 tmp = Path(ckpt_dir) / (CHECKPOINT_FILE + ".tmp")
                 torch.save({"stage": st.name, "cursor": i, "model": bare.state_dict(),
-                            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                            **optimization_state(optimizers, schedulers),
                             "epoch": epoch + 1, "mlflow_run_id": self.run_id, "history": self.history,
                             "pending_metrics": self.unlogged, "torch_rng": torch.get_rng_state(),
                             "carry": {**self.carry, **last_metrics}}, tmp)
@@ -676,6 +689,62 @@ class _Runner:
         if ckpt_dir is not None:
             _prune_local_checkpoints(self.trial_dir, keep=Path(ckpt_dir))
         return self.final
+
+
+def _learning_rates(optimizers) -> dict[str, float]:
+    """The lr of each optimiser's first parameter group, keyed ``lr`` (optimiser ``"main"``) or
+    ``lr_<name>`` (the classifier methods' first group is the backbone's, ``lr * backbone_lr_mult``)."""
+    return {("lr" if name == "main" else f"lr_{name}"): float(opt.param_groups[0]["lr"])
+            for name, opt in optimizers.items() if opt.param_groups}
+
+
+def _check_optimization(method: str, st, cfg, optimizers, schedulers) -> None:
+    """Refuse config fields a fit stage would silently ignore: a non-constant ``lr_schedule`` whose
+    task configures no scheduler, ``nesterov: true`` with an optimiser that is not Nesterov SGD.
+
+    Raises:
+        ConfigError: naming the method, the stage, the field and the fix.
+    """
+    schedule = getattr(cfg, "lr_schedule", "constant")
+    if schedule != "constant" and not schedulers and st.epochs > 0:
+        raise ConfigError(f"method {method!r}, stage {st.name!r}: lr_schedule is {schedule!r}, but this stage's fit task "
+                          f"configures no learning-rate scheduler (FitTask.configure_schedulers); set lr_schedule: "
+                          f"constant for this method")
+    if getattr(cfg, "nesterov", False):
+        plain = [name for name, opt in optimizers.items() if not all(g.get("nesterov", False) for g in opt.param_groups)]
+        if plain:
+            raise ConfigError(f"method {method!r}, stage {st.name!r}: nesterov is true, but optimiser(s) {plain} of this "
+                              f"stage are not Nesterov SGD ({', '.join(type(optimizers[n]).__name__ for n in plain)}); "
+                              f"set nesterov: false for this method")
+
+
+def optimization_state(optimizers, schedulers) -> dict[str, Any]:
+    """The optimisation part of a fit stage's checkpoint: ``{"optimizers": {name: state_dict},
+    "schedulers": {name: state_dict}}`` (``schedulers`` is ``{}`` for a constant lr; checkpoints
+    written before lr schedules existed have no ``"schedulers"`` key)."""
+    return {"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: sch.state_dict() for k, sch in schedulers.items()}}
+
+
+def restore_optimization(state: dict[str, Any], optimizers, schedulers, stage: str = "train") -> None:
+    """Load a checkpoint's optimiser states, then its scheduler states (:func:`optimization_state`).
+
+    ``schedulers`` must have been built on ``optimizers`` *before* this call (torch's order: a
+    scheduler's constructor resets each group's lr; the optimiser's loaded state restores the lr
+    reached, the scheduler's its step count), so the next step continues the schedule exactly.
+
+    Raises:
+        RuntimeError: the checkpoint has no state for a configured scheduler (written without that
+            schedule: resuming would restart it).
+    """
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    saved = state.get("schedulers") or {}
+    for name, sched in schedulers.items():
+        if name not in saved:
+            raise RuntimeError(f"stage {stage!r}: the trial checkpoint has no state for lr scheduler {name!r} (it was "
+                               f"written without this schedule); start the trial afresh (remove its trial directory)")
+        sched.load_state_dict(saved[name])
 
 
 def _ckpt_order(state: dict[str, Any]) -> tuple[int, int]:
