@@ -23,12 +23,15 @@ from weakbench.platform.data import make_splits, open_dataset, save_splits
 from weakbench.platform.engine import TrialSpec, run_trial
 
 SETTINGS = {"backbone": "resnet18", "input_size": 96, "epochs": 8, "batch_size": 16, "lr": 0.02, "rounds": 2,
-            "max_proposals": 150, "mil_epochs": 4, "mil_lr": 0.001, "semantic_epochs": 4, "semantic_lr": 0.001,
-            "mask_rcnn_epochs": 3, "refinement_steps": 100, "max_images_per_split": 40}
+            "max_proposals": 150, "mil_epochs": 4, "mil_lr": 0.001, "semantic_epochs": 8, "semantic_lr": 0.001,
+            "mask_rcnn_epochs": 10, "refinement_steps": 100, "max_images_per_split": 40}
 KEYS = ("peaks/peak_recall", "peaks/peaks_per_image", "pseudo_masks/r1/box_iou_before", "pseudo_masks/r1/box_iou_after",
         "pseudo_masks/r1/gt_box_iou_before", "pseudo_masks/r1/gt_box_iou_after", "pseudo_masks/r1/map_r50",
         "pseudo_masks/r1/unrefined/map_r50", "pseudo_masks/r2/map_r50", "pseudo_masks/r2/unrefined/map_r50",
         "pseudo_masks/round_gain/map_r50", "pseudo_masks/r1/box_filled/map_r50", "mask_rcnn/segm_map_r50")
+
+#: the SS branch's mIoU on val, and how many detections of the IS branch seeded round 2
+EXTRA = ("val/semantic_r1/miou", "val/semantic_r2/miou", "train/instances_r1/detections")
 
 
 def main() -> None:
@@ -61,6 +64,7 @@ def main() -> None:
             row = {"seed": seed, "refine": refine, "seconds": round(time.time() - t0)}
             for split in ("val", "test"):
                 row.update({f"{split}/{k}": round(m[f"{split}/{k}"], 2) for k in KEYS if f"{split}/{k}" in m})
+            row.update({k: round(m[k], 2) for k in EXTRA if k in m})
             rows.append(row)
             print(json.dumps(row), flush=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
