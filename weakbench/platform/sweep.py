@@ -516,8 +516,11 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
+                # inline trials reuse their trial actor (a process that has imported torch and
+                # opened the dataset) for the next trial; a Train trial's workers are Train's own
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
-                                            num_samples=num_samples, max_concurrent_trials=max_conc),
+                                            num_samples=num_samples, max_concurrent_trials=max_conc,
+                                            reuse_actors=opts.executor == "inline"),
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
             )
