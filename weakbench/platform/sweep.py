@@ -242,7 +242,8 @@ def _ensure_ray(opts: SweepOptions) -> None:
     instance of its machine, which fails when several run there ("Found multiple active Ray
     instances") or names another one; so this driver tells every process of the job where it is:
     ``RAY_ADDRESS`` (a cluster) or ``RAY_API_SERVER_ADDRESS`` (a local instance, whose dashboard gets
-    a free port rather than 8265, which another instance may hold).
+    a free port rather than 8265, which another instance may hold). A local instance for the
+    inline executor starts without a dashboard: none of its trials asks the State API.
 
     Raises:
         ConfigError: no ``--address`` while another Ray instance runs on this machine (joining it
@@ -273,11 +274,15 @@ def _ensure_ray(opts: SweepOptions) -> None:
         ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
     else:
         _check_ray_target(opts)
-        port = _free_port()
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        local: dict[str, Any] = {}
+        if opts.executor == "inline":  # nothing asks the State API: no dashboard to start (1-3 s of start-up)
+            kwargs["include_dashboard"] = False
+        else:
+            port = _free_port()
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            local = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
         os.environ.update(env)  # inherited by the local instance's raylet and workers
-        ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
-                 dashboard_port=port, **kwargs)
+        ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), **local, **kwargs)
     if opts.executor != "inline":
         _check_state_api(address if address and address != "local" else "the local Ray instance")
 
