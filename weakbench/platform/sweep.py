@@ -1,11 +1,17 @@
 """Hyperparameter sweeps on Ray Tune (Train V2 pattern) with Optuna and ASHA.
 
-Each Tune trial is a plain function (:func:`_trial`) that builds a ``TorchTrainer`` for its
-configuration and fits it, with ``TuneReportCallback`` forwarding the workers' reports to Tune
-(Ray ≥ 2.51: ``Tuner(trainer)`` is deprecated). The trial function itself holds only
-``{"cpu": 0.01}`` so that the Train workers get the CPUs (a ``{"cpu": 0}`` request is refused by
-Ray). With ``executor="inline"`` a one-worker CPU trial trains inside the trial function instead,
-holding ``cpus_per_worker`` CPUs.
+Each Tune trial is a plain function (:func:`_trial`). Executors (:func:`resolve_executor`):
+
+* ``"inline"``: a one-worker CPU trial trains inside the trial function, holding
+  ``cpus_per_worker`` CPUs and reporting to Tune directly; Tune reuses the trial actor (a process
+  that has imported torch and MLflow) for the next trial (``reuse_actors``);
+* ``"train"``: the trial function builds a ``TorchTrainer`` per plan segment and fits it, with
+  ``TuneReportCallback`` forwarding the workers' reports to Tune (Ray ≥ 2.51: ``Tuner(trainer)``
+  is deprecated); the trial function itself holds only ``{"cpu": 0.01}`` so that the Train
+  workers get the CPUs (a ``{"cpu": 0}`` request is refused by Ray). Each trial starts a Train
+  controller and its workers, fresh processes: ~15-20 s per trial on a 2-core machine
+  (``benchmarks/bench_sweep_overhead.py``), so it is for DDP and GPU trials;
+* ``"auto"`` (the default): ``inline`` for one worker without GPU, ``train`` otherwise.
 
 Search: ``OptunaSearch`` (TPE, seeded) over the sampled axes; the ``seed`` grid axis is realised
 with Tune's ``Repeater`` (each suggested configuration is run once per seed and Optuna sees the
@@ -64,7 +70,9 @@ class SweepOptions(BaseModel):
     searcher: Literal["optuna", "random"] = "optuna"
     search_seed: int = 0
     split_seed: int = 0
-    executor: Literal["train", "inline"] = "train"
+    executor: Literal["auto", "train", "inline"] = Field(
+        "auto", description="inline: one-worker CPU trials train in their (reused) Tune trial actor; train: a Ray "
+                            "Train TorchTrainer per trial (DDP, GPUs); auto: inline for one CPU worker, else train")
     early_stopping: bool = Field(True, description="use the space file's ASHA scheduler (False: every trial runs all epochs)")
     eval_max_images: int | None = Field(None, ge=1)
     num_overlays: int = Field(6, ge=0)
@@ -138,6 +146,22 @@ class _SweepContext(BaseModel):
     log_model: bool
     seed_values: list[int] | None
     max_failures: int = 0
+
+
+def resolve_executor(opts: SweepOptions) -> Literal["train", "inline"]:
+    """The executor a sweep runs: ``opts.executor``, with ``"auto"`` resolved to ``"inline"`` for
+    one-worker CPU trials (the Train executor would add a controller and a worker process per
+    trial and nothing a single worker uses) and to ``"train"`` for DDP or GPU trials.
+
+    Raises:
+        ConfigError: ``"inline"`` with several workers or a GPU (names the flags and the fix).
+    """
+    if opts.executor == "auto":
+        return "inline" if opts.num_workers == 1 and not opts.use_gpu else "train"
+    if opts.executor == "inline" and (opts.num_workers != 1 or opts.use_gpu):
+        raise ConfigError(f"--executor inline runs one CPU worker per trial, but --num-workers is {opts.num_workers}"
+                          f"{' and --gpu is set' if opts.use_gpu else ''}; use --executor train (or auto) for DDP or GPUs")
+    return opts.executor  # type: ignore[return-value]
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -389,6 +413,7 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     space = _with_overrides(load_search_space(opts.space), opts.overrides)
     if opts.overrides:
         validate_config(space.method, space.fixed, source=f"{opts.space} (with command-line overrides)")
+    resolve_executor(opts)  # --executor inline with DDP or a GPU is refused before anything is created
     out = Path(opts.output_dir).resolve()
     data_cache = str(out / "data_cache")
     if not opts.resume:  # bad data fails before anything is created
@@ -406,6 +431,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
             if key in saved:
                 setattr(opts, key, saved[key])
         space = _with_overrides(load_search_space(opts.space), opts.overrides)
+    # a concrete executor is saved in sweep.json: --resume continues with the one that wrote the
+    # checkpoints (an inline trial's checkpoint is a Tune one, a Train trial's a Train one)
+    opts = opts.model_copy(update={"executor": resolve_executor(opts)})
     tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
 
     source = open_dataset(opts.data, cache_dir=data_cache)
