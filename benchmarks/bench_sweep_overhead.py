@@ -84,7 +84,7 @@ def main() -> None:
 
     from weakbench.platform import tracking
     from weakbench.platform.live import _tune_state
-    from weakbench.platform.sweep import SweepOptions, _ensure_ray, run_sweep
+    from weakbench.platform.sweep import SweepOptions, _ensure_ray, resolve_executor, run_sweep
 
     overrides = {}
     for item in args.set:
@@ -96,6 +96,7 @@ def main() -> None:
                         eval_max_images=args.eval_max_images, log_model=not args.no_model, overrides=overrides,
                         num_cpus=args.num_cpus, max_concurrent=args.max_concurrent,
                         **({"executor": args.executor} if args.executor else {}))
+    executor = resolve_executor(opts)
 
     fit_called: list[float] = []
     fit = tune.Tuner.fit
@@ -167,7 +168,7 @@ def main() -> None:
              "after Tune (reconcile, summary)": t_end - last_end}
     print(f"overhead ratio {ratio:.2f} (wall {wall:.1f} s / train {train:.1f} s)")
     print(f"README main job: {s.num_trials} trials ({s.num_finished} finished, {s.num_stopped} stopped early, "
-          f"{s.num_failed} failed), executor={opts.executor}, peak concurrency {peak}, overrides={overrides or 'none'}")
+          f"{s.num_failed} failed), executor={executor}, peak concurrency {peak}, overrides={overrides or 'none'}")
     print(f"{'part':<38}{'seconds':>10}{'per trial':>11}")
     for k, v in table.items():
         per = f"{v / n:11.1f}" if k.startswith(("trial ", "between")) else ""
@@ -175,7 +176,7 @@ def main() -> None:
     print(f"{'  of trial start-up: dataset opening':<38}{opening * n:10.1f}{opening:11.1f}")
     print(f"summed trial time {total_trial:.1f} s over Tune's {tune_span:.1f} s "
           f"(mean concurrency {total_trial / max(1e-9, tune_span):.2f})")
-    doc = {"ratio": ratio, "wall_seconds": wall, "train_seconds": train, "executor": opts.executor,
+    doc = {"ratio": ratio, "wall_seconds": wall, "train_seconds": train, "executor": executor,
            "peak_concurrency": peak, "mean_concurrency": total_trial / max(1e-9, tune_span),
            "trials": s.num_trials, "finished": s.num_finished, "stopped": s.num_stopped, "failed": s.num_failed,
            "overrides": overrides, "log_model": not args.no_model, "breakdown_seconds": table,

@@ -279,6 +279,7 @@ def _ensure_ray(opts: SweepOptions) -> None:
 
     if ray.is_initialized():
         return
+    executor = resolve_executor(opts)
     # Ray Train's controller reads this in its own process: a bounded wait for a worker group
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{opts.worker_start_timeout_s:g}"}
     kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
@@ -299,7 +300,7 @@ def _ensure_ray(opts: SweepOptions) -> None:
     else:
         _check_ray_target(opts)
         local: dict[str, Any] = {}
-        if opts.executor == "inline":  # nothing asks the State API: no dashboard to start (1-3 s of start-up)
+        if executor == "inline":  # nothing asks the State API: no dashboard to start (1-3 s of start-up)
             kwargs["include_dashboard"] = False
         else:
             port = _free_port()
@@ -307,7 +308,7 @@ def _ensure_ray(opts: SweepOptions) -> None:
             local = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
         os.environ.update(env)  # inherited by the local instance's raylet and workers
         ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), **local, **kwargs)
-    if opts.executor != "inline":
+    if executor != "inline":
         _check_state_api(address if address and address != "local" else "the local Ray instance")
 
 
