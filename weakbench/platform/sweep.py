@@ -555,8 +555,11 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
                                             num_samples=num_samples, max_concurrent_trials=max_conc,
                                             reuse_actors=opts.executor == "inline"),
+                # an inline trial's checkpoints are Tune's: keep the latest two, as Train does
+                # for its own (every epoch's model and optimiser state, ~90 MB for a resnet18)
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=callbacks,
-                                          failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
+                                          failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
             )
         with _graceful_interrupt() as stop:
             try:
