@@ -54,16 +54,18 @@ PipelineShape = Literal["classifier_cam", "detector_attribution", "multi_branch"
 def timm_lists_model(name: str) -> bool:
     """Whether ``timm.list_models()`` names ``name``, without importing timm (2-3 s: it imports
     torchvision) where an earlier call saved timm's list for the installed timm version
-    (``~/.cache/weakbench/timm-<version>-models.txt``): a sweep's driver validates its configs
-    without timm. A name not in the saved list, or timm already imported (models registered at
-    run time), asks timm itself."""
+    (``timm-<version>-models.txt`` in :data:`~weakbench.platform.data.DEFAULT_CACHE_DIR`): a
+    sweep's driver validates its configs without timm. A name not in the saved list, or timm
+    already imported (models registered at run time), asks timm itself."""
     import importlib.metadata
     import os
     import sys
 
+    from weakbench.platform.data.open import DEFAULT_CACHE_DIR
+
     saved = None
     try:
-        saved = Path("~/.cache/weakbench").expanduser() / f"timm-{importlib.metadata.version('timm')}-models.txt"
+        saved = DEFAULT_CACHE_DIR.expanduser() / f"timm-{importlib.metadata.version('timm')}-models.txt"
     except importlib.metadata.PackageNotFoundError:
         pass
     if saved is not None and "timm" not in sys.modules:
