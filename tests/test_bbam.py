@@ -158,7 +158,8 @@ def test_sweep_trains_the_detector_once_and_resumes_in_the_attribution_stage(tmp
     out = tmp_path / "runs"
     space = str(REPO / "search_spaces" / "bbam.yaml")
     done = subprocess.run([sys.executable, "-m", "weakbench", "sweep", space, "--trials", "2", "--output-dir", str(out),
-                           "--name", "once", "--num-cpus", "2", "--address", "local", "--no-model", *SWEEP_SETS],
+                           "--name", "once", "--num-cpus", "2", "--address", "local", "--executor", "train", "--no-model",
+                           *SWEEP_SETS],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client, trials = _runs(out)

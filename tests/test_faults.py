@@ -83,7 +83,9 @@ def test_node_running_a_trial_dies_and_the_sweep_finishes(tmp_path, private_clus
         deadline = time.time() + 150
         while time.time() < deadline:
             assert proc.poll() is None, log.read_text()[-3000:]
-            counts = [len(list(d.glob("checkpoint_*"))) for d in tune_dir.glob("_trial_*")]
+            # epochs checkpointed: the newest checkpoint's index + 1 (Tune keeps the latest two)
+            counts = [max((int(c.name.rsplit("_", 1)[-1]) + 1 for c in d.glob("checkpoint_*")), default=0)
+                      for d in tune_dir.glob("_trial_*")]
             if len(counts) == 2 and all(1 <= c < EPOCHS - 1 for c in counts):
                 break
             time.sleep(0.2)

@@ -23,6 +23,26 @@ def test_config_errors_name_the_field_and_the_rule():
         validate_config("cam", {"backbone": "resnet9000"})
 
 
+def test_backbone_names_are_validated_without_importing_timm_once_its_list_is_saved(tmp_path):
+    """A sweep's driver validates configs without timm (2-3 s of imports): the first validation
+    saves timm's model list for its version under ~/.cache/weakbench, later processes read it; a
+    name not in the list still asks timm and is refused."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from weakbench.methods import validate_config; from weakbench.platform.errors import ConfigError\n"
+            "validate_config('cam', {'backbone': 'resnet18'}); print('timm' in sys.modules)\n"
+            "try: validate_config('cam', {'backbone': 'resnet9000'})\nexcept ConfigError as e: print('refused', 'resnet9000' in str(e))")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    first, second = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+                     for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    assert first.stdout.split() == ["True", "refused", "True"]    # no saved list yet: timm asked, list saved
+    assert second.stdout.split() == ["False", "refused", "True"]  # resnet18 from the saved list, resnet9000 from timm
+    assert list((tmp_path / ".cache" / "weakbench").glob("timm-*-models.txt"))
+
+
 def test_normalize_maps_min_max_and_constant_maps():
     maps = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[7.0, 7.0], [7.0, 7.0]]])
     out = normalize_maps(maps)

@@ -5,6 +5,7 @@ present, and checks the counts the spine promises: one parent run, one child run
 metrics, one Parquet row per run, a registered model that loads by alias and writes overlays.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def leaderboard_register_predict(out: Path, image: Path, dataset: str):
 def test_sweep_synthetic_default_end_to_end(tmp_path, ray_local):
     out = tmp_path / "runs"
     sweep_and_check(out, None)
+    # the default executor, resolved and saved for --resume: one CPU worker trains in its trial actor
+    assert json.loads((out / "sweeps" / "e2e" / "sweep.json").read_text())["executor"] == "inline"
     image = next((out / "data_cache").rglob("*.png"))
     leaderboard_register_predict(out, image, "synthetic")
     # --resume of a finished sweep adds nothing and rewrites nothing

@@ -12,7 +12,8 @@ import pytest
 from weakbench.platform import conventions as C
 from weakbench.platform import tracking
 from weakbench.platform.search_space import load_search_space
-from weakbench.platform.sweep import SweepOptions, SweepSummary, _reconcile_with_tune, prepare_sweep_dir
+from weakbench.platform.errors import ConfigError
+from weakbench.platform.sweep import SweepOptions, SweepSummary, _reconcile_with_tune, prepare_sweep_dir, resolve_executor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,23 @@ def _summary(**kw) -> SweepSummary:
 ])
 def test_exit_code_rule(kw, code):
     assert _summary(**kw).exit_code == code
+
+
+@pytest.mark.parametrize("kw, executor", [
+    ({}, "inline"),                                  # the README's job: one CPU worker trains in its trial actor
+    ({"num_workers": 2}, "train"),                   # DDP
+    ({"use_gpu": True}, "train"),
+    ({"executor": "train"}, "train"),                # asked for: kept
+    ({"executor": "inline", "cpus_per_worker": 2}, "inline"),
+])
+def test_auto_executor_is_inline_for_one_cpu_worker(kw, executor):
+    assert resolve_executor(SweepOptions(space="s.yaml", **kw)) == executor
+
+
+@pytest.mark.parametrize("kw", [{"num_workers": 2}, {"use_gpu": True}])
+def test_inline_executor_with_ddp_or_gpu_is_refused(kw):
+    with pytest.raises(ConfigError, match="--executor inline runs one CPU worker per trial.*--executor train"):
+        resolve_executor(SweepOptions(space="s.yaml", executor="inline", **kw))
 
 
 def test_two_sweeps_in_the_same_second_get_distinct_names(tmp_path):

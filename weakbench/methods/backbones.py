@@ -29,7 +29,6 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-import timm
 import torch
 
 from weakbench.platform.errors import ConfigError, UnknownNameError
@@ -133,6 +132,8 @@ def resolve_pretrained(name: str) -> Path | None:
     target = weights_cache_dir() / f"{name}-{digest}.pth"
     if target.is_file():
         return target
+    import timm
+
     state = torch.load(src, map_location="cpu", weights_only=True)
     converted = entry.convert(state, timm.create_model(name, pretrained=False))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +148,8 @@ def input_normalization(name: str) -> tuple[tuple[float, float, float], tuple[fl
     ``name`` expects: its default ``pretrained_cfg``'s, or ImageNet statistics
     (:data:`DEFAULT_MEAN`, :data:`DEFAULT_STD`) when timm has no cfg for it. ``tf_efficientnet_lite0``
     gives ``(0.5, 0.5, 0.5), (0.5, 0.5, 0.5)``; ResNets give ImageNet statistics."""
+    import timm
+
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except Exception:  # noqa: BLE001 - no cfg registered: the default
@@ -247,6 +250,8 @@ def create_backbone(
         ConfigError: ``weights_path`` missing or unreadable, ``output_stride`` unsupported,
             or pretrained weights unavailable (names the backbone and the fix).
     """
+    import timm  # here, not at the top: a sweep's driver validates configs without timm (2-3 s of imports)
+
     if name not in timm.list_models():
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise UnknownNameError(f"unknown backbone {name!r} (not a timm model); similar: {', '.join(close) or 'none'}")
@@ -269,6 +274,8 @@ def create_backbone(
 
 
 def _build(name: str, kwargs: dict, output_stride: int, pretrained: bool) -> torch.nn.Module:
+    import timm
+
     try:
         return timm.create_model(name, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:

@@ -51,6 +51,43 @@ __all__ = ["Method", "MethodConfig", "ClassifierConfig", "ClassifierFitTask", "C
 PipelineShape = Literal["classifier_cam", "detector_attribution", "multi_branch"]
 
 
+def timm_lists_model(name: str) -> bool:
+    """Whether ``timm.list_models()`` names ``name``, without importing timm (2-3 s: it imports
+    torchvision) where an earlier call saved timm's list for the installed timm version
+    (``timm-<version>-models.txt`` in :data:`~weakbench.platform.data.DEFAULT_CACHE_DIR`): a
+    sweep's driver validates its configs without timm. A name not in the saved list, or timm
+    already imported (models registered at run time), asks timm itself."""
+    import importlib.metadata
+    import os
+    import sys
+
+    from weakbench.platform.data.open import DEFAULT_CACHE_DIR
+
+    saved = None
+    try:
+        saved = DEFAULT_CACHE_DIR.expanduser() / f"timm-{importlib.metadata.version('timm')}-models.txt"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if saved is not None and "timm" not in sys.modules:
+        try:
+            if name in saved.read_text().split("\n"):
+                return True
+        except OSError:
+            pass
+    import timm
+
+    names = timm.list_models()
+    if saved is not None:
+        try:  # best effort: another process may write the same list at once
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            tmp = saved.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text("\n".join(names))
+            os.replace(tmp, saved)
+        except OSError:
+            pass
+    return name in names
+
+
 class MethodConfig(BaseModel):
     """Hyperparameters common to every method (DESIGN.md: "Common: backbone, learning rate,
     batch size, epochs, input size, seed").
@@ -116,9 +153,9 @@ class MethodConfig(BaseModel):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str) -> str:
-        import timm
+        if not timm_lists_model(v):
+            import timm
 
-        if v not in timm.list_models():
             similar = timm.list_models(f"*{v.split('_')[0][:6]}*")[:6]
             raise ValueError(f"unknown backbone {v!r} (not a timm model name); similar: {', '.join(similar) or 'none'}")
         return v

@@ -91,7 +91,7 @@ def sweep(
     max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once (default: as many as the CPUs allow)."),
     searcher: str = typer.Option("optuna", "--searcher", help="optuna (TPE, seeded) or random (grid axes crossed)."),
     search_seed: int = typer.Option(0, "--search-seed", help="Seed of the Optuna sampler."),
-    executor: str = typer.Option("train", "--executor", help="train (a Ray Train TorchTrainer per trial) or inline (1-worker CPU trials run inside the Tune trial, no Train start-up)."),
+    executor: str = typer.Option("auto", "--executor", help="inline (a 1-worker CPU trial trains inside its Tune trial actor, reused from trial to trial), train (a Ray Train TorchTrainer per trial: DDP, GPUs; a controller and worker processes start per trial) or auto: inline for one CPU worker, train otherwise."),
     eval_max_images: Optional[int] = typer.Option(None, "--eval-max-images", help="Evaluate at most this many images per split."),
     early_stopping: bool = typer.Option(True, "--early-stopping/--no-early-stopping", help="Stop poor trials early with the space file's ASHA scheduler; off keeps every seed of every configuration to the end."),
     sets: List[str] = typer.Option([], "--set", help="Override a hyperparameter for every trial, KEY=VALUE (repeatable)."),
@@ -114,7 +114,10 @@ def sweep(
                         search_seed=search_seed, executor=executor, eval_max_images=eval_max_images, early_stopping=early_stopping,
                         address=address, num_cpus=num_cpus, overrides=_parse_sets(sets), log_model=not no_model,
                         max_failures=max_failures, worker_start_timeout_s=worker_start_timeout)
-    console.print(f"[bold]weakbench sweep[/] {space} on {data or 'the synthetic default'}: {trials} trials, executor={executor}")
+    from weakbench.platform.sweep import resolve_executor
+
+    console.print(f"[bold]weakbench sweep[/] {space} on {data or 'the synthetic default'}: {trials} trials, "
+                  f"executor={resolve_executor(opts)}")
     s = _run_sweep_with_view(opts, verbose=verbose)
     from rich.table import Table
 

@@ -37,10 +37,12 @@ inline executor runs the whole plan in the calling process. On every worker:
 Reports carry ``progress`` (plan units done: one per fit epoch and per map/eval stage; ASHA's
 clock) and ``epoch`` (fit epochs done), plus the latest val/test metrics.
 
-Executors: ``"train"`` (default) runs each segment in a ``TorchTrainer`` with ``num_workers``
-workers. ``"inline"`` runs the plan in the calling process (the Tune trial actor) for one-worker
-CPU trials, reporting to Tune directly; it saves the start-up of the Train controller and worker
-actors (each a fresh process importing torch), measured in ``benchmarks/bench_trial_startup.py``.
+Executors: ``"train"`` runs each segment in a ``TorchTrainer`` with ``num_workers`` workers
+(:func:`run_trial`'s default; a sweep uses it for DDP and GPU trials). ``"inline"`` runs the plan
+in the calling process (the Tune trial actor) for one-worker CPU trials, reporting to Tune
+directly (a sweep's default for them); it saves the start-up of the Train controller and worker
+actors (each a fresh process importing torch), measured in ``benchmarks/bench_trial_startup.py``
+and ``benchmarks/bench_sweep_overhead.py``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,17 @@
 """Hyperparameter sweeps on Ray Tune (Train V2 pattern) with Optuna and ASHA.
 
-Each Tune trial is a plain function (:func:`_trial`) that builds a ``TorchTrainer`` for its
-configuration and fits it, with ``TuneReportCallback`` forwarding the workers' reports to Tune
-(Ray ≥ 2.51: ``Tuner(trainer)`` is deprecated). The trial function itself holds only
-``{"cpu": 0.01}`` so that the Train workers get the CPUs (a ``{"cpu": 0}`` request is refused by
-Ray). With ``executor="inline"`` a one-worker CPU trial trains inside the trial function instead,
-holding ``cpus_per_worker`` CPUs.
+Each Tune trial is a plain function (:func:`_trial`). Executors (:func:`resolve_executor`):
+
+* ``"inline"``: a one-worker CPU trial trains inside the trial function, holding
+  ``cpus_per_worker`` CPUs and reporting to Tune directly; Tune reuses the trial actor (a process
+  that has imported torch and MLflow) for the next trial (``reuse_actors``);
+* ``"train"``: the trial function builds a ``TorchTrainer`` per plan segment and fits it, with
+  ``TuneReportCallback`` forwarding the workers' reports to Tune (Ray ≥ 2.51: ``Tuner(trainer)``
+  is deprecated); the trial function itself holds only ``{"cpu": 0.01}`` so that the Train
+  workers get the CPUs (a ``{"cpu": 0}`` request is refused by Ray). Each trial starts a Train
+  controller and its workers, fresh processes: ~15-20 s per trial on a 2-core machine
+  (``benchmarks/bench_sweep_overhead.py``), so it is for DDP and GPU trials;
+* ``"auto"`` (the default): ``inline`` for one worker without GPU, ``train`` otherwise.
 
 Search: ``OptunaSearch`` (TPE, seeded) over the sampled axes; the ``seed`` grid axis is realised
 with Tune's ``Repeater`` (each suggested configuration is run once per seed and Optuna sees the
@@ -64,7 +70,9 @@ class SweepOptions(BaseModel):
     searcher: Literal["optuna", "random"] = "optuna"
     search_seed: int = 0
     split_seed: int = 0
-    executor: Literal["train", "inline"] = "train"
+    executor: Literal["auto", "train", "inline"] = Field(
+        "auto", description="inline: one-worker CPU trials train in their (reused) Tune trial actor; train: a Ray "
+                            "Train TorchTrainer per trial (DDP, GPUs); auto: inline for one CPU worker, else train")
     early_stopping: bool = Field(True, description="use the space file's ASHA scheduler (False: every trial runs all epochs)")
     eval_max_images: int | None = Field(None, ge=1)
     num_overlays: int = Field(6, ge=0)
@@ -138,6 +146,22 @@ class _SweepContext(BaseModel):
     log_model: bool
     seed_values: list[int] | None
     max_failures: int = 0
+
+
+def resolve_executor(opts: SweepOptions) -> Literal["train", "inline"]:
+    """The executor a sweep runs: ``opts.executor``, with ``"auto"`` resolved to ``"inline"`` for
+    one-worker CPU trials (the Train executor would add a controller and a worker process per
+    trial and nothing a single worker uses) and to ``"train"`` for DDP or GPU trials.
+
+    Raises:
+        ConfigError: ``"inline"`` with several workers or a GPU (names the flags and the fix).
+    """
+    if opts.executor == "auto":
+        return "inline" if opts.num_workers == 1 and not opts.use_gpu else "train"
+    if opts.executor == "inline" and (opts.num_workers != 1 or opts.use_gpu):
+        raise ConfigError(f"--executor inline runs one CPU worker per trial, but --num-workers is {opts.num_workers}"
+                          f"{' and --gpu is set' if opts.use_gpu else ''}; use --executor train (or auto) for DDP or GPUs")
+    return opts.executor  # type: ignore[return-value]
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -242,7 +266,8 @@ def _ensure_ray(opts: SweepOptions) -> None:
     instance of its machine, which fails when several run there ("Found multiple active Ray
     instances") or names another one; so this driver tells every process of the job where it is:
     ``RAY_ADDRESS`` (a cluster) or ``RAY_API_SERVER_ADDRESS`` (a local instance, whose dashboard gets
-    a free port rather than 8265, which another instance may hold).
+    a free port rather than 8265, which another instance may hold). A local instance for the
+    inline executor starts without a dashboard: none of its trials asks the State API.
 
     Raises:
         ConfigError: no ``--address`` while another Ray instance runs on this machine (joining it
@@ -254,6 +279,7 @@ def _ensure_ray(opts: SweepOptions) -> None:
 
     if ray.is_initialized():
         return
+    executor = resolve_executor(opts)
     # Ray Train's controller reads this in its own process: a bounded wait for a worker group
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{opts.worker_start_timeout_s:g}"}
     kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
@@ -273,12 +299,16 @@ def _ensure_ray(opts: SweepOptions) -> None:
         ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
     else:
         _check_ray_target(opts)
-        port = _free_port()
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        local: dict[str, Any] = {}
+        if executor == "inline":  # nothing asks the State API: no dashboard to start (1-3 s of start-up)
+            kwargs["include_dashboard"] = False
+        else:
+            port = _free_port()
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            local = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
         os.environ.update(env)  # inherited by the local instance's raylet and workers
-        ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
-                 dashboard_port=port, **kwargs)
-    if opts.executor != "inline":
+        ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), **local, **kwargs)
+    if executor != "inline":
         _check_state_api(address if address and address != "local" else "the local Ray instance")
 
 
@@ -384,6 +414,7 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     space = _with_overrides(load_search_space(opts.space), opts.overrides)
     if opts.overrides:
         validate_config(space.method, space.fixed, source=f"{opts.space} (with command-line overrides)")
+    resolve_executor(opts)  # --executor inline with DDP or a GPU is refused before anything is created
     out = Path(opts.output_dir).resolve()
     data_cache = str(out / "data_cache")
     if not opts.resume:  # bad data fails before anything is created
@@ -401,6 +432,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
             if key in saved:
                 setattr(opts, key, saved[key])
         space = _with_overrides(load_search_space(opts.space), opts.overrides)
+    # a concrete executor is saved in sweep.json: --resume continues with the one that wrote the
+    # checkpoints (an inline trial's checkpoint is a Tune one, a Train trial's a Train one)
+    opts = opts.model_copy(update={"executor": resolve_executor(opts)})
     tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
 
     source = open_dataset(opts.data, cache_dir=data_cache)
@@ -516,10 +550,16 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
+                # inline trials reuse their trial actor (a process that has imported torch and
+                # opened the dataset) for the next trial; a Train trial's workers are Train's own
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
-                                            num_samples=num_samples, max_concurrent_trials=max_conc),
+                                            num_samples=num_samples, max_concurrent_trials=max_conc,
+                                            reuse_actors=opts.executor == "inline"),
+                # an inline trial's checkpoints are Tune's: keep the latest two, as Train does
+                # for its own (every epoch's model and optimiser state, ~90 MB for a resnet18)
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=callbacks,
-                                          failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
+                                          failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
             )
         with _graceful_interrupt() as stop:
             try:
