@@ -110,13 +110,6 @@ def test_two_rounds_on_the_synthetic_default(tmp_path):
     assert preds[0].overlays[0].is_file()
 
 
-def _runs(out: Path):
-    client = tracking.client_for(tracking.default_tracking_uri(out))
-    exp = client.get_experiment_by_name(C.DEFAULT_EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id])
-    return client, [r for r in runs if r.data.tags.get(C.TAG_KIND) == C.KIND_TRIAL]
-
-
 SWEEP_SETS = ["--set", "epochs=3", "--set", "mil_epochs=2", "--set", "semantic_epochs=2", "--set", "mask_rcnn_epochs=2",
               "--set", "max_images_per_split=12", "--set", "max_proposals=80", "--set", "refinement_steps=40",
               "--eval-max-images", "8"]
@@ -130,7 +123,7 @@ def test_sweep_over_context_scale_shares_round_one_and_resumes_in_round_two(tmp_
     peaks and round 1's MIL and SS branches are computed once for the sweep (one computation,
     every other use a cache hit with the same product hash); the killed trial resumes in round 2
     (its round-1 stages are not recomputed); one MLflow run per trial, none RUNNING."""
-    from test_bbam import _kill_tree
+    from test_bbam import _kill_tree, _runs
 
     out = tmp_path / "runs"
     space = str(REPO / "search_spaces" / "ccgr.yaml")

@@ -243,13 +243,19 @@ class PseudoMaskDataset(torch.utils.data.Dataset):
         target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.as_tensor(np.asarray(classes) + 1, dtype=torch.int64),
                   "masks": torch.from_numpy(masks), "index": index}
-        if torch.rand(()) < 0.5:
-            w = image.shape[-1]
-            image = image.flip(-1)
-            b = target["boxes"]
-            target["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
-            target["masks"] = target["masks"].flip(-1)
-        return image, target
+        return random_hflip(image, target)
+
+
+def random_hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    """With probability 0.5 (``torch.rand``), mirror a detection sample left-right: the image
+    ``(3, H, W)``, its ``boxes`` ``(K, 4)`` xyxy and ``masks`` ``(K, H, W)``."""
+    if torch.rand(()) < 0.5:
+        w = image.shape[-1]
+        image = image.flip(-1)
+        b = target["boxes"]
+        target["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+        target["masks"] = target["masks"].flip(-1)
+    return image, target
 
 
 @torch.no_grad()
@@ -277,6 +283,28 @@ def detection_metrics(model, source, indices, device, *, masks: bool, batch_size
         model.train(was)
     gt = coco_gt_from_source(source, indices, masks=masks)
     return coco_instance_eval(gt, results, iou_types=("segm", "bbox") if masks else ("bbox",))
+
+
+def mask_metrics_on_val_and_test(model, ctx: StageContext) -> dict[str, float]:
+    """:func:`detection_metrics` with masks of ``model`` on the val and test splits (``max_images``
+    of each), keyed ``val/…`` and ``test/…``."""
+    out = {}
+    for split in ("val", "test"):
+        idx = list(ctx.splits[split])[: ctx.max_images] if ctx.max_images else list(ctx.splits[split])
+        out.update({f"{split}/{k}": v for k, v in detection_metrics(model, ctx.source, idx, ctx.device, masks=True).items()})
+    return out
+
+
+def mask_rcnn_instances(model: torch.nn.Module, images: list[torch.Tensor], score_threshold: float) -> list[dict]:
+    """A trained torchvision Mask R-CNN's predictions as :class:`InstancePredictor` dicts: detections
+    at or above ``score_threshold``, labels 0-based, masks ``> 0.5``."""
+    out = []
+    with torch.no_grad():
+        for o in model.eval()(images):
+            keep = o["scores"] >= score_threshold
+            out.append({"boxes": o["boxes"][keep], "labels": o["labels"][keep] - 1, "scores": o["scores"][keep],
+                        "masks": o["masks"][keep, 0] > 0.5})
+    return out
 
 
 @register_method("bbam")
@@ -417,11 +445,7 @@ class BBAM(Method):
             return self._evaluate_pseudo_masks(ctx)
         if stage.name == "instance_eval":
             model = ctx.load_model("mask_rcnn")
-            out = {}
-            for split in ("val", "test"):
-                idx = list(ctx.splits[split])[: ctx.max_images] if ctx.max_images else list(ctx.splits[split])
-                out.update({f"{split}/{k}": v for k, v in detection_metrics(model, ctx.source, idx, ctx.device, masks=True).items()})
-            return out, []
+            return mask_metrics_on_val_and_test(model, ctx), []
         raise NotImplementedError(f"bbam has no eval stage {stage.name!r}")
 
     def _evaluate_pseudo_masks(self, ctx: StageContext) -> tuple[dict[str, float], list]:
@@ -490,12 +514,7 @@ class BBAM(Method):
         c = self.config
         out = []
         if "mask_rcnn" in models:
-            with torch.no_grad():
-                for o in models["mask_rcnn"].eval()(images):
-                    keep = o["scores"] >= score_threshold
-                    out.append({"boxes": o["boxes"][keep], "labels": o["labels"][keep] - 1, "scores": o["scores"][keep],
-                                "masks": o["masks"][keep, 0] > 0.5})
-            return out
+            return mask_rcnn_instances(models["mask_rcnn"], images, score_threshold)
         detector = models["detector"].eval()
         for image in images:
             with torch.no_grad():

@@ -92,6 +92,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from weakbench.methods import ccgr_ops as ops
+from weakbench.methods.bbam import (_image_tensor, _rle, _unrle, detection_metrics, mask_metrics_on_val_and_test,
+                                    mask_rcnn_instances, random_hflip)
+from weakbench.methods.bbam_ops import box_filled_mask
 from weakbench.methods.base import ClassifierFitTask, Method, MethodConfig, register_method
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext
 
@@ -267,18 +270,6 @@ def _unpng(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.uint8)
 
 
-def _rle(mask: np.ndarray) -> dict:
-    from weakbench.methods.bbam import _rle as rle
-
-    return rle(mask)
-
-
-def _unrle(r: dict) -> np.ndarray:
-    from weakbench.methods.bbam import _unrle as unrle
-
-    return unrle(r)
-
-
 _TABLES: dict[str, Any] = {}
 
 
@@ -448,8 +439,6 @@ class _PseudoInstanceData(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        from weakbench.methods.bbam import _image_tensor
-
         index = self.indices[i]
         entry = self.table[f"train:{index}"]
         img = self.source.load_image(index)
@@ -457,13 +446,7 @@ class _PseudoInstanceData(torch.utils.data.Dataset):
         masks = torch.from_numpy(np.stack([_unrle(r) for r in entry["fg"]]).astype(np.uint8))
         target = {"boxes": torch.as_tensor(entry["boxes_fg"], dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.as_tensor(entry["classes_fg"], dtype=torch.int64) + 1, "masks": masks, "index": index}
-        if torch.rand(()) < 0.5:
-            w = image.shape[-1]
-            image = image.flip(-1)
-            b = target["boxes"]
-            target["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
-            target["masks"] = target["masks"].flip(-1)
-        return image, target
+        return random_hflip(image, target)
 
 
 class InstanceFit(FitTask):
@@ -514,8 +497,6 @@ class InstanceFit(FitTask):
     def validate(self, model, ctx: StageContext, last: bool) -> dict[str, float]:
         if not last or not ctx.source.has_masks:
             return {}
-        from weakbench.methods.bbam import detection_metrics
-
         idx = list(ctx.splits["val"])[: ctx.max_images] if ctx.max_images else list(ctx.splits["val"])
         return detection_metrics(model, ctx.source, idx, ctx.device, masks=True)
 
@@ -752,8 +733,6 @@ class CCGR(Method):
 
     @torch.no_grad()
     def _instances(self, r: int, keys: list[str], ctx: StageContext) -> dict[str, Any]:
-        from weakbench.methods.bbam import _image_tensor
-
         c = self.config
         model = ctx.load_model(f"instance_r{r}")
         proposals = _table(ctx.inputs["proposals"] / "proposals.pt")
@@ -856,14 +835,7 @@ class CCGR(Method):
         if stage.name == "instance_eval":
             if not ctx.source.has_masks:
                 return {}, []
-            from weakbench.methods.bbam import detection_metrics
-
-            model = ctx.load_model(f"instance_r{self.config.rounds}")
-            out = {}
-            for split in ("val", "test"):
-                idx = list(ctx.splits[split])[: ctx.max_images] if ctx.max_images else list(ctx.splits[split])
-                out.update({f"{split}/{k}": v for k, v in detection_metrics(model, ctx.source, idx, ctx.device, masks=True).items()})
-            return out, []
+            return mask_metrics_on_val_and_test(ctx.load_model(f"instance_r{self.config.rounds}"), ctx), []
         raise NotImplementedError(f"ccgr has no eval stage {stage.name!r}")
 
     def _evaluate_rounds(self, ctx: StageContext) -> tuple[dict[str, float], list]:
@@ -904,8 +876,6 @@ class CCGR(Method):
                     e = table[key]
                     rec = ctx.source.records[idx]
                     for box, k, s in zip(e["boxes_before"], e["classes"], e["scores"]):
-                        from weakbench.methods.bbam_ops import box_filled_mask
-
                         x0, y0, x1, y1 = (float(v) for v in box)
                         res.append({"image_id": idx, "category_id": int(k) + 1, "score": float(s),
                                     "segmentation": _rle(box_filled_mask(box, rec.height, rec.width)),
@@ -959,13 +929,7 @@ class CCGR(Method):
     def predict_instances(self, models: dict[str, torch.nn.Module], images: list[torch.Tensor], *,
                           score_threshold: float) -> list[dict[str, torch.Tensor]]:
         """The paper's inference: the IS branch alone (Mask R-CNN, masks ``> 0.5``)."""
-        out = []
-        with torch.no_grad():
-            for o in models["mask_rcnn"].eval()(images):
-                keep = o["scores"] >= score_threshold
-                out.append({"boxes": o["boxes"][keep], "labels": o["labels"][keep] - 1, "scores": o["scores"][keep],
-                            "masks": o["masks"][keep, 0] > 0.5})
-        return out
+        return mask_rcnn_instances(models["mask_rcnn"], images, score_threshold)
 
 
 def _best_iou(boxes, classes, gt_boxes, gt_classes) -> list[float]:
