@@ -112,3 +112,21 @@ def test_baselines_sweep_board_register_and_evaluate(tmp_path, ray_local):
     assert float(line.split()[-2]) == pytest.approx(ev.data.metrics["all/max_box_acc_v2"], abs=0.005)
     # evaluation runs never reach the results store
     assert read_store(out / "results").num_rows == 3
+
+
+def test_evaluate_reports_progress_to_the_end(tmp_path):
+    """``weakbench evaluate``'s progress bar: evaluate_split reports (done, total) per batch,
+    monotone, ending at (total, total); the metrics do not depend on it."""
+    from weakbench.platform.data import open_dataset
+    from weakbench.platform.evaluate import evaluate_split
+
+    source = open_dataset(None, cache_dir=tmp_path)
+    m = build_method("center_gaussian", {"input_size": 32}, num_classes=source.num_classes, multilabel=source.multilabel)
+    model = m.build_model()
+    seen: list[tuple[int, int]] = []
+    idx = list(range(10))
+    with_bar, _, _ = evaluate_split(m, model, source, idx, input_size=32, device=torch.device("cpu"), batch_size=4,
+                                    progress=lambda done, total: seen.append((done, total)))
+    without, _, _ = evaluate_split(m, model, source, idx, input_size=32, device=torch.device("cpu"), batch_size=4)
+    assert seen == [(0, 10), (4, 10), (8, 10), (10, 10)]
+    assert with_bar == without

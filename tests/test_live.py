@@ -49,10 +49,16 @@ def test_view_folds_reports_and_estimates_what_is_left():
     # two trials not started, one at a time, each estimated at 40 s: 20 + 2·40
     assert v.left(1020.0) == pytest.approx(100.0)
     r2 = v.row("t2")
-    r2.status, r2.started, r2.ended, r2.best = "finished", 1000.0, 1030.0, 45.0
-    assert v.best_row() is r2
+    assert "best so far val/max_box_acc_v2 40.00 (t1)" in v.header(1020.0).plain  # nothing finished yet
+    r2.status, r2.started, r2.ended, r2.best, r2.latest = "finished", 1000.0, 1030.0, 45.0, 42.0
+    assert v.best_row() is r2 and v.selected_row() is r2
     head = v.header(1020.0).plain
-    assert "1 running" in head and "1 finished" in head and "1 waiting of 3 trials" in head and "best val/max_box_acc_v2 45.00 (t2)" in head
+    # the header selects as the sweep summary does: a finished trial's final value, not its best epoch
+    assert "1 running" in head and "1 finished" in head and "1 waiting of 3 trials" in head
+    assert "best val/max_box_acc_v2 42.00 (t2, finished)" in head
+    r3 = v.row("t3")
+    r3.status, r3.latest, r3.best = "stopped", 50.0, 50.0  # stopped early by ASHA: never selected
+    assert v.selected_row() is r2 and v.best_row() is r3
     table = v.table(1020.0)
     assert [c.header for c in table.columns] == ["trial", "lr", "seed", "status", "epoch / stage", "max_box_acc_v2",
                                                 "best", "elapsed", "left"]
@@ -197,3 +203,17 @@ def test_leaderboard_legend_says_what_the_metric_means_and_which_row_is_the_base
     assert "Baseline: cam / r18 on d" in line and '"vs cam"' in line
     only = legend(build_leaderboard(rows_to_table(rows[2:])))
     assert "Baseline: cam, which has no run here" in only
+
+
+def test_sweep_summary_shows_the_headline_family_not_every_key():
+    from weakbench.platform.cli import searched_params, summary_metrics
+
+    cam = {"val/max_box_acc_v2": 17.5, "test/max_box_acc_v2": 15.1, "test/pxap": 16.0, "val/best_threshold": 0.2,
+           "val/max_box_acc_v2_iou30": 39.0, "val/num_images": 9.0, "train/loss": 1.0}
+    assert list(summary_metrics(cam, "val/max_box_acc_v2")) == ["val/max_box_acc_v2", "test/max_box_acc_v2", "test/pxap"]
+    bbam = {"val/pseudo_masks/instance_miou": 50.0, "test/pseudo_masks/instance_miou": 40.0,
+            "val/pseudo_masks/box_filled/instance_miou": 30.0, "val/pseudo_masks/map_r50": 20.0, "val/detector/loss": 1.0}
+    assert summary_metrics(bbam, "val/pseudo_masks/instance_miou") == {
+        "val/pseudo_masks/instance_miou": 50.0, "test/pseudo_masks/instance_miou": 40.0, "val/pseudo_masks/map_r50": 20.0}
+    assert searched_params(REPO / "search_spaces" / "cam.yaml", {"lr": 0.1, "backbone": "resnet18", "seed": 1}) == \
+        {"lr": 0.1, "seed": 1}

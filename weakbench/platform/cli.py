@@ -16,6 +16,7 @@ Bad input prints one line naming the file, the field and the fix, and exits with
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -127,9 +128,10 @@ def sweep(
     t.add_row("wall time", f"{s.wall_seconds:.0f} s")
     if s.best_run_id:
         t.add_row(f"best ({s.metric})", f"{s.best_metrics.get(s.metric, float('nan')):.2f}  run {s.best_run_id}")
-        shown = {k: v for k, v in s.best_metrics.items() if k.startswith(("val/", "test/")) and not k.endswith("num_images")}
-        t.add_row("best metrics", ", ".join(f"{k}={v:.2f}" for k, v in sorted(shown.items())))
-        t.add_row("best params", ", ".join(f"{k}={v}" for k, v in sorted(s.best_params.items())))
+        shown = summary_metrics(s.best_metrics, s.metric)
+        t.add_row("best metrics", ", ".join(f"{k}={v:.2f}" for k, v in shown.items()))
+        t.add_row("best params", ", ".join(f"{k}={v}" for k, v in sorted(searched_params(space, s.best_params).items()))
+                  + "  (searched; every parameter and metric is in MLflow)")
     t.add_row("MLflow", f"{s.tracking_uri}  (experiment {s.experiment}, parent run {s.parent_run_id})")
     t.add_row("sweep dir", s.sweep_dir)
     console.print(t)
@@ -144,6 +146,39 @@ def sweep(
                                  f"see the runs' weakbench.error tags"))
     if s.exit_code:
         raise typer.Exit(s.exit_code)
+
+
+_DETAIL = re.compile(r"threshold|_iou\d\d$|num_images|^top5_loc$")
+
+
+def summary_metrics(metrics: dict[str, float], metric: str) -> dict[str, float]:
+    """The metrics the sweep summary shows of the best run: val and test values in the selecting
+    metric's stage namespace (``val/pseudo_masks/…`` for ``val/pseudo_masks/instance_miou``), without
+    thresholds, per-IoU parts and counts; the selecting metric first. The rest stays in MLflow."""
+    ns = metric.split("/")[1:-1]
+    prefix = "/".join(ns) + "/" if ns else ""
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        head = f"{split}/{prefix}{metric.split('/')[-1]}"
+        if head in metrics:
+            out[head] = metrics[head]
+    for k in sorted(metrics):
+        split, _, rest = k.partition("/")
+        if split in ("val", "test") and rest.startswith(prefix) and "/" not in rest[len(prefix):] \
+                and not _DETAIL.search(rest[len(prefix):]):
+            out.setdefault(k, metrics[k])
+    return out
+
+
+def searched_params(space_file, params: dict) -> dict:
+    """``params`` restricted to the axes the space file searches (all of them when it cannot be read)."""
+    from weakbench.platform.search_space import load_search_space
+
+    try:
+        keys = set(load_search_space(space_file).search)
+    except Exception:  # noqa: BLE001 - the summary never fails on it
+        return dict(params)
+    return {k: v for k, v in params.items() if k in keys} or dict(params)
 
 
 def _run_sweep_with_view(opts, *, verbose: bool):
@@ -314,7 +349,7 @@ def evaluate(
     res = evaluate_dataset(data, tracking_uri=_tracking_uri(output_dir, tracking_uri), model_uri=model, method=method,
                            params=_parse_sets(sets), experiment=experiment, cache_dir=Path(output_dir) / "data_cache",
                            input_size=input_size, cam_curve_interval=interval, batch_size=batch_size,
-                           max_images=max_images, log=log)
+                           max_images=max_images, log=log, progress=True)
     from rich.table import Table
 
     console.print(f"{res.evaluated} on {res.dataset}: {res.num_images} images (every image, no split)", highlight=False)

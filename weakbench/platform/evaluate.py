@@ -16,7 +16,7 @@ into the frame with ``int()`` truncation by the data layer. Metrics, all in perc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -39,6 +39,7 @@ def evaluate_split(
     max_images: int | None = None,
     num_overlays: int = 0,
     extra_batches: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, float], list[tuple[str, Image.Image]], dict[str, Any]]:
     """Run the model over ``indices`` of ``source`` and compute the split's metrics.
 
@@ -52,6 +53,7 @@ def evaluate_split(
         max_images: evaluate only the first ``max_images`` indices (None: all).
         num_overlays: how many (image, class) overlay pictures to return.
         extra_batches: how many batches to keep for ``method.extra_metrics``.
+        progress: called after each batch with ``(images done, images in all)`` (a progress bar).
 
     Returns:
         ``(metrics, overlays, details)``: metrics in percent keyed by bare name
@@ -82,9 +84,13 @@ def evaluate_split(
     kept_batches: list[dict[str, Any]] = []
     class_names = source.class_names
 
+    done = 0
     for batch in loader:
         images = batch["image"].to(device)
         labels = batch["labels"]
+        if progress is not None:
+            progress(done, len(dataset))
+        done += len(images)
         cams, logits = method.cams_and_scores(model, images)
         cams = cams.float()
         all_scores.append(logits.float().cpu())
@@ -149,6 +155,8 @@ def evaluate_split(
         else:
             metrics["cls_acc"] = float(top1_accuracy(scores.numpy(), labels_all.numpy()))
     metrics["num_images"] = float(len(dataset))
+    if progress is not None:
+        progress(len(dataset), len(dataset))
     if extra_batches and kept_batches:
         # method metrics may need input gradients (Top-GAP's ERF distance, PGD robust accuracy)
         with torch.enable_grad():

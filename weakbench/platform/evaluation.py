@@ -15,6 +15,8 @@ baselines (``center_gaussian``, ``whole_image``), or ``cam`` with ``epochs: 0``,
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import tempfile
 import time
@@ -91,6 +93,7 @@ def evaluate_dataset(
     num_overlays: int = 6,
     log: bool = True,
     device: str | None = None,
+    progress: bool = False,
 ) -> EvaluationResult:
     """Score a model (``model_uri``) or a no-training ``method`` on every image of ``data``.
 
@@ -106,6 +109,7 @@ def evaluate_dataset(
         num_overlays: overlay pictures logged under ``overlays/``.
         log: create the MLflow evaluation run (False: only compute).
         device: ``"cpu"``, ``"cuda"``… (default: CUDA when available).
+        progress: show a rich progress bar of the images scored (on stderr, removed when done).
 
     Returns:
         :class:`EvaluationResult`.
@@ -153,9 +157,10 @@ def evaluate_dataset(
         evaluated = f"method:{method}"
     interval = cam_curve_interval or m.config.cam_curve_interval
     t0 = time.time()
-    metrics, overlays, _ = evaluate_split(m, model.to(dev), source, list(range(len(source.records))), input_size=size,
-                                          device=dev, cam_curve_interval=interval, batch_size=batch_size,
-                                          max_images=max_images, num_overlays=num_overlays)
+    with _progress_bar(progress, f"scoring {source.name}") as advance:
+        metrics, overlays, _ = evaluate_split(m, model.to(dev), source, list(range(len(source.records))), input_size=size,
+                                              device=dev, cam_curve_interval=interval, batch_size=batch_size,
+                                              max_images=max_images, num_overlays=num_overlays, progress=advance)
     drop = getattr(m, "unreported_metrics", ())
     metrics = {k: v for k, v in metrics.items() if k not in drop}
     seconds = time.time() - t0
@@ -167,6 +172,26 @@ def evaluate_dataset(
     return EvaluationResult(metrics=metrics, method=m.name, params=params_out, dataset=source.name,
                             fingerprint=source.fingerprint, num_images=int(metrics.get("num_images", 0)),
                             evaluated=evaluated, run_id=run_id, seconds=seconds)
+
+
+@contextlib.contextmanager
+def _progress_bar(show: bool, description: str):
+    """Yields ``advance(done, total)`` for :func:`evaluate_split`: a transient rich bar on stderr
+    when ``show``, a no-op otherwise."""
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance
 
 
 def _log(tracking_uri, experiment, method, params, source, metrics, overlays, evaluated, run_id_src, version,

@@ -154,11 +154,23 @@ class SweepView:
         row.stage = stage_label(row.plan, row.progress)
 
     def best_row(self) -> TrialRow | None:
+        """The trial with the best value seen in any report (running trials and early epochs
+        included): "best so far"."""
         best = None
         for r in list(self.rows.values()):
             if r.best is not None and (best is None or self.better(r.best, best.best)):
                 best = r
         return best
+
+    def selected_row(self) -> TrialRow | None:
+        """The trial the sweep selects, by the sweep summary's rule: among *finished* trials, the
+        best final value of the selecting metric (a trial's best earlier epoch and trials ASHA
+        stopped do not count; None while none has finished)."""
+        sel = None
+        for r in list(self.rows.values()):
+            if r.status == "finished" and r.latest is not None and (sel is None or self.better(r.latest, sel.latest)):
+                sel = r
+        return sel
 
     def left(self, now: float) -> float | None:
         """Seconds left of the sweep: the longest running trial's estimate plus the trials not yet
@@ -197,9 +209,12 @@ class SweepView:
                  f"  elapsed {fmt_seconds((self.ended or now) - self.started)}")
         if left is not None and not self.ended:
             t.append(f"  ~{fmt_seconds(left)} left")
+        sel = self.selected_row()
         b = self.best_row()
-        if b is not None:
-            t.append(f"  best {self.metric} {b.best:.2f} ({b.trial_id})", style="green")
+        if sel is not None:
+            t.append(f"  best {self.metric} {sel.latest:.2f} ({sel.trial_id}, finished)", style="green")
+        elif b is not None:
+            t.append(f"  best so far {self.metric} {b.best:.2f} ({b.trial_id})", style="green")
         return t
 
     def table(self, now: float | None = None) -> Table:
@@ -215,7 +230,7 @@ class SweepView:
         t.add_column("best", justify="right")
         t.add_column("elapsed", justify="right")
         t.add_column("left", justify="right")
-        best = self.best_row()
+        best = self.selected_row() or self.best_row()
         for r in sorted(list(self.rows.values()), key=lambda r: (r.started or float("inf"), r.trial_id)):
             status = Text(r.status, style=_STATUS_STYLE.get(r.status, ""))
             stage = r.stage if r.status in ("running", "starting") else (
