@@ -16,8 +16,9 @@ Each Tune trial is a plain function (:func:`_trial`). Executors (:func:`resolve_
 Search: ``OptunaSearch`` (TPE, seeded) over the sampled axes; the ``seed`` grid axis is realised
 with Tune's ``Repeater`` (each suggested configuration is run once per seed and Optuna sees the
 mean), other grid axes become categorical choices for Optuna. ``searcher="random"`` uses Tune's
-own variant generator, where grid axes are crossed natively. ``ASHAScheduler`` (time attribute
-``epoch``) stops poor trials early.
+own variant generator, where grid axes are crossed natively. ASHA over configurations
+(:class:`weakbench.platform.schedulers.ConfigurationASHA`, time attribute ``progress``) stops poor
+configurations early, all their seed repeats together.
 
 Layout of a sweep directory ``<output>/sweeps/<sweep name>/``::
 
@@ -399,7 +400,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     """
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from weakbench.platform.schedulers import ConfigurationASHA
 
     from weakbench.methods import validate_config
     from weakbench.platform import tracking
@@ -515,8 +518,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
         # ASHA's clock is the plan's progress units (fit epochs + one per map/eval stage), so it
         # means the same across stages; the plan's last report (progress == max_t) comes after
         # the trial's run is FINISHED
-        scheduler = (ASHAScheduler(time_attr="progress", max_t=units, grace_period=min(space.asha.grace_period, units),
-                                   reduction_factor=space.asha.reduction_factor)
+        # ASHA acts on configurations: a configuration's seed repeats are stopped together or not at all
+        scheduler = (ConfigurationASHA(time_attr="progress", max_t=units, grace_period=min(space.asha.grace_period, units),
+                                       reduction_factor=space.asha.reduction_factor)
                      if space.asha and opts.early_stopping else FIFOScheduler())
 
         per_trial_cpu = opts.num_workers * opts.cpus_per_worker
