@@ -263,3 +263,30 @@ def test_plan_validation_and_segments():
                  Stage("mask_rcnn", "fit", epochs=2), Stage("e2", "eval"))
     assert plan_segments(bbam_like) == [[0, 1, 2, 3], [4, 5]]
     assert plan_segments((Stage("m", "map"), Stage("f", "fit"))) == [[0], [1]]
+
+
+def test_stage_hash_covers_the_code(tmp_path, monkeypatch):
+    """A product made by other method code is not reused: the hash covers code_digest, which
+    changes when any weakbench.methods source changes."""
+    import shutil
+
+    import weakbench.methods as methods
+    from weakbench.platform import products
+
+    kw = dict(method="m", stage="s", reads={"a": 1}, inputs={}, dataset_fingerprint="f", splits_digest="d")
+    assert products.stage_hash(**kw) == products.stage_hash(**kw, code=products.code_digest())
+    assert products.stage_hash(**kw, code="other") != products.stage_hash(**kw)
+    # the digest reads the package's sources: a copy with one edited file digests differently
+    pkg = tmp_path / "weakbench_methods_copy"
+    shutil.copytree(Path(methods.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    products.code_digest.cache_clear()
+    try:
+        monkeypatch.setattr(methods, "__file__", str(pkg / "__init__.py"))
+        same = products.code_digest()
+        products.code_digest.cache_clear()
+        (pkg / "cam.py").write_text((pkg / "cam.py").read_text() + "\n# edited\n")
+        assert products.code_digest() != same
+    finally:
+        products.code_digest.cache_clear()
+    monkeypatch.undo()
+    assert products.code_digest() == same  # the installed sources again

@@ -8,7 +8,8 @@ A stage's product is a directory ``<root>/<stage>-<hash16>/`` holding the stage'
      "complete": true, "created": <unix time>, "trial": <trial id that computed it>}
 
 The hash covers the method name, the stage name, the values of the config fields the stage
-``reads``, its inputs' hashes, the dataset fingerprint and the stored split, so two trials whose
+``reads``, its inputs' hashes, the dataset fingerprint, the stored split and the code
+(:func:`code_digest`: a product is reused only by the code that made it), so two trials whose
 upstream settings agree compute the same hash.
 
 Where products live:
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -62,11 +64,33 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """16 hex characters of sha256 over the weakbench version and the source of every module of
+    :mod:`weakbench.methods` (the code that computes stage products).
+
+    A product is reused only by the code that made it. The digest is deliberately coarse: editing
+    any method recomputes every method's products (a stale detector or pseudo-mask reused after a
+    bug fix would be silently wrong; a recomputation costs time only). Stage products are a
+    sweep-level cache, so this rarely costs anything in practice.
+    """
+    import weakbench
+    import weakbench.methods as methods
+
+    h = hashlib.sha256(weakbench.__version__.encode())
+    for path in sorted(Path(methods.__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def stage_hash(*, method: str, stage: str, reads: Mapping[str, Any], inputs: Mapping[str, str],
-               dataset_fingerprint: str, splits_digest: str) -> str:
-    """16 hex characters of sha256 over the canonical JSON of everything that shapes a product."""
+               dataset_fingerprint: str, splits_digest: str, code: str | None = None) -> str:
+    """16 hex characters of sha256 over the canonical JSON of everything that shapes a product:
+    the method and stage, the config fields the stage reads, its inputs' hashes, the dataset
+    fingerprint, the split digest, and the code (``code``, default :func:`code_digest`)."""
     doc = {"v": PRODUCTS_VERSION, "method": method, "stage": stage, "reads": _canonical(dict(reads)),
-           "inputs": _canonical(dict(inputs)), "dataset": dataset_fingerprint, "splits": splits_digest}
+           "inputs": _canonical(dict(inputs)), "dataset": dataset_fingerprint, "splits": splits_digest,
+           "code": code_digest() if code is None else code}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
