@@ -99,6 +99,9 @@ def test_status_reads_tune_state_without_ray(tmp_path):
     assert rows["b"].status == "stopped"
     assert (rows["c"].status, rows["c"].stage, rows["c"].params["seed"]) == ("running", "train epoch 3/3", 1)
     assert v.best_row() is rows["a"] and v.planned == 3
+    # no parent run in MLflow: the sweep's start is its first trial's, not the time of this call
+    assert v.started == 100.0 and v.ended is None
+    assert "elapsed 0 s" not in v.header(200.0).plain and "elapsed 1 min 40 s" in v.header(200.0).plain
 
 
 def _env() -> dict[str, str]:

@@ -696,6 +696,16 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
                 row.error = r.data.tags.get(C.TAG_ERROR) or row.error
         if row.best is None and row.latest is not None:
             row.best = row.latest
+    if parent is None:
+        # no parent run readable (MLflow elsewhere or unreachable): the sweep's times from its
+        # trials, else from sweep.json, never "elapsed 0 s" from the time of this call
+        starts = [r.started for r in view.rows.values() if r.started]
+        sweep_json = sweep_dir / "sweep.json" if sweep_dir is not None else None
+        view.started = min(starts) if starts else (
+            sweep_json.stat().st_mtime if sweep_json is not None and sweep_json.is_file() else view.started)
+        rows = list(view.rows.values())
+        if rows and len(rows) >= planned and all(r.status in ("finished", "stopped", "failed", "paused") for r in rows):
+            view.ended = max((r.ended or r.updated or r.started or view.started) for r in rows)
     if parent is not None and parent.info.status == "RUNNING":
         view.note = f"MLflow {uri}, parent run {parent.info.run_id}; Tune's state is saved every ≥ 10 s"
     failed = [r for r in view.rows.values() if r.status == "failed" and r.error]
