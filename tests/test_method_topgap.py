@@ -13,7 +13,7 @@ import torch
 from weakbench.methods import build_method
 from weakbench.methods.base import StepContext
 from weakbench.methods.topgap import (
-    cam_mask_iou, erf_distance, l1_sparsity, pgd_robust_correct, resolve_k, top1_correct, top_gap,
+    cam_mask_iou, erf_center_corner, erf_distance, l1_sparsity, pgd_robust_correct, resolve_k, top1_correct, top_gap,
 )
 from weakbench.platform.errors import ConfigError
 
@@ -87,10 +87,17 @@ def test_erf_distance_hand():
     def cam_fn(x):
         return x.sum(1, keepdim=True) * w
 
-    d = erf_distance(cam_fn, torch.zeros(1, 3, 2, 2))
-    # |grad| summed over RGB: centre map has 6 at (1, 1), corner map 3 at (0, 0); z-normalised jointly
-    values = [0, 0, 0, 6, 3, 0, 0, 0]
-    assert d.item() == pytest.approx((6 / 4 - 3 / 4) / statistics.stdev(values), rel=1e-5)
+    x = torch.zeros(1, 3, 2, 2)
+    center, corner = erf_center_corner(cam_fn, x)
+    # signed gradients: the centre's is 2 at pixel (1, 1) in each of the 3 channels, the corner's
+    # 1 at (0, 0); both maps z-normalised together (24 values, mean 9/24 = 0.375)
+    values = [2] * 3 + [0] * 9 + [1] * 3 + [0] * 9
+    sd = statistics.stdev(values)
+    # centre: pixel (1, 1) 3·|2 − 0.375|, three pixels 3·0.375 each, averaged over 4 pixels
+    assert center.item() == pytest.approx((3 * 1.625 + 3 * 3 * 0.375) / 4 / sd, rel=1e-5)
+    assert corner.item() == pytest.approx((3 * 0.625 + 3 * 3 * 0.375) / 4 / sd, rel=1e-5)
+    assert erf_distance(cam_fn, x).item() == pytest.approx(center.item() - corner.item(), rel=1e-6)
+    assert center.item() != pytest.approx(-corner.item())  # no longer forced to centre = −corner
     assert erf_distance(lambda x: x.sum(1, keepdim=True), torch.zeros(1, 3, 2, 2)).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -117,6 +124,21 @@ def test_pgd_robust_accuracy_small_and_large_epsilon():
     assert top1_correct(model(images)[0], labels).all()
     assert pgd_robust_correct(model, images, labels, 8 / 255, 20, 2 / 255).all()
     assert not pgd_robust_correct(model, images, labels, 1.0, 20, 0.1).any()  # the attacker may repaint the image
+    assert pgd_robust_correct(model, images, labels, 1 / 255, 40, None).all()  # the imagenet setting, Foolbox's step
+    # FGSM: one step of ε; red 0.8 vs green 0.2 survives ε = 0.2 (0.6 vs 0.4), not ε = 0.4 (0.4 vs 0.6)
+    assert pgd_robust_correct(model, images, labels, 0.2, 0, None, attack="fgsm").all()
+    assert not pgd_robust_correct(model, images, labels, 0.4, 0, None, attack="fgsm").any()
+
+
+def test_attack_settings_are_the_papers_and_overridable():
+    c = build_method("topgap", {}, num_classes=3).config
+    assert c.attack_setting == "imagenet" and c.attack() == (1 / 255, 40, None)  # Table A3
+    c = build_method("topgap", {"attack_setting": "cifar"}, num_classes=3).config
+    assert c.attack() == (8 / 255, 20, 2 / 255)  # Table 3
+    c = build_method("topgap", {"attack_setting": "cifar", "pgd_steps": 50}, num_classes=3).config
+    assert c.attack() == (8 / 255, 50, 2 / 255)
+    with pytest.raises(Exception, match="attack_setting"):
+        build_method("topgap", {"attack_setting": "mnist"}, num_classes=3)
 
 
 def test_head_cam_resolution_is_largest_feature_map():
@@ -145,7 +167,14 @@ def test_training_steps_smoke_and_paper_metrics():
     masks[:, :, 16:48, 16:48] = batch["labels"][:, :, None, None].bool()
     batch.update(masks=masks, ignore=torch.zeros(4, 64, 64, dtype=torch.bool))
     metrics = m.extra_metrics(net, [batch], torch.device("cpu"))
-    assert set(metrics) == {"cam_iou", "erf_distance", "clean_accuracy", "robust_accuracy"}
-    assert 0 <= metrics["cam_iou"] <= 100 and math.isfinite(metrics["erf_distance"])
-    assert 0 <= metrics["robust_accuracy"] <= 100 and 0 <= metrics["clean_accuracy"] <= 100
+    acc = ("clean_accuracy", "robust_accuracy", "fgsm_accuracy")
+    assert set(metrics) == {"cam_iou", "erf_center", "erf_corner", "erf_distance", "attack_images",
+                            *acc, *(f"{a}_ci95" for a in acc)}
+    assert 0 <= metrics["cam_iou"] <= 100 and metrics["erf_center"] >= 0 and metrics["erf_corner"] >= 0
+    assert metrics["erf_distance"] == pytest.approx(metrics["erf_center"] - metrics["erf_corner"], abs=1e-6)
+    n = metrics["attack_images"]
+    assert n == 4
+    for a in acc:
+        p = metrics[a] / 100
+        assert 0 <= p <= 1 and metrics[f"{a}_ci95"] == pytest.approx(100 * 1.96 * math.sqrt(p * (1 - p) / n))
     assert net.training

@@ -19,10 +19,21 @@ absolute value of ``X`` over all B·C·h·w entries (our choice: the paper repor
 0.05–0.4 and uses λ = 1 next to a CE of order 1, which fits a mean, not a sum over 56²·C entries).
 
 Evaluation of the paper (:meth:`TopGAP.extra_metrics`): IoU of the thresholded CAM with the
-object mask (Table 7), the ERF distance (Definition 6) and robust accuracy under L∞ PGD
-(ε = 8/255, 20 steps; Table 3) using Foolbox 3 (``LinfPGD``). torchattacks 3.5.1 pins
-``requests~=2.25.1``, which conflicts with MLflow's requirements; Foolbox 3.3.4 installs beside
-MLflow 3.
+object mask (Table 7), the centre and corner ERF and their distance (Definition 6, Tables 2, A1,
+A2, A5) and robust accuracy under L∞ PGD and FGSM using Foolbox 3 (``LinfPGD``, ``FGSM``).
+Attack settings (``attack_setting``) are named after the paper's two protocols:
+
+* ``"imagenet"`` (default; natural images, Table A3): ε = 1/255 for FGSM and PGD, PGD with 40
+  steps. The paper gives no PGD step size; we use Foolbox's default relative step
+  (0.01/0.3 · ε per step, i.e. 40 steps cover 1.33 ε), our choice;
+* ``"cifar"`` (Table 3): ε = 8/255, PGD with 20 steps of 2/255 (the usual CIFAR PGD-20 step).
+
+``pgd_epsilon``, ``pgd_steps`` and ``pgd_step_size`` override the named setting when given.
+The accuracies come with their binomial 95 % half-width (``*_ci95``, percentage points) over the
+``eval_images`` images they are computed on, so the spread is stated with the value.
+
+torchattacks 3.5.1 pins ``requests~=2.25.1``, which conflicts with MLflow's requirements;
+Foolbox 3.3.4 installs beside MLflow 3.
 """
 
 from __future__ import annotations
@@ -54,10 +65,30 @@ class TopGAPConfig(MethodConfig):
     head_channels: int = Field(256, ge=8, le=2048, description="filters of the 3×3 head convolutions")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the 1×1 class convolution")
     cam_iou_threshold: float = Field(0.5, gt=0, lt=1, description="threshold of the min-max normalised CAM for the IoU metric")
-    pgd_epsilon: float = Field(8 / 255, ge=0, le=1, description="L∞ radius of PGD in [0, 1] pixel units")
-    pgd_steps: int = Field(20, ge=1, le=1000, description="PGD iterations")
-    pgd_step_size: float = Field(2 / 255, gt=0, le=1, description="PGD step in [0, 1] pixel units")
-    eval_images: int = Field(16, ge=1, le=10_000, description="images used for the ERF distance and PGD metrics")
+    attack_setting: Literal["imagenet", "cifar"] = Field(
+        "imagenet", description="the paper's attack protocol: imagenet (ε 1/255, PGD-40, FGSM; Table A3) or cifar "
+                                "(ε 8/255, PGD-20 of 2/255; Table 3)")
+    pgd_epsilon: float | None = Field(None, ge=0, le=1, description="L∞ radius of PGD and FGSM in [0, 1] pixel units "
+                                                                   "(None: the attack setting's)")
+    pgd_steps: int | None = Field(None, ge=1, le=1000, description="PGD iterations (None: the attack setting's)")
+    pgd_step_size: float | None = Field(None, gt=0, le=1, description="PGD step in [0, 1] pixel units (None: the "
+                                                                     "attack setting's)")
+    eval_images: int = Field(16, ge=1, le=10_000, description="images used for the ERF and attack metrics")
+
+    def attack(self) -> tuple[float, int, float | None]:
+        """``(epsilon, pgd_steps, pgd_step_size)`` of :attr:`attack_setting` with the explicit
+        overrides; a step size of None is Foolbox's default relative step (0.01/0.3 · ε)."""
+        eps, steps, step = ATTACK_SETTINGS[self.attack_setting]
+        return (self.pgd_epsilon if self.pgd_epsilon is not None else eps,
+                self.pgd_steps if self.pgd_steps is not None else steps,
+                self.pgd_step_size if self.pgd_step_size is not None else step)
+
+
+#: the paper's attack protocols: (ε, PGD steps, PGD step size or None = Foolbox's relative default)
+ATTACK_SETTINGS: dict[str, tuple[float, int, float | None]] = {
+    "imagenet": (1 / 255, 40, None),   # Table A3: ε = 1/255 for FGSM and PGD, 40 PGD steps
+    "cifar": (8 / 255, 20, 2 / 255),   # Table 3: ε = 8/255, PGD-20
+}
 
 
 def top_gap(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -148,31 +179,46 @@ def cam_mask_iou(maps: torch.Tensor, masks: torch.Tensor, threshold: float, igno
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).float()
 
 
-def erf_distance(cam_fn, images: torch.Tensor) -> torch.Tensor:
-    """ERF distance (Top-GAP Definition 6) per image: ``ERF(h/2, w/2) − ERF(1, 1)``.
+def erf_center_corner(cam_fn, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre and corner ERF (Top-GAP Definition 6; Tables A1, A2, A5) per image.
 
     ``ERF(p)`` is the mean over input pixels of ``|∂ Σ_k X_{k,p} / ∂ I|`` (Definition 1 with the
-    channel sum; input channels summed). The paper's appendix z-normalises the gradients; we
-    z-normalise the two gradient maps of an image jointly (mean 0, std 1 over their 2·H·W
-    values), which makes the distance unit-free. Positive: the centre output depends more on the
-    input than the corner output.
+    channel sum; input channels summed), for the output centre ``p = (h/2, w/2)`` and the corner
+    ``p = (1, 1)`` (index 0, 0 here). The paper's appendix says only that "the gradients were
+    z-normalized to have mean 0 and standard deviation 1". Normalising each gradient map on its
+    own would make every ERF 0, and normalising the two maps of an image jointly forces
+    centre = −corner, so neither reproduces its tables (centre ≈ 0.5, corner ≈ 0.005 in Table A5).
+    Our reading: the *signed* gradients of both positions and all images of the batch are
+    z-normalised together (one mean and one standard deviation per model and batch), and each ERF
+    is the mean absolute z-value over the input pixels (input channels summed). The values are
+    unit-free, ≥ 0 and on one scale for centre and corner; the signed gradients of a trained
+    network have a mean close to 0, so an output position that barely depends on the input gets
+    an ERF close to 0.
 
     Args:
         cam_fn: images (B, 3, H, W) → CAM (B, C, h, w).
         images: float (B, 3, H, W).
 
     Returns:
-        float (B,).
+        ``(center, corner)``, each float (B,) ≥ 0.
     """
     x = images.detach().clone().requires_grad_(True)
     cams = cam_fn(x).sum(dim=1)  # (B, h, w), channel sum
     h, w = cams.shape[-2:]
-    g_center = torch.autograd.grad(cams[:, h // 2, w // 2].sum(), x, retain_graph=True)[0].abs().sum(1)
-    g_corner = torch.autograd.grad(cams[:, 0, 0].sum(), x)[0].abs().sum(1)
-    both = torch.stack([g_center, g_corner], 1).flatten(1)  # (B, 2HW)
-    z = (both - both.mean(1, keepdim=True)) / both.std(1, keepdim=True).clamp(min=1e-12)
-    z = z.reshape(x.shape[0], 2, -1)
-    return z[:, 0].mean(1) - z[:, 1].mean(1)
+    g_center = torch.autograd.grad(cams[:, h // 2, w // 2].sum(), x, retain_graph=True)[0]
+    g_corner = torch.autograd.grad(cams[:, 0, 0].sum(), x)[0]
+    both = torch.stack([g_center, g_corner], 1)  # (B, 2, 3, H, W), signed
+    z = (both - both.mean()) / both.std().clamp(min=1e-12)
+    erf = z.abs().sum(2).flatten(2).mean(2)  # channels summed, pixels averaged: (B, 2)
+    return erf[:, 0], erf[:, 1]
+
+
+def erf_distance(cam_fn, images: torch.Tensor) -> torch.Tensor:
+    """ERF distance (Top-GAP Definition 6) per image: ``ERF(h/2, w/2) − ERF(1, 1)`` of
+    :func:`erf_center_corner`; float (B,). Positive: the centre output depends more on the input
+    than the corner output."""
+    center, corner = erf_center_corner(cam_fn, images)
+    return center - corner
 
 
 def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -181,17 +227,21 @@ def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def pgd_robust_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, epsilon: float,
-                       steps: int, step_size: float, mean=_MEAN, std=_STD) -> torch.Tensor:
-    """Top-1 correctness under an L∞ PGD attack (Foolbox ``LinfPGD``, random start).
+                       steps: int, step_size: float | None, mean=_MEAN, std=_STD, attack: str = "pgd") -> torch.Tensor:
+    """Top-1 correctness under an L∞ attack: Foolbox ``LinfPGD`` (random start; ``step_size``
+    None: Foolbox's relative default 0.01/0.3 · ε) or, with ``attack="fgsm"``, ``FGSM`` (one
+    signed-gradient step of ε; ``steps`` and ``step_size`` unused).
 
-    The attack works in [0, 1] pixel space (images are de-normalised with ``mean``/``std`` and the
-    model re-normalises them). Its target label is, per image, the highest-scoring *present*
-    class under clean inference (for single-label data: the label). Returns bool (B,): top-1 of
-    the adversarial image is one of the image's labels.
+    The attack works in [0, 1] pixel space (images are de-normalised with ``mean``/``std``, the
+    model's input normalisation, and the model re-normalises them). Its target label is, per
+    image, the highest-scoring *present* class under clean inference (for single-label data: the
+    label). Returns bool (B,): top-1 of the adversarial image is one of the image's labels.
 
     Raises:
-        ConfigError: Foolbox is not installed.
+        ConfigError: Foolbox is not installed; an unknown ``attack``.
     """
+    if attack not in ("pgd", "fgsm"):
+        raise ConfigError(f"topgap: unknown attack {attack!r}; use 'pgd' or 'fgsm'")
     try:
         with warnings.catch_warnings():  # foolbox 3.3.4 imports scipy.ndimage.filters (deprecated)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -215,8 +265,11 @@ def pgd_robust_correct(model: torch.nn.Module, images: torch.Tensor, labels: tor
     with torch.no_grad():
         clean = wrapped((x01 - m) / s)
     target = clean.masked_fill(labels < 0.5, float("-inf")).argmax(1)
-    attack = fb.attacks.LinfPGD(steps=steps, abs_stepsize=step_size, random_start=True)
-    _, adv, _ = attack(fmodel, x01, target, epsilons=epsilon)
+    if attack == "fgsm":
+        attacker = fb.attacks.FGSM()
+    else:
+        attacker = fb.attacks.LinfPGD(steps=steps, abs_stepsize=step_size, random_start=True)
+    _, adv, _ = attacker(fmodel, x01, target, epsilons=epsilon)
     with torch.no_grad():
         logits = wrapped((adv - m) / s)
     return top1_correct(logits, labels)
@@ -249,10 +302,17 @@ class TopGAP(Method):
         * ``cam_iou`` (%): mean IoU over (image, present class with a non-empty mask) of the
           CAM (resized to the input, min-max normalised) thresholded at ``cam_iou_threshold``
           against the class's mask (``"ignore"`` pixels excluded);
-        * ``erf_distance``: mean ERF distance (Definition 6) over the first ``eval_images`` images;
-        * ``clean_accuracy`` / ``robust_accuracy`` (%): top-1 accuracy (top class among the
-          image's labels) of the first ``eval_images`` images, clean and under PGD
-          (``pgd_epsilon``, ``pgd_steps``, ``pgd_step_size``).
+        * ``erf_center``, ``erf_corner``, ``erf_distance``: mean centre and corner ERF and their
+          difference (Definition 6; :func:`erf_center_corner`) over the first ``eval_images``
+          images;
+        * ``clean_accuracy`` / ``robust_accuracy`` / ``fgsm_accuracy`` (%): top-1 accuracy (top
+          class among the image's labels) of the first ``eval_images`` images, clean, under PGD
+          and under FGSM (:meth:`TopGAPConfig.attack`), each with ``<name>_ci95``, the binomial
+          95 % half-width 1.96·√(p(1−p)/n) in percentage points;
+        * ``attack_images``: n, the images the three accuracies are computed on.
+
+        The attacks de-normalise with the backbone's input normalisation
+        (:attr:`Method.input_normalization`).
         """
         c = self.config
         was_training = model.training
@@ -283,11 +343,22 @@ class TopGAP(Method):
             if imgs:
                 x = torch.cat(imgs)[: c.eval_images]
                 y = torch.cat(labs)[: c.eval_images]
-                out["erf_distance"] = float(erf_distance(lambda t: model(t)[1], x).mean())
+                center, corner = erf_center_corner(lambda t: model(t)[1], x)
+                out["erf_center"] = float(center.mean())
+                out["erf_corner"] = float(corner.mean())
+                out["erf_distance"] = float((center - corner).mean())
+                mean, std = self.input_normalization
+                eps, steps, step = c.attack()
                 with torch.no_grad():
-                    out["clean_accuracy"] = float(100 * top1_correct(model(x)[0], y).float().mean())
-                robust = pgd_robust_correct(model, x, y, c.pgd_epsilon, c.pgd_steps, c.pgd_step_size)
-                out["robust_accuracy"] = float(100 * robust.float().mean())
+                    correct = {"clean_accuracy": top1_correct(model(x)[0], y)}
+                correct["robust_accuracy"] = pgd_robust_correct(model, x, y, eps, steps, step, mean, std)
+                correct["fgsm_accuracy"] = pgd_robust_correct(model, x, y, eps, steps, step, mean, std, attack="fgsm")
+                n = len(x)
+                for name, ok in correct.items():
+                    p = float(ok.float().mean())
+                    out[name] = 100 * p
+                    out[f"{name}_ci95"] = 100 * 1.96 * (p * (1 - p) / n) ** 0.5
+                out["attack_images"] = float(n)
             return out
         finally:
             model.train(was_training)
