@@ -135,7 +135,13 @@ def test_training_steps_smoke_and_inference_cams():
 
     net.eval()
     images = _batch()["image"]
-    cams, logits = m.cams_and_scores(net, images)
+    # default: the board's maps are the single-scale raw CAM, as for every method
+    single, lg1 = m.cams_and_scores(net, images)
+    ref_logits, ref_cams = net(images)
+    assert torch.equal(single, ref_cams) and torch.equal(lg1, ref_logits) and single.shape == (4, 3, 4, 4)
+    cams, logits = m.multi_scale_cams(net, images)
+    tta = build_method("puzzlecam", {**SMALL, "inference": "multi_scale"}, num_classes=3)
+    assert torch.equal(tta.cams_and_scores(net, images)[0], cams)  # the named setting: the paper's TTA maps
     assert cams.shape == (4, 3, 8, 8)  # the largest scale (2×64 px at stride 16)
     assert logits.shape == (4, 3)
     assert torch.allclose(logits, m.class_scores(net, images), atol=1e-5)

@@ -31,7 +31,17 @@ matching would carry no localisation within a tile (e.g. 4×4 tiles of a 128 px 
 
 Inference (Sec. 4.1): CAMs from multiple scales (0.5, 1, 1.5, 2) and horizontal flips, ReLU,
 summed after resizing each to the largest scale's map size, then max-normalised per (image,
-class) (``A / (max A + 1e-5)``, Sec. 3.2). Pseudo semantic masks: the normalised CAMs of the
+class) (``A / (max A + 1e-5)``, Sec. 3.2) — :meth:`PuzzleCAM.multi_scale_cams`. These test-time
+augmented maps are what the paper evaluates its pseudo-labels with, so the pseudo-mask metrics
+always use them. The board's box metrics (MaxBoxAcc, MaxBoxAccV2, PxAP) come from the maps that
+:meth:`PuzzleCAM.cams_and_scores` gives, chosen by the named setting ``inference``:
+
+* ``"single_scale"`` (default): the CAM of the image at scale 1, un-flipped, raw as for every
+  other classifier → CAM method, so the board compares methods, not test-time augmentation;
+* ``"multi_scale"``: the paper's multi-scale flipped maps above (a row that uses test-time
+  augmentation; do not search this field in a sweep whose rows meet single-scale rows).
+
+Pseudo semantic masks: the normalised CAMs of the
 image's classes against a constant background score ``bg_threshold``
 (:func:`pseudo_semantic_masks`); :meth:`PuzzleCAM.extra_metrics` reports their mIoU with the
 background threshold swept, as the paper evaluates pseudo-labels — only over images with real
@@ -42,7 +52,7 @@ all-empty placeholder masks (which would count every pixel as background ground 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +91,10 @@ class PuzzleCAMConfig(ClassifierConfig):
     alpha_ramp_fraction: float = Field(0.5, ge=0, le=1, description="fraction of training over which α ramps 0 → alpha")
     inference_scales: tuple[float, ...] = Field((0.5, 1.0, 1.5, 2.0), min_length=1, description="image scales of the inference CAMs")
     inference_flip: bool = Field(True, description="add horizontally flipped images to the inference CAMs")
+    inference: Literal["single_scale", "multi_scale"] = Field(
+        "single_scale", description="maps of the box metrics: single_scale (the scale-1 CAM, as every method) or "
+                                    "multi_scale (the paper's inference_scales with flips: test-time augmentation); "
+                                    "the pseudo-mask metrics always use multi_scale")
     bg_threshold: float = Field(0.2, gt=0, lt=1, description="background score of the pseudo semantic masks")
     lr_schedule: LRSchedule = Field(
         "constant", description="lr schedule (weakbench.methods.lr_schedules); 'constant' keeps the common training of "
@@ -261,8 +275,18 @@ class PuzzleCAM(Method):
         return self.cams_and_scores(model, images)[0]
 
     def cams_and_scores(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The maps of the box metrics (B, C, h, w) by ``inference`` (module docstring) and the
+        logits (B, C) of the scale-1 un-flipped image: ``single_scale``, the raw CAM from one
+        forward pass (as :meth:`Method.cams_and_scores`); ``multi_scale``,
+        :meth:`multi_scale_cams`."""
+        if self.config.inference == "single_scale":
+            logits, cams = model(images)
+            return cams, logits
+        return self.multi_scale_cams(model, images)
+
+    def multi_scale_cams(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Multi-scale, flipped CAMs (ReLU, summed, max-normalised to [0, 1]) (B, C, h, w) at the
-        largest scale's map size, and the logits (B, C) of the scale-1 un-flipped image."""
+        largest scale's map size, and the logits (B, C) of the scale-1 un-flipped image (Sec. 4.1)."""
         c = self.config
         h, w = images.shape[-2:]
         maps: list[torch.Tensor] = []
@@ -321,7 +345,7 @@ class PuzzleCAM(Method):
                 seen = True
                 images = batch["image"][keep].to(device)
                 labels = batch["labels"][keep].to(device)
-                cams, _ = self.cams_and_scores(model, images)
+                cams, _ = self.multi_scale_cams(model, images)
                 cams = F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)
                 ignore = batch.get("ignore")
                 gt = semantic_targets(batch["masks"][keep].to(device), ignore[keep].to(device) if ignore is not None else None)
