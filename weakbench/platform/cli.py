@@ -38,7 +38,6 @@ console = Console(width=None if sys.stdout.isatty() else 180)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
 
 
-
 def _cli_type(annotation: Any) -> Any:
     """The type typer parses a flag as, from a field's annotation: ``X | None`` → ``Optional[X]``,
     a ``Literal`` → the type of its values (the field checks the value)."""
@@ -86,7 +85,7 @@ def _sweep_signature() -> inspect.Signature:
     return inspect.Signature(params)
 
 
-def _options_from_cli(values: dict[str, Any]):
+def _options_from_cli(values: dict[str, Any]) -> run_spec.SweepOptions:
     """The SweepOptions of the command line's parsed ``values`` (parameter name → value).
 
     Raises:
@@ -110,6 +109,7 @@ def _options_from_cli(values: dict[str, Any]):
 OUTPUT_DIR = _typer_parameter("output_dir")[1]
 TRACKING_URI = _typer_parameter("tracking_uri")[1]
 EXPERIMENT = _typer_parameter("experiment")[1]
+
 
 def _tracking_uri(output_dir: str, tracking_uri: str | None) -> str:
     from weakbench.platform.tracking import default_tracking_uri
