@@ -15,11 +15,13 @@ Bad input prints one line naming the file, the field and the fix, and exits with
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
+import typing
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -27,6 +29,7 @@ from rich.text import Text
 
 from weakbench import __version__
 from weakbench.platform import conventions as C
+from weakbench.platform import run_spec
 from weakbench.platform.errors import WeakbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -35,10 +38,78 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 console = Console(width=None if sys.stdout.isatty() else 180)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
 
-OUTPUT_DIR = typer.Option("weakbench_runs", "--output-dir", "-o", help="Where sweeps, the MLflow database and the results store live.")
-TRACKING_URI = typer.Option(None, "--tracking-uri", envvar="WEAKBENCH_TRACKING_URI",
-                            help="MLflow tracking URI, e.g. http://mlflow:5000 (default: sqlite:///<output-dir>/mlflow.db).")
-EXPERIMENT = typer.Option("weakbench", "--experiment", help="MLflow experiment name.")
+
+def _cli_type(annotation: Any) -> Any:
+    """The type typer parses a flag as, from a field's annotation: ``X | None`` → ``Optional[X]``,
+    a ``Literal`` → the type of its values (the field checks the value)."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else annotation
+    if typing.get_origin(base) is Literal:
+        base = type(typing.get_args(base)[0])
+    return Optional[base] if optional else base
+
+
+def _typer_parameter(name: str) -> tuple[Any, Any]:
+    """``(annotation, typer.Option or typer.Argument)`` of the command-line form of field ``name``
+    of :class:`~weakbench.platform.run_spec.SweepOptions` (:func:`run_spec.flag` / :func:`run_spec.argument`).
+
+    Raises:
+        ValueError: the field has no command-line form.
+    """
+    field = run_spec.SweepOptions.model_fields[name]
+    cli = run_spec.cli_of(name)
+    if cli is None:
+        raise ValueError(f"SweepOptions.{name} has no command-line form")
+    default = ... if field.is_required() else field.get_default(call_default_factory=True)
+    if cli["kind"] == "argument":
+        return (Path if cli["path"] else _cli_type(field.annotation)), typer.Argument(default, help=cli["help"])
+    if cli["key_value"]:  # repeatable KEY=VALUE items → the field's dict (_options_from_cli)
+        annotation, default = List[str], []
+    elif cli["negate"]:  # --no-model: True on the command line is False in the field
+        annotation, default = bool, not default
+    else:
+        annotation = _cli_type(field.annotation)
+    extra = {k: cli[k] for k in ("envvar", "min") if cli[k] is not None}
+    return annotation, typer.Option(default, *cli["names"], help=cli["help"] or None, **extra)
+
+
+def _sweep_signature() -> inspect.Signature:
+    """The signature of the ``weakbench sweep`` command: one parameter (named as the field) per
+    field of SweepOptions that has a command-line form, in declaration order."""
+    params = []
+    for name in run_spec.SweepOptions.model_fields:
+        if run_spec.cli_of(name) is not None:
+            annotation, default = _typer_parameter(name)
+            params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                            annotation=annotation))
+    return inspect.Signature(params)
+
+
+def _options_from_cli(values: dict[str, Any]) -> run_spec.SweepOptions:
+    """The SweepOptions of the command line's parsed ``values`` (parameter name → value).
+
+    Raises:
+        WeakbenchError: a ``--set`` item that is not KEY=VALUE.
+        pydantic.ValidationError: a value a field refuses.
+    """
+    fields = {}
+    for name, value in values.items():
+        cli = run_spec.cli_of(name)
+        if cli.get("key_value"):
+            value = _parse_sets(value)
+        elif cli.get("negate"):
+            value = not value
+        elif cli.get("path"):
+            value = str(value)
+        fields[name] = value
+    return run_spec.SweepOptions(**fields)
+
+
+# the options other commands share with `weakbench sweep`, from the same declaration
+OUTPUT_DIR = _typer_parameter("output_dir")[1]
+TRACKING_URI = _typer_parameter("tracking_uri")[1]
+EXPERIMENT = _typer_parameter("experiment")[1]
 
 
 def _tracking_uri(output_dir: str, tracking_uri: str | None) -> str:
@@ -76,50 +147,17 @@ def _headline(method: str) -> str:
         return "max_box_acc_v2"
 
 
-@app.command()
-def sweep(
-    space: Path = typer.Argument(..., help="Search-space YAML, e.g. search_spaces/cam.yaml."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset directory (COCO: annotations/instances.json + images/; or wsolevaluation metadata). Omit for the embedded synthetic default."),
-    trials: int = typer.Option(4, "--trials", "-n", help="Total number of trials (seed repeats included)."),
-    output_dir: str = OUTPUT_DIR,
-    tracking_uri: Optional[str] = TRACKING_URI,
-    experiment: str = EXPERIMENT,
-    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default <method>-<dataset>-<time>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the named (or latest) sweep of this method: finished trials are kept, interrupted ones resume from their checkpoints."),
-    num_workers: int = typer.Option(1, "--num-workers", help="Ray Train workers per trial (DDP)."),
-    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker (NCCL)."),
-    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker"),
-    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once (default: as many as the CPUs allow)."),
-    searcher: str = typer.Option("optuna", "--searcher", help="optuna (TPE, seeded) or random (grid axes crossed)."),
-    search_seed: int = typer.Option(0, "--search-seed", help="Seed of the Optuna sampler."),
-    executor: str = typer.Option("auto", "--executor", help="inline (a 1-worker CPU trial trains inside its Tune trial actor, reused from trial to trial), train (a Ray Train TorchTrainer per trial: DDP, GPUs; a controller and worker processes start per trial) or auto: inline for one CPU worker, train otherwise."),
-    eval_max_images: Optional[int] = typer.Option(None, "--eval-max-images", help="Evaluate at most this many images per split."),
-    early_stopping: bool = typer.Option(True, "--early-stopping/--no-early-stopping", help="Stop poor trials early with the space file's ASHA scheduler; off keeps every seed of every configuration to the end."),
-    sets: List[str] = typer.Option([], "--set", help="Override a hyperparameter for every trial, KEY=VALUE (repeatable)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; 'auto' joins the Ray instance running on this machine, 'local' starts a private one beside any other (default: start a private local instance, refused when another Ray instance already runs here)."),
-    max_failures: int = typer.Option(2, "--max-failures", min=0, help="Restarts of a trial whose worker, actor or node died; each restart resumes from the trial's latest checkpoint."),
-    worker_start_timeout: float = typer.Option(120.0, "--worker-start-timeout", help="Seconds a trial's Ray Train worker group may wait for its resources before the attempt fails."),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
-    no_model: bool = typer.Option(False, "--no-model", help="Do not log trained models to MLflow."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's, Tune's and MLflow's own output here instead of in <sweep dir>/sweep.log."),
-):
+def sweep(**values: Any) -> None:
     """Run a hyperparameter sweep of one method (Ray Tune + Optuna + ASHA), tracked in MLflow.
 
     Exit status: 0 when every planned trial finished or was stopped early by ASHA (and at least one finished); 1 when a trial failed, a planned trial never ran, or no trial finished; 2 for bad input (nothing started); 130 when interrupted (Ctrl-C: the parent run ends KILLED and --resume continues the sweep).
     """
-    from weakbench.platform.sweep import SweepOptions
-
-    opts = SweepOptions(space=str(space), data=data, output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment,
-                        trials=trials, name=name, resume=resume, num_workers=num_workers, use_gpu=gpu,
-                        cpus_per_worker=cpus_per_worker, max_concurrent=max_concurrent, searcher=searcher,
-                        search_seed=search_seed, executor=executor, eval_max_images=eval_max_images, early_stopping=early_stopping,
-                        address=address, num_cpus=num_cpus, overrides=_parse_sets(sets), log_model=not no_model,
-                        max_failures=max_failures, worker_start_timeout_s=worker_start_timeout)
+    opts = _options_from_cli(values)
     from weakbench.platform.sweep import resolve_executor
 
-    console.print(f"[bold]weakbench sweep[/] {space} on {data or 'the synthetic default'}: {trials} trials, "
+    console.print(f"[bold]weakbench sweep[/] {opts.space} on {opts.data or 'the synthetic default'}: {opts.trials} trials, "
                   f"executor={resolve_executor(opts)}")
-    s = _run_sweep_with_view(opts, verbose=verbose)
+    s = _run_sweep_with_view(opts, verbose=opts.verbose)
     from rich.table import Table
 
     t = Table(title=f"sweep {s.sweep_name} ({s.method} on {s.dataset})", show_header=False)
@@ -130,7 +168,7 @@ def sweep(
         t.add_row(f"best ({s.metric})", f"{s.best_metrics.get(s.metric, float('nan')):.2f}  run {s.best_run_id}")
         shown = summary_metrics(s.best_metrics, s.metric)
         t.add_row("best metrics", ", ".join(f"{k}={v:.2f}" for k, v in shown.items()))
-        t.add_row("best params", ", ".join(f"{k}={v}" for k, v in sorted(searched_params(space, s.best_params).items()))
+        t.add_row("best params", ", ".join(f"{k}={v}" for k, v in sorted(searched_params(opts.space, s.best_params).items()))
                   + "  (searched; every parameter and metric is in MLflow)")
     t.add_row("MLflow", f"{s.tracking_uri}  (experiment {s.experiment}, parent run {s.parent_run_id})")
     t.add_row("sweep dir", s.sweep_dir)
@@ -146,6 +184,13 @@ def sweep(
                                  f"see the runs' weakbench.error tags"))
     if s.exit_code:
         raise typer.Exit(s.exit_code)
+
+
+# the command's flags are SweepOptions' fields (weakbench.platform.run_spec): typer reads the
+# parameters from the signature built from them
+sweep.__signature__ = _sweep_signature()  # type: ignore[attr-defined]
+sweep.__annotations__ = {p.name: p.annotation for p in sweep.__signature__.parameters.values()}  # type: ignore[attr-defined]
+app.command()(sweep)
 
 
 _DETAIL = re.compile(r"threshold|_iou\d\d$|num_images|^top5_loc$")

@@ -68,7 +68,11 @@ CHECKPOINT_FILE = "trial_state.pt"
 
 
 class TrialSpec(BaseModel):
-    """Everything a trial needs besides its hyperparameters; serialisable to Ray workers."""
+    """Everything a trial needs besides its hyperparameters; serialisable to Ray workers.
+
+    In a sweep, the fields named as a per-trial option of
+    :class:`~weakbench.platform.run_spec.SweepOptions` (``data``, ``tracking_uri``,
+    ``num_workers`` ...) are that option's value (:func:`weakbench.platform.run_spec.trial_fields`)."""
 
     model_config = ConfigDict(extra="forbid")
 

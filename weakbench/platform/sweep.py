@@ -44,50 +44,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from weakbench.platform import conventions as C
 from weakbench.platform.errors import ConfigError, DivergenceError, check_finite, is_finite_metrics
+from weakbench.platform.run_spec import SweepOptions, resumed_options, trial_fields  # noqa: F401 - SweepOptions: this module's API too
 from weakbench.platform.search_space import SearchSpace, load_search_space
-
-
-class SweepOptions(BaseModel):
-    """Options of :func:`run_sweep` (the CLI's ``weakbench sweep`` flags)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    space: str = Field(description="search-space YAML file")
-    data: str | None = Field(None, description="dataset directory; None = embedded synthetic default")
-    output_dir: str = "weakbench_runs"
-    tracking_uri: str | None = Field(None, description="MLflow URI; default sqlite:///<output_dir>/mlflow.db")
-    experiment: str = C.DEFAULT_EXPERIMENT
-    trials: int = Field(4, ge=1, description="total Tune trials (seed repeats included)")
-    name: str | None = Field(None, description="sweep name; default <method>-<dataset>-<time>")
-    resume: bool = False
-    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    max_concurrent: int | None = Field(None, ge=1)
-    searcher: Literal["optuna", "random"] = "optuna"
-    search_seed: int = 0
-    split_seed: int = 0
-    executor: Literal["auto", "train", "inline"] = Field(
-        "auto", description="inline: one-worker CPU trials train in their (reused) Tune trial actor; train: a Ray "
-                            "Train TorchTrainer per trial (DDP, GPUs); auto: inline for one CPU worker, else train")
-    early_stopping: bool = Field(True, description="use the space file's ASHA scheduler (False: every trial runs all epochs)")
-    eval_max_images: int | None = Field(None, ge=1)
-    num_overlays: int = Field(6, ge=0)
-    log_model: bool = True
-    address: str | None = Field(None, description="Ray cluster address ('auto' joins the local one, 'local' starts a "
-                                                  "private one); None starts a private local instance and refuses when "
-                                                  "another already runs on this machine")
-    max_failures: int = Field(2, ge=0, description="restarts of a trial whose worker, actor or node died (Tune's "
-                                                  "FailureConfig); each restart resumes from the trial's latest checkpoint")
-    worker_start_timeout_s: float = Field(120.0, gt=0, description="seconds a Train worker group may wait for its "
-                                                                    "resources before the attempt fails "
-                                                                    "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="fixed values overriding the space file")
 
 
 class SweepSummary(BaseModel):
@@ -127,26 +89,27 @@ class SweepSummary(BaseModel):
 
 
 class _SweepContext(BaseModel):
-    """Static part of every trial's spec, handed to the trial function with ``tune.with_parameters``."""
+    """Static part of every trial's spec, handed to the trial function with ``tune.with_parameters``:
+    the sweep's options as it runs them (after ``--resume``, with the tracking URI and the executor
+    resolved) and what the sweep made for its trials."""
 
+    opts: SweepOptions
     method: str
-    data: str | None
-    data_cache: str
-    splits_path: str
+    data_cache: str = Field(description="where the synthetic default is generated")
+    splits_path: str = Field(description="the sweep's splits.json")
     sweep_dir: str
-    tracking_uri: str
-    experiment: str
     parent_run_id: str
     sweep_id: str
-    num_workers: int
-    use_gpu: bool
-    cpus_per_worker: float
-    executor: str
-    eval_max_images: int | None
-    num_overlays: int
-    log_model: bool
-    seed_values: list[int] | None
-    max_failures: int = 0
+    seed_values: list[int] | None = Field(description="the seed grid axis the trial index picks from (Repeater); None: "
+                                                      "the seed, if any, is in the configuration")
+
+    def trial_fields(self) -> dict[str, Any]:
+        """The TrialSpec keyword arguments every trial of the sweep shares: the per-trial options
+        (:func:`weakbench.platform.run_spec.trial_fields`) and the sweep's method, data cache,
+        split, parent run, sweep id and products directory."""
+        return {**trial_fields(self.opts), "method": self.method, "data_cache": self.data_cache,
+                "splits_path": self.splits_path, "parent_run_id": self.parent_run_id, "sweep_id": self.sweep_id,
+                "products_dir": str(Path(self.sweep_dir) / "products")}
 
 
 def resolve_executor(opts: SweepOptions) -> Literal["train", "inline"]:
@@ -177,21 +140,15 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     if c.seed_values is not None:
         params["seed"] = c.seed_values[int(index or 0) % len(c.seed_values)]
     trial_id = tune.get_context().get_trial_id()
-    spec = TrialSpec(
-        method=c.method, params=params, data=c.data, data_cache=c.data_cache, splits_path=c.splits_path,
-        trial_dir=str(Path(c.sweep_dir) / "trials" / trial_id), tracking_uri=c.tracking_uri, experiment=c.experiment,
-        parent_run_id=c.parent_run_id, sweep_id=c.sweep_id, trial_id=trial_id, run_name=f"{c.method}-{trial_id}",
-        num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
-        eval_max_images=c.eval_max_images, num_overlays=c.num_overlays, log_model=c.log_model,
-        products_dir=str(Path(c.sweep_dir) / "products"),
-    )
-    if c.executor == "inline":
+    spec = TrialSpec(**c.trial_fields(), params=params, trial_dir=str(Path(c.sweep_dir) / "trials" / trial_id),
+                     trial_id=trial_id, run_name=f"{c.method}-{trial_id}")
+    if c.opts.executor == "inline":
         run_inline_in_tune(spec)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
     run_segments(spec, storage_path=str(Path(c.sweep_dir) / "train"), callbacks=[TuneReportCallback()],
-                 max_failures=c.max_failures)
+                 max_failures=c.opts.max_failures)
 
 
 def _stage_aware(searcher_cls):
@@ -425,15 +382,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     _check_ray_target(opts)  # after the input: a wrong --data is named whatever Ray does
     sweep_dir, sweep_name = prepare_sweep_dir(opts, space)
     if opts.resume:
-        saved = json.loads((sweep_dir / "sweep.json").read_text())
-        # a resumed sweep keeps everything that shapes its trials and their checkpoints (an inline
-        # trial's checkpoint is a Tune checkpoint, a Train trial's a Train one); only where it
-        # runs (--address, --num-cpus, --max-concurrent) may change
-        for key in ("data", "split_seed", "tracking_uri", "experiment", "trials", "searcher", "search_seed", "overrides",
-                    "executor", "num_workers", "use_gpu", "cpus_per_worker", "eval_max_images", "num_overlays",
-                    "log_model", "early_stopping", "max_failures"):
-            if key in saved:
-                setattr(opts, key, saved[key])
+        # a resumed sweep keeps everything that shapes its trials and their checkpoints (the
+        # Role.TRIAL options); only where it runs (Role.PLACE: --address, --num-cpus, --max-concurrent...) may change
+        opts = resumed_options(opts, json.loads((sweep_dir / "sweep.json").read_text()))
         space = _with_overrides(load_search_space(opts.space), opts.overrides)
     # a concrete executor is saved in sweep.json: --resume continues with the one that wrote the
     # checkpoints (an inline trial's checkpoint is a Tune one, a Train trial's a Train one)
@@ -538,13 +489,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
         overhead = 0.0 if opts.executor == "inline" else 0.01
         max_conc = opts.max_concurrent or max(1, int(total_cpu // (per_trial_cpu + overhead)))
         trial_resources = {"cpu": opts.cpus_per_worker} if opts.executor == "inline" else {"cpu": 0.01}
-        ctx = _SweepContext(method=space.method, data=opts.data, data_cache=data_cache, splits_path=str(splits_path),
-                            sweep_dir=str(sweep_dir), tracking_uri=tracking_uri, experiment=opts.experiment,
-                            parent_run_id=parent, sweep_id=sweep_name, num_workers=opts.num_workers,
-                            use_gpu=opts.use_gpu, cpus_per_worker=opts.cpus_per_worker, executor=opts.executor,
-                            eval_max_images=opts.eval_max_images, num_overlays=opts.num_overlays,
-                            log_model=opts.log_model, seed_values=seed_values,
-                            max_failures=opts.max_failures).model_dump()
+        ctx = _SweepContext(opts=opts.model_copy(update={"tracking_uri": tracking_uri}), method=space.method,
+                            data_cache=data_cache, splits_path=str(splits_path), sweep_dir=str(sweep_dir),
+                            parent_run_id=parent, sweep_id=sweep_name, seed_values=seed_values).model_dump()
         callbacks = observer.prepared(sweep_dir=sweep_dir, name=sweep_name, space=space, source=source,
                                       num_planned=num_planned, concurrency=max_conc,
                                       seed_values=seed_values) if observer is not None else None
