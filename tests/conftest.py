@@ -15,6 +15,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# `weakbench sweep` adds the trivial baselines after a CAM sweep (--baselines, the default); the
+# CLI sweeps of the tests skip that step (about a minute each on 2 cores) except the tests about
+# it, which pass --baselines (a flag given on the command line wins over the variable)
+os.environ.setdefault("WEAKBENCH_BASELINES", "0")
+
 
 @pytest.fixture(scope="session")
 def coco128_dir() -> Path:

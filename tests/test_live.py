@@ -132,9 +132,11 @@ def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path, executor):
             # stays reserved and the next trial waits --worker-start-timeout (a sweep bug, reported)
             pytest.skip("another Ray instance runs on this machine; the Train executor's trials would wait for "
                         "leaked placement groups")
+    # the inline variant runs as the README does, with the trivial baselines added after the sweep
+    baselines = ["--baselines"] if executor == "inline" else []
     proc = subprocess.run(_weakbench("sweep", "search_spaces/cam.yaml", "--trials", "4", "--address", "local",
                                      "--output-dir", str(tmp_path / "o"), "--set", "epochs=1", "--set", "input_size=64",
-                                     "--eval-max-images", "8", "--no-model", "--executor", executor),
+                                     "--eval-max-images", "8", "--no-model", "--executor", executor, *baselines),
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=880)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -152,6 +154,24 @@ def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path, executor):
     assert len(rows) == 4 and all(re.search(r"finished|stopped", ln) for ln in rows), "\n".join(before)
     assert sum("started: lr=" in ln for ln in before) == 4
     assert not list((tmp_path / "o" / "sweeps").glob(".sweep-*.log"))  # the start-up log moved into the sweep
+    after = lines[summary:]
+    added = [ln for ln in after if ln.startswith("trivial baseline ")]
+    if baselines:
+        # one line each, at the sweep's input size, σ chosen on val; then they are on the board
+        assert [ln.split()[2] for ln in added] == ["center_gaussian", "whole_image"], "\n".join(after)
+        assert "at 64 px" in added[0] and "sigma=" in added[0] and "chosen on val" in added[0]
+        board = subprocess.run(_weakbench("leaderboard", "--output-dir", str(tmp_path / "o")), cwd=REPO, env=_env(),
+                               capture_output=True, text=True, timeout=300)
+        assert board.returncode == 0, board.stderr
+        assert "center_gau" in board.stdout and "whole_image" in board.stdout and "is the best" in board.stdout
+        # a second sweep on the same data and size finds them and adds nothing
+        again = subprocess.run(_weakbench("sweep", "search_spaces/cam.yaml", "--trials", "1", "--address", "local",
+                                          "--output-dir", str(tmp_path / "o"), "--set", "epochs=1", "--set",
+                                          "input_size=64", "--eval-max-images", "8", "--no-model", "--baselines"),
+                               cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and "trivial baseline" not in again.stdout, again.stdout[-3000:]
+    else:
+        assert not added
 
 
 @pytest.mark.slow

@@ -84,8 +84,9 @@ def parsed(monkeypatch):
 
 
 def test_defaults_of_the_command_line_are_the_fields_defaults(parsed):
-    opts = parsed(env={"WEAKBENCH_TRACKING_URI": None})
+    opts = parsed(env={"WEAKBENCH_TRACKING_URI": None, "WEAKBENCH_BASELINES": None})
     assert opts == SweepOptions(space=str(REPO / "search_spaces" / "cam.yaml"))
+    assert parsed(env={"WEAKBENCH_BASELINES": "0"}).baselines is False  # the variable, when no flag is given
 
 
 def test_every_flag_sets_its_field(parsed):
@@ -93,13 +94,13 @@ def test_every_flag_sets_its_field(parsed):
                   "--num-workers", "2", "--gpu", "--cpus-per-worker", "0.5", "--max-concurrent", "3", "--searcher",
                   "random", "--search-seed", "5", "--executor", "train", "--eval-max-images", "9", "--no-early-stopping",
                   "--set", "epochs=2", "--set", "backbone=resnet18", "--address", "local", "--max-failures", "0",
-                  "--worker-start-timeout", "30", "--num-cpus", "2", "--no-model", "-v",
-                  env={"WEAKBENCH_TRACKING_URI": "http://mlflow:5000"})
+                  "--worker-start-timeout", "30", "--num-cpus", "2", "--no-model", "-v", "--no-baselines",
+                  env={"WEAKBENCH_TRACKING_URI": "http://mlflow:5000", "WEAKBENCH_BASELINES": None})
     expected = dict(data="/data/x", trials=7, output_dir="/out", tracking_uri="http://mlflow:5000", experiment="exp",
                     name="nm", resume=True, num_workers=2, use_gpu=True, cpus_per_worker=0.5, max_concurrent=3,
                     searcher="random", search_seed=5, executor="train", eval_max_images=9, early_stopping=False,
                     overrides={"epochs": 2, "backbone": "resnet18"}, address="local", max_failures=0,
-                    worker_start_timeout_s=30.0, num_cpus=2, log_model=False, verbose=True)
+                    worker_start_timeout_s=30.0, num_cpus=2, log_model=False, verbose=True, baselines=False)
     assert sorted(expected) == sorted(n for n in _cli_fields() if n != "space")  # every flag exercised
     default = SweepOptions(space="s")
     for k, v in expected.items():
@@ -117,7 +118,7 @@ def test_resume_keeps_exactly_the_trial_shaping_fields():
     assert set(RS.fields_with_role(Role.TRIAL)) == OLD_RESUME_KEYS
     command_line = SweepOptions(space="cam.yaml", data="/new", trials=9, overrides={"epochs": 5}, max_concurrent=3,
                                 address="local", num_cpus=2, worker_start_timeout_s=10, verbose=True, name="s",
-                                resume=True, output_dir="/out")
+                                resume=True, output_dir="/out", baselines=False)
     # a sweep.json as the code before the run spec wrote it: every option, the resolved tracking
     # URI and executor, the name
     saved = {**SweepOptions(space="old.yaml", data="/old", trials=2, overrides={"epochs": 1}, executor="train",

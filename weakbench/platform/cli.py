@@ -16,6 +16,7 @@ Bad input prints one line naming the file, the field and the fix, and exits with
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import re
 import sys
@@ -173,6 +174,8 @@ def sweep(**values: Any) -> None:
     t.add_row("MLflow", f"{s.tracking_uri}  (experiment {s.experiment}, parent run {s.parent_run_id})")
     t.add_row("sweep dir", s.sweep_dir)
     console.print(t)
+    if opts.baselines and not s.interrupted and s.num_finished:
+        _add_trivial_baselines(opts, s)
     if s.interrupted:
         err_console.print(Text("interrupted: the parent run is KILLED; continue with --resume --name " + s.sweep_name, style="yellow"))
     elif s.num_finished == 0:
@@ -226,9 +229,42 @@ def searched_params(space_file, params: dict) -> dict:
     return {k: v for k, v in params.items() if k in keys} or dict(params)
 
 
-def _run_sweep_with_view(opts, *, verbose: bool):
-    """``run_sweep`` with the live view (weakbench.platform.live); unless ``verbose`` everything the
-    process and its children write to stdout/stderr goes to ``<sweep dir>/sweep.log``."""
+def _add_trivial_baselines(opts, s) -> None:
+    """After sweep ``s`` of a classifier → CAM method: sweep each trivial baseline its dataset and
+    input size have no finished run of (weakbench.platform.trivial), one line each; a baseline
+    that fails is reported and does not change the sweep's exit status."""
+    from weakbench.platform import tracking, trivial
+
+    if not trivial.applies_to(s.method) or not s.best_run_id:
+        return
+    client = tracking.client_for(s.tracking_uri)
+    best = client.get_run(s.best_run_id)
+    fingerprint = best.data.tags.get(C.TAG_DATASET_FINGERPRINT)
+    size = best.data.params.get("input_size")
+    if not fingerprint or size is None:
+        return
+    size = int(float(size))
+    missing = trivial.missing_baselines(client, best.info.experiment_id, fingerprint=fingerprint, input_size=size)
+    for name in missing:
+        bopts = trivial.baseline_sweep_options(opts, name, input_size=size)
+        try:
+            b = _run_sweep_with_view(bopts, verbose=False, show=False)
+        except WeakbenchError as e:
+            err_console.print(Text(f"trivial baseline {name}: not added ({e})", style="yellow"))
+            continue
+        value = b.best_metrics.get(b.metric)
+        test = b.best_metrics.get("test/" + b.metric.split("/", 1)[-1])
+        params = searched_params(bopts.space, b.best_params)
+        console.print(f"trivial baseline [bold]{name}[/] at {size} px"
+                      f"{' (' + ', '.join(f'{k}={v}' for k, v in params.items() if k != 'seed') + ' chosen on val)' if any(k != 'seed' for k in params) else ''}: "
+                      + (f"{b.metric} {value:.2f}, test {test:.2f}" if value is not None and test is not None else "no result")
+                      + f"  (sweep {b.sweep_name}; --no-baselines skips this)", highlight=False)
+
+
+def _run_sweep_with_view(opts, *, verbose: bool, show: bool = True):
+    """``run_sweep`` with the live view (weakbench.platform.live; ``show=False``: no view, for a
+    sweep summarised in one line); unless ``verbose`` everything the process and its children
+    write to stdout/stderr goes to ``<sweep dir>/sweep.log``."""
     from weakbench.platform.live import QuietOutput, SweepObserver
     from weakbench.platform.sweep import run_sweep
 
@@ -242,7 +278,8 @@ def _run_sweep_with_view(opts, *, verbose: bool):
     ours = not ray.is_initialized()  # a caller's own Ray instance (a notebook, a test) is left running
     try:
         with quiet:
-            view_console = Console(file=quiet.terminal, width=None if quiet.terminal.isatty() else 180)
+            view_console = (Console(file=quiet.terminal, width=None if quiet.terminal.isatty() else 180) if show
+                            else Console(file=io.StringIO()))
             observer = SweepObserver(view_console, quiet=quiet)
             try:
                 s = run_sweep(opts, observer=observer)

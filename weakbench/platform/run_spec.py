@@ -151,8 +151,16 @@ class SweepOptions(BaseModel):
     early_stopping: bool = option(
         True, role=Role.TRIAL, description="use the space file's ASHA scheduler (False: every trial runs all epochs)",
         cli=flag("--early-stopping/--no-early-stopping",
-                 help="Stop poor trials early with the space file's ASHA scheduler; off keeps every seed of every "
-                      "configuration to the end."))
+                 help="Stop poor configurations early (all their seeds together) with the space file's ASHA "
+                      "scheduler; off runs every trial to the end."))
+    baselines: bool = option(
+        True, role=Role.PLACE,
+        description="after a sweep of a classifier → CAM method, sweep the trivial baselines (center_gaussian, "
+                    "whole_image) that its dataset and input size have no finished run of yet",
+        cli=flag("--baselines/--no-baselines", envvar="WEAKBENCH_BASELINES",
+                 help="After a sweep of a classifier → CAM method, also sweep the trivial baselines its dataset and "
+                      "input size lack (center_gaussian over its σ grid, whole_image; no training, seconds), so the "
+                      "board shows whether the method beats them."))
     overrides: dict[str, Any] = option(
         role=Role.TRIAL, default_factory=dict, description="fixed values overriding the space file",
         cli=flag("--set", key_value=True, help="Override a hyperparameter for every trial, KEY=VALUE (repeatable)."))
