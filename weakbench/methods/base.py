@@ -175,6 +175,11 @@ class ClassifierConfig(MethodConfig):
         "(ILSVRC's 1000 in the standard order)")
 
 
+#: batches of the split that :meth:`Method.extra_metrics` sees, after the last epoch (val) and in
+#: the eval stage (test)
+EXTRA_METRIC_BATCHES = 2
+
+
 class Method:
     """Base class of every method. Subclass, set the class variables, implement the hooks.
 
@@ -329,12 +334,14 @@ class Method:
     def extra_metrics(self, model: torch.nn.Module, batches: list[Mapping[str, Any]], device: torch.device) -> dict[str, float]:
         """Optional method-specific evaluation (e.g. Top-GAP's ERF distance and robust accuracy).
 
-        Called by rank 0 after training on a few validation batches (each like a training
-        batch, plus ``"masks"``: bool (B, C, S, S) per-class GT masks at the input size,
+        Called by rank 0 after training on a few validation batches, and in the ``eval`` stage on
+        a few test batches, so the board (which reports ``test/*``) shows them like the other
+        metrics; each batch is like a training batch, plus ``"masks"``: bool (B, C, S, S) per-class GT masks at the input size,
         ``"ignore"``: bool (B, S, S) and ``"has_masks"``: bool (B,) whether the image's masks are
         real — on box-only data ``masks`` is an all-False placeholder and ``has_masks`` False).
-        Returns ``{name: value}``; the engine logs them as ``val/<name>``. Default: no extra
-        metrics.
+        Returns ``{name: value}``; the engine logs them as ``val/<name>`` and ``test/<name>``.
+        Every name is declared in :mod:`weakbench.platform.metric_declarations`. Default: no
+        extra metrics.
         """
         return {}
 
@@ -378,7 +385,8 @@ class Method:
 
         Default (``classifier_cam``): the WSOL, pixel, segmentation and classification metrics
         of :func:`weakbench.platform.evaluate.evaluate_split` on ``stage.split`` with the model
-        of the ``train`` stage.
+        of the ``train`` stage, and the method's :meth:`extra_metrics` on
+        :data:`EXTRA_METRIC_BATCHES` batches of that split (as validation does after the last epoch).
         """
         from weakbench.platform.evaluate import evaluate_split
 
@@ -386,7 +394,7 @@ class Method:
         metrics, overlays, _ = evaluate_split(
             self, model, ctx.source, ctx.splits[stage.split], input_size=self.config.input_size, device=ctx.device,
             cam_curve_interval=self.config.cam_curve_interval, batch_size=ctx.eval_batch_size,
-            max_images=ctx.max_images, num_overlays=ctx.num_overlays)
+            max_images=ctx.max_images, num_overlays=ctx.num_overlays, extra_batches=EXTRA_METRIC_BATCHES)
         return metrics, overlays
 
     def build_predictor(self, ctx: StageContext) -> torch.nn.Module | None:
@@ -445,7 +453,7 @@ class ClassifierFitTask(FitTask):
         metrics, _, _ = evaluate_split(self.method, model, ctx.source, ctx.splits["val"], input_size=c.input_size,
                                        device=ctx.device, cam_curve_interval=c.cam_curve_interval,
                                        batch_size=ctx.eval_batch_size, max_images=ctx.max_images,
-                                       extra_batches=2 if last else 0)
+                                       extra_batches=EXTRA_METRIC_BATCHES if last else 0)
         return metrics
 
 
