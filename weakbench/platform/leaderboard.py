@@ -549,11 +549,12 @@ def legend(lb: pa.Table) -> str:
         else:
             cmds = "; ".join(_trivial_command(d) for d in (missing or ["<dataset>"]))
             parts.append(f"No baseline{where}: this board has no trivial baseline row, so no row is checked against "
-                         f"one; add one with {cmds} (the same --data as the other sweeps).")
+                         f"one; add one with {cmds}.")
     return " ".join(parts)
 
 
 def _trivial_command(dataset: str) -> str:
     """The command that puts a trivial baseline on the board for ``dataset`` (a dataset name)."""
-    data = "" if dataset == "synthetic" else f" --data <the {dataset} directory>"
-    return f"weakbench sweep search_spaces/center_gaussian.yaml{data}"
+    if dataset == "synthetic":
+        return "weakbench sweep search_spaces/center_gaussian.yaml (no --data: the synthetic default)"
+    return f"weakbench sweep search_spaces/center_gaussian.yaml --data <the {dataset} directory> (the same --data as its sweeps)"

@@ -321,11 +321,17 @@ def baseline_metric(key: str) -> Optional[str]:
     return f"{head}/box_filled/{name}" if head else f"box_filled/{name}"
 
 
+def undeclared(keys) -> list[str]:
+    """The ``val/`` and ``test/`` keys among ``keys`` that :func:`lookup` does not resolve (the keys
+    selection and the board read; ``train/`` losses and ``cost/`` are not checked), sorted."""
+    return sorted(k for k in keys if k.split("/", 1)[0] in ("val", "test") and lookup(k) is None)
+
+
 #: order in which reported metrics follow the selecting one on the board (the scores people quote)
 DISPLAY_ORDER: tuple[str, ...] = ("max_box_acc_v2", "max_box_acc", "pxap", "miou", "instance_miou", "map_r50",
                                   "map_r25", "pseudo_mask_miou", "robust_accuracy", "cam_iou", "cls_map", "cls_acc",
                                   "top1_loc", "top5_loc")
 
 __all__ = ("MetricSpec", "METRICS", "COSTS", "VARIANTS", "GAINS", "UnknownMetricError", "lookup", "spec", "direction",
-           "higher_is_better", "headline_metric", "default_select_metric", "baseline_metric", "bare_name",
+           "higher_is_better", "headline_metric", "undeclared", "default_select_metric", "baseline_metric", "bare_name",
            "DEFAULT_HEADLINE", "DEFAULT_SELECT_METRIC", "SELECTION_SPLIT", "DISPLAY_ORDER")
