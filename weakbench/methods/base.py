@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from weakbench.methods.lr_schedules import LRSchedule, scheduler_from_config
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, validate_plan
 from weakbench.platform.errors import ConfigError, UnknownNameError
+from weakbench.platform.metric_declarations import DEFAULT_HEADLINE
 
 __all__ = ["Method", "MethodConfig", "ClassifierConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
@@ -188,7 +189,9 @@ class Method:
         shape: one of ``classifier_cam``, ``detector_attribution``, ``multi_branch``.
         Config: the pydantic schema of this method's hyperparameters.
         headline_metric: the metric (bare name, as in ``<split>/<name>``) the leaderboard and
-            registry rank this method by when no metric is given.
+            registry rank this method by when no metric is given; it must be declared (with its
+            direction) in :mod:`weakbench.platform.metric_declarations`, which also gives the
+            search space its default selecting metric.
         find_unused_parameters: passed to DDP for the classifier's ``train`` stage (True when a
             step updates only part of the model, as MinMaxCAM's Stage II does).
 
@@ -202,7 +205,7 @@ class Method:
     name: ClassVar[str] = ""
     shape: ClassVar[PipelineShape] = "classifier_cam"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    headline_metric: ClassVar[str] = "max_box_acc_v2"
+    headline_metric: ClassVar[str] = DEFAULT_HEADLINE  # declared in weakbench.platform.metric_declarations
     find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, num_classes: int, multilabel: bool = True):
