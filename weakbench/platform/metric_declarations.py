@@ -177,6 +177,15 @@ _DECLARED: list[MetricSpec] = [
        "share of boxes for which the attribution found at least one proposal that keeps the detection"),
     _m("boxes", None, "count", "boxes", "how many boxes were processed"),
     _m("peak_recall", "max", "%", "peak recall", "share of true objects on which a peak of the class map falls"),
+    _m("peak_precision", "max", "%", "peak precision", "share of the class map's peaks that fall on a true object of "
+       "their class"),
+    _m("peaks_per_image", None, "count", "peaks per image", "how many peaks the class maps have per image"),
+    _m("mean_positives", None, "count", "positive proposals per box",
+       "how many perturbed proposals per box keep the detection, on average"),
+    _m("images", None, "count", "images", "how many images the stage processed"),
+    _m("mean_proposals", None, "count", "proposals per image", "how many box proposals an image has, on average"),
+    _m("instances", None, "count", "instances", "how many object masks the stage made"),
+    _m("detections", None, "count", "detections", "how many objects the detector found"),
 ]
 
 #: COCO instance metrics: (name, display, what counts as a hit)
