@@ -4,7 +4,9 @@ Sections (each a ``<section>`` with a stable id, used by the browser test):
 
 * ``#leaderboard`` — the sortable leaderboard table (:func:`weakbench.platform.leaderboard.build_leaderboard`):
   test numbers of val-selected configurations, mean ± std [95% bootstrap CI], seeds/trials,
-  cost, paired comparison with the baseline, links to the MLflow runs;
+  cost, paired comparison with the baseline, links to the MLflow runs; under it
+  (``#leaderboard-legend``) the line of :func:`weakbench.platform.leaderboard.legend`: what the
+  headline metric means and which row is the baseline;
 * ``#bars`` — one bar chart per reported metric with the 95% intervals as error bars;
 * ``#sweeps`` — per sweep, a parallel-coordinates plot (hyperparameters → validation metric) and
   parameter-vs-metric scatter plots (validation split: the split that selects);
@@ -427,7 +429,8 @@ def build_dashboard(
 seeds is selected on the <b>{_esc(select_metric.split("/")[0])}</b> split; its <b>{_esc(report_split)}</b> metrics are
 reported as mean ± std over seeds [95% bootstrap CI] ("n/a" with one seed). Trials and cost count every run of the
 search. The comparison with {_esc(baseline_method)} pairs runs on the same seeds. Rows in red (✗) do not beat the best
-trivial baseline (centre Gaussian or whole image, no training) beyond seed noise, or have fewer than
+trivial baseline (centre Gaussian or whole image, no training; for BBAM and CCGR their own box-filled masks) beyond
+seed noise, or have fewer than
 {MIN_SEEDS_BEYOND_NOISE} seeds to show it. Click a column to sort. {ui_note}</p>
 {leaderboard_html(lb, mlflow_ui_url)}
 <p class="note legend" id="leaderboard-legend">{_esc(legend(lb))}</p></section>
