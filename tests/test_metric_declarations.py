@@ -5,9 +5,7 @@ is the baseline."""
 
 from __future__ import annotations
 
-import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
