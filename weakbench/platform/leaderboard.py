@@ -479,7 +479,8 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     meta = lb.schema.metadata or {}
     t.add_column(meta.get(b"weakbench.select_metric", b"val").decode() + " (mean)", justify="right")
     for m in names:
-        t.add_column(m, justify="right")
+        spec = D.lookup(m)  # the paper's name above the key, so a truncated key still reads
+        t.add_column(f"{spec.display}\n{m}" if spec else m, justify="right")
     t.add_column("GPU-h / CPU-h", justify="right")
     base = meta.get(b"weakbench.baseline_method", b"cam").decode()
     t.add_column(f"vs {base} (paired)")
