@@ -116,6 +116,7 @@ def test_every_headline_is_declared_and_the_search_space_default_comes_from_it()
     ("val/pseudo_masks/unrefined/map_r50", "unrefined/map_r50", "max", "map_r50"),
     ("val/pseudo_masks/r1/map_r50", "r1/map_r50", "max", "map_r50"),
     ("val/pseudo_masks/round_gain/map_r50", "round_gain/map_r50", "max", "map_r50"),
+    ("test/pseudo_masks/r2/refinement_gain/box_iou", "r2/refinement_gain/box_iou", "max", "box_iou"),
     ("test/mask_rcnn/segm_map_r50", "segm_map_r50", "max", ""),
     ("val/attribute/positive_share", "positive_share", "max", ""),
     ("all/pxap", "pxap", "max", ""),

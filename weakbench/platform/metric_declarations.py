@@ -18,6 +18,7 @@ A metric key is ``<split>/[<namespace>/…]<name>`` (``val/max_box_acc_v2``,
    * ``box_crf/<name>`` — the score of a CRF run from the box prior alone (BBAM);
    * ``unrefined/<name>`` — the score of the boxes before refinement (CCGR);
    * ``r<N>/<name>`` — the score after round N (CCGR);
+   * prefixes chain: ``r1/refinement_gain/box_iou`` is round 1's gain of ``box_iou``;
    * ``gain_over_box/<name>``, ``refinement_gain/<name>``, ``round_gain/<name>`` — a difference of
      two such scores, in points of the name's unit, with the name's direction.
 
@@ -162,6 +163,7 @@ _DECLARED: list[MetricSpec] = [
     _m("num_instances", None, "count", "instances", "how many object masks were scored"),
     _m("abo", "max", "%", "ABO",
        "for each true object, the best overlap (IoU) of any predicted mask with it, averaged over the objects"),
+    _m("box_iou", "max", "%", "box IoU", "the overlap (IoU) with the true box of the picked boxes"),
     _m("box_iou_before", "max", "%", "box IoU before refinement",
        "the overlap (IoU) with the true box of the boxes picked before refinement"),
     _m("box_iou_after", "max", "%", "box IoU after refinement",
@@ -232,18 +234,18 @@ GAINS: dict[str, str] = {
 
 
 def _variant(prefix: str, base: MetricSpec) -> Optional[MetricSpec]:
-    name = f"{prefix}/{base.name}"
+    name, root = f"{prefix}/{base.name}", base.base or base.name
     if prefix in VARIANTS:
         d, s = VARIANTS[prefix]
         return dataclasses.replace(base, name=name, display=d.format(d=base.display),
-                                   description=s.format(s=base.description), base=base.name)
+                                   description=s.format(s=base.description), base=root)
     m = _ROUND.match(prefix)
     if m:
         return dataclasses.replace(base, name=name, display=f"{base.display} (round {m.group(1)})",
-                                   description=f"{base.description}, after round {m.group(1)}", base=base.name)
+                                   description=f"{base.description}, after round {m.group(1)}", base=root)
     if prefix in GAINS and base.direction is not None:
         return dataclasses.replace(base, name=name, unit="points" if base.unit == "%" else base.unit,
-                                   display=f"Δ {base.display}", base=base.name,
+                                   display=f"Δ {base.display}", base=root,
                                    description=f"{GAINS[prefix]} ({base.display}: {base.description})")
     return None
 
@@ -268,15 +270,19 @@ def lookup(key: str) -> Optional[MetricSpec]:
     if m:
         return _m(key, "min", "s", f"{m.group(1)} seconds", f"wall-clock seconds of the {m.group(1)} stage")
     parts = bare_name(key).split("/")
-    for i in range(len(parts)):
-        rest = parts[i:]
-        if len(rest) == 1 and rest[0] in METRICS:
-            return METRICS[rest[0]]
-        if len(rest) == 2 and rest[1] in METRICS:
-            v = _variant(rest[0], METRICS[rest[1]])
-            if v is not None:
-                return v
+    for i in range(len(parts)):  # leading segments that resolve to nothing are stage namespaces
+        found = _resolve(parts[i:])
+        if found is not None:
+            return found
     return None
+
+
+def _resolve(parts: list[str]) -> Optional[MetricSpec]:
+    """``[name]`` → its spec; ``[prefix, …, name]`` → the variant chain (``r1/refinement_gain/box_iou``)."""
+    if len(parts) == 1:
+        return METRICS.get(parts[0])
+    inner = _resolve(parts[1:])
+    return _variant(parts[0], inner) if inner is not None else None
 
 
 def spec(key: str) -> MetricSpec:
