@@ -27,6 +27,7 @@ from weakbench.platform import tracking
 from weakbench.platform.data import make_splits, open_dataset, save_splits
 from weakbench.platform.engine import TrialSpec, run_trial
 from weakbench.platform.errors import ConfigError
+from weakbench.platform.metric_declarations import undeclared
 
 REPO = Path(__file__).resolve().parents[1]
 #: a detector that learns the shapes in ~8 epochs on 2 CPU cores; 40 mask iterations
@@ -66,6 +67,8 @@ def test_bbam_pseudo_masks_beat_the_box_on_the_synthetic_default(tmp_path):
     save_splits(make_splits(source, seed=0), splits)
     spec = _spec(tmp_path, None, cache, splits, {**TINY, "attribution_splits": ["val"], "max_images_per_split": 10})
     m = run_trial(spec, executor="inline")
+    # every val/test key the real run logged is declared (direction, unit, meaning)
+    assert not undeclared(m), undeclared(m)
     ours, box = m["val/pseudo_masks/instance_miou"], m["val/pseudo_masks/box_filled/instance_miou"]
     print(f"val instance mIoU: BBAM {ours:.1f}, box-filled {box:.1f}, CRF from the box prior "
           f"{m['val/pseudo_masks/box_crf/instance_miou']:.1f}; O+ non-empty for "

@@ -25,6 +25,7 @@ from weakbench.platform import tracking
 from weakbench.platform.data import make_splits, open_dataset, save_splits
 from weakbench.platform.engine import TrialSpec, run_trial
 from weakbench.platform.errors import ConfigError
+from weakbench.platform.metric_declarations import undeclared
 
 REPO = Path(__file__).resolve().parents[1]
 #: small enough for a 2-core CPU: each branch a few epochs on the synthetic default's 96 px images
@@ -82,6 +83,8 @@ def test_two_rounds_on_the_synthetic_default(tmp_path):
     spec = _spec(tmp_path, None, cache, splits, {**TINY, "max_images_per_split": 40})
     t0 = time.time()
     m = run_trial(spec, executor="inline")
+    # every val/test key the real run logged is declared (direction, unit, meaning)
+    assert not undeclared(m), undeclared(m)
     seconds = time.time() - t0
     keys = ("map_r50", "map_r25", "box_map50", "box_iou_before", "box_iou_after", "unrefined/map_r50", "box_filled/map_r50")
     summary = {k: round(m[f"val/pseudo_masks/{k}"], 2) for k in keys}

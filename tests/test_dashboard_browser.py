@@ -98,6 +98,12 @@ def test_dashboard_in_headless_chromium(built):
             cell = rows.nth(0).locator("td").nth(6).text_content()
             assert "±" in cell and "[" in cell  # mean ± std [CI]
             assert page.locator("#leaderboard h2").text_content().endswith("selected on val (val/max_box_acc_v2), reported on test")
+            # under the table: what the headline means and which row is the baseline (none here: the command)
+            assert page.evaluate("document.querySelector('#leaderboard-table').parentElement.nextElementSibling.id") \
+                == "leaderboard-legend"
+            line = page.locator("#leaderboard-legend").text_content()
+            assert line.startswith("test/max_box_acc_v2 (MaxBoxAccV2): share of images") and "higher is better" in line
+            assert "No baseline on" in line and "weakbench sweep search_spaces/center_gaussian.yaml" in line
             hrefs = page.locator("#leaderboard-table td.runs a").evaluate_all("as => as.map(a => a.href)")
             assert len(hrefs) == 4  # 2 seeds × 2 rows
             assert all(h.startswith("http://127.0.0.1:5000/#/experiments/") and "/runs/" in h for h in hrefs)

@@ -211,21 +211,24 @@ def test_status_shows_a_sweep_running_in_another_process(tmp_path):
 
 def test_leaderboard_legend_says_what_the_metric_means_and_which_row_is_the_baseline():
     from weakbench.platform.leaderboard import build_leaderboard, legend
+    from weakbench.platform.metric_declarations import spec
     from weakbench.platform.results import rows_to_table
 
-    def run(i, method, seed, val, test):
-        return {"run_id": f"r{i}", "method": method, "backbone": "r18", "dataset": "d", "seed": seed, "status": "FINISHED",
-                "experiment_id": "1", "sweep_id": f"s-{method}", "params": {"lr": 0.1, "seed": seed},
+    def run(i, method, seed, val, test, backbone="r18"):
+        return {"run_id": f"r{i}", "method": method, "backbone": backbone, "dataset": "d", "seed": seed,
+                "status": "FINISHED", "experiment_id": "1", "sweep_id": f"s-{method}", "params": {"lr": 0.1, "seed": seed},
                 "metrics": {"val/max_box_acc_v2": val, "test/max_box_acc_v2": test, "cost/cpu_hours": 1.0,
                             "cost/gpu_hours": 0.0}}
 
-    rows = [run(0, "cam", 0, 50, 40), run(1, "cam", 1, 52, 41), run(2, "minmaxcam", 0, 60, 50), run(3, "minmaxcam", 1, 61, 52)]
+    rows = [run(0, "cam", 0, 50, 40), run(1, "cam", 1, 52, 41), run(2, "minmaxcam", 0, 60, 50), run(3, "minmaxcam", 1, 61, 52),
+            run(4, "center_gaussian", 0, 45, 44, backbone="none")]
     line = legend(build_leaderboard(rows_to_table(rows)))
     assert "\n" not in line
-    assert line.startswith("test/max_box_acc_v2 = % of images where a box") and "higher is better" in line
-    assert "Baseline: cam / r18 on d" in line and '"vs cam"' in line
-    only = legend(build_leaderboard(rows_to_table(rows[2:])))
-    assert "Baseline: cam, which has no run here" in only
+    assert line.startswith(f"test/max_box_acc_v2 (MaxBoxAccV2): {spec('max_box_acc_v2').description}")
+    assert "higher is better" in line
+    assert "Baseline: center_gaussian / none on d, the best trivial baseline" in line and "✗" in line
+    only = legend(build_leaderboard(rows_to_table(rows[:4])))
+    assert "No baseline on d" in only and "weakbench sweep search_spaces/center_gaussian.yaml --data" in only
 
 
 def test_sweep_summary_shows_the_headline_family_not_every_key():

@@ -4,7 +4,9 @@ Sections (each a ``<section>`` with a stable id, used by the browser test):
 
 * ``#leaderboard`` — the sortable leaderboard table (:func:`weakbench.platform.leaderboard.build_leaderboard`):
   test numbers of val-selected configurations, mean ± std [95% bootstrap CI], seeds/trials,
-  cost, paired comparison with the baseline, links to the MLflow runs;
+  cost, paired comparison with the baseline, links to the MLflow runs; under it
+  (``#leaderboard-legend``) the line of :func:`weakbench.platform.leaderboard.legend`: what the
+  headline metric means and which row is the baseline;
 * ``#bars`` — one bar chart per reported metric with the 95% intervals as error bars;
 * ``#sweeps`` — per sweep, a parallel-coordinates plot (hyperparameters → validation metric) and
   parameter-vs-metric scatter plots (validation split: the split that selects);
@@ -34,8 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from weakbench.platform.leaderboard import (MIN_SEEDS_BEYOND_NOISE, build_leaderboard, format_stat,
-                                            higher_is_better, leaderboard_metrics, title, trivial_cell)
+from weakbench.platform.leaderboard import (MIN_SEEDS_BEYOND_NOISE, build_leaderboard, format_stat, legend,
+                                            leaderboard_metrics, title, trivial_cell)
+from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC, higher_is_better
 from weakbench.platform.results import metric_columns, param_columns
 
 MAX_SWEEPS = 30
@@ -370,7 +373,7 @@ def build_dashboard(
     table: pa.Table,
     out: Path,
     *,
-    select_metric: str = "val/max_box_acc_v2",
+    select_metric: str = DEFAULT_SELECT_METRIC,
     report_split: str = "test",
     baseline_method: str = "cam",
     tracking_uri: str | None = None,
@@ -426,9 +429,11 @@ def build_dashboard(
 seeds is selected on the <b>{_esc(select_metric.split("/")[0])}</b> split; its <b>{_esc(report_split)}</b> metrics are
 reported as mean ± std over seeds [95% bootstrap CI] ("n/a" with one seed). Trials and cost count every run of the
 search. The comparison with {_esc(baseline_method)} pairs runs on the same seeds. Rows in red (✗) do not beat the best
-trivial baseline (centre Gaussian or whole image, no training) beyond seed noise, or have fewer than
+trivial baseline (centre Gaussian or whole image, no training; for BBAM and CCGR their own box-filled masks) beyond
+seed noise, or have fewer than
 {MIN_SEEDS_BEYOND_NOISE} seeds to show it. Click a column to sort. {ui_note}</p>
-{leaderboard_html(lb, mlflow_ui_url)}</section>
+{leaderboard_html(lb, mlflow_ui_url)}
+<p class="note legend" id="leaderboard-legend">{_esc(legend(lb))}</p></section>
 <section id="bars"><h2>Reported metrics with 95% intervals</h2>{"".join(bars)}</section>
 <section id="sweeps"><h2>Sweeps</h2><p class="note">Hyperparameters against the selection metric
 ({_esc(select_metric)}), one line or point per finished run.</p>{sweep_html}</section>

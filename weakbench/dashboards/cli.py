@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from weakbench.platform.conventions import DEFAULT_EXPERIMENT
+from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC
 
 app = typer.Typer(help="Leaderboard and sweep dashboard: one HTML file that works offline.", no_args_is_help=True)
 
@@ -28,7 +29,7 @@ def build(
              "(default: sqlite:///<store>/../mlflow.db when that file exists, as `weakbench sweep` lays it out)"),
     experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="MLflow experiment name"),
     out: Optional[Path] = typer.Option(None, "--out", help="output HTML file (default <store>/dashboard.html)"),
-    select_metric: str = typer.Option("val/max_box_acc_v2", "--select-metric", help="validation metric that selects"),
+    select_metric: str = typer.Option(DEFAULT_SELECT_METRIC, "--select-metric", help="validation metric that selects"),
     report_split: str = typer.Option("test", "--report-split", help="split whose metrics are reported"),
     baseline: str = typer.Option("cam", "--baseline", help="method for the paired comparison"),
     mlflow_ui_url: Optional[str] = typer.Option(None, "--mlflow-ui-url", help="MLflow UI base URL for run links"),

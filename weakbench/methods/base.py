@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from weakbench.methods.lr_schedules import LRSchedule, scheduler_from_config
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, validate_plan
 from weakbench.platform.errors import ConfigError, UnknownNameError
+from weakbench.platform.metric_declarations import DEFAULT_HEADLINE
 
 __all__ = ["Method", "MethodConfig", "ClassifierConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
@@ -175,6 +176,11 @@ class ClassifierConfig(MethodConfig):
         "(ILSVRC's 1000 in the standard order)")
 
 
+#: batches of the split that :meth:`Method.extra_metrics` sees, after the last epoch (val) and in
+#: the eval stage (test)
+EXTRA_METRIC_BATCHES = 2
+
+
 class Method:
     """Base class of every method. Subclass, set the class variables, implement the hooks.
 
@@ -183,7 +189,9 @@ class Method:
         shape: one of ``classifier_cam``, ``detector_attribution``, ``multi_branch``.
         Config: the pydantic schema of this method's hyperparameters.
         headline_metric: the metric (bare name, as in ``<split>/<name>``) the leaderboard and
-            registry rank this method by when no metric is given.
+            registry rank this method by when no metric is given; it must be declared (with its
+            direction) in :mod:`weakbench.platform.metric_declarations`, which also gives the
+            search space its default selecting metric.
         find_unused_parameters: passed to DDP for the classifier's ``train`` stage (True when a
             step updates only part of the model, as MinMaxCAM's Stage II does).
 
@@ -197,7 +205,7 @@ class Method:
     name: ClassVar[str] = ""
     shape: ClassVar[PipelineShape] = "classifier_cam"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    headline_metric: ClassVar[str] = "max_box_acc_v2"
+    headline_metric: ClassVar[str] = DEFAULT_HEADLINE  # declared in weakbench.platform.metric_declarations
     find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, num_classes: int, multilabel: bool = True):
@@ -329,12 +337,14 @@ class Method:
     def extra_metrics(self, model: torch.nn.Module, batches: list[Mapping[str, Any]], device: torch.device) -> dict[str, float]:
         """Optional method-specific evaluation (e.g. Top-GAP's ERF distance and robust accuracy).
 
-        Called by rank 0 after training on a few validation batches (each like a training
-        batch, plus ``"masks"``: bool (B, C, S, S) per-class GT masks at the input size,
+        Called by rank 0 after training on a few validation batches, and in the ``eval`` stage on
+        a few test batches, so the board (which reports ``test/*``) shows them like the other
+        metrics; each batch is like a training batch, plus ``"masks"``: bool (B, C, S, S) per-class GT masks at the input size,
         ``"ignore"``: bool (B, S, S) and ``"has_masks"``: bool (B,) whether the image's masks are
         real — on box-only data ``masks`` is an all-False placeholder and ``has_masks`` False).
-        Returns ``{name: value}``; the engine logs them as ``val/<name>``. Default: no extra
-        metrics.
+        Returns ``{name: value}``; the engine logs them as ``val/<name>`` and ``test/<name>``.
+        Every name is declared in :mod:`weakbench.platform.metric_declarations`. Default: no
+        extra metrics.
         """
         return {}
 
@@ -378,7 +388,8 @@ class Method:
 
         Default (``classifier_cam``): the WSOL, pixel, segmentation and classification metrics
         of :func:`weakbench.platform.evaluate.evaluate_split` on ``stage.split`` with the model
-        of the ``train`` stage.
+        of the ``train`` stage, and the method's :meth:`extra_metrics` on
+        :data:`EXTRA_METRIC_BATCHES` batches of that split (as validation does after the last epoch).
         """
         from weakbench.platform.evaluate import evaluate_split
 
@@ -386,7 +397,7 @@ class Method:
         metrics, overlays, _ = evaluate_split(
             self, model, ctx.source, ctx.splits[stage.split], input_size=self.config.input_size, device=ctx.device,
             cam_curve_interval=self.config.cam_curve_interval, batch_size=ctx.eval_batch_size,
-            max_images=ctx.max_images, num_overlays=ctx.num_overlays)
+            max_images=ctx.max_images, num_overlays=ctx.num_overlays, extra_batches=EXTRA_METRIC_BATCHES)
         return metrics, overlays
 
     def build_predictor(self, ctx: StageContext) -> torch.nn.Module | None:
@@ -445,7 +456,7 @@ class ClassifierFitTask(FitTask):
         metrics, _, _ = evaluate_split(self.method, model, ctx.source, ctx.splits["val"], input_size=c.input_size,
                                        device=ctx.device, cam_curve_interval=c.cam_curve_interval,
                                        batch_size=ctx.eval_batch_size, max_images=ctx.max_images,
-                                       extra_batches=2 if last else 0)
+                                       extra_batches=EXTRA_METRIC_BATCHES if last else 0)
         return metrics
 
 

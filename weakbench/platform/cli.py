@@ -138,14 +138,11 @@ def _metric_name(metric: str) -> str:
 
 
 def _headline(method: str) -> str:
-    """The metric a method is ranked by when none is given (``Method.headline_metric``)."""
-    from weakbench.methods import get_method_class
-    from weakbench.platform.errors import UnknownNameError
+    """The metric a method is ranked by when none is given (``Method.headline_metric``, declared in
+    :mod:`weakbench.platform.metric_declarations`)."""
+    from weakbench.platform.metric_declarations import headline_metric
 
-    try:
-        return get_method_class(method).headline_metric
-    except UnknownNameError:
-        return "max_box_acc_v2"
+    return headline_metric(method)
 
 
 def sweep(**values: Any) -> None:
@@ -347,6 +344,7 @@ def leaderboard(
     """Update the Parquet results store from MLflow and print the leaderboard."""
     from weakbench.platform import leaderboard as lb_mod
     from weakbench.platform import results
+    from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC
 
     uri = _tracking_uri(output_dir, tracking_uri)
     store_dir = store or Path(output_dir) / "results"
@@ -362,7 +360,7 @@ def leaderboard(
         for m in sorted(set(table["method"].to_pylist())) if table.num_rows else []:
             groups.setdefault(_metric_name(_headline(m)), []).append(m)
         boards = [(key, table.filter(pc.is_in(table["method"], value_set=pa.array(ms)))) for key, ms in groups.items()]
-        boards = boards or [("val/max_box_acc_v2", table)]
+        boards = boards or [(DEFAULT_SELECT_METRIC, table)]
     for key, part in boards:
         lb = lb_mod.build_leaderboard(part, select_metric=key, report_split=report_split, baseline_method=baseline)
         console.print(lb_mod.render_rich(lb))
@@ -426,7 +424,7 @@ def evaluate(
 ):
     """Score a registered model, or a method that needs no training, on a whole dataset; print the board's metrics."""
     from weakbench.platform.evaluation import evaluate_dataset
-    from weakbench.platform.leaderboard import HEADLINE_METRICS
+    from weakbench.platform.metric_declarations import DISPLAY_ORDER
 
     res = evaluate_dataset(data, tracking_uri=_tracking_uri(output_dir, tracking_uri), model_uri=model, method=method,
                            params=_parse_sets(sets), experiment=experiment, cache_dir=Path(output_dir) / "data_cache",
@@ -438,7 +436,7 @@ def evaluate(
     t = Table()
     t.add_column("metric")
     t.add_column("value", justify="right")
-    rank = {h: i for i, h in enumerate(HEADLINE_METRICS)}
+    rank = {h: i for i, h in enumerate(DISPLAY_ORDER)}
     for k in sorted(res.metrics, key=lambda k: (rank.get(k, len(rank)), k)):
         t.add_row(k, f"{res.metrics[k]:.2f}")
     console.print(t)

@@ -54,12 +54,8 @@ CONFIG_ARTIFACT = "config.yaml"
 # ---------------------------------------------------------------- metrics
 SPLITS = ("train", "val", "test")
 
-#: localisation / segmentation / classification metric names (values in percent, 0–100,
-#: except losses). Keys in MLflow are f"{split}/{name}".
-WSOL_METRICS = ("max_box_acc", "max_box_acc_v2", "pxap", "top1_loc", "top5_loc")
-CLS_METRICS = ("cls_map", "cls_acc")  # multi-label mAP, top-1 accuracy (%)
-SEG_METRICS = ("miou",)  # semantic pseudo-mask mIoU at the best background threshold (%)
-HIGHER_IS_BETTER = {m: True for m in WSOL_METRICS + CLS_METRICS + SEG_METRICS}
+# Keys in MLflow are f"{split}/{name}". What each name means, its direction (higher or lower is
+# better), unit and display name are declared once in weakbench.platform.metric_declarations.
 
 COST_TRAIN_SECONDS = "cost/train_seconds"  # wall seconds of the training stage
 COST_CPU_HOURS = "cost/cpu_hours"  # wall hours × CPUs held (all workers)

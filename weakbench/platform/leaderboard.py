@@ -8,7 +8,8 @@ Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation pro
 * Selection: among the ``FINISHED`` runs whose metrics are all finite (a run with any NaN or
   infinite metric diverged and never selects) and that logged ``select_metric`` (default
   ``val/max_box_acc_v2``), the configuration with the best **mean over seeds** of that metric is
-  chosen (higher is better, except for metric names containing ``loss``). Ties go to the
+  chosen, in the metric's declared direction (:mod:`weakbench.platform.metric_declarations`; an
+  undeclared or diagnostic metric is refused with a ConfigError). Ties go to the
   configuration with more seeds, then to the smaller ``config_group`` (deterministic).
 * Report: the chosen configuration's ``<report_split>/*`` metrics (default ``test``), one value
   per seed (runs repeating a seed are averaged first), as mean, sample standard deviation
@@ -37,6 +38,10 @@ Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation pro
   difference's 95 % bootstrap interval lies above 0 **and** the t-test's p < 0.05 with at least
   :data:`MIN_SEEDS_BEYOND_NOISE` seeds: with fewer seeds nothing is called beyond seed noise.
   ``below_trivial`` is null for the trivial rows and where the dataset has no trivial row.
+* Box-supervised methods (BBAM, CCGR) log the same score for the box itself filled as the mask
+  (``<split>/…/box_filled/<name>``, :func:`~weakbench.platform.metric_declarations.baseline_metric`):
+  on a dataset without a trivial row, a row whose runs logged it is compared with it the same way,
+  paired on seed over the same runs (``trivial_baseline = "box_filled"``).
 
 The output is a :class:`pyarrow.Table`, one row per group, sorted by dataset then by the primary
 metric (best first). Its schema metadata and its ``selected_on`` / ``reported_on`` columns say
@@ -54,6 +59,7 @@ import numpy as np
 import pyarrow as pa
 
 from weakbench.platform import conventions as C
+from weakbench.platform import metric_declarations as D
 from weakbench.platform.errors import ConfigError
 from weakbench.platform.results import finite_metric_rows, metric_columns
 
@@ -92,9 +98,10 @@ STAT_SUFFIXES = ("mean", "std", "ci_low", "ci_high", "n")
 
 
 def higher_is_better(metric: str) -> bool:
-    """Direction of a metric key like ``val/max_box_acc_v2`` (losses: lower is better)."""
-    name = metric.split("/", 1)[-1]
-    return C.HIGHER_IS_BETTER.get(name, "loss" not in name)
+    """Declared direction of a metric key like ``val/max_box_acc_v2``
+    (:func:`weakbench.platform.metric_declarations.higher_is_better`; raises ConfigError for an
+    undeclared or diagnostic metric)."""
+    return D.higher_is_better(metric)
 
 
 def _rng(seed: int, *key: str) -> np.random.Generator:
@@ -133,7 +140,7 @@ def _str_array(table: pa.Table, name: str) -> np.ndarray:
 
 def build_leaderboard(
     table: pa.Table,
-    select_metric: str = "val/max_box_acc_v2",
+    select_metric: str = D.DEFAULT_SELECT_METRIC,
     report_split: str = "test",
     baseline_method: str = "cam",
     n_boot: int = 2000,
@@ -156,8 +163,9 @@ def build_leaderboard(
         ``m.ci_high`` (float64, the metric's unit) and ``m.n`` (int64, seeds with a value).
 
     Raises:
-        ConfigError: ``select_metric`` is not ``<split>/<name>``, ``n_boot`` < 100, or the
-            selection split equals the reported split.
+        ConfigError: ``select_metric`` is not ``<split>/<name>``, is undeclared or a diagnostic
+            (:mod:`weakbench.platform.metric_declarations`), ``n_boot`` < 100, or the selection split
+            equals the reported split.
     """
     if "/" not in select_metric:
         raise ConfigError(f"select_metric {select_metric!r}: expected '<split>/<name>', e.g. 'val/max_box_acc_v2'")
@@ -276,7 +284,9 @@ def build_leaderboard(
         else:
             row["baseline_verdict"] = "within seed noise"
 
-    _compare_with_trivial(rows, chosen_runs, seeds, metrics[primary], primary, n_boot, seed)
+    box_key = D.baseline_metric(primary)
+    box_values = metrics.get(box_key) if box_key else None
+    _compare_with_trivial(rows, chosen_runs, seeds, metrics[primary], primary, n_boot, seed, box_values)
 
     sign = -1.0 if hib else 1.0
     rows.sort(key=lambda r: (r["dataset"], _nan_last(sign * r[f"{primary}.mean"]), r["method"], r["backbone"]))
@@ -287,12 +297,13 @@ def build_leaderboard(
         b"weakbench.selected_on": select_split.encode(), b"weakbench.reported_on": report_split.encode(),
         b"weakbench.select_metric": select_metric.encode(), b"weakbench.primary_metric": primary.encode(),
         b"weakbench.baseline_method": baseline_method.encode(), b"weakbench.n_boot": str(n_boot).encode(),
+        b"weakbench.box_baseline_metric": (box_key if box_values is not None else "").encode(),
     })
     return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _compare_with_trivial(rows: list[dict[str, Any]], chosen_runs: dict, seeds: np.ndarray, values: np.ndarray,
-                          primary: str, n_boot: int, seed: int) -> None:
+                          primary: str, n_boot: int, seed: int, box_values: np.ndarray | None = None) -> None:
     """Fill ``trivial_*`` and ``below_trivial`` of every row in place (module docstring)."""
     hib = higher_is_better(primary)
     for row in rows:
@@ -303,8 +314,19 @@ def _compare_with_trivial(rows: list[dict[str, Any]], chosen_runs: dict, seeds: 
                    and not math.isnan(r[f"{primary}.mean"])]
         if not trivial:
             for r in rows:
-                if r["dataset"] == ds:
+                if r["dataset"] != ds:
+                    continue
+                key = (r["dataset"], r["method"], r["backbone"])
+                box = (_per_seed(seeds[chosen_runs[key]], box_values[chosen_runs[key]])
+                       if box_values is not None else {})
+                if not box:
                     r["trivial_verdict"] = "no trivial baseline on this dataset"
+                    continue
+                # the same runs' box-filled masks: paired on seed, never a constant
+                mine = _per_seed(seeds[chosen_runs[key]], values[chosen_runs[key]])
+                common = sorted(set(mine) & set(box))
+                _trivial_verdict(r, np.array([mine[s] - box[s] for s in common]), "box_filled", "the box-filled masks",
+                                 hib, n_boot, _rng(seed, *key, "box_filled", primary))
             continue
         best = max(trivial, key=lambda r: (r[f"{primary}.mean"] if hib else -r[f"{primary}.mean"]))
         bkey = (best["dataset"], best["method"], best["backbone"])
@@ -324,21 +346,25 @@ def _compare_with_trivial(rows: list[dict[str, Any]], chosen_runs: dict, seeds: 
             else:  # a fixed prior: its mean is its value for every seed
                 const = float(np.mean(list(theirs.values())))
                 diffs = np.array([v - const for v in mine.values()])
-            r["trivial_n"] = len(diffs)
-            r["trivial_diff_mean"] = float(diffs.mean()) if len(diffs) else math.nan
-            name = best["method"]
-            if len(diffs) < MIN_SEEDS_BEYOND_NOISE:
-                r["below_trivial"] = True
-                r["trivial_verdict"] = (f"{len(diffs)} seed(s): fewer than {MIN_SEEDS_BEYOND_NOISE}, not shown to beat "
-                                        f"{name}")
-                continue
-            lo, hi = bootstrap_ci(diffs, n_boot, _rng(seed, *key, "trivial", primary))
-            p = _paired_p(diffs)
-            r["trivial_diff_ci_low"], r["trivial_diff_ci_high"], r["trivial_p_value"] = lo, hi, p
-            beats = (lo > 0 if hib else hi < 0) and p < 0.05
-            r["below_trivial"] = not beats
-            r["trivial_verdict"] = (f"beats {name} beyond seed noise" if beats
-                                    else f"does not beat {name} beyond seed noise")
+            _trivial_verdict(r, diffs, best["method"], best["method"], hib, n_boot, _rng(seed, *key, "trivial", primary))
+
+
+def _trivial_verdict(r: dict[str, Any], diffs: np.ndarray, baseline: str, name: str, hib: bool, n_boot: int,
+                     rng: np.random.Generator) -> None:
+    """Fill one row's ``trivial_*`` fields from its differences with the baseline (``name`` in the verdict)."""
+    r["trivial_baseline"] = baseline
+    r["trivial_n"] = len(diffs)
+    r["trivial_diff_mean"] = float(diffs.mean()) if len(diffs) else math.nan
+    if len(diffs) < MIN_SEEDS_BEYOND_NOISE:
+        r["below_trivial"] = True
+        r["trivial_verdict"] = f"{len(diffs)} seed(s): fewer than {MIN_SEEDS_BEYOND_NOISE}, not shown to beat {name}"
+        return
+    lo, hi = bootstrap_ci(diffs, n_boot, rng)
+    p = _paired_p(diffs)
+    r["trivial_diff_ci_low"], r["trivial_diff_ci_high"], r["trivial_p_value"] = lo, hi, p
+    beats = (lo > 0 if hib else hi < 0) and p < 0.05
+    r["below_trivial"] = not beats
+    r["trivial_verdict"] = f"beats {name} beyond seed noise" if beats else f"does not beat {name} beyond seed noise"
 
 
 _TRIVIAL_FIELDS = [
@@ -386,19 +412,31 @@ def _params_json(params_col: pa.ChunkedArray | None, i: int) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-#: reported metrics in display order after the selecting one; thresholds, counts and the rest follow
-HEADLINE_METRICS = ("max_box_acc_v2", "max_box_acc", "pxap", "miou", "cls_map", "cls_acc", "top1_loc", "top5_loc")
+def _display_rank(key: str) -> int:
+    """Position of a reported key among the scores people quote
+    (:data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER`); variants, diagnostics and
+    undeclared metrics come after them."""
+    spec = D.lookup(key)
+    if spec is None or spec.base or spec.direction is None or spec.name not in D.DISPLAY_ORDER:
+        return len(D.DISPLAY_ORDER)
+    return D.DISPLAY_ORDER.index(spec.name)
+
+
+def _box_column(lb: pa.Table) -> str:
+    """The reported key of the box-filled baseline of the primary metric, ``""`` when not logged."""
+    return (lb.schema.metadata or {}).get(b"weakbench.box_baseline_metric", b"").decode()
 
 
 def leaderboard_metrics(lb: pa.Table) -> list[str]:
     """Reported metric keys of a leaderboard in display order: the primary (selecting) metric,
-    then :data:`HEADLINE_METRICS`, then the others (thresholds, counts) as stored, e.g.
-    ``["test/max_box_acc_v2", "test/max_box_acc", "test/pxap", ...]``."""
+    its box-filled baseline when logged (BBAM, CCGR), then the declared scores in
+    :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER`, then the others (thresholds,
+    counts, variants) as stored, e.g. ``["test/max_box_acc_v2", "test/max_box_acc", "test/pxap", ...]``."""
     names = [c[: -len(".mean")] for c in lb.column_names if c.endswith(".mean")]
     if not names:
         return names
-    rank = {h: i for i, h in enumerate(HEADLINE_METRICS)}
-    rest = sorted(names[1:], key=lambda n: (rank.get(n.split("/", 1)[-1], len(rank)), names.index(n)))
+    box = _box_column(lb)
+    rest = sorted(names[1:], key=lambda n: (n != box, _display_rank(n), names.index(n)))
     return names[:1] + rest
 
 
@@ -424,13 +462,15 @@ def title(lb: pa.Table) -> str:
 def render_rich(lb: pa.Table, max_metrics: int = 5):
     """A :class:`rich.table.Table` of the leaderboard whose title says which split selected and
     which split is reported. Shows the primary metric and up to ``max_metrics - 1`` headline
-    metrics (:data:`HEADLINE_METRICS`) as ``mean ± std [95% CI]``, seeds/trials, cost and the
+    metrics (the box-filled baseline, then :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER`)
+    as ``mean ± std [95% CI]``, seeds/trials, cost and the
     comparison with the baseline."""
     from rich.table import Table
     from rich.markup import escape
 
     reported = leaderboard_metrics(lb)
-    headline = [n for n in reported[1:] if n.split("/", 1)[-1] in HEADLINE_METRICS]
+    box = _box_column(lb)
+    headline = [n for n in reported[1:] if n == box or _display_rank(n) < len(D.DISPLAY_ORDER)]
     names = (reported[:1] + headline)[:max_metrics]
     t = Table(title=title(lb), caption="mean ± std over seeds [95% bootstrap CI]; n/a with one seed; ✗ (red): does "
               f"not beat the best trivial baseline beyond seed noise (≥ {MIN_SEEDS_BEYOND_NOISE} seeds needed)")
@@ -439,7 +479,8 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     meta = lb.schema.metadata or {}
     t.add_column(meta.get(b"weakbench.select_metric", b"val").decode() + " (mean)", justify="right")
     for m in names:
-        t.add_column(m, justify="right")
+        spec = D.lookup(m)  # the paper's name above the key, so a truncated key still reads
+        t.add_column(f"{spec.display}\n{m}" if spec else m, justify="right")
     t.add_column("GPU-h / CPU-h", justify="right")
     base = meta.get(b"weakbench.baseline_method", b"cam").decode()
     t.add_column(f"vs {base} (paired)")
@@ -474,37 +515,47 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
-# what each headline metric means, in words for a reader who does not know the field's metrics
-METRIC_MEANINGS = {
-    "max_box_acc_v2": "% of images where a box drawn around the map overlaps a true box (IoU ≥ 0.3, 0.5, 0.7, "
-                      "averaged; best single threshold; MaxBoxAccV2, Choe et al. 2020)",
-    "max_box_acc": "% of images where the box around the map's largest region overlaps a true box with IoU ≥ 0.5 "
-                   "(best single threshold; MaxBoxAcc)",
-    "pxap": "average precision of the map's pixels against the true masks (PxAP, Choe et al. 2020)",
-    "miou": "mean intersection-over-union of the pseudo masks with the true masks, background included",
-    "cls_map": "mean average precision of the image-level class predictions",
-    "cls_acc": "% of images whose top class is right",
-    "top1_loc": "% of images with the right top class and a box with IoU ≥ 0.5",
-    "top5_loc": "% of images with the right class in the top 5 and a box with IoU ≥ 0.5",
-}
-
-
 def legend(lb: pa.Table) -> str:
-    """One line for under the table: what the headline metric means and which row is the baseline,
-    e.g. ``"test/max_box_acc_v2 = % of images where … (0–100, higher is better). Baseline: cam /
-    resnet18 on synthetic; "vs cam" compares every other row with it over paired seeds."``."""
+    """One line for under the table: what the headline metric means (its declaration's description
+    and direction) and which row is the baseline a row must beat: per dataset the best trivial
+    baseline row (``center_gaussian`` / ``whole_image``; the rows marked ✗ do not beat it beyond
+    seed noise), or each row's own box-filled masks (BBAM, CCGR), or, when there is none, a plain
+    statement and the command that adds one. E.g. ``"test/max_box_acc_v2 (MaxBoxAccV2): share of
+    images where … (%, 0–100; higher is better). Baseline: center_gaussian / none on synthetic,
+    the best trivial baseline (no training); ✗ marks rows that do not beat it beyond seed noise."``"""
     meta = lb.schema.metadata or {}
-    base = meta.get(b"weakbench.baseline_method", b"cam").decode()
     reported = leaderboard_metrics(lb)
-    head = reported[0] if reported else meta.get(b"weakbench.select_metric", b"?").decode()
-    name = head.split("/")[-1]
-    meaning = METRIC_MEANINGS.get(name)
-    parts = [f"{head} = {meaning}; 0–100, higher is better." if meaning else f"{head}: see the method's docs."]
-    rows = [r for r in lb.to_pylist() if r.get("baseline_verdict") == "is the baseline"]
-    if rows:
-        where = "; ".join(f"{r['method']} / {r['backbone']} on {r['dataset']}" for r in rows)
-        parts.append(f"Baseline: {where} (the row marked \"is the baseline\"); \"vs {base}\" compares every other "
-                     f"row with it over the same seeds.")
-    else:
-        parts.append(f"Baseline: {base}, which has no run here; pass --baseline METHOD to compare with another.")
+    head = reported[0] if reported else meta.get(b"weakbench.primary_metric", b"?").decode()
+    spec = D.lookup(head)
+    parts = [f"{head} ({spec.display}): {spec.explain()}." if spec else
+             f"{head}: not declared in weakbench/platform/metric_declarations.py."]
+    rows = lb.to_pylist()
+    datasets = sorted({r["dataset"] for r in rows})
+    best = {r["dataset"]: r for r in rows if r.get("trivial_verdict") == "is the best trivial baseline"}
+    boxed = {r["dataset"] for r in rows if r.get("trivial_baseline") == "box_filled"}
+    found = [f"{best[d]['method']} / {best[d]['backbone']} on {d}" for d in datasets if d in best]
+    if found:
+        parts.append(f"Baseline: {'; '.join(found)}, the best trivial baseline (no training).")
+    if boxed:
+        parts.append(f"Baseline on {', '.join(sorted(boxed))}: each row's own box-filled masks ({_box_column(lb)}, "
+                     f"the box itself as the mask).")
+    missing = [d for d in datasets if d not in best and d not in boxed]
+    if found or boxed:
+        parts.append("✗ marks rows that do not beat it beyond seed noise.")
+    if missing or not datasets:
+        where = f" on {', '.join(missing)}" if missing else ""
+        if D.baseline_metric(head) is not None:
+            parts.append(f"No baseline{where}: no run logged the box-filled masks "
+                         f"({D.baseline_metric(head)}, logged on data with masks), so no row is checked against one.")
+        else:
+            cmds = "; ".join(_trivial_command(d) for d in (missing or ["<dataset>"]))
+            parts.append(f"No baseline{where}: this board has no trivial baseline row, so no row is checked against "
+                         f"one; add one with {cmds}.")
     return " ".join(parts)
+
+
+def _trivial_command(dataset: str) -> str:
+    """The command that puts a trivial baseline on the board for ``dataset`` (a dataset name)."""
+    if dataset == "synthetic":
+        return "weakbench sweep search_spaces/center_gaussian.yaml (no --data: the synthetic default)"
+    return f"weakbench sweep search_spaces/center_gaussian.yaml --data <the {dataset} directory> (the same --data as its sweeps)"

@@ -621,8 +621,11 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
                           f"{exp_name}); check the name, --output-dir and --tracking-uri")
 
     pp = parent.data.params if parent is not None else {}
-    metric = space.metric if space else pp.get("metric", "val/max_box_acc_v2")
-    mode = space.mode if space else "max"
+    from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC, lookup
+
+    metric = space.metric if space else pp.get("metric", DEFAULT_SELECT_METRIC)
+    declared = lookup(metric)
+    mode = space.mode if space else pp.get("mode") or (declared.direction if declared and declared.direction else "max")
     method = space.method if space else (parent.data.tags.get(C.TAG_METHOD, "") if parent else "")
     if space is not None:
         searched = [k for k in space.search if k != "seed"] + (["seed"] if "seed" in space.search else [])

@@ -29,7 +29,7 @@ import typer
 
 from weakbench.platform import conventions as C
 from weakbench.platform.errors import DataError, UnknownNameError, is_finite_metrics
-from weakbench.platform.leaderboard import higher_is_better
+from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC, higher_is_better
 
 HISTORY_TAG = "weakbench.alias_history."
 
@@ -114,7 +114,7 @@ def _select_run(runs: list[Any], select_metric: str) -> tuple[Any, float]:
 def register_best(
     tracking_uri: str,
     method: str,
-    select_metric: str = "val/max_box_acc_v2",
+    select_metric: str = DEFAULT_SELECT_METRIC,
     dataset: str | None = None,
     model_name: str | None = None,
     alias: str = "champion",

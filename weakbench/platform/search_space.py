@@ -4,7 +4,7 @@ File format::
 
     method: cam                       # a registered method name
     metric: val/max_box_acc_v2        # validation metric that selects (never a test metric)
-    mode: max                         # max | min
+    mode: max                         # max | min; default: the metric's declared direction
     fixed:                            # values for every trial (override schema defaults)
       backbone: resnet18
       epochs: 3
@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from weakbench.methods.base import get_method_class, validate_config
-from weakbench.platform.conventions import HIGHER_IS_BETTER
+from weakbench.platform import metric_declarations as D
 from weakbench.platform.errors import ConfigError, UnknownNameError
 
 DIST_KINDS = ("uniform", "loguniform", "int", "choice", "grid")
@@ -78,7 +78,7 @@ class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str
-    metric: str = "val/max_box_acc_v2"
+    metric: str = D.DEFAULT_SELECT_METRIC
     mode: Literal["max", "min"] = "max"
     fixed: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Distribution] = Field(default_factory=dict)
@@ -206,15 +206,21 @@ def parse_search_space(data: Any, source: str = "<memory>") -> SearchSpace:
         except ValidationError as e:
             raise ConfigError(f"{source}: scheduler.asha: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     try:
-        default_metric = f"val/{get_method_class(method).headline_metric}"  # the method names its headline
-        space = SearchSpace(method=method, metric=data.get("metric", default_metric),
-                            mode=data.get("mode", "max"), fixed=fixed, search=search, asha=asha, source=source)
+        metric = data.get("metric", D.default_select_metric(method))  # the method names its headline
+        declared = D.lookup(metric) if isinstance(metric, str) else None
+        mode = data.get("mode", declared.direction if declared and declared.direction else "max")
+        space = SearchSpace(method=method, metric=metric, mode=mode, fixed=fixed, search=search, asha=asha,
+                            source=source)
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"{source}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    name = space.metric.split("/", 1)[1]
-    if name in HIGHER_IS_BETTER and HIGHER_IS_BETTER[name] != (space.mode == "max"):
-        raise ConfigError(f"{source}: mode: {space.metric} is higher-is-better; use mode: max")
+    try:
+        direction = D.direction(space.metric)  # undeclared or diagnostic metrics never select
+    except ConfigError as e:
+        raise ConfigError(f"{source}: metric: {e}") from None
+    if direction != space.mode:
+        better = "higher" if direction == "max" else "lower"
+        raise ConfigError(f"{source}: mode: {space.metric} is {better}-is-better; use mode: {direction}")
     return space
 
 

@@ -1,0 +1,352 @@
+"""Every metric weakbench logs, declared once: its direction, unit, display name and meaning.
+
+The leaderboard (ranking, the trivial-baseline comparison, the line under the board), the
+registry, the search-space parser (the default selecting metric and its ``mode``), the sweep
+and the dashboard read these facts here instead of keeping their own copies.
+
+A metric key is ``<split>/[<namespace>/…]<name>`` (``val/max_box_acc_v2``,
+``test/pseudo_masks/instance_miou``; see :mod:`weakbench.platform.conventions`).
+:func:`lookup` resolves a key to its :class:`MetricSpec`:
+
+1. the leading split (``train``, ``val``, ``test``, or ``all`` of an evaluation run) is dropped;
+2. leading segments are dropped one at a time (they are stage namespaces: ``pseudo_masks/``,
+   ``mask_rcnn/``, ``attribute/``…) until what is left is a declared name, or a **variant
+   prefix** followed by a declared name:
+
+   * ``box_filled/<name>`` — the same score for the box itself filled as the mask (BBAM, CCGR:
+     the trivial baseline of a box-supervised method);
+   * ``box_crf/<name>`` — the score of a CRF run from the box prior alone (BBAM);
+   * ``unrefined/<name>`` — the score of the boxes before refinement (CCGR);
+   * ``r<N>/<name>`` — the score after round N (CCGR);
+   * prefixes chain: ``r1/refinement_gain/box_iou`` is round 1's gain of ``box_iou``;
+   * ``gain_over_box/<name>``, ``refinement_gain/<name>``, ``round_gain/<name>`` — a difference of
+     two such scores, in points of the name's unit, with the name's direction.
+
+   Cost keys (``cost/train_seconds``, ``cost/<stage>_seconds``, ``cost/gpu_hours``…) are declared
+   whole.
+
+**Undeclared metrics** (the rule, no guess): :func:`lookup` returns ``None`` and :func:`spec`
+raises :class:`UnknownMetricError`. An undeclared metric is still stored and shown with its
+values, but nothing ranks or selects on it: the leaderboard, the registry and the search-space
+parser refuse it with a message naming this file. A metric with ``direction=None`` (a
+threshold, a count, a distance without a better side) is declared but is a *diagnostic*: shown,
+never ranked or selected on. A method that logs a new score declares it here (in
+:data:`METRICS`) in the same commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from weakbench.platform.errors import ConfigError
+
+Direction = Literal["max", "min"]
+
+#: the metric that selects when a method names none (``Method.headline_metric``'s default)
+DEFAULT_HEADLINE = "max_box_acc_v2"
+#: the split every selection is made on (never ``test``)
+SELECTION_SPLIT = "val"
+DEFAULT_SELECT_METRIC = f"{SELECTION_SPLIT}/{DEFAULT_HEADLINE}"
+
+_SPLIT_HEADS = ("train", "val", "test", "all")
+
+
+class UnknownMetricError(ConfigError):
+    """A metric key that :data:`METRICS` does not declare (see the module docstring's rule)."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What one metric is.
+
+    Attributes:
+        name: the bare name (``max_box_acc_v2``); a variant's name keeps its prefix
+            (``box_filled/instance_miou``).
+        direction: ``"max"`` (higher is better), ``"min"`` (lower is better) or ``None`` (a
+            diagnostic: shown, never ranked or selected on).
+        unit: ``"%"`` (0–100), ``"points"`` (a difference of percentages), ``"ratio"``,
+            ``"threshold"`` (a map value in [0, 1]), ``"count"``, ``"s"``, ``"h"``, ``"loss"``.
+        display: the short name a paper uses (``"MaxBoxAccV2"``).
+        description: one plain sentence for a reader who does not know the field.
+        selects_on: the split a configuration is selected on with this metric (``"val"``).
+        base: for a variant, the declared name it is derived from; else ``""``.
+    """
+
+    name: str
+    direction: Optional[Direction]
+    unit: str
+    display: str
+    description: str
+    selects_on: str = SELECTION_SPLIT
+    base: str = ""
+
+    @property
+    def higher_is_better(self) -> bool:
+        """True for ``max``; raises :class:`ConfigError` for a diagnostic (no direction)."""
+        if self.direction is None:
+            raise ConfigError(f"metric {self.name!r} ({self.display}) is a diagnostic with no better direction; "
+                              f"it cannot rank or select (weakbench/platform/metric_declarations.py)")
+        return self.direction == "max"
+
+    def explain(self) -> str:
+        """The description with its range and direction: ``"share of images … (%, 0–100; higher is
+        better)"``."""
+        unit = {"%": "%, 0–100", "points": "difference in percentage points"}.get(self.unit, self.unit)
+        way = {"max": "higher is better", "min": "lower is better", None: "a diagnostic, not a score"}[self.direction]
+        return f"{self.description} ({unit}; {way})"
+
+
+def _m(name: str, direction: Optional[Direction], unit: str, display: str, description: str) -> MetricSpec:
+    return MetricSpec(name, direction, unit, display, description)
+
+
+_BOX_IOU = "overlaps a true box by IoU ≥ {d} (intersection over union: the shared area divided by the joint area)"
+
+_DECLARED: list[MetricSpec] = [
+    # ---------------------------------------------------------------- WSOL (Choe et al. 2020)
+    _m("max_box_acc_v2", "max", "%", "MaxBoxAccV2",
+       "share of images where a box drawn around the method's map overlaps a true box by IoU ≥ 0.3, 0.5 and 0.7, "
+       "averaged over the three, each at the map threshold that works best"),
+    _m("max_box_acc", "max", "%", "MaxBoxAcc",
+       "share of images where the box around the largest region of the method's map overlaps a true box by "
+       "IoU ≥ 0.5, at the map threshold that works best"),
+    *[_m(f"max_box_acc_v2_iou{d}", "max", "%", f"MaxBoxAccV2@{d}",
+         f"share of images where a box drawn around the method's map {_BOX_IOU.format(d=f'0.{d // 10}')}, "
+         "at the map threshold that works best") for d in (30, 50, 70)],
+    _m("best_threshold", None, "threshold", "best threshold",
+       "the map threshold at which MaxBoxAcc is reached"),
+    *[_m(f"best_threshold_v2_iou{d}", None, "threshold", f"best threshold@{d}",
+         f"the map threshold at which MaxBoxAccV2@{d} is reached") for d in (30, 50, 70)],
+    _m("pxap", "max", "%", "PxAP",
+       "how well the map's values rank object pixels above background pixels against the true masks "
+       "(area under the precision-recall curve over all thresholds)"),
+    _m("top1_loc", "max", "%", "Top-1 Loc",
+       "share of images whose top predicted class is right and whose box overlaps a true box by IoU ≥ 0.5"),
+    _m("top5_loc", "max", "%", "Top-5 Loc",
+       "share of images whose true class is among the top 5 predicted and whose box overlaps a true box by IoU ≥ 0.5"),
+    # ---------------------------------------------------------------- segmentation and classification
+    _m("miou", "max", "%", "mIoU",
+       "the overlap (intersection over union) of the predicted masks with the true masks, averaged over the "
+       "classes and the background"),
+    _m("best_bg_threshold", None, "threshold", "best background threshold",
+       "the background threshold at which the semantic mIoU is reached"),
+    _m("cls_map", "max", "%", "classification mAP",
+       "how well the image-level class scores rank the images that contain each class above those that do not, "
+       "averaged over the classes"),
+    _m("cls_acc", "max", "%", "top-1 accuracy", "share of images whose top predicted class is right"),
+    _m("num_images", None, "count", "images", "how many images were scored"),
+    _m("loss", "min", "loss", "loss", "the training objective the method minimises"),
+    # ---------------------------------------------------------------- Top-GAP (extra_metrics)
+    _m("cam_iou", "max", "%", "CAM IoU",
+       "the overlap (IoU) of the thresholded map with the true object mask, averaged over images and classes"),
+    _m("erf_distance", None, "ratio", "ERF distance",
+       "how much more the centre of the map depends on the input than its corner (Top-GAP's effective-receptive-"
+       "field distance)"),
+    _m("clean_accuracy", "max", "%", "clean accuracy",
+       "share of images whose top predicted class is one of the image's classes"),
+    _m("robust_accuracy", "max", "%", "robust accuracy",
+       "share of images still classified right after a small adversarial change of their pixels (PGD attack)"),
+    # ---------------------------------------------------------------- Puzzle-CAM (extra_metrics)
+    _m("pseudo_mask_miou", "max", "%", "pseudo-mask mIoU",
+       "the overlap (IoU) of the semantic masks made from the maps with the true masks, averaged over the classes "
+       "and the background, at the best background threshold"),
+    _m("pseudo_mask_bg_threshold", None, "threshold", "pseudo-mask background threshold",
+       "the background threshold at which the pseudo-mask mIoU is reached"),
+    _m("pseudo_mask_miou_at_config", "max", "%", "pseudo-mask mIoU (configured threshold)",
+       "the pseudo-mask mIoU at the configuration's own background threshold"),
+    # ---------------------------------------------------------------- instance masks (BBAM, CCGR)
+    _m("instance_miou", "max", "%", "instance mIoU",
+       "the overlap (IoU) of each object's pseudo mask with its true mask, averaged over the objects"),
+    _m("num_instances", None, "count", "instances", "how many object masks were scored"),
+    _m("abo", "max", "%", "ABO",
+       "for each true object, the best overlap (IoU) of any predicted mask with it, averaged over the objects"),
+    _m("box_iou", "max", "%", "box IoU", "the overlap (IoU) with the true box of the picked boxes"),
+    _m("box_iou_before", "max", "%", "box IoU before refinement",
+       "the overlap (IoU) with the true box of the boxes picked before refinement"),
+    _m("box_iou_after", "max", "%", "box IoU after refinement",
+       "the overlap (IoU) with the true box of the boxes after refinement"),
+    _m("gt_box_iou_before", "max", "%", "GT-box IoU before refinement",
+       "for each true box, the best overlap (IoU) of a picked box before refinement"),
+    _m("gt_box_iou_after", "max", "%", "GT-box IoU after refinement",
+       "for each true box, the best overlap (IoU) of a picked box after refinement"),
+    _m("box_map50", "max", "%", "box AP50",
+       "how well the predicted boxes find the true objects, counting a box right at IoU ≥ 0.5 (COCO average "
+       "precision)"),
+    _m("positive_share", "max", "%", "attributed boxes",
+       "share of boxes for which the attribution found at least one proposal that keeps the detection"),
+    _m("boxes", None, "count", "boxes", "how many boxes were processed"),
+    _m("peak_recall", "max", "%", "peak recall", "share of true objects on which a peak of the class map falls"),
+    _m("peak_precision", "max", "%", "peak precision", "share of the class map's peaks that fall on a true object of "
+       "their class"),
+    _m("peaks_per_image", None, "count", "peaks per image", "how many peaks the class maps have per image"),
+    _m("mean_positives", None, "count", "positive proposals per box",
+       "how many perturbed proposals per box keep the detection, on average"),
+    _m("images", None, "count", "images", "how many images the stage processed"),
+    _m("mean_proposals", None, "count", "proposals per image", "how many box proposals an image has, on average"),
+    _m("instances", None, "count", "instances", "how many object masks the stage made"),
+    _m("detections", None, "count", "detections", "how many objects the detector found"),
+]
+
+#: COCO instance metrics: (name, display, what counts as a hit)
+_COCO = [
+    ("ap", "AP", "averaged over IoU thresholds 0.5 to 0.95"), ("ap50", "AP50", "at IoU ≥ 0.5"),
+    ("ap75", "AP75", "at IoU ≥ 0.75"), ("ap70", "AP70", "at IoU ≥ 0.7"),
+    ("ap_s", "AP (small)", "for small objects, averaged over IoU 0.5 to 0.95"),
+    ("ap_m", "AP (medium)", "for medium objects, averaged over IoU 0.5 to 0.95"),
+    ("ap_l", "AP (large)", "for large objects, averaged over IoU 0.5 to 0.95"),
+    ("map_r25", "mAP@0.25", "at IoU ≥ 0.25"), ("map_r50", "mAP@0.5", "at IoU ≥ 0.5"),
+]
+for _prefix, _what, _thing in (("", "mask", "masks"), ("segm_", "mask", "masks"), ("bbox_", "box", "boxes")):
+    for _name, _disp, _hit in _COCO:
+        _DECLARED.append(_m(f"{_prefix}{_name}", "max", "%", f"{_what} {_disp}",
+                            f"how well the predicted {_thing} find the true objects, ranked by confidence, counting a "
+                            f"hit {_hit} (COCO average precision)"))
+
+#: every declared metric by bare name
+METRICS: dict[str, MetricSpec] = {s.name: s for s in _DECLARED}
+assert len(METRICS) == len(_DECLARED), "a metric is declared twice"
+
+#: cost keys, declared whole (``cost/<stage>_seconds`` is matched by :data:`_STAGE_SECONDS`)
+COSTS: dict[str, MetricSpec] = {
+    "cost/train_seconds": _m("cost/train_seconds", "min", "s", "train seconds", "wall-clock seconds of training"),
+    "cost/cpu_hours": _m("cost/cpu_hours", "min", "h", "CPU-hours", "wall-clock hours times the CPUs held"),
+    "cost/gpu_hours": _m("cost/gpu_hours", "min", "h", "GPU-hours", "wall-clock hours times the GPUs held"),
+}
+_STAGE_SECONDS = re.compile(r"^cost/(\w+)_seconds$")
+
+#: variant prefixes: (display format, description format); ``{d}`` display, ``{s}`` description
+VARIANTS: dict[str, tuple[str, str]] = {
+    "box_filled": ("{d} (box filled)", "the same score for the box itself filled as the mask, the baseline a "
+                                       "box-supervised method must beat: {s}"),
+    "box_crf": ("{d} (CRF from the box)", "the same score for a CRF run from the box alone, without attribution: {s}"),
+    "unrefined": ("{d} (unrefined boxes)", "the same score for the boxes before refinement: {s}"),
+}
+_ROUND = re.compile(r"^r(\d+)$")
+#: difference prefixes: what is subtracted from what
+GAINS: dict[str, str] = {
+    "gain_over_box": "how much the method's score exceeds the box-filled baseline's",
+    "refinement_gain": "how much refinement raises the score",
+    "round_gain": "how much the last round raises the score over round 1",
+}
+
+
+def _variant(prefix: str, base: MetricSpec) -> Optional[MetricSpec]:
+    name, root = f"{prefix}/{base.name}", base.base or base.name
+    if prefix in VARIANTS:
+        d, s = VARIANTS[prefix]
+        return dataclasses.replace(base, name=name, display=d.format(d=base.display),
+                                   description=s.format(s=base.description), base=root)
+    m = _ROUND.match(prefix)
+    if m:
+        return dataclasses.replace(base, name=name, display=f"{base.display} (round {m.group(1)})",
+                                   description=f"{base.description}, after round {m.group(1)}", base=root)
+    if prefix in GAINS and base.direction is not None:
+        return dataclasses.replace(base, name=name, unit="points" if base.unit == "%" else base.unit,
+                                   display=f"Δ {base.display}", base=root,
+                                   description=f"{GAINS[prefix]} ({base.display}: {base.description})")
+    return None
+
+
+def bare_name(key: str) -> str:
+    """``"val/pseudo_masks/instance_miou"`` → ``"pseudo_masks/instance_miou"`` (the split dropped)."""
+    head, sep, rest = key.partition("/")
+    return rest if sep and head in _SPLIT_HEADS else key
+
+
+def lookup(key: str) -> Optional[MetricSpec]:
+    """The spec of a metric key or bare name (module docstring), ``None`` when undeclared.
+
+    >>> lookup("val/pseudo_masks/instance_miou").name
+    'instance_miou'
+    >>> lookup("test/pseudo_masks/box_filled/instance_miou").display
+    'instance mIoU (box filled)'
+    """
+    if key in COSTS:
+        return COSTS[key]
+    m = _STAGE_SECONDS.match(key)
+    if m:
+        return _m(key, "min", "s", f"{m.group(1)} seconds", f"wall-clock seconds of the {m.group(1)} stage")
+    parts = bare_name(key).split("/")
+    for i in range(len(parts)):  # leading segments that resolve to nothing are stage namespaces
+        found = _resolve(parts[i:])
+        if found is not None:
+            return found
+    return None
+
+
+def _resolve(parts: list[str]) -> Optional[MetricSpec]:
+    """``[name]`` → its spec; ``[prefix, …, name]`` → the variant chain (``r1/refinement_gain/box_iou``)."""
+    if len(parts) == 1:
+        return METRICS.get(parts[0])
+    inner = _resolve(parts[1:])
+    return _variant(parts[0], inner) if inner is not None else None
+
+
+def spec(key: str) -> MetricSpec:
+    """:func:`lookup` that raises :class:`UnknownMetricError` for an undeclared key."""
+    s = lookup(key)
+    if s is None:
+        raise UnknownMetricError(
+            f"metric {key!r} is not declared: add its direction, unit and meaning to METRICS in "
+            f"weakbench/platform/metric_declarations.py (undeclared metrics are shown but never rank or select)")
+    return s
+
+
+def direction(key: str) -> Direction:
+    """``"max"`` or ``"min"`` of a metric that can rank; raises :class:`ConfigError` for an
+    undeclared metric or a diagnostic."""
+    return "max" if spec(key).higher_is_better else "min"
+
+
+def higher_is_better(key: str) -> bool:
+    """True when a larger value of ``key`` is better (raises like :func:`direction`)."""
+    return spec(key).higher_is_better
+
+
+def headline_metric(method: str) -> str:
+    """The bare name a method is ranked by when none is given (``Method.headline_metric``, checked
+    to be declared and rankable); :data:`DEFAULT_HEADLINE` for an unknown method."""
+    from weakbench.methods import get_method_class
+    from weakbench.platform.errors import UnknownNameError
+
+    try:
+        name = get_method_class(method).headline_metric
+    except UnknownNameError:
+        return DEFAULT_HEADLINE
+    spec(name).higher_is_better  # noqa: B018 - raises for an undeclared or diagnostic headline
+    return name
+
+
+def default_select_metric(method: str) -> str:
+    """``"val/<headline>"``: the validation key that selects ``method``'s configurations by default."""
+    return f"{SELECTION_SPLIT}/{headline_metric(method)}"
+
+
+def baseline_metric(key: str) -> Optional[str]:
+    """For a box-supervised headline with a ``box_filled`` variant logged beside it, the key of that
+    variant (``"test/pseudo_masks/instance_miou"`` → ``"test/pseudo_masks/box_filled/instance_miou"``);
+    ``None`` for other keys. The caller checks the key was logged."""
+    s = lookup(key)
+    if s is None or s.base or s.name not in ("instance_miou", "map_r50", "map_r25"):
+        return None
+    head, _, name = key.rpartition("/")
+    return f"{head}/box_filled/{name}" if head else f"box_filled/{name}"
+
+
+def undeclared(keys) -> list[str]:
+    """The ``val/`` and ``test/`` keys among ``keys`` that :func:`lookup` does not resolve (the keys
+    selection and the board read; ``train/`` losses and ``cost/`` are not checked), sorted."""
+    return sorted(k for k in keys if k.split("/", 1)[0] in ("val", "test") and lookup(k) is None)
+
+
+#: order in which reported metrics follow the selecting one on the board (the scores people quote)
+DISPLAY_ORDER: tuple[str, ...] = ("max_box_acc_v2", "max_box_acc", "pxap", "miou", "instance_miou", "map_r50",
+                                  "map_r25", "pseudo_mask_miou", "robust_accuracy", "cam_iou", "cls_map", "cls_acc",
+                                  "top1_loc", "top5_loc")
+
+__all__ = ("MetricSpec", "METRICS", "COSTS", "VARIANTS", "GAINS", "UnknownMetricError", "lookup", "spec", "direction",
+           "higher_is_better", "headline_metric", "undeclared", "default_select_metric", "baseline_metric", "bare_name",
+           "DEFAULT_HEADLINE", "DEFAULT_SELECT_METRIC", "SELECTION_SPLIT", "DISPLAY_ORDER")
