@@ -145,10 +145,21 @@ _DECLARED: list[MetricSpec] = [
     _m("erf_distance", None, "ratio", "ERF distance",
        "how much more the centre of the map depends on the input than its corner (Top-GAP's effective-receptive-"
        "field distance)"),
+    _m("erf_center", None, "ratio", "centre ERF",
+       "how much the centre of the map depends on the input pixels (mean absolute z-normalised gradient)"),
+    _m("erf_corner", None, "ratio", "corner ERF",
+       "how much the corner of the map depends on the input pixels (mean absolute z-normalised gradient)"),
     _m("clean_accuracy", "max", "%", "clean accuracy",
        "share of images whose top predicted class is one of the image's classes"),
     _m("robust_accuracy", "max", "%", "robust accuracy",
        "share of images still classified right after a small adversarial change of their pixels (PGD attack)"),
+    _m("fgsm_accuracy", "max", "%", "FGSM accuracy",
+       "share of images still classified right after a one-step adversarial change of their pixels (FGSM attack)"),
+    *[_m(f"{a}_ci95", None, "%", f"{d} ±95 %",
+         f"half-width of the binomial 95 % interval of the {d} over the images it is computed on")
+      for a, d in (("clean_accuracy", "clean accuracy"), ("robust_accuracy", "robust accuracy"),
+                   ("fgsm_accuracy", "FGSM accuracy"))],
+    _m("attack_images", None, "count", "attacked images", "how many images the attack accuracies are computed on"),
     # ---------------------------------------------------------------- Puzzle-CAM (extra_metrics)
     _m("pseudo_mask_miou", "max", "%", "pseudo-mask mIoU",
        "the overlap (IoU) of the semantic masks made from the maps with the true masks, averaged over the classes "
