@@ -42,5 +42,6 @@ def test_baseline_sweep_keeps_data_split_and_frame():
     assert space.method == "center_gaussian"
     assert (b.data, b.split_seed, b.output_dir, b.name, b.num_workers) == ("/d", 3, "/o", None, 1)
     assert b.overrides == {"input_size": 64} and b.trials == space.num_grid_points() >= 5  # every σ of the grid
+    assert b.searcher == "random"  # crosses the grid: each σ exactly once
     assert opts.name == "mine" and opts.trials == 4  # the sweep's own options are untouched
     assert applies_to("cam") and applies_to("minmaxcam") and not applies_to("center_gaussian") and not applies_to("bbam")

@@ -54,13 +54,15 @@ def baseline_space(name: str) -> Path:
 def baseline_sweep_options(opts, name: str, *, input_size: int):
     """``SweepOptions`` of the sweep that adds baseline ``name`` beside sweep ``opts``: same data,
     split seed, output directory, tracking URI, experiment and Ray target; the baseline's own
-    space (every grid point: σ is chosen on val), ``input_size`` fixed to the sweep's."""
+    space with every grid point run once (the ``random`` searcher crosses grid axes; Optuna would
+    sample the σ grid as a categorical and could miss a value), σ chosen on val; ``input_size``
+    fixed to the sweep's."""
     from weakbench.platform.search_space import load_search_space
 
     space = load_search_space(baseline_space(name))
     update: dict[str, Any] = {
         "space": str(baseline_space(name)), "name": None, "resume": False, "trials": max(1, space.num_grid_points()),
         "overrides": {"input_size": int(input_size)}, "num_workers": 1, "use_gpu": False, "executor": "auto",
-        "log_model": True,
+        "log_model": True, "searcher": "random",  # Tune's variant generator crosses the σ grid: every σ once
     }
     return opts.model_copy(update=update)
