@@ -23,6 +23,27 @@ def test_shipped_search_spaces_are_valid(path):
     validate_config(space.method, cfg)  # a concrete point of the space passes the schema
 
 
+IMAGENET_METHODS = ("cam", "minmaxcam", "puzzlecam", "topgap")
+
+
+@pytest.mark.parametrize("method", IMAGENET_METHODS)
+def test_imagenet_protocol_spaces_fine_tune_the_packaged_classifier(method):
+    """<method>_imagenet.yaml: the paper-protocol fine-tuning of the packaged pretrained
+    EfficientNet-Lite0 at 224 px, one configuration over 3 seeds with no early stopping, and every
+    seed's config passes the method's schema."""
+    from weakbench.methods import validate_config
+
+    space = load_search_space(REPO / "search_spaces" / f"{method}_imagenet.yaml")
+    assert space.method == method and space.asha is None
+    assert set(space.search) == {"seed"} and space.grid_axes() == {"seed": [0, 1, 2]}
+    for seed in (0, 1, 2):
+        cfg = validate_config(method, {**space.fixed, "seed": seed})
+        assert cfg.backbone == "tf_efficientnet_lite0" and cfg.pretrained and cfg.input_size == 224
+        assert cfg.epochs >= 1 and cfg.backbone_lr_mult < 1  # fine-tuning: the backbone below the head's lr
+        if hasattr(cfg, "classifier_init"):  # the CAMNet methods reuse the pretrained 1000-way head
+            assert cfg.features == "full" and cfg.classifier_init == "pretrained_head"
+
+
 def test_tune_conversion_and_grid():
     space = parse_search_space({
         "method": "cam", "fixed": {"epochs": 2},
