@@ -251,11 +251,10 @@ def _add_trivial_baselines(opts, s) -> None:
             continue
         value = b.best_metrics.get(b.metric)
         test = b.best_metrics.get("test/" + b.metric.split("/", 1)[-1])
-        params = searched_params(bopts.space, b.best_params)
-        console.print(f"trivial baseline [bold]{name}[/] at {size} px"
-                      f"{' (' + ', '.join(f'{k}={v}' for k, v in params.items() if k != 'seed') + ' chosen on val)' if any(k != 'seed' for k in params) else ''}: "
-                      + (f"{b.metric} {value:.2f}, test {test:.2f}" if value is not None and test is not None else "no result")
-                      + f"  (sweep {b.sweep_name}; --no-baselines skips this)", highlight=False)
+        chosen = ", ".join(f"{k}={v}" for k, v in searched_params(bopts.space, b.best_params).items() if k != "seed")
+        result = f"{b.metric} {value:.2f}, test {test:.2f}" if value is not None and test is not None else "no result"
+        console.print(f"trivial baseline [bold]{name}[/] at {size} px{f' ({chosen} chosen on val)' if chosen else ''}: "
+                      f"{result}  (sweep {b.sweep_name}; --no-baselines skips this)", highlight=False)
 
 
 def _run_sweep_with_view(opts, *, verbose: bool, show: bool = True):
