@@ -238,3 +238,50 @@ def test_two_seeds_are_never_beyond_seed_noise():
     rows += [_run(20, "cam", 0.1, 2, 50, 42), _run(21, "minmaxcam", 0.1, 2, 50, 61)]
     mm = _by_method(build_leaderboard(rows_to_table(rows)))["minmaxcam"]
     assert mm["baseline_verdict"] == "better than cam beyond seed noise"
+
+
+def _zero_epoch(i, seed, val, test, head="pretrained_head"):
+    r = _run(i, "cam", 0.0, seed, val, test)
+    r["params"].update(epochs="0", pretrained="True", classifier_init=head)
+    return r
+
+
+def test_seed_free_rows_are_constants_and_two_of_them_differ_exactly():
+    """A CAM at 0 epochs from the pretrained head draws nothing at random: its one seed is its
+    value for every seed. Against the centre Gaussian (also seed-free) the difference is exact
+    (69 − 63 = +6, no test); minmaxcam's three seeds (71, 71.5, 72) are tested against cam's
+    constant 69: differences 2, 2.5, 3, one-sample t-test (p ≈ 0.013)."""
+    rows = [_zero_epoch(0, 0, 60, 69.0), _run(1, "center_gaussian", 0.0, 0, 58, 63.0, backbone="none")]
+    rows += [_run(2 + s, "minmaxcam", 0.1, s, 61, 71.0 + 0.5 * s) for s in range(3)]
+    lb = build_leaderboard(rows_to_table(rows))
+    r18 = _by_method(lb)
+    cam, mm = r18["cam"], r18["minmaxcam"]
+    assert cam["seed_free"] is True and mm["seed_free"] is False
+    assert _by_method(lb, "none")["center_gaussian"]["seed_free"] is True
+    assert cam["trivial_diff_mean"] == pytest.approx(6.0) and cam["below_trivial"] is False
+    assert cam["trivial_verdict"] == "beats center_gaussian, exact: neither depends on the seed"
+    assert mm["baseline_n_pairs"] == 3 and mm["baseline_diff_mean"] == pytest.approx(2.5)
+    assert mm["baseline_p_value"] == pytest.approx(stats.ttest_1samp([2.0, 2.5, 3.0], 0.0).pvalue)
+    assert mm["baseline_verdict"] == "better than cam beyond seed noise"
+    # below the centre Gaussian the exact verdict says so, and the row is marked
+    rows[0] = _zero_epoch(0, 0, 60, 62.0)
+    cam = _by_method(build_leaderboard(rows_to_table(rows)))["cam"]
+    assert cam["below_trivial"] is True and cam["trivial_verdict"].startswith("does not beat center_gaussian, exact")
+    # two minmaxcam seeds against the constant are still too few
+    lb = build_leaderboard(rows_to_table(rows[:4]))
+    assert _by_method(lb)["minmaxcam"]["baseline_verdict"] == "not enough seeds"
+
+
+def test_a_new_head_or_training_is_not_seed_free():
+    """A zero-epoch CAM with a randomly initialised head depends on the seed: one seed is not
+    enough to call anything; so does any run that trains."""
+    from weakbench.methods import get_method_class
+
+    rows = [_zero_epoch(0, 0, 60, 69.0, head="random"), _run(1, "center_gaussian", 0.0, 0, 58, 63.0, backbone="none")]
+    cam = _by_method(build_leaderboard(rows_to_table(rows)))["cam"]
+    assert cam["seed_free"] is False and cam["below_trivial"] is True and "fewer than 3" in cam["trivial_verdict"]
+    CAM = get_method_class("cam")
+    base = {"epochs": "0", "pretrained": "True", "classifier_init": "pretrained_head"}
+    assert CAM.seed_free(base)
+    assert not CAM.seed_free({**base, "epochs": "1"}) and not CAM.seed_free({**base, "pretrained": "False"})
+    assert get_method_class("whole_image").seed_free({}) and not get_method_class("bbam").seed_free(base)

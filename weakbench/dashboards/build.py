@@ -431,7 +431,9 @@ reported as mean ± std over seeds [95% bootstrap CI] ("n/a" with one seed). Tri
 search. The comparison with {_esc(baseline_method)} pairs runs on the same seeds. Rows in red (✗) do not beat the best
 trivial baseline (centre Gaussian or whole image, no training; for BBAM and CCGR their own box-filled masks) beyond
 seed noise, or have fewer than
-{MIN_SEEDS_BEYOND_NOISE} seeds to show it. Click a column to sort. {ui_note}</p>
+{MIN_SEEDS_BEYOND_NOISE} seeds to show it. A seed-free row (no training and nothing random: the trivial baselines, a
+CAM at 0 epochs from the pretrained head) is a constant: other rows' seeds are tested against it, and two seed-free
+rows differ exactly. Click a column to sort. {ui_note}</p>
 {leaderboard_html(lb, mlflow_ui_url)}
 <p class="note legend" id="leaderboard-legend">{_esc(legend(lb))}</p></section>
 <section id="bars"><h2>Reported metrics with 95% intervals</h2>{"".join(bars)}</section>

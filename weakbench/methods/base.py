@@ -407,6 +407,23 @@ class Method:
         mean, std = self.input_normalization
         return CamPredictor(self, model.cpu().eval(), ctx.source.class_names, self.config.input_size, mean, std)
 
+    # ------------------------------------------------------------------ seeds
+    @classmethod
+    def seed_free(cls, params: Mapping[str, str]) -> bool:
+        """Whether a run with these MLflow ``params`` (values as MLflow stores them, text) gives
+        the same maps and metrics for every seed, so that its value is a constant to compare
+        with rather than a sample of seed noise (:mod:`weakbench.platform.leaderboard`).
+
+        True for a ``classifier_cam`` method that does not train and draws nothing at random:
+        ``epochs`` 0 with the pretrained backbone and its pretrained head as the CAM classifier
+        (``pretrained`` True, ``classifier_init`` ``pretrained_head``); the splits are the
+        sweep's, not the seed's. A new head is initialised from the seed, so ``classifier_init``
+        other than ``pretrained_head`` is not seed-free; nor is any training (data order,
+        augmentation, dropout). Other shapes are never seed-free here (a method that knows
+        better overrides this)."""
+        return (cls.shape == "classifier_cam" and params.get("epochs") == "0"
+                and params.get("pretrained") == "True" and params.get("classifier_init") == "pretrained_head")
+
     # ------------------------------------------------------------------ search space
     @classmethod
     def default_search_space(cls) -> Path:

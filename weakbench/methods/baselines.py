@@ -129,6 +129,11 @@ class _Baseline(Method):
         """The parameter-free map model of this baseline."""
         raise NotImplementedError
 
+    @classmethod
+    def seed_free(cls, params) -> bool:
+        """Always: a fixed prior draws nothing at random (every seed gives the same maps)."""
+        return True
+
     def build_model(self) -> torch.nn.Module:
         return self.model()
 

@@ -28,12 +28,18 @@ Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation pro
   narrow: it cannot reach beyond the observed extremes), "within seed noise" otherwise, and
   "not enough seeds" with fewer than :data:`MIN_SEEDS_BEYOND_NOISE` (3) common seeds: the board
   refuses to call a difference beyond seed noise on two seeds (the mean difference is still shown).
+* Seed-free rows (``seed_free``): a row all of whose selected runs are seed-free by
+  :meth:`weakbench.methods.base.Method.seed_free` (the trivial baselines; a ``classifier_cam``
+  method at ``epochs`` 0 from the pretrained backbone and head) gives the same value for every
+  seed, so it is a constant in both comparisons (:func:`_differences`): another row's seeds are
+  tested against it (one-sample, at least :data:`MIN_SEEDS_BEYOND_NOISE` seeds), and between two
+  seed-free rows the difference is exact (verdict "…, exact: neither depends on the seed"; its
+  interval is the difference itself and no p-value is computed).
 
 * Trivial baselines (:data:`~weakbench.platform.conventions.TRIVIAL_BASELINES`: ``center_gaussian``,
   ``whole_image``; Choe et al. 2020): per dataset, the trivial row with the best primary mean is
   *the best trivial baseline*, compared with every other row of the dataset whatever its
-  backbone. Paired on seed where at least :data:`MIN_SEEDS_BEYOND_NOISE` seeds are common;
-  otherwise against the baseline's mean as a constant (a fixed prior has no randomness: every
+  backbone, against the baseline's mean as a constant (a fixed prior has no randomness: every
   seed gives the same value). ``below_trivial`` is True — the row is *marked* — unless the
   difference's 95 % bootstrap interval lies above 0 **and** the t-test's p < 0.05 with at least
   :data:`MIN_SEEDS_BEYOND_NOISE` seeds: with fewer seeds nothing is called beyond seed noise.
@@ -77,6 +83,7 @@ _FIXED_FIELDS = [
     pa.field("config_group", pa.string()),
     pa.field("params_json", pa.string()),
     pa.field("n_seeds", pa.int64()),
+    pa.field("seed_free", pa.bool_()),
     pa.field("seeds", pa.list_(pa.int64())),
     pa.field("n_trials", pa.int64()),
     pa.field("n_failed", pa.int64()),
@@ -239,6 +246,7 @@ def build_leaderboard(
             "gpu_hours": _nansum(gpu[idx]), "cpu_hours": _nansum(cpu[idx]),
         }
         row["n_seeds"] = len(row["seeds"])
+        row["seed_free"] = all(_seed_free(key[1], _params(params_col, int(r))) for r in runs)
         for m in report_names:
             per_seed = _per_seed(seeds[runs], metrics[m][runs])
             vals = np.array(list(per_seed.values()), dtype=np.float64)
@@ -263,12 +271,20 @@ def build_leaderboard(
             continue
         mine = _per_seed(seeds[chosen_runs[key]], metrics[primary][chosen_runs[key]])
         theirs = _per_seed(seeds[chosen_runs[base_key]], metrics[primary][chosen_runs[base_key]])
-        common = sorted(set(mine) & set(theirs))
-        row["baseline_n_pairs"] = len(common)
-        diffs = np.array([mine[s] - theirs[s] for s in common])
-        if len(common):
+        base_row = next(r for r in rows if (r["dataset"], r["method"], r["backbone"]) == base_key)
+        diffs, how = _differences(mine, theirs, row["seed_free"], base_row["seed_free"])
+        row["baseline_n_pairs"] = len(diffs)
+        if len(diffs):
             row["baseline_diff_mean"] = float(diffs.mean())
-        if len(common) < MIN_SEEDS_BEYOND_NOISE:
+        if how == "exact":
+            d = float(diffs[0]) if len(diffs) else math.nan
+            better = d > 0 if higher_is_better(primary) else d < 0
+            worse = d < 0 if higher_is_better(primary) else d > 0
+            row["baseline_diff_ci_low"] = row["baseline_diff_ci_high"] = d
+            row["baseline_verdict"] = (f"better than {baseline_method}, {EXACT}" if better else
+                                       f"worse than {baseline_method}, {EXACT}" if worse else f"equal, {EXACT}")
+            continue
+        if len(diffs) < MIN_SEEDS_BEYOND_NOISE:
             row["baseline_verdict"] = "not enough seeds"
             continue
         lo, hi = bootstrap_ci(diffs, n_boot, _rng(seed, *key, "paired", primary))
@@ -340,21 +356,26 @@ def _compare_with_trivial(rows: list[dict[str, Any]], chosen_runs: dict, seeds: 
                 continue
             key = (r["dataset"], r["method"], r["backbone"])
             mine = _per_seed(seeds[chosen_runs[key]], values[chosen_runs[key]])
-            common = sorted(set(mine) & set(theirs))
-            if len(common) >= MIN_SEEDS_BEYOND_NOISE:
-                diffs = np.array([mine[s] - theirs[s] for s in common])
-            else:  # a fixed prior: its mean is its value for every seed
-                const = float(np.mean(list(theirs.values())))
-                diffs = np.array([v - const for v in mine.values()])
-            _trivial_verdict(r, diffs, best["method"], best["method"], hib, n_boot, _rng(seed, *key, "trivial", primary))
+            # a fixed prior is seed-free: its mean is its value for every seed
+            diffs, how = _differences(mine, theirs, r["seed_free"], True)
+            _trivial_verdict(r, diffs, best["method"], best["method"], hib, n_boot, _rng(seed, *key, "trivial", primary),
+                             exact=how == "exact")
 
 
 def _trivial_verdict(r: dict[str, Any], diffs: np.ndarray, baseline: str, name: str, hib: bool, n_boot: int,
-                     rng: np.random.Generator) -> None:
-    """Fill one row's ``trivial_*`` fields from its differences with the baseline (``name`` in the verdict)."""
+                     rng: np.random.Generator, exact: bool = False) -> None:
+    """Fill one row's ``trivial_*`` fields from its differences with the baseline (``name`` in the
+    verdict); ``exact``: one exact difference of two seed-free rows (:func:`_differences`)."""
     r["trivial_baseline"] = baseline
     r["trivial_n"] = len(diffs)
     r["trivial_diff_mean"] = float(diffs.mean()) if len(diffs) else math.nan
+    if exact and len(diffs):
+        d = float(diffs[0])
+        beats = d > 0 if hib else d < 0
+        r["trivial_diff_ci_low"] = r["trivial_diff_ci_high"] = d
+        r["below_trivial"] = not beats
+        r["trivial_verdict"] = f"beats {name}, {EXACT}" if beats else f"does not beat {name}, {EXACT}"
+        return
     if len(diffs) < MIN_SEEDS_BEYOND_NOISE:
         r["below_trivial"] = True
         r["trivial_verdict"] = f"{len(diffs)} seed(s): fewer than {MIN_SEEDS_BEYOND_NOISE}, not shown to beat {name}"
@@ -401,6 +422,55 @@ def _paired_p(diffs: np.ndarray) -> float:
         return 0.0 if float(diffs[0]) != 0.0 else 1.0
     t = float(np.mean(diffs)) / (sd / math.sqrt(n))
     return float(2.0 * stdtr(n - 1, -abs(t)))
+
+
+#: the verdicts' words for a difference between two seed-free rows (:func:`_differences`)
+EXACT = "exact: neither depends on the seed"
+
+
+def _differences(mine: dict[int, float], theirs: dict[int, float], mine_free: bool,
+                 theirs_free: bool) -> tuple[np.ndarray, str]:
+    """The differences (this row − baseline, per seed) a verdict is drawn from, and how:
+
+    * ``"exact"``, both rows seed-free (:meth:`weakbench.methods.base.Method.seed_free`): the one
+      difference of their means, exact — there is no seed noise to test against;
+    * ``"constant"``, the baseline seed-free: each of this row's seeds minus the baseline's mean
+      (a one-sample test of this row's seed spread);
+    * ``"constant_mine"``, this row seed-free: its mean minus each of the baseline's seeds;
+    * ``"paired"``, neither: paired on the common seeds.
+    """
+    if mine_free and theirs_free:
+        if not mine or not theirs:
+            return np.array([]), "exact"
+        return np.array([np.mean(list(mine.values())) - np.mean(list(theirs.values()))]), "exact"
+    if theirs_free:
+        const = float(np.mean(list(theirs.values()))) if theirs else math.nan
+        return np.array([v - const for v in mine.values()]), "constant"
+    if mine_free:
+        const = float(np.mean(list(mine.values()))) if mine else math.nan
+        return np.array([const - v for v in theirs.values()]), "constant_mine"
+    common = sorted(set(mine) & set(theirs))
+    return np.array([mine[s] - theirs[s] for s in common]), "paired"
+
+
+def _seed_free(method: str, params: dict[str, str]) -> bool:
+    """:meth:`Method.seed_free` of a registered method; False for a name no method has (a store
+    written by another version)."""
+    from weakbench.methods import get_method_class
+
+    try:
+        cls = get_method_class(method)
+    except Exception:  # noqa: BLE001 - unknown method name: treat as seed-dependent
+        return False
+    return bool(cls.seed_free(params))
+
+
+def _params(params_col: pa.ChunkedArray | None, i: int) -> dict[str, str]:
+    """Run ``i``'s MLflow params as ``{name: text}`` (empty without a params column)."""
+    if params_col is None:
+        return {}
+    items = params_col[i].as_py() or []
+    return {str(k): str(v) for k, v in (items if isinstance(items, list) else items.items())}
 
 
 def _params_json(params_col: pa.ChunkedArray | None, i: int) -> str:
@@ -473,7 +543,9 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     headline = [n for n in reported[1:] if n == box or _display_rank(n) < len(D.DISPLAY_ORDER)]
     names = (reported[:1] + headline)[:max_metrics]
     t = Table(title=title(lb), caption="mean ± std over seeds [95% bootstrap CI]; n/a with one seed; ✗ (red): does "
-              f"not beat the best trivial baseline beyond seed noise (≥ {MIN_SEEDS_BEYOND_NOISE} seeds needed)")
+              f"not beat the best trivial baseline beyond seed noise (≥ {MIN_SEEDS_BEYOND_NOISE} seeds needed); a "
+              "seed-free row (no training, nothing random: the trivial baselines, a 0-epoch pretrained CAM) is a "
+              "constant, and two of them differ exactly")
     for col in ("dataset", "method", "backbone", "seeds/trials"):
         t.add_column(col)
     meta = lb.schema.metadata or {}
@@ -483,7 +555,7 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
         t.add_column(f"{spec.display}\n{m}" if spec else m, justify="right")
     t.add_column("GPU-h / CPU-h", justify="right")
     base = meta.get(b"weakbench.baseline_method", b"cam").decode()
-    t.add_column(f"vs {base} (paired)")
+    t.add_column(f"vs {base} (paired on seed)")
     t.add_column("vs best trivial baseline")
     for r in lb.to_pylist():
         diff = r["baseline_diff_mean"]
