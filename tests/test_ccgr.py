@@ -70,6 +70,23 @@ def _spec(tmp: Path, source_dir: str | None, cache: Path, splits: Path, params: 
                      products_dir=str(tmp / "products"))
 
 
+def test_ss_blob_boxes_pick_the_component_overlapping_the_box_most():
+    """Class 1 (label 2) has two regions: a 3×2 block at x 1–3, y 1–2 and one pixel at (7, 7)
+    diagonal-adjacent to a second block at x 8–9, y 8–9 (8-connected: one component). A box over
+    the first block gets [1, 1, 4, 3]; a box holding one pixel of the first and four of the second
+    component gets the second's box [7, 7, 10, 10]; a box over background gets zeros."""
+    from weakbench.methods.ccgr import ss_blob_boxes
+
+    lab = np.zeros((10, 10), np.int64)
+    lab[1:3, 1:4] = 2
+    lab[7, 7] = 2
+    lab[8:10, 8:10] = 2
+    lab[5, 5] = 1  # another class inside the last box: not counted for class 1
+    boxes = np.array([[0, 0, 5, 5], [3, 2, 10, 10], [4, 4, 7, 7]], np.float32)
+    got = ss_blob_boxes(lab, boxes, [1, 1, 1])
+    np.testing.assert_array_equal(got, [[1, 1, 4, 3], [7, 7, 10, 10], [0, 0, 0, 0]])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_two_rounds_on_the_synthetic_default(tmp_path):
@@ -90,6 +107,9 @@ def test_two_rounds_on_the_synthetic_default(tmp_path):
     summary = {k: round(m[f"val/pseudo_masks/{k}"], 2) for k in keys}
     summary.update({f"r1/{k}": round(m[f"val/pseudo_masks/r1/{k}"], 2) for k in keys[:5]})
     summary["peak_recall"] = round(m["val/peaks/peak_recall"], 1)
+    summary.update({k: round(m[f"val/pseudo_masks/{k}"], 2) for k in ("ss_box_iou_before", "ss_box_iou_after",
+                                                                      "ss_blob_box_iou", "gt_box_iou_before",
+                                                                      "gt_box_iou_after")})
     summary["seconds"] = round(seconds)
     print("ccgr two rounds (val):", json.dumps(summary))
     for split in ("val", "test"):

@@ -150,6 +150,10 @@ class CCGRConfig(MethodConfig):
                                                           "the refinement independent of image and object size")
     ccgr_form: Literal["area_weighted", "literal"] = Field("area_weighted", description="Φ(C): the mean over the context "
                                                            "ring (default) or the paper's written Φ(B̃) − Φ(B)")
+    refinement_map: Literal["probability", "label"] = Field(
+        "probability", description="the map S the refinement reads for a box of class c: the SS branch's softmax "
+        "probability of c (the paper's semantic score map; default) or its argmax label map as 0/1 (argmax == c), the "
+        "map the pseudo masks are cut from")
     # instance branch
     mask_rcnn_epochs: int = Field(10, ge=0, le=1000, description="Mask R-CNN epochs per round")
     mask_rcnn_lr: float = Field(0.01, gt=0, le=10, description="Mask R-CNN SGD learning rate (paper: 1e-2 at batch 16)")
@@ -537,7 +541,7 @@ class CCGR(Method):
                 Stage(f"semantic_r{r}", "fit", reads=BRANCH_FIELDS + ("semantic_epochs", "semantic_lr"),
                       epochs=c.semantic_epochs, inputs=("classifier", src), shared=True),
                 Stage(f"refine_r{r}", "map", reads=("refine", "context_scale", "refinement_steps", "refinement_step_size",
-                                                    "refinement_step_unit", "ccgr_form"),
+                                                    "refinement_step_unit", "ccgr_form", "refinement_map"),
                       inputs=("proposals", "peaks", src, f"mil_r{r}", f"semantic_r{r}"), shared=True, split="train"),
                 Stage(f"instance_r{r}", "fit", reads=("backbone", "input_size", "seed", "mask_rcnn_epochs", "mask_rcnn_lr",
                                                       "mask_rcnn_batch_size", "fpn_channels", "box_head_size", "momentum",
@@ -709,14 +713,19 @@ class CCGR(Method):
                         inside = ((same[:, 1] >= box[0]) & (same[:, 1] < box[2]) & (same[:, 0] >= box[1])
                                   & (same[:, 0] < box[3])) if len(same) else torch.zeros(0, dtype=torch.bool)
                         others.append(same[~inside] if len(same) else same.reshape(0, 2))
+                    if c.refinement_map == "label":
+                        maps = (torch.from_numpy(label_map)[None] == (cls_t + 1)[:, None, None]).float()
+                    else:
+                        maps = prob[cls_t + 1]
                     with torch.enable_grad():
-                        after, info = ops.refine_boxes(prob[cls_t + 1], before, steps=c.refinement_steps,
+                        after, info = ops.refine_boxes(maps, before, steps=c.refinement_steps,
                                                        step_size=c.refinement_step_size, context_scale=c.context_scale,
                                                        form=c.ccgr_form, peaks=others, step_unit=c.refinement_step_unit)
                     after = after.detach()
                     steps = torch.as_tensor(info.get("steps", steps))
                 res.update(boxes_before=before.numpy(), boxes_after=after.numpy(), classes=cls_t.numpy(),
-                           scores=np.asarray(scores, np.float32), steps=steps.numpy())
+                           scores=np.asarray(scores, np.float32), steps=steps.numpy(),
+                           ss_blob_boxes=ss_blob_boxes(label_map, before.numpy(), cls))
                 for tag, bx in (("", after), ("unrefined_", before)):
                     for box, k, sc in zip(bx, cls, scores):
                         m = ops.pseudo_instance_mask(label_map, k + 1, box)
@@ -901,6 +910,24 @@ class CCGR(Method):
                     gt_after += _best_iou(gb, gc, e["boxes_after"], e["classes"]) if len(e["classes"]) else [0.0] * len(gb)
                 m["gt_box_iou_before"] = 100.0 * float(np.mean(gt_before)) if gt_before else 0.0
                 m["gt_box_iou_after"] = 100.0 * float(np.mean(gt_after)) if gt_after else 0.0
+                # what the refinement is driven by: the SS map's own region for each box (the box
+                # of its connected argmax component overlapping the MIL box most); the refinement
+                # moving boxes towards it while GT IoU falls means the map, not the step, is off
+                ss_before, ss_after, ss_gt = [], [], []
+                for key, idx in zip(keys, indices):
+                    e = table[key]
+                    blobs = np.asarray(e.get("ss_blob_boxes", np.zeros((0, 4))), dtype=np.float32).reshape(-1, 4)
+                    has = blobs[:, 2] > blobs[:, 0]
+                    if not has.any():
+                        continue
+                    gb, gc = ctx.source.gt_boxes(idx)
+                    ss_before += _pair_iou(np.asarray(e["boxes_before"])[has], blobs[has])
+                    ss_after += _pair_iou(np.asarray(e["boxes_after"])[has], blobs[has])
+                    ss_gt += _best_iou(blobs[has], np.asarray(e["classes"])[has], gb, gc)
+                if ss_before:
+                    m["ss_box_iou_before"] = 100.0 * float(np.mean(ss_before))
+                    m["ss_box_iou_after"] = 100.0 * float(np.mean(ss_after))
+                    m["ss_blob_box_iou"] = 100.0 * float(np.mean(ss_gt))
                 out.update({f"{split}/r{r}/{k}": v for k, v in m.items()})
                 if r == rounds:
                     out.update({f"{split}/{k}": v for k, v in m.items()})
@@ -930,6 +957,44 @@ class CCGR(Method):
                           score_threshold: float) -> list[dict[str, torch.Tensor]]:
         """The paper's inference: the IS branch alone (Mask R-CNN, masks ``> 0.5``)."""
         return mask_rcnn_instances(models["mask_rcnn"], images, score_threshold)
+
+
+def ss_blob_boxes(label_map: np.ndarray, boxes: np.ndarray, classes) -> np.ndarray:
+    """For each box (N, 4) ``x0, y0, x1, y1`` in pixels of class ``classes[i]`` (0-based), the
+    bounding box (N, 4, float32, pixels, ``x1``/``y1`` exclusive) of the 8-connected component
+    of ``label_map == class + 1`` (H, W, int; 0 = background) that overlaps the box most; all
+    zeros where the class has no pixel inside the box. A diagnostic of the refinement's input:
+    the box the SS map itself outlines for that object."""
+    from scipy import ndimage
+
+    out = np.zeros((len(boxes), 4), np.float32)
+    h, w = label_map.shape
+    comps: dict[int, tuple[np.ndarray, list]] = {}
+    for i, (box, k) in enumerate(zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), classes)):
+        k = int(k)
+        if k not in comps:
+            lab, _ = ndimage.label(label_map == k + 1, structure=np.ones((3, 3), bool))
+            comps[k] = (lab, ndimage.find_objects(lab))
+        lab, slices = comps[k]
+        x0, y0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
+        x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
+        ids = lab[y0:y1, x0:x1].ravel()
+        ids = ids[ids > 0]
+        if not len(ids):
+            continue
+        best = int(np.bincount(ids).argmax())
+        sy, sx = slices[best - 1]
+        out[i] = (sx.start, sy.start, sx.stop, sy.stop)
+    return out
+
+
+def _pair_iou(a, b) -> list[float]:
+    """IoU of ``a[i]`` with ``b[i]`` (both (N, 4) ``x0, y0, x1, y1``)."""
+    from torchvision.ops import box_iou
+
+    a = torch.as_tensor(np.asarray(a, dtype=np.float32)).reshape(-1, 4)
+    b = torch.as_tensor(np.asarray(b, dtype=np.float32)).reshape(-1, 4)
+    return box_iou(a, b).diagonal().tolist() if len(a) else []
 
 
 def _best_iou(boxes, classes, gt_boxes, gt_classes) -> list[float]:

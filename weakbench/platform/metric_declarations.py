@@ -183,6 +183,13 @@ _DECLARED: list[MetricSpec] = [
        "for each true box, the best overlap (IoU) of a picked box before refinement"),
     _m("gt_box_iou_after", "max", "%", "GT-box IoU after refinement",
        "for each true box, the best overlap (IoU) of a picked box after refinement"),
+    _m("ss_box_iou_before", None, "%", "SS-region IoU before refinement",
+       "the overlap (IoU) of each picked box before refinement with the box of the segmentation branch's own region "
+       "for it (a diagnostic of what the refinement is driven towards)"),
+    _m("ss_box_iou_after", None, "%", "SS-region IoU after refinement",
+       "the overlap (IoU) of each box after refinement with the box of the segmentation branch's own region for it"),
+    _m("ss_blob_box_iou", None, "%", "SS-region box IoU",
+       "the overlap (IoU) with the true box of the boxes of the segmentation branch's own regions"),
     _m("box_map50", "max", "%", "box AP50",
        "how well the predicted boxes find the true objects, counting a box right at IoU ≥ 0.5 (COCO average "
        "precision)"),
