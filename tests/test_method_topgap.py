@@ -312,3 +312,38 @@ def test_top_k_fraction_accepts_object_size_and_refuses_other_strings():
     for bad in ("objectsize", "median", True, 0, 1.5, -0.1):
         with pytest.raises(ConfigError, match=r"top_k_fraction.*number in \(0, 1\].*'object_size'.*got"):
             build_method("topgap", {"top_k_fraction": bad}, num_classes=2)
+
+
+@pytest.mark.slow
+def test_object_size_through_an_inline_trial(tmp_path, monkeypatch):
+    """A real trial (inline executor, synthetic data, MLflow on SQLite): the run logs the train
+    split's value, which differs from the value over every record, and the logged predictor pools
+    with the k it implies."""
+    from weakbench.platform import conventions as C
+    from weakbench.platform import tracking
+    from weakbench.platform.data import make_splits, open_dataset, save_splits
+    from weakbench.platform.engine import TrialSpec, run_trial
+    from weakbench.platform.predict import load_predictor
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    cache = tmp_path / "cache"
+    source = open_dataset(None, cache_dir=cache)
+    splits = make_splits(source, seed=0)
+    save_splits(splits, cache / "splits.json")
+    params = {**SMALL, "top_k_fraction": "object_size", "epochs": 1, "batch_size": 8, "eval_images": 2, "pgd_steps": 1}
+    spec = TrialSpec(method="topgap", params=params, data=None, data_cache=str(cache),
+                     splits_path=str(cache / "splits.json"), trial_dir=str(tmp_path / "trial"),
+                     tracking_uri=tracking.default_tracking_uri(tmp_path), sweep_id="s", trial_id="t0",
+                     run_name="topgap-t0", eval_max_images=8, num_overlays=0, log_model=True)
+    run_trial(spec, executor="inline")
+    expected = relative_object_size(source, splits["train"])
+    assert expected != relative_object_size(source, range(len(source.records)))
+    client = tracking.client_for(spec.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(spec.experiment).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["top_k_fraction"] == "object_size"
+    assert run.data.metrics["train/top_k_fraction"] == expected
+    predictor = load_predictor(run.data.tags[C.TAG_MODEL_URI], spec.tracking_uri)
+    logits, cams = predictor(torch.zeros(1, 3, 64, 64))
+    k = round(expected * cams.shape[-2] * cams.shape[-1])
+    assert predictor.model.k_fraction == expected and predictor.model.last_k == k
+    assert run.data.metrics["train/top_k"] == k
