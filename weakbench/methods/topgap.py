@@ -17,9 +17,11 @@ Table A6) or, when given, ``round(top_k_fraction · h·w)`` (at least 1); k is c
 k from the data (``top_k_fraction: object_size``). Sec. 3.2 says that k "enforces the pixel
 constraint, and its value depends on the image size … when adjusting this parameter, it is
 crucial to consider the relative object size in the highest feature map", and the Limitations
-paragraph (Sec. 5) that choosing k "currently depends on hyperparameter tuning". With
-``object_size`` the fraction is the dataset's relative object size
-(:func:`relative_object_size`), measured on the **train split only** (never val or test):
+paragraph (Sec. 5) that choosing k "currently depends on hyperparameter tuning" and that automated
+ways to determine it could be explored. With ``object_size`` the fraction is the dataset's
+relative object size (:func:`relative_object_size`), measured on the **train split only** (never
+val or test). It reads the train split's GT boxes, more than the image labels a strictly
+image-level setting has: one scalar, the size prior the paper sets by hand.
 
 * per train image, the area of the **union** of its GT boxes (clipped to the image) divided by the
   image's area ``width·height`` (both in original pixels), a ratio in [0, 1]. The union is
@@ -34,7 +36,9 @@ paragraph (Sec. 5) that choosing k "currently depends on hyperparameter tuning".
 
 The ratio is the same on the S×S network input as on the original image: the input is the image
 resized without keeping its aspect ratio (and flipped), which scales every area by the same
-factor. The value is a float in (0, 1]; k = ``round(fraction · h·w)``, at least 1.
+factor. The value is a float in (0, 1]; k = ``round(fraction · h·w)``, at least 1. Reading the
+boxes is cheap for COCO and box metadata (held in memory); a wsol source localised by masks
+(OpenImages) decodes every train mask once per trial.
 
 It is resolved by the ``train`` stage's fit task (:class:`TopGAPFitTask`) when the engine asks it
 for the training dataset (``train_dataset(source, splits["train"])``), after the model is built
