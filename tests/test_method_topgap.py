@@ -1,21 +1,28 @@
 """Top-GAP: pooling, ℓ1 term, k resolution, IoU, ERF distance and PGD robust accuracy on
-hand-computed cases; the FPN-style head's CAM size; training smoke and the paper's metrics."""
+hand-computed cases; the FPN-style head's CAM size; training smoke and the paper's metrics;
+``top_k_fraction: object_size`` (the train split's relative object size) on a hand-made source."""
 
 from __future__ import annotations
 
 import copy
+import io
 import math
 import statistics
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from weakbench.methods import build_method
-from weakbench.methods.base import StepContext
+from weakbench.methods.base import CamPredictor, StepContext
+from weakbench.methods.pipeline import Stage
 from weakbench.methods.topgap import (
-    cam_mask_iou, erf_center_corner, erf_distance, l1_sparsity, pgd_robust_correct, resolve_k, top1_correct, top_gap,
+    TopGAPFitTask, cam_mask_iou, erf_center_corner, erf_distance, l1_sparsity, pgd_robust_correct, relative_object_size,
+    resolve_k, top1_correct, top_gap, union_box_area,
 )
-from weakbench.platform.errors import ConfigError
+from weakbench.platform.data.source import DatasetSource, ImageRecord
+from weakbench.platform.errors import ConfigError, DataError
 
 SMALL = {"backbone": "resnet10t", "input_size": 64, "batch_size": 4, "lr": 0.05, "head_channels": 32,
          "top_k_fraction": 0.1, "eval_images": 4, "pgd_steps": 2}
@@ -178,3 +185,165 @@ def test_training_steps_smoke_and_paper_metrics():
         p = metrics[a] / 100
         assert 0 <= p <= 1 and metrics[f"{a}_ci95"] == pytest.approx(100 * 1.96 * math.sqrt(p * (1 - p) / n))
     assert net.training
+
+
+# ---------------------------------------------------------------------- top_k_fraction: object_size
+class _BoxSource(DatasetSource):
+    """A hand-made source: records of the given sizes with the given boxes (no image files)."""
+
+    def __init__(self, images: list[tuple[int, int, list[tuple[float, float, float, float]]]]):
+        self.name, self.root, self.fingerprint = "hand", Path("/nonexistent"), "0" * 16
+        self.num_classes, self.class_names, self.multilabel, self.has_masks = 3, ["a", "b", "c"], True, False
+        self.records = [ImageRecord(i, i, Path(f"/nonexistent/{i}.png"), w, h) for i, (w, h, _) in enumerate(images)]
+        self._boxes = [np.array(b, dtype=np.float64).reshape(-1, 4) for _, _, b in images]
+
+    def labels_matrix(self):
+        return np.zeros((len(self.records), self.num_classes), dtype=np.float32)
+
+    def gt_boxes(self, index):
+        return self._boxes[index].copy(), np.zeros(len(self._boxes[index]), dtype=np.int64)
+
+
+#: train 0-2, val 3, test 4. Image 0 (100×50 = 5000 px²): boxes 40×25 = 1000 and 30×20 = 600
+#: overlapping in 20×15 = 300, union 1300 (the sum would be 1600) → 0.26. Image 1 (200×100):
+#: one box 50×40 = 2000 → 0.1. Image 2: no box (left out). Val and test: a box covering the image.
+HAND = [(100, 50, [(10, 5, 50, 30), (30, 15, 60, 35)]), (200, 100, [(0, 0, 50, 40)]), (64, 64, []),
+        (64, 64, [(0, 0, 64, 64)]), (80, 60, [(-5, -5, 90, 70)])]
+SPLITS = {"train": [0, 1, 2], "val": [3], "test": [4]}
+HAND_FRACTION = (1300 / 5000 + 2000 / 20000) / 2  # 0.18
+
+
+def test_union_box_area_counts_overlaps_once_hand():
+    assert union_box_area(np.array(HAND[0][2]), 100, 50) == pytest.approx(1300)  # not 1000 + 600 = 1600
+    assert union_box_area(np.zeros((0, 4)), 10, 10) == 0.0
+    assert union_box_area(np.array([[-5, -5, 90, 70]]), 80, 60) == pytest.approx(80 * 60)  # clipped to the image
+    assert union_box_area(np.array([[0, 0, 4, 4], [1, 1, 2, 2], [3, 0, 6, 1]]), 10, 10) == pytest.approx(18)  # nested
+    assert union_box_area(np.array([[5, 5, 5, 9], [3, 3, 1, 1]]), 10, 10) == 0.0  # empty and inverted boxes
+
+
+def test_relative_object_size_hand():
+    src = _BoxSource(HAND)
+    assert relative_object_size(src, SPLITS["train"]) == pytest.approx(HAND_FRACTION)
+    assert relative_object_size(src, SPLITS["train"]) != pytest.approx((1600 / 5000 + 0.1) / 2)  # the sum of boxes
+    assert relative_object_size(src, [1, 0]) == relative_object_size(src, [0, 1, 2])  # order and box-less images
+    with pytest.raises(ConfigError, match="no.*box|none of"):
+        relative_object_size(src, [2])
+
+
+def _object_size_task(src=None, **params):
+    m = build_method("topgap", {**SMALL, "top_k_fraction": "object_size", **params}, num_classes=3)
+    return m, m.fit_task(Stage("train", "fit", epochs=1, namespaced=False))
+
+
+def test_object_size_reads_the_train_split_only():
+    """As the engine does: build the model, then the dataset of splits["train"]. Val and test
+    images covered by a box (fraction 1) must not move the value; with them it would."""
+    src = _BoxSource(HAND)
+    _, task = _object_size_task()
+    assert isinstance(task, TopGAPFitTask)
+    torch.manual_seed(0)
+    model = task.build_model()
+    assert model.k_fraction is None
+    ds = task.train_dataset(src, SPLITS["train"])
+    assert ds.indices == SPLITS["train"]
+    assert task.object_size == pytest.approx(HAND_FRACTION) and model.k_fraction == task.object_size
+    everything = relative_object_size(src, range(len(HAND)))
+    assert everything != pytest.approx(HAND_FRACTION)  # the val/test boxes would have changed it
+    # the same split again (a resumed trial): the same float, and a changed split is refused
+    task.train_dataset(src, list(reversed(SPLITS["train"])))
+    assert model.k_fraction == task.object_size
+    with pytest.raises(DataError, match="changed"):
+        task.train_dataset(src, [0, 1, 3])
+
+
+def test_object_size_k_is_round_fraction_times_hw_and_travels_with_the_model():
+    src = _BoxSource(HAND)
+    m, task = _object_size_task()
+    torch.manual_seed(0)
+    net = task.build_model().eval()
+    with pytest.raises(ConfigError, match="not resolved"):  # never a silent default k
+        net(torch.zeros(1, 3, 64, 64))
+    task.train_dataset(src, SPLITS["train"])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, cams = net(x)
+    hw = cams.shape[-2] * cams.shape[-1]  # 16 × 16 at stride 4
+    k = round(HAND_FRACTION * hw)
+    assert hw == 256 and k == 46 and net.last_k == k == resolve_k(m.config, hw, net.k_fraction)
+    assert torch.allclose(logits, top_gap(cams, k)) and not torch.allclose(logits, top_gap(cams, k + 5))
+    # the state dict carries it: a model rebuilt for evaluation (the engine's load_model) scores the same
+    rebuilt = m.fit_task(Stage("train", "fit", epochs=1, namespaced=False)).build_model().eval()
+    assert rebuilt.k_fraction is None
+    rebuilt.load_state_dict(net.state_dict())
+    assert rebuilt.k_fraction == net.k_fraction
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x)[0], logits) and rebuilt.last_k == k
+    # and so does the pickled predictor (what MLflow logs and `predict` / the registry load)
+    buf = io.BytesIO()
+    torch.save(CamPredictor(m, net, src.class_names, 64, MEAN, STD), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.model.k_fraction == net.k_fraction
+    assert torch.allclose(loaded(x)[0], logits) and loaded.model.last_k == k
+    with pytest.raises(ConfigError, match="object_size"):
+        resolve_k(m.config, hw)  # resolve_k needs the resolved value
+
+
+def test_object_size_is_logged_with_validation(monkeypatch):
+    from weakbench.methods import base
+
+    monkeypatch.setattr(base.ClassifierFitTask, "validate", lambda self, model, ctx, last: {"max_box_acc_v2": 1.0})
+    src = _BoxSource(HAND)
+    _, task = _object_size_task()
+    net = task.build_model().eval()
+    task.train_dataset(src, SPLITS["train"])
+    with torch.no_grad():
+        net(torch.zeros(1, 3, 64, 64))
+    out = task.validate(net, None, last=True)
+    assert out == {"max_box_acc_v2": 1.0, "train/top_k_fraction": HAND_FRACTION, "train/top_k": 46.0}
+    from weakbench.platform import metric_declarations as D
+
+    assert D.lookup("train/top_k_fraction").direction is None and D.lookup("train/top_k").unit == "count"
+
+
+def test_top_k_fraction_accepts_object_size_and_refuses_other_strings():
+    assert build_method("topgap", {"top_k_fraction": "object_size"}, num_classes=2).config.top_k_fraction == "object_size"
+    assert build_method("topgap", {"top_k_fraction": 0.5}, num_classes=2).config.top_k_fraction == 0.5
+    for bad in ("objectsize", "median", True, 0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"top_k_fraction.*number in \(0, 1\].*'object_size'.*got"):
+            build_method("topgap", {"top_k_fraction": bad}, num_classes=2)
+
+
+@pytest.mark.slow
+def test_object_size_through_an_inline_trial(tmp_path, monkeypatch):
+    """A real trial (inline executor, synthetic data, MLflow on SQLite): the run logs the train
+    split's value, which differs from the value over every record, and the logged predictor pools
+    with the k it implies."""
+    from weakbench.platform import conventions as C
+    from weakbench.platform import tracking
+    from weakbench.platform.data import make_splits, open_dataset, save_splits
+    from weakbench.platform.engine import TrialSpec, run_trial
+    from weakbench.platform.predict import load_predictor
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    cache = tmp_path / "cache"
+    source = open_dataset(None, cache_dir=cache)
+    splits = make_splits(source, seed=0)
+    save_splits(splits, cache / "splits.json")
+    params = {**SMALL, "top_k_fraction": "object_size", "epochs": 1, "batch_size": 8, "eval_images": 2, "pgd_steps": 1}
+    spec = TrialSpec(method="topgap", params=params, data=None, data_cache=str(cache),
+                     splits_path=str(cache / "splits.json"), trial_dir=str(tmp_path / "trial"),
+                     tracking_uri=tracking.default_tracking_uri(tmp_path), sweep_id="s", trial_id="t0",
+                     run_name="topgap-t0", eval_max_images=8, num_overlays=0, log_model=True)
+    run_trial(spec, executor="inline")
+    expected = relative_object_size(source, splits["train"])
+    assert expected != relative_object_size(source, range(len(source.records)))
+    client = tracking.client_for(spec.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(spec.experiment).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["top_k_fraction"] == "object_size"
+    assert run.data.metrics["train/top_k_fraction"] == expected
+    predictor = load_predictor(run.data.tags[C.TAG_MODEL_URI], spec.tracking_uri)
+    logits, cams = predictor(torch.zeros(1, 3, 64, 64))
+    k = round(expected * cams.shape[-2] * cams.shape[-1])
+    assert predictor.model.k_fraction == expected and predictor.model.last_k == k
+    assert run.data.metrics["train/top_k"] == k

@@ -11,7 +11,51 @@ lateral convolutions are linear too); optional dropout before the 1×1 convoluti
 Pooling (Definition 5): per class channel, the mean of its ``k`` largest spatial values
 (:func:`top_gap`); ``k = 1`` is global max pooling, ``k = h·w`` is GAP. ``k`` is ``top_k``
 (absolute number of positions, the paper's k ∈ {64, …, 2048} on a 56×56 map; default 256 as in
-Table A6) or, when given, ``top_k_fraction · h·w`` (rounded, at least 1); k is clamped to ``h·w``.
+Table A6) or, when given, ``round(top_k_fraction · h·w)`` (at least 1); k is clamped to ``h·w``
+(:func:`resolve_k`). ``h·w`` is the CAM's number of positions (the largest selected feature map).
+
+k from the data (``top_k_fraction: object_size``). Sec. 3.2 says that k "enforces the pixel
+constraint, and its value depends on the image size … when adjusting this parameter, it is
+crucial to consider the relative object size in the highest feature map", and the Limitations
+paragraph (Sec. 5) that choosing k "currently depends on hyperparameter tuning" and that automated
+ways to determine it could be explored. With ``object_size`` the fraction is the dataset's
+relative object size (:func:`relative_object_size`), measured on the **train split only** (never
+val or test). It reads the train split's GT boxes, more than the image labels a strictly
+image-level setting has: one scalar, the size prior the paper sets by hand.
+
+* per train image, the area of the **union** of its GT boxes (clipped to the image) divided by the
+  image's area ``width·height`` (both in original pixels), a ratio in [0, 1]. The union is
+  computed **exactly** (:func:`union_box_area`: the boxes' edges cut the image into rectangular
+  cells, a cell is covered when a box contains it), not on a raster, so overlapping boxes count
+  once and the value does not depend on a grid size. All of an image's boxes count, whatever their
+  class (one k serves every class channel). Images without a box carry no size and are left out;
+* the **mean** over those images (not the median): ``fraction·h·w`` is then the expected object
+  area in CAM positions, and a skewed size distribution (many small objects, a few large ones)
+  moves k towards the large objects, i.e. towards GAP, where a median k would cut every object
+  larger than the typical one down to its ``k`` strongest positions.
+
+The ratio is the same on the S×S network input as on the original image: the input is the image
+resized without keeping its aspect ratio (and flipped), which scales every area by the same
+factor. The value is a float in (0, 1]; k = ``round(fraction · h·w)``, at least 1. Reading the
+boxes is cheap for COCO and box metadata (held in memory); a wsol source localised by masks
+(OpenImages) decodes every train mask once per trial.
+
+It is resolved by the ``train`` stage's fit task (:class:`TopGAPFitTask`) when the engine asks it
+for the training dataset (``train_dataset(source, splits["train"])``), after the model is built
+and before the first forward pass, and written into the model (buffer ``object_size_fraction``,
+float64, NaN until resolved), so the state dict, the checkpoints, the stage product ``model.pt``
+and the logged predictor carry it: validation, the eval stage and a registered model score with
+the k training used. A resumed trial recomputes it (the same float: the mean is an exactly
+rounded sum over the same boxes) and refuses a checkpoint that carries another value. The value
+is logged with every validation as ``train/top_k_fraction`` and ``train/top_k`` (k at the CAM
+size of the last forward pass); the config param stays ``object_size``.
+
+Errors: ``top_k_fraction`` other than a number in (0, 1], ``"object_size"`` or null is refused
+when the config is validated (:class:`~weakbench.platform.errors.ConfigError` naming the field
+and the allowed values); ``object_size`` on a train split with no GT box, or whose boxes have no
+area, raises ConfigError when the fit stage starts; a forward pass of a model whose fraction was
+never resolved (e.g. ``weakbench evaluate --method topgap``, which has no train split) raises
+ConfigError.
 
 Loss (eq. 1): ``L = CE + λ‖X‖₁``. For multi-label data the CE is the multi-label soft-margin
 loss (:func:`weakbench.methods.cam.classification_loss`). ``‖X‖₁`` is taken as the **mean**
@@ -38,17 +82,24 @@ Foolbox 3.3.4 installs beside MLflow 3.
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from weakbench.methods.backbones import create_backbone
-from weakbench.methods.base import Method, MethodConfig, StepContext, normalize_maps, register_method, resize_maps
+from weakbench.methods.base import (
+    ClassifierFitTask, Method, MethodConfig, StepContext, normalize_maps, register_method, resize_maps,
+)
 from weakbench.methods.cam import classification_loss
-from weakbench.platform.errors import ConfigError
+from weakbench.platform.errors import ConfigError, DataError
+
+#: ``top_k_fraction`` value that measures the fraction on the train split (:func:`relative_object_size`)
+OBJECT_SIZE = "object_size"
 
 #: ImageNet statistics the engine normalises images with (weakbench.platform.data.transforms).
 _MEAN = (0.485, 0.456, 0.406)
@@ -59,7 +110,11 @@ class TopGAPConfig(MethodConfig):
     """Top-GAP hyperparameters (defaults: λ = 1, k = 256, 3×3 convs with 256 filters, 4 maps)."""
 
     top_k: int = Field(256, ge=1, le=1_000_000, description="k, positions averaged per class by Top-GAP (absolute)")
-    top_k_fraction: float | None = Field(None, gt=0, le=1, description="k as a fraction of the CAM's h·w; overrides top_k when set")
+    top_k_fraction: Annotated[float, Field(gt=0, le=1)] | Literal["object_size"] | None = Field(
+        None, description="k as a fraction of the CAM's h·w positions, k = round(fraction·h·w) ≥ 1; overrides top_k "
+        "when set. A number in (0, 1], or 'object_size': the train split's mean relative object size (per image the "
+        "area of the union of its GT boxes over the image area; val and test are never read), measured when the "
+        "train stage starts, saved with the model and logged as train/top_k_fraction")
     l1_weight: float = Field(1.0, ge=0, le=100, description="λ, weight of the ℓ1 norm of the CAM (eq. 1)")
     num_feature_maps: Literal[3, 4] = Field(4, description="last backbone feature maps fed to the head")
     head_channels: int = Field(256, ge=8, le=2048, description="filters of the 3×3 head convolutions")
@@ -74,6 +129,23 @@ class TopGAPConfig(MethodConfig):
     pgd_step_size: float | None = Field(None, gt=0, le=1, description="PGD step in [0, 1] pixel units (None: the "
                                                                      "attack setting's)")
     eval_images: int = Field(16, ge=1, le=10_000, description="images used for the ERF and attack metrics")
+
+    @field_validator("top_k_fraction", mode="before")
+    @classmethod
+    def _fraction_or_object_size(cls, v: Any) -> Any:
+        """One message for every refused value (the union's per-member errors would name a
+        'literal' member for an out-of-range number)."""
+        if v is None or v == OBJECT_SIZE:
+            return v
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            try:
+                f = float(v)
+            except ValueError:
+                f = None
+            if f is not None and 0 < f <= 1:
+                return f
+        raise ValueError(f"top_k_fraction must be a number in (0, 1] (k = round(fraction·h·w)), "
+                         f"'{OBJECT_SIZE}' (the train split's mean relative object size) or null (use top_k); got {v!r}")
 
     def attack(self) -> tuple[float, int, float | None]:
         """``(epsilon, pgd_steps, pgd_step_size)`` of :attr:`attack_setting` with the explicit
@@ -113,10 +185,90 @@ def l1_sparsity(x: torch.Tensor) -> torch.Tensor:
     return x.abs().mean()
 
 
-def resolve_k(config: TopGAPConfig, hw: int) -> int:
-    """k for a CAM of ``hw`` positions: ``round(top_k_fraction·hw)`` (≥ 1) or ``top_k``, ≤ ``hw``."""
-    k = round(config.top_k_fraction * hw) if config.top_k_fraction is not None else config.top_k
+def resolve_k(config: TopGAPConfig, hw: int, object_size: float | None = None) -> int:
+    """k for a CAM of ``hw`` positions: ``round(fraction·hw)`` (≥ 1) or ``top_k``, ≤ ``hw``.
+
+    The fraction is ``config.top_k_fraction``; when that is ``"object_size"`` it is
+    ``object_size``, the resolved value (:func:`relative_object_size` of the train split, what
+    :attr:`TopGAPNet.k_fraction` holds), which is ignored otherwise.
+
+    Raises:
+        ConfigError: ``top_k_fraction`` is ``"object_size"`` and ``object_size`` is None.
+    """
+    fraction = config.top_k_fraction
+    if fraction == OBJECT_SIZE:
+        if object_size is None:
+            raise ConfigError(
+                "topgap: top_k_fraction='object_size' is not resolved: the fraction is measured on the train split when "
+                "the train stage builds its dataset (TopGAPFitTask.train_dataset) and is saved with the model; this "
+                "model has none (e.g. `weakbench evaluate --method topgap` has no train split). Give top_k_fraction a "
+                "number in (0, 1] or set top_k")
+        fraction = object_size
+    k = round(fraction * hw) if fraction is not None else config.top_k
     return max(1, min(int(k), hw))
+
+
+def union_box_area(boxes: np.ndarray, width: float, height: float) -> float:
+    """Exact area of the union of ``boxes`` clipped to the ``width`` × ``height`` image.
+
+    The boxes' x and y edges cut the image into rectangular cells; a cell is covered when some box
+    contains it, and the area is the sum of the covered cells' areas (no rasterisation: the value
+    is exact up to float64 rounding). Overlapping boxes count once.
+
+    Args:
+        boxes: float (K, 4) ``x0, y0, x1, y1`` in pixels (K may be 0; empty or inverted boxes
+            cover nothing).
+        width, height: image size in pixels.
+
+    Returns:
+        Area in square pixels, in ``[0, width·height]``.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x0, x1 = np.clip(b[:, 0], 0, width), np.clip(b[:, 2], 0, width)
+    y0, y1 = np.clip(b[:, 1], 0, height), np.clip(b[:, 3], 0, height)
+    keep = (x1 > x0) & (y1 > y0)
+    if not keep.any():
+        return 0.0
+    x0, x1, y0, y1 = x0[keep], x1[keep], y0[keep], y1[keep]
+    xs, ys = np.unique(np.concatenate([x0, x1])), np.unique(np.concatenate([y0, y1]))
+    covered = np.zeros((len(ys) - 1, len(xs) - 1), dtype=bool)
+    for c0, c1, r0, r1 in zip(np.searchsorted(xs, x0), np.searchsorted(xs, x1),
+                              np.searchsorted(ys, y0), np.searchsorted(ys, y1)):
+        covered[r0:r1, c0:c1] = True
+    cells = np.diff(ys)[:, None] * np.diff(xs)[None, :]
+    return math.fsum(cells[covered].tolist())
+
+
+def relative_object_size(source, indices: Sequence[int]) -> float:
+    """The mean relative object size of records ``indices`` of ``source`` (the train split's, for
+    ``top_k_fraction: object_size``; see the module docstring for the choices).
+
+    Per image with at least one GT box (``source.gt_boxes``): :func:`union_box_area` of its boxes
+    divided by ``width·height`` of its record (original pixels); images without boxes are left
+    out. The mean is an exactly rounded sum (``math.fsum``) divided by the count, so the value
+    does not depend on the order of ``indices``. Only ``indices`` are read.
+
+    Returns:
+        float in (0, 1].
+
+    Raises:
+        ConfigError: no image of ``indices`` has a box, or the boxes have no area.
+    """
+    sizes = []
+    for i in indices:
+        rec = source.records[int(i)]
+        boxes, _ = source.gt_boxes(int(i))
+        if len(boxes):
+            sizes.append(union_box_area(boxes, rec.width, rec.height) / (float(rec.width) * float(rec.height)))
+    if not sizes:
+        raise ConfigError(f"topgap: top_k_fraction='object_size' needs GT boxes on the train split, and none of its "
+                          f"{len(indices)} image(s) of dataset {source.name!r} has one; give top_k_fraction a number in "
+                          f"(0, 1] or set top_k")
+    mean = math.fsum(sizes) / len(sizes)
+    if not mean > 0:
+        raise ConfigError(f"topgap: top_k_fraction='object_size': the GT boxes of the train split of dataset "
+                          f"{source.name!r} have no area; give top_k_fraction a number in (0, 1] or set top_k")
+    return min(1.0, mean)
 
 
 class TopGAPNet(torch.nn.Module):
@@ -138,6 +290,38 @@ class TopGAPNet(torch.nn.Module):
         self.dropout = torch.nn.Dropout2d(config.dropout) if config.dropout > 0 else torch.nn.Identity()
         self.classifier = torch.nn.Conv2d(config.head_channels, num_classes, kernel_size=1)
         self.config = config
+        #: k of the last forward pass (None before the first)
+        self.last_k: int | None = None
+        self._object_size: float | None = None  # python copy of the buffer: no device sync per forward
+        if config.top_k_fraction == OBJECT_SIZE:  # only then: older state dicts load unchanged
+            self.register_buffer("object_size_fraction", torch.tensor(float("nan"), dtype=torch.float64))
+            self.register_load_state_dict_post_hook(_sync_object_size)
+
+    @property
+    def k_fraction(self) -> float | None:
+        """The fraction of the CAM's positions k is taken from: ``top_k_fraction`` as configured,
+        the resolved relative object size for ``"object_size"`` (None until resolved), or None
+        when k is the absolute ``top_k``."""
+        if self.config.top_k_fraction == OBJECT_SIZE:
+            return self._object_size
+        return self.config.top_k_fraction
+
+    def set_object_size(self, fraction: float) -> None:
+        """Store the resolved ``top_k_fraction: object_size`` value (float in (0, 1]) in the
+        buffer ``object_size_fraction`` (saved with the state dict) and its python copy.
+
+        Raises:
+            ConfigError: the config's ``top_k_fraction`` is not ``"object_size"``, or
+                ``fraction`` is not in (0, 1].
+        """
+        if self.config.top_k_fraction != OBJECT_SIZE:
+            raise ConfigError(f"topgap: set_object_size needs top_k_fraction='object_size', the config has "
+                              f"{self.config.top_k_fraction!r}")
+        fraction = float(fraction)
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"topgap: the relative object size must be in (0, 1], got {fraction!r}")
+        self.object_size_fraction.fill_(fraction)
+        self._object_size = fraction
 
     def cam(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)
@@ -152,8 +336,62 @@ class TopGAPNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cams = self.cam(x)
-        k = resolve_k(self.config, cams.shape[-2] * cams.shape[-1])
+        k = resolve_k(self.config, cams.shape[-2] * cams.shape[-1], self._object_size)
+        self.last_k = k
         return top_gap(cams, k), cams
+
+
+def _sync_object_size(module: TopGAPNet, incompatible_keys) -> None:
+    """After ``load_state_dict``: the python copy follows the loaded buffer (NaN: unresolved)."""
+    value = float(module.object_size_fraction)
+    module._object_size = value if math.isfinite(value) else None
+
+
+class TopGAPFitTask(ClassifierFitTask):
+    """The ``train`` stage of Top-GAP: the classifier's fit task, plus the resolution of
+    ``top_k_fraction: object_size`` (module docstring).
+
+    The engine builds the model (:meth:`build_model`), loads a checkpoint's state when it
+    resumes, then asks for the training dataset of ``splits["train"]`` (:meth:`train_dataset`):
+    there the relative object size of exactly those records is measured and written into the
+    model this task built (and into any model it builds later), before the first forward pass.
+    Validation logs it as ``train/top_k_fraction`` and ``train/top_k``.
+    """
+
+    def __init__(self, method: "TopGAP"):
+        super().__init__(method)
+        self.object_size: float | None = None  # resolved fraction (object_size only)
+        self._models: list[TopGAPNet] = []
+
+    def build_model(self) -> torch.nn.Module:
+        model = super().build_model()
+        if self.object_size is not None:
+            model.set_object_size(self.object_size)
+        self._models.append(model)
+        return model
+
+    def train_dataset(self, source, indices):
+        if self.method.config.top_k_fraction == OBJECT_SIZE:
+            self.object_size = relative_object_size(source, indices)
+            for model in self._models:
+                before = model.k_fraction
+                if before is not None and before != self.object_size:
+                    raise DataError(f"topgap: the model (e.g. a resumed checkpoint) was trained with "
+                                    f"top_k_fraction={before!r} from the train split's relative object size, the "
+                                    f"train split of {source.name!r} now gives {self.object_size!r}; the data or "
+                                    f"the split changed, start the trial afresh")
+                model.set_object_size(self.object_size)
+        return super().train_dataset(source, indices)
+
+    def validate(self, model, ctx, last: bool) -> dict[str, float]:
+        metrics = super().validate(model, ctx, last)
+        if self.method.config.top_k_fraction == OBJECT_SIZE:
+            fraction = getattr(model, "k_fraction", None)
+            if fraction is not None:
+                metrics["train/top_k_fraction"] = float(fraction)
+                if getattr(model, "last_k", None) is not None:
+                    metrics["train/top_k"] = float(model.last_k)
+        return metrics
 
 
 # ---------------------------------------------------------------------- evaluation helpers
@@ -288,6 +526,12 @@ class TopGAP(Method):
 
     def build_model(self) -> torch.nn.Module:
         return TopGAPNet(self.config, self.num_classes)
+
+    def fit_task(self, stage, inputs=None):
+        """The ``train`` stage: :class:`TopGAPFitTask` (resolves ``top_k_fraction: object_size``)."""
+        if stage.name != "train":
+            raise NotImplementedError(f"method {self.name!r} has no fit stage {stage.name!r}")
+        return TopGAPFitTask(self)
 
     def training_losses(self, model: torch.nn.Module, batch: Mapping[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         logits, cams = model(batch["image"])

@@ -160,6 +160,10 @@ _DECLARED: list[MetricSpec] = [
       for a, d in (("clean_accuracy", "clean accuracy"), ("robust_accuracy", "robust accuracy"),
                    ("fgsm_accuracy", "FGSM accuracy"))],
     _m("attack_images", None, "count", "attacked images", "how many images the attack accuracies are computed on"),
+    _m("top_k_fraction", None, "ratio", "k / (h·w)",
+       "the share of the map's positions Top-GAP averages per class, for top_k_fraction: object_size the train "
+       "split's mean relative object size (union of an image's boxes over its area; logged as train/top_k_fraction)"),
+    _m("top_k", None, "count", "k", "how many positions of the map Top-GAP averages per class"),
     # ---------------------------------------------------------------- Puzzle-CAM (extra_metrics)
     _m("pseudo_mask_miou", "max", "%", "pseudo-mask mIoU",
        "the overlap (IoU) of the semantic masks made from the maps with the true masks, averaged over the classes "
