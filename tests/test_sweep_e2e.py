@@ -176,6 +176,9 @@ def test_killed_sweep_resumes_without_duplicate_runs(tmp_path):
     assert before and any(r.info.status == "RUNNING" for r in before)  # killed mid-trial
     resumed = subprocess.run(base + ["--resume", "--num-cpus", "1", "--address", "local"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # the first line shows what the resumed sweep runs (its sweep.json), not the command line's default 4 trials
+    first_line = resumed.stdout.splitlines()[0]
+    assert "resuming killed, 2 trials, executor=inline" in first_line, first_line
     client, parents, children = runs_of(out)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     trial_ids = [c.data.tags[C.TAG_TRIAL_ID] for c in children]

@@ -145,6 +145,24 @@ def _headline(method: str) -> str:
     return headline_metric(method)
 
 
+def _resumed_view(opts) -> tuple[Any, str]:
+    """For the first line of ``sweep --resume``: the options the resumed sweep will run with (its
+    ``sweep.json``'s per-trial options, :func:`run_spec.resumed_options`) and ``"resuming NAME, "``;
+    the command line's options and ``""`` when the sweep cannot be read yet (the sweep itself then
+    says what is wrong)."""
+    import json
+
+    from weakbench.platform.search_space import load_search_space
+    from weakbench.platform.sweep import _latest_sweep
+
+    try:
+        sweeps = Path(opts.output_dir).resolve() / "sweeps"
+        d = sweeps / opts.name if opts.name else _latest_sweep(sweeps, load_search_space(opts.space).method)
+        return run_spec.resumed_options(opts, json.loads((d / "sweep.json").read_text())), f"resuming {d.name}, "
+    except Exception:  # noqa: BLE001 - the header only; run_sweep raises the real error
+        return opts, ""
+
+
 def sweep(**values: Any) -> None:
     """Run a hyperparameter sweep of one method (Ray Tune + Optuna + ASHA), tracked in MLflow.
 
@@ -153,8 +171,9 @@ def sweep(**values: Any) -> None:
     opts = _options_from_cli(values)
     from weakbench.platform.sweep import resolve_executor
 
-    console.print(f"[bold]weakbench sweep[/] {opts.space} on {opts.data or 'the synthetic default'}: {opts.trials} trials, "
-                  f"executor={resolve_executor(opts)}")
+    shown, resuming = _resumed_view(opts) if opts.resume else (opts, "")
+    console.print(f"[bold]weakbench sweep[/] {opts.space} on {opts.data or 'the synthetic default'}: {resuming}"
+                  f"{shown.trials} trials, executor={resolve_executor(shown)}")
     s = _run_sweep_with_view(opts, verbose=opts.verbose)
     from rich.table import Table
 
