@@ -170,3 +170,27 @@ def test_interrupt_reconciliation_tells_interrupted_from_stopped(tmp_path):
     assert runs["asha_before"].info.status == "KILLED" and C.TAG_INTERRUPTED not in runs["asha_before"].data.tags
     assert runs["real_failure"].info.status == "FAILED" and C.TAG_INTERRUPTED not in runs["real_failure"].data.tags
     assert runs["real_failure"].data.tags[C.TAG_ERROR] == "ValueError: bad pixel"
+
+
+def test_best_run_ties_go_to_the_first_started_and_diverged_runs_never_win(tmp_path):
+    """Four centre-Gaussian σ tie on val (as on coco128): the summary names the one that started
+    first, whatever order MLflow returns them in; a run with a NaN metric never wins; min mode
+    picks the smallest."""
+    import math
+
+    from weakbench.platform.sweep import select_best_run
+
+    client = tracking.client_for(tracking.default_tracking_uri(tmp_path))
+    exp = client.create_experiment("e")
+    made = {}
+    for name, start, val, other in [("late", 3000, 11.65, 1.0), ("first", 1000, 11.65, 1.0), ("mid", 2000, 11.65, 1.0),
+                                    ("low", 500, 11.24, 1.0), ("nan", 100, 99.0, math.nan)]:
+        run = client.create_run(exp, start_time=start, run_name=name)
+        client.log_metric(run.info.run_id, "val/m", val)
+        client.log_metric(run.info.run_id, "train/loss", other)
+        made[run.info.run_id] = name
+    runs = client.search_runs([exp])
+    assert made[select_best_run(runs, "val/m", "max").info.run_id] == "first"
+    assert made[select_best_run(list(reversed(runs)), "val/m", "max").info.run_id] == "first"
+    assert made[select_best_run(runs, "val/m", "min").info.run_id] == "low"
+    assert select_best_run(runs, "val/absent", "max") is None

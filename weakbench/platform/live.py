@@ -165,7 +165,8 @@ class SweepView:
     def selected_row(self) -> TrialRow | None:
         """The trial the sweep selects, by the sweep summary's rule: among *finished* trials, the
         best final value of the selecting metric (a trial's best earlier epoch and trials ASHA
-        stopped do not count; None while none has finished)."""
+        stopped do not count; None while none has finished). Ties go to the trial that started
+        first (rows are kept in start order), as in the sweep summary."""
         sel = None
         for r in list(self.rows.values()):
             if r.status == "finished" and r.latest is not None and (sel is None or self.better(r.latest, sel.latest)):

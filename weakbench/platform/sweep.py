@@ -309,6 +309,18 @@ def _check_state_api(where: str, timeout_s: float = 120.0) -> None:
         raise refuse(reason) from None
 
 
+def select_best_run(runs: list, metric: str, mode: str):
+    """The run the sweep reports as best: among ``runs`` (MLflow runs) that logged ``metric`` and
+    whose metrics are all finite, the best final value in ``mode`` ("max" or "min"); ties go to
+    the run that started first (then the smaller run id), as in the live view's header
+    (:meth:`weakbench.platform.live.SweepView.selected_row`). None when no run qualifies."""
+    cands = [r for r in runs if metric in r.data.metrics and is_finite_metrics(r.data.metrics)]
+    cands.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    if not cands:
+        return None
+    return (max if mode == "max" else min)(cands, key=lambda r: r.data.metrics[metric])
+
+
 def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str]:
     """Resolve the sweep directory and name (new, or the one to resume)."""
     out = Path(opts.output_dir).resolve()
@@ -534,11 +546,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
         finished = [r for r in runs if r.info.status == "FINISHED"]
         failed = [r for r in runs if r.info.status == "FAILED"]
         killed = [r for r in runs if r.info.status == "KILLED" and not r.data.tags.get(C.TAG_INTERRUPTED)]
-        best = None
         key = space.metric
-        cands = [r for r in finished if key in r.data.metrics and is_finite_metrics(r.data.metrics)]
-        if cands:
-            best = (max if space.mode == "max" else min)(cands, key=lambda r: r.data.metrics[key])
+        best = select_best_run(finished, key, space.mode)
+        if best is not None:
             tracking.log_metrics(client, parent, {f"best/{k}": v for k, v in best.data.metrics.items()}, step=0)
             client.set_tag(parent, "weakbench.best_run_id", best.info.run_id)
         summary = SweepSummary(
