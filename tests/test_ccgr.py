@@ -204,7 +204,8 @@ def test_coco128_capped_subset_end_to_end(tmp_path, coco128_dir):
     m = run_trial(spec, executor="inline")
     timing = {k.removeprefix("cost/"): round(v, 1) for k, v in m.items() if k.startswith("cost/") and k.endswith("_seconds")}
     products = tmp_path / "products"
-    proposals_dir = next(products.glob("proposals-*"))
+    # the product directory, not its lock file (proposals-<hash>.lock sits beside it)
+    proposals_dir = next(p for p in products.glob("proposals-*") if p.is_dir())
     size_kb = sum(f.stat().st_size for f in proposals_dir.rglob("*") if f.is_file()) / 1024
     print("ccgr coco128 (4 images per split):", json.dumps({"seconds": timing, "proposal_cache_kib": round(size_kb),
                                                             "val/map_r50": m.get("val/pseudo_masks/map_r50")}))
