@@ -153,11 +153,10 @@ def _resumed_view(opts) -> tuple[Any, str]:
     import json
 
     from weakbench.platform.search_space import load_search_space
-    from weakbench.platform.sweep import _latest_sweep
+    from weakbench.platform.sweep import resume_target
 
     try:
-        sweeps = Path(opts.output_dir).resolve() / "sweeps"
-        d = sweeps / opts.name if opts.name else _latest_sweep(sweeps, load_search_space(opts.space).method)
+        d = resume_target(opts, load_search_space(opts.space).method)
         return run_spec.resumed_options(opts, json.loads((d / "sweep.json").read_text())), f"resuming {d.name}, "
     except Exception:  # noqa: BLE001 - the header only; run_sweep raises the real error
         return opts, ""

@@ -258,6 +258,7 @@ def build_leaderboard(
         rows.append(row)
 
     # paired comparison with the baseline's selected configuration (same dataset and backbone)
+    by_key = {(r["dataset"], r["method"], r["backbone"]): r for r in rows}
     for row in rows:
         key = (row["dataset"], row["method"], row["backbone"])
         base_key = (row["dataset"], baseline_method, row["backbone"])
@@ -271,8 +272,7 @@ def build_leaderboard(
             continue
         mine = _per_seed(seeds[chosen_runs[key]], metrics[primary][chosen_runs[key]])
         theirs = _per_seed(seeds[chosen_runs[base_key]], metrics[primary][chosen_runs[base_key]])
-        base_row = next(r for r in rows if (r["dataset"], r["method"], r["backbone"]) == base_key)
-        diffs, how = _differences(mine, theirs, row["seed_free"], base_row["seed_free"])
+        diffs, how = _differences(mine, theirs, row["seed_free"], by_key[base_key]["seed_free"])
         row["baseline_n_pairs"] = len(diffs)
         if len(diffs):
             row["baseline_diff_mean"] = float(diffs.mean())
@@ -474,10 +474,8 @@ def _params(params_col: pa.ChunkedArray | None, i: int) -> dict[str, str]:
 
 
 def _params_json(params_col: pa.ChunkedArray | None, i: int) -> str:
-    if params_col is None:
-        return "{}"
-    items = params_col[i].as_py() or []
-    d = dict(items) if isinstance(items, list) else dict(items)
+    """Run ``i``'s params without ``seed`` as sorted-keys JSON (``"{}"`` without a params column)."""
+    d = _params(params_col, i)
     d.pop("seed", None)
     return json.dumps(d, sort_keys=True)
 

@@ -321,13 +321,20 @@ def select_best_run(runs: list, metric: str, mode: str):
     return (max if mode == "max" else min)(cands, key=lambda r: r.data.metrics[metric])
 
 
+def resume_target(opts: SweepOptions, method: str) -> Path:
+    """The sweep directory ``--resume`` continues: ``--name``'s, else the latest ``method`` sweep
+    under ``<output-dir>/sweeps`` (creates nothing; ConfigError when there is none)."""
+    sweeps = Path(opts.output_dir).resolve() / "sweeps"
+    return sweeps / opts.name if opts.name else _latest_sweep(sweeps, method)
+
+
 def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str]:
     """Resolve the sweep directory and name (new, or the one to resume)."""
     out = Path(opts.output_dir).resolve()
     sweeps = out / "sweeps"
     sweeps.mkdir(parents=True, exist_ok=True)
     if opts.resume:
-        sweep_dir = sweeps / opts.name if opts.name else _latest_sweep(sweeps, space.method)
+        sweep_dir = resume_target(opts, space.method)
         if not (sweep_dir / "sweep.json").is_file():
             raise ConfigError(f"--resume: {sweep_dir} holds no sweep (sweep.json missing); check --name and --output-dir")
         return sweep_dir, sweep_dir.name
