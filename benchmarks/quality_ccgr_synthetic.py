@@ -24,7 +24,7 @@ from weakbench.platform.engine import TrialSpec, run_trial
 
 SETTINGS = {"backbone": "resnet18", "input_size": 96, "epochs": 8, "batch_size": 16, "lr": 0.02, "rounds": 2,
             "max_proposals": 150, "mil_epochs": 4, "mil_lr": 0.001, "semantic_epochs": 8, "semantic_lr": 0.001,
-            "mask_rcnn_epochs": 10, "refinement_steps": 100, "max_images_per_split": 40}
+            "mask_rcnn_epochs": 10, "max_images_per_split": 40}
 KEYS = ("peaks/peak_recall", "peaks/peaks_per_image", "pseudo_masks/r1/box_iou_before", "pseudo_masks/r1/box_iou_after",
         "pseudo_masks/r1/gt_box_iou_before", "pseudo_masks/r1/gt_box_iou_after", "pseudo_masks/r1/map_r50",
         "pseudo_masks/r1/unrefined/map_r50", "pseudo_masks/r2/map_r50", "pseudo_masks/r2/unrefined/map_r50",

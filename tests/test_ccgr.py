@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from weakbench.methods import build_method, validate_config
@@ -85,6 +86,53 @@ def test_ss_blob_boxes_pick_the_component_overlapping_the_box_most():
     boxes = np.array([[0, 0, 5, 5], [3, 2, 10, 10], [4, 4, 7, 7]], np.float32)
     got = ss_blob_boxes(lab, boxes, [1, 1, 1])
     np.testing.assert_array_equal(got, [[1, 1, 4, 3], [7, 7, 10, 10], [0, 0, 0, 0]])
+
+
+def test_stopping_peaks_count_one_ss_region_as_one_instance():
+    """Class 0 (label 1) has two SS regions, A = rows/cols 0–3 and B = rows/cols 6–9. A box
+    [0, 0, 2, 2] of class 0 holds peak (1, 1): its own. Peak (3, 3) lies in A, the box's own
+    region: no stop with the region rule, a stop with the literal one. (8, 8) lies in B and (5, 5)
+    on background: stops under both. (2, 8) is class 1's: never a stop for a class-0 box."""
+    from weakbench.methods.ccgr import stopping_peaks
+
+    lab = np.zeros((10, 10), np.int64)
+    lab[0:4, 0:4] = 1
+    lab[6:10, 6:10] = 1
+    lab[2, 8] = 2
+    peaks = np.array([[1, 1], [3, 3], [8, 8], [5, 5], [2, 8]])
+    classes = np.array([0, 0, 0, 0, 1])
+    box = np.array([[0, 0, 2, 2]], np.float32)
+    (region,) = stopping_peaks(lab, box, [0], peaks, classes)
+    (literal,) = stopping_peaks(None, box, [0], peaks, classes)
+    assert sorted(map(tuple, region.tolist())) == [(5, 5), (8, 8)]
+    assert sorted(map(tuple, literal.tolist())) == [(3, 3), (5, 5), (8, 8)]
+    # a class-1 box over (2, 8) has no other class-1 peak: nothing stops it
+    (other,) = stopping_peaks(lab, np.array([[8, 2, 9, 3]], np.float32), [1], peaks, classes)
+    assert other.shape == (0, 2)
+
+
+def test_region_stop_lets_a_box_grow_over_its_own_object():
+    """One object of class 0 (an SS region, the 0/1 map's ones at x 10–29, y 10–29) holds two
+    peaks. Started from its left half, the box refines towards the whole object with the region
+    stop; with the literal stop the second peak (at x 24) halts it before it gets there."""
+    from weakbench.methods import ccgr_ops as ops
+    from weakbench.methods.ccgr import stopping_peaks
+
+    lab = np.zeros((40, 40), np.int64)
+    lab[10:30, 10:30] = 1
+    maps = torch.from_numpy((lab == 1).astype(np.float32))[None]
+    box = torch.tensor([[10.0, 10.0, 20.0, 30.0]])
+    peaks, classes = np.array([[20, 14], [20, 24]]), np.array([0, 0])
+    got = {}
+    for rule, lm in (("region", lab), ("any", None)):
+        stops = stopping_peaks(lm, box.numpy(), [0], peaks, classes)
+        got[rule], _ = ops.refine_boxes(maps, box, steps=200, step_size=0.02, step_unit="box", peaks=stops)
+    full = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    from torchvision.ops import box_iou
+
+    assert float(box_iou(got["region"], full)) > 0.9
+    assert float(got["any"][0, 2]) <= 24.5 + 1e-6  # never took in the peak's pixel centre x = 24.5
+    assert float(box_iou(got["any"], full)) < 0.8
 
 
 @pytest.mark.slow

@@ -363,7 +363,8 @@ def refine_boxes(
     **One instance per box** (paper: "proposals containing only this peak"): with ``peaks``, a
     box whose update would make it contain one of its peaks stops being refined and keeps its
     last coordinates for the remaining steps. Peaks the input box already contains are ignored
-    (it could not move at all otherwise; it may still shrink and let them go).
+    (it could not move at all otherwise; it may still shrink and let them go). Which peaks count as another
+    instance is the caller's choice (CCGR: ``ccgr.stopping_peaks``, by SS region).
 
     The computation runs in float64 on score_maps' device with gradients enabled (also inside
     ``torch.no_grad()``); nothing is kept for the graph of the caller.
