@@ -347,3 +347,26 @@ def test_object_size_through_an_inline_trial(tmp_path, monkeypatch):
     k = round(expected * cams.shape[-2] * cams.shape[-1])
     assert predictor.model.k_fraction == expected and predictor.model.last_k == k
     assert run.data.metrics["train/top_k"] == k
+
+
+def test_evaluate_refuses_object_size_before_reading_any_image(tmp_path):
+    """``weakbench evaluate --method topgap`` has no train split to measure the object size on:
+    the fraction is refused up front, naming the field and the fix, with no MLflow run left."""
+    import sqlite3
+
+    from weakbench.platform.errors import ConfigError
+    from weakbench.platform.evaluation import evaluate_dataset
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match=r"top_k_fraction.*--set top_k_fraction=0\.5"):
+        evaluate_dataset(None, tracking_uri=uri, method="topgap", cache_dir=tmp_path / "cache",
+                         params={"epochs": 0, "top_k_fraction": "object_size", "backbone": "resnet18",
+                                 "pretrained": False, "input_size": 32})
+    if (tmp_path / "mlflow.db").exists():
+        with sqlite3.connect(tmp_path / "mlflow.db") as db:
+            assert db.execute("select count(*) from runs").fetchone()[0] == 0
+    # a number is accepted and scores (the fix the message gives)
+    res = evaluate_dataset(None, tracking_uri=uri, method="topgap", cache_dir=tmp_path / "cache", max_images=4,
+                           log=False, params={"epochs": 0, "top_k_fraction": 0.5, "backbone": "resnet18",
+                                              "pretrained": False, "input_size": 32})
+    assert "max_box_acc_v2" in res.metrics

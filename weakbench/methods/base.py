@@ -407,6 +407,13 @@ class Method:
         mean, std = self.input_normalization
         return CamPredictor(self, model.cpu().eval(), ctx.source.class_names, self.config.input_size, mean, std)
 
+    def check_untrained(self) -> None:
+        """Raise :class:`~weakbench.platform.errors.ConfigError` when this configuration cannot
+        be used without a train stage (``weakbench evaluate --method``), naming the field and the
+        fix; before any image is read. The default accepts every configuration (a method whose
+        settings are resolved from the train split overrides this, e.g. Top-GAP's
+        ``top_k_fraction: object_size``)."""
+
     # ------------------------------------------------------------------ seeds
     @classmethod
     def seed_free(cls, params: Mapping[str, str]) -> bool:

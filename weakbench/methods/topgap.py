@@ -527,6 +527,18 @@ class TopGAP(Method):
     def build_model(self) -> torch.nn.Module:
         return TopGAPNet(self.config, self.num_classes)
 
+    def check_untrained(self) -> None:
+        """``top_k_fraction: object_size`` is measured on the train split by the train stage;
+        without one (``weakbench evaluate --method topgap``) it cannot be resolved.
+
+        Raises:
+            ConfigError: naming ``top_k_fraction`` and the fix.
+        """
+        if self.config.top_k_fraction == OBJECT_SIZE:
+            raise ConfigError("topgap: top_k_fraction='object_size' is measured on the train split by the train stage, "
+                              "and this run has none (weakbench evaluate --method topgap trains nothing). Give "
+                              "top_k_fraction a number in (0, 1] (e.g. --set top_k_fraction=0.5), or top_k_fraction=null and a top_k")
+
     def fit_task(self, stage, inputs=None):
         """The ``train`` stage: :class:`TopGAPFitTask` (resolves ``top_k_fraction: object_size``)."""
         if stage.name != "train":

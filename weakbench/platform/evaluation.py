@@ -116,7 +116,8 @@ def evaluate_dataset(
 
     Raises:
         ConfigError: neither or both of ``model_uri`` / ``method``; a method that needs training
-            or is not a classifier → CAM method; the model's classes differ from the dataset's.
+            or is not a classifier → CAM method; one whose settings come from a train split
+            (``Method.check_untrained``); the model's classes differ from the dataset's.
         UnknownNameError: the URI or the method does not resolve.
         DataError: the dataset does not open.
     """
@@ -151,6 +152,7 @@ def evaluate_dataset(
         if trains:
             raise ConfigError(f"method {method!r} trains (stage {trains[0]!r} has epochs > 0): evaluate needs a "
                               f"method that needs no training (--set epochs=0), or a trained model with --model")
+        m.check_untrained()
         torch.manual_seed(m.config.seed)
         model = m.build_model()
         size = input_size or m.config.input_size
