@@ -279,3 +279,38 @@ def test_coco128_capped_subset_end_to_end(tmp_path, coco128_dir):
             assert ys.min() + 0.5 >= box[1] and ys.max() + 0.5 < box[3] + 1e-6, key
     for k in ("val/pseudo_masks/map_r50", "val/pseudo_masks/box_iou_before", "test/mask_rcnn/segm_map_r50"):
         assert 0 <= m[k] <= 100, k
+
+
+def test_next_round_from_pseudo_masks_seeds_bags_and_labels(tmp_path):
+    """``next_round_from: pseudo_masks``: round r's refined boxes give the next round's bags (the
+    proposals of highest IoU with each, best first) and its pseudo masks its SS labels, a higher
+    MIL score winning an overlapping pixel; an image without pseudo masks gets no bags (it keeps
+    its round-1 ones). The plan's instances stage reads the refine product for it."""
+    from types import SimpleNamespace
+
+    from weakbench.methods.bbam import _rle
+    from weakbench.methods.ccgr import _unpng
+
+    m = build_method("ccgr", {"rounds": 2, "bag_size": 2, "next_round_from": "pseudo_masks"}, num_classes=3)
+    st = {s.name: s for s in m.plan()}
+    assert "refine_r1" in st["instances_r1"].inputs and "next_round_from" in st["instances_r1"].reads
+    a = np.zeros((8, 8), bool)
+    a[0:4, 0:4] = True
+    b = np.zeros((8, 8), bool)
+    b[2:6, 2:6] = True
+    (tmp_path / "refine").mkdir()
+    torch.save({"train:0": {"boxes_fg": [[0, 0, 4, 4], [2, 2, 6, 6]], "classes_fg": [0, 2], "scores_fg": [0.4, 0.9],
+                            "fg": [_rle(a), _rle(b)]},
+                "train:1": {"boxes_fg": [], "classes_fg": [], "scores_fg": [], "fg": []}},
+               tmp_path / "refine" / "refined.pt")
+    records = [SimpleNamespace(width=8, height=8)] * 2
+    ctx = SimpleNamespace(inputs={"refine_r1": tmp_path / "refine"}, source=SimpleNamespace(records=records))
+    props = {"train:0": np.array([[0, 0, 4, 4], [2, 2, 6, 6], [0, 0, 5, 5], [6, 6, 8, 8]], np.float32),
+             "train:1": np.array([[0, 0, 8, 8]], np.float32)}
+    out = m._instances_from_pseudo_masks(1, ["train:0", "train:1"], ctx, props)
+    e = out["train:0"]
+    assert e["bag_classes"] == [0, 2] and e["detections"] == 2
+    assert e["bags"][0] == [0, 2] and e["bags"][1] == [1, 2]  # IoU 1, then 16/25; and 1, then 9/32
+    label = _unpng(e["label"])
+    assert label[0, 0] == 1 and label[3, 3] == 3 and label[5, 5] == 3 and label[7, 7] == 0  # 0.9 wins (3, 3)
+    assert out["train:1"]["bags"] == [] and out["train:1"]["label"] is None

@@ -174,6 +174,11 @@ class CCGRConfig(MethodConfig):
     mask_rcnn_batch_size: int = Field(4, ge=1, le=256, description="Mask R-CNN images per worker per step")
     fpn_channels: int = Field(64, ge=8, le=1024, description="Mask R-CNN FPN width (256 in torchvision; smaller for CPU)")
     box_head_size: int = Field(256, ge=16, le=4096, description="Mask R-CNN box head width (1024 in torchvision)")
+    next_round_from: Literal["instance_branch", "pseudo_masks"] = Field(
+        "instance_branch", description="what seeds round r + 1's bags and SS labels: the IS branch's detections and "
+        "masks (the paper; default) or round r's own refined boxes and pseudo masks (the IS branch is then left out "
+        "of the loop; it is still trained and scored). On a CPU budget the IS branch scores far below the pseudo "
+        "masks it is trained on; this setting tells the loop's effect from that branch's")
     instance_score_threshold: float = Field(0.3, ge=0, le=1, description="IS detections of a labelled class at or above "
                                             "this seed the next round's bags and labels (and, always, each labelled "
                                             "class's best detection)")
@@ -564,8 +569,9 @@ class CCGR(Method):
                       epochs=c.mask_rcnn_epochs, inputs=("classifier", f"refine_r{r}"), shared=True),
             ]
             if r < c.rounds:
-                stages.append(Stage(f"instances_r{r}", "map", reads=("instance_score_threshold",),
-                                    inputs=("proposals", "peaks", f"instance_r{r}"), shared=True, split="train"))
+                stages.append(Stage(f"instances_r{r}", "map", reads=("instance_score_threshold", "next_round_from"),
+                                    inputs=("proposals", "peaks", f"instance_r{r}", f"refine_r{r}"), shared=True,
+                                    split="train"))
         stages += [
             Stage("evaluate", "eval", inputs=tuple(f"refine_r{r}" for r in range(1, c.rounds + 1)), split="val",
                   metric_ns="pseudo_masks"),
@@ -755,8 +761,10 @@ class CCGR(Method):
     @torch.no_grad()
     def _instances(self, r: int, keys: list[str], ctx: StageContext) -> dict[str, Any]:
         c = self.config
-        model = ctx.load_model(f"instance_r{r}")
         proposals = _table(ctx.inputs["proposals"] / "proposals.pt")
+        if c.next_round_from == "pseudo_masks":
+            return self._instances_from_pseudo_masks(r, keys, ctx, proposals)
+        model = ctx.load_model(f"instance_r{r}")
         out = {}
         for key in keys:
             index = int(key.split(":")[1])
@@ -789,6 +797,33 @@ class CCGR(Method):
                 best[upd] = sc
             out[key] = {"bags": [bg.tolist() for bg in bags], "bag_classes": lab.tolist(), "label": _png(label),
                         "detections": int(len(boxes))}
+        return out
+
+    def _instances_from_pseudo_masks(self, r: int, keys: list[str], ctx: StageContext, proposals: dict) -> dict[str, Any]:
+        """``next_round_from: pseudo_masks``: round r's refined boxes seed the next round's bags (the
+        ``bag_size`` proposals of highest IoU with each) and its pseudo masks, painted in order
+        of MIL score (a higher score wins a pixel), its SS labels, as the IS detections do by
+        default. An image with no pseudo mask keeps its round-1 bags and labels (map_reduce)."""
+        table = _table(ctx.inputs[f"refine_r{r}"] / "refined.pt")
+        out = {}
+        for key in keys:
+            e = table.get(key) or {}
+            rec = ctx.source.records[int(key.split(":")[1])]
+            props = torch.as_tensor(proposals[key], dtype=torch.float32)
+            boxes = torch.as_tensor(np.asarray(e.get("boxes_fg", []), dtype=np.float32)).reshape(-1, 4)
+            if not len(boxes) or not len(props):
+                out[key] = {"bags": [], "bag_classes": [], "label": None, "detections": 0}
+                continue
+            bags = ops.iou_bags(boxes, props, top_k=self.config.bag_size)
+            label = np.zeros((rec.height, rec.width), np.uint8)
+            best = np.full((rec.height, rec.width), -1.0, np.float32)
+            for rle, k, sc in zip(e["fg"], e["classes_fg"], e["scores_fg"]):
+                m = _unrle(rle)
+                upd = m & (sc > best)
+                label[upd] = int(k) + 1
+                best[upd] = sc
+            out[key] = {"bags": [bg.tolist() for bg in bags], "bag_classes": [int(k) for k in e["classes_fg"]],
+                        "label": _png(label), "detections": int(len(boxes))}
         return out
 
     def map_reduce(self, stage: Stage, results: dict[str, Any], ctx: StageContext) -> dict[str, float]:
