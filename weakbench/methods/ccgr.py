@@ -78,7 +78,7 @@ Choices where the paper is silent or out of reach here (each documented where it
   as one instance (``peak_stop: region``; :func:`stopping_peaks` says why and gives the
   measurement), and its default budget is 200 steps of 0.02 box sides (a side travels up to
   ≈ 2.5 box sides). On the synthetic default (seed 0, round 1, val, 48 MIL boxes, the same SS
-  map for all) the MIL boxes' mean IoU with GT was 49.8 before refinement and after it: 47.5 at
+  map for all) the MIL boxes' mean IoU with GT was 49.8 before refinement and after it: 47.0 at
   100 steps of 0.003 with the literal stop (the earlier default), 53.5 / 56.7 / 56.3 at 200
   steps of 0.01 / 0.02 / 0.03 with the region stop, 59.5 at 0.02 with a context scale of 2;
 * image labels are used on val/test to make (and score) their pseudo masks, as BBAM uses boxes
