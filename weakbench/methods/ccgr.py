@@ -279,6 +279,19 @@ def _init_backbone_from(model: torch.nn.Module, classifier_dir: Path | None) -> 
 
 
 # ---------------------------------------------------------------------------- products
+def _paint_labels(masks, classes, scores, height: int, width: int) -> np.ndarray:
+    """An SS label map ``(height, width)`` uint8 (0 background, ``c + 1`` class ``c``) from
+    instance masks (bool ``(height, width)`` each) of 0-based ``classes``; where masks overlap,
+    the higher score wins the pixel (the first of equal scores)."""
+    label = np.zeros((height, width), np.uint8)
+    best = np.full((height, width), -np.inf, np.float32)
+    for m, k, sc in zip(masks, classes, scores):
+        upd = m & (sc > best)
+        label[upd] = int(k) + 1
+        best[upd] = sc
+    return label
+
+
 def _png(label: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -789,12 +802,7 @@ class CCGR(Method):
                 out[key] = {"bags": [], "bag_classes": [], "label": None, "detections": 0}
                 continue
             bags = ops.iou_bags(boxes, props, top_k=c.bag_size)
-            label = np.zeros((img.height, img.width), np.uint8)
-            best = np.zeros((img.height, img.width), np.float32)
-            for m, k, sc in zip(masks.numpy(), lab.tolist(), scores.tolist()):
-                upd = m & (sc > best)
-                label[upd] = k + 1
-                best[upd] = sc
+            label = _paint_labels(masks.numpy(), lab.tolist(), scores.tolist(), img.height, img.width)
             out[key] = {"bags": [bg.tolist() for bg in bags], "bag_classes": lab.tolist(), "label": _png(label),
                         "detections": int(len(boxes))}
         return out
@@ -815,13 +823,8 @@ class CCGR(Method):
                 out[key] = {"bags": [], "bag_classes": [], "label": None, "detections": 0}
                 continue
             bags = ops.iou_bags(boxes, props, top_k=self.config.bag_size)
-            label = np.zeros((rec.height, rec.width), np.uint8)
-            best = np.full((rec.height, rec.width), -1.0, np.float32)
-            for rle, k, sc in zip(e["fg"], e["classes_fg"], e["scores_fg"]):
-                m = _unrle(rle)
-                upd = m & (sc > best)
-                label[upd] = int(k) + 1
-                best[upd] = sc
+            label = _paint_labels((_unrle(rle) for rle in e["fg"]), e["classes_fg"], e["scores_fg"], rec.height,
+                                  rec.width)
             out[key] = {"bags": [bg.tolist() for bg in bags], "bag_classes": [int(k) for k in e["classes_fg"]],
                         "label": _png(label), "detections": int(len(boxes))}
         return out
@@ -1006,6 +1009,27 @@ class CCGR(Method):
         return mask_rcnn_instances(models["mask_rcnn"], images, score_threshold)
 
 
+def _own_regions(label_map: np.ndarray, boxes: np.ndarray, classes) -> tuple[dict[int, np.ndarray], list[int]]:
+    """The SS region of each box's object: per class ``k`` of ``classes`` the 8-connected
+    components of ``label_map == k + 1`` (an int ``(H, W)`` id map, 0 outside), and per box the id
+    of the component that overlaps the box most (0 where the class has no pixel inside it)."""
+    from scipy import ndimage
+
+    h, w = label_map.shape
+    regions: dict[int, np.ndarray] = {}
+    own: list[int] = []
+    for box, k in zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), classes):
+        k = int(k)
+        if k not in regions:
+            regions[k] = ndimage.label(label_map == k + 1, structure=np.ones((3, 3), bool))[0]
+        x0, y0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
+        x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
+        ids = regions[k][y0:y1, x0:x1].ravel()
+        ids = ids[ids > 0]
+        own.append(int(np.bincount(ids).argmax()) if len(ids) else 0)
+    return regions, own
+
+
 def ss_blob_boxes(label_map: np.ndarray, boxes: np.ndarray, classes) -> np.ndarray:
     """For each box (N, 4) ``x0, y0, x1, y1`` in pixels of class ``classes[i]`` (0-based), the
     bounding box (N, 4, float32, pixels, ``x1``/``y1`` exclusive) of the 8-connected component
@@ -1015,23 +1039,12 @@ def ss_blob_boxes(label_map: np.ndarray, boxes: np.ndarray, classes) -> np.ndarr
     from scipy import ndimage
 
     out = np.zeros((len(boxes), 4), np.float32)
-    h, w = label_map.shape
-    comps: dict[int, tuple[np.ndarray, list]] = {}
-    for i, (box, k) in enumerate(zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), classes)):
-        k = int(k)
-        if k not in comps:
-            lab, _ = ndimage.label(label_map == k + 1, structure=np.ones((3, 3), bool))
-            comps[k] = (lab, ndimage.find_objects(lab))
-        lab, slices = comps[k]
-        x0, y0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
-        x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
-        ids = lab[y0:y1, x0:x1].ravel()
-        ids = ids[ids > 0]
-        if not len(ids):
-            continue
-        best = int(np.bincount(ids).argmax())
-        sy, sx = slices[best - 1]
-        out[i] = (sx.start, sy.start, sx.stop, sy.stop)
+    regions, own = _own_regions(label_map, boxes, classes)
+    slices = {k: ndimage.find_objects(lab) for k, lab in regions.items()}
+    for i, (k, best) in enumerate(zip(classes, own)):
+        if best:
+            sy, sx = slices[int(k)][best - 1]
+            out[i] = (sx.start, sy.start, sx.stop, sy.stop)
     return out
 
 
@@ -1062,30 +1075,20 @@ def stopping_peaks(label_map: np.ndarray | None, boxes: np.ndarray, classes, pea
         (those inside it are its own; ``refine_boxes`` ignores them anyway) and, with a label
         map, outside its object's region.
     """
-    from scipy import ndimage
-
     pk, pc = torch.as_tensor(np.asarray(peaks)).reshape(-1, 2), torch.as_tensor(np.asarray(peak_classes)).reshape(-1)
+    classes = [int(k) for k in classes]
+    regions, own = _own_regions(label_map, boxes, classes) if label_map is not None else ({}, [0] * len(classes))
     out: list[torch.Tensor] = []
-    regions: dict[int, np.ndarray] = {}
-    for box, k in zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), [int(k) for k in classes]):
+    for box, k, mine in zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), classes, own):
         same = pk[pc == k]
         if len(same):
             inside = (same[:, 1] >= box[0]) & (same[:, 1] < box[2]) & (same[:, 0] >= box[1]) & (same[:, 0] < box[3])
             same = same[~inside]
-        if label_map is not None and len(same):
-            if k not in regions:
-                regions[k] = ndimage.label(label_map == k + 1, structure=np.ones((3, 3), bool))[0]
+        if mine and len(same):
             lab = regions[k]
-            h, w = lab.shape
-            x0, y0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
-            x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
-            ids = lab[y0:y1, x0:x1].ravel()
-            ids = ids[ids > 0]
-            if len(ids):
-                own = int(np.bincount(ids).argmax())
-                yy = same[:, 0].long().clamp(0, h - 1).numpy()
-                xx = same[:, 1].long().clamp(0, w - 1).numpy()
-                same = same[torch.as_tensor(lab[yy, xx] != own)]
+            yy = same[:, 0].long().clamp(0, lab.shape[0] - 1).numpy()
+            xx = same[:, 1].long().clamp(0, lab.shape[1] - 1).numpy()
+            same = same[torch.as_tensor(lab[yy, xx] != mine)]
         out.append(same.reshape(-1, 2))
     return out
 
