@@ -1,7 +1,10 @@
 """The dashboard built from real MLflow sweeps, opened in headless Debian Chromium (Playwright).
 
-Skipped, with the reason, only when Playwright or Chromium is missing. The screenshot is saved
-under ``test-artifacts/`` in the repository root (git-ignored).
+The store is real: MLflow runs in SQLite (cam, minmaxcam, the centre Gaussian, bbam and ccgr, with
+per-epoch validation histories, failed trials and trials stopped early by the scheduler), read into
+the Parquet results store by ``weakbench dashboard build``. Skipped, with the reason, only when
+Playwright or Chromium is missing. Screenshots at 1,400 and 800 px are saved under
+``test-artifacts/`` in the repository root (git-ignored).
 """
 
 from __future__ import annotations
@@ -28,16 +31,21 @@ EVIL = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """2 methods × 2 configs × 2 seeds of trials (+1 failed each) with 2 overlays per run, run names
-    starting with an HTML/JS injection attempt; dashboard built through the CLI sub-app."""
+    """cam and minmaxcam: 2 configs × 2 seeds of trials (+1 failed, +1 stopped early each) with 2
+    overlays per finished run, run names starting with an HTML/JS injection attempt; the centre
+    Gaussian (1 seed-free config × 3 seeds), bbam and ccgr: 2 configs × 3 seeds (+1 stopped early
+    each). Every trial logs 3 epochs of validation metrics. Dashboard built through the CLI sub-app."""
     tmp = tmp_path_factory.mktemp("dash")
     uri = f"sqlite:///{tmp}/mlflow.db"
     log_synthetic_sweeps(uri, methods=("cam", "minmaxcam"), n_configs=2, n_seeds=2, overlays_per_run=2,
-                         failed_runs=1, run_name_prefix=EVIL, artifact_location=(tmp / "artifacts").as_uri())
+                         failed_runs=1, stopped_runs=1, epochs=3, run_name_prefix=EVIL,
+                         artifact_location=(tmp / "artifacts").as_uri())
+    log_synthetic_sweeps(uri, methods=("center_gaussian", "bbam", "ccgr"), n_configs=2, n_seeds=3, stopped_runs=1,
+                         epochs=3, seed=1)
     store = tmp / "store"
     res = CliRunner().invoke(app, ["build", "--store", str(store), "--tracking-uri", uri])
     assert res.exit_code == 0, res.output
-    assert "10 new runs" in res.output and "8 overlay images" in res.output
+    assert "29 new runs" in res.output and "3 boards" in res.output and "8 overlay images" in res.output
     return store / "dashboard.html"
 
 
@@ -70,11 +78,21 @@ def test_pareto_front():
     assert pareto_front(x, y).tolist() == [0, 1, 2]  # (2,3) is dominated by (2,4); (0.5,5) by (1,5)
 
 
-@pytest.mark.browser
-def test_dashboard_in_headless_chromium(built):
+def _chromium():
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set WEAKBENCH_CHROMIUM)")
+    return sync_api
+
+
+def _inside(box, width, height):
+    return box is not None and box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= width \
+        and box["y"] + box["height"] <= height
+
+
+@pytest.mark.browser
+def test_dashboard_in_headless_chromium(built):
+    sync_api = _chromium()
     server = make_server(built, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -89,49 +107,103 @@ def test_dashboard_in_headless_chromium(built):
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.goto(url, wait_until="load")
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 9", timeout=30000)
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 20", timeout=30000)
 
-            rows = page.locator("#leaderboard-table tbody tr")
-            assert rows.count() == 2
-            methods = rows.evaluate_all("rs => rs.map(r => r.cells[1].textContent)")
-            assert sorted(methods) == ["cam", "minmaxcam"]
-            cell = rows.nth(0).locator("td").nth(6).text_content()
+            # one board per headline: every method reaches the dashboard
+            boards = page.locator("section.board")
+            assert boards.count() == 3
+            assert sorted(boards.evaluate_all("bs => bs.map(b => b.dataset.selectMetric)")) == [
+                "val/max_box_acc_v2", "val/pseudo_masks/instance_miou", "val/pseudo_masks/map_r50"]
+            methods = page.locator("table.board-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.method)")
+            assert sorted(methods) == ["bbam", "cam", "ccgr", "center_gaussian", "minmaxcam"]
+            cam_board = page.locator('section.board[data-select-metric="val/max_box_acc_v2"]')
+            rows = cam_board.locator("table.board-table tbody tr")
+            assert rows.count() == 3
+
+            # at a glance: the row, the verdict, then the headline; the verdict column inside the viewport
+            heads = cam_board.locator("table.board-table thead th").all_text_contents()
+            assert heads[1].startswith("verdict: vs best trivial baseline") and "MaxBoxAccV2" in heads[2] \
+                and "headline" in heads[2]
+            for table in page.locator("table.board-table").all():
+                table.scroll_into_view_if_needed()
+                assert _inside(table.locator("th.verdict").bounding_box(), 1400, 900)
+                assert _inside(table.locator("th.headline").bounding_box(), 1400, 900)
+            page.evaluate("window.scrollTo(0, 0)")
+            assert _inside(page.locator("#leaderboard-table th.verdict").bounding_box(), 1400, 900)
+            assert all(_inside(c.bounding_box(), 1400, 900) for c in page.locator("#leaderboard-table td.verdict").all())
+            # baselines and flagged rows look different from method rows
+            base = cam_board.locator('table.board-table tr[data-method="center_gaussian"]')
+            assert base.get_attribute("data-role") == "baseline" and base.locator(".badge.baseline").count() == 1
+            assert base.locator("td.verdict").text_content() == "is the best trivial baseline"
+            cam = cam_board.locator('table.board-table tr[data-method="cam"]')  # 2 seeds: not shown to beat the baseline
+            assert cam.get_attribute("data-flagged") == "1" and "fewer than 3" in cam.locator("td.verdict").text_content()
+            colours = {m: cam_board.locator(f'table.board-table tr[data-method="{m}"] td.headline').evaluate(
+                "c => getComputedStyle(c).backgroundColor") for m in ("center_gaussian", "cam")}
+            bbam = page.locator('table.board-table tr[data-method="bbam"]')  # 3 seeds, well above its box-filled masks
+            assert bbam.get_attribute("data-flagged") is None and bbam.get_attribute("data-role") == "method"
+            assert "beats the box-filled masks" in bbam.locator("td.verdict").text_content()
+            colours["bbam"] = bbam.locator("td.headline").evaluate("c => getComputedStyle(c).backgroundColor")
+            assert len(set(colours.values())) == 3, colours
+            cell = rows.nth(0).locator("td.headline").text_content()
             assert "±" in cell and "[" in cell  # mean ± std [CI]
-            assert page.locator("#leaderboard h2").text_content().endswith("selected on val (val/max_box_acc_v2), reported on test")
-            # under the table: what the headline means and which row is the baseline (none here: the command)
+
             assert page.evaluate("document.querySelector('#leaderboard-table').parentElement.nextElementSibling.id") \
                 == "leaderboard-legend"
-            line = page.locator("#leaderboard-legend").text_content()
+            line = cam_board.locator(".legend").text_content()
             assert line.startswith("test/max_box_acc_v2 (MaxBoxAccV2): share of images") and "higher is better" in line
-            assert "No baseline on" in line and "weakbench sweep search_spaces/center_gaussian.yaml" in line
-            hrefs = page.locator("#leaderboard-table td.runs a").evaluate_all("as => as.map(a => a.href)")
-            assert len(hrefs) == 4  # 2 seeds × 2 rows
+            assert "Baseline: center_gaussian / none on synthetic" in line
+            hrefs = cam_board.locator("td.runs a").evaluate_all("as => as.map(a => a.href)")
+            assert len(hrefs) == 7  # 2 seeds × 2 rows + 3 seeds of the baseline
             assert all(h.startswith("http://127.0.0.1:5000/#/experiments/") and "/runs/" in h for h in hrefs)
 
             # clicking the method header sorts the rows; clicking again reverses
-            page.locator("#leaderboard-table th", has_text="method").click()
-            first = rows.nth(0).locator("td").nth(1).text_content()
-            page.locator("#leaderboard-table th", has_text="method").click()
-            assert {first, rows.nth(0).locator("td").nth(1).text_content()} == {"cam", "minmaxcam"}
+            header = cam_board.locator("table.board-table th.row")
+            header.click()
+            first = rows.nth(0).get_attribute("data-method")
+            header.click()
+            assert first == "cam" and rows.nth(0).get_attribute("data-method") == "minmaxcam"
 
-            # every section is populated and its charts drew
-            assert page.locator("#bars .js-plotly-plot").count() == 4  # test/{cls_acc,max_box_acc,max_box_acc_v2,pxap}
-            assert page.locator("#bars .js-plotly-plot .point path").count() >= 8  # 2 bars per chart
-            assert page.locator("#sweeps .js-plotly-plot").count() == 4  # 2 sweeps × (parcoords + scatter)
-            assert page.locator("#parcoords-0 canvas").count() >= 1 and page.locator("#parcoords-1 canvas").count() >= 1
-            titles = page.locator("#sweeps text.axis-title").all_text_contents()
-            assert {"lr", "batch_size", "crr_weight", "frr_weight", "val/max_box_acc_v2"} <= set(titles)
-            assert page.locator("#sweeps .js-plotly-plot .scatterlayer .point").count() >= 8
-            assert page.locator("#pareto .js-plotly-plot .scatterlayer .point").count() == 4  # 4 configurations
+            # diagnostics (thresholds, counts) stay out of the charts, in the folded table
+            chart_titles = page.locator("#boards .js-plotly-plot .annotation-text").all_text_contents()
+            assert "MaxBoxAccV2" in chart_titles and "instance mIoU" in chart_titles and "mask mAP@0.5" in chart_titles
+            assert not {"best threshold", "images", "instances"} & set(chart_titles)
+            folded = cam_board.locator("details.all-metrics th.diag").all_text_contents()
+            assert any(t.startswith("best threshold (diagnostic)") for t in folded)
+            assert any(t.startswith("images (diagnostic)") for t in folded)
+            assert page.locator("#boards .js-plotly-plot .point path").count() >= 3 + 4 + 1 + 1  # bars
+
+            # sweeps: every trial with its last value, stopped ones marked; history and curves per sweep
+            sweeps = page.locator("#sweeps .sweep")
+            assert sweeps.count() == 5
+            titles = sweeps.locator("h3").all_text_contents()
+            assert sum("1 stopped early" in t for t in titles) == 4  # the centre Gaussian has none
+            for k in range(5):
+                n_trials = int(titles[k].split(": ")[1].split(" trials")[0])
+                assert page.locator(f"#history-{k} .scatterlayer .point").count() == n_trials
+                assert page.locator(f"#curves-{k} .scatterlayer .trace").count() == n_trials
+            legend = page.locator("#sweeps .legendtext").all_text_contents()
+            assert "stopped early" in legend and "best finished so far" in legend
+            axis = page.locator("#sweeps text.axis-title").all_text_contents()
+            assert {"lr", "batch_size", "crr_weight", "frr_weight", "theta_fg", "context_scale", "status",
+                    "val/max_box_acc_v2", "val/pseudo_masks/map_r50"} <= set(axis)
+            assert page.locator("#pareto .js-plotly-plot .scatterlayer .point").count() == 5  # 4 configs + baseline
             imgs = page.locator("#gallery img")
             assert imgs.count() == 8
             assert all(w == 48 for w in imgs.evaluate_all("is => is.map(i => i.naturalWidth)"))
             assert page.evaluate("window.__pwned") is None  # injected markup stayed text
 
             ARTIFACTS.mkdir(exist_ok=True)
-            shot = ARTIFACTS / "dashboard.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(ARTIFACTS / "dashboard-1400.png"))
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+            # 800 px: the table scrolls sideways, the row and the verdict stay in view
+            page.set_viewport_size({"width": 800, "height": 900})
+            page.wait_for_timeout(300)
+            assert _inside(page.locator("#leaderboard-table th.verdict").bounding_box(), 800, 900)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 800  # no page-wide sideways scroll
+            page.screenshot(path=str(ARTIFACTS / "dashboard-800.png"))
             browser.close()
         assert problems == []
     finally:

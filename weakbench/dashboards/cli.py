@@ -1,7 +1,9 @@
 """``weakbench dashboard build`` / ``serve``: a Typer sub-app mounted by ``weakbench.platform.cli``.
 
 ``build`` refreshes the results store from MLflow when ``--tracking-uri`` is given (only runs not
-yet in the store are read), then writes one self-contained HTML file. ``serve`` serves that one
+yet in the store are read), then writes one self-contained HTML file: one board per headline
+metric (every method on a board), and per sweep the plots over every trial, with per-epoch curves
+read from MLflow's metric history. ``serve`` serves that one
 file on 127.0.0.1 until Ctrl-C.
 """
 
@@ -15,7 +17,6 @@ from typing import Optional
 import typer
 
 from weakbench.platform.conventions import DEFAULT_EXPERIMENT
-from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC
 
 app = typer.Typer(help="Leaderboard and sweep dashboard: one HTML file that works offline.", no_args_is_help=True)
 
@@ -29,7 +30,10 @@ def build(
              "(default: sqlite:///<store>/../mlflow.db when that file exists, as `weakbench sweep` lays it out)"),
     experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="MLflow experiment name"),
     out: Optional[Path] = typer.Option(None, "--out", help="output HTML file (default <store>/dashboard.html)"),
-    select_metric: str = typer.Option(DEFAULT_SELECT_METRIC, "--select-metric", help="validation metric that selects"),
+    select_metric: Optional[str] = typer.Option(
+        None, "--select-metric",
+        help="validation metric that selects, e.g. val/max_box_acc_v2: one board ranked by it (default: each "
+             "method's headline metric, one board per headline, as `weakbench leaderboard` shows them)"),
     report_split: str = typer.Option("test", "--report-split", help="split whose metrics are reported"),
     baseline: str = typer.Option("cam", "--baseline", help="method for the paired comparison"),
     mlflow_ui_url: Optional[str] = typer.Option(None, "--mlflow-ui-url", help="MLflow UI base URL for run links"),
@@ -50,8 +54,8 @@ def build(
     out = out or Path(store) / "dashboard.html"
     counts = build_dashboard(table, out, select_metric=select_metric, report_split=report_split,
                              baseline_method=baseline, tracking_uri=tracking_uri, mlflow_ui_url=mlflow_ui_url)
-    typer.echo(f"wrote {out} ({counts['bytes'] / 1e6:.1f} MB): {counts['rows']} leaderboard rows, "
-               f"{counts['sweeps']} sweeps, {counts['images']} overlay images")
+    typer.echo(f"wrote {out} ({counts['bytes'] / 1e6:.1f} MB): {counts['boards']} boards, {counts['rows']} leaderboard "
+               f"rows, {counts['sweeps']} sweeps, {counts['images']} overlay images")
 
 
 def make_server(html_file: Path, port: int = 8765) -> socketserver.TCPServer:

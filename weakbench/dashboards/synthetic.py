@@ -31,16 +31,27 @@ from weakbench.platform import conventions as C
 from weakbench.platform.results import rows_to_table
 
 METHODS = ("cam", "minmaxcam", "puzzlecam", "topgap")
-_METHOD_BONUS = {"cam": 0.0, "minmaxcam": 4.0, "puzzlecam": 2.5, "topgap": 1.0}
+_METHOD_BONUS = {"cam": 0.0, "minmaxcam": 4.0, "puzzlecam": 2.5, "topgap": 1.0, "center_gaussian": -3.0, "whole_image": -12.0}
 
 
 def _config_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: the validation/test metric family each method logs (keys as the real methods log them)
+_BOX_METHODS = {"bbam": "instance_miou", "ccgr": "map_r50"}
+
+
 def trial_record(method: str, backbone: str, dataset: str, config_id: int, seed: int, rng: np.random.Generator,
                  sweep_id: str, noise: float = 1.0) -> dict[str, Any]:
     """One synthetic trial: ``{"params", "metrics", "tags"}`` following the conventions.
+
+    The metric keys follow the method's shape: the CAM methods and the trivial baselines log the
+    WSOL family (``val/max_box_acc_v2``, ``…/max_box_acc``, ``…/pxap``, ``…/cls_acc``) and the
+    diagnostics ``…/best_threshold`` and ``test/num_images``; ``bbam`` logs
+    ``<split>/pseudo_masks/instance_miou`` with its ``box_filled/`` baseline, ``map_r50`` and the
+    count ``num_instances``; ``ccgr`` logs ``<split>/pseudo_masks/map_r50`` with its ``box_filled/``
+    baseline, ``map_r25`` and ``abo``.
 
     Args:
         config_id: index of the configuration; the learning rate and (for MinMaxCAM) λ1/λ2 derive
@@ -57,15 +68,33 @@ def trial_record(method: str, backbone: str, dataset: str, config_id: int, seed:
     val = quality + rng.normal(0, noise)
     test = quality - 1.0 + rng.normal(0, noise)
     hours = float(rng.uniform(0.05, 0.2))
-    metrics = {
-        "val/max_box_acc_v2": val, "test/max_box_acc_v2": test,
-        "val/max_box_acc": val + 3 + rng.normal(0, 0.5), "test/max_box_acc": test + 3 + rng.normal(0, 0.5),
-        "val/pxap": val - 5 + rng.normal(0, 0.5), "test/pxap": test - 5 + rng.normal(0, 0.5),
-        "val/cls_acc": 80.0 - 0.3 * (val - 50) + rng.normal(0, 0.5),
-        "test/cls_acc": 80.0 - 0.3 * (test - 50) + rng.normal(0, 0.5),
-        "train/loss": float(rng.uniform(0.1, 0.5)),
-        C.COST_TRAIN_SECONDS: hours * 3600, C.COST_GPU_HOURS: 0.0, C.COST_CPU_HOURS: hours * 2,
-    }
+    if method in _BOX_METHODS:
+        head = _BOX_METHODS[method]
+        params.update(theta_fg=round(float(crng.uniform(0.5, 0.9)), 3)) if method == "bbam" else \
+            params.update(context_scale=round(float(crng.uniform(1.2, 2.0)), 3))
+        metrics = {}
+        for split, v in (("val", val - 10), ("test", test - 10)):
+            ns = f"{split}/pseudo_masks"
+            metrics[f"{ns}/{head}"] = v
+            metrics[f"{ns}/box_filled/{head}"] = v - 4 + rng.normal(0, 0.5)
+            if method == "bbam":
+                metrics[f"{ns}/map_r50"] = v - 8 + rng.normal(0, 0.5)
+                metrics[f"{ns}/num_instances"] = 120.0
+            else:
+                metrics[f"{ns}/map_r25"] = v + 9 + rng.normal(0, 0.5)
+                metrics[f"{ns}/abo"] = v + 5 + rng.normal(0, 0.5)
+    else:
+        metrics = {
+            "val/max_box_acc_v2": val, "test/max_box_acc_v2": test,
+            "val/max_box_acc": val + 3 + rng.normal(0, 0.5), "test/max_box_acc": test + 3 + rng.normal(0, 0.5),
+            "val/pxap": val - 5 + rng.normal(0, 0.5), "test/pxap": test - 5 + rng.normal(0, 0.5),
+            "val/cls_acc": 80.0 - 0.3 * (val - 50) + rng.normal(0, 0.5),
+            "test/cls_acc": 80.0 - 0.3 * (test - 50) + rng.normal(0, 0.5),
+        }
+        # the diagnostics the real evaluation logs beside the scores (no draw: other numbers unchanged)
+        metrics.update({"val/best_threshold": 0.35, "test/best_threshold": 0.4, "test/num_images": 260.0})
+    metrics.update({"train/loss": float(rng.uniform(0.1, 0.5)),
+                    C.COST_TRAIN_SECONDS: hours * 3600, C.COST_GPU_HOURS: 0.0, C.COST_CPU_HOURS: hours * 2})
     tags = {
         C.TAG_KIND: C.KIND_TRIAL, C.TAG_METHOD: method, C.TAG_BACKBONE: backbone, C.TAG_DATASET: dataset,
         C.TAG_DATASET_FINGERPRINT: hashlib.sha256(dataset.encode()).hexdigest()[:16], C.TAG_SPLIT: "val",
@@ -144,11 +173,21 @@ def log_synthetic_sweeps(
     seed: int = 0,
     run_name_prefix: str = "",
     artifact_location: str | None = None,
+    epochs: int = 0,
+    stopped_runs: int = 0,
 ) -> list[str]:
     """Log synthetic sweeps to MLflow: per (method, backbone) a parent run tagged
     ``weakbench.kind=sweep`` with ``n_configs × n_seeds`` finished child trial runs, plus
-    ``failed_runs`` FAILED children; each trial gets ``overlays_per_run`` PNGs under
-    ``overlays/``. Uses one ``log_batch`` call per run. Returns the child run ids.
+    ``failed_runs`` FAILED children and ``stopped_runs`` children stopped early by the scheduler
+    (KILLED with the tag ``weakbench.stopped``, as :mod:`weakbench.platform.engine` ends them,
+    validation metrics only, up to epoch 1); each finished trial gets ``overlays_per_run`` PNGs
+    under ``overlays/``. A trivial baseline method (``center_gaussian``, ``whole_image``) gets one
+    seed-free configuration on backbone ``none`` and no noise.
+
+    With ``epochs`` = 0 every metric is logged once at step 4 (one ``log_batch`` per run); with
+    ``epochs`` ≥ 1 the ``val/*`` metrics are logged at steps 1…``epochs`` (a rising curve that ends
+    at the run's final values; steps are epochs, as the engine logs them) and the others at the
+    last step. Returns the child run ids.
 
     ``run_name_prefix`` is prepended to run names (tests use it to check HTML escaping).
     ``artifact_location`` is used when the experiment has to be created (default: MLflow's,
@@ -161,35 +200,49 @@ def log_synthetic_sweeps(
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment, artifact_location)
     rng = np.random.default_rng(seed)
+    hrng = np.random.default_rng([seed, 7])  # the curves' own draws: the final numbers do not depend on epochs
     child_ids: list[str] = []
     now_ms = int(_dt.datetime.now(_dt.timezone.utc).timestamp() * 1000)
     with tempfile.TemporaryDirectory() as tmp:
         for m in methods:
-            for b in backbones:
+            trivial = m in C.TRIVIAL_BASELINES
+            for b in (("none",) if trivial else backbones):
                 parent = client.create_run(exp_id, run_name=f"{run_name_prefix}sweep-{m}-{b}",
                                            tags={C.TAG_KIND: C.KIND_SWEEP})
                 sweep_id = parent.info.run_id
                 client.set_tag(sweep_id, C.TAG_SWEEP_ID, sweep_id)
-                jobs = [(c, s, False) for c in range(n_configs) for s in range(n_seeds)]
-                jobs += [(n_configs + k, 0, True) for k in range(failed_runs)]
-                for c, s, failed in jobs:
-                    rec = trial_record(m, b, dataset, c, s, rng, sweep_id)
+                jobs = [(c, s, "FINISHED") for c in range(1 if trivial else n_configs) for s in range(n_seeds)]
+                if not trivial:
+                    jobs += [(n_configs + k, 0, "FAILED") for k in range(failed_runs)]
+                    jobs += [(n_configs + failed_runs + k, 0, "KILLED") for k in range(stopped_runs)]
+                for c, s, status in jobs:
+                    rec = trial_record(m, b, dataset, c, s, rng, sweep_id, noise=0.0 if trivial else 1.0)
+                    if trivial:
+                        rec["params"] = {"input_size": 128, "seed": s}
                     tags = dict(rec["tags"], **{"mlflow.parentRunId": sweep_id})
                     run = client.create_run(exp_id, run_name=f"{run_name_prefix}{m}-c{c}-s{s}", tags=tags)
                     rid = run.info.run_id
-                    metrics = {"train/loss": 1.0} if failed else rec["metrics"]
-                    client.log_batch(
-                        rid,
-                        metrics=[Metric(k, v, now_ms, 4) for k, v in metrics.items()],
-                        params=[Param(k, str(v)) for k, v in rec["params"].items()],
-                        tags=[RunTag(C.TAG_ERROR, "RuntimeError: synthetic failure")] if failed else [],
-                    )
-                    if not failed:
+                    metrics = {"train/loss": 1.0} if status == "FAILED" else rec["metrics"]
+                    last = epochs if status != "KILLED" else 1
+                    if status == "KILLED":
+                        metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
+                    logged = []
+                    for k, v in metrics.items():
+                        if epochs and k.startswith("val/"):
+                            logged += [Metric(k, v - 3.0 * (epochs - e) + float(hrng.normal(0, 0.3)) * (e < epochs),
+                                              now_ms + e, e) for e in range(1, last + 1)]
+                        else:
+                            logged.append(Metric(k, v, now_ms, last if epochs else 4))
+                    run_tags = {"FAILED": [RunTag(C.TAG_ERROR, "RuntimeError: synthetic failure")],
+                                "KILLED": [RunTag("weakbench.stopped", "stopped early by the scheduler")]}.get(status, [])
+                    client.log_batch(rid, metrics=logged, params=[Param(k, str(v)) for k, v in rec["params"].items()],
+                                     tags=run_tags)
+                    if status == "FINISHED":
                         for k in range(overlays_per_run):
                             p = Path(tmp) / f"img{k:03d}_class{k % 3}.png"
                             p.write_bytes(overlay_png(48, rng))
                             client.log_artifact(rid, str(p), C.OVERLAY_DIR)
-                    client.set_terminated(rid, "FAILED" if failed else "FINISHED")
+                    client.set_terminated(rid, status)
                     child_ids.append(rid)
                 client.set_terminated(sweep_id, "FINISHED")
     return child_ids

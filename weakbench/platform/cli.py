@@ -361,23 +361,13 @@ def leaderboard(
     """Update the Parquet results store from MLflow and print the leaderboard."""
     from weakbench.platform import leaderboard as lb_mod
     from weakbench.platform import results
-    from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC
 
     uri = _tracking_uri(output_dir, tracking_uri)
     store_dir = store or Path(output_dir) / "results"
     report = results.update_store(uri, store_dir, experiment=experiment)
     table = results.read_store(store_dir)
-    if metric is not None:
-        boards = [(_metric_name(metric), table)]
-    else:  # methods ranked by different headline metrics get a board each
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        groups: dict[str, list[str]] = {}
-        for m in sorted(set(table["method"].to_pylist())) if table.num_rows else []:
-            groups.setdefault(_metric_name(_headline(m)), []).append(m)
-        boards = [(key, table.filter(pc.is_in(table["method"], value_set=pa.array(ms)))) for key, ms in groups.items()]
-        boards = boards or [(DEFAULT_SELECT_METRIC, table)]
+    # methods ranked by different headline metrics get a board each (one grouping, shared with the dashboard)
+    boards = lb_mod.board_tables(table, _metric_name(metric) if metric is not None else None)
     for key, part in boards:
         lb = lb_mod.build_leaderboard(part, select_metric=key, report_split=report_split, baseline_method=baseline)
         console.print(lb_mod.render_rich(lb))

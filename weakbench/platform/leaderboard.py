@@ -629,3 +629,27 @@ def _trivial_command(dataset: str) -> str:
     if dataset == "synthetic":
         return "weakbench sweep search_spaces/center_gaussian.yaml (no --data: the synthetic default)"
     return f"weakbench sweep search_spaces/center_gaussian.yaml --data <the {dataset} directory> (the same --data as its sweeps)"
+
+
+def board_tables(table: pa.Table, select_metric: str | None = None) -> list[tuple[str, pa.Table]]:
+    """The runs of ``table`` grouped into boards, one per headline: ``[(select_metric, runs), …]``.
+
+    With ``select_metric`` (``"<split>/<name>"``) every run is on one board ranked by it. Without,
+    each method's runs go to the board of its declared headline
+    (:func:`~weakbench.platform.metric_declarations.default_select_metric`: ``val/max_box_acc_v2``
+    for the CAM methods and the trivial baselines, ``val/pseudo_masks/instance_miou`` for BBAM,
+    ``val/pseudo_masks/map_r50`` for CCGR), boards in the order of their first method's name; an
+    empty table gives one board on :data:`~weakbench.platform.metric_declarations.DEFAULT_SELECT_METRIC`.
+    A run without a method tag counts as a method of the default headline. The CLI's
+    ``leaderboard`` and the dashboard both group with this function.
+    """
+    import pyarrow.compute as pc
+
+    if select_metric is not None:
+        return [(select_metric, table)]
+    methods = table["method"].fill_null("") if table.num_rows else pa.chunked_array([], pa.string())
+    groups: dict[str, list[str]] = {}
+    for m in sorted(set(methods.to_pylist())):
+        groups.setdefault(D.default_select_metric(m) if m else D.DEFAULT_SELECT_METRIC, []).append(m)
+    boards = [(key, table.filter(pc.is_in(methods, value_set=pa.array(ms, pa.string())))) for key, ms in groups.items()]
+    return boards or [(D.DEFAULT_SELECT_METRIC, table)]
