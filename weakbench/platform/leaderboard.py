@@ -638,9 +638,9 @@ def board_tables(table: pa.Table, select_metric: str | None = None) -> list[tupl
     each method's runs go to the board of its declared headline
     (:func:`~weakbench.platform.metric_declarations.default_select_metric`: ``val/max_box_acc_v2``
     for the CAM methods and the trivial baselines, ``val/pseudo_masks/instance_miou`` for BBAM,
-    ``val/pseudo_masks/map_r50`` for CCGR), boards in the order of their first method's name; an
-    empty table gives one board on :data:`~weakbench.platform.metric_declarations.DEFAULT_SELECT_METRIC`.
-    A run without a method tag counts as a method of the default headline. The CLI's
+    ``val/pseudo_masks/map_r50`` for CCGR), boards in the order of their headline in
+    :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER` (then by key); an empty table
+    gives one board on :data:`~weakbench.platform.metric_declarations.DEFAULT_SELECT_METRIC`. A run without a method tag counts as a method of the default headline. The CLI's
     ``leaderboard`` and the dashboard both group with this function.
     """
     import pyarrow.compute as pc
@@ -651,5 +651,6 @@ def board_tables(table: pa.Table, select_metric: str | None = None) -> list[tupl
     groups: dict[str, list[str]] = {}
     for m in sorted(set(methods.to_pylist())):
         groups.setdefault(D.default_select_metric(m) if m else D.DEFAULT_SELECT_METRIC, []).append(m)
-    boards = [(key, table.filter(pc.is_in(methods, value_set=pa.array(ms, pa.string())))) for key, ms in groups.items()]
+    order = sorted(groups, key=lambda k: (_display_rank(k), k))
+    boards = [(key, table.filter(pc.is_in(methods, value_set=pa.array(groups[key], pa.string())))) for key in order]
     return boards or [(D.DEFAULT_SELECT_METRIC, table)]
