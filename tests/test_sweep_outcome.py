@@ -13,7 +13,8 @@ from weakbench.platform import conventions as C
 from weakbench.platform import tracking
 from weakbench.platform.search_space import load_search_space
 from weakbench.platform.errors import ConfigError
-from weakbench.platform.sweep import SweepOptions, SweepSummary, _reconcile_with_tune, prepare_sweep_dir, resolve_executor
+from weakbench.platform.sweep import SweepOptions, SweepSummary, _reconcile, prepare_sweep_dir, resolve_executor
+from weakbench.platform.sweep_state import SweepState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,7 @@ def _summary(**kw) -> SweepSummary:
     ({"num_finished": 3, "num_trials": 3}, 1),                      # a planned trial never ran
     ({"num_finished": 0, "num_stopped": 4}, 1),                     # nothing finished
     ({"interrupted": True}, 130),
+    ({"interrupted": True, "interrupt_signal": 15}, 143),         # SIGTERM (timeout, systemd, Kubernetes)
 ])
 def test_exit_code_rule(kw, code):
     assert _summary(**kw).exit_code == code
@@ -92,14 +94,24 @@ def test_tune_errors_are_failed_in_mlflow(tmp_path, ray_local):
     uri = tracking.default_tracking_uri(tmp_path)
     client = tracking.client_for(uri)
     exp = tracking.ensure_experiment(client, "weakbench")
+    from weakbench.platform import sweep_state
+    from weakbench.platform.tune_record import Recorder, RecordingCallback
+
     parent = tracking.get_or_create_parent_run(client, exp, "toy", "toy", tags={}, params={})
-    tuner = tune.Tuner(tune.with_resources(_toy_trial, {"cpu": 0.5}),
-                       param_space={"x": tune.grid_search([0, 1, 2]), "uri": uri, "parent": parent},
-                       run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), verbose=0,
-                                                 failure_config=tune.FailureConfig(max_failures=1)))
-    tuner.fit()
+    state = SweepState(tmp_path / "state.json")
+    sweep_state.ACTIVE = Recorder(state, "m")
+    try:
+        tuner = tune.Tuner(tune.with_resources(_toy_trial, {"cpu": 0.5}),
+                           param_space={"x": tune.grid_search([0, 1, 2]), "uri": uri, "parent": parent},
+                           run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), verbose=0,
+                                                     callbacks=[RecordingCallback()],
+                                                     failure_config=tune.FailureConfig(max_failures=1)))
+        tuner.fit()
+    finally:
+        sweep_state.ACTIVE = None
+    assert sorted(t["status"] for t in SweepState.load(tmp_path).trials.values()) == ["failed", "failed", "finished"]
     source = open_dataset(None, cache_dir=tmp_path / "cache")
-    outcome = _reconcile_with_tune(client, exp, parent, "toy", tmp_path / "tune", "cam", source, interrupted=False)
+    outcome = _reconcile(client, exp, parent, "toy", state, "cam", source, interrupted=False)
     runs = {r.data.params.get("x"): r for r in tracking.child_runs(client, exp, parent)}
     assert sorted(runs) == ["0", "1", "2"]  # the trial that never created a run has one now
     assert runs["0"].info.status == "FAILED" and runs["0"].data.tags[C.TAG_ERROR] == "ValueError: boom before any run [x, y, w, h]"
@@ -108,7 +120,7 @@ def test_tune_errors_are_failed_in_mlflow(tmp_path, ray_local):
     assert runs["2"].info.status == "FINISHED"
     assert outcome["restarts"] == 2  # x=0 and x=1 each retried once (max_failures=1)
     # idempotent: a second reconciliation creates nothing
-    _reconcile_with_tune(client, exp, parent, "toy", tmp_path / "tune", "cam", source, interrupted=False)
+    _reconcile(client, exp, parent, "toy", state, "cam", source, interrupted=False)
     assert len(tracking.child_runs(client, exp, parent)) == 3
 
 
@@ -162,7 +174,8 @@ def test_interrupt_reconciliation_tells_interrupted_from_stopped(tmp_path):
     tracking.fail_run(client, ids["worker_sigint"], KeyboardInterrupt())
     tracking.fail_run(client, ids["real_failure"], ValueError("bad pixel"))
     source = open_dataset(None, cache_dir=tmp_path / "cache")
-    _reconcile_with_tune(client, exp, parent, "toy", tmp_path / "no-tune", "cam", source, interrupted=True, interrupted_at=t_int)
+    _reconcile(client, exp, parent, "toy", SweepState(tmp_path / "state.json"), "cam", source, interrupted=True,
+               interrupted_at=t_int)
     runs = {r.info.run_name: r for r in tracking.child_runs(client, exp, parent)}
     for name in ("running", "report_stop", "worker_sigint"):
         assert runs[name].info.status == "KILLED" and runs[name].data.tags.get(C.TAG_INTERRUPTED), name

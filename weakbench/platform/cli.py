@@ -165,7 +165,7 @@ def _resumed_view(opts) -> tuple[Any, str]:
 def sweep(**values: Any) -> None:
     """Run a hyperparameter sweep of one method (Ray Tune + Optuna + ASHA), tracked in MLflow.
 
-    Exit status: 0 when every planned trial finished or was stopped early by ASHA (and at least one finished); 1 when a trial failed, a planned trial never ran, or no trial finished; 2 for bad input (nothing started); 130 when interrupted (Ctrl-C: the parent run ends KILLED and --resume continues the sweep).
+    Exit status: 0 when every planned trial finished or was stopped early by ASHA (and at least one finished); 1 when a trial failed, a planned trial never ran, or no trial finished; 2 for bad input (nothing started); 130 when interrupted by Ctrl-C (SIGINT) and 143 by SIGTERM (the summary is printed, the parent run ends KILLED and --resume continues the sweep).
     """
     opts = _options_from_cli(values)
     from weakbench.platform.sweep import resolve_executor
@@ -191,6 +191,8 @@ def sweep(**values: Any) -> None:
     console.print(t)
     if opts.baselines and not s.interrupted and s.num_finished:
         _add_trivial_baselines(opts, s)
+    for warning in s.warnings:
+        err_console.print(Text("warning: ", style="yellow") + Text(warning))
     if s.interrupted:
         err_console.print(Text("interrupted: the parent run is KILLED; continue with --resume --name " + s.sweep_name, style="yellow"))
     elif s.num_finished == 0:
@@ -519,7 +521,7 @@ def main() -> None:
     except WeakbenchError as e:
         # printed literally: Rich markup would eat bracketed text such as "[x, y, w, h]"
         err_console.print(Text("error:", style="red") + Text(" " + str(e)), highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; an error that is not the input's says otherwise
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code or 0)

@@ -32,7 +32,7 @@ inline executor runs the whole plan in the calling process. On every worker:
 5. after the plan's last stage rank 0 logs the cost and the method's predictor and ends the
    run FINISHED *before* the last report (Tune may end a trial inside ``report``). Any
    exception ends the run FAILED with the error as a tag (a non-finite loss or metric raises
-   :class:`DivergenceError`); a trial stopped early by the scheduler ends KILLED.
+   :class:`DivergenceError`); a trial Tune stops (the scheduler, an interrupt) ends KILLED.
 
 Reports carry ``progress`` (plan units done: one per fit epoch and per map/eval stage; ASHA's
 clock) and ``epoch`` (fit epochs done), plus the latest val/test metrics.
@@ -789,7 +789,9 @@ def _run(spec: TrialSpec, reporter: _Reporter, segment: int | None = None) -> di
                 if runner.unlogged is not None:  # stopped inside the report of a checkpointed epoch
                     tracking.log_metrics(client, run_id, runner.unlogged["metrics"], step=runner.unlogged["step"])
                 if client.get_run(run_id).info.status == "RUNNING":
-                    client.set_tag(run_id, "weakbench.stopped", "stopped early by the scheduler")
+                    # the scheduler's decision or the sweep ending (an interrupt): the driver, which
+                    # knows which, writes the final reason (weakbench.platform.sweep._reconcile)
+                    client.set_tag(run_id, "weakbench.stopped", "stopped by Ray Tune")
                     client.set_terminated(run_id, status="KILLED")
             else:
                 tracking.fail_run(client, run_id, f"SystemExit: {e.code}")

@@ -7,9 +7,11 @@ what is left. Two sources feed the same :class:`SweepView`:
 * a running sweep's driver: :class:`SweepObserver` hands Ray Tune a :class:`LiveCallback`
   (``on_trial_start`` / ``on_trial_result`` / ``on_trial_complete`` / ``on_trial_error``) and
   draws the view with rich ``Live`` (on a terminal) or one line per trial event (a pipe, CI);
-* ``weakbench status``: :func:`load_view` reads Tune's experiment state
-  (``<sweep dir>/tune/experiment_state-*.json``, saved by Tune every ≥ 10 s) and the sweep's
-  MLflow runs (stage tags, errors; the only source when the sweep directory is on a cluster).
+* ``weakbench status``: :func:`load_view` reads the driver's own record of the sweep
+  (``<sweep dir>/state.json``, :mod:`weakbench.platform.sweep_state`: written as Tune's events
+  happen, with the driver's heartbeat, so that a sweep whose driver is gone is told from a running
+  one), Tune's experiment state only for sweeps without that record, and the sweep's MLflow runs
+  (stage tags, errors; the only source when the sweep directory is on a cluster).
 
 Every report to Tune carries ``progress`` (plan units done: one per fit epoch, one per map/eval
 stage) and ``epoch`` (fit epochs done); the stage is read off the method's plan.
@@ -281,6 +283,9 @@ def fmt_metric(v: float | None) -> str:
 
 # ------------------------------------------------------------------------ rows from Tune trials
 _TUNE_STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}
+# statuses of the driver's record (weakbench.platform.sweep_state) as the view shows them
+_RECORD_STATUS = {"pending": "pending", "running": "running", "restarting": "starting", "finished": "finished",
+                  "stopped": "stopped", "failed": "failed", "interrupted": "paused"}
 
 
 def trial_params(config: dict[str, Any], seed_values: list[int] | None) -> dict[str, Any]:
@@ -570,11 +575,14 @@ def _space_of(saved: dict[str, Any]):
 
 
 def find_sweep_dir(output_dir: str | Path, name: str | None) -> Path | None:
-    """``<output_dir>/sweeps/<name>``, or the most recently started sweep there when ``name`` is None."""
+    """``<output_dir>/sweeps/<name>``, or the most recently started sweep there when ``name`` is None
+    (a folder whose start failed is skipped: :func:`weakbench.platform.sweep_state.started_sweeps`)."""
+    from weakbench.platform.sweep_state import started_sweeps
+
     sweeps = Path(output_dir) / "sweeps"
     if name:
         return sweeps / name
-    cands = sorted((p for p in sweeps.glob("*") if (p / "sweep.json").is_file()), key=lambda p: p.stat().st_mtime)
+    cands = started_sweeps(sweeps)
     return cands[-1] if cands else None
 
 
@@ -616,8 +624,13 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
                 runs = tracking.child_runs(client, exp.experiment_id, parent.info.run_id)
     except Exception:  # noqa: BLE001 - MLflow unreachable: Tune's state alone
         client = None
-    trials = _tune_state(sweep_dir / "tune") if sweep_dir is not None else []
-    if parent is None and not trials and not saved:
+    from weakbench.platform.sweep_state import SweepState, driver_gone
+
+    record = SweepState.load(sweep_dir) if sweep_dir is not None else None
+    # the driver's own record when there is one (written as events happen); Tune's saved state
+    # (every ≥ 10 s, and not a record of what happened) only for sweeps of an older weakbench
+    trials = _tune_state(sweep_dir / "tune") if sweep_dir is not None and record is None else []
+    if parent is None and not trials and not saved and record is None:
         raise ConfigError(f"sweep {name!r}: not in {Path(output_dir) / 'sweeps'} nor in MLflow {uri} (experiment "
                           f"{exp_name}); check the name, --output-dir and --tracking-uri")
 
@@ -644,6 +657,22 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
         view.ended = parent.info.end_time / 1000.0
 
     by_trial = {r.data.tags.get(C.TAG_TRIAL_ID): r for r in runs}
+    for tid in (record.order() if record is not None else []):
+        entry = record.trials[tid]
+        row = view.row(tid)
+        row.params = trial_params(entry.get("config") or {}, seed_values)
+        row.plan = plan_of(method, {**fixed, **row.params})
+        row.total_units = sum(s.units for s in row.plan)
+        row.started = entry.get("started")
+        if entry.get("progress") is not None or entry.get("latest") is not None:
+            view.on_result(row, {k: entry[k] for k in ("progress", "epoch") if entry.get(k) is not None}
+                           | ({metric: entry["latest"]} if entry.get("latest") is not None else {}),
+                           now=entry.get("updated") or entry.get("started"))
+        row.status = _RECORD_STATUS.get(entry.get("status"), "pending")
+        row.ended = entry.get("ended")
+        row.error = entry.get("error")
+        if row.status == "starting":
+            row.stage = "start-up"
     for t, meta in trials:
         row = view.row(t["trial_id"])
         row.params = trial_params(t.get("config") or {}, seed_values)
@@ -710,8 +739,18 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
         rows = list(view.rows.values())
         if rows and len(rows) >= planned and all(r.status in ("finished", "stopped", "failed", "paused") for r in rows):
             view.ended = max((r.ended or r.updated or r.started or view.started) for r in rows)
-    if parent is not None and parent.info.status == "RUNNING":
-        view.note = f"MLflow {uri}, parent run {parent.info.run_id}; Tune's state is saved every ≥ 10 s"
+    gone = driver_gone(record) if record is not None else None
+    if gone:
+        # nothing runs any more: the trials the dead driver left running are shown paused, and
+        # --watch stops
+        for row in view.rows.values():
+            if row.status in ("running", "starting", "pending"):
+                row.status = "paused"
+        view.ended = view.ended or float(record.driver.get("heartbeat") or time.time())
+        view.note = (f"the sweep is not running: {gone}; `weakbench sweep <space> --resume --name {name}` continues it")
+    elif parent is not None and parent.info.status == "RUNNING":
+        view.note = (f"MLflow {uri}, parent run {parent.info.run_id}" +
+                     ("" if record is not None else "; Tune's state is saved every ≥ 10 s"))
     failed = [r for r in view.rows.values() if r.status == "failed" and r.error]
     if failed:
         view.note = "\n".join([view.note] * bool(view.note) + [f"trial {r.trial_id} failed: {_one_line(r.error)}" for r in failed])

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from weakbench.platform.sweep_state import note_scheduler_stop
+
 #: config keys that distinguish seed repeats of one configuration
 REPEAT_KEYS = ("seed", "__trial_index__")
 
@@ -73,6 +75,7 @@ class ConfigurationASHA(AsyncHyperBandScheduler):
         key = configuration_key(trial.config)
         if key in self._stopped:
             self._num_stopped += 1
+            note_scheduler_stop(trial)
             return TrialScheduler.STOP
         t = result[self._time_attr]
         if t >= self._max_t and self._stop_last_trials:
@@ -97,6 +100,7 @@ class ConfigurationASHA(AsyncHyperBandScheduler):
         if action == TrialScheduler.STOP:
             self._stopped.add(key)
             self._num_stopped += 1
+            note_scheduler_stop(trial)  # the driver's record: "stopped early" is this decision only
         return action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:

@@ -47,14 +47,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from weakbench.platform import conventions as C
-from weakbench.platform.errors import ConfigError, DivergenceError, check_finite, is_finite_metrics
+from weakbench.platform.errors import ConfigError, DivergenceError, WeakbenchError, check_finite, is_finite_metrics
 from weakbench.platform.run_spec import SweepOptions, resumed_options, trial_fields  # noqa: F401 - SweepOptions: this module's API too
 from weakbench.platform.search_space import SearchSpace, load_search_space
 
 
 class SweepSummary(BaseModel):
-    """What a sweep did. Counts come from Ray Tune's trial states reconciled with MLflow: a trial
-    that errored inside Tune is failed even when it never created a run (one is created FAILED)."""
+    """What a sweep did. Counts come from the driver's record of Tune's events (errors, completions,
+    the scheduler's decisions, :mod:`weakbench.platform.sweep_state`) reconciled with MLflow: a
+    trial whose retries are exhausted is failed even when it never created a run (one is created
+    FAILED); "stopped early" is the scheduler's decision only."""
 
     sweep_name: str
     sweep_dir: str
@@ -75,14 +77,17 @@ class SweepSummary(BaseModel):
     num_planned: int = 0
     num_restarts: int = 0
     interrupted: bool = False
+    interrupt_signal: int = Field(2, description="the signal that interrupted the sweep (2 SIGINT, 15 SIGTERM)")
+    warnings: list[str] = Field(default_factory=list, description="what the driver could not record (printed on stderr)")
 
     @property
     def exit_code(self) -> int:
-        """The CLI's exit status: 130 interrupted; 0 when every planned trial finished or was stopped
-        early by the scheduler (ASHA) and at least one finished; 1 otherwise (a trial failed, a
-        planned trial never ran, or no trial finished)."""
+        """The CLI's exit status: 128 + the signal when interrupted (130 for SIGINT / Ctrl-C, 143
+        for SIGTERM); 0 when every planned trial finished or was stopped early by the scheduler
+        (ASHA) and at least one finished; 1 otherwise (a trial failed, a planned trial never ran, or
+        no trial finished)."""
         if self.interrupted:
-            return 130
+            return 128 + self.interrupt_signal
         if self.num_finished == 0 or self.num_failed or self.num_finished + self.num_stopped < self.num_planned:
             return 1
         return 0
@@ -134,21 +139,34 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     from weakbench.platform.engine import TrialSpec, run_inline_in_tune, run_segments
 
+    from weakbench.platform.sweep_state import TRIAL_ID_KEY
+    from weakbench.platform.tune_record import FATAL_KEY, local_fault
+
     c = _SweepContext(**ctx)
     params = dict(config)
     index = params.pop("__trial_index__", None)
+    # a trial --resume replays keeps its recorded id: its MLflow run and its checkpoints are found by it
+    trial_id = str(params.pop(TRIAL_ID_KEY, None) or tune.get_context().get_trial_id())
     if c.seed_values is not None:
         params["seed"] = c.seed_values[int(index or 0) % len(c.seed_values)]
-    trial_id = tune.get_context().get_trial_id()
     spec = TrialSpec(**c.trial_fields(), params=params, trial_dir=str(Path(c.sweep_dir) / "trials" / trial_id),
                      trial_id=trial_id, run_name=f"{c.method}-{trial_id}")
-    if c.opts.executor == "inline":
-        run_inline_in_tune(spec)
-        return
-    from ray.tune.integration.ray_train import TuneReportCallback
+    try:
+        if c.opts.executor == "inline":
+            run_inline_in_tune(spec)
+            return
+        from ray.tune.integration.ray_train import TuneReportCallback
 
-    run_segments(spec, storage_path=str(Path(c.sweep_dir) / "train"), callbacks=[TuneReportCallback()],
-                 max_failures=c.opts.max_failures)
+        run_segments(spec, storage_path=str(Path(c.sweep_dir) / "train"), callbacks=[TuneReportCallback()],
+                     max_failures=c.opts.max_failures)
+    except Exception as e:
+        # a full disk, a read-only file system, a missing file: a retry on the same storage fails
+        # the same way, so the trial ends here (Tune retries only what raises) and the driver
+        # records it failed with this error (the engine has already ended its run FAILED)
+        fault = local_fault(e)
+        if fault is None:
+            raise
+        tune.report({FATAL_KEY: f"{fault} (a local fault a retry cannot fix: not retried)"})
 
 
 def _stage_aware(searcher_cls):
@@ -175,7 +193,9 @@ def _plan_units(method: str, params: dict[str, Any], source) -> int:
 
 
 def _latest_sweep(sweeps: Path, method: str) -> Path:
-    cands = sorted((p for p in sweeps.glob(f"{method}-*") if (p / "sweep.json").is_file()), key=lambda p: p.stat().st_mtime)
+    from weakbench.platform.sweep_state import started_sweeps
+
+    cands = started_sweeps(sweeps, f"{method}-*")
     if not cands:
         raise ConfigError(f"--resume: no earlier {method} sweep in {sweeps}; run without --resume first or pass --name")
     return cands[-1]
@@ -437,13 +457,25 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
                 **{f"fixed.{k}": v for k, v in space.fixed.items()},
                 **{f"search.{k}": f"{d.kind}{d.values}" for k, d in space.search.items()}})
 
+    # the driver's own record (state.json): loaded on --resume (the trials recorded so far are
+    # replayed, not suggested again), the driver and its heartbeat, written before Tune starts
+    from weakbench.platform import sweep_state
+
+    state = sweep_state.SweepState.load(sweep_dir) or sweep_state.SweepState(sweep_dir / sweep_state.STATE_NAME)
+    state.start_driver()
+    state.data.update(name=sweep_name, method=space.method, metric=space.metric, mode=space.mode, parent_run_id=parent,
+                      tracking_uri=tracking_uri, experiment=opts.experiment)
+    state.save()
+
     # results of a multi-stage trial's early stages lack the selecting metric (it comes with the
     # stage that computes it); Tune's controller would refuse them. ASHA skips such results and
     # the searcher is wrapped to skip them (_stage_aware)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     interrupted = False
     interrupted_at: float | None = None
+    interrupt_signal = signal.SIGINT
     error: BaseException | None = None
+    recorder = None
     num_planned = opts.trials
     tune_path = sweep_dir / "tune"
     try:
@@ -511,9 +543,17 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
         ctx = _SweepContext(opts=opts.model_copy(update={"tracking_uri": tracking_uri}), method=space.method,
                             data_cache=data_cache, splits_path=str(splits_path), sweep_dir=str(sweep_dir),
                             parent_run_id=parent, sweep_id=sweep_name, seed_values=seed_values).model_dump()
-        callbacks = observer.prepared(sweep_dir=sweep_dir, name=sweep_name, space=space, source=source,
-                                      num_planned=num_planned, concurrency=max_conc,
-                                      seed_values=seed_values) if observer is not None else None
+        from weakbench.platform.tune_record import Recorder, ReattachingSearcher, RecordingCallback
+
+        if search_alg is not None:  # every suggestion recorded before its trial starts; replayed on --resume
+            search_alg = ReattachingSearcher(search_alg)
+        state.data["planned"] = num_planned
+        recorder = Recorder(state, space.metric)
+        sweep_state.ACTIVE = recorder
+        recorder.heartbeat(force=True)
+        callbacks = [RecordingCallback()] + (observer.prepared(sweep_dir=sweep_dir, name=sweep_name, space=space, source=source,
+                                                               num_planned=num_planned, concurrency=max_conc,
+                                                               seed_values=seed_values) if observer is not None else [])
         trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), trial_resources)
         if opts.resume and tune.Tuner.can_restore(str(tune_path)):
             tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -535,7 +575,7 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
             try:
                 tuner.fit()
             finally:
-                interrupted_at = stop.at
+                interrupted_at, interrupt_signal = stop.at, stop.signum
         interrupted = stop.requested
     except KeyboardInterrupt:
         interrupted = True
@@ -547,53 +587,44 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     finally:
         if observer is not None:
             observer.ended()
-        outcome = _reconcile_with_tune(client, exp_id, parent, sweep_name, tune_path, space.method, source,
-                                       interrupted=interrupted, interrupted_at=interrupted_at)
-        runs = tracking.child_runs(client, exp_id, parent)
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        failed = [r for r in runs if r.info.status == "FAILED"]
-        killed = [r for r in runs if r.info.status == "KILLED" and not r.data.tags.get(C.TAG_INTERRUPTED)]
-        key = space.metric
-        best = select_best_run(finished, key, space.mode)
-        if best is not None:
-            tracking.log_metrics(client, parent, {f"best/{k}": v for k, v in best.data.metrics.items()}, step=0)
-            client.set_tag(parent, "weakbench.best_run_id", best.info.run_id)
-        summary = SweepSummary(
-            sweep_name=sweep_name, sweep_dir=str(sweep_dir), tracking_uri=tracking_uri, experiment=opts.experiment,
-            parent_run_id=parent, method=space.method, dataset=source.name, num_trials=len(runs),
-            num_finished=len(finished), num_failed=len(failed), num_stopped=len(killed), wall_seconds=time.time() - t0,
-            best_run_id=best.info.run_id if best else None, best_params=dict(best.data.params) if best else {},
-            best_metrics=dict(best.data.metrics) if best else {}, metric=space.metric,
-            num_planned=num_planned, num_restarts=outcome["restarts"], interrupted=interrupted)
-        tracking.set_tags(client, parent, {"weakbench.trials_planned": num_planned, "weakbench.trials_finished": len(finished),
-                                           "weakbench.trials_failed": len(failed), "weakbench.trials_stopped": len(killed),
-                                           "weakbench.trial_restarts": outcome["restarts"]})
-        # the parent says what happened: KILLED when interrupted, FINISHED only when every planned
-        # trial finished (or was stopped early by the scheduler), FAILED otherwise
-        code = summary.exit_code
-        if error is not None:
-            client.set_tag(parent, C.TAG_ERROR, f"{type(error).__name__}: {error}"[:5000])
-        elif code == 1:
-            client.set_tag(parent, C.TAG_ERROR, f"{len(finished)} of {num_planned} planned trial(s) finished, "
-                                                f"{len(failed)} failed, {len(killed)} stopped early")
-        client.set_terminated(parent, status={0: "FINISHED", 130: "KILLED"}.get(code, "FAILED"))
+        if sweep_state.ACTIVE is recorder:
+            sweep_state.ACTIVE = None
+        try:
+            summary = _finish(client, exp_id, parent, sweep_name, sweep_dir, space, source, opts, tracking_uri, state,
+                              num_planned=num_planned, t0=t0, error=error, interrupted=interrupted,
+                              interrupted_at=interrupted_at, interrupt_signal=int(interrupt_signal))
+        except Exception as e:  # noqa: BLE001 - said plainly; the original error, if any, is chained
+            raise FinalStatusError(
+                f"sweep {sweep_name}: could not write the trials' final statuses ({type(e).__name__}: {_first_line(e)}) "
+                f"to MLflow {tracking_uri} or {state.path}; runs may still read RUNNING there. Free space on (or make "
+                f"writable) the disk of --output-dir {out} and of the tracking store, then run `weakbench sweep "
+                f"{opts.space} --resume --name {sweep_name}`, which records them") from (error or e)
+        if recorder is not None and recorder.write_error is not None:
+            summary.warnings.append(f"could not write {state.path} ({recorder.write_error}); `weakbench status` may "
+                                    f"misread this sweep until a --resume rewrites it: free space on (or make writable) "
+                                    f"the disk of --output-dir {out}")
     return summary
 
 
 class _StopRequest:
     requested = False
-    at: float | None = None  # time.time() of the first SIGINT
+    at: float | None = None  # time.time() of the first SIGINT or SIGTERM
+    signum: int = signal.SIGINT  # which of the two
 
 
 @contextlib.contextmanager
 def _graceful_interrupt():
-    """Ctrl-C (SIGINT) during ``tuner.fit()`` stops the sweep gracefully and is remembered.
+    """Ctrl-C (SIGINT) or SIGTERM (what ``timeout``, systemd and Kubernetes send) during
+    ``tuner.fit()`` stops the sweep gracefully and is remembered: the summary is printed, the
+    parent run ends KILLED, the runs it ended are tagged interrupted, and the CLI exits with
+    128 + the signal (130, 143).
 
     Tune's own SIGINT handler would stop the experiment but make ``fit()`` return as if it had
-    ended normally (the sweep would exit 0, its parent run FINISHED). Here Tune's handler is
-    disabled (``TUNE_DISABLE_SIGINT_HANDLER``) and the first SIGINT asks Tune for the same graceful
-    stop through SIGUSR1, which Tune always handles; a second SIGINT raises KeyboardInterrupt.
-    Outside the main thread nothing changes.
+    ended normally (the sweep would exit 0, its parent run FINISHED), and Ray's driver turns
+    SIGTERM into an abrupt exit. Here Tune's handler is disabled (``TUNE_DISABLE_SIGINT_HANDLER``)
+    and the first SIGINT or SIGTERM asks Tune for the same graceful stop through SIGUSR1, which
+    Tune always handles; a second one raises KeyboardInterrupt. Outside the main thread nothing
+    changes.
     """
     import threading
 
@@ -602,39 +633,31 @@ def _graceful_interrupt():
         yield stop
         return
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         if stop.requested or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
             raise KeyboardInterrupt
         stop.requested = True
         stop.at = time.time()
+        stop.signum = signum
         import sys
 
-        print("weakbench: interrupted; stopping the sweep (press Ctrl-C again to stop at once)", file=sys.stderr)
+        how = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        print(f"weakbench: interrupted ({signal.Signals(signum).name}); stopping the sweep (send {how} again to stop at once)",
+              file=sys.stderr)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     env_before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         if env_before is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env_before
-
-
-def _tune_trials(tune_path: Path) -> list[Any]:
-    """Ray Tune's trials of the experiment at ``tune_path`` (read back from its saved state), or []."""
-    from ray import tune
-
-    if not tune_path.is_dir() or not list(tune_path.glob("experiment_state-*.json")):
-        return []
-    try:
-        return list(tune.ExperimentAnalysis(str(tune_path)).trials)
-    except Exception:  # noqa: BLE001 - a state Tune cannot read back: MLflow alone counts
-        return []
 
 
 def _tune_error_text(trial: Any) -> str:
@@ -650,45 +673,70 @@ def _tune_error_text(trial: Any) -> str:
     return f"{type(cause).__name__}: {lines[-1] if lines else cause}"
 
 
-def _reconcile_with_tune(client, exp_id: str, parent: str, sweep_id: str, tune_path: Path, method: str, source,
-                         *, interrupted: bool, interrupted_at: float | None = None) -> dict[str, int]:
-    """Make MLflow agree with Ray Tune after a sweep.
+def _reconcile(client, exp_id: str, parent: str, sweep_id: str, state, method: str, source,
+               *, interrupted: bool, interrupted_at: float | None = None) -> dict[str, int]:
+    """Make MLflow agree with what happened, as the driver recorded it (``state``, a
+    :class:`~weakbench.platform.sweep_state.SweepState`), not with Tune's periodically saved state.
 
-    * a trial Tune marks ERROR ends FAILED in MLflow with ``weakbench.error`` (its run is created
-      FAILED when it errored before creating one: a worker that died, an actor that could not start);
+    * a FINISHED run is never written again (below: unless its metrics are not finite);
+    * a trial recorded ``failed`` (Tune's retries exhausted, or a local fault a retry cannot fix)
+      ends FAILED with ``weakbench.error`` (its run is created FAILED when it failed before
+      creating one: a worker that died, an actor that could not start);
+    * a trial recorded ``stopped`` (the scheduler's own decision) ends KILLED with
+      ``weakbench.stopped = stopped early by the scheduler``; nothing else is called stopped early;
+    * a trial recorded ``finished`` whose run did not finish, and a trial still running when a
+      sweep that was not interrupted ended (its driver failed), end FAILED saying so;
     * a FINISHED run with a non-finite metric (a NaN loss) ends FAILED with a ``DivergenceError``;
-    * a run still RUNNING ends KILLED: stopped early by the scheduler, or, when the sweep was
-      interrupted, tagged ``weakbench.interrupted`` (then it does not count as stopped early);
-    * when the sweep was interrupted, a run that ended after the interrupt (``interrupted_at``)
-      because of it (Tune's stop reached it inside ``tune.report`` and it ended KILLED as if the
-      scheduler had stopped it, or a worker got the SIGINT and it ended FAILED with a
-      KeyboardInterrupt) is KILLED and tagged ``weakbench.interrupted`` too: the interrupt, not the
-      scheduler or the code, ended it, and ``--resume`` continues it;
-    * a trial Tune restarted gets tag ``weakbench.restarts``.
+    * when the sweep was interrupted, a run still RUNNING, or one that ended after the interrupt
+      (``interrupted_at``) because of it (Tune's stop reached it inside ``tune.report`` and it ended
+      KILLED as if the scheduler had stopped it, or a worker got the SIGINT and it ended FAILED
+      with a KeyboardInterrupt), is KILLED and tagged ``weakbench.interrupted``: the interrupt, not
+      the scheduler or the code, ended it, and ``--resume`` continues it;
+    * any other run still RUNNING (no outcome recorded) ends FAILED;
+    * a trial Tune restarted gets tag ``weakbench.restarts``; the record's statuses are set from
+      the runs' final ones.
 
     Returns ``{"restarts": total restarts over all trials}``.
     """
     from weakbench.platform import tracking
 
     restarts = 0
-    for trial in _tune_trials(tune_path):
-        tid = trial.trial_id
-        failures = int(getattr(trial, "num_failures", 0) or 0)
-        restarted = failures - 1 if trial.status == "ERROR" and failures else failures
-        restarts += max(0, restarted)
+    scheduler_stopped: set[str] = set()
+    for tid in state.order():
+        entry = state.trials[tid]
+        restarts += int(entry.get("restarts") or 0)
         run = tracking.find_trial_run(client, exp_id, sweep_id, tid)
-        if trial.status == "ERROR":
+        status = run.info.status if run is not None else None
+        what = entry.get("status")
+        if what == "stopped":
+            scheduler_stopped.add(tid)
+        if status == "FINISHED":
+            pass  # finished results are never overwritten
+        elif what == "failed":
+            error = entry.get("error") or "the trial failed in Ray Tune; see its error.txt"
             if run is None:
                 run_id, _ = tracking.get_or_create_trial_run(
                     client, exp_id, parent_run_id=parent, sweep_id=sweep_id, trial_id=tid, run_name=f"{method}-{tid}",
                     tags={C.TAG_METHOD: method, C.TAG_DATASET: source.name, C.TAG_DATASET_FINGERPRINT: source.fingerprint,
                           C.TAG_SPLIT: "val"},
-                    params={k: v for k, v in (trial.config or {}).items() if not k.startswith("__")})
-                tracking.fail_run(client, run_id, _tune_error_text(trial))
-            elif run.info.status != "FINISHED" and run.info.status != "FAILED":
-                tracking.fail_run(client, run.info.run_id, run.data.tags.get(C.TAG_ERROR) or _tune_error_text(trial))
-        if restarted > 0 and run is not None:
-            client.set_tag(run.info.run_id, C.TAG_RESTARTS, str(restarted))
+                    params={k: v for k, v in (entry.get("config") or {}).items() if not k.startswith("__")})
+                tracking.fail_run(client, run_id, error)
+            elif status != "FAILED" or not run.data.tags.get(C.TAG_ERROR):
+                if "weakbench.stopped" in run.data.tags:
+                    client.delete_tag(run.info.run_id, "weakbench.stopped")
+                tracking.fail_run(client, run.info.run_id, run.data.tags.get(C.TAG_ERROR) or error)
+        elif what == "stopped":
+            if status in ("RUNNING", "KILLED"):
+                client.set_tag(run.info.run_id, "weakbench.stopped", "stopped early by the scheduler")
+                if status == "RUNNING":
+                    client.set_terminated(run.info.run_id, status="KILLED")
+        elif run is not None and status in ("RUNNING", "KILLED") and not interrupted:
+            if "weakbench.stopped" in run.data.tags:
+                client.delete_tag(run.info.run_id, "weakbench.stopped")
+            tracking.fail_run(client, run.info.run_id, "the trial ended in Ray Tune but its run did not finish"
+                              if what == "finished" else "the sweep's driver ended before this trial did")
+        if int(entry.get("restarts") or 0) > 0 and run is not None:
+            client.set_tag(run.info.run_id, C.TAG_RESTARTS, str(entry["restarts"]))
     # a run that finished with a non-finite loss or metric diverged: it fails (the engine may
     # already have failed it at the epoch it diverged; this catches any run that slipped through)
     for r in tracking.child_runs(client, exp_id, parent):
@@ -700,16 +748,89 @@ def _reconcile_with_tune(client, exp_id: str, parent: str, sweep_id: str, tune_p
     if interrupted:
         since_ms = int(((interrupted_at or time.time()) - 2.0) * 1000)  # 2 s: clocks of one host, a report in flight
         for r in tracking.child_runs(client, exp_id, parent):
+            if r.data.tags.get(C.TAG_TRIAL_ID) in scheduler_stopped:
+                continue
             ended_by_interrupt = r.info.status == "RUNNING" or (
                 (r.info.end_time or 0) >= since_ms
                 and ((r.info.status == "KILLED" and r.data.tags.get("weakbench.stopped"))
                      or (r.info.status == "FAILED" and str(r.data.tags.get(C.TAG_ERROR, "")).startswith("KeyboardInterrupt"))))
             if ended_by_interrupt:
                 client.set_tag(r.info.run_id, C.TAG_INTERRUPTED, "the sweep was interrupted; --resume continues it")
-                if r.info.status != "RUNNING":
-                    if r.info.status == "FAILED":
-                        client.delete_tag(r.info.run_id, C.TAG_ERROR)
-                        client.set_terminated(r.info.run_id, status="KILLED", end_time=r.info.end_time)
-    tracking.reconcile_children(client, exp_id, parent,
-                                reason="the sweep was interrupted" if interrupted else "stopped early by the scheduler or interrupted")
+                if "weakbench.stopped" in r.data.tags:
+                    client.set_tag(r.info.run_id, "weakbench.stopped", "the sweep was interrupted")
+                if r.info.status == "FAILED":
+                    client.delete_tag(r.info.run_id, C.TAG_ERROR)
+                    client.set_terminated(r.info.run_id, status="KILLED", end_time=r.info.end_time)
+        tracking.reconcile_children(client, exp_id, parent, reason="the sweep was interrupted")
+    else:
+        for r in tracking.child_runs(client, exp_id, parent):
+            if r.info.status == "RUNNING":
+                tracking.fail_run(client, r.info.run_id, "the run was left RUNNING when the sweep ended (no outcome "
+                                                         "was recorded for its trial)")
+    # the record ends as MLflow does (what `weakbench status` reads)
+    for r in tracking.child_runs(client, exp_id, parent):
+        tid = r.data.tags.get(C.TAG_TRIAL_ID)
+        if tid in state.trials:
+            st = r.info.status
+            state.trials[tid]["status"] = ("interrupted" if st == "KILLED" and r.data.tags.get(C.TAG_INTERRUPTED) else
+                                           {"FINISHED": "finished", "FAILED": "failed", "KILLED": "stopped"}.get(st, "failed"))
+            if st == "FAILED":
+                state.trials[tid]["error"] = r.data.tags.get(C.TAG_ERROR)
     return {"restarts": restarts}
+
+
+class FinalStatusError(WeakbenchError):
+    """The driver could not write the trials' final statuses (a full disk, a read-only mount, an
+    unreachable tracking store); the message names where and the fix. Exit status 1 (not 2: the
+    input was fine)."""
+
+    exit_code = 1
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0][:300] if lines else ""
+
+
+def _finish(client, exp_id: str, parent: str, sweep_name: str, sweep_dir: Path, space, source, opts, tracking_uri: str,
+            state, *, num_planned: int, t0: float, error: BaseException | None, interrupted: bool,
+            interrupted_at: float | None, interrupt_signal: int) -> SweepSummary:
+    """Reconcile MLflow with the record, count, select the best run, end the parent run and the
+    record; returns the summary. Raises whatever MLflow or the file system raise."""
+    from weakbench.platform import tracking
+
+    outcome = _reconcile(client, exp_id, parent, sweep_name, state, space.method, source,
+                         interrupted=interrupted, interrupted_at=interrupted_at)
+    runs = tracking.child_runs(client, exp_id, parent)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    killed = [r for r in runs if r.info.status == "KILLED" and not r.data.tags.get(C.TAG_INTERRUPTED)]
+    best = select_best_run(finished, space.metric, space.mode)
+    if best is not None:
+        tracking.log_metrics(client, parent, {f"best/{k}": v for k, v in best.data.metrics.items()}, step=0)
+        client.set_tag(parent, "weakbench.best_run_id", best.info.run_id)
+    summary = SweepSummary(
+        sweep_name=sweep_name, sweep_dir=str(sweep_dir), tracking_uri=tracking_uri, experiment=opts.experiment,
+        parent_run_id=parent, method=space.method, dataset=source.name, num_trials=len(runs),
+        num_finished=len(finished), num_failed=len(failed), num_stopped=len(killed), wall_seconds=time.time() - t0,
+        best_run_id=best.info.run_id if best else None, best_params=dict(best.data.params) if best else {},
+        best_metrics=dict(best.data.metrics) if best else {}, metric=space.metric,
+        num_planned=num_planned, num_restarts=outcome["restarts"], interrupted=interrupted,
+        interrupt_signal=interrupt_signal)
+    tracking.set_tags(client, parent, {"weakbench.trials_planned": num_planned, "weakbench.trials_finished": len(finished),
+                                       "weakbench.trials_failed": len(failed), "weakbench.trials_stopped": len(killed),
+                                       "weakbench.trial_restarts": outcome["restarts"]})
+    # the parent says what happened: KILLED when interrupted, FINISHED only when every planned
+    # trial finished (or was stopped early by the scheduler), FAILED otherwise
+    code = summary.exit_code if error is None else 1
+    if error is not None:
+        client.set_tag(parent, C.TAG_ERROR, f"{type(error).__name__}: {error}"[:5000])
+    elif code == 1:
+        client.set_tag(parent, C.TAG_ERROR, f"{len(finished)} of {num_planned} planned trial(s) finished, "
+                                            f"{len(failed)} failed, {len(killed)} stopped early")
+    elif C.TAG_ERROR in client.get_run(parent).data.tags:
+        client.delete_tag(parent, C.TAG_ERROR)  # a resumed sweep that succeeded: yesterday's error no longer holds
+    client.set_terminated(parent, status="FINISHED" if code == 0 else "KILLED" if interrupted else "FAILED")
+    state.end_driver(code)
+    state.save()
+    return summary
