@@ -24,6 +24,9 @@ Layout of a sweep directory ``<output>/sweeps/<sweep name>/``::
 
     splits.json     the stored split (same for every trial)
     sweep.json      options of the sweep (for --resume)
+    state.json      the driver's record of what happened (weakbench.platform.sweep_state): every
+                    trial's id and configuration before it starts, its outcome from Tune's events,
+                    the driver's heartbeat; the sweep's outcome and --resume's re-attaching read it
     tune/           Ray Tune experiment state (restored by --resume)
     train/<trial>-<stage>/  Ray Train runs, one per trial and plan segment (a fit stage and the
                     map/eval stages after it), deterministic names → a restarted job resumes
@@ -140,7 +143,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from weakbench.platform.engine import TrialSpec, run_inline_in_tune, run_segments
 
     from weakbench.platform.sweep_state import TRIAL_ID_KEY
-    from weakbench.platform.tune_record import FATAL_KEY, local_fault
+    from weakbench.platform.tune_record import end_on_local_fault
 
     c = _SweepContext(**ctx)
     params = dict(config)
@@ -163,10 +166,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         # a full disk, a read-only file system, a missing file: a retry on the same storage fails
         # the same way, so the trial ends here (Tune retries only what raises) and the driver
         # records it failed with this error (the engine has already ended its run FAILED)
-        fault = local_fault(e)
-        if fault is None:
-            raise
-        tune.report({FATAL_KEY: f"{fault} (a local fault a retry cannot fix: not retried)"})
+        end_on_local_fault(e)
 
 
 def _stage_aware(searcher_cls):

@@ -13,8 +13,10 @@ Restart safety:
 * a run that is already FINISHED is never written again (:func:`get_or_create_trial_run`
   reports it and the engine skips the trial);
 * a failing trial ends its run FAILED with the error in tag ``weakbench.error``;
-* after a sweep, :func:`reconcile_children` ends any child still RUNNING (a trial stopped early
-  by ASHA or killed with its node) as KILLED, so no run is left RUNNING.
+* after a sweep, the sweep's driver ends every child run from its record of what happened
+  (:func:`weakbench.platform.sweep._reconcile`: FAILED, KILLED when stopped early by the scheduler
+  or interrupted), so no run is left RUNNING; :func:`reconcile_children` ends those still RUNNING
+  as KILLED.
 """
 
 from __future__ import annotations

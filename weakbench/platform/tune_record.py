@@ -56,6 +56,18 @@ def local_fault(exc: BaseException) -> str | None:
     return None
 
 
+def end_on_local_fault(exc: BaseException) -> None:
+    """In a Tune trial function's ``except``: re-raise ``exc`` (Tune retries it, up to
+    ``max_failures``) unless it is a :func:`local_fault`; then report it under :data:`FATAL_KEY`
+    and return, so the trial ends without a retry and the driver records it failed with that error."""
+    from ray import tune
+
+    fault = local_fault(exc)
+    if fault is None:
+        raise exc
+    tune.report({FATAL_KEY: f"{fault} (a local fault a retry cannot fix: not retried)"})
+
+
 def trial_key(trial) -> str:
     """The weakbench id of a Tune trial: its recorded id when ``--resume`` replays it, else Tune's."""
     return str((getattr(trial, "config", None) or {}).get(TRIAL_ID_KEY) or trial.trial_id)
