@@ -185,3 +185,11 @@ def _full_disk_trial(config):
         raise OSError(errno.ENOSPC, "No space left on device", "/out/checkpoint")
     except OSError as e:
         end_on_local_fault(e)
+
+
+def test_a_replayed_trial_keeps_its_configuration_for_asha():
+    """The id a replayed trial carries does not make it another configuration for ASHA: its seed
+    repeats are still stopped together."""
+    from weakbench.platform.schedulers import configuration_key
+
+    assert configuration_key({"lr": 0.1, "seed": 0, TRIAL_ID_KEY: "a1"}) == configuration_key({"lr": 0.1, "seed": 1})

@@ -34,8 +34,9 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from weakbench.platform.sweep_state import note_scheduler_stop
 
-#: config keys that distinguish seed repeats of one configuration
-REPEAT_KEYS = ("seed", "__trial_index__")
+#: config keys that distinguish seed repeats of one configuration (and the id with which
+#: ``--resume`` replays a recorded trial, :data:`weakbench.platform.sweep_state.TRIAL_ID_KEY`)
+REPEAT_KEYS = ("seed", "__trial_index__", "__trial_id__")
 
 
 def configuration_key(config: dict[str, Any]) -> str:

@@ -832,5 +832,9 @@ def _finish(client, exp_id: str, parent: str, sweep_name: str, sweep_dir: Path, 
         client.delete_tag(parent, C.TAG_ERROR)  # a resumed sweep that succeeded: yesterday's error no longer holds
     client.set_terminated(parent, status="FINISHED" if code == 0 else "KILLED" if interrupted else "FAILED")
     state.end_driver(code)
-    state.save()
+    try:
+        state.save()
+    except OSError as e:  # MLflow has the outcome; the record is what `weakbench status` reads
+        summary.warnings.append(f"could not write {state.path} ({e}); `weakbench status` may show this sweep as "
+                                f"running: free space on (or make writable) the disk of {sweep_dir}")
     return summary

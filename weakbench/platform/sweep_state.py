@@ -143,6 +143,7 @@ def driver_gone(state: SweepState, now: float | None = None) -> str | None:
             alive = True
         if not alive:
             return f"its driver (pid {d['pid']} on {d['host']}) is not running"
+        return None  # its process runs here: a slow heartbeat is a busy driver, not a dead one
     if now - beat > STALE_S:
         return f"its driver's last heartbeat was {now - beat:.0f} s ago (pid {d.get('pid')} on {d.get('host')})"
     return None
