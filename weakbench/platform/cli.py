@@ -323,8 +323,9 @@ def status(
     interval: float = typer.Option(5.0, "--interval", help="Seconds between refreshes with --watch."),
 ):
     """Show a sweep's trials (running elsewhere, or finished): configuration, status, epoch / stage, latest and best
-    validation metric, elapsed time, estimate left. Reads Ray Tune's saved state under <output-dir>/sweeps/<name>/tune
-    where it is readable here and the sweep's MLflow runs (--tracking-uri for a cluster's server)."""
+    validation metric, elapsed time, estimate left. Reads the driver's record <output-dir>/sweeps/<name>/state.json
+    where it is readable here (it says when the sweep's driver is gone) and the sweep's MLflow runs (--tracking-uri for a
+    cluster's server)."""
     from weakbench.platform.live import load_view
 
     def view():
