@@ -9,7 +9,8 @@ from weakbench.platform.metrics.classification import average_precision, multila
 from weakbench.platform.metrics.segmentation import SemanticEvaluator
 from weakbench.platform.metrics.boxes import iou_inclusive, resize_box, scale_boxes
 from weakbench.platform.metrics.instance import (
-    PseudoMaskEvaluator, average_best_overlap, coco_gt_from_source, coco_instance_eval, mask_iou,
+    PseudoMaskEvaluator, average_best_overlap, coco_gt_from_source, coco_instance_eval, mask_iou, voc_ap,
+    voc_instance_ap,
 )
 from weakbench.platform.metrics.wsol import (
     BoxEvaluator,
@@ -24,6 +25,8 @@ __all__ = [
     "SemanticEvaluator",
     "coco_gt_from_source",
     "mask_iou",
+    "voc_ap",
+    "voc_instance_ap",
     "average_best_overlap",
     "average_precision",
     "coco_instance_eval",

@@ -3,9 +3,11 @@
 * ``segm_ap``, ``segm_ap50``, ``segm_ap75``, ``segm_ap_s``, ``segm_ap_m``, ``segm_ap_l`` (and
   ``bbox_*``) are COCOeval's own summary (``stats[0:6]``), ×100; ``segm_ap70`` is the precision
   table at IoU 0.70 (one of COCOeval's ten thresholds), averaged like AP50 (BBAM reports it).
-* ``segm_map_r25``, ``segm_map_r50`` (mAP^r, Hariharan et al. 2014, as used by CCGR and other
-  WSIS papers) are COCOeval re-run with ``params.iouThrs = [0.25, 0.5]``: the mean of the
-  precision table over recall points, classes (area "all", maxDets 100), at each IoU.
+* ``segm_map_r25``, ``segm_map_r50`` (mAP^r, Hariharan et al. 2014, as CCGR, PRM and the other
+  WSIS papers report it) and ``bbox_map_r25``, ``bbox_map_r50`` (the same for boxes) are
+  :func:`voc_instance_ap`: PASCAL VOC's per-class AP over instances, not COCOeval (COCOeval's
+  101-point interpolation, its per-image cap of 100 detections and its area ranges make a
+  different number; its AP at IoU 0.5 is ``segm_ap50``, logged once under that name).
 * ``abo``, the average best overlap: for every non-crowd GT instance, the best mask IoU
   (``pycocotools.mask.iou``) over the predictions of the same image and class (0 when there
   is none), averaged over GT instances, ×100. Scores are ignored.
@@ -45,6 +47,100 @@ def _ap_at(ev: COCOeval, t: int) -> float:
     p = ev.eval["precision"][t, :, :, 0, -1]
     p = p[p > -1]
     return float(p.mean() * 100) if p.size else 0.0
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """PASCAL VOC's average precision (VOC 2010 onwards, "all points"): the area under the
+    precision-recall curve after precision is made monotone (each point takes the largest
+    precision at any higher recall), summed where recall changes. The curve runs from recall 0
+    (precision 0 appended there and at recall 1, as VOC's ``VOCap`` does).
+
+    Args:
+        recall, precision: float ``(K,)``, the cumulative curve over detections sorted by score
+            (recall non-decreasing, both in [0, 1]); ``K`` may be 0.
+
+    Returns:
+        AP in [0, 1] (0 for an empty curve).
+    """
+    mrec = np.concatenate(([0.0], np.asarray(recall, np.float64), [1.0]))
+    mpre = np.concatenate(([0.0], np.asarray(precision, np.float64), [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def voc_instance_ap(gt: COCO, results: Sequence[dict], iou_threshold: float, iou_type: str = "segm") -> float:
+    """mAP^r (Hariharan et al. 2014) in percent: PASCAL VOC's per-class AP over instances, as the
+    weakly supervised instance segmentation papers compute it (PRM, CCGR, IRN: the SDS
+    evaluation, in Python chainercv's ``eval_instance_segmentation_voc`` from FCIS's code).
+
+    Per class: every prediction of that class over all images, sorted by score (highest first;
+    ties keep input order); within an image, in that order, a prediction is a true positive when
+    its best-overlapping GT instance of the class (mask IoU, or box IoU for ``"bbox"``; the first
+    of equal IoUs) overlaps it by at least ``iou_threshold`` and no earlier prediction took that
+    instance, else a false positive (VOC's rule: a duplicate of a taken instance is false even if
+    another instance overlaps it enough). AP is :func:`voc_ap` (all-point interpolation, VOC
+    2010 onwards; not VOC 2007's 11 points). mAP^r is the mean over the classes that have GT
+    instances in ``gt`` (a class with GT but no prediction scores 0; predictions of a class
+    without GT are ignored, as chainercv does). Crowd GT regions are skipped (none in
+    weakbench's data layer).
+
+    Args:
+        gt: ground truth ``COCO`` (RLE or polygon ``segmentation``; ``bbox`` ``[x, y, w, h]``).
+        results: dicts with ``image_id``, ``category_id``, ``score`` and an RLE ``segmentation``
+            (``"segm"``) or a ``bbox`` ``[x, y, w, h]`` (``"bbox"``).
+        iou_threshold: in (0, 1], e.g. 0.5 for mAP^r_0.5.
+        iou_type: ``"segm"`` or ``"bbox"``.
+
+    Returns:
+        mAP^r in percent, 0–100; 0 when ``gt`` has no instance.
+
+    Raises:
+        DataError: unknown ``iou_type``, or a result lacking the field it needs.
+    """
+    if iou_type not in ("segm", "bbox"):
+        raise DataError(f"unknown iou type {iou_type!r}; use 'segm' or 'bbox'")
+    field = "segmentation" if iou_type == "segm" else "bbox"
+    gts: dict = defaultdict(list)
+    for ann in gt.dataset["annotations"]:
+        if not ann.get("iscrowd", 0):
+            gts[(ann["image_id"], ann["category_id"])].append(gt.annToRLE(ann) if iou_type == "segm" else ann["bbox"])
+    n_pos: dict = defaultdict(int)
+    for (_, cat), items in gts.items():
+        n_pos[cat] += len(items)
+    preds: dict = defaultdict(list)
+    for i, r in enumerate(results):
+        if field not in r:
+            raise DataError(f"result #{i} has no {field!r}; add it to every prediction to evaluate {iou_type}")
+        preds[(r["image_id"], r["category_id"])].append(r)
+    scores: dict = defaultdict(list)
+    matches: dict = defaultdict(list)
+    for (img, cat), rs in preds.items():
+        if n_pos.get(cat, 0) == 0:
+            continue
+        rs = sorted(rs, key=lambda r: -float(r["score"]))
+        g = gts.get((img, cat), [])
+        taken = np.zeros(len(g), bool)
+        if g:
+            dets = [r["segmentation"] if iou_type == "segm" else r["bbox"] for r in rs]
+            ious = np.asarray(mask_utils.iou(dets, g, [0] * len(g)), dtype=np.float64).reshape(len(rs), len(g))
+        for k, r in enumerate(rs):
+            hit = False
+            if g:
+                j = int(np.argmax(ious[k]))
+                if ious[k, j] >= iou_threshold and not taken[j]:
+                    taken[j] = hit = True
+            scores[cat].append(float(r["score"]))
+            matches[cat].append(hit)
+    aps = []
+    for cat, npos in n_pos.items():
+        sc = np.asarray(scores[cat], np.float64)
+        order = np.argsort(-sc, kind="stable")
+        tp = np.cumsum(np.asarray(matches[cat], bool)[order])
+        fp = np.cumsum(~np.asarray(matches[cat], bool)[order])
+        prec = tp / np.maximum(tp + fp, 1)
+        aps.append(voc_ap(tp / npos, prec))
+    return 100.0 * float(np.mean(aps)) if aps else 0.0
 
 
 def average_best_overlap(gt: COCO, results: Sequence[dict]) -> float:
@@ -115,8 +211,8 @@ def coco_instance_eval(gt: COCO, results: list[dict],
         # COCOeval writes -1 for an area range without GT: report 0 there (no instance to find)
         out[f"{t}_ap_s"], out[f"{t}_ap_m"], out[f"{t}_ap_l"] = (max(0.0, float(s * 100)) for s in ev.stats[3:6])
         out[f"{t}_ap70"] = _ap_at(ev, int(np.argmin(np.abs(ev.params.iouThrs - 0.70))))
-        evr = _run(gt, dt, t, [0.25, 0.5])
-        out[f"{t}_map_r25"], out[f"{t}_map_r50"] = _ap_at(evr, 0), _ap_at(evr, 1)
+        out[f"{t}_map_r25"] = voc_instance_ap(gt, per_type, 0.25, t)
+        out[f"{t}_map_r50"] = voc_instance_ap(gt, per_type, 0.5, t)
     if "segm" in iou_types:
         out["abo"] = average_best_overlap(gt, res)
     return out
