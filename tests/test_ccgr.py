@@ -29,6 +29,7 @@ from weakbench.platform.errors import ConfigError
 from weakbench.platform.metric_declarations import undeclared
 
 REPO = Path(__file__).resolve().parents[1]
+PSEUDO = "pseudo_masks_with_labels"  #: namespace of the pseudo-mask diagnostics (made with image labels)
 #: small enough for a 2-core CPU: each branch a few epochs on the synthetic default's 96 px images
 TINY = {"backbone": "resnet18", "input_size": 96, "epochs": 8, "batch_size": 16, "lr": 0.02, "rounds": 2,
         "max_proposals": 150, "mil_epochs": 4, "mil_lr": 0.001, "semantic_epochs": 4, "semantic_lr": 0.001,
@@ -52,7 +53,10 @@ def test_plan_rounds_and_what_each_stage_reads():
     assert st["evaluate"].inputs == ("refine_r1", "refine_r2")
     three = [s.name for s in build_method("ccgr", {"rounds": 3}, num_classes=4).plan()]
     assert "refine_r3" in three and "instances_r2" in three and "instances_r3" not in three
-    assert m.headline_metric == "pseudo_masks/map_r50"
+    # the paper's protocol: the IS branch on held-out images without labels
+    assert m.headline_metric == "mask_rcnn/map_r50"
+    assert "objectness" in st["peaks"].reads and "context_scale" not in st["peaks"].reads
+    assert m.config.peak_stop == "any" and m.config.objectness == "cam_contrast"
 
 
 def test_config_errors_name_the_field():
@@ -152,10 +156,13 @@ def test_two_rounds_on_the_synthetic_default(tmp_path):
     assert not undeclared(m), undeclared(m)
     seconds = time.time() - t0
     keys = ("map_r50", "map_r25", "box_map50", "box_iou_before", "box_iou_after", "unrefined/map_r50", "box_filled/map_r50")
-    summary = {k: round(m[f"val/pseudo_masks/{k}"], 2) for k in keys}
-    summary.update({f"r1/{k}": round(m[f"val/pseudo_masks/r1/{k}"], 2) for k in keys[:5]})
+    summary = {k: round(m[f"val/{PSEUDO}/{k}"], 2) for k in keys}
+    summary.update({f"r1/{k}": round(m[f"val/{PSEUDO}/r1/{k}"], 2) for k in keys[:5]})
     summary["peak_recall"] = round(m["val/peaks/peak_recall"], 1)
-    summary.update({k: round(m[f"val/pseudo_masks/{k}"], 2) for k in ("ss_box_iou_before", "ss_box_iou_after",
+    summary.update({k: round(m[f"val/peaks/{k}"], 2) for k in ("bag_best_iou", "random_bag_best_iou")})
+    summary["proposal_recall"] = round(m["val/proposals/proposal_recall"], 1)
+    summary.update({f"is/{k}": round(m[f"test/mask_rcnn/{k}"], 2) for k in ("map_r50", "map_r25", "box_map50")})
+    summary.update({k: round(m[f"val/{PSEUDO}/{k}"], 2) for k in ("ss_box_iou_before", "ss_box_iou_after",
                                                                       "ss_blob_box_iou", "gt_box_iou_before",
                                                                       "gt_box_iou_after")})
     summary["seconds"] = round(seconds)
@@ -163,11 +170,16 @@ def test_two_rounds_on_the_synthetic_default(tmp_path):
     for split in ("val", "test"):
         for r in (1, 2):
             for k in keys:
-                assert f"{split}/pseudo_masks/r{r}/{k}" in m, (split, r, k)
-        assert m[f"{split}/pseudo_masks/map_r50"] == m[f"{split}/pseudo_masks/r2/map_r50"]
-        assert f"{split}/mask_rcnn/segm_map_r50" in m and f"{split}/pseudo_masks/round_gain/map_r50" in m
+                assert f"{split}/{PSEUDO}/r{r}/{k}" in m, (split, r, k)
+        assert m[f"{split}/{PSEUDO}/map_r50"] == m[f"{split}/{PSEUDO}/r2/map_r50"]
+        assert f"{split}/{PSEUDO}/round_gain/map_r50" in m
+        # the IS branch's scores, each once: VOC mAP^r and box AP beside COCOeval's own summary
+        for k in ("map_r50", "map_r25", "box_map50", "segm_ap50", "bbox_ap50"):
+            assert 0 <= m[f"{split}/mask_rcnn/{k}"] <= 100, k
+        assert f"{split}/mask_rcnn/segm_map_r50" not in m and f"{split}/pseudo_masks/map_r50" not in m
+        assert 0 < m[f"{split}/proposals/proposal_recall"] <= 100
     assert m["val/peaks/peak_recall"] >= 50, "the classifier's peaks miss most instances"
-    assert m["val/pseudo_masks/r1/num_instances"] > 0
+    assert m[f"val/{PSEUDO}/r1/num_instances"] > 0
     client = tracking.client_for(spec.tracking_uri)
     run = client.search_runs([client.get_experiment_by_name(spec.experiment).experiment_id])[0]
     assert run.info.status == "FINISHED"
@@ -229,7 +241,7 @@ def test_sweep_over_context_scale_shares_round_one_and_resumes_in_round_two(tmp_
     mil2 = [m.step for m in client.get_metric_history(trained[0], "train/mil_r2/loss")]
     assert len(mil2) == len(set(mil2)) == 2, mil2  # steps count fit epochs over the whole plan (10, 11 here)
     assert all(t.data.tags["weakbench.stage.classifier.cache"] == "hit" for t in trials if t.info.run_id != trained[0])
-    assert all("val/pseudo_masks/map_r50" in t.data.metrics and "val/pseudo_masks/r2/box_iou_after" in t.data.metrics
+    assert all("val/mask_rcnn/map_r50" in t.data.metrics and f"val/{PSEUDO}/r2/box_iou_after" in t.data.metrics
                for t in trials)
 
 
@@ -256,7 +268,7 @@ def test_coco128_capped_subset_end_to_end(tmp_path, coco128_dir):
     proposals_dir = next(p for p in products.glob("proposals-*") if p.is_dir())
     size_kb = sum(f.stat().st_size for f in proposals_dir.rglob("*") if f.is_file()) / 1024
     print("ccgr coco128 (4 images per split):", json.dumps({"seconds": timing, "proposal_cache_kib": round(size_kb),
-                                                            "val/map_r50": m.get("val/pseudo_masks/map_r50")}))
+                                                            "test/map_r50": m.get("test/mask_rcnn/map_r50")}))
     props = torch.load(proposals_dir / "proposals.pt", weights_only=False)
     assert len(props) == 12
     for key, boxes in props.items():
@@ -277,7 +289,8 @@ def test_coco128_capped_subset_end_to_end(tmp_path, coco128_dir):
             ys, xs = np.nonzero(mask)
             assert xs.min() + 0.5 >= box[0] and xs.max() + 0.5 < box[2] + 1e-6, key
             assert ys.min() + 0.5 >= box[1] and ys.max() + 0.5 < box[3] + 1e-6, key
-    for k in ("val/pseudo_masks/map_r50", "val/pseudo_masks/box_iou_before", "test/mask_rcnn/segm_map_r50"):
+    for k in (f"val/{PSEUDO}/map_r50", f"val/{PSEUDO}/box_iou_before", "test/mask_rcnn/map_r50",
+              "test/proposals/proposal_recall"):
         assert 0 <= m[k] <= 100, k
 
 
@@ -314,3 +327,33 @@ def test_next_round_from_pseudo_masks_seeds_bags_and_labels(tmp_path):
     label = _unpng(e["label"])
     assert label[0, 0] == 1 and label[3, 3] == 3 and label[5, 5] == 3 and label[7, 7] == 0  # 0.9 wins (3, 3)
     assert out["train:1"]["bags"] == [] and out["train:1"]["label"] is None
+
+
+def test_instance_branch_metrics_log_each_number_once():
+    """The IS branch's VOC mAP^r and box AP take the paper's names; COCOeval's own summary keeps its
+    ``segm_``/``bbox_`` names; the VOC box AP at 0.25 (not reported by the paper) is dropped."""
+    from weakbench.methods.ccgr import instance_branch_metrics
+
+    coco = {"val/segm_map_r50": 1.0, "val/segm_map_r25": 2.0, "val/bbox_map_r50": 3.0, "val/bbox_map_r25": 4.0,
+            "val/segm_ap50": 5.0, "val/abo": 6.0, "test/segm_map_r50": 7.0}
+    assert instance_branch_metrics(coco) == {"val/map_r50": 1.0, "val/map_r25": 2.0, "val/box_map50": 3.0,
+                                             "val/segm_ap50": 5.0, "val/abo": 6.0, "test/map_r50": 7.0}
+
+
+def test_proposal_recall_and_bag_quality_by_hand(tmp_path):
+    """Image 0 (val) has GT boxes [0, 0, 10, 10] (class 0) and [20, 20, 30, 30] (class 1); its
+    proposals are [0, 0, 10, 12] (IoU 10/12 with the first) and [40, 40, 50, 50] (with neither):
+    proposal recall 1 of 2 = 50 %. Its one bag (class 0) holds proposal 0 (best IoU 10/12), its
+    random twin proposal 1 (0)."""
+    from types import SimpleNamespace
+
+    m = build_method("ccgr", {}, num_classes=2)
+    props = {"val:0": np.array([[0, 0, 10, 12], [40, 40, 50, 50]], np.float32)}
+    (tmp_path / "p").mkdir()
+    torch.save(props, tmp_path / "p" / "proposals.pt")
+    gt = (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float64), np.array([0, 1]))
+    ctx = SimpleNamespace(inputs={"proposals": tmp_path / "p"}, source=SimpleNamespace(gt_boxes=lambda i: gt))
+    assert m._proposal_recall(props, ctx) == {"val/proposal_recall": pytest.approx(50.0)}
+    peaks = {"val:0": {"bags": [[0]], "random_bags": [[1]], "bag_classes": [0]}}
+    best, rand = m._bag_quality(peaks, ctx, "val")
+    assert best == [pytest.approx(10 / 12)] and rand == [0.0]

@@ -21,6 +21,7 @@ from weakbench.methods.ccgr_ops import (
     find_peaks,
     iou_bags,
     peak_bags,
+    contrast_objectness,
     proposal_rank_scores,
     pseudo_instance_mask,
     rank_proposals,
@@ -407,3 +408,24 @@ def test_pseudo_instance_mask():
     assert not pseudo_instance_mask(label, 3, [-5.0, -5.0, -1.0, -1.0]).any()
     with pytest.raises(ValueError, match=r"\(H, W\)"):
         pseudo_instance_mask(label[None], 3, [0, 0, 1, 1])
+
+
+def test_contrast_objectness_hand_computed():
+    """A 10×10 map with a 4×4 object of 1s at x, y 2–5. The object's own box: 1 inside, 0 in its
+    1.5× ring → (1 + 1 − 0) / 2 = 1. Its left half [2, 2, 4, 6]: 1 inside; ring [1.5, 1, 4.5, 7]
+    minus the box holds 2.5 × 4 − 8 = 2 object pixels over 18 − 8 = 10 → (2 − 0.2) / 2 = 0.9. The
+    whole map: 16/100 inside, no ring inside the map (mean 0) → 0.58. A background box [6, 6, 10,
+    10]: ring (clipped to [5, 5, 10, 10]) of 9 px holds 1 object pixel → (1 − 1/9) / 2 = 4/9. A box
+    off the map scores 0."""
+    fg = torch.zeros(10, 10)
+    fg[2:6, 2:6] = 1.0
+    boxes = torch.tensor([[2, 2, 6, 6], [2, 2, 4, 6], [0, 0, 10, 10], [6, 6, 10, 10], [20, 20, 22, 22]], dtype=torch.float32)
+    got = contrast_objectness(fg, boxes)
+    assert got.dtype == torch.float32
+    assert got.tolist() == pytest.approx([1.0, 0.9, 0.58, 4 / 9, 0.0], abs=1e-6)
+    # the object's box outranks its half, the whole image and the background
+    assert int(got.argmax()) == 0
+    with pytest.raises(ValueError, match="foreground"):
+        contrast_objectness(fg[None], boxes)
+    with pytest.raises(ValueError, match="scale"):
+        contrast_objectness(fg, boxes, 0.5)

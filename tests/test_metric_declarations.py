@@ -121,6 +121,15 @@ def test_every_headline_is_declared_and_the_search_space_default_comes_from_it()
     ("val/pseudo_masks/round_gain/map_r50", "round_gain/map_r50", "max", "map_r50"),
     ("test/pseudo_masks/r2/refinement_gain/box_iou", "r2/refinement_gain/box_iou", "max", "box_iou"),
     ("test/mask_rcnn/segm_map_r50", "segm_map_r50", "max", ""),
+    # CCGR's headline (the IS branch) and its diagnostics made with image labels (a variant: never
+    # quoted before the scores people compare)
+    ("test/mask_rcnn/map_r50", "map_r50", "max", ""),
+    ("test/proposals/proposal_recall", "proposal_recall", "max", ""),
+    ("val/pseudo_masks_with_labels/map_r50", "pseudo_masks_with_labels/map_r50", "max", "map_r50"),
+    ("val/pseudo_masks_with_labels/r1/unrefined/map_r50", "pseudo_masks_with_labels/r1/unrefined/map_r50", "max",
+     "map_r50"),
+    ("test/pseudo_masks_with_labels/r2/refinement_gain/box_iou",
+     "pseudo_masks_with_labels/r2/refinement_gain/box_iou", "max", "box_iou"),
     ("val/attribute/positive_share", "positive_share", "max", ""),
     ("all/pxap", "pxap", "max", ""),
     ("train/loss", "loss", "min", ""),
@@ -135,6 +144,9 @@ def test_lookup_through_namespaces_and_baseline_variants(key, name, direction, b
 
 
 def test_variants_say_what_they_are_and_unknown_metrics_are_refused():
+    labels = D.spec("test/pseudo_masks_with_labels/map_r50")
+    assert "image labels" in labels.display and "not the paper's protocol" in labels.description
+    assert "PASCAL VOC" in D.spec("map_r50").description and "COCO" in D.spec("segm_ap50").description
     box = D.spec("val/pseudo_masks/box_filled/instance_miou")
     assert "box itself filled as the mask" in box.description
     assert D.spec("instance_miou").description in box.description

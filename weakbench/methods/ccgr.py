@@ -113,6 +113,9 @@ BRANCH_FIELDS = ("backbone", "input_size", "seed", "branch_batch_size", "weight_
 SPLITS = ("train", "val", "test")
 IGNORE = 255
 MIN_MASK_PIXELS = 16  #: pseudo masks smaller than this (pixels) are dropped
+#: metric namespace of the pseudo-mask diagnostics (made with each image's own labels; declared as a
+#: variant in weakbench.platform.metric_declarations so it never reads as the paper's measure)
+PSEUDO_NS = "pseudo_masks_with_labels"
 
 
 class CCGRConfig(MethodConfig):
@@ -135,6 +138,10 @@ class CCGRConfig(MethodConfig):
                                   "maximum) is below this are dropped; 0: PRM's rule alone (local maxima at or above the "
                                   "map's median)")
     bag_size: int = Field(10, ge=1, le=100, description="proposals per bag (paper: 10)")
+    objectness: Literal["cam_contrast", "rank"] = Field(
+        "cam_contrast", description="Eq. 4's objectness B_S of each proposal (selective search gives none): "
+        "'cam_contrast' (default) the centre-surround contrast of the CAM foreground (ccgr_ops.contrast_objectness); "
+        "'rank' 1 − i/n over selective search's order (ccgr_ops.proposal_rank_scores, the earlier default)")
     cam_fg_threshold: float = Field(0.4, gt=0, lt=1, description="round-1 SS labels: a pixel whose largest normalised CAM "
                                     "of a labelled class is at or above this takes that class")
     cam_bg_threshold: float = Field(0.1, ge=0, lt=1, description="round-1 SS labels: below this, background; between the "
@@ -160,10 +167,11 @@ class CCGRConfig(MethodConfig):
                                                           "the refinement independent of image and object size")
     ccgr_form: Literal["area_weighted", "literal"] = Field("area_weighted", description="Φ(C): the mean over the context "
                                                            "ring (default) or the paper's written Φ(B̃) − Φ(B)")
-    peak_stop: Literal["region", "any", "off"] = Field(
-        "region", description="when a refined box stops: 'region' (default) once it would hold a peak of its class "
-        "outside the SS region of its own object (peaks of one SS region are one instance's); 'any' once it would hold "
-        "any other peak of its class (the paper's words read literally); 'off' never. See stopping_peaks")
+    peak_stop: Literal["any", "region", "off"] = Field(
+        "any", description="when a refined box stops: 'any' (default, the paper's rule) once it would hold any other "
+        "peak of its class; 'region' once it would hold a peak of its class outside the SS region of its own object "
+        "(peaks of one SS region count as one instance: lets a box grow over a second instance that the SS map joins "
+        "to its own); 'off' never. See stopping_peaks")
     refinement_map: Literal["probability", "label"] = Field(
         "probability", description="the map S the refinement reads for a box of class c: the SS branch's softmax "
         "probability of c (the paper's semantic score map; default) or its argmax label map as 0/1 (argmax == c), the "
@@ -544,7 +552,7 @@ class CCGR(Method):
 
     shape = "multi_branch"
     Config = CCGRConfig
-    headline_metric = "pseudo_masks/map_r50"
+    headline_metric = "mask_rcnn/map_r50"  #: the paper's protocol: the IS branch on held-out images, no labels
     map_chunk_size = 8
 
     def __init__(self, config, num_classes: int, multilabel: bool = True):
@@ -562,7 +570,8 @@ class CCGR(Method):
         stages = [
             Stage("classifier", "fit", reads=CLASSIFIER_FIELDS, epochs=c.epochs, shared=True),
             Stage("proposals", "map", reads=PROPOSAL_FIELDS, shared=True, split="train"),
-            Stage("peaks", "map", reads=("bag_size", "cam_fg_threshold", "cam_bg_threshold", "peak_min_score"),
+            Stage("peaks", "map", reads=("bag_size", "cam_fg_threshold", "cam_bg_threshold", "peak_min_score",
+                                         "objectness"),
                   inputs=("classifier", "proposals"), shared=True, split="train"),
         ]
         for r in range(1, c.rounds + 1):
@@ -587,7 +596,7 @@ class CCGR(Method):
                                     split="train"))
         stages += [
             Stage("evaluate", "eval", inputs=tuple(f"refine_r{r}" for r in range(1, c.rounds + 1)), split="val",
-                  metric_ns="pseudo_masks"),
+                  metric_ns=PSEUDO_NS),
             Stage("instance_eval", "eval", inputs=(f"instance_r{c.rounds}",), split="test", metric_ns="mask_rcnn"),
         ]
         return tuple(stages)
@@ -688,14 +697,27 @@ class CCGR(Method):
             peak_t = torch.as_tensor(peaks, dtype=torch.float32).reshape(-1, 2)
             cls_t = torch.as_tensor(peak_cls, dtype=torch.int64)
             bags, bag_classes = [], []
+            random_bags: list[list[int]] = []
             if len(props) and len(peak_t):
-                ranking = ops.rank_proposals(ops.proposal_rank_scores(len(props)), props, 1.0 - fg)
+                if c.objectness == "cam_contrast":
+                    # the paper's 1.5 ring, not the refinement's context_scale: a sweep over that field
+                    # keeps sharing the peaks, bags and round-1 branches
+                    objectness = ops.contrast_objectness(fg, props)
+                else:
+                    objectness = ops.proposal_rank_scores(len(props))
+                ranking = ops.rank_proposals(objectness, props, 1.0 - fg)
+                # a diagnostic of the ranking: bags of as many proposals drawn at random from the same
+                # candidates (those holding only their peak), a random ranking's top k
+                gen = torch.Generator().manual_seed(int(c.seed) * 100003 + index)
+                shuffled = ops.peak_bags(peak_t, cls_t, props, torch.rand(len(props), generator=gen), top_k=c.bag_size)
                 for k, bag in enumerate(ops.peak_bags(peak_t, cls_t, props, ranking, top_k=c.bag_size)):
                     if len(bag):
                         bags.append(bag.tolist())
                         bag_classes.append(int(cls_t[k]))
+                        random_bags.append(shuffled[k].tolist())
             out[key] = {"peaks": peak_t.numpy(), "peak_classes": cls_t.numpy(), "peak_scores": np.asarray(peak_val, np.float32),
-                        "bags": bags, "bag_classes": bag_classes, "label": _png(label.numpy())}
+                        "bags": bags, "bag_classes": bag_classes, "random_bags": random_bags,
+                        "label": _png(label.numpy())}
         return out
 
     @torch.no_grad()
@@ -834,7 +856,8 @@ class CCGR(Method):
         if stage.name == "proposals":
             torch.save(results, ctx.out_dir / "proposals.pt")
             n = [len(v) for v in results.values()]
-            return {"images": float(len(n)), "mean_proposals": float(np.mean(n)) if n else 0.0}
+            return {"images": float(len(n)), "mean_proposals": float(np.mean(n)) if n else 0.0,
+                    **self._proposal_recall(results, ctx)}
         if stage.name == "peaks":
             torch.save(results, ctx.out_dir / "peaks.pt")
             return self._peak_metrics(results, ctx)
@@ -850,6 +873,47 @@ class CCGR(Method):
             torch.save(results, ctx.out_dir / "instances.pt")
             return {"detections": float(sum(v.get("detections", 0) for v in results.values()))}
         raise NotImplementedError(f"ccgr has no map stage {stage.name!r}")
+
+    @staticmethod
+    def _bag_quality(results: dict[str, Any], ctx: StageContext, split: str) -> tuple[list[float], list[float]]:
+        """For each bag of ``split``: the best IoU with a GT box of the bag's class over its proposals,
+        and the same for its random twin (``random_bags``: as many proposals drawn at random from
+        the same candidates). 0 where the image has no GT box of that class."""
+        proposals = _table(ctx.inputs["proposals"] / "proposals.pt")
+        best: list[float] = []
+        rand: list[float] = []
+        for key, v in results.items():
+            if not key.startswith(split + ":") or not v["bags"]:
+                continue
+            gb, gc = ctx.source.gt_boxes(int(key.split(":")[1]))
+            gb = torch.as_tensor(np.asarray(gb, dtype=np.float32)).reshape(-1, 4)
+            gc = np.asarray(gc).reshape(-1)
+            props = torch.as_tensor(np.asarray(proposals[key], dtype=np.float32)).reshape(-1, 4)
+            for bag, twin, k in zip(v["bags"], v.get("random_bags", v["bags"]), v["bag_classes"]):
+                g = gb[torch.as_tensor(gc == int(k))]
+                for sel, acc in ((bag, best), (twin, rand)):
+                    acc.append(float(ops.best_iou_with_gt(props[torch.as_tensor(sel, dtype=torch.long)], g).max())
+                               if len(sel) and len(g) else 0.0)
+        return best, rand
+
+    @staticmethod
+    def _proposal_recall(results: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+        """Per split, ``<split>/proposal_recall``: the share (percent) of GT boxes of the split's
+        images that some proposal overlaps by IoU ≥ 0.5 (``torchvision.ops.box_iou``) — the
+        ceiling of any box picked among the proposals."""
+        out: dict[str, float] = {}
+        for split in SPLITS:
+            best: list[float] = []
+            for key, props in results.items():
+                if key.startswith(split + ":"):
+                    gb, _ = ctx.source.gt_boxes(int(key.split(":")[1]))
+                    gb = torch.as_tensor(np.asarray(gb, dtype=np.float32)).reshape(-1, 4)
+                    if len(gb):
+                        p = torch.as_tensor(np.asarray(props, dtype=np.float32)).reshape(-1, 4)
+                        best += ops.best_iou_with_gt(gb, p).tolist() if len(p) else [0.0] * len(gb)
+            if best:
+                out[f"{split}/proposal_recall"] = 100.0 * float(np.mean(np.asarray(best) >= 0.5))
+        return out
 
     def _peak_metrics(self, results: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         """Peak recall (share of GT instances of each split holding a peak of their class, inside
@@ -881,6 +945,10 @@ class CCGR(Method):
                     total += 1
                 hits += int(on_gt.sum())
                 npk += len(pk)
+            best, rand = self._bag_quality(results, ctx, split)
+            if best:
+                out[f"{split}/bag_best_iou"] = 100.0 * float(np.mean(best))
+                out[f"{split}/random_bag_best_iou"] = 100.0 * float(np.mean(rand))
             if nimg:
                 out[f"{split}/peak_recall"] = 100.0 * found / max(1, total)
                 out[f"{split}/peak_precision"] = 100.0 * hits / max(1, npk)
@@ -894,7 +962,8 @@ class CCGR(Method):
         if stage.name == "instance_eval":
             if not ctx.source.has_masks:
                 return {}, []
-            return mask_metrics_on_val_and_test(ctx.load_model(f"instance_r{self.config.rounds}"), ctx), []
+            return instance_branch_metrics(mask_metrics_on_val_and_test(
+                ctx.load_model(f"instance_r{self.config.rounds}"), ctx)), []
         raise NotImplementedError(f"ccgr has no eval stage {stage.name!r}")
 
     def _evaluate_rounds(self, ctx: StageContext) -> tuple[dict[str, float], list]:
@@ -927,7 +996,7 @@ class CCGR(Method):
                                         "bbox": [x0, y0, x1 - x0, y1 - y0]})
                     ev = coco_instance_eval(gt, res, iou_types=("segm", "bbox"))
                     m.update({f"{tag}map_r25": ev["segm_map_r25"], f"{tag}map_r50": ev["segm_map_r50"],
-                              f"{tag}box_map50": ev["bbox_ap50"], f"{tag}abo": ev.get("abo", 0.0),
+                              f"{tag}box_map50": ev["bbox_map_r50"], f"{tag}abo": ev.get("abo", 0.0),
                               f"{tag}num_instances": float(len(res))})
                 # the MIL box filled as its own mask: what the SS branch's shape adds over the box
                 res = []
@@ -1007,6 +1076,27 @@ class CCGR(Method):
                           score_threshold: float) -> list[dict[str, torch.Tensor]]:
         """The paper's inference: the IS branch alone (Mask R-CNN, masks ``> 0.5``)."""
         return mask_rcnn_instances(models["mask_rcnn"], images, score_threshold)
+
+
+def instance_branch_metrics(coco: dict[str, float]) -> dict[str, float]:
+    """The IS branch's scores as CCGR reports them (its Tables 1–3), each logged once.
+
+    ``coco`` is :func:`weakbench.platform.metrics.coco_instance_eval`'s output per split
+    (``val/segm_map_r50`` …). Returns, per split: ``map_r50``, ``map_r25`` (mask mAP^r, VOC-style,
+    :func:`~weakbench.platform.metrics.voc_instance_ap`), ``box_map50`` (box AP at IoU 0.5, the same
+    VOC rule), ``abo``, and COCOeval's own summary under its ``segm_`` / ``bbox_`` names
+    (``segm_ap``, ``segm_ap50`` …: COCO's 101-point AP, a different number from mAP^r). The
+    VOC box AP at 0.25 is dropped (the paper does not report it).
+    """
+    out: dict[str, float] = {}
+    for key, v in coco.items():
+        split, _, name = key.rpartition("/")
+        pre = f"{split}/" if split else ""
+        renamed = {"segm_map_r50": "map_r50", "segm_map_r25": "map_r25", "bbox_map_r50": "box_map50"}
+        if name == "bbox_map_r25":
+            continue
+        out[pre + renamed.get(name, name)] = v
+    return out
 
 
 def _own_regions(label_map: np.ndarray, boxes: np.ndarray, classes) -> tuple[dict[int, np.ndarray], list[int]]:

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 __all__ = [
     "BACKGROUND_WEIGHT",
     "CONTEXT_SCALE",
+    "contrast_objectness",
     "DEFAULT_STEPS",
     "DEFAULT_STEP_SIZE",
     "MIN_BOX_SIZE",
@@ -561,6 +562,48 @@ def proposal_rank_scores(n: int) -> torch.Tensor:
         raise ValueError(f"ccgr_ops.proposal_rank_scores: n = {n} proposals must be ≥ 0")
     n = int(n)
     return 1.0 - torch.arange(n, dtype=torch.float32) / max(n, 1)
+
+
+def contrast_objectness(foreground: torch.Tensor, boxes: torch.Tensor,
+                        context_scale: float = CONTEXT_SCALE) -> torch.Tensor:
+    """An objectness B_S for proposals that come without one (selective search): the centre-surround
+    contrast of a foreground map, ``(1 + mean O in B − mean O in the ring B̃ \\ B) / 2``.
+
+    MCG, the paper's proposal source, scores each proposal; OpenCV's selective search does not.
+    A box that holds an object whole has high foreground inside and low foreground in the ring
+    around it (B̃: :func:`context_boxes`, ``context_scale`` × its sides, as Eq. 3's context box),
+    the centre-surround cue of classic objectness measures (Alexe et al. 2012). Means are exact
+    integrals of the piecewise-constant map over the parts of B and of the ring inside the map
+    (:func:`box_integral`); a ring with no area inside the map (a box over the whole map) has
+    mean 0; a box with no area inside the map scores 0.
+
+    Args:
+        foreground: ``(H, W)`` float O in ``[0, 1]`` (e.g. the max over the image's labelled
+            classes of the normalised CAMs).
+        boxes: ``(N, 4)`` float ``x0, y0, x1, y1`` pixels of the map.
+        context_scale: B̃'s scale, ≥ 1.
+
+    Returns:
+        float32 ``(N,)`` in ``[0, 1]`` (0.5: no contrast).
+
+    Raises:
+        ValueError: ``foreground`` is not 2-D, bad boxes, or ``context_scale < 1``.
+    """
+    _check_boxes(boxes)
+    if not torch.is_tensor(foreground) or foreground.dim() != 2:
+        raise ValueError(f"ccgr_ops.contrast_objectness: foreground must be an (H, W) map; got "
+                         f"{tuple(getattr(foreground, 'shape', ()))}")
+    h, w = foreground.shape
+    sat = summed_area_table(foreground.detach().to(torch.float64))
+    b = boxes.detach().to(device=sat.device, dtype=torch.float64)
+    ctx = context_boxes(b, context_scale)
+    a_in, a_ctx = box_area_in_map(b, h, w), box_area_in_map(ctx, h, w)
+    s_in, s_ctx = box_integral(sat, b), box_integral(sat, ctx)
+    a_ring = (a_ctx - a_in).clamp(min=0)
+    mean_in = torch.where(a_in > _AREA_EPS, s_in / a_in.clamp(min=_AREA_EPS), torch.zeros_like(a_in))
+    mean_ring = torch.where(a_ring > _AREA_EPS, (s_ctx - s_in) / a_ring.clamp(min=_AREA_EPS), torch.zeros_like(a_in))
+    out = torch.where(a_in > _AREA_EPS, (1.0 + mean_in - mean_ring) / 2, torch.zeros_like(a_in))
+    return out.clamp(0, 1).to(torch.float32)
 
 
 def rank_proposals(scores: torch.Tensor, boxes: torch.Tensor, background: torch.Tensor,

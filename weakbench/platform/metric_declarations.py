@@ -17,6 +17,9 @@ A metric key is ``<split>/[<namespace>/…]<name>`` (``val/max_box_acc_v2``,
      the trivial baseline of a box-supervised method);
    * ``box_crf/<name>`` — the score of a CRF run from the box prior alone (BBAM);
    * ``unrefined/<name>`` — the score of the boxes before refinement (CCGR);
+   * ``pseudo_masks_with_labels/<name>`` — the score of pseudo masks made with each scored
+     image's own class labels (CCGR's ``evaluate`` stage: a diagnostic; a wrong-class mask is
+     impossible there, so it is not comparable with a score on held-out images without labels);
    * ``r<N>/<name>`` — the score after round N (CCGR);
    * prefixes chain: ``r1/refinement_gain/box_iou`` is round 1's gain of ``box_iou``;
    * ``gain_over_box/<name>``, ``refinement_gain/<name>``, ``round_gain/<name>`` — a difference of
@@ -194,9 +197,18 @@ _DECLARED: list[MetricSpec] = [
        "the overlap (IoU) of each box after refinement with the box of the segmentation branch's own region for it"),
     _m("ss_blob_box_iou", None, "%", "SS-region box IoU",
        "the overlap (IoU) with the true box of the boxes of the segmentation branch's own regions"),
-    _m("box_map50", "max", "%", "box AP50",
-       "how well the predicted boxes find the true objects, counting a box right at IoU ≥ 0.5 (COCO average "
-       "precision)"),
+    _m("box_map50", "max", "%", "box mAP@0.5",
+       "how well the predicted boxes find the true objects, counting a box right at IoU ≥ 0.5 (PASCAL VOC average "
+       "precision per class, averaged over the classes)"),
+    _m("proposal_recall", "max", "%", "proposal recall@0.5",
+       "share of true objects that some box proposal overlaps by IoU ≥ 0.5: the ceiling of any method that picks "
+       "its boxes among the proposals"),
+    _m("bag_best_iou", "max", "%", "bag best IoU",
+       "for each bag of proposals, the overlap (IoU) of its best proposal with the true boxes of its class, "
+       "averaged over the bags"),
+    _m("random_bag_best_iou", None, "%", "random bag best IoU",
+       "the same for bags of as many proposals drawn at random from the image's proposals (what the bag's "
+       "ranking must beat)"),
     _m("positive_share", "max", "%", "attributed boxes",
        "share of boxes for which the attribution found at least one proposal that keeps the detection"),
     _m("boxes", None, "count", "boxes", "how many boxes were processed"),
@@ -219,13 +231,17 @@ _COCO = [
     ("ap_s", "AP (small)", "for small objects, averaged over IoU 0.5 to 0.95"),
     ("ap_m", "AP (medium)", "for medium objects, averaged over IoU 0.5 to 0.95"),
     ("ap_l", "AP (large)", "for large objects, averaged over IoU 0.5 to 0.95"),
-    ("map_r25", "mAP@0.25", "at IoU ≥ 0.25"), ("map_r50", "mAP@0.5", "at IoU ≥ 0.5"),
+    ("map_r25", "mAP^r@0.25", "at IoU ≥ 0.25"), ("map_r50", "mAP^r@0.5", "at IoU ≥ 0.5"),
 ]
+#: mAP^r is PASCAL VOC's per-class AP (weakbench.platform.metrics.voc_instance_ap), not COCOeval's
+_VOC = ("map_r25", "map_r50")
 for _prefix, _what, _thing in (("", "mask", "masks"), ("segm_", "mask", "masks"), ("bbox_", "box", "boxes")):
     for _name, _disp, _hit in _COCO:
         _DECLARED.append(_m(f"{_prefix}{_name}", "max", "%", f"{_what} {_disp}",
                             f"how well the predicted {_thing} find the true objects, ranked by confidence, counting a "
-                            f"hit {_hit} (COCO average precision)"))
+                            f"hit {_hit} ("
+                            + ("PASCAL VOC average precision per class, averaged over the classes" if _name in _VOC
+                               else "COCO average precision") + ")"))
 
 #: every declared metric by bare name
 METRICS: dict[str, MetricSpec] = {s.name: s for s in _DECLARED}
@@ -245,6 +261,10 @@ VARIANTS: dict[str, tuple[str, str]] = {
                                        "box-supervised method must beat: {s}"),
     "box_crf": ("{d} (CRF from the box)", "the same score for a CRF run from the box alone, without attribution: {s}"),
     "unrefined": ("{d} (unrefined boxes)", "the same score for the boxes before refinement: {s}"),
+    "pseudo_masks_with_labels": ("{d} (pseudo masks, image labels given)",
+                                 "a diagnostic: the same score for pseudo masks made with each scored image's own class "
+                                 "labels, so no mask can have a wrong class (not the paper's protocol, which scores the "
+                                 "instance branch on held-out images without labels): {s}"),
 }
 _ROUND = re.compile(r"^r(\d+)$")
 #: difference prefixes: what is subtracted from what
@@ -366,7 +386,7 @@ def undeclared(keys) -> list[str]:
 
 #: order in which reported metrics follow the selecting one on the board (the scores people quote)
 DISPLAY_ORDER: tuple[str, ...] = ("max_box_acc_v2", "max_box_acc", "pxap", "miou", "instance_miou", "map_r50",
-                                  "map_r25", "pseudo_mask_miou", "robust_accuracy", "cam_iou", "cls_map", "cls_acc",
+                                  "map_r25", "box_map50", "proposal_recall", "pseudo_mask_miou", "robust_accuracy", "cam_iou", "cls_map", "cls_acc",
                                   "top1_loc", "top5_loc")
 
 __all__ = ("MetricSpec", "METRICS", "COSTS", "VARIANTS", "GAINS", "UnknownMetricError", "lookup", "spec", "direction",
