@@ -357,3 +357,28 @@ def test_proposal_recall_and_bag_quality_by_hand(tmp_path):
     peaks = {"val:0": {"bags": [[0]], "random_bags": [[1]], "bag_classes": [0]}}
     best, rand = m._bag_quality(peaks, ctx, "val")
     assert best == [pytest.approx(10 / 12)] and rand == [0.0]
+
+
+def test_instance_branch_uses_the_backbones_normalisation_and_freezes_pretrained_batch_norm(tmp_path):
+    """The IS branch's Mask R-CNN normalises with the backbone's own statistics (Lite: mean = std =
+    0.5, not ImageNet's) and freezes the batch norms of a body given pretrained weights
+    (``weights_path``); a body from scratch keeps trainable batch norms."""
+    import timm
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from weakbench.methods.ccgr import InstanceFit
+
+    lite = build_method("ccgr", {"backbone": "tf_efficientnet_lite0"}, num_classes=2)
+    model = InstanceFit(lite, 1, None).build_model()
+    assert list(model.transform.image_mean) == pytest.approx([0.5] * 3)
+    assert list(model.transform.image_std) == pytest.approx([0.5] * 3)
+    scratch = InstanceFit(build_method("ccgr", {"backbone": "resnet18"}, num_classes=2), 1, None).build_model()
+    assert list(scratch.transform.image_mean) == pytest.approx([0.485, 0.456, 0.406])
+    assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in scratch.backbone.body.modules())
+    weights = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), weights)
+    pre = InstanceFit(build_method("ccgr", {"backbone": "resnet18", "weights_path": str(weights)}, num_classes=2), 1,
+                      None).build_model()
+    body = list(pre.backbone.body.modules())
+    assert any(isinstance(mod, FrozenBatchNorm2d) for mod in body)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in body)

@@ -502,13 +502,20 @@ class InstanceFit(FitTask):
         self.seed = method.config.seed + 1000 * r + 7
 
     def build_model(self) -> torch.nn.Module:
+        """Mask R-CNN on the method's backbone. It normalises images with the backbone's own
+        statistics (``Method.input_normalization``, those the classifier whose body it starts from
+        was trained with; e.g. mean = std = 0.5 for the Lite backbones), and a body with pretrained
+        weights (``pretrained`` or ``weights_path``) has its batch norms frozen
+        (``timm.layers.freeze_batch_norm_2d``; torchvision's detectors do the same with
+        ``FrozenBatchNorm2d``): batches of a few images would otherwise re-estimate, and spoil,
+        the pretrained statistics."""
         from weakbench.methods.detection import build_detector
-        from weakbench.platform.data import IMAGENET_MEAN, IMAGENET_STD
 
         c = self.method.config
+        mean, std = self.method.input_normalization
         model = build_detector("mask_rcnn", c.backbone, self.method.num_classes, min_size=c.input_size,
-                               max_size=int(math.ceil(c.input_size * 1333 / 800)), image_mean=IMAGENET_MEAN,
-                               image_std=IMAGENET_STD, weights_path=c.weights_path, pretrained_backbone=c.pretrained,
+                               max_size=int(math.ceil(c.input_size * 1333 / 800)), image_mean=mean,
+                               image_std=std, weights_path=c.weights_path, pretrained_backbone=c.pretrained,
                                output_stride=32, fpn_channels=c.fpn_channels, box_representation_size=c.box_head_size)
         cls_dir = (self.inputs or {}).get("classifier")
         if cls_dir is not None:  # the backbone starts from the classifier (the paper: from ImageNet weights)
@@ -517,6 +524,10 @@ class InstanceFit(FitTask):
             own = body.state_dict()
             sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
             body.load_state_dict({k: v for k, v in sub.items() if k in own and own[k].shape == v.shape}, strict=False)
+        if c.pretrained or c.weights_path:
+            from timm.layers import freeze_batch_norm_2d
+
+            model.backbone.body = freeze_batch_norm_2d(model.backbone.body)
         return model
 
     def configure_optimizers(self, model):
