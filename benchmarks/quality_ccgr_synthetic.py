@@ -25,10 +25,12 @@ from weakbench.platform.engine import TrialSpec, run_trial
 SETTINGS = {"backbone": "resnet18", "input_size": 96, "epochs": 8, "batch_size": 16, "lr": 0.02, "rounds": 2,
             "max_proposals": 150, "mil_epochs": 4, "mil_lr": 0.001, "semantic_epochs": 8, "semantic_lr": 0.001,
             "mask_rcnn_epochs": 10, "max_images_per_split": 40}
-KEYS = ("peaks/peak_recall", "peaks/peaks_per_image", "pseudo_masks/r1/box_iou_before", "pseudo_masks/r1/box_iou_after",
-        "pseudo_masks/r1/gt_box_iou_before", "pseudo_masks/r1/gt_box_iou_after", "pseudo_masks/r1/map_r50",
-        "pseudo_masks/r1/unrefined/map_r50", "pseudo_masks/r2/map_r50", "pseudo_masks/r2/unrefined/map_r50",
-        "pseudo_masks/round_gain/map_r50", "pseudo_masks/r1/box_filled/map_r50", "mask_rcnn/segm_map_r50")
+P = "pseudo_masks_with_labels"  # the pseudo-mask diagnostics (made with each image's own labels)
+KEYS = ("peaks/peak_recall", "peaks/peaks_per_image", f"{P}/r1/box_iou_before", f"{P}/r1/box_iou_after",
+        f"{P}/r1/gt_box_iou_before", f"{P}/r1/gt_box_iou_after", f"{P}/r1/map_r50",
+        f"{P}/r1/unrefined/map_r50", f"{P}/r2/map_r50", f"{P}/r2/unrefined/map_r50",
+        f"{P}/round_gain/map_r50", f"{P}/r1/box_filled/map_r50", "mask_rcnn/map_r50", "mask_rcnn/map_r25",
+        "mask_rcnn/box_map50", "proposals/proposal_recall", "peaks/bag_best_iou", "peaks/random_bag_best_iou")
 
 #: the SS branch's mIoU on val, and how many detections of the IS branch seeded round 2
 EXTRA = ("val/semantic_r1/miou", "val/semantic_r2/miou", "train/instances_r1/detections")

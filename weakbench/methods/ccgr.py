@@ -16,7 +16,8 @@ CCGR loss and refinement, PRM peaks, bags, WSDDN scores) lives in
 3. ``peaks`` (map, shared; classifier + proposals): PRM peaks of the CAM of each labelled class
    (3×3 local maxima at or above the map's median, at the CAM's own resolution), round-1 bags
    (per peak, the proposals holding only that peak, the top ``bag_size`` by Eq. 4 with the CAM
-   foreground as O) and round-1 semantic labels (thresholded CAMs — AffinityNet, the paper's
+   foreground as O and, as B_S, the CAM's centre-surround contrast, ``objectness``) and round-1
+   semantic labels (thresholded CAMs — AffinityNet, the paper's
    source, is not available offline: a declared deviation).
 4. per round ``r`` (``r1``, ``r2``, …):
 
@@ -28,8 +29,8 @@ CCGR loss and refinement, PRM peaks, bags, WSDDN scores) lives in
    * ``refine_r<r>`` (map over every image of every split): the MIL-selected box of each bag
      (argmax of x^B in the bag's class row), refined by CCGR on the SS score map of its class
      (``refinement_steps`` steps of ``refinement_step_size``, context box ``context_scale`` ×
-     the box), a box stops once it would hold a peak of its class from another SS region
-     (``peak_stop``, :func:`stopping_peaks`); pseudo masks = SS
+     the box), a box stops once it would hold another peak of its class (the paper's rule;
+     ``peak_stop``, :func:`stopping_peaks`); pseudo masks = SS
      argmax equal to the box's class, inside the refined box (and, for comparison, inside the
      unrefined box);
    * ``instance_r<r>`` (fit): the IS branch, torchvision Mask R-CNN trained on the train split's
@@ -38,21 +39,36 @@ CCGR loss and refinement, PRM peaks, bags, WSDDN scores) lives in
      labelled classes become the next round's bags (the ``bag_size`` proposals of highest IoU
      with each box) and semantic labels (union of its masks per class).
 
-5. ``evaluate`` (eval): per split (val, test) and per round, COCOeval of the pseudo masks
-   (``map_r25``, ``map_r50`` = mask AP at IoU 0.25 / 0.5, ``box_map50`` = box AP at 0.5, ``abo``),
+5. ``evaluate`` (eval, **diagnostics**): per split (val, test) and per round, the pseudo masks of
+   the split's images, made *with those images' own class labels* (so no mask has a wrong class:
+   not the paper's measure, hence the namespace ``pseudo_masks_with_labels``): ``map_r25``,
+   ``map_r50`` (mask mAP^r at IoU 0.25 / 0.5, VOC-style,
+   :func:`weakbench.platform.metrics.voc_instance_ap`), ``box_map50`` (box AP at 0.5, same rule), ``abo``,
    the same for the unrefined boxes' masks (``unrefined/…``) and for the MIL box filled as its
    mask (``box_filled/…``), and the mean IoU with GT of the MIL-selected boxes before and after
    refinement (``box_iou_before``, ``box_iou_after``: each box against the best GT box of its
    class; ``gt_box_iou_before`` / ``_after``: each GT instance against the best selected box of
-   its class, which spurious peaks' boxes do not drag down). Keys: ``val/pseudo_masks/map_r50`` (the last round; the headline),
-   ``val/pseudo_masks/r1/map_r50`` (every round), ``val/pseudo_masks/refinement_gain/box_iou``,
-   ``val/pseudo_masks/round_gain/map_r50`` (last round minus round 1).
-6. ``instance_eval`` (eval): COCOeval segm and bbox of the last round's Mask R-CNN on val and
-   test (``test/mask_rcnn/segm_map_r50``, …): the paper's inference path (the IS branch alone).
+   its class, which spurious peaks' boxes do not drag down). Keys: ``val/pseudo_masks_with_labels/map_r50``
+   (the last round), ``…/r1/map_r50`` (every round), ``…/refinement_gain/box_iou``,
+   ``…/round_gain/map_r50`` (last round minus round 1).
+6. ``instance_eval`` (eval, **the headline**): the paper's protocol (Tables 1–3, as PRM and the other
+   WSIS papers): the last round's IS branch alone on the held-out val and test images, *without*
+   image labels: ``mask_rcnn/map_r50`` (mask mAP^r at IoU 0.5), ``mask_rcnn/map_r25``,
+   ``mask_rcnn/box_map50`` (:func:`instance_branch_metrics`), COCOeval's summary beside them.
+   Configurations are selected on ``val/mask_rcnn/map_r50`` and reported on test.
+
+Diagnostics of the proposals and bags: ``<split>/proposals/proposal_recall`` (share of GT boxes
+some proposal overlaps by IoU ≥ 0.5: the ceiling of any box picked among the proposals) and
+``<split>/peaks/bag_best_iou`` against ``random_bag_best_iou`` (each bag's best IoU with a GT box
+of its class, and the same for as many proposals drawn at random from the same candidates: what
+Eq. 4's ranking adds).
 
 Choices where the paper is silent or out of reach here (each documented where it is made):
 
-* selective search instead of MCG; proposals scored by rank (``ccgr_ops.proposal_rank_scores``);
+* selective search instead of MCG. MCG scores its proposals; selective search does not, so Eq. 4's
+  B_S is the CAM foreground's centre-surround contrast (``ccgr_ops.contrast_objectness``, ring of
+  1.5× the box; ``objectness: cam_contrast``) — or, as before, ``1 − i/n`` over OpenCV's order
+  (``objectness: rank``), which the issue measured no better than random bags;
 * round-1 semantic labels from thresholded CAMs instead of AffinityNet (``cam_fg_threshold``,
   ``cam_bg_threshold``; between them: ignore);
 * the MIL and SS branches are separate networks whose backbones start from the classifier (the
@@ -74,17 +90,17 @@ Choices where the paper is silent or out of reach here (each documented where it
   12.0 peaks per image of which 29 % lie on an instance of their class; with the cut, 3.3 per
   image and 77 %, at the same instance recall (87 %). The extra peaks also split bags: a proposal
   may hold only its own peak;
-* the refinement's stop ("once it holds more than one peak") counts the peaks of one SS region
-  as one instance (``peak_stop: region``; :func:`stopping_peaks` says why and gives the
-  measurement), and its default budget is 200 steps of 0.02 box sides (a side travels up to
-  ≈ 2.5 box sides). On the synthetic default (seed 0, round 1, val, 48 MIL boxes, the same SS
-  map for all) the MIL boxes' mean IoU with GT was 49.8 before refinement and after it: 47.0 at
-  100 steps of 0.003 with the literal stop (the earlier default), 53.5 / 56.7 / 56.3 at 200
-  steps of 0.01 / 0.02 / 0.03 with the region stop, 59.5 at 0.02 with a context scale of 2;
+* the refinement's stop is the paper's ("once it holds more than one peak": ``peak_stop: any``,
+  the default); ``peak_stop: region`` counts the peaks of one SS region as one instance and
+  ``off`` never stops (:func:`stopping_peaks` says what each costs). The default budget is 200
+  steps of 0.02 box sides (a side travels up to ≈ 2.5 box sides); that budget and the region
+  stop were chosen on the synthetic default's val split (seed 0) and are not yet measured on test
+  under the paper's stop, nor on data whose same-class instances touch (docs/ccgr.md);
 * image labels are used on val/test to make (and score) their pseudo masks, as BBAM uses boxes
   there: weak supervision provides them on every split. The IS branch is evaluated without them.
 
-Headline metric: ``pseudo_masks/map_r50`` (selected on val, reported on test).
+Headline metric: ``mask_rcnn/map_r50``, the IS branch on held-out images without labels
+(selected on val, reported on test).
 """
 
 from __future__ import annotations
@@ -1155,14 +1171,15 @@ def stopping_peaks(label_map: np.ndarray | None, boxes: np.ndarray, classes, pea
     The paper stops refining a box "once it holds more than one peak": one box, one instance.
     PRM-style peaks are not one per instance, though: on the synthetic default (seed 0, val, 40
     instances) 16 instances hold two or three peaks of their class. Read literally (``label_map``
-    None, option ``peak_stop: any``), the stop then keeps a box from growing over its own object:
-    the refinement lowered the MIL boxes' mean IoU with GT from 49.8 to 47.0 there (to 45.8 at
-    200 steps of 0.01), where without any stop it raised it to 53.5. The default
-    (``peak_stop: region``) counts peaks as instances by the SS branch's own regions: a peak of
+    None, option ``peak_stop: any``, the default), the stop then keeps a box from growing over its
+    own object (measured on the synthetic default's val split, seed 0: docs/ccgr.md). The option
+    ``peak_stop: region`` counts peaks as instances by the SS branch's own regions: a peak of
     the box's class is no stop when it lies in the same 8-connected region of ``label_map ==
     class + 1`` as the box's object (the region overlapping the box most, as in
     :func:`ss_blob_boxes`). Two objects of a class that the SS map joins into one region are not
-    told apart then; the paper's rule gives no way to tell them apart either.
+    told apart then, and the box may grow over both: the merge the paper's stop exists to
+    prevent, which the synthetic default (instances at least 3 px apart) cannot show; hence the
+    paper's rule stays the default until a measurement on touching instances says otherwise.
 
     Args:
         label_map: ``(H, W)`` int SS argmax (0 background, ``c + 1`` class ``c``), or None for the
