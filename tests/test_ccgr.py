@@ -55,6 +55,12 @@ def test_plan_rounds_and_what_each_stage_reads():
     assert "refine_r3" in three and "instances_r2" in three and "instances_r3" not in three
     # the paper's protocol: the IS branch on held-out images without labels
     assert m.headline_metric == "mask_rcnn/map_r50"
+    from weakbench.platform.metric_declarations import default_select_metric
+    from weakbench.platform.search_space import load_search_space
+
+    # register, the leaderboard and the search space all select on it, on val
+    assert default_select_metric("ccgr") == "val/mask_rcnn/map_r50"
+    assert load_search_space(REPO / "search_spaces" / "ccgr.yaml").metric == "val/mask_rcnn/map_r50"
     assert "objectness" in st["peaks"].reads and "context_scale" not in st["peaks"].reads
     assert m.config.peak_stop == "any" and m.config.objectness == "cam_contrast"
 
@@ -343,8 +349,8 @@ def test_instance_branch_metrics_log_each_number_once():
 def test_proposal_recall_and_bag_quality_by_hand(tmp_path):
     """Image 0 (val) has GT boxes [0, 0, 10, 10] (class 0) and [20, 20, 30, 30] (class 1); its
     proposals are [0, 0, 10, 12] (IoU 10/12 with the first) and [40, 40, 50, 50] (with neither):
-    proposal recall 1 of 2 = 50 %. Its one bag (class 0) holds proposal 0 (best IoU 10/12), its
-    random twin proposal 1 (0)."""
+    proposal recall 1 of 2 = 50 %. Its one bag (class 0) holds proposals 1 then 0 (best IoU 10/12,
+    top-1 0), its random twin proposal 1 (0 and 0)."""
     from types import SimpleNamespace
 
     m = build_method("ccgr", {}, num_classes=2)
@@ -354,9 +360,10 @@ def test_proposal_recall_and_bag_quality_by_hand(tmp_path):
     gt = (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float64), np.array([0, 1]))
     ctx = SimpleNamespace(inputs={"proposals": tmp_path / "p"}, source=SimpleNamespace(gt_boxes=lambda i: gt))
     assert m._proposal_recall(props, ctx) == {"val/proposal_recall": pytest.approx(50.0)}
-    peaks = {"val:0": {"bags": [[0]], "random_bags": [[1]], "bag_classes": [0]}}
-    best, rand = m._bag_quality(peaks, ctx, "val")
-    assert best == [pytest.approx(10 / 12)] and rand == [0.0]
+    peaks = {"val:0": {"bags": [[1, 0]], "random_bags": [[1]], "bag_classes": [0]}}
+    q = m._bag_quality(peaks, ctx, "val")
+    assert q["bag_best_iou"] == [pytest.approx(10 / 12)] and q["bag_top1_iou"] == [0.0]
+    assert q["random_bag_best_iou"] == [0.0] and q["random_bag_top1_iou"] == [0.0]
 
 
 def test_instance_branch_uses_the_backbones_normalisation_and_freezes_pretrained_batch_norm(tmp_path):

@@ -902,13 +902,14 @@ class CCGR(Method):
         raise NotImplementedError(f"ccgr has no map stage {stage.name!r}")
 
     @staticmethod
-    def _bag_quality(results: dict[str, Any], ctx: StageContext, split: str) -> tuple[list[float], list[float]]:
-        """For each bag of ``split``: the best IoU with a GT box of the bag's class over its proposals,
-        and the same for its random twin (``random_bags``: as many proposals drawn at random from
-        the same candidates). 0 where the image has no GT box of that class."""
+    def _bag_quality(results: dict[str, Any], ctx: StageContext, split: str) -> dict[str, list[float]]:
+        """For each bag of ``split``, IoUs with the GT boxes of the bag's class (0 where the image has
+        none): ``bag_best_iou`` the best over its proposals, ``bag_top1_iou`` its first (best-ranked)
+        proposal's best, and ``random_bag_best_iou`` / ``random_bag_top1_iou`` the same for its random
+        twin (``random_bags``: as many proposals drawn at random from the same candidates)."""
         proposals = _table(ctx.inputs["proposals"] / "proposals.pt")
-        best: list[float] = []
-        rand: list[float] = []
+        q: dict[str, list[float]] = {k: [] for k in ("bag_best_iou", "bag_top1_iou", "random_bag_best_iou",
+                                                     "random_bag_top1_iou")}
         for key, v in results.items():
             if not key.startswith(split + ":") or not v["bags"]:
                 continue
@@ -918,10 +919,12 @@ class CCGR(Method):
             props = torch.as_tensor(np.asarray(proposals[key], dtype=np.float32)).reshape(-1, 4)
             for bag, twin, k in zip(v["bags"], v.get("random_bags", v["bags"]), v["bag_classes"]):
                 g = gb[torch.as_tensor(gc == int(k))]
-                for sel, acc in ((bag, best), (twin, rand)):
-                    acc.append(float(ops.best_iou_with_gt(props[torch.as_tensor(sel, dtype=torch.long)], g).max())
-                               if len(sel) and len(g) else 0.0)
-        return best, rand
+                for sel, pre in ((bag, "bag"), (twin, "random_bag")):
+                    ious = (ops.best_iou_with_gt(props[torch.as_tensor(sel, dtype=torch.long)], g)
+                            if len(sel) and len(g) else torch.zeros(max(1, len(sel))))
+                    q[f"{pre}_best_iou"].append(float(ious.max()))
+                    q[f"{pre}_top1_iou"].append(float(ious[0]))
+        return q
 
     @staticmethod
     def _proposal_recall(results: dict[str, Any], ctx: StageContext) -> dict[str, float]:
@@ -972,10 +975,9 @@ class CCGR(Method):
                     total += 1
                 hits += int(on_gt.sum())
                 npk += len(pk)
-            best, rand = self._bag_quality(results, ctx, split)
-            if best:
-                out[f"{split}/bag_best_iou"] = 100.0 * float(np.mean(best))
-                out[f"{split}/random_bag_best_iou"] = 100.0 * float(np.mean(rand))
+            q = self._bag_quality(results, ctx, split)
+            if q["bag_best_iou"]:
+                out.update({f"{split}/{k}": 100.0 * float(np.mean(v)) for k, v in q.items()})
             if nimg:
                 out[f"{split}/peak_recall"] = 100.0 * found / max(1, total)
                 out[f"{split}/peak_precision"] = 100.0 * hits / max(1, npk)

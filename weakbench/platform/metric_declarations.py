@@ -207,8 +207,13 @@ _DECLARED: list[MetricSpec] = [
        "for each bag of proposals, the overlap (IoU) of its best proposal with the true boxes of its class, "
        "averaged over the bags"),
     _m("random_bag_best_iou", None, "%", "random bag best IoU",
-       "the same for bags of as many proposals drawn at random from the image's proposals (what the bag's "
+       "the same for bags of as many proposals drawn at random from the same candidates (what the bag's "
        "ranking must beat)"),
+    _m("bag_top1_iou", "max", "%", "bag top-1 IoU",
+       "for each bag of proposals, the overlap (IoU) of its best-ranked proposal with the true boxes of its class, "
+       "averaged over the bags"),
+    _m("random_bag_top1_iou", None, "%", "random bag top-1 IoU",
+       "the same for the first of as many proposals drawn at random from the same candidates"),
     _m("positive_share", "max", "%", "attributed boxes",
        "share of boxes for which the attribution found at least one proposal that keeps the detection"),
     _m("boxes", None, "count", "boxes", "how many boxes were processed"),
