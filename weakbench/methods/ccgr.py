@@ -68,7 +68,7 @@ Choices where the paper is silent or out of reach here (each documented where it
 * selective search instead of MCG. MCG scores its proposals; selective search does not, so Eq. 4's
   B_S is the CAM foreground's centre-surround contrast (``ccgr_ops.contrast_objectness``, ring of
   1.5× the box; ``objectness: cam_contrast``) — or, as before, ``1 − i/n`` over OpenCV's order
-  (``objectness: rank``), which the issue measured no better than random bags;
+  (``objectness: rank``); both against random bags in docs/ccgr.md;
 * round-1 semantic labels from thresholded CAMs instead of AffinityNet (``cam_fg_threshold``,
   ``cam_bg_threshold``; between them: ignore);
 * the MIL and SS branches are separate networks whose backbones start from the classifier (the
