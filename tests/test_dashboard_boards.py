@@ -38,16 +38,17 @@ def _store_rows():
     rows = [_run(s, "cam", s, _wsol(50 + s, 49 + s)) for s in range(3)]
     rows += [_run(10 + s, "center_gaussian", s, _wsol(45, 44), backbone="none") for s in range(3)]
     rows += [_run(20 + s, "bbam", s, _box("instance_miou", 40 + s, 39 + s)) for s in range(3)]
-    rows += [_run(30 + s, "ccgr", s, _box("map_r50", 30 + s, 29 + s)) for s in range(3)]
+    rows += [_run(30 + s, "ccgr", s, {"val/mask_rcnn/map_r50": 30 + s, "test/mask_rcnn/map_r50": 29 + s,
+                                       "test/pseudo_masks_with_labels/map_r50": 60.0}) for s in range(3)]
     return rows
 
 
 def test_runs_are_grouped_into_one_board_per_headline():
     table = rows_to_table(_store_rows())
     boards = dict(board_tables(table))  # in DISPLAY_ORDER of their headline
-    assert list(boards) == ["val/max_box_acc_v2", "val/pseudo_masks/instance_miou", "val/pseudo_masks/map_r50"]
+    assert list(boards) == ["val/max_box_acc_v2", "val/pseudo_masks/instance_miou", "val/mask_rcnn/map_r50"]
     assert sorted(set(boards["val/max_box_acc_v2"]["method"].to_pylist())) == ["cam", "center_gaussian"]
-    assert set(boards["val/pseudo_masks/map_r50"]["method"].to_pylist()) == {"ccgr"}
+    assert set(boards["val/mask_rcnn/map_r50"]["method"].to_pylist()) == {"ccgr"}
     assert [k for k, _ in board_tables(table, "val/pxap")] == ["val/pxap"]  # a metric given: one board
     assert [k for k, _ in board_tables(table.slice(0, 0))] == ["val/max_box_acc_v2"]
 

@@ -113,7 +113,7 @@ def test_dashboard_in_headless_chromium(built):
             boards = page.locator("section.board")
             assert boards.count() == 3
             assert sorted(boards.evaluate_all("bs => bs.map(b => b.dataset.selectMetric)")) == [
-                "val/max_box_acc_v2", "val/pseudo_masks/instance_miou", "val/pseudo_masks/map_r50"]
+                "val/mask_rcnn/map_r50", "val/max_box_acc_v2", "val/pseudo_masks/instance_miou"]
             methods = page.locator("table.board-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.method)")
             assert sorted(methods) == ["bbam", "cam", "ccgr", "center_gaussian", "minmaxcam"]
             cam_board = page.locator('section.board[data-select-metric="val/max_box_acc_v2"]')
@@ -165,7 +165,7 @@ def test_dashboard_in_headless_chromium(built):
 
             # diagnostics (thresholds, counts) stay out of the charts, in the folded table
             chart_titles = page.locator("#boards .js-plotly-plot .annotation-text").all_text_contents()
-            assert "MaxBoxAccV2" in chart_titles and "instance mIoU" in chart_titles and "mask mAP@0.5" in chart_titles
+            assert "MaxBoxAccV2" in chart_titles and "instance mIoU" in chart_titles and "mask mAP^r@0.5" in chart_titles
             assert not {"best threshold", "images", "instances"} & set(chart_titles)
             folded = cam_board.locator("details.all-metrics th.diag").all_text_contents()
             assert any(t.startswith("best threshold (diagnostic)") for t in folded)
@@ -185,7 +185,7 @@ def test_dashboard_in_headless_chromium(built):
             assert "stopped early" in legend and "best finished so far" in legend
             axis = page.locator("#sweeps text.axis-title").all_text_contents()
             assert {"lr", "batch_size", "crr_weight", "frr_weight", "theta_fg", "context_scale", "status",
-                    "val/max_box_acc_v2", "val/pseudo_masks/map_r50"} <= set(axis)
+                    "val/max_box_acc_v2", "val/mask_rcnn/map_r50"} <= set(axis)
             assert page.locator("#pareto .js-plotly-plot .scatterlayer .point").count() == 5  # 4 configs + baseline
             imgs = page.locator("#gallery img")
             assert imgs.count() == 8

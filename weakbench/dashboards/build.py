@@ -4,7 +4,7 @@ Sections (each a ``<section>`` with a stable id, used by the browser test):
 
 * ``#boards`` — one board per headline metric (:func:`weakbench.platform.leaderboard.board_tables`:
   the CAM methods and the trivial baselines on ``max_box_acc_v2``, BBAM on
-  ``pseudo_masks/instance_miou``, CCGR on ``pseudo_masks/map_r50``), each a ``<section
+  ``pseudo_masks/instance_miou``, CCGR on ``mask_rcnn/map_r50``), each a ``<section
   class="board">`` holding, read at a glance from left to right: the row (method, backbone,
   dataset; trivial baselines in grey with a *baseline* badge, flagged rows in red with a *flagged*
   badge), the **verdict** against the baseline a row must beat, the **headline** test metric

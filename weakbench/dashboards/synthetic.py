@@ -40,6 +40,8 @@ def _config_hash(params: dict[str, Any]) -> str:
 
 #: the validation/test metric family each method logs (keys as the real methods log them)
 _BOX_METHODS = {"bbam": "instance_miou", "ccgr": "map_r50"}
+#: where each of those methods logs its headline (CCGR: the IS branch on held-out images, no labels)
+_HEAD_NS = {"bbam": "pseudo_masks", "ccgr": "mask_rcnn"}
 
 
 def trial_record(method: str, backbone: str, dataset: str, config_id: int, seed: int, rng: np.random.Generator,
@@ -50,8 +52,9 @@ def trial_record(method: str, backbone: str, dataset: str, config_id: int, seed:
     WSOL family (``val/max_box_acc_v2``, ``…/max_box_acc``, ``…/pxap``, ``…/cls_acc``) and the
     diagnostics ``…/best_threshold`` and ``test/num_images``; ``bbam`` logs
     ``<split>/pseudo_masks/instance_miou`` with its ``box_filled/`` baseline, ``map_r50`` and the
-    count ``num_instances``; ``ccgr`` logs ``<split>/pseudo_masks/map_r50`` with its ``box_filled/``
-    baseline, ``map_r25`` and ``abo``.
+    count ``num_instances``; ``ccgr`` logs ``<split>/mask_rcnn/map_r50`` (its instance branch) with
+    ``map_r25``, ``box_map50``, the proposal recall and the pseudo-mask diagnostic
+    ``pseudo_masks_with_labels/map_r50``.
 
     Args:
         config_id: index of the configuration; the learning rate and (for MinMaxCAM) λ1/λ2 derive
@@ -74,15 +77,17 @@ def trial_record(method: str, backbone: str, dataset: str, config_id: int, seed:
             params.update(context_scale=round(float(crng.uniform(1.2, 2.0)), 3))
         metrics = {}
         for split, v in (("val", val - 10), ("test", test - 10)):
-            ns = f"{split}/pseudo_masks"
+            ns = f"{split}/{_HEAD_NS[method]}"
             metrics[f"{ns}/{head}"] = v
-            metrics[f"{ns}/box_filled/{head}"] = v - 4 + rng.normal(0, 0.5)
-            if method == "bbam":
-                metrics[f"{ns}/map_r50"] = v - 8 + rng.normal(0, 0.5)
-                metrics[f"{ns}/num_instances"] = 120.0
-            else:
+            if method == "ccgr":  # three draws, as before: every other number stays the same
                 metrics[f"{ns}/map_r25"] = v + 9 + rng.normal(0, 0.5)
-                metrics[f"{ns}/abo"] = v + 5 + rng.normal(0, 0.5)
+                metrics[f"{ns}/box_map50"] = v + 5 + rng.normal(0, 0.5)
+                metrics[f"{split}/pseudo_masks_with_labels/map_r50"] = v + 20 + rng.normal(0, 0.5)
+                metrics[f"{split}/proposals/proposal_recall"] = 45.0
+                continue
+            metrics[f"{ns}/box_filled/{head}"] = v - 4 + rng.normal(0, 0.5)
+            metrics[f"{ns}/map_r50"] = v - 8 + rng.normal(0, 0.5)
+            metrics[f"{ns}/num_instances"] = 120.0
     else:
         metrics = {
             "val/max_box_acc_v2": val, "test/max_box_acc_v2": test,

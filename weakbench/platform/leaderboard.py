@@ -638,7 +638,7 @@ def board_tables(table: pa.Table, select_metric: str | None = None) -> list[tupl
     each method's runs go to the board of its declared headline
     (:func:`~weakbench.platform.metric_declarations.default_select_metric`: ``val/max_box_acc_v2``
     for the CAM methods and the trivial baselines, ``val/pseudo_masks/instance_miou`` for BBAM,
-    ``val/pseudo_masks/map_r50`` for CCGR), boards in the order of their headline in
+    ``val/mask_rcnn/map_r50`` for CCGR), boards in the order of their headline in
     :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER` (then by key); an empty table
     gives one board on :data:`~weakbench.platform.metric_declarations.DEFAULT_SELECT_METRIC`. A run without a method tag counts as a method of the default headline. The CLI's
     ``leaderboard`` and the dashboard both group with this function.
