@@ -58,7 +58,9 @@ def evaluate_split(
     Returns:
         ``(metrics, overlays, details)``: metrics in percent keyed by bare name
         (``max_box_acc_v2``…), overlays as ``(file name, PIL image)``, details with curves and
-        best thresholds.
+        best thresholds, and ``details["per_image"]``: the split's per-image table
+        (:mod:`weakbench.platform.metrics.per_image`, split name left empty for the caller), from
+        which the box metrics, top-1/top-5 loc and PxAP are recomputed exactly on any resample.
     """
     from weakbench.platform.data import EvalDataset, collate_eval
     from weakbench.platform.metrics import (
@@ -84,6 +86,9 @@ def evaluate_split(
     kept_batches: list[dict[str, Any]] = []
     class_names = source.class_names
 
+    sample_images: list[str] = []  # per (image, class) sample, in the evaluators' order
+    sample_classes: list[int] = []
+    sample_pos: dict[int, tuple] = {}  # sample position -> its PxAP histograms
     done = 0
     for batch in loader:
         images = batch["image"].to(device)
@@ -116,12 +121,18 @@ def evaluate_split(
         top1_ok = (top5[pair_img, 0] == pair_cls).numpy()
         top5_ok = (top5[pair_img] == pair_cls[:, None]).any(dim=1).numpy()
         box_eval.accumulate(maps.numpy(), gt_boxes, class_correct_top1=top1_ok, class_correct_top5=top5_ok)
+        first = len(sample_images)
+        sample_images += [str(source.records[int(batch["index"][i])].image_id) for i in pair_img.tolist()]
+        sample_classes += pair_cls.tolist()
         has_masks = batch["has_masks"][pair_img]
         if bool(has_masks.any()):
             any_masks = True
             sel = has_masks.nonzero(as_tuple=True)[0]
             pi, pc = pair_img[sel], pair_cls[sel]
             pxap_eval.accumulate(maps[sel].numpy(), batch["masks"][pi, pc].numpy(), batch["ignore"][pi].numpy())
+            k = len(sel)
+            for j, s in enumerate(sel.tolist()):
+                sample_pos[first + s] = (pxap_eval.sample_pos[-k + j], pxap_eval.sample_neg[-k + j])
         if len(overlays) < num_overlays:
             for k in range(len(pair_img)):
                 if len(overlays) >= num_overlays:
@@ -140,6 +151,7 @@ def evaluate_split(
         box = box_eval.compute()
         metrics.update({k: float(v) for k, v in box.items()})
         details["box"] = box
+        details["per_image"] = _per_image_table(box_eval, sample_images, sample_classes, sample_pos)
     if any_masks:
         px = pxap_eval.compute()
         metrics["pxap"] = float(px["pxap"])
@@ -163,3 +175,24 @@ def evaluate_split(
             for k, v in method.extra_metrics(model, kept_batches, device).items():
                 metrics[k] = float(v)
     return metrics, overlays, details
+
+
+def _per_image_table(box_eval, images: list[str], classes: list[int], hists: dict[int, tuple]):
+    """The split's per-image table (:mod:`weakbench.platform.metrics.per_image`) from the
+    evaluators' per-sample records, in the same sample order."""
+    import numpy as np
+
+    from weakbench.platform.metrics.per_image import build_table
+
+    v1, v2 = box_eval.v1, box_eval.v2
+    bits = {"box_iou50": np.concatenate(v1.sample_bits[50])}
+    for d in (30, 50, 70):
+        if d in v2.sample_bits and v2.sample_bits[d]:
+            bits[f"box_v2_iou{d}"] = np.concatenate(v2.sample_bits[d])
+    top1 = np.concatenate(v1.sample_top1) if v1.sample_top1 else None
+    top5 = np.concatenate(v1.sample_top5) if v1.sample_top5 else None
+    pos = neg = None
+    if hists:
+        pos = [hists[i][0] if i in hists else None for i in range(len(images))]
+        neg = [hists[i][1] if i in hists else None for i in range(len(images))]
+    return build_table("", v1.thresholds, images, classes, bits, top1, top5, pos, neg)

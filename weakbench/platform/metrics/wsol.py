@@ -359,6 +359,11 @@ class BoxEvaluator:
         self.counts_top5 = np.zeros(t, dtype=np.int64)
         self.has_top1 = self.has_top5 = False
         self.cnt = 0
+        # per sample, in accumulation order (weakbench.platform.metrics.per_image): bool (n, T)
+        # correctness per δ and the class flags, from which every number above is recomputed
+        self.sample_bits: dict[int, list[np.ndarray]] = {d: [] for d in self.iou_thresholds}
+        self.sample_top1: list[np.ndarray] = []
+        self.sample_top5: list[np.ndarray] = []
 
     def _key(self) -> str:
         return "multi" if self.multi_contour else "largest"
@@ -381,14 +386,18 @@ class BoxEvaluator:
         lev = threshold_levels(np.asarray(max_byte), self.thresholds)
         ious = np.take_along_axis(tab, lev, axis=1)  # (n, T)
         for d in self.iou_thresholds:
-            self.counts[d] += (ious >= d / 100).sum(0)
+            ok = ious >= d / 100
+            self.counts[d] += ok.sum(0)
+            self.sample_bits[d].append(ok)
         ok50 = ious >= 0.5
         if top1 is not None:
             self.has_top1 = True
             self.counts_top1 += (ok50 & np.asarray(top1, dtype=bool)[:, None]).sum(0)
+            self.sample_top1.append(np.asarray(top1, dtype=bool))
         if top5 is not None:
             self.has_top5 = True
             self.counts_top5 += (ok50 & np.asarray(top5, dtype=bool)[:, None]).sum(0)
+            self.sample_top5.append(np.asarray(top5, dtype=bool))
         self.cnt += tab.shape[0]
 
     def compute(self) -> dict[str, float]:
@@ -482,6 +491,9 @@ class PxAPEvaluator:
         self.num_bins = len(self.thresholds) + 2
         self.pos_hist = np.zeros(self.num_bins, dtype=np.float64)
         self.neg_hist = np.zeros(self.num_bins, dtype=np.float64)
+        #: per accumulated sample, int64 (num_bins,) each (weakbench.platform.metrics.per_image)
+        self.sample_pos: list[np.ndarray] = []
+        self.sample_neg: list[np.ndarray] = []
 
     def accumulate(self, maps, gt_masks, ignore=None) -> None:
         """maps float (N, H, W) in [0, 1]; gt_masks bool (N, H, W); ignore bool (N, H, W)."""
@@ -498,8 +510,13 @@ class PxAPEvaluator:
             if ig.size != m.size:
                 raise DataError(f"ignore must have the maps' shape {m.shape}")
             neg &= ~ig.astype(bool).reshape(m.shape)
-        self.pos_hist += np.histogram(m[gt], bins=self.edges)[0]
-        self.neg_hist += np.histogram(m[neg], bins=self.edges)[0]
+        for i in range(m.shape[0]):  # one histogram per sample: a bootstrap resamples images
+            p = np.histogram(m[i][gt[i]], bins=self.edges)[0]
+            q = np.histogram(m[i][neg[i]], bins=self.edges)[0]
+            self.pos_hist += p
+            self.neg_hist += q
+            self.sample_pos.append(p.astype(np.int64))
+            self.sample_neg.append(q.astype(np.int64))
 
     def compute(self) -> dict:
         tp = self.pos_hist[::-1].cumsum()

@@ -1,0 +1,87 @@
+"""Per-image results (weakbench.platform.metrics.per_image): the evaluated split's metrics are
+recomputed exactly from its per-image table, on the whole split and on any resample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from weakbench.methods import build_method
+from weakbench.platform.errors import DataError
+from weakbench.platform.metrics import PxAPEvaluator, WsolEvaluator
+from weakbench.platform.metrics.per_image import (
+    PerImage, build_table, metric_at_threshold, metric_on_weights, read_table, write_table,
+)
+
+
+def test_split_metrics_recomputed_exactly_from_the_table(tmp_path):
+    """A centre Gaussian on the synthetic default (boxes and masks): every box metric, top-1 loc
+    and PxAP of the split equal those recomputed from the stored table (all weights 1), after a
+    Parquet round trip."""
+    from weakbench.platform.data import open_dataset
+    from weakbench.platform.evaluate import evaluate_split
+
+    source = open_dataset(None, cache_dir=tmp_path)
+    m = build_method("center_gaussian", {"input_size": 32, "sigma": 0.3}, num_classes=source.num_classes,
+                     multilabel=source.multilabel)
+    metrics, _, details = evaluate_split(m, m.build_model(), source, list(range(24)), input_size=32,
+                                         device=torch.device("cpu"), batch_size=5)
+    write_table(details["per_image"], tmp_path / "t.parquet", "test")
+    data = PerImage(read_table(tmp_path / "t.parquet"))
+    assert len(data) >= 24 and set(data.images.tolist()) <= {str(r.image_id) for r in source.records}
+    ones = np.ones((1, len(data)))
+    for name in ("max_box_acc", "max_box_acc_v2", "max_box_acc_v2_iou30", "max_box_acc_v2_iou70", "top1_loc",
+                 "pxap"):
+        assert metric_on_weights(data, name, ones)[0] == pytest.approx(metrics[name], abs=1e-9), name
+    # the test split's accuracy at its own best threshold is MaxBoxAcc
+    assert metric_at_threshold(data, "max_box_acc", metrics["best_threshold"], ones)[0] == pytest.approx(
+        metrics["max_box_acc"])
+
+
+def _random_maps(rng, n, s=24):
+    maps = rng.random((n, s, s)).astype(np.float32)
+    maps = np.cumsum(np.cumsum(maps, 1), 2)
+    maps = (maps - maps.min((1, 2), keepdims=True)) / np.ptp(maps, (1, 2), keepdims=True)
+    return maps
+
+
+def test_resample_equals_evaluating_the_resampled_images():
+    """A weighted set (image i counted w_i times) gives what the evaluators give on the images
+    repeated: the max over thresholds is taken on the resample, not per image."""
+    rng = np.random.default_rng(0)
+    n, s = 12, 24
+    maps = _random_maps(rng, n, s)
+    boxes = [np.array([[rng.integers(0, 8), rng.integers(0, 8), rng.integers(12, 23), rng.integers(12, 23)]])
+             for _ in range(n)]
+    masks = rng.random((n, s, s)) > 0.6
+    top1 = rng.random(n) > 0.3
+    ev = WsolEvaluator(cam_curve_interval=0.05)
+    ev.accumulate(maps, boxes, class_correct_top1=top1)
+    px = PxAPEvaluator(cam_curve_interval=0.05)
+    px.accumulate(maps, masks)
+    bits = {"box_iou50": np.concatenate(ev.v1.sample_bits[50])}
+    bits.update({f"box_v2_iou{d}": np.concatenate(ev.v2.sample_bits[d]) for d in (30, 50, 70)})
+    table = build_table("test", ev.v1.thresholds, [f"im{i}" for i in range(n)], [0] * n, bits, top1=top1,
+                        pos=px.sample_pos, neg=px.sample_neg)
+    data = PerImage(table)
+    counts = rng.integers(0, 3, size=n)
+    counts[0] = 1
+    rep = np.repeat(np.arange(n), counts)
+    ev2 = WsolEvaluator(cam_curve_interval=0.05)
+    ev2.accumulate(maps[rep], [boxes[i] for i in rep], class_correct_top1=top1[rep])
+    px2 = PxAPEvaluator(cam_curve_interval=0.05)
+    px2.accumulate(maps[rep], masks[rep])
+    want = {**ev2.compute(), "pxap": px2.compute()["pxap"]}
+    for name in ("max_box_acc", "max_box_acc_v2", "top1_loc", "pxap"):
+        assert metric_on_weights(data, name, counts[None, :].astype(float))[0] == pytest.approx(want[name]), name
+
+
+def test_other_version_is_refused():
+    t = build_table("test", np.array([0.0, 0.5]), ["a"], [0], {"box_iou50": np.array([[True, False]])})
+    old = t.replace_schema_metadata({b"weakbench.per_image_version": b"0"})
+    with pytest.raises(DataError, match="rebuild the results store"):
+        PerImage(old)
+    with pytest.raises(DataError, match="cannot be recomputed"):
+        metric_on_weights(PerImage(t), "pxap", np.ones((1, 1)))
