@@ -194,6 +194,14 @@ class Method:
             search space its default selecting metric.
         find_unused_parameters: passed to DDP for the classifier's ``train`` stage (True when a
             step updates only part of the model, as MinMaxCAM's Stage II does).
+        compared_with: the board rows (method names) this method is compared against, paired
+            image by image on the same dataset (:mod:`weakbench.platform.verdicts`); a ``classifier_cam``
+            method: ``cam`` and the trivial baselines. The in-run baselines of box-supervised methods
+            (``box_filled``, ``box_crf``, ``unrefined``) are metric variants, not rows:
+            :attr:`compared_with_variants`.
+        compared_with_variants: variant prefixes (:mod:`weakbench.platform.metric_declarations`)
+            of the headline that the same run logs as its own baselines (BBAM: ``box_filled``,
+            ``box_crf``; CCGR: ``unrefined``, ``box_filled``).
 
     Hooks a ``classifier_cam`` method implements:
         :meth:`build_model`, :meth:`training_step` (or :meth:`training_losses`),
@@ -207,6 +215,8 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     headline_metric: ClassVar[str] = DEFAULT_HEADLINE  # declared in weakbench.platform.metric_declarations
     find_unused_parameters: ClassVar[bool] = False
+    compared_with: ClassVar[tuple[str, ...]] = ("cam", "center_gaussian", "whole_image")
+    compared_with_variants: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig, num_classes: int, multilabel: bool = True):
         if num_classes < 1:
@@ -394,10 +404,11 @@ class Method:
         from weakbench.platform.evaluate import evaluate_split
 
         model = ctx.load_model("train")
-        metrics, overlays, _ = evaluate_split(
+        metrics, overlays, details = evaluate_split(
             self, model, ctx.source, ctx.splits[stage.split], input_size=self.config.input_size, device=ctx.device,
             cam_curve_interval=self.config.cam_curve_interval, batch_size=ctx.eval_batch_size,
             max_images=ctx.max_images, num_overlays=ctx.num_overlays, extra_batches=EXTRA_METRIC_BATCHES)
+        save_per_image(details, ctx, stage.split)
         return metrics, overlays
 
     def build_predictor(self, ctx: StageContext) -> torch.nn.Module | None:
@@ -436,6 +447,18 @@ class Method:
     def default_search_space(cls) -> Path:
         """Path of ``search_spaces/<name>.yaml`` in the source tree (or next to the package)."""
         return search_space_dir() / f"{cls.name}.yaml"
+
+
+def save_per_image(details: Mapping[str, Any], ctx: StageContext, split: str) -> None:
+    """Write ``details["per_image"]`` of :func:`weakbench.platform.evaluate.evaluate_split` (the
+    split's per-image results, :mod:`weakbench.platform.metrics.per_image`) into the stage's
+    product directory as ``per_image.parquet``; the engine logs it with the run. Nothing when the
+    split had no WSOL sample."""
+    from weakbench.platform.metrics.per_image import write_table
+
+    table = details.get("per_image")
+    if table is not None:
+        write_table(table, Path(ctx.out_dir) / "per_image.parquet", split)
 
 
 class ClassifierFitTask(FitTask):

@@ -32,7 +32,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from weakbench.methods.base import CamPredictor, Method, MethodConfig, Stage, StageContext, register_method
+from weakbench.methods.base import CamPredictor, Method, MethodConfig, Stage, StageContext, register_method, save_per_image
 
 __all__ = ["BaselineConfig", "CenterGaussianConfig", "PriorNet", "CenterGaussian", "WholeImage", "gaussian_prior",
            "whole_image_prior"]
@@ -124,6 +124,8 @@ class _Baseline(Method):
     reads: ClassVar[tuple[str, ...]] = ("input_size", "cam_curve_interval")
     #: metrics of evaluate_split a baseline does not report (they need a classifier)
     unreported_metrics: ClassVar[tuple[str, ...]] = _CLASSIFIER_METRICS
+    #: a trivial baseline is what the others are compared against
+    compared_with: ClassVar[tuple[str, ...]] = ()
 
     def model(self) -> PriorNet:
         """The parameter-free map model of this baseline."""
@@ -145,10 +147,11 @@ class _Baseline(Method):
         """Localisation metrics of the prior on ``stage.split`` (classifier metrics dropped)."""
         from weakbench.platform.evaluate import evaluate_split
 
-        metrics, overlays, _ = evaluate_split(
+        metrics, overlays, details = evaluate_split(
             self, self.model().to(ctx.device), ctx.source, ctx.splits[stage.split], input_size=self.config.input_size,
             device=ctx.device, cam_curve_interval=self.config.cam_curve_interval, batch_size=ctx.eval_batch_size,
             max_images=ctx.max_images, num_overlays=ctx.num_overlays if stage.split == "test" else 0)
+        save_per_image(details, ctx, stage.split)
         return {k: v for k, v in metrics.items() if k not in self.unreported_metrics}, overlays
 
     def build_predictor(self, ctx: StageContext) -> torch.nn.Module | None:

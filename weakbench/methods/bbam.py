@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -314,6 +314,8 @@ class BBAM(Method):
     shape = "detector_attribution"
     Config = BBAMConfig
     headline_metric = "pseudo_masks/instance_miou"
+    compared_with: ClassVar[tuple[str, ...]] = ()
+    compared_with_variants: ClassVar[tuple[str, ...]] = ("box_filled", "box_crf")
 
     @property
     def map_chunk_size(self) -> int:

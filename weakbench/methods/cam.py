@@ -92,6 +92,8 @@ class CAM(Method):
     """Plain CAM baseline; hyperparameters are the common ones of :class:`ClassifierConfig`."""
 
     Config = ClassifierConfig
+    #: the baseline is compared with the trivial baselines only
+    compared_with = ("center_gaussian", "whole_image")
 
     def build_model(self) -> torch.nn.Module:
         return CAMNet(self.config, self.num_classes)

@@ -108,7 +108,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -580,6 +580,8 @@ class CCGR(Method):
     shape = "multi_branch"
     Config = CCGRConfig
     headline_metric = "mask_rcnn/map_r50"  #: the paper's protocol: the IS branch on held-out images, no labels
+    compared_with: ClassVar[tuple[str, ...]] = ()
+    compared_with_variants: ClassVar[tuple[str, ...]] = ("unrefined", "box_filled")
     map_chunk_size = 8
 
     def __init__(self, config, num_classes: int, multilabel: bool = True):

@@ -49,6 +49,10 @@ KIND_TRIAL = "trial"
 DEFAULT_EXPERIMENT = "weakbench"
 MODEL_ARTIFACT = "model"
 OVERLAY_DIR = "overlays"
+#: artifact folder of a run's per-image results, ``per_image/<split>/per_image.parquet`` per evaluated split
+#: (:mod:`weakbench.platform.metrics.per_image`); an eval stage's product holds :data:`PER_IMAGE_FILE`
+PER_IMAGE_DIR = "per_image"
+PER_IMAGE_FILE = "per_image.parquet"
 CONFIG_ARTIFACT = "config.yaml"
 
 # ---------------------------------------------------------------- metrics

@@ -419,6 +419,8 @@ class _Runner:
         self.log(metrics, step=step)
         if self.rank == 0 and st.kind == "eval" and man.get("overlays"):
             self.client.log_artifacts(self.run_id, str(self.products[st.name].dir / C.OVERLAY_DIR), C.OVERLAY_DIR)
+        if self.rank == 0 and st.kind == "eval":
+            self._log_per_image(i)
         if i < len(self.plan) - 1:
             self.report(metrics, progress=self.units_before(i + 1), epoch=step)
         else:
@@ -631,11 +633,12 @@ class _Runner:
         metrics: dict[str, float] = {}
         if self.rank == 0:
             t0 = time.time()
-            raw, overlays = self.method.evaluate_stage(st, self.context(st))
+            staging = p.new_staging_dir()
+            # the hook may write its per-image results (C.PER_IMAGE_FILE) into the product
+            raw, overlays = self.method.evaluate_stage(st, self.context(st, out_dir=staging))
             metrics = {_stage_key(st, st.split or "test", k): float(v) for k, v in raw.items()}
             check_finite(metrics, f"stage {st.name} metrics")
             metrics[f"cost/{st.name}_seconds"] = time.time() - t0
-            staging = p.new_staging_dir()
             if overlays:
                 (staging / C.OVERLAY_DIR).mkdir()
                 for name, img in overlays:
@@ -644,8 +647,18 @@ class _Runner:
             self.log(metrics, step=self.fit_epochs_before(i + 1))
             if overlays:
                 self.client.log_artifacts(self.run_id, str(p.dir / C.OVERLAY_DIR), C.OVERLAY_DIR)
+            self._log_per_image(i)
         self._barrier()
         self._after(i, metrics)
+
+    def _log_per_image(self, i: int) -> None:
+        """Log eval stage ``i``'s per-image results, when its product has them, as the run's
+        artifact ``per_image/<split>.parquet`` (what the results store copies for the board's
+        paired bootstrap)."""
+        st = self.plan[i]
+        path = self.products[st.name].dir / C.PER_IMAGE_FILE
+        if path.is_file():
+            self.client.log_artifact(self.run_id, str(path), f"{C.PER_IMAGE_DIR}/{st.split or 'test'}")
 
     def _after(self, i: int, metrics: dict[str, float]) -> None:
         """Report a finished map/eval stage (the plan's last stage reports in :meth:`finish`)."""

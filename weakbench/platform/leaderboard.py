@@ -59,7 +59,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -152,6 +152,7 @@ def build_leaderboard(
     baseline_method: str = "cam",
     n_boot: int = 2000,
     seed: int = 0,
+    per_image: Mapping[str, pa.Table] | None = None,
 ) -> pa.Table:
     """Build the leaderboard from a results table (:data:`weakbench.platform.results.SCHEMA`).
 
@@ -163,6 +164,11 @@ def build_leaderboard(
         n_boot: bootstrap resamples (≥ 100).
         seed: seed of the bootstrap generator (each group also mixes in its own key, so results
             do not depend on row order).
+        per_image: ``{run id: per-image table of the reported split}``
+            (:func:`weakbench.platform.results.read_per_image`). A row all of whose selected runs
+            have one gets intervals over test images and seeds and its declared comparisons
+            (:mod:`weakbench.platform.verdicts`); the others keep seed-only statistics and say so
+            in ``noise``.
 
     Returns:
         a table with the fixed columns listed in ``docs/results_schema.md`` plus, for every
@@ -304,9 +310,13 @@ def build_leaderboard(
     box_values = metrics.get(box_key) if box_key else None
     _compare_with_trivial(rows, chosen_runs, seeds, metrics[primary], primary, n_boot, seed, box_values)
 
+    report_names += _image_verdicts(rows, chosen_runs, per_image or {}, run_ids, seeds, metrics, report_split,
+                                    primary, hib, n_boot, seed)
+    _flag_rows(rows, chosen_runs, seeds, metrics, report_names)
+
     sign = -1.0 if hib else 1.0
     rows.sort(key=lambda r: (r["dataset"], _nan_last(sign * r[f"{primary}.mean"]), r["method"], r["backbone"]))
-    fields = list(_FIXED_FIELDS) + list(_TRIVIAL_FIELDS)
+    fields = list(_FIXED_FIELDS) + list(_TRIVIAL_FIELDS) + list(_IMAGE_FIELDS)
     for m in report_names:
         fields += [pa.field(f"{m}.{s}", pa.int64() if s == "n" else pa.float64()) for s in STAT_SUFFIXES]
     schema = pa.schema(fields, metadata={
@@ -360,6 +370,205 @@ def _compare_with_trivial(rows: list[dict[str, Any]], chosen_runs: dict, seeds: 
             diffs, how = _differences(mine, theirs, r["seed_free"], True)
             _trivial_verdict(r, diffs, best["method"], best["method"], hib, n_boot, _rng(seed, *key, "trivial", primary),
                              exact=how == "exact")
+
+
+#: the operating point: test accuracy at the thresholds chosen on validation (bare names)
+AT_VAL_TAU = {"max_box_acc_at_val_tau": ("best_threshold",),
+              "max_box_acc_v2_at_val_tau": ("best_threshold_v2_iou30", "best_threshold_v2_iou50",
+                                            "best_threshold_v2_iou70")}
+
+_VERDICT_TYPE = pa.struct([
+    pa.field("against", pa.string()), pa.field("metric", pa.string()), pa.field("diff", pa.float64()),
+    pa.field("ci_low", pa.float64()), pa.field("ci_high", pa.float64()), pa.field("p_value", pa.float64()),
+    pa.field("p_holm", pa.float64()), pa.field("holm_ci_low", pa.float64()), pa.field("holm_ci_high", pa.float64()),
+    pa.field("verdict", pa.string()),
+])
+_IMAGE_FIELDS = [
+    pa.field("n_images", pa.int64()), pa.field("noise", pa.string()),
+    pa.field("verdicts", pa.list_(_VERDICT_TYPE)), pa.field("flags", pa.list_(pa.string())),
+]
+
+
+def _row_runs(runs: np.ndarray, run_ids: np.ndarray, seeds: np.ndarray, metrics: dict[str, np.ndarray],
+              per_image: Mapping[str, Any], seed_free: bool):
+    """The :class:`~weakbench.platform.verdicts.RowRuns` of a row's selected runs (one run per
+    seed, the first; one run in all when seed-free), or ``None`` when one lacks per-image results
+    or they cover different images."""
+    from weakbench.platform.verdicts import RowRuns, consistent
+
+    first: dict[int, int] = {}
+    for r in runs.tolist():
+        first.setdefault(int(seeds[r]), r)
+    chosen = list(first.values())[:1] if seed_free else list(first.values())
+    if not chosen or any(run_ids[r] not in per_image for r in chosen):
+        return None
+    taus = []
+    for r in chosen:
+        t: dict[str, Any] = {}
+        v1 = metrics.get("val/best_threshold")
+        if v1 is not None and not math.isnan(v1[r]):
+            t["max_box_acc"] = float(v1[r])
+        v2 = [metrics.get(f"val/best_threshold_v2_iou{d}") for d in (30, 50, 70)]
+        if all(v is not None and not math.isnan(v[r]) for v in v2):
+            t["max_box_acc_v2"] = {d: float(v[r]) for d, v in zip((30, 50, 70), v2)}
+        taus.append(t or None)
+    row = RowRuns([per_image[run_ids[r]] for r in chosen], seed_free=seed_free, taus=taus)
+    return row if consistent(row) else None
+
+
+def _image_verdicts(rows: list[dict[str, Any]], chosen_runs: dict, per_image: Mapping[str, Any], run_ids: np.ndarray,
+                    seeds: np.ndarray, metrics: dict[str, np.ndarray], report_split: str, primary: str, hib: bool,
+                    n_boot: int, seed: int) -> list[str]:
+    """Intervals over test images and seeds, the declared paired comparisons with Holm's
+    correction per dataset, and the operating point, for the rows with per-image results
+    (:mod:`weakbench.platform.verdicts`); fills ``n_images``, ``noise``, ``verdicts`` of every row
+    in place and overwrites the ``baseline_*`` / ``trivial_*`` fields from the paired comparison
+    where one was made. Returns the operating-point keys added to the reported metrics."""
+    from weakbench.platform.metrics.per_image import RECOMPUTABLE, PerImage
+    from weakbench.platform.verdicts import Bootstrap, can_compute, compare, decide, interval, noise_words, same_images
+
+    cache: dict[str, PerImage] = {}
+
+    def load(rid: str) -> PerImage:
+        if rid not in cache:
+            cache[rid] = PerImage(per_image[rid])
+        return cache[rid]
+
+    data = _LazyPerImage(per_image, load)
+    resolved: dict[tuple[str, str, str], Any] = {}
+    for r in rows:
+        key = (r["dataset"], r["method"], r["backbone"])
+        rr = _row_runs(chosen_runs[key], run_ids, seeds, metrics, data, r["seed_free"]) if per_image else None
+        r["n_images"] = len(set(rr.runs[0].images.tolist())) if rr is not None else None
+        r["noise"] = noise_words(rr, r["n_seeds"])
+        r["verdicts"] = []
+        if rr is not None:
+            resolved[key] = rr
+    added = [f"{report_split}/{m}" for m in AT_VAL_TAU if any(can_compute(rr, m) for rr in resolved.values())]
+    for r in rows:
+        for m in added:
+            for suffix in STAT_SUFFIXES:
+                r[f"{m}.{suffix}"] = 0 if suffix == "n" else math.nan
+    primary_bare = primary.split("/", 1)[1]
+    for ds in sorted({r["dataset"] for r in rows}):
+        boot = Bootstrap(n_boot, _rng(seed, ds, "images"))
+        board = sorted((r for r in rows if r["dataset"] == ds), key=lambda r: (r["method"], r["backbone"]))
+        for r in board:  # intervals of every recomputable metric, in a fixed order
+            key = (r["dataset"], r["method"], r["backbone"])
+            rr = resolved.get(key)
+            if rr is None:
+                continue
+            for m in [k for k in r if k.endswith(".mean")]:
+                name = m[: -len(".mean")]
+                bare = name.split("/", 1)[1] if "/" in name else name
+                if not name.startswith(report_split + "/") or not (bare in RECOMPUTABLE or bare in AT_VAL_TAU):
+                    continue
+                if not can_compute(rr, bare):
+                    continue
+                est, b = boot.row(rr, bare)
+                lo, hi = interval(b)
+                r[f"{name}.ci_low"], r[f"{name}.ci_high"] = lo, hi
+                if bare in AT_VAL_TAU:
+                    r[f"{name}.mean"], r[f"{name}.n"] = est, len(rr.runs)
+        comparisons, owners = [], []
+        for r in board:
+            key = (r["dataset"], r["method"], r["backbone"])
+            rr = resolved.get(key)
+            if rr is None or not can_compute(rr, primary_bare):
+                continue
+            for other in _compared_with(r["method"]):
+                against = _comparator(board, other, r["backbone"], primary, hib)
+                if against is None:
+                    continue
+                okey = (against["dataset"], against["method"], against["backbone"])
+                orr = resolved.get(okey)
+                if orr is None or not can_compute(orr, primary_bare) or not same_images(rr, orr):
+                    continue
+                label = against["method"] if against["backbone"] == r["backbone"] else \
+                    f"{against['method']} ({against['backbone']})"
+                comparisons.append(compare(boot, rr, orr, primary_bare, r["method"], label))
+                owners.append((r, against))
+        decide(comparisons, hib)
+        for c, (r, against) in zip(comparisons, owners):
+            r["verdicts"].append(c.record())
+            _legacy_fields(r, against, c, primary)
+    return added
+
+
+class _LazyPerImage(dict):
+    """``{run id: PerImage}`` read on first use (a board rarely needs every stored table)."""
+
+    def __init__(self, tables: Mapping[str, Any], load):
+        super().__init__()
+        self._tables, self._load = tables, load
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._tables
+
+    def __getitem__(self, rid: str):
+        return self._load(rid)
+
+
+def _compared_with(method: str) -> tuple[str, ...]:
+    """The rows ``method`` declares it is compared against (``Method.compared_with``); none for a
+    name no registered method has."""
+    from weakbench.methods import get_method_class
+
+    try:
+        return tuple(get_method_class(method).compared_with)
+    except Exception:  # noqa: BLE001 - a store written by another version
+        return ()
+
+
+def _comparator(board: list[dict[str, Any]], method: str, backbone: str, primary: str, hib: bool):
+    """The row of ``method`` on this board to compare with: the one with the same backbone, else
+    (a trivial baseline has none) the best of its rows by the primary mean."""
+    rows = [r for r in board if r["method"] == method]
+    same = [r for r in rows if r["backbone"] == backbone]
+    if same:
+        return same[0]
+    rows = [r for r in rows if not math.isnan(r[f"{primary}.mean"])]
+    if not rows:
+        return None
+    return max(rows, key=lambda r: r[f"{primary}.mean"] if hib else -r[f"{primary}.mean"])
+
+
+def _legacy_fields(r: dict[str, Any], against: dict[str, Any], c, primary: str) -> None:
+    """Overwrite the seed-only ``baseline_*`` / ``trivial_*`` fields of ``r`` with the paired
+    comparison ``c`` over test images and seeds, where it compares with the same row."""
+    if r.get("baseline_method") == against["method"] and against["backbone"] == r["backbone"]:
+        r.update(baseline_n_pairs=len(r["seeds"]), baseline_diff_mean=c.diff, baseline_diff_ci_low=c.ci_low,
+                 baseline_diff_ci_high=c.ci_high, baseline_p_value=c.p_holm,
+                 baseline_verdict=f"{c.verdict} (paired over test images and seeds, Holm)")
+    if r.get("trivial_baseline") == against["method"]:
+        beats = c.verdict.startswith("beats")
+        r.update(trivial_n=len(r["seeds"]), trivial_diff_mean=c.diff, trivial_diff_ci_low=c.ci_low,
+                 trivial_diff_ci_high=c.ci_high, trivial_p_value=c.p_holm, below_trivial=not beats,
+                 trivial_verdict=f"{c.verdict} (paired over test images and seeds, Holm)")
+
+
+def _flag_rows(rows: list[dict[str, Any]], chosen_runs: dict, seeds: np.ndarray, metrics: dict[str, np.ndarray],
+               report_names: list[str]) -> None:
+    """``flags``: a row's mechanism checks in words. A trained row (not seed-free) whose seeds
+    give identical values of every reported metric is degenerate (``"degenerate: seeds
+    identical"``)."""
+    for r in rows:
+        flags = list(r.get("flags") or [])
+        key = (r["dataset"], r["method"], r["backbone"])
+        runs = chosen_runs[key]
+        if not r["seed_free"] and r["n_seeds"] >= 2:
+            same = True
+            for m in report_names:
+                if m not in metrics:
+                    continue
+                per = _per_seed(seeds[runs], metrics[m][runs])
+                vals = np.array(list(per.values()))
+                if len(vals) >= 2 and not np.all(vals == vals[0]):
+                    same = False
+                    break
+            if same:
+                flags.append(f"degenerate: seeds identical ({r['n_seeds']} seeds give the same metrics)")
+        r["flags"] = flags
 
 
 def _trivial_verdict(r: dict[str, Any], diffs: np.ndarray, baseline: str, name: str, hib: bool, n_boot: int,

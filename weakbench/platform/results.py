@@ -19,6 +19,10 @@ touches few of them). Directory names are percent-encoded (``urllib.parse.quote`
   is appended and supersedes the old one.
 * :func:`read_store` returns one :class:`pyarrow.Table` with one row per run id: the most
   recently ingested row (also when two concurrent updates both wrote a run).
+* Each run's per-image results (:mod:`weakbench.platform.metrics.per_image`, their own schema
+  version) are copied from its MLflow artifacts into ``<store>/_per_image/<run id>/<split>.parquet``
+  by :func:`update_store` (:func:`copy_per_image`); :func:`read_per_image` reads them for the
+  board's bootstrap over test images.
 * :func:`compact_store` rewrites each partition into one file (write new, then delete old; a
   crash in between leaves duplicates that :func:`read_store` drops).
 
@@ -422,10 +426,63 @@ def update_store(tracking_uri: str, store_dir: Path, experiment: str = DEFAULT_E
     ends = existing["end_time"].cast(pa.int64()).to_pylist()
     known = dict(zip(existing["run_id"].to_pylist(), ends))
     fetched = fetch_trial_runs(tracking_uri, experiment, known=known)
+    for run_id, uri in zip(fetched["run_id"].to_pylist(), fetched["artifact_uri"].to_pylist()):
+        copy_per_image(uri, store_dir, run_id)
     paths = write_table(fetched, store_dir)
     n_updated = sum(1 for r in fetched["run_id"].to_pylist() if r in known)
     n_new = fetched.num_rows - n_updated
     return UpdateReport(n_new=n_new, n_total=len(known) + n_new, paths=paths, n_updated=n_updated)
+
+
+# ---------------------------------------------------------------------- per-image results
+#: where the store keeps each run's per-image tables: ``<store>/_per_image/<run id>/<split>.parquet``
+#: (a leading ``_`` keeps them out of the run table's files)
+PER_IMAGE_STORE_DIR = "_per_image"
+
+
+def copy_per_image(artifact_uri: str | None, store_dir: Path, run_id: str) -> list[str]:
+    """Copy a run's per-image artifacts (``per_image/<split>/per_image.parquet``,
+    :mod:`weakbench.platform.metrics.per_image`) into the store, each file written atomically;
+    returns the splits copied (none when the run logged none or its artifact store is
+    unreachable: the board then says that row has no per-image results)."""
+    import shutil
+    import tempfile
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if not artifact_uri:
+        return []
+    repo = get_artifact_repository(artifact_uri.rstrip("/"))
+    try:
+        splits = [it.path.rsplit("/", 1)[-1] for it in repo.list_artifacts(C.PER_IMAGE_DIR) if it.is_dir]
+    except Exception:  # noqa: BLE001 - no artifacts, or an unreachable artifact store
+        return []
+    out_dir = Path(store_dir) / PER_IMAGE_STORE_DIR / run_id
+    done = []
+    for split in splits:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = repo.download_artifacts(f"{C.PER_IMAGE_DIR}/{split}/{C.PER_IMAGE_FILE}", tmp)
+            except Exception:  # noqa: BLE001
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
+            part = out_dir / f".{split}.parquet.tmp"
+            shutil.copyfile(local, part)
+            os.replace(part, out_dir / f"{split}.parquet")
+            done.append(split)
+    return done
+
+
+def read_per_image(store_dir: Path, run_ids: Iterable[str], split: str = "test") -> dict[str, pa.Table]:
+    """``{run id: per-image table}`` of the runs among ``run_ids`` whose ``split`` per-image
+    results are in the store (Parquet, data only)."""
+    base = Path(store_dir) / PER_IMAGE_STORE_DIR
+    out = {}
+    for rid in run_ids:
+        path = base / rid / f"{split}.parquet"
+        if path.is_file():
+            out[rid] = pq.read_table(path)
+    return out
 
 
 # ---------------------------------------------------------------------- column access
