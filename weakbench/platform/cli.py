@@ -31,7 +31,7 @@ from rich.text import Text
 from weakbench import __version__
 from weakbench.platform import conventions as C
 from weakbench.platform import run_spec
-from weakbench.platform.errors import WeakbenchError
+from weakbench.platform.errors import ConfigError, WeakbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="weakbench: sweeps, leaderboards and a model registry for weakly supervised localisation.")
@@ -360,19 +360,28 @@ def leaderboard(
     report_split: str = typer.Option("test", "--report-split", help="Split whose metrics are reported."),
     baseline: str = typer.Option("cam", "--baseline", help="Method the others are compared with (paired over seeds)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Results store directory (default <output-dir>/results)."),
+    fmt: str = typer.Option("table", "--format", help="table (rich) or json (every board as plain records: intervals, "
+                            "images and seeds behind them, flags, verdicts)."),
 ):
     """Update the Parquet results store from MLflow and print the leaderboard."""
     from weakbench.platform import leaderboard as lb_mod
     from weakbench.platform import results
 
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format {fmt!r}: use 'table' or 'json'")
     uri = _tracking_uri(output_dir, tracking_uri)
     store_dir = store or Path(output_dir) / "results"
     report = results.update_store(uri, store_dir, experiment=experiment)
     table = results.read_store(store_dir)
-    # methods ranked by different headline metrics get a board each (one grouping, shared with the dashboard)
-    boards = lb_mod.board_tables(table, _metric_name(metric) if metric is not None else None)
-    for key, part in boards:
-        lb = lb_mod.build_leaderboard(part, select_metric=key, report_split=report_split, baseline_method=baseline)
+    boards = lb_mod.build_boards(table, store_dir, select_metric=_metric_name(metric) if metric else None,
+                                 report_split=report_split, baseline_method=baseline)
+    if fmt == "json":
+        import json
+
+        print(json.dumps({"boards": [lb_mod.board_records(lb) for lb in boards], "store": str(store_dir),
+                          "runs": report.n_total}, indent=1, default=str))
+        return
+    for lb in boards:
         console.print(lb_mod.render_rich(lb))
         console.print(Text(lb_mod.legend(lb)), soft_wrap=False)
     console.print(f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)")

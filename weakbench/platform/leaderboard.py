@@ -227,16 +227,13 @@ def build_leaderboard(
         ok = idx[(status[idx] == "FINISHED") & finite_row[idx] & ~np.isnan(sel[idx])]
         if len(ok) == 0:
             continue
-        # mean of the selection metric per configuration (over seeds)
-        best = None
-        for g in np.unique(cg[ok]).tolist():
-            runs = ok[cg[ok] == g]
-            per_seed = _per_seed(seeds[runs], sel[runs])
-            score = float(np.mean(list(per_seed.values())))
-            rank = ((score if hib else -score), len(per_seed), _neg_str(g))
-            if best is None or rank > best[0]:
-                best = (rank, g, runs, score)
-        _, g, runs, score = best
+        # the one selection rule: the configuration with the best mean over seeds
+        from weakbench.platform.selection import Candidate, config_means, select
+
+        cands = [Candidate(int(i), cg[i], int(seeds[i]), float(sel[i]), (int(i),)) for i in ok.tolist()]
+        g, _ = select(cands, hib)
+        runs = ok[cg[ok] == g]
+        score = config_means([c for c in cands if c.config == g])[g][0]
         chosen_runs[key] = runs
         row: dict[str, Any] = {
             "dataset": key[0], "method": key[1], "backbone": key[2],
@@ -764,6 +761,11 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     base = meta.get(b"weakbench.baseline_method", b"cam").decode()
     t.add_column(f"vs {base} (paired on seed)")
     t.add_column("vs best trivial baseline")
+    image_rows = any(r.get("verdicts") or r.get("flags") for r in lb.to_pylist())
+    if image_rows:
+        t.add_column("interval covers")
+        t.add_column("paired verdicts (95 % CI; Holm over the board)")
+        t.add_column("flags")
     for r in lb.to_pylist():
         diff = r["baseline_diff_mean"]
         vs = r["baseline_verdict"] or ""
@@ -775,9 +777,24 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
             _fmt(r["select_mean"]),
             *[format_stat(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.ci_low"], r[f"{m}.ci_high"]) for m in names],
             cost, escape(vs), escape(trivial_cell(r)),
+            *([escape(r.get("noise") or ""), escape(verdicts_cell(r)), escape("; ".join(r.get("flags") or []))]
+              if image_rows else []),
             style="red" if r.get("below_trivial") else None,
         )
     return t
+
+
+def verdicts_cell(r: dict[str, Any]) -> str:
+    """A row's paired verdicts, one per line: ``"+5.77 [+1.2, +10.3]: beats center_gaussian (none)"``."""
+    lines = []
+    for v in r.get("verdicts") or []:
+        lines.append(f"{_fmt_signed(v['diff'])} [{_fmt_signed(v['ci_low'], 1)}, {_fmt_signed(v['ci_high'], 1)}]: "
+                     f"{v['verdict']}")
+    return "\n".join(lines)
+
+
+def _fmt_signed(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
 
 
 def trivial_cell(r: dict[str, Any]) -> str:
@@ -863,3 +880,56 @@ def board_tables(table: pa.Table, select_metric: str | None = None) -> list[tupl
     order = sorted(groups, key=lambda k: (_display_rank(k), k))
     boards = [(key, table.filter(pc.is_in(methods, value_set=pa.array(groups[key], pa.string())))) for key in order]
     return boards or [(D.DEFAULT_SELECT_METRIC, table)]
+
+
+def build_boards(table: pa.Table, store_dir=None, select_metric: str | None = None, report_split: str = "test",
+                 baseline_method: str = "cam", n_boot: int = 2000, seed: int = 0) -> list[pa.Table]:
+    """Every board of a results table: one per headline metric (methods ranked by the same
+    ``Method.headline_metric`` share a board; ``select_metric`` forces one board), each with the
+    per-image results of the store at ``store_dir`` (:func:`weakbench.platform.results.read_per_image`)
+    so that its intervals cover test images and seeds. The one grouping of runs into boards that
+    the CLI and the dashboard use.
+
+    Returns:
+        the boards (:func:`build_leaderboard` tables), in the order of their selecting key.
+    """
+    import pyarrow.compute as pc
+
+    from weakbench.platform.results import read_per_image
+
+    if select_metric is not None:
+        groups = {select_metric: None}
+    else:
+        groups: dict[str, list[str] | None] = {}
+        for m in sorted(set(table["method"].to_pylist())) if table.num_rows else []:
+            groups.setdefault(D.default_select_metric(m), []).append(m)
+        groups = groups or {D.DEFAULT_SELECT_METRIC: None}
+    per_image = read_per_image(store_dir, table["run_id"].to_pylist(), report_split) if store_dir else {}
+    out = []
+    for key, methods in groups.items():
+        part = table if methods is None else table.filter(pc.is_in(table["method"], value_set=pa.array(methods)))
+        out.append(build_leaderboard(part, select_metric=key, report_split=report_split,
+                                     baseline_method=baseline_method, n_boot=n_boot, seed=seed, per_image=per_image))
+    return out
+
+
+def board_records(lb: pa.Table) -> dict[str, Any]:
+    """A board as plain records (for ``--format json`` and the dashboard): ``{"title", "select_metric",
+    "selected_on", "reported_on", "legend", "rows": [one dict per row: every column, the
+    intervals (``<metric>.ci_low/.ci_high``), ``n_images``, ``n_seeds``, ``noise``, ``flags`` and
+    ``verdicts``]}``; NaN becomes ``None``."""
+    meta = lb.schema.metadata or {}
+
+    def clean(v):
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    return {"title": title(lb), "select_metric": meta.get(b"weakbench.select_metric", b"").decode(),
+            "selected_on": meta.get(b"weakbench.selected_on", b"").decode(),
+            "reported_on": meta.get(b"weakbench.reported_on", b"").decode(), "legend": legend(lb),
+            "rows": [clean(r) for r in lb.to_pylist()]}

@@ -165,15 +165,19 @@ class SweepView:
         return best
 
     def selected_row(self) -> TrialRow | None:
-        """The trial the sweep selects, by the sweep summary's rule: among *finished* trials, the
-        best final value of the selecting metric (a trial's best earlier epoch and trials ASHA
-        stopped do not count; None while none has finished). Ties go to the trial that started
-        first (rows are kept in start order), as in the sweep summary."""
-        sel = None
-        for r in list(self.rows.values()):
-            if r.status == "finished" and r.latest is not None and (sel is None or self.better(r.latest, sel.latest)):
-                sel = r
-        return sel
+        """The trial the sweep selects, by the one selection rule of the sweep summary, the board
+        and ``register`` (:func:`weakbench.platform.selection.select`): among *finished* trials
+        (a trial's best earlier epoch and trials ASHA stopped do not count; None while none has
+        finished), the configuration (its params but ``seed``) with the best mean final value
+        over its seeds, and its best trial; ties go to the trial that started first (rows are
+        kept in start order)."""
+        from weakbench.platform.results import config_group
+        from weakbench.platform.selection import Candidate, select
+
+        cands = [Candidate(r, config_group(r.params), r.params.get("seed"), float(r.latest), (i,))
+                 for i, r in enumerate(list(self.rows.values())) if r.status == "finished" and r.latest is not None]
+        out = select(cands, self.mode == "max")
+        return out[1].ref if out else None
 
     def left(self, now: float) -> float | None:
         """Seconds left of the sweep: the longest running trial's estimate plus the trials not yet

@@ -92,14 +92,12 @@ def _select_run(runs: list[Any], select_metric: str) -> tuple[Any, float]:
         raise DataError(f"no FINISHED trial run with finite metrics logged {select_metric!r}; fix: pass --select-metric "
                         f"with a logged metric (runs with NaN/inf metrics diverged and are never registered)")
 
-    def score(group: list[Any]) -> tuple[float, int]:
-        per_seed: dict[str, list[float]] = {}
-        for r in group:
-            per_seed.setdefault(r.data.tags.get(C.TAG_SEED, ""), []).append(r.data.metrics[select_metric])
-        mean = sum(sum(v) / len(v) for v in per_seed.values()) / len(per_seed)
-        return (mean if hib else -mean), len(per_seed)
+    from weakbench.platform.selection import Candidate, select
 
-    g = max(sorted(configs), key=lambda k: score(configs[k]))
+    cands = [Candidate(r, g, r.data.tags.get(C.TAG_SEED, r.data.params.get("seed")),
+                       float(r.data.metrics[select_metric]), (r.info.start_time or 0, r.info.run_id))
+             for g, group in configs.items() for r in group]
+    g, _ = select(cands, hib)  # the one rule (weakbench.platform.selection)
     with_model = [r for r in configs[g] if r.data.tags.get(C.TAG_MODEL_URI)]
     if not with_model:
         ids = ", ".join(r.info.run_id for r in configs[g])
@@ -107,7 +105,8 @@ def _select_run(runs: list[Any], select_metric: str) -> tuple[Any, float]:
             f"runs {ids} (the selected configuration) have no tag {C.TAG_MODEL_URI!r}: no model was logged; "
             f"fix: rerun the sweep with model logging enabled"
         )
-    best = max(with_model, key=lambda r: r.data.metrics[select_metric] * (1 if hib else -1))
+    best = min(with_model, key=lambda r: (-(1 if hib else -1) * r.data.metrics[select_metric],
+                                          r.info.start_time or 0, r.info.run_id))
     return best, float(best.data.metrics[select_metric])
 
 

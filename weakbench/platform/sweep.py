@@ -330,15 +330,20 @@ def _check_state_api(where: str, timeout_s: float = 120.0) -> None:
 
 
 def select_best_run(runs: list, metric: str, mode: str):
-    """The run the sweep reports as best: among ``runs`` (MLflow runs) that logged ``metric`` and
-    whose metrics are all finite, the best final value in ``mode`` ("max" or "min"); ties go to
-    the run that started first (then the smaller run id), as in the live view's header
-    (:meth:`weakbench.platform.live.SweepView.selected_row`). None when no run qualifies."""
-    cands = [r for r in runs if metric in r.data.metrics and is_finite_metrics(r.data.metrics)]
-    cands.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
-    if not cands:
-        return None
-    return (max if mode == "max" else min)(cands, key=lambda r: r.data.metrics[metric])
+    """The run the sweep reports as best, by the one selection rule
+    (:func:`weakbench.platform.selection.select`): among ``runs`` (MLflow runs) that logged
+    ``metric`` and whose metrics are all finite, the configuration with the best mean over its
+    seeds in ``mode`` ("max" or "min"), and its best run (ties: the run that started first, then
+    the smaller run id) — the configuration the board and ``register`` name, and the run
+    ``register`` registers. None when no run qualifies."""
+    from weakbench.platform.results import config_group
+    from weakbench.platform.selection import Candidate, select
+
+    cands = [Candidate(r, config_group(r.data.params), r.data.tags.get(C.TAG_SEED, r.data.params.get("seed")),
+                       float(r.data.metrics[metric]), (r.info.start_time or 0, r.info.run_id))
+             for r in runs if metric in r.data.metrics and is_finite_metrics(r.data.metrics)]
+    out = select(cands, mode == "max")
+    return out[1].ref if out else None
 
 
 def resume_target(opts: SweepOptions, method: str) -> Path:
