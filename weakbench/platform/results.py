@@ -441,7 +441,7 @@ PER_IMAGE_STORE_DIR = "_per_image"
 
 
 def copy_per_image(artifact_uri: str | None, store_dir: Path, run_id: str) -> list[str]:
-    """Copy a run's per-image artifacts (``per_image/<split>/per_image.parquet``,
+    """Copy a run's per-image artifacts (``per_image/<split>/<one file>.parquet``,
     :mod:`weakbench.platform.metrics.per_image`) into the store, each file written atomically;
     returns the splits copied (none when the run logged none or its artifact store is
     unreachable: the board then says that row has no per-image results)."""
@@ -462,7 +462,11 @@ def copy_per_image(artifact_uri: str | None, store_dir: Path, run_id: str) -> li
     for split in splits:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                local = repo.download_artifacts(f"{C.PER_IMAGE_DIR}/{split}/{C.PER_IMAGE_FILE}", tmp)
+                files = [it.path for it in repo.list_artifacts(f"{C.PER_IMAGE_DIR}/{split}")
+                         if not it.is_dir and it.path.endswith(".parquet")]
+                if len(files) != 1:
+                    continue
+                local = repo.download_artifacts(files[0], tmp)
             except Exception:  # noqa: BLE001
                 continue
             out_dir.mkdir(parents=True, exist_ok=True)
