@@ -140,3 +140,27 @@ def test_seed_free_pair_gets_a_non_zero_interval_and_other_images_are_never_comp
     assert "exact" not in lb["cam"]["trivial_verdict"] and lb["cam"]["noise"] == "test images (100); seed-free"
     assert lb["minmaxcam"]["verdicts"] == []  # 101 images: never compared with cam or the Gaussian
     assert "degenerate: seeds identical" in lb["minmaxcam"]["flags"][0]
+
+
+def test_rows_are_flagged_where_the_mechanism_did_not_run():
+    """MinMaxCAM whose sets hold one image, a 1000-way head near chance, seeds giving the same
+    metrics: each row says so in words."""
+    from weakbench.methods.minmaxcam import one_image_set_share
+    import torch
+
+    assert one_image_set_share(torch.tensor([3, 3, 3, 4, 5, 4, 7]), 3) == pytest.approx(50.0)
+    rows = []
+    for s in (0, 1, 2):
+        rows.append({"run_id": f"mm{s}", "method": "minmaxcam", "backbone": "b", "dataset": "d", "seed": s,
+                     "status": "FINISHED", "params": {"lr": 0.1, "seed": s},
+                     "metrics": {"val/max_box_acc_v2": 50.0, "test/max_box_acc_v2": 40.0 + s,
+                                 "train/one_image_sets": 64.0, "test/cls_acc": 2.44, "test/cls_chance": 0.1}})
+        rows.append({"run_id": f"cam{s}", "method": "cam", "backbone": "b", "dataset": "d", "seed": s,
+                     "status": "FINISHED", "params": {"lr": 0.1, "seed": s},
+                     "metrics": {"val/max_box_acc_v2": 50.0, "test/max_box_acc_v2": 9.09, "test/cls_acc": 0.3,
+                                 "test/cls_chance": 0.1}})
+    lb = {r["method"]: r for r in build_leaderboard(rows_to_table(rows), n_boot=200).to_pylist()}
+    assert lb["minmaxcam"]["flags"] == ["CRR inactive: 64 % of sets hold one image",
+                                        "weak classifier: test top-1 2.44 % (chance 0.10 %)"]
+    assert lb["cam"]["flags"][0].startswith("degenerate: seeds identical")
+    assert lb["cam"]["flags"][1] == "classifier near chance: test top-1 0.30 % (chance 0.10 %)"

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from weakbench.methods.lr_schedules import LRSchedule, scheduler_from_config
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, validate_plan
 from weakbench.platform.errors import ConfigError, UnknownNameError
-from weakbench.platform.metric_declarations import DEFAULT_HEADLINE
+from weakbench.platform.metric_declarations import DEFAULT_HEADLINE, MechanismCheck
 
 __all__ = ["Method", "MethodConfig", "ClassifierConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
@@ -199,6 +199,10 @@ class Method:
             method: ``cam`` and the trivial baselines. The in-run baselines of box-supervised methods
             (``box_filled``, ``box_crf``, ``unrefined``) are metric variants, not rows:
             :attr:`compared_with_variants`.
+        mechanism_checks: the diagnostics that show the method's mechanism ran
+            (:class:`~weakbench.platform.metric_declarations.MechanismCheck`); the board flags a row
+            whose check fails. Every classifier row is also checked against chance (``cls_acc``
+            against ``cls_chance``) and every trained row for seeds giving identical metrics.
         compared_with_variants: variant prefixes (:mod:`weakbench.platform.metric_declarations`)
             of the headline that the same run logs as its own baselines (BBAM: ``box_filled``,
             ``box_crf``; CCGR: ``unrefined``, ``box_filled``).
@@ -217,6 +221,7 @@ class Method:
     find_unused_parameters: ClassVar[bool] = False
     compared_with: ClassVar[tuple[str, ...]] = ("cam", "center_gaussian", "whole_image")
     compared_with_variants: ClassVar[tuple[str, ...]] = ()
+    mechanism_checks: ClassVar[tuple[MechanismCheck, ...]] = ()
 
     def __init__(self, config: MethodConfig, num_classes: int, multilabel: bool = True):
         if num_classes < 1:

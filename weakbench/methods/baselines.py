@@ -38,7 +38,7 @@ __all__ = ["BaselineConfig", "CenterGaussianConfig", "PriorNet", "CenterGaussian
            "whole_image_prior"]
 
 #: metrics a baseline does not report (they need a classifier)
-_CLASSIFIER_METRICS = ("cls_acc", "cls_map", "top1_loc", "top5_loc", "miou", "best_bg_threshold")
+_CLASSIFIER_METRICS = ("cls_acc", "cls_chance", "cls_map", "top1_loc", "top5_loc", "miou", "best_bg_threshold")
 
 
 def _outer(h: int, w: int, sigma: float) -> torch.Tensor:

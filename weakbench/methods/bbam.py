@@ -58,6 +58,7 @@ from pydantic import Field, model_validator
 from weakbench.methods import bbam_ops as ops
 from weakbench.methods.base import Method, MethodConfig, register_method
 from weakbench.methods.pipeline import FitTask, Stage, StageContext
+from weakbench.platform.metric_declarations import MechanismCheck
 
 DETECTOR_FIELDS = ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
                    "momentum", "batch_size", "epochs", "input_size", "seed", "fpn_channels", "box_head_size")
@@ -316,6 +317,8 @@ class BBAM(Method):
     headline_metric = "pseudo_masks/instance_miou"
     compared_with: ClassVar[tuple[str, ...]] = ()
     compared_with_variants: ClassVar[tuple[str, ...]] = ("box_filled", "box_crf")
+    mechanism_checks = (MechanismCheck("positive_share", fails_below=50.0,
+                                       words="attribution empty: O+ non-empty for {value:.0f} % of boxes"),)
 
     @property
     def map_chunk_size(self) -> int:

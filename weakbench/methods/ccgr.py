@@ -121,6 +121,7 @@ from weakbench.methods.bbam import (_image_tensor, _rle, _unrle, detection_metri
 from weakbench.methods.bbam_ops import box_filled_mask
 from weakbench.methods.base import ClassifierFitTask, Method, MethodConfig, register_method
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext
+from weakbench.platform.metric_declarations import MechanismCheck
 
 CLASSIFIER_FIELDS = ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
                      "momentum", "batch_size", "epochs", "input_size", "seed")
@@ -582,6 +583,9 @@ class CCGR(Method):
     headline_metric = "mask_rcnn/map_r50"  #: the paper's protocol: the IS branch on held-out images, no labels
     compared_with: ClassVar[tuple[str, ...]] = ()
     compared_with_variants: ClassVar[tuple[str, ...]] = ("unrefined", "box_filled")
+    #: proposal recall of GT boxes at IoU 0.5 is not logged yet: only the peaks are checked
+    mechanism_checks = (MechanismCheck("peak_recall", fails_below=50.0,
+                                       words="peaks miss objects: peak recall {value:.0f} %"),)
     map_chunk_size = 8
 
     def __init__(self, config, num_classes: int, multilabel: bool = True):

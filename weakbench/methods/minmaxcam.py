@@ -62,6 +62,7 @@ from weakbench.methods.cam import CAMNet, classification_loss
 from weakbench.methods.lr_schedules import LRSchedule, describe_setting
 from weakbench.methods.pipeline import FitTask, Stage
 from weakbench.platform.errors import DataError
+from weakbench.platform.metric_declarations import MechanismCheck
 
 #: The optimisation of the official code (github.com/shadowwkl/MinMaxCAM, ``train.py``; the paper
 #: gives none): SGD with Nesterov momentum 0.9, weight decay 5e-4, the classifier at 10× the
@@ -196,6 +197,19 @@ def shared_set_classes(labels: torch.Tensor, set_size: int) -> tuple[torch.Tenso
     valid = shared.any(dim=1)
     classes = torch.where(valid, shared.to(torch.int8).argmax(dim=1), torch.zeros_like(valid, dtype=torch.long))
     return classes.long(), valid
+
+
+def one_image_set_share(index: torch.Tensor, set_size: int) -> float:
+    """Share (%, 0–100) of a batch's sets whose ``set_size`` images are one image repeated (a
+    class with one training image, :class:`ClassSetBatchSampler`): for them CRR (eq. 2) has no
+    common-region signal. ``index``: int64 (B,) record indices, consecutive ``set_size`` rows one
+    set (rows after the last full set ignored); 0.0 without a full set."""
+    n = index.shape[0] // set_size
+    if n == 0:
+        return 0.0
+    sets = index[: n * set_size].reshape(n, set_size)
+    single = (sets == sets[:, :1]).all(dim=1)
+    return 100.0 * float(single.float().mean())
 
 
 def set_classes(batch: Mapping[str, Any], set_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,6 +449,8 @@ class MinMaxCAM(Method):
 
     Config = MinMaxCAMConfig
     find_unused_parameters = True  # Stage II updates fc only
+    mechanism_checks = (MechanismCheck("one_image_sets", fails_above=50.0,
+                                       words="CRR inactive: {value:.0f} % of sets hold one image"),)
 
     config: MinMaxCAMConfig
 
@@ -517,5 +533,7 @@ class MinMaxCAM(Method):
         s2 = self.regularization_step(model, batch, opt, ctx)
         out = {"cls": float(s1["cls"]), "crr": float(s2["crr"]), "frr": float(s2["frr"]),
                "stage2": float(s2["loss"].detach()), "sets": float(s2["sets"])}
+        if "index" in batch:  # the mechanism check: CRR has a signal only between distinct images
+            out["one_image_sets"] = one_image_set_share(batch["index"], self.config.set_size)
         out["loss"] = out["cls"] + out["stage2"]
         return out

@@ -166,6 +166,7 @@ def evaluate_split(
             metrics["cls_map"] = float(multilabel_average_precision(scores.numpy(), labels_all.numpy()))
         else:
             metrics["cls_acc"] = float(top1_accuracy(scores.numpy(), labels_all.numpy()))
+            metrics["cls_chance"] = 100.0 / source.num_classes  # the board's check against chance
     metrics["num_images"] = float(len(dataset))
     if progress is not None:
         progress(len(dataset), len(dataset))

@@ -565,7 +565,48 @@ def _flag_rows(rows: list[dict[str, Any]], chosen_runs: dict, seeds: np.ndarray,
                     break
             if same:
                 flags.append(f"degenerate: seeds identical ({r['n_seeds']} seeds give the same metrics)")
+        for check in _mechanism_checks(r["method"]):
+            value = _logged_mean(metrics, runs, check.metric)
+            if check.fails(value):
+                flags.append(check.words.format(value=value))
+        acc, chance = _logged_mean(metrics, runs, "cls_acc", ("test",)), _logged_mean(metrics, runs, "cls_chance", ("test",))
+        if not math.isnan(acc) and not math.isnan(chance):
+            if acc < CHANCE_FACTOR * chance:
+                flags.append(f"classifier near chance: test top-1 {acc:.2f} % (chance {chance:.2f} %)")
+            elif acc < WEAK_CLASSIFIER:
+                flags.append(f"weak classifier: test top-1 {acc:.2f} % (chance {chance:.2f} %)")
         r["flags"] = flags
+
+
+#: a classifier row is flagged "near chance" below this multiple of chance, "weak" below
+#: :data:`WEAK_CLASSIFIER` percent top-1 (its GT-known CAMs come from a classifier that barely
+#: tells the classes apart)
+CHANCE_FACTOR = 5.0
+WEAK_CLASSIFIER = 20.0
+
+
+def _mechanism_checks(method: str):
+    """``Method.mechanism_checks`` of a registered method (none for an unknown name)."""
+    from weakbench.methods import get_method_class
+
+    try:
+        return tuple(get_method_class(method).mechanism_checks)
+    except Exception:  # noqa: BLE001 - a store written by another version
+        return ()
+
+
+def _logged_mean(metrics: dict[str, np.ndarray], runs: np.ndarray, name: str,
+                 splits: tuple[str, ...] = ("test", "val", "train")) -> float:
+    """Mean over ``runs`` of the first logged key ``<split>/…/<name>`` (splits in order); NaN when
+    none is logged."""
+    for split in splits:
+        keys = sorted(k for k in metrics if k.startswith(split + "/") and (k == f"{split}/{name}"
+                                                                          or k.endswith("/" + name)))
+        for k in keys:
+            v = metrics[k][runs]
+            if np.any(~np.isnan(v)):
+                return float(np.nanmean(v))
+    return math.nan
 
 
 def _trivial_verdict(r: dict[str, Any], diffs: np.ndarray, baseline: str, name: str, hib: bool, n_boot: int,

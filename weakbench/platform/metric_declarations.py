@@ -102,6 +102,33 @@ class MetricSpec:
         return f"{self.description} ({unit}; {way})"
 
 
+@dataclass(frozen=True)
+class MechanismCheck:
+    """A diagnostic that shows a method's mechanism ran (``Method.mechanism_checks``); the board
+    flags a row whose check fails, in words.
+
+    Attributes:
+        metric: a declared bare name, matched against the run's logged keys ending in
+            ``/<metric>`` (test first, then val, then train).
+        fails_below, fails_above: the check fails when the value (mean over the row's runs) is
+            below / above this (in the metric's unit).
+        words: the flag, formatted with ``value``, e.g. ``"CRR inactive: {value:.0f} % of sets
+            hold one image"``.
+    """
+
+    metric: str
+    words: str
+    fails_below: Optional[float] = None
+    fails_above: Optional[float] = None
+
+    def fails(self, value: float) -> bool:
+        """Whether ``value`` fails the check (NaN never does)."""
+        if value != value:
+            return False
+        return ((self.fails_below is not None and value < self.fails_below)
+                or (self.fails_above is not None and value > self.fails_above))
+
+
 def _m(name: str, direction: Optional[Direction], unit: str, display: str, description: str) -> MetricSpec:
     return MetricSpec(name, direction, unit, display, description)
 
@@ -224,6 +251,15 @@ _DECLARED: list[MetricSpec] = [
     _m("mean_positives", None, "count", "positive proposals per box",
        "how many perturbed proposals per box keep the detection, on average"),
     _m("images", None, "count", "images", "how many images the stage processed"),
+    _m("one_image_sets", None, "%", "one-image sets",
+       "share of MinMaxCAM's image sets that repeat a single image (no cross-image signal for CRR)"),
+    _m("cls_chance", None, "%", "chance top-1", "top-1 accuracy of guessing a class uniformly at random (100 / classes)"),
+    _m("max_box_acc_at_val_tau", "max", "%", "MaxBoxAcc@val τ",
+       "share of images localised (IoU ≥ 0.5, largest region) at the map threshold chosen on the validation split: "
+       "the accuracy a user who deploys the model gets"),
+    _m("max_box_acc_v2_at_val_tau", "max", "%", "MaxBoxAccV2@val τ",
+       "MaxBoxAccV2 with each IoU level's map threshold chosen on the validation split instead of on the scored "
+       "images"),
     _m("mean_proposals", None, "count", "proposals per image", "how many box proposals an image has, on average"),
     _m("instances", None, "count", "instances", "how many object masks the stage made"),
     _m("detections", None, "count", "detections", "how many objects the detector found"),
