@@ -85,3 +85,32 @@ def test_other_version_is_refused():
         PerImage(old)
     with pytest.raises(DataError, match="cannot be recomputed"):
         metric_on_weights(PerImage(t), "pxap", np.ones((1, 1)))
+
+
+def test_trial_logs_per_image_results_that_reach_the_store(tmp_path):
+    """An inline trial of the centre Gaussian logs per_image/<split>/per_image.parquet for its val
+    and test stages; the store copies them, and they recompute the logged test metrics."""
+    from weakbench.platform import tracking
+    from weakbench.platform.data import open_dataset
+    from weakbench.platform.data.splits import make_splits, save_splits
+    from weakbench.platform.engine import run_trial
+    from weakbench.platform.results import read_per_image, read_store, update_store
+    from weakbench.platform.engine import TrialSpec
+
+    cache = tmp_path / "cache"
+    source = open_dataset(None, cache_dir=cache)
+    save_splits(make_splits(source, seed=0), cache / "splits.json")
+    spec = TrialSpec(method="center_gaussian", params={"input_size": 32}, data=None, data_cache=str(cache),
+                     splits_path=str(cache / "splits.json"), trial_dir=str(tmp_path / "trial"),
+                     tracking_uri=tracking.default_tracking_uri(tmp_path), sweep_id="s", trial_id="t0",
+                     run_name="cg-t0", eval_max_images=12, num_overlays=0, log_model=False)
+    metrics = run_trial(spec, executor="inline")
+    store = tmp_path / "store"
+    update_store(spec.tracking_uri, store)
+    table = read_store(store)
+    (rid,) = table["run_id"].to_pylist()
+    assert set(read_per_image(store, [rid], "val")) == {rid}
+    data = PerImage(read_per_image(store, [rid], "test")[rid])
+    assert len(data) >= 12 and data.thresholds.size == 100
+    for name in ("max_box_acc", "max_box_acc_v2", "pxap"):
+        assert metric_on_weights(data, name, np.ones((1, len(data))))[0] == pytest.approx(metrics[f"test/{name}"])
