@@ -114,3 +114,26 @@ def test_trial_logs_per_image_results_that_reach_the_store(tmp_path):
     assert len(data) >= 12 and data.thresholds.size == 100
     for name in ("max_box_acc", "max_box_acc_v2", "pxap"):
         assert metric_on_weights(data, name, np.ones((1, len(data))))[0] == pytest.approx(metrics[f"test/{name}"])
+
+
+def test_evaluate_runs_reach_the_evaluation_board(tmp_path):
+    """``weakbench evaluate`` logs its per-image results; the store keeps evaluations apart from
+    trials and build_boards sets them on a board of their own, with intervals over the images."""
+    from weakbench.platform import tracking
+    from weakbench.platform.evaluation import evaluate_dataset
+    from weakbench.platform.leaderboard import board_records, build_boards
+    from weakbench.platform.results import read_store, update_store
+
+    uri = tracking.default_tracking_uri(tmp_path)
+    for method, params in (("center_gaussian", {"input_size": 32, "sigma": 0.3}), ("whole_image", {"input_size": 32})):
+        evaluate_dataset(None, tracking_uri=uri, method=method, params=params, cache_dir=tmp_path / "cache",
+                         max_images=16, num_overlays=0, device="cpu")
+    store = tmp_path / "store"
+    update_store(uri, store)
+    assert read_store(store).num_rows == 0  # no trial: the evaluations live apart
+    boards = build_boards(read_store(store), store, n_boot=200)
+    ev = board_records(boards[-1])
+    assert ev["reported_on"] == "all" and {r["method"] for r in ev["rows"]} == {"center_gaussian", "whole_image"}
+    for r in ev["rows"]:
+        assert r["n_images"] == 16 and r["noise"] == "images (16); seed-free"
+        assert r["all/max_box_acc_v2.ci_low"] <= r["all/max_box_acc_v2.mean"] <= r["all/max_box_acc_v2.ci_high"]

@@ -164,3 +164,33 @@ def test_rows_are_flagged_where_the_mechanism_did_not_run():
                                         "weak classifier: test top-1 2.44 % (chance 0.10 %)"]
     assert lb["cam"]["flags"][0].startswith("degenerate: seeds identical")
     assert lb["cam"]["flags"][1] == "classifier near chance: test top-1 0.30 % (chance 0.10 %)"
+
+
+def test_evaluation_runs_make_a_board_of_seed_free_rows_with_paired_intervals():
+    """``weakbench evaluate`` rows (split ``all``): the 0-epoch pretrained CAM against the centre
+    Gaussian on the same images, with an interval over the images; the latest evaluation of a
+    configuration counts; a row on other images is not compared."""
+    from weakbench.platform.leaderboard import build_evaluation_board
+
+    n = 100
+    per_image, rows = {}, []
+    seed_free = {"epochs": 0, "pretrained": True, "classifier_init": "pretrained_head"}
+    for rid, method, backbone, params, table, end in [
+            ("e1", "cam", "lite0", seed_free, _table(_at_first(n, range(40))), 1),
+            ("e2", "cam", "lite0", seed_free, _table(_at_first(n, range(70))), 2),  # the same, later: counts
+            ("e3", "center_gaussian", "none", {"sigma": 0.25}, _table(_at_first(n, range(60))), 1),
+            ("e4", "whole_image", "none", {}, _table(_at_first(n + 5, range(10))), 1)]:
+        per_image[rid] = table
+        v = _value(table)
+        rows.append({"run_id": rid, "method": method, "backbone": backbone, "dataset": "ilsvrc", "status": "FINISHED",
+                     "end_time": 1000 * end, "params": {**params, "seed": 0},
+                     "metrics": {"all/max_box_acc_v2": v, "all/max_box_acc": v}})
+    lb = build_evaluation_board(rows_to_table(rows), per_image, n_boot=1000)
+    got = {r["method"]: r for r in lb.to_pylist()}
+    assert got["cam"]["run_id"] == "e2" and got["cam"]["all/max_box_acc_v2.mean"] == pytest.approx(70.0)
+    assert got["cam"]["noise"] == "images (100); seed-free"
+    (v,) = got["cam"]["verdicts"]
+    assert v["against"] == "center_gaussian" and v["diff"] == pytest.approx(10.0)
+    assert 0 < v["ci_low"] < 10 < v["ci_high"] and v["verdict"] == "beats center_gaussian"
+    lo, hi = got["cam"]["all/max_box_acc_v2.ci_low"], got["cam"]["all/max_box_acc_v2.ci_high"]
+    assert lo < 70 < hi

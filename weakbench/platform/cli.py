@@ -382,6 +382,9 @@ def leaderboard(
                           "runs": report.n_total}, indent=1, default=str))
         return
     for lb in boards:
+        if (lb.schema.metadata or {}).get(b"weakbench.kind") == b"evaluation":
+            console.print(lb_mod.render_evaluation_rich(lb))
+            continue
         console.print(lb_mod.render_rich(lb))
         console.print(Text(lb_mod.legend(lb)), soft_wrap=False)
     console.print(f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)")

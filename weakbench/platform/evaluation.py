@@ -5,8 +5,10 @@ The metrics are exactly those of a trial's eval stage
 (:func:`weakbench.platform.evaluate.evaluate_split`, Choe et al. 2020's protocol) over all the
 dataset's records, keyed ``all/<name>`` in MLflow (:data:`~weakbench.platform.conventions.EVAL_SPLIT`),
 in a run tagged ``weakbench.kind = "evaluation"`` with the evaluated model's URI, its run and
-registered version (results tables and the registry read only ``trial`` runs, so an evaluation
-never selects anything).
+registered version, and its per-image results (artifact ``per_image/all/per_image.parquet``). The
+registry and the trial boards read only ``trial`` runs, so an evaluation never selects anything;
+the results store keeps evaluations apart and :func:`weakbench.platform.leaderboard.build_evaluation_board`
+sets them on a board of their own (seed-free rows, paired intervals over the images).
 
 A method "needs no training" when its plan has no fit stage with epochs > 0: the trivial
 baselines (``center_gaussian``, ``whole_image``), or ``cam`` with ``epochs: 0``,
@@ -160,7 +162,7 @@ def evaluate_dataset(
     interval = cam_curve_interval or m.config.cam_curve_interval
     t0 = time.time()
     with _progress_bar(progress, f"scoring {source.name}") as advance:
-        metrics, overlays, _ = evaluate_split(m, model.to(dev), source, list(range(len(source.records))), input_size=size,
+        metrics, overlays, details = evaluate_split(m, model.to(dev), source, list(range(len(source.records))), input_size=size,
                                               device=dev, cam_curve_interval=interval, batch_size=batch_size,
                                               max_images=max_images, num_overlays=num_overlays, progress=advance)
     drop = getattr(m, "unreported_metrics", ())
@@ -170,7 +172,7 @@ def evaluate_dataset(
     run_id = None
     if log:
         run_id = _log(tracking_uri, experiment, m.name, params_out, source, metrics, overlays, evaluated,
-                      run_id_src, version, seconds, max_images)
+                      run_id_src, version, seconds, max_images, details.get("per_image"))
     return EvaluationResult(metrics=metrics, method=m.name, params=params_out, dataset=source.name,
                             fingerprint=source.fingerprint, num_images=int(metrics.get("num_images", 0)),
                             evaluated=evaluated, run_id=run_id, seconds=seconds)
@@ -197,7 +199,7 @@ def _progress_bar(show: bool, description: str):
 
 
 def _log(tracking_uri, experiment, method, params, source, metrics, overlays, evaluated, run_id_src, version,
-         seconds, max_images) -> str:
+         seconds, max_images, per_image=None) -> str:
     from weakbench import __version__
     from weakbench.platform import tracking
 
@@ -225,6 +227,12 @@ def _log(tracking_uri, experiment, method, params, source, metrics, overlays, ev
                 for name, img in overlays:
                     img.save(Path(d) / name)
                 client.log_artifacts(rid, d, C.OVERLAY_DIR)
+        if per_image is not None:  # the per-image results of every image (the board's paired intervals)
+            from weakbench.platform.metrics.per_image import write_table
+
+            with tempfile.TemporaryDirectory() as d:
+                write_table(per_image, Path(d) / C.PER_IMAGE_FILE, C.EVAL_SPLIT)
+                client.log_artifact(rid, str(Path(d) / C.PER_IMAGE_FILE), f"{C.PER_IMAGE_DIR}/{C.EVAL_SPLIT}")
     except BaseException as e:
         tracking.fail_run(client, rid, e)
         raise

@@ -59,6 +59,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -951,6 +952,14 @@ def build_boards(table: pa.Table, store_dir=None, select_metric: str | None = No
         part = table if methods is None else table.filter(pc.is_in(table["method"], value_set=pa.array(methods)))
         out.append(build_leaderboard(part, select_metric=key, report_split=report_split,
                                      baseline_method=baseline_method, n_boot=n_boot, seed=seed, per_image=per_image))
+    if store_dir is not None:  # the evaluations' board, when the store holds any
+        from weakbench.platform.results import EVALUATION_STORE_DIR, read_store
+
+        ev_dir = Path(store_dir) / EVALUATION_STORE_DIR
+        ev = read_store(ev_dir)
+        if ev.num_rows:
+            out.append(build_evaluation_board(ev, read_per_image(ev_dir, ev["run_id"].to_pylist(), C.EVAL_SPLIT),
+                                              n_boot=n_boot, seed=seed))
     return out
 
 
@@ -970,7 +979,136 @@ def board_records(lb: pa.Table) -> dict[str, Any]:
             return {k: clean(x) for k, x in v.items()}
         return v
 
+    if meta.get(b"weakbench.kind") == b"evaluation":
+        return {"title": "Evaluations (weakbench evaluate): every image, no split, no selection", "select_metric": None,
+                "selected_on": None, "reported_on": C.EVAL_SPLIT, "legend": "",
+                "rows": [clean(r) for r in lb.to_pylist()]}
     return {"title": title(lb), "select_metric": meta.get(b"weakbench.select_metric", b"").decode(),
             "selected_on": meta.get(b"weakbench.selected_on", b"").decode(),
             "reported_on": meta.get(b"weakbench.reported_on", b"").decode(), "legend": legend(lb),
             "rows": [clean(r) for r in lb.to_pylist()]}
+
+
+def build_evaluation_board(table: pa.Table, per_image: Mapping[str, pa.Table] | None = None,
+                           primary_name: str = D.DEFAULT_HEADLINE, n_boot: int = 2000, seed: int = 0) -> pa.Table:
+    """The board of ``weakbench evaluate`` runs (every image of a dataset, no split, no selection):
+    one seed-free row per (dataset, method, backbone, configuration), the latest ``FINISHED``
+    evaluation of each, with intervals over the images and the declared paired comparisons
+    (Holm over each dataset's comparisons; :mod:`weakbench.platform.verdicts`). Rows scored on
+    different images (another ``max_images``, another dataset version) are never compared.
+
+    Args:
+        table: the evaluation store (``<store>/_evaluations``, :func:`weakbench.platform.results.read_store`).
+        per_image: ``{run id: per-image table of split "all"}``.
+        primary_name: the bare metric the comparisons are made on.
+
+    Returns:
+        a table: ``dataset``, ``method``, ``backbone``, ``params_json``, ``run_id``, ``reported_on``
+        (``"all"``), ``n_images``, ``noise``, ``verdicts``, ``flags`` and, for each reported metric
+        ``m``, ``m.mean``, ``m.ci_low``, ``m.ci_high``; sorted by dataset, then the primary metric.
+    """
+    from weakbench.platform.metrics.per_image import RECOMPUTABLE, PerImage
+    from weakbench.platform.verdicts import Bootstrap, RowRuns, can_compute, compare, decide, interval, same_images
+
+    split = C.EVAL_SPLIT
+    primary = f"{split}/{primary_name}"
+    hib = higher_is_better(primary)
+    per_image = per_image or {}
+    metrics = metric_columns(table)
+    names = sorted((k for k in metrics if k.startswith(split + "/")), key=lambda k: (k != primary, _display_rank(k), k))
+    latest: dict[tuple, int] = {}
+    ends = table["end_time"].cast(pa.int64()).fill_null(0).to_numpy() if table.num_rows else np.zeros(0)
+    status = _str_array(table, "status") if table.num_rows else np.zeros(0, object)
+    params_col = table["params"] if table.num_rows else None
+    for i, key in enumerate(zip(*(_str_array(table, c).tolist() for c in ("dataset", "method", "backbone",
+                                                                           "config_group")))):
+        if status[i] != "FINISHED" or not finite_metric_rows(table.slice(i, 1))[0]:
+            continue
+        if key not in latest or ends[i] > ends[latest[key]]:
+            latest[key] = i
+    run_ids = _str_array(table, "run_id") if table.num_rows else np.zeros(0, object)
+    rows, resolved = [], {}
+    for key, i in sorted(latest.items()):
+        row: dict[str, Any] = {"dataset": key[0], "method": key[1], "backbone": key[2],
+                               "params_json": _params_json(params_col, i), "run_id": run_ids[i], "reported_on": split,
+                               "verdicts": [], "flags": []}
+        rr = RowRuns([PerImage(per_image[run_ids[i]])], seed_free=True) if run_ids[i] in per_image else None
+        row["n_images"] = len(set(rr.runs[0].images.tolist())) if rr is not None else None
+        if rr is None:
+            row["noise"] = "none: no per-image results"
+        elif _seed_free(key[1], _params(params_col, i)):
+            row["noise"] = f"images ({row['n_images']}); seed-free"
+        else:
+            row["noise"] = f"images ({row['n_images']}) only: one trained model, its seed noise not covered"
+        if rr is not None:
+            resolved[id(row)] = rr
+        for m in names:
+            row[f"{m}.mean"] = float(metrics[m][i])
+            row[f"{m}.ci_low"] = row[f"{m}.ci_high"] = math.nan
+        rows.append(row)
+    primary_missing = primary not in names
+    for ds in sorted({r["dataset"] for r in rows}):
+        boot = Bootstrap(n_boot, _rng(seed, ds, "evaluation"))
+        board = [r for r in rows if r["dataset"] == ds]
+        for r in board:
+            rr = resolved.get(id(r))
+            if rr is None:
+                continue
+            for m in names:
+                bare = m.split("/", 1)[1]
+                if bare in RECOMPUTABLE and can_compute(rr, bare):
+                    r[f"{m}.ci_low"], r[f"{m}.ci_high"] = interval(boot.row(rr, bare)[1])
+        comparisons, owners = [], []
+        for r in board:
+            rr = resolved.get(id(r))
+            if rr is None or primary_missing or not can_compute(rr, primary_name):
+                continue
+            for other in _compared_with(r["method"]):
+                cands = [o for o in board if o["method"] == other and id(o) in resolved]
+                same = [o for o in cands if o["backbone"] == r["backbone"]]
+                cands = same or cands
+                if not cands:
+                    continue
+                against = max(cands, key=lambda o: o[f"{primary}.mean"] if hib else -o[f"{primary}.mean"])
+                orr = resolved[id(against)]
+                if not same_images(rr, orr) or not can_compute(orr, primary_name):
+                    continue
+                comparisons.append(compare(boot, rr, orr, primary_name, r["method"], against["method"]))
+                owners.append(r)
+        decide(comparisons, hib)
+        for c, r in zip(comparisons, owners):
+            r["verdicts"].append(c.record())
+    sign = -1.0 if hib else 1.0
+    rows.sort(key=lambda r: (r["dataset"], _nan_last(sign * r.get(f"{primary}.mean", math.nan)), r["method"]))
+    fields = [pa.field("dataset", pa.string()), pa.field("method", pa.string()), pa.field("backbone", pa.string()),
+              pa.field("params_json", pa.string()), pa.field("run_id", pa.string()),
+              pa.field("reported_on", pa.string())] + list(_IMAGE_FIELDS)
+    for m in names:
+        fields += [pa.field(f"{m}.{s}", pa.float64()) for s in ("mean", "ci_low", "ci_high")]
+    schema = pa.schema(fields, metadata={b"weakbench.selected_on": b"none (evaluation runs)",
+                                         b"weakbench.reported_on": split.encode(),
+                                         b"weakbench.select_metric": b"none", b"weakbench.primary_metric": primary.encode(),
+                                         b"weakbench.kind": b"evaluation"})
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def render_evaluation_rich(lb: pa.Table, max_metrics: int = 4):
+    """A :class:`rich.table.Table` of an evaluation board (:func:`build_evaluation_board`)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    names = [c[: -len(".mean")] for c in lb.column_names if c.endswith(".mean")]
+    names = [n for n in names if _display_rank(n) < len(D.DISPLAY_ORDER)][:max_metrics]
+    t = Table(title="Evaluations (weakbench evaluate): every image of each dataset, no split, no selection",
+              caption="value [95 % bootstrap CI over the images]; verdicts paired image by image, Holm over the board")
+    for col in ("dataset", "method", "backbone", "images"):
+        t.add_column(col)
+    for m in names:
+        spec = D.lookup(m)
+        t.add_column(f"{spec.display}\n{m}" if spec else m, justify="right")
+    t.add_column("paired verdicts")
+    for r in lb.to_pylist():
+        t.add_row(escape(r["dataset"]), escape(r["method"]), escape(r["backbone"]), str(r["n_images"] or "—"),
+                  *[format_stat(r[f"{m}.mean"], None, r[f"{m}.ci_low"], r[f"{m}.ci_high"]) for m in names],
+                  escape(verdicts_cell(r)))
+    return t

@@ -23,6 +23,9 @@ touches few of them). Directory names are percent-encoded (``urllib.parse.quote`
   version) are copied from its MLflow artifacts into ``<store>/_per_image/<run id>/<split>.parquet``
   by :func:`update_store` (:func:`copy_per_image`); :func:`read_per_image` reads them for the
   board's bootstrap over test images.
+* The terminal evaluation runs of ``weakbench evaluate`` (``weakbench.kind = "evaluation"``) go
+  to a store of their own inside it, ``<store>/_evaluations/`` (:data:`EVALUATION_STORE_DIR`),
+  read by :func:`weakbench.platform.leaderboard.build_evaluation_board`.
 * :func:`compact_store` rewrites each partition into one file (write new, then delete old; a
   crash in between leaves duplicates that :func:`read_store` drops).
 
@@ -358,7 +361,8 @@ def _list_overlays(client: Any, run: Any) -> list[str]:
 
 
 def fetch_trial_runs(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT,
-                     known: Mapping[str, int | None] | None = None, list_overlays: bool = True) -> pa.Table:
+                     known: Mapping[str, int | None] | None = None, list_overlays: bool = True,
+                     kind: str = C.KIND_TRIAL) -> pa.Table:
     """Read the terminal trial runs of ``experiment`` from MLflow as a results table.
 
     Args:
@@ -368,6 +372,7 @@ def fetch_trial_runs(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT,
             MLflow ``end_time`` is unchanged are skipped.
         list_overlays: list ``overlays/*.png`` artifacts of each new run (one artifact-store
             call per run).
+        kind: the runs' ``weakbench.kind`` (``"trial"``; ``"evaluation"`` for ``weakbench evaluate``).
 
     Raises:
         DataError: the experiment does not exist at ``tracking_uri``.
@@ -389,7 +394,7 @@ def fetch_trial_runs(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT,
     token = None
     while True:
         page = client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`{C.TAG_KIND}` = '{C.KIND_TRIAL}'",
+            [exp.experiment_id], filter_string=f"tags.`{C.TAG_KIND}` = '{kind}'",
             run_view_type=ViewType.ACTIVE_ONLY, max_results=5000, page_token=token,
         )
         for run in page:
@@ -422,10 +427,22 @@ def update_store(tracking_uri: str, store_dir: Path, experiment: str = DEFAULT_E
     """
     store_dir = Path(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
+    report = _update(tracking_uri, store_dir, experiment, C.KIND_TRIAL)
+    _update(tracking_uri, store_dir / EVALUATION_STORE_DIR, experiment, C.KIND_EVALUATION)
+    return report
+
+
+#: the evaluation runs (``weakbench evaluate``) live in a store of their own inside the store,
+#: ``<store>/_evaluations/`` (same schema; its per-image copies in its own ``_per_image``), so that
+#: nothing that reads trials (selection, cost, counts) ever sees them
+EVALUATION_STORE_DIR = "_evaluations"
+
+
+def _update(tracking_uri: str, store_dir: Path, experiment: str, kind: str) -> UpdateReport:
     existing = read_store(store_dir, columns=["end_time"])
     ends = existing["end_time"].cast(pa.int64()).to_pylist()
     known = dict(zip(existing["run_id"].to_pylist(), ends))
-    fetched = fetch_trial_runs(tracking_uri, experiment, known=known)
+    fetched = fetch_trial_runs(tracking_uri, experiment, known=known, kind=kind, list_overlays=kind == C.KIND_TRIAL)
     for run_id, uri in zip(fetched["run_id"].to_pylist(), fetched["artifact_uri"].to_pylist()):
         copy_per_image(uri, store_dir, run_id)
     paths = write_table(fetched, store_dir)
