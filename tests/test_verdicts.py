@@ -194,3 +194,18 @@ def test_evaluation_runs_make_a_board_of_seed_free_rows_with_paired_intervals():
     assert 0 < v["ci_low"] < 10 < v["ci_high"] and v["verdict"] == "beats center_gaussian"
     lo, hi = got["cam"]["all/max_box_acc_v2.ci_low"], got["cam"]["all/max_box_acc_v2.ci_high"]
     assert lo < 70 < hi
+
+
+def test_board_says_when_maxboxacc_and_maxboxaccv2_disagree():
+    """The README main job's case: MaxBoxAccV2 ranks cam above the centre Gaussian, MaxBoxAcc below."""
+    from weakbench.platform.leaderboard import board_records, legend, ranking_disagreements
+
+    rows = []
+    for k, (method, v2, v1) in enumerate([("cam", 19.4, 4.55), ("center_gaussian", 18.9, 6.06)]):
+        rows.append({"run_id": f"r{k}", "method": method, "backbone": "b", "dataset": "d", "seed": 0,
+                     "status": "FINISHED", "params": {"seed": 0},
+                     "metrics": {"val/max_box_acc_v2": 50.0, "test/max_box_acc_v2": v2, "test/max_box_acc": v1}})
+    lb = build_leaderboard(rows_to_table(rows), n_boot=200)
+    want = "MaxBoxAccV2 ranks cam above center_gaussian (19.40 vs 18.90), MaxBoxAcc below (4.55 vs 6.06)"
+    assert ranking_disagreements(lb) == [want]
+    assert want in legend(lb) and board_records(lb)["ranking_disagreements"] == [want]

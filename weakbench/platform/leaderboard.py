@@ -889,7 +889,45 @@ def legend(lb: pa.Table) -> str:
             cmds = "; ".join(_trivial_command(d) for d in (missing or ["<dataset>"]))
             parts.append(f"No baseline{where}: this board has no trivial baseline row, so no row is checked against "
                          f"one; add one with {cmds}.")
+    parts += [f"Disagreement: {d}." for d in ranking_disagreements(lb)]
     return " ".join(parts)
+
+
+#: metrics of one headline family: a board ranked by the key also says where these rank rows otherwise
+HEADLINE_FAMILIES = {"max_box_acc_v2": ("max_box_acc",), "max_box_acc": ("max_box_acc_v2",)}
+
+
+def ranking_disagreements(lb: pa.Table) -> list[str]:
+    """Pairs of rows (same dataset) that the primary metric and another metric of its headline
+    family (:data:`HEADLINE_FAMILIES`; MaxBoxAcc against MaxBoxAccV2) rank in opposite orders, in
+    words: ``"MaxBoxAccV2 ranks cam above center_gaussian (19.40 vs 18.90), MaxBoxAcc below (4.55
+    vs 6.06)"``. Means only: it says the two metrics disagree, not that either difference is real."""
+    meta = lb.schema.metadata or {}
+    primary = meta.get(b"weakbench.primary_metric", b"").decode()
+    if "/" not in primary:
+        return []
+    split, name = primary.split("/", 1)
+    out = []
+    rows = lb.to_pylist()
+    for other in HEADLINE_FAMILIES.get(name, ()):
+        key = f"{split}/{other}"
+        if f"{key}.mean" not in lb.column_names:
+            continue
+        d1, d2 = D.lookup(primary), D.lookup(key)
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                if a["dataset"] != b["dataset"]:
+                    continue
+                pa_, pb = a[f"{primary}.mean"], b[f"{primary}.mean"]
+                oa, ob = a[f"{key}.mean"], b[f"{key}.mean"]
+                if any(v is None or math.isnan(v) for v in (pa_, pb, oa, ob)):
+                    continue
+                if (pa_ - pb) * (oa - ob) < 0:
+                    hi, lo = (a, b) if pa_ > pb else (b, a)
+                    out.append(f"{d1.display if d1 else primary} ranks {hi['method']} above {lo['method']} "
+                               f"({hi[f'{primary}.mean']:.2f} vs {lo[f'{primary}.mean']:.2f}), "
+                               f"{d2.display if d2 else key} below ({hi[f'{key}.mean']:.2f} vs {lo[f'{key}.mean']:.2f})")
+    return out
 
 
 def _trivial_command(dataset: str) -> str:
@@ -986,6 +1024,7 @@ def board_records(lb: pa.Table) -> dict[str, Any]:
     return {"title": title(lb), "select_metric": meta.get(b"weakbench.select_metric", b"").decode(),
             "selected_on": meta.get(b"weakbench.selected_on", b"").decode(),
             "reported_on": meta.get(b"weakbench.reported_on", b"").decode(), "legend": legend(lb),
+            "ranking_disagreements": ranking_disagreements(lb),
             "rows": [clean(r) for r in lb.to_pylist()]}
 
 
