@@ -788,10 +788,18 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     box = _box_column(lb)
     headline = [n for n in reported[1:] if n == box or _display_rank(n) < len(D.DISPLAY_ORDER)]
     names = (reported[:1] + headline)[:max_metrics]
-    t = Table(title=title(lb), caption="mean ± std over seeds [95% bootstrap CI]; n/a with one seed; ✗ (red): does "
-              f"not beat the best trivial baseline beyond seed noise (≥ {MIN_SEEDS_BEYOND_NOISE} seeds needed); a "
-              "seed-free row (no training, nothing random: the trivial baselines, a 0-epoch pretrained CAM) is a "
-              "constant, and two of them differ exactly")
+    rows_ = lb.to_pylist()
+    if any(r.get("n_images") for r in rows_):
+        caption = ("mean ± std over seeds [95% CI: a bootstrap over test images and seeds where the row has per-image "
+                   "results ('interval covers'), else over seeds only]; ✗ (red): not shown to beat the best trivial "
+                   "baseline; verdicts paired image by image, Holm-corrected over the board's comparisons; a seed-free "
+                   "row (the trivial baselines, a 0-epoch pretrained CAM) has no seed noise, but test-image noise")
+    else:
+        caption = ("mean ± std over seeds [95% bootstrap CI over seeds only: no per-image results, test images held "
+                   f"fixed]; n/a with one seed; ✗ (red): does not beat the best trivial baseline beyond seed noise "
+                   f"(≥ {MIN_SEEDS_BEYOND_NOISE} seeds needed); a seed-free row (the trivial baselines, a 0-epoch "
+                   "pretrained CAM) is a constant here")
+    t = Table(title=title(lb), caption=caption)
     for col in ("dataset", "method", "backbone", "seeds/trials"):
         t.add_column(col)
     meta = lb.schema.metadata or {}

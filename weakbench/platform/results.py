@@ -462,9 +462,6 @@ def copy_per_image(artifact_uri: str | None, store_dir: Path, run_id: str) -> li
     :mod:`weakbench.platform.metrics.per_image`) into the store, each file written atomically;
     returns the splits copied (none when the run logged none or its artifact store is
     unreachable: the board then says that row has no per-image results)."""
-    import shutil
-    import tempfile
-
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     if not artifact_uri:
@@ -476,22 +473,39 @@ def copy_per_image(artifact_uri: str | None, store_dir: Path, run_id: str) -> li
         return []
     out_dir = Path(store_dir) / PER_IMAGE_STORE_DIR / run_id
     done = []
-    for split in splits:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                files = [it.path for it in repo.list_artifacts(f"{C.PER_IMAGE_DIR}/{split}")
-                         if not it.is_dir and it.path.endswith(".parquet")]
-                if len(files) != 1:
-                    continue
-                local = repo.download_artifacts(files[0], tmp)
-            except Exception:  # noqa: BLE001
-                continue
-            out_dir.mkdir(parents=True, exist_ok=True)
-            part = out_dir / f".{split}.parquet.tmp"
-            shutil.copyfile(local, part)
-            os.replace(part, out_dir / f"{split}.parquet")
-            done.append(split)
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per run would flood the terminal
+    try:
+        for split in splits:
+            if _copy_split(repo, split, out_dir):
+                done.append(split)
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     return done
+
+
+def _copy_split(repo: Any, split: str, out_dir: Path) -> bool:
+    """Copy one split's per-image file from an artifact repository; False when it has none."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            files = [it.path for it in repo.list_artifacts(f"{C.PER_IMAGE_DIR}/{split}")
+                     if not it.is_dir and it.path.endswith(".parquet")]
+            if len(files) != 1:
+                return False
+            local = repo.download_artifacts(files[0], tmp)
+        except Exception:  # noqa: BLE001 - an unreachable artifact store: the row says it has none
+            return False
+        out_dir.mkdir(parents=True, exist_ok=True)
+        part = out_dir / f".{split}.parquet.tmp"
+        shutil.copyfile(local, part)
+        os.replace(part, out_dir / f"{split}.parquet")
+        return True
 
 
 def read_per_image(store_dir: Path, run_ids: Iterable[str], split: str = "test") -> dict[str, pa.Table]:
