@@ -44,7 +44,7 @@ import os
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -697,6 +697,7 @@ def build_dashboard(
     mlflow_ui_url: str | None = None,
     page_title: str = "weakbench — leaderboard and sweeps",
     n_boot: int = 2000,
+    per_image: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Write the dashboard HTML for ``table`` (one row per run) to ``out`` (atomically).
 
@@ -708,6 +709,9 @@ def build_dashboard(
             ranked by it.
         report_split, baseline_method, n_boot: passed to
             :func:`~weakbench.platform.leaderboard.build_leaderboard`.
+        per_image: ``{run id: per-image table}`` of the reported split
+            (:func:`weakbench.platform.results.read_per_image`), for intervals over test images and
+            seeds; ``None``: seed-only intervals (the rows say so).
         tracking_uri: MLflow store to read the sweeps' metric histories and run tags from, and to
             download overlay artifacts that are not local files; ``None``: no per-epoch curves, and
             a KILLED trial reads "killed" (stopped early or interrupted, not told apart).
@@ -735,7 +739,8 @@ def build_dashboard(
                if mlflow_ui_url else "")
     parts = board_tables(table, select_metric)
     views = [board_view(build_leaderboard(part, select_metric=key, report_split=report_split,
-                                          baseline_method=baseline_method, n_boot=n_boot)) for key, part in parts]
+                                          baseline_method=baseline_method, n_boot=n_boot, per_image=per_image))
+             for key, part in parts]
     sweeps = sweep_views(table, tracking_uri, select_metric)
     pareto: list[str] = []
     for key, part in parts:

@@ -972,32 +972,21 @@ def board_tables(table: pa.Table, select_metric: str | None = None) -> list[tupl
 
 def build_boards(table: pa.Table, store_dir=None, select_metric: str | None = None, report_split: str = "test",
                  baseline_method: str = "cam", n_boot: int = 2000, seed: int = 0) -> list[pa.Table]:
-    """Every board of a results table: one per headline metric (methods ranked by the same
-    ``Method.headline_metric`` share a board; ``select_metric`` forces one board), each with the
-    per-image results of the store at ``store_dir`` (:func:`weakbench.platform.results.read_per_image`)
-    so that its intervals cover test images and seeds. The one grouping of runs into boards that
-    the CLI and the dashboard use.
+    """Every board of a results table, built: the groups of :func:`board_tables` (one per headline;
+    ``select_metric`` forces one board), each with the per-image results of the store at
+    ``store_dir`` (:func:`weakbench.platform.results.read_per_image`) so that its intervals cover
+    test images and seeds, then the board of the store's ``weakbench evaluate`` runs
+    (:func:`build_evaluation_board`) when it holds any.
 
     Returns:
-        the boards (:func:`build_leaderboard` tables), in the order of their selecting key.
+        the boards (:func:`build_leaderboard` tables, then the evaluation board).
     """
-    import pyarrow.compute as pc
-
     from weakbench.platform.results import read_per_image
 
-    if select_metric is not None:
-        groups = {select_metric: None}
-    else:
-        groups: dict[str, list[str] | None] = {}
-        for m in sorted(set(table["method"].to_pylist())) if table.num_rows else []:
-            groups.setdefault(D.default_select_metric(m), []).append(m)
-        groups = groups or {D.DEFAULT_SELECT_METRIC: None}
     per_image = read_per_image(store_dir, table["run_id"].to_pylist(), report_split) if store_dir else {}
-    out = []
-    for key, methods in groups.items():
-        part = table if methods is None else table.filter(pc.is_in(table["method"], value_set=pa.array(methods)))
-        out.append(build_leaderboard(part, select_metric=key, report_split=report_split,
-                                     baseline_method=baseline_method, n_boot=n_boot, seed=seed, per_image=per_image))
+    out = [build_leaderboard(part, select_metric=key, report_split=report_split, baseline_method=baseline_method,
+                             n_boot=n_boot, seed=seed, per_image=per_image)
+           for key, part in board_tables(table, select_metric)]
     if store_dir is not None:  # the evaluations' board, when the store holds any
         from weakbench.platform.results import EVALUATION_STORE_DIR, read_store
 
