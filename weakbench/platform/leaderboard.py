@@ -809,7 +809,7 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
         t.add_column(f"{spec.display}\n{m}" if spec else m, justify="right")
     t.add_column("GPU-h / CPU-h", justify="right")
     base = meta.get(b"weakbench.baseline_method", b"cam").decode()
-    t.add_column(f"vs {base} (paired on seed)")
+    t.add_column(f"vs {base}")
     t.add_column("vs best trivial baseline")
     image_rows = any(r.get("verdicts") or r.get("flags") for r in lb.to_pylist())
     if image_rows:
