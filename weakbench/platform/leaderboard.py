@@ -993,8 +993,9 @@ def build_boards(table: pa.Table, store_dir=None, select_metric: str | None = No
         ev_dir = Path(store_dir) / EVALUATION_STORE_DIR
         ev = read_store(ev_dir)
         if ev.num_rows:
-            out.append(build_evaluation_board(ev, read_per_image(ev_dir, ev["run_id"].to_pylist(), C.EVAL_SPLIT),
-                                              n_boot=n_boot, seed=seed))
+            board = build_evaluation_board(ev, read_per_image(ev_dir, ev["run_id"].to_pylist(), C.EVAL_SPLIT),
+                                           n_boot=n_boot, seed=seed)
+            out = [board] if table.num_rows == 0 else out + [board]  # no empty trial board beside it
     return out
 
 
@@ -1128,6 +1129,15 @@ def build_evaluation_board(table: pa.Table, per_image: Mapping[str, pa.Table] | 
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def _value_ci(value: float | None, lo: float | None, hi: float | None) -> str:
+    """``"63.90 [62.3, 65.9]"``; ``"—"`` without a value; no interval without per-image results."""
+    if value is None or math.isnan(value):
+        return "—"
+    if lo is None or math.isnan(lo):
+        return f"{value:.2f}"
+    return f"{value:.2f} [{lo:.1f}, {hi:.1f}]"
+
+
 def render_evaluation_rich(lb: pa.Table, max_metrics: int = 4):
     """A :class:`rich.table.Table` of an evaluation board (:func:`build_evaluation_board`)."""
     from rich.markup import escape
@@ -1145,6 +1155,6 @@ def render_evaluation_rich(lb: pa.Table, max_metrics: int = 4):
     t.add_column("paired verdicts")
     for r in lb.to_pylist():
         t.add_row(escape(r["dataset"]), escape(r["method"]), escape(r["backbone"]), str(r["n_images"] or "—"),
-                  *[format_stat(r[f"{m}.mean"], None, r[f"{m}.ci_low"], r[f"{m}.ci_high"]) for m in names],
+                  *[_value_ci(r[f"{m}.mean"], r[f"{m}.ci_low"], r[f"{m}.ci_high"]) for m in names],
                   escape(verdicts_cell(r)))
     return t
