@@ -583,9 +583,11 @@ class CCGR(Method):
     headline_metric = "mask_rcnn/map_r50"  #: the paper's protocol: the IS branch on held-out images, no labels
     compared_with: ClassVar[tuple[str, ...]] = ()
     compared_with_variants: ClassVar[tuple[str, ...]] = ("unrefined", "box_filled")
-    #: proposal recall of GT boxes at IoU 0.5 is not logged yet: only the peaks are checked
     mechanism_checks = (MechanismCheck("peak_recall", fails_below=50.0,
-                                       words="peaks miss objects: peak recall {value:.0f} %"),)
+                                       words="peaks miss objects: peak recall {value:.0f} %"),
+                        MechanismCheck("proposal_recall", fails_below=50.0,
+                                       words="proposals miss objects: {value:.0f} % of GT boxes have a proposal at "
+                                             "IoU 0.5"))
     map_chunk_size = 8
 
     def __init__(self, config, num_classes: int, multilabel: bool = True):
