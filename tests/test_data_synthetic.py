@@ -18,6 +18,8 @@ from weakbench.platform.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
+DEFAULT_8_SEED0_SHA256 = "545ac7413917b2b935b38242326c76ff5e865ebef8f19df92c4b3bc081a074b3"
+
 
 def _tree(d):
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
@@ -132,3 +134,57 @@ def test_bad_arguments():
 def test_info_records_parameters(synthetic_dir):
     info = json.loads((synthetic_dir / "annotations/instances.json").read_text())["info"]
     assert info["seed"] == 0 and info["num_images"] == 96 and info["image_size"] == 96
+
+
+def test_default_bytes_are_unchanged_by_the_variants(tmp_path):
+    import hashlib
+
+    d = generate_synthetic_coco(tmp_path / "d", num_images=8, seed=0)
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            h.update(p.read_bytes())
+    # the hash of this output before the touching / hard variants existed (commit db8a3bf)
+    assert h.hexdigest() == DEFAULT_8_SEED0_SHA256
+
+
+@pytest.mark.parametrize("variant", ["touching", "hard"])
+def test_variants_touch_overlap_and_repeat_a_class(tmp_path, variant):
+    from weakbench.platform.data import HARD_SHAPES
+
+    d = generate_synthetic_coco(tmp_path / variant, num_images=48, seed=1, variant=variant)
+    again = generate_synthetic_coco(tmp_path / "again", num_images=48, seed=1, variant=variant)
+    assert (d / "annotations/instances.json").read_bytes() == (again / "annotations/instances.json").read_bytes()
+    coco = COCO(str(d / "annotations" / "instances.json"))
+    names = [coco.cats[c]["name"] for c in sorted(coco.getCatIds())]
+    assert names == list((HARD_SHAPES if variant == "hard" else SHAPES)[:4])
+    repeated = touching_same_class = 0
+    for i in coco.getImgIds():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=i))
+        masks = [coco.annToMask(a).astype(bool) for a in anns]
+        for a, m in zip(anns, masks):  # annotations are the visible masks and their extents
+            ys, xs = np.nonzero(m)
+            x, y, w, h = a["bbox"]
+            assert [x, y, x + w, y + h] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] and m.sum() >= 40
+        for j in range(len(masks)):
+            for k in range(j):
+                assert not (masks[j] & masks[k]).any()  # visible masks never share a pixel
+        cats = [a["category_id"] for a in anns]
+        if len(cats) > len(set(cats)):
+            repeated += 1
+            grown = [np.pad(m, 1)[:-2, 1:-1] | np.pad(m, 1)[2:, 1:-1] | np.pad(m, 1)[1:-1, :-2] | np.pad(m, 1)[1:-1, 2:] | m
+                     for m in masks]
+            if any(cats[j] == cats[k] and (grown[j] & masks[k]).any() for j in range(len(anns)) for k in range(j)):
+                touching_same_class += 1
+    assert repeated >= 48 * 0.3 and touching_same_class >= 48 * 0.15
+
+
+def test_synthetic_variant_through_open_dataset(tmp_path):
+    src = open_dataset("synthetic:hard", cache_dir=tmp_path)
+    assert src.name == "synthetic-hard" and src.root.name == "synthetic-v1-hard-seed0" and len(src) == 96
+    assert open_dataset("synthetic", cache_dir=tmp_path).name == "synthetic"
+    assert open_dataset("synthetic", cache_dir=tmp_path).fingerprint == open_dataset(None, cache_dir=tmp_path).fingerprint
+    with pytest.raises(ConfigError, match="unknown synthetic variant 'soft'"):
+        open_dataset("synthetic:soft", cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="variant"):
+        generate_synthetic_coco(tmp_path / "x", variant="soft")

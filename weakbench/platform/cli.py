@@ -111,6 +111,7 @@ def _options_from_cli(values: dict[str, Any]) -> run_spec.SweepOptions:
 OUTPUT_DIR = _typer_parameter("output_dir")[1]
 TRACKING_URI = _typer_parameter("tracking_uri")[1]
 EXPERIMENT = _typer_parameter("experiment")[1]
+CLASSES = _typer_parameter("classes")[1]
 
 
 def _tracking_uri(output_dir: str, tracking_uri: str | None) -> str:
@@ -432,6 +433,7 @@ def predict(
 @app.command()
 def evaluate(
     data: Optional[str] = typer.Argument(None, help="Dataset directory, scored whole (every image, no split); omit for the synthetic default."),
+    classes: Optional[str] = CLASSES,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A logged model, e.g. models:/weakbench-cam-ilsvrc@champion."),
     method: Optional[str] = typer.Option(None, "--method", help="Or a method that needs no training (center_gaussian, whole_image, cam with epochs=0)."),
     sets: List[str] = typer.Option([], "--set", help="The method's hyperparameters, KEY=VALUE (repeatable), e.g. --set sigma=0.25."),
@@ -450,7 +452,7 @@ def evaluate(
 
     res = evaluate_dataset(data, tracking_uri=_tracking_uri(output_dir, tracking_uri), model_uri=model, method=method,
                            params=_parse_sets(sets), experiment=experiment, cache_dir=Path(output_dir) / "data_cache",
-                           input_size=input_size, cam_curve_interval=interval, batch_size=batch_size,
+                           classes=classes, input_size=input_size, cam_curve_interval=interval, batch_size=batch_size,
                            max_images=max_images, log=log, progress=True)
     from rich.table import Table
 
@@ -479,7 +481,9 @@ def methods():
 
 @app.command("data")
 def data_info(
-    path: Optional[str] = typer.Argument(None, help="Dataset directory; omit for the synthetic default."),
+    path: Optional[str] = typer.Argument(None, help="Dataset directory; omit for the synthetic default "
+                                                     "(synthetic:touching, synthetic:hard: its variants)."),
+    classes: Optional[str] = CLASSES,
     output_dir: str = OUTPUT_DIR,
 ):
     """Check a dataset (annotations, boxes inside their images, every image decodes) and print its size, classes and fingerprint."""
@@ -487,7 +491,7 @@ def data_info(
 
     from weakbench.platform.data import check_images
 
-    src = open_dataset(path, cache_dir=Path(output_dir) / "data_cache")
+    src = open_dataset(path, cache_dir=Path(output_dir) / "data_cache", classes=classes)
     check_images(src, Path(output_dir) / "data_cache", console=err_console)  # every image decodes (cached)
     n_boxes = 0
     from rich.progress import track

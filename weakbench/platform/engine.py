@@ -79,6 +79,7 @@ class TrialSpec(BaseModel):
     method: str
     params: dict[str, Any] = Field(description="the trial's hyperparameters (validated by the method's schema)")
     data: str | None = Field(None, description="dataset directory; None = embedded synthetic default")
+    classes: str | None = Field(None, description="class filter of the dataset, comma-separated names (None: all)")
     data_cache: str = Field(description="where the synthetic default is generated")
     splits_path: str = Field(description="JSON file of the stored train/val/test split")
     trial_dir: str = Field(description="a directory private to this trial")
@@ -256,7 +257,7 @@ class _Runner:
         from weakbench.platform.data import load_splits, open_dataset
 
         spec = self.spec
-        self.source = open_dataset(spec.data, cache_dir=spec.data_cache)
+        self.source = open_dataset(spec.data, cache_dir=spec.data_cache, classes=spec.classes)
         self.splits = load_splits(spec.splits_path, self.source)
         self.method = build_method(spec.method, spec.params, num_classes=self.source.num_classes,
                                    multilabel=self.source.multilabel)
@@ -866,7 +867,7 @@ def trial_plan(spec: TrialSpec):
     from weakbench.methods.pipeline import validate_plan
     from weakbench.platform.data import open_dataset
 
-    source = open_dataset(spec.data, cache_dir=spec.data_cache)
+    source = open_dataset(spec.data, cache_dir=spec.data_cache, classes=spec.classes)
     method = build_method(spec.method, spec.params, num_classes=source.num_classes, multilabel=source.multilabel)
     return validate_plan(method.plan(), set(type(method.config).model_fields))
 

@@ -88,6 +88,7 @@ def evaluate_dataset(
     params: Mapping[str, Any] | None = None,
     experiment: str = C.DEFAULT_EXPERIMENT,
     cache_dir: str | Path | None = None,
+    classes: str | None = None,
     input_size: int | None = None,
     cam_curve_interval: float | None = None,
     batch_size: int = 16,
@@ -100,7 +101,9 @@ def evaluate_dataset(
     """Score a model (``model_uri``) or a no-training ``method`` on every image of ``data``.
 
     Args:
-        data: a dataset directory (COCO or wsolevaluation metadata); ``None``: the synthetic default.
+        data: a dataset directory (COCO or wsolevaluation metadata); ``None``: the synthetic default
+            (``"synthetic:<variant>"`` a variant).
+        classes: keep only these classes of the dataset (``"person,dog"``; None: all).
         tracking_uri: the MLflow tracking (and registry) URI.
         model_uri: e.g. ``models:/weakbench-cam-ilsvrc@champion`` or ``runs:/<id>/model``.
         method, params: instead of a model, a registered method and its hyperparameters; its plan
@@ -129,7 +132,7 @@ def evaluate_dataset(
 
     if (model_uri is None) == (method is None):
         raise ConfigError("weakbench evaluate: give exactly one of --model (a models:/ or runs:/ URI) and --method")
-    source = open_dataset(data, cache_dir=cache_dir)
+    source = open_dataset(data, cache_dir=cache_dir, classes=classes)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_id_src = version = None
     if model_uri is not None:

@@ -108,7 +108,14 @@ class SweepOptions(BaseModel):
     data: str | None = option(
         None, role=Role.TRIAL, per_trial=True, description="dataset directory; None = embedded synthetic default",
         cli=flag("--data", "-d", help="Dataset directory (COCO: annotations/instances.json + images/; or wsolevaluation "
-                                      "metadata). Omit for the embedded synthetic default."))
+                                      "metadata). Omit for the embedded synthetic default; synthetic:touching or "
+                                      "synthetic:hard for its variants."))
+    classes: str | None = option(
+        None, role=Role.TRIAL, per_trial=True,
+        description="keep only these classes of the dataset, comma-separated names; None: the space file's "
+                    "classes, else all",
+        cli=flag("--classes", help="Keep only these classes of the dataset, e.g. person,dog (default: the space "
+                                   "file's classes key, else every class)."))
     trials: int = option(4, ge=1, role=Role.TRIAL, description="total Tune trials (seed repeats included)",
                          cli=flag("--trials", "-n", help="Total number of trials (seed repeats included)."))
     output_dir: str = option(

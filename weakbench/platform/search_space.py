@@ -16,6 +16,8 @@ File format::
       seed: {grid: [0, 1, 2]}         # every value, crossed with the samples (seeds as a grid axis)
     scheduler:
       asha: {grace_period: 1, reduction_factor: 2}   # or `none`
+    classes: [person]                 # optional: keep only these classes of the dataset (as --classes;
+                                      # the command line's --classes wins)
 
 Validation is strict and every error names the file, the key and what is allowed: unknown
 top-level keys, unknown hyperparameters (checked against the method's pydantic schema), malformed
@@ -83,6 +85,7 @@ class SearchSpace(BaseModel):
     fixed: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Distribution] = Field(default_factory=dict)
     asha: SchedulerSpec | None = None
+    classes: str | None = Field(None, description="class filter of the dataset, comma-separated names (None: all)")
     source: str = "<memory>"
 
     @field_validator("metric")
@@ -159,7 +162,7 @@ def parse_search_space(data: Any, source: str = "<memory>") -> SearchSpace:
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level with keys method, metric, mode, fixed, search, scheduler")
-    allowed = {"method", "metric", "mode", "fixed", "search", "scheduler", "description"}
+    allowed = {"method", "metric", "mode", "fixed", "search", "scheduler", "description", "classes"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -205,12 +208,19 @@ def parse_search_space(data: Any, source: str = "<memory>") -> SearchSpace:
             asha = SchedulerSpec(**(scheduler["asha"] or {}))
         except ValidationError as e:
             raise ConfigError(f"{source}: scheduler.asha: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    classes = data.get("classes")
+    if classes is not None:
+        if isinstance(classes, list) and all(isinstance(c, str) and c.strip() and "," not in c for c in classes) and classes:
+            classes = ",".join(c.strip() for c in classes)
+        elif not (isinstance(classes, str) and all(c.strip() for c in classes.split(","))):
+            raise ConfigError(f"{source}: classes: expected a list of class names (e.g. [person, dog]) or 'person,dog', "
+                              f"got {classes!r}")
     try:
         metric = data.get("metric", D.default_select_metric(method))  # the method names its headline
         declared = D.lookup(metric) if isinstance(metric, str) else None
         mode = data.get("mode", declared.direction if declared and declared.direction else "max")
         space = SearchSpace(method=method, metric=metric, mode=mode, fixed=fixed, search=search, asha=asha,
-                            source=source)
+                            classes=classes, source=source)
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"{source}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

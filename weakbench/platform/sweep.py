@@ -371,7 +371,10 @@ def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str
         return sweep_dir, opts.name
     # <method>-<dataset>-<time>-<4 hex>: two sweeps started in the same second into one output
     # directory (or one tracking server) get distinct names; the exclusive mkdir settles a clash
-    data_name = Path(opts.data).resolve().name if opts.data else "synthetic"
+    from weakbench.platform.data.synthetic import parse_synthetic, synthetic_name
+
+    variant = parse_synthetic(opts.data)
+    data_name = synthetic_name(variant) if variant else Path(opts.data).resolve().name
     while True:
         name = f"{space.method}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         try:
@@ -412,17 +415,21 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     t0 = time.time()
     from weakbench.platform.data import check_images, resolve_path
 
+    from weakbench.platform.data.synthetic import parse_synthetic
+
     # Ray workers run in other working directories: hand them absolute paths
-    if opts.data is not None:
+    if parse_synthetic(opts.data) is None:
         opts = opts.model_copy(update={"data": str(resolve_path(opts.data))})
     space = _with_overrides(load_search_space(opts.space), opts.overrides)
+    if opts.classes is None and space.classes and not opts.resume:  # the command line's --classes wins
+        opts = opts.model_copy(update={"classes": space.classes})
     if opts.overrides:
         validate_config(space.method, space.fixed, source=f"{opts.space} (with command-line overrides)")
     resolve_executor(opts)  # --executor inline with DDP or a GPU is refused before anything is created
     out = Path(opts.output_dir).resolve()
     data_cache = str(out / "data_cache")
     if not opts.resume:  # bad data fails before anything is created
-        check_images(open_dataset(opts.data, cache_dir=data_cache), data_cache)
+        check_images(open_dataset(opts.data, cache_dir=data_cache, classes=opts.classes), data_cache)
     _check_ray_target(opts)  # after the input: a wrong --data is named whatever Ray does
     sweep_dir, sweep_name = prepare_sweep_dir(opts, space)
     if opts.resume:
@@ -435,7 +442,7 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     opts = opts.model_copy(update={"executor": resolve_executor(opts)})
     tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
 
-    source = open_dataset(opts.data, cache_dir=data_cache)
+    source = open_dataset(opts.data, cache_dir=data_cache, classes=opts.classes)
     check_images(source, data_cache)  # cached by fingerprint: free after the first check
     if not opts.resume:
         try:  # exclusive: of two sweeps given the same --name at once, the second stops here

@@ -23,13 +23,15 @@ from weakbench.platform.data.source import Annotations, DatasetSource, ImageReco
 from weakbench.platform.data.splits import (
     SPLIT_NAMES, Splits, load_or_make_splits, load_splits, make_splits, save_splits, split_path,
 )
-from weakbench.platform.data.synthetic import SHAPES, ensure_synthetic, generate_synthetic_coco
+from weakbench.platform.data.synthetic import (
+    HARD_SHAPES, SHAPES, SYNTHETIC_VARIANTS, ensure_synthetic, generate_synthetic_coco,
+)
 from weakbench.platform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakbench.platform.data.wsol import WsolMetadataSource
 
 __all__ = [
     "Annotations", "ClassificationDataset", "CocoSource", "DEFAULT_CACHE_DIR", "DatasetSource", "EvalDataset",
-    "IMAGENET_MEAN", "IMAGENET_STD", "ImageRecord", "SHAPES", "SPLIT_NAMES", "Splits", "WsolMetadataSource",
+    "HARD_SHAPES", "IMAGENET_MEAN", "IMAGENET_STD", "ImageRecord", "SHAPES", "SYNTHETIC_VARIANTS", "SPLIT_NAMES", "Splits", "WsolMetadataSource",
     "collate_classification", "collate_eval", "ensure_synthetic", "fingerprint_files", "generate_synthetic_coco",
     "load_coco_json", "load_or_make_splits", "load_splits", "make_splits", "open_dataset", "save_splits",
     "split_path", "check_images", "resolve_path",

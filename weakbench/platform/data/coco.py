@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from weakbench.platform.data.source import (
-    Annotations, DatasetSource, ImageRecord, box_outside_image, fingerprint_files, semantic_from_instances,
+    Annotations, DatasetSource, ImageRecord, box_outside_image, class_subset_fingerprint, class_subset_name,
+    fingerprint_files, parse_classes, select_classes, semantic_from_instances,
 )
 from weakbench.platform.errors import DataError
 
@@ -195,15 +196,22 @@ class CocoSource(DatasetSource):
         name: short name; default the directory name.
         ann_file: annotation JSON; default ``root / "annotations/instances.json"``.
         image_dir: image directory; default ``root / "images"``.
+        classes: keep only these category names (``"person,dog"`` or a list; None: all). Their
+            class indices follow the sorted category ids of the kept categories; images without a
+            non-crowd instance of a kept class are dropped, and so are other categories'
+            annotations (their crowd regions included: a crowd of another class is background
+            for this subset, as ``COCOeval`` restricted to ``catIds`` treats it). See
+            :attr:`DatasetSource.classes` for the name and fingerprint.
 
     Raises:
-        DataError: missing / malformed annotation file, missing image files, no images.
+        DataError: missing / malformed annotation file, missing image files, no images; a class
+            name the file does not have; no image holds a kept class.
     """
 
     multilabel = True
 
     def __init__(self, root: str | Path, *, name: str | None = None, ann_file: str | Path | None = None,
-                 image_dir: str | Path | None = None):
+                 image_dir: str | Path | None = None, classes: str | list[str] | None = None):
         from pycocotools.coco import COCO  # local import keeps `import weakbench` light
 
         self.root = Path(root).resolve()
@@ -216,6 +224,18 @@ class CocoSource(DatasetSource):
                             f"{COCO_IMAGE_DIR}/ next to annotations/")
 
         cats = sorted(d["categories"], key=lambda c: c["id"])
+        wanted = parse_classes(classes)
+        if wanted is not None:
+            keep = [cats[k] for k in select_classes([str(c["name"]) for c in cats], wanted, str(self.ann_file))]
+            ids = {c["id"] for c in keep}
+            anns = [a for a in d["annotations"] if a["category_id"] in ids]
+            with_objects = {a["image_id"] for a in anns if not a["iscrowd"]}
+            if not with_objects:
+                raise DataError(f"{self.ann_file}: classes: no image holds a non-crowd instance of "
+                                f"{', '.join(str(c['name']) for c in keep)}; choose other classes")
+            d = {**d, "categories": keep, "annotations": [a for a in anns if a["image_id"] in with_objects],
+                 "images": [im for im in d["images"] if im["id"] in with_objects]}
+            cats = keep
         self.category_ids = [c["id"] for c in cats]
         self.class_names = [str(c["name"]) for c in cats]
         self.num_classes = len(cats)
@@ -230,6 +250,10 @@ class CocoSource(DatasetSource):
         self._index_of_id = {r.image_id: r.index for r in self.records}
         self.fingerprint = fingerprint_files(
             [self.ann_file], ((im["file_name"], self.image_dir / im["file_name"]) for im in images))
+        if wanted is not None:
+            self.classes = tuple(self.class_names)
+            self.fingerprint = class_subset_fingerprint(self.fingerprint, self.class_names)
+            self.name = class_subset_name(self.name, self.class_names)
 
         coco = COCO()
         coco.dataset = d

@@ -18,7 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 from weakbench.platform.errors import DataError
 
-__all__ = ["ImageRecord", "Annotations", "DatasetSource", "fingerprint_files", "box_outside_image", "BOX_TOLERANCE_PX"]
+__all__ = ["ImageRecord", "Annotations", "DatasetSource", "fingerprint_files", "box_outside_image", "BOX_TOLERANCE_PX",
+           "parse_classes", "select_classes", "class_subset_fingerprint", "class_subset_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,12 @@ class DatasetSource:
             single-label data (wsol metadata: CUB, ILSVRC, OpenImages).
         has_masks: True when instance masks are available (semantic masks then too).
         records: the images, ``records[i].index == i``.
+        classes: the class filter the source was opened with (names, in the dataset's class
+            order), or None for every class. A filtered source keeps only those classes (class
+            indices renumbered ``0..len(classes)-1`` in the dataset's order), only the images that
+            hold at least one of them, and only their instances; its ``name`` is
+            ``"<name>-a+b"`` and its fingerprint differs from the whole dataset's
+            (:func:`class_subset_fingerprint`).
     """
 
     name: str
@@ -94,6 +101,7 @@ class DatasetSource:
     multilabel: bool
     has_masks: bool
     records: list[ImageRecord]
+    classes: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -213,3 +221,54 @@ def semantic_from_instances(shape: tuple[int, int], masks: np.ndarray, classes: 
     if ignore is not None:
         sem[ignore] = 255
     return sem
+
+
+def parse_classes(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A class filter as given on a command line (``"person,dog"``) or in a file (a list), as a
+    tuple of names (whitespace stripped, duplicates dropped, order kept); None or empty: no filter.
+
+    Raises:
+        DataError: an empty name (``"person,,dog"``) or a value that is neither a string nor a list of strings.
+    """
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+        raise DataError(f"classes: expected a comma-separated string or a list of class names, got {value!r}")
+    names = [x.strip() for x in items]
+    if any(not n for n in names):
+        raise DataError(f"classes: {value!r} holds an empty class name; write e.g. person,dog")
+    out = tuple(dict.fromkeys(names))
+    return out or None
+
+
+def select_classes(class_names: list[str], classes: Iterable[str], where: str) -> list[int]:
+    """Indices (ascending, i.e. in the dataset's class order) of the named classes.
+
+    Args:
+        class_names: the dataset's class names in class-index order.
+        classes: the names to keep.
+        where: the file the names come from, for the error message.
+
+    Raises:
+        DataError: a name the dataset does not have (names it, ``where`` and some known names).
+    """
+    index = {n: i for i, n in enumerate(class_names)}
+    unknown = [c for c in classes if c not in index]
+    if unknown:
+        shown = ", ".join(class_names[:12]) + (f" ... ({len(class_names)} in all)" if len(class_names) > 12 else "")
+        raise DataError(f"{where}: classes: {unknown[0]!r} is not a class of this dataset (its classes: {shown}); "
+                        f"fix --classes / the space file's classes")
+    return sorted({index[c] for c in classes})
+
+
+def class_subset_fingerprint(fingerprint: str, kept_names: list[str]) -> str:
+    """Fingerprint of a class-filtered dataset: 16 hex chars of sha256 over the unfiltered
+    fingerprint and ``"\0classes=" + ",".join(kept_names)`` (names in the dataset's class order)."""
+    return hashlib.sha256(f"{fingerprint}\0classes={','.join(kept_names)}".encode()).hexdigest()[:16]
+
+
+def class_subset_name(name: str, kept_names: list[str]) -> str:
+    """Name of a class-filtered dataset: ``"coco128-person+dog"`` (no brackets: rich markup and
+    file names take it as it is)."""
+    return f"{name}-{'+'.join(kept_names)}"

@@ -5,7 +5,10 @@ A split file is JSON::
 
     {"format": "weakbench-splits-v1", "dataset": "<name>", "fingerprint": "<16 hex>",
      "seed": 0, "fractions": [0.6, 0.2, 0.2], "num_records": 128,
-     "splits": {"train": [...], "val": [...], "test": [...]}}
+     "classes": null, "splits": {"train": [...], "val": [...], "test": [...]}}
+
+``classes`` is the class filter of the source (``["person"]``: indices are positions in the
+filtered records) or null; files written before it existed lack the key and read as null.
 
 Indices are positions in ``DatasetSource.records``. Loading refuses a file whose fingerprint is
 not the source's: a changed annotation file or image set would silently shift every index.
@@ -33,11 +36,12 @@ _FORMAT = "weakbench-splits-v1"
 class Splits(dict):
     """``{"train": [...], "val": [...], "test": [...]}`` (sorted record indices) that also
     remembers the dataset it was made for: ``fingerprint``, ``dataset`` (name), ``seed``,
-    ``fractions``, ``num_records``."""
+    ``fractions``, ``num_records`` and ``classes`` (the source's class filter, or None)."""
 
     def __init__(self, splits: dict[str, list[int]], *, fingerprint: str, dataset: str, seed: int,
-                 fractions: Sequence[float], num_records: int):
+                 fractions: Sequence[float], num_records: int, classes: Sequence[str] | None = None):
         super().__init__(splits)
+        self.classes = tuple(classes) if classes else None
         self.fingerprint = fingerprint
         self.dataset = dataset
         self.seed = seed
@@ -77,7 +81,8 @@ def make_splits(source: DatasetSource, seed: int, fractions: Sequence[float] = (
     perm = np.random.default_rng(seed).permutation(n)
     bounds = np.cumsum([0] + counts)
     splits = {name: sorted(int(i) for i in perm[bounds[k]:bounds[k + 1]]) for k, name in enumerate(SPLIT_NAMES)}
-    return Splits(splits, fingerprint=source.fingerprint, dataset=source.name, seed=seed, fractions=f, num_records=n)
+    return Splits(splits, fingerprint=source.fingerprint, dataset=source.name, seed=seed, fractions=f, num_records=n,
+                  classes=source.classes)
 
 
 def save_splits(splits: Splits | dict, path: str | Path, *, fingerprint: str | None = None) -> Path:
@@ -101,6 +106,7 @@ def save_splits(splits: Splits | dict, path: str | Path, *, fingerprint: str | N
         "seed": getattr(splits, "seed", None),
         "fractions": list(getattr(splits, "fractions", ())) or None,
         "num_records": getattr(splits, "num_records", None),
+        "classes": list(getattr(splits, "classes", None) or ()) or None,
         "splits": {k: [int(i) for i in v] for k, v in splits.items()},
     }
     path = Path(path)
@@ -145,7 +151,7 @@ def load_splits(path: str | Path, source: DatasetSource | None = None) -> Splits
             if bad:
                 raise DataError(f"{path}: splits.{name}: index {bad[0]} outside [0, {n})")
     return Splits(doc["splits"], fingerprint=fp, dataset=doc.get("dataset") or "", seed=doc.get("seed"),
-                  fractions=doc.get("fractions") or (), num_records=doc.get("num_records"))
+                  fractions=doc.get("fractions") or (), num_records=doc.get("num_records"), classes=doc.get("classes"))
 
 
 def split_path(directory: str | Path, source: DatasetSource, seed: int) -> Path:

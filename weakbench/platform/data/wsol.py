@@ -33,7 +33,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from weakbench.platform.data.source import (
-    Annotations, DatasetSource, ImageRecord, box_outside_image, fingerprint_files, semantic_from_instances,
+    Annotations, DatasetSource, ImageRecord, box_outside_image, class_subset_fingerprint, class_subset_name,
+    fingerprint_files, parse_classes, select_classes, semantic_from_instances,
 )
 from weakbench.platform.errors import DataError
 
@@ -60,16 +61,21 @@ class WsolMetadataSource(DatasetSource):
         image_root: directory the image paths are relative to; default ``metadata_dir.parent``.
         mask_root: directory the mask / ignore PNG paths are relative to; default ``image_root``.
         name: short name; default ``"<parent>-<dir>"`` of the metadata directory (``CUB-test``).
+        classes: keep only the images of these classes (names from ``class_names.txt``, or the
+            label numbers as strings when it is absent; ``"3,7"`` or a list; None: all). Kept
+            classes are renumbered ``0..k-1`` in label order; see :attr:`DatasetSource.classes`.
 
     Raises:
         DataError: a missing or malformed file (naming the file, line and field), an image id
-            without a label or size, a missing image file, no images.
+            without a label or size, a missing image file, no images; a class name the metadata
+            does not have.
     """
 
     multilabel = False
 
     def __init__(self, metadata_dir: str | Path, *, image_root: str | Path | None = None,
-                 mask_root: str | Path | None = None, name: str | None = None):
+                 mask_root: str | Path | None = None, name: str | None = None,
+                 classes: str | list[str] | None = None):
         self.root = Path(metadata_dir).resolve()
         self.image_root = Path(image_root).resolve() if image_root else self.root.parent
         self.mask_root = Path(mask_root).resolve() if mask_root else self.image_root
@@ -163,6 +169,17 @@ class WsolMetadataSource(DatasetSource):
         else:
             self.class_names = [str(c) for c in range(max_label + 1)]
         self.num_classes = len(self.class_names)
+        wanted = parse_classes(classes)
+        if wanted is not None:
+            kept = select_classes(self.class_names, wanted, str(self.root / "class_labels.txt"))
+            new_label = {old: new for new, old in enumerate(kept)}
+            ids = [i for i in ids if labels[i] in new_label]
+            if not ids:
+                raise DataError(f"{f_labels}: classes: no image has class {', '.join(self.class_names[k] for k in kept)}; "
+                                f"choose other classes")
+            labels = {i: new_label[labels[i]] for i in ids}
+            self.class_names = [self.class_names[k] for k in kept]
+            self.num_classes = len(self.class_names)
         self.has_masks = self.localization == "masks"
 
         self.records = [ImageRecord(index=k, image_id=i, path=self.image_root / i, width=sizes[i][0], height=sizes[i][1])
@@ -177,6 +194,10 @@ class WsolMetadataSource(DatasetSource):
         files += [(f"mask:{m}", self.mask_root / m) for i in ids for m in self._mask_paths[i]]
         files += [(f"mask:{p}", self.mask_root / p) for p in self._ignore_paths.values() if p]
         self.fingerprint = fingerprint_files(meta, files)
+        if wanted is not None:
+            self.classes = tuple(self.class_names)
+            self.fingerprint = class_subset_fingerprint(self.fingerprint, self.class_names)
+            self.name = class_subset_name(self.name, self.class_names)
 
     def labels_matrix(self) -> np.ndarray:
         return self._labels
