@@ -89,7 +89,8 @@ class BBAMConfig(MethodConfig):
     attribution_splits: tuple[Literal["train", "val", "test"], ...] = Field(
         ("train", "val", "test"), description="splits whose GT boxes get BBAM masks (train: pseudo labels; val/test: evaluation)")
     max_images_per_split: int | None = Field(None, ge=1, description="attribute at most this many images per split (CPU budgets)")
-    attribution_batch_images: int = Field(8, ge=1, le=256, description="images whose boxes are optimised together (speed only)")
+    attribution_batch_images: int = Field(8, ge=1, le=256, description="images whose boxes are optimised together (speed "
+                                          "only: each image is padded on its own, same-shaped images share a forward)")
     mask_rcnn_epochs: int = Field(0, ge=0, le=1000, description="train a Mask R-CNN on the pseudo masks for this many epochs (0: no)")
     mask_rcnn_lr: float = Field(0.005, gt=0, le=10, description="Mask R-CNN SGD learning rate (0.02 at batch 16 scaled linearly to 4)")
     score_threshold: float = Field(0.5, ge=0, le=1, description="predictor: detections below this score are dropped")
@@ -374,22 +375,29 @@ class BBAM(Method):
 
         c = self.config
         detector = ctx.load_model("detector")
-        images, boxes, classes, orig = [], [], [], []
+        dtype = next(detector.parameters()).dtype
+        images_norm, sizes, boxes_r, classes, orig = [], [], [], [], []
         for key in keys:
             index = int(key.split(":")[1])
             img = ctx.source.load_image(index)
             b, cl = ctx.source.gt_boxes(index)
-            images.append(_image_tensor(img).to(ctx.device))
-            boxes.append(torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4))
+            # each image resized, normalised and padded on its own: padding a chunk to a common
+            # size would change the features near an image's border and, through the RoI
+            # poolers' inferred scales, where its boxes are read; so the attribution of an
+            # image does not depend on attribution_batch_images, its chunk-mates or a resume
+            norm, size, box_r = detector_inputs(detector, [_image_tensor(img).to(ctx.device, dtype)],
+                                                [torch.as_tensor(b, dtype=dtype).reshape(-1, 4)])
+            images_norm.append(norm[0])
+            sizes.append(size[0])
+            boxes_r.append(box_r[0])
             classes.append([int(v) for v in cl])
             orig.append((img.height, img.width))
-        images_norm, sizes, boxes_r = detector_inputs(detector, images, boxes)
         jobs = []
         for b, key in enumerate(keys):
             # one generator per image, seeded by the trial seed and the record: the proposals do
             # not depend on how images are chunked, so a resumed or re-chunked stage agrees
             gen = torch.Generator().manual_seed(hash_seed(c.seed, key))
-            for job in ops.make_box_jobs(detector, images_norm[b:b + 1], [boxes_r[b]], [classes[b]], image_sizes=[sizes[b]],
+            for job in ops.make_box_jobs(detector, [images_norm[b]], [boxes_r[b]], [classes[b]], image_sizes=[sizes[b]],
                                          n_proposals=c.num_proposals, jitter_ratio=c.jitter_ratio,
                                          max_positives=c.max_positives, s0=c.stride_s0, s1=c.stride_s1, generator=gen):
                 job.image_index = b

@@ -288,9 +288,22 @@ class BoxJob:
         return int(self.proposals.shape[0]) == 0
 
 
+def _image_list(images_norm) -> list[torch.Tensor]:
+    """``(B, 3, H, W)`` or a sequence of ``(3, H_i, W_i)`` / ``(1, 3, H_i, W_i)`` → list of ``(3, H_i, W_i)``."""
+    if torch.is_tensor(images_norm):
+        if images_norm.dim() != 4 or images_norm.shape[1] != 3:
+            raise ValueError(f"images_norm must be (B, 3, H, W), got {tuple(images_norm.shape)}")
+        return list(images_norm.unbind(0))
+    out = [x[0] if x.dim() == 4 else x for x in images_norm]
+    for x in out:
+        if x.dim() != 3 or x.shape[0] != 3:
+            raise ValueError(f"each image must be (3, H, W), got {tuple(x.shape)}")
+    return out
+
+
 def make_box_jobs(
     detector,
-    images_norm: torch.Tensor,
+    images_norm: torch.Tensor | Sequence[torch.Tensor],
     boxes: Sequence[torch.Tensor],
     classes: Sequence[torch.Tensor | Sequence[int]],
     *,
@@ -313,7 +326,9 @@ def make_box_jobs(
     Args:
         detector: eval-mode detector (set here for the call and restored).
         images_norm: ``(B, 3, H, W)`` normalised, at the detector's scale (see
-            :func:`~weakbench.methods.detection.detector_inputs`).
+            :func:`~weakbench.methods.detection.detector_inputs`), or a list of ``B`` such
+            images ``(3, H_i, W_i)`` of their own sizes (each padded on its own, so nothing about
+            an image depends on which others it is batched with).
         boxes: ``B`` float tensors ``(K_b, 4)``, pixels of ``images_norm``.
         classes: ``B`` sequences of ``K_b`` class indices ``c``.
         image_sizes: valid ``(h, w)`` per image; default the full tensor.
@@ -327,8 +342,10 @@ def make_box_jobs(
     """
     from weakbench.methods.detection import detector_box_heads, detector_features
 
-    b, _, hh, ww = images_norm.shape
-    sizes = [tuple(int(v) for v in s) for s in image_sizes] if image_sizes is not None else [(hh, ww)] * b
+    imgs = _image_list(images_norm)
+    b = len(imgs)
+    sizes = [tuple(int(v) for v in s) for s in image_sizes] if image_sizes is not None \
+        else [tuple(int(v) for v in x.shape[-2:]) for x in imgs]
     jobs: list[BoxJob] = []
     was = detector.training
     detector.eval()
@@ -339,12 +356,12 @@ def make_box_jobs(
                 cl = [int(c) for c in (classes[i].tolist() if torch.is_tensor(classes[i]) else classes[i])]
                 if bx.shape[0] == 0:
                     continue
-                feats = detector_features(detector, images_norm[i:i + 1])
+                feats = detector_features(detector, imgs[i][None])
                 h, w = sizes[i]
                 scale = stride_scale if stride_scale is not None else min(h, w) / 800.0
                 for k in range(bx.shape[0]):
                     props = jitter_proposals(bx[k], n_proposals, jitter_ratio, image_size=(h, w), generator=generator)
-                    probs, reg = detector_box_heads(detector, feats, [props.to(images_norm.device)], [(h, w)])
+                    probs, reg = detector_box_heads(detector, feats, [props.to(imgs[i].device)], [(h, w)])
                     pos = select_positive_proposals(props.to(reg.device), probs, reg, bx[k], cl[k],
                                                     box_coder=detector.roi_heads.box_coder,
                                                     iou_thresholds=iou_thresholds, max_positives=max_positives)
@@ -497,7 +514,7 @@ def init_mask(job: BoxJob, shape: tuple[int, int], init: str = "ones_in_proposal
 
 def optimise_box_masks(
     detector,
-    images_norm: torch.Tensor,
+    images_norm: torch.Tensor | Sequence[torch.Tensor],
     jobs: Sequence[BoxJob],
     *,
     iterations: int = ITERATIONS,
@@ -522,8 +539,10 @@ def optimise_box_masks(
 
     **Batched:** the jobs of a chunk (``chunk_size`` jobs, default all) are optimised together:
     each iteration stacks the chunk's perturbed images (one per job, any source image) into one
-    backbone forward, runs the RoI heads on each job's proposals, sums the jobs' losses and
-    takes one Adam step over all masks. Since each loss depends only on its own mask and Adam is
+    backbone forward per image shape (images of different padded sizes are never padded to a
+    common one, which would change the features near their borders and the RoI scales), runs
+    the RoI heads on each job's proposals, sums the jobs' losses and takes one Adam step over
+    all masks. Since each loss depends only on its own mask and Adam is
     elementwise, and the detector is in eval mode (BatchNorm uses running statistics, so images
     do not interact), this equals optimising each box alone (the code's loop) up to float
     rounding. Chunks run one after the other; memory grows with ``chunk_size``.
@@ -531,7 +550,8 @@ def optimise_box_masks(
     Args:
         detector: a torchvision Faster/Mask R-CNN; put in eval mode and its parameters'
             ``requires_grad`` switched off for the call (both restored after).
-        images_norm: ``(B, 3, H, W)`` normalised images at the detector's scale.
+        images_norm: ``(B, 3, H, W)`` normalised images at the detector's scale, or a list of
+            ``B`` images ``(3, H_i, W_i)`` of their own sizes (as :func:`make_box_jobs`).
         jobs: :class:`BoxJob` s (e.g. from :func:`make_box_jobs`); empty ones get a zero mask
             without optimisation (as the code's "no positive" branch).
         iterations, lr, l1_weight, tv_weight, tv_beta: the paper's / code's 300, 0.02, 0.007,
@@ -552,12 +572,13 @@ def optimise_box_masks(
 
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1 (or None for all jobs at once)")
-    b, _, H, W = images_norm.shape
+    imgs = _image_list(images_norm)
+    b = len(imgs)
     for j in jobs:
         if not 0 <= j.image_index < b:
             raise ValueError(f"job image_index {j.image_index} outside the batch of {b} images")
-    device, dtype = images_norm.device, images_norm.dtype
-    sizes = [tuple(j.image_size) if j.image_size is not None else (H, W) for j in jobs]
+    device, dtype = (imgs[0].device, imgs[0].dtype) if imgs else (torch.device("cpu"), torch.float32)
+    sizes = [tuple(j.image_size) if j.image_size is not None else tuple(imgs[j.image_index].shape[-2:]) for j in jobs]
     results: list[torch.Tensor | None] = [None] * len(jobs)
     active = []
     for i, j in enumerate(jobs):
@@ -577,7 +598,7 @@ def optimise_box_masks(
     for p in detector.parameters():
         p.requires_grad_(False)
     try:
-        images = images_norm.detach()
+        images = [x.detach() for x in imgs]
         for c0 in range(0, len(active), step):
             chunk = active[c0:c0 + step]
             masks = [init_mask(jobs[i], mask_shape(sizes[i], jobs[i].stride), init).to(device, dtype).requires_grad_(True)
@@ -588,15 +609,25 @@ def optimise_box_masks(
             t0 = [jobs[i].t0.to(device, dtype) for i in chunk]
             labels = [int(jobs[i].cls) + 1 for i in chunk]
             counts = [int(p.shape[0]) for p in props]
+            # one backbone forward per image shape: jobs on same-shaped images share it
+            groups: dict[tuple[int, int], list[int]] = {}
+            for k, i in enumerate(chunk):
+                groups.setdefault(tuple(images[jobs[i].image_index].shape[-2:]), []).append(k)
             for _ in range(iterations):
-                pert = torch.stack([perturb(images[jobs[i].image_index], m, sizes[i]) for i, m in zip(chunk, masks)])
-                feats = detector_features(detector, pert)
-                probs, reg = detector_box_heads(detector, feats, props, [sizes[i] for i in chunk])
-                ncls = probs.shape[1]
-                probs_s, reg_s = probs.split(counts), reg.split(counts)
-                loss = images.new_zeros(())
+                probs_s: list[torch.Tensor | None] = [None] * len(chunk)
+                reg_s: list[torch.Tensor | None] = [None] * len(chunk)
+                for ks in groups.values():
+                    pert = torch.stack([perturb(images[jobs[chunk[k]].image_index], masks[k], sizes[chunk[k]])
+                                        for k in ks])
+                    feats = detector_features(detector, pert)
+                    probs, reg = detector_box_heads(detector, feats, [props[k] for k in ks],
+                                                    [sizes[chunk[k]] for k in ks])
+                    for k, pk, rk in zip(ks, probs.split([counts[k] for k in ks]), reg.split([counts[k] for k in ks])):
+                        probs_s[k], reg_s[k] = pk, rk
+                loss = images[0].new_zeros(())
                 for k, m in enumerate(masks):
                     lab = labels[k]
+                    ncls = probs_s[k].shape[1]
                     t = reg_s[k].reshape(-1, ncls, 4)[:, lab]
                     loss = loss + perturbation_loss(p0[k], probs_s[k][:, lab], t0[k], t,
                                                     use_box=use_box, use_cls=use_cls, variant=variant)

@@ -54,6 +54,8 @@ __all__ = [
     "detector_forward_heads",
     "detector_features",
     "detector_box_heads",
+    "padded_shape",
+    "fix_roi_scales",
 ]
 
 class TimmFPNBackbone(nn.Module):
@@ -180,10 +182,39 @@ def build_detector(
                   rpn_anchor_generator=anchors, box_roi_pool=box_pool, box_head=box_head,
                   box_predictor=box_predictor, **detector_kwargs)
     if kind == "faster_rcnn":
-        return FasterRCNN(bb, num_classes=None, **common)
+        return fix_roi_scales(FasterRCNN(bb, num_classes=None, **common))
     mask_pool = MultiScaleRoIAlign(featmap_names=roi_names, output_size=14, sampling_ratio=2)
-    return MaskRCNN(bb, num_classes=None, mask_roi_pool=mask_pool,
-                    mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1), **common)
+    return fix_roi_scales(MaskRCNN(bb, num_classes=None, mask_roi_pool=mask_pool,
+                                   mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1), **common))
+
+
+def fix_roi_scales(detector: FasterRCNN, probe: int = 256) -> FasterRCNN:
+    """Fix the level scales of the detector's RoI poolers from the backbone itself; returns it.
+
+    torchvision's ``MultiScaleRoIAlign`` infers each level's scale on its **first call** as
+    ``2^round(log2(feature height / max image height))`` over the image sizes of that call, and
+    keeps it for every later call. A first call whose images are smaller than the padded tensor
+    their features came from (a landscape image padded beside a portrait one, or one image of a
+    padded batch described by its own size) fixes a scale twice the true one for the life of the
+    model, so every box after it is read at twice its coordinates. Here the poolers are called
+    once on the backbone's maps of a ``probe`` × ``probe`` zero image (no padding: every scale
+    exact, e.g. 1/4, 1/8, 1/16, 1/32), in eval mode without gradients (BatchNorm statistics
+    untouched), which fixes the scales before any data is seen.
+    """
+    was = detector.training
+    detector.eval()
+    try:
+        with torch.no_grad():
+            ref = next(detector.parameters())
+            feats = detector.backbone(torch.zeros((1, 3, probe, probe), dtype=ref.dtype, device=ref.device))
+            box = [torch.tensor([[0.0, 0.0, 16.0, 16.0]], dtype=ref.dtype, device=ref.device)]
+            for pool in (detector.roi_heads.box_roi_pool, getattr(detector.roi_heads, "mask_roi_pool", None)):
+                if pool is not None:
+                    pool.scales = pool.map_levels = None
+                    pool(feats, box, [(probe, probe)])
+    finally:
+        detector.train(was)
+    return detector
 
 
 # --------------------------------------------------------------------------------------- data
@@ -348,13 +379,19 @@ def detector_forward_heads(
     return detector_box_heads(detector, features, proposals, sizes, decode=decode)
 
 
+def padded_shape(detector: FasterRCNN, shape: tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` rounded up to a multiple of ``detector.transform.size_divisible`` (32): the size
+    of the tensor :func:`detector_features` runs the backbone on."""
+    div = int(getattr(detector.transform, "size_divisible", 32))
+    return -(-int(shape[0]) // div) * div, -(-int(shape[1]) // div) * div
+
+
 def detector_features(detector: FasterRCNN, images_norm: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
     """Backbone + FPN maps of already normalised images ``(B, 3, H, W)`` (zero-padded at the
     bottom/right to a multiple of ``detector.transform.size_divisible`` first, as the transform
     does). Returns the backbone's ``OrderedDict`` of FPN levels."""
     _, _, h, w = images_norm.shape
-    div = int(getattr(detector.transform, "size_divisible", 32))
-    ph, pw = -(-h // div) * div, -(-w // div) * div
+    ph, pw = padded_shape(detector, (h, w))
     x = F.pad(images_norm, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else images_norm
     return detector.backbone(x)
 
@@ -368,7 +405,8 @@ def detector_box_heads(
     decode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoIAlign + box head + predictor on ``features`` from :func:`detector_features`; arguments
-    and outputs as :func:`detector_forward_heads`."""
+    and outputs as :func:`detector_forward_heads`. The RoI poolers' level scales are the ones
+    :func:`build_detector` fixed (see :func:`fix_roi_scales`), whatever ``image_sizes`` say."""
     ref = next(iter(features.values()))
     props = [p.to(dtype=ref.dtype, device=ref.device) for p in proposals]
     rh = detector.roi_heads
