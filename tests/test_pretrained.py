@@ -79,14 +79,17 @@ def test_unavailable_pretrained_weights_name_the_backbone_and_the_fix(weights_di
         create_backbone("resnet18", pretrained=True)
 
 
-def test_pretrained_head_classifies_foolbox_imagenet_jpegs(weights_dir):
+@pytest.mark.parametrize("backbone", [LITE0, "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_pretrained_head_classifies_foolbox_imagenet_jpegs(weights_dir, backbone):
     """Top-1 of the pretrained classifier (zero-epoch CAM model, head initialised from the
-    pretrained 1000-way classifier) on the 20 labelled ImageNet JPEGs of foolbox."""
+    pretrained 1000-way classifier) on the 20 labelled ImageNet JPEGs of foolbox, for each
+    packaged Lite wheel (Lite1 and Lite2 are fed 224 px too, below their native 240 / 260)."""
     from PIL import Image
 
     from weakbench.platform.data.transforms import image_to_tensor, resize_image
 
-    method = build_method("cam", {"backbone": LITE0, "pretrained": True, "features": "full",
+    assert input_normalization(backbone) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    method = build_method("cam", {"backbone": backbone, "pretrained": True, "features": "full",
                                   "classifier_init": "pretrained_head", "epochs": 0, "input_size": 224},
                           num_classes=1000, multilabel=False)
     model = method.build_model().eval()
@@ -98,7 +101,7 @@ def test_pretrained_head_classifies_foolbox_imagenet_jpegs(weights_dir):
         logits, cams = model(x)
     pred = logits.argmax(1).tolist()
     correct = sum(int(p == y) for p, (_, y) in zip(pred, items))
-    print(f"top-1 on foolbox ImageNet JPEGs: {correct}/20")
+    print(f"{backbone}: top-1 on foolbox ImageNet JPEGs: {correct}/20")
     assert cams.shape == (20, 1000, 7, 7)
     assert correct >= 15
 
@@ -118,3 +121,33 @@ def test_output_stride_16_dilates_efficientnet_and_resnet():
         for full in (False, True):
             b = create_backbone(name, output_stride=16, full=full)
             assert b(torch.zeros(1, 3, 64, 64))[-1].shape[-1] == 4, (name, full)
+
+
+@pytest.mark.parametrize("where", ["bbam_detector", "bbam_mask_rcnn", "ccgr_instance_branch"])
+def test_pretrained_detectors_use_the_backbones_statistics_and_frozen_batch_norm(weights_dir, where):
+    """Issue 20: a pretrained Lite body in a detector is fed mean = std = 0.5 (what it was trained
+    on, not ImageNet statistics) and keeps its BatchNorm frozen with the packaged statistics."""
+    import timm
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from weakbench.methods.bbam import DetectorFit
+    from weakbench.methods.ccgr import InstanceFit
+
+    params = {"backbone": LITE0, "pretrained": True, "input_size": 64, "fpn_channels": 16, "box_head_size": 32}
+    if where.startswith("bbam"):
+        task = DetectorFit(build_method("bbam", params, num_classes=2), where.split("_", 1)[1].replace("detector", "faster_rcnn"))
+    else:
+        task = InstanceFit(build_method("ccgr", params, num_classes=2), 1, None)
+    model = task.build_model()
+    assert list(model.transform.image_mean) == [0.5, 0.5, 0.5] and list(model.transform.image_std) == [0.5, 0.5, 0.5]
+    body = model.backbone.body
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())  # none left trainable
+    frozen = [m for m in body.modules() if isinstance(m, (FrozenBatchNorm2d, timm.layers.FrozenBatchNormAct2d))]
+    assert frozen and not any(p.requires_grad for m in frozen for p in m.parameters(recurse=False))
+    state = torch.load(resolve_pretrained(LITE0), map_location="cpu", weights_only=True)
+    assert torch.equal(body.state_dict()["bn1.running_var"], state["bn1.running_var"])
+    # a random body keeps trainable BatchNorm; a ResNet's own statistics are ImageNet's
+    scratch = DetectorFit(build_method("bbam", {**params, "pretrained": False, "backbone": "resnet18"}, num_classes=2),
+                          "faster_rcnn").build_model()
+    assert list(scratch.transform.image_mean) == [0.485, 0.456, 0.406]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in scratch.backbone.body.modules())

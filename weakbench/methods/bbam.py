@@ -47,7 +47,6 @@ Headline metric: ``pseudo_masks/instance_miou`` (selected on val, reported on te
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -170,15 +169,11 @@ class DetectorFit(FitTask):
         self.seed = method.config.seed
 
     def build_model(self) -> torch.nn.Module:
-        from weakbench.methods.detection import build_detector
-        from weakbench.platform.data import IMAGENET_MEAN, IMAGENET_STD
+        from weakbench.methods.detection import build_detector, detector_settings
 
         c = self.method.config
-        model = build_detector(self.kind, c.backbone, self.method.num_classes, min_size=c.input_size,
-                               max_size=int(math.ceil(c.input_size * 1333 / 800)), image_mean=IMAGENET_MEAN,
-                               image_std=IMAGENET_STD, weights_path=c.weights_path, pretrained_backbone=c.pretrained,
-                               output_stride=c.output_stride, fpn_channels=c.fpn_channels,
-                               box_representation_size=c.box_head_size)
+        model = build_detector(self.kind, c.backbone, self.method.num_classes, output_stride=c.output_stride,
+                               **detector_settings(c))
         if self.init_dir is not None:
             # Mask R-CNN starts from the trained detector (backbone, FPN, RPN, box head; the mask
             # head is new): the paper starts from ImageNet weights, which a from-scratch CPU

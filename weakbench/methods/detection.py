@@ -20,10 +20,17 @@ Conventions (the same everywhere in this module):
 Nothing here downloads: the backbone comes from :func:`weakbench.methods.backbones.create_backbone`
 (``pretrained_backbone=False`` by default, or a local ``weights_path``) and torchvision's
 ``weights`` / ``weights_backbone`` are never used.
+
+A method builds its detector with :func:`detector_settings` of its config: inputs normalised
+with the backbone's own statistics (EfficientNet-Lite: mean = std = 0.5; timm's
+``pretrained_cfg``), and a pretrained body with frozen BatchNorm (torchvision's
+``FrozenBatchNorm2d``, as torchvision's own detection models: batches of 2–4 images give
+BatchNorm statistics too noisy to train).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, Literal, Sequence
 
@@ -40,7 +47,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor  # default 
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from weakbench.methods.backbones import create_backbone
+from weakbench.methods.backbones import create_backbone, input_normalization
 from weakbench.platform.data.source import DatasetSource
 from weakbench.platform.errors import ConfigError, UnknownNameError
 
@@ -56,6 +63,7 @@ __all__ = [
     "detector_box_heads",
     "padded_shape",
     "fix_roi_scales",
+    "detector_settings",
 ]
 
 class TimmFPNBackbone(nn.Module):
@@ -124,6 +132,7 @@ def build_detector(
     fpn_channels: int = 256,
     box_representation_size: int = 1024,
     anchor_sizes: Sequence[Sequence[int]] | None = None,
+    frozen_batch_norm: bool | None = None,
     **detector_kwargs: Any,
 ) -> FasterRCNN:
     """A torchvision Faster R-CNN or Mask R-CNN on a timm backbone with an FPN.
@@ -147,6 +156,12 @@ def build_detector(
         box_representation_size: width of the two-layer MLP box head (1024 in the papers).
         anchor_sizes: one tuple of sizes per FPN level (pixels of the resized image); default
             :func:`default_anchor_sizes` of ``min_size``. Aspect ratios 0.5, 1, 2.
+        frozen_batch_norm: replace the body's BatchNorm layers by frozen ones (torchvision's
+            ``FrozenBatchNorm2d``; timm's ``FrozenBatchNormAct2d`` where the norm carries an
+            activation) holding the loaded statistics and affine terms; ``None`` (default): frozen
+            exactly when the body is pretrained (``pretrained_backbone`` or ``weights_path``), as
+            torchvision's detection models do. A random body keeps trainable BatchNorm (it has no
+            statistics to keep).
         **detector_kwargs: passed to torchvision's ``FasterRCNN`` / ``MaskRCNN`` (e.g.
             ``box_detections_per_img``, ``rpn_post_nms_top_n_test``).
 
@@ -167,6 +182,12 @@ def build_detector(
     idx, channels = _pick_stages(backbone, output_stride)
     body = create_backbone(backbone, pretrained=pretrained_backbone, weights_path=weights_path,
                            output_stride=output_stride, out_indices=idx)
+    if frozen_batch_norm is None:
+        frozen_batch_norm = bool(pretrained_backbone or weights_path)
+    if frozen_batch_norm:
+        from timm.layers import freeze_batch_norm_2d
+
+        body = freeze_batch_norm_2d(body)
     bb = TimmFPNBackbone(body, channels, fpn_channels)
     levels = len(idx) + 1  # + the max-pooled level
     sizes = tuple(tuple(int(s) for s in a) for a in anchor_sizes) if anchor_sizes is not None \
@@ -186,6 +207,27 @@ def build_detector(
     mask_pool = MultiScaleRoIAlign(featmap_names=roi_names, output_size=14, sampling_ratio=2)
     return fix_roi_scales(MaskRCNN(bb, num_classes=None, mask_roi_pool=mask_pool,
                                    mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1), **common))
+
+
+def detector_settings(config: Any) -> dict[str, Any]:
+    """:func:`build_detector` keyword arguments from a method config (BBAM's detector and Mask
+    R-CNN, CCGR's instance branch): the resize rule (``min_size = input_size``, ``max_size =
+    ceil(input_size · 1333 / 800)``, the papers' 800 / 1333 ratio), the backbone's own input
+    statistics (:func:`~weakbench.methods.backbones.input_normalization`: ``pretrained_cfg``'s
+    mean / std, EfficientNet-Lite 0.5 / 0.5, ImageNet's for ResNets; the rule the classifier
+    methods use), ``weights_path``, ``pretrained_backbone``, ``fpn_channels`` and
+    ``box_representation_size`` (``box_head_size``). BatchNorm is frozen when pretrained
+    (``build_detector``'s default).
+
+    Args:
+        config: has ``backbone``, ``input_size``, ``weights_path``, ``pretrained``,
+            ``fpn_channels``, ``box_head_size``.
+    """
+    mean, std = input_normalization(config.backbone)
+    return dict(min_size=config.input_size, max_size=int(math.ceil(config.input_size * 1333 / 800)),
+                image_mean=mean, image_std=std, weights_path=config.weights_path,
+                pretrained_backbone=config.pretrained, fpn_channels=config.fpn_channels,
+                box_representation_size=config.box_head_size)
 
 
 def fix_roi_scales(detector: FasterRCNN, probe: int = 256) -> FasterRCNN:
