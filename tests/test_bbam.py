@@ -200,3 +200,46 @@ def test_sweep_trains_the_detector_once_and_resumes_in_the_attribution_stage(tmp
     assert tags["weakbench.stage.detector.cache"] == "hit"  # the detector was not retrained
     steps = [m.step for m in client.get_metric_history(trials[0].info.run_id, "train/detector/loss")]
     assert sorted(steps) == [1, 2], steps
+
+
+OFFICIAL_ATTRIBUTION = ("mask_iterations", "mask_lr", "mask_l1_weight", "tv_weight", "stride_s0", "stride_s1",
+                        "num_proposals", "jitter_ratio", "max_positives", "loss_variant", "indicator_box",
+                        "indicator_cls", "theta_fg", "theta_bg", "use_crf", "mask_loss", "seed_growing_threshold")
+
+
+def test_official_space_holds_the_schema_defaults():
+    """bbam_official.yaml validates and its attribution settings are exactly BBAMConfig's
+    defaults (300 iterations, λ 0.007, θ 0.85 / 0.2 ...; one place for each value)."""
+    from weakbench.methods.bbam import BBAMConfig
+    from weakbench.platform.search_space import load_search_space
+
+    space = load_search_space(REPO / "search_spaces" / "bbam_official.yaml")
+    assert space.search["seed"].values == [0, 1, 2]
+    defaults = BBAMConfig()
+    for k in OFFICIAL_ATTRIBUTION:
+        assert space.fixed[k] == getattr(defaults, k), k
+    assert (space.fixed["mask_iterations"], space.fixed["mask_l1_weight"]) == (300, 0.007)
+    with pytest.raises(ConfigError, match="indicator_box and indicator_cls"):
+        validate_config("bbam", {"indicator_box": False, "indicator_cls": False})
+    plan = {s.name: s for s in build_method("bbam", {"mask_rcnn_epochs": 1}, num_classes=2).plan()}
+    assert {"indicator_box", "indicator_cls"} <= set(plan["attribute"].reads)
+    assert {"mask_loss", "seed_growing_threshold"} <= set(plan["mask_rcnn"].reads)
+
+
+@pytest.mark.slow
+def test_official_space_runs_on_a_capped_subset(tmp_path):
+    """One trial of bbam_official.yaml (300 iterations, 1000 proposals, the pretrained Lite0 body)
+    runs end to end on the synthetic default with the images capped (2 per split, 1 detector
+    epoch, 64 px, a narrow FPN): about a minute on the shared 2 cores."""
+    from weakbench.platform.search_space import load_search_space
+
+    space = load_search_space(REPO / "search_spaces" / "bbam_official.yaml")
+    cache = tmp_path / "cache"
+    source = open_dataset(None, cache_dir=cache)
+    splits = tmp_path / "splits.json"
+    save_splits(make_splits(source, seed=0), splits)
+    capped = {**space.defaults_config(), "epochs": 1, "max_images_per_split": 2, "input_size": 64,
+              "fpn_channels": 32, "box_head_size": 64}
+    m = run_trial(_spec(tmp_path, None, cache, splits, capped), executor="inline")
+    assert {"val/pseudo_masks/instance_miou", "test/pseudo_masks/instance_miou"} <= set(m)
+    assert m["train/attribute/boxes"] >= 2

@@ -146,3 +146,18 @@ def test_optimise_takes_images_of_their_own_sizes(mixed):
                                  iterations=2)[0] for j in jobs]
     for a, b in zip(both, single):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+def test_indicators_reach_the_optimisation(mixed):
+    """indicator_box / indicator_cls (the paper's 𝟙_box / 𝟙_cls) change the attribution stage's masks."""
+    source = open_dataset(mixed)
+    base = {"backbone": "test_resnet", "input_size": 64, "fpn_channels": 16, "box_head_size": 32,
+            "num_proposals": 40, "mask_iterations": 3}
+    out = {}
+    for name, extra in (("both", {}), ("box", {"indicator_cls": False}), ("cls", {"indicator_box": False})):
+        method = build_method("bbam", {**base, **extra}, num_classes=1)
+        out[name] = _attribute(method, source, _rigged(method), [["train:0"]])["train:0"]["masks"]
+    nonempty = [k for k, m in enumerate(out["both"]) if m.float().abs().sum() > 0]
+    assert nonempty
+    for other in ("box", "cls"):
+        assert any((out["both"][k].float() - out[other][k].float()).abs().max() > 1e-4 for k in nonempty), other

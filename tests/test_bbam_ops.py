@@ -375,3 +375,56 @@ def test_box_jobs_from_an_untrained_detector_are_reported_empty(tiny):
     assert all(m.abs().sum() == 0 for m in masks)  # the code's "no positive" branch: a zero mask
     attr = attribution_map(masks[0], (96, 96)) if masks else np.zeros((96, 96), np.float32)
     assert attr.shape == (96, 96) and attr.dtype == np.float32
+
+
+# ------------------------------------------------------------------------------ Mask R-CNN loss
+def test_seed_growing_mask_loss_hand_values():
+    """One RoI of 1 × 8 cells. Seeds: foreground {0, 1, 7}, liberal mask {0, 1, 2, 3, 7} (band
+    {2, 3}), background {4, 5, 6}. Logits 0, 3, 3, 0, 0, -3, 0, 0 (sigmoid .5, .95, .95, .5, .5,
+    .047, .5, .5). Grown: cell 2 (band, .95 > .9) to the foreground. Targets: foreground {0, 1, 2}
+    (each has a foreground neighbour), background {4, 5, 6}; cell 3 (band, not grown) and cell 7
+    (a seed with no foreground neighbour) are ignored. With a = log(1 + e^-3):
+    fg mean = (log 2 + 2a) / 3, bg mean = (2 log 2 + a) / 3, loss = ½ (sum) = (log 2 + a) / 2."""
+    from weakbench.methods.bbam_ops import seed_growing_mask_loss
+
+    logits = torch.tensor([[[0.0, 3.0, 3.0, 0.0, 0.0, -3.0, 0.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    fg = torch.tensor([[[1, 1, 0, 0, 0, 0, 0, 1]]], dtype=torch.bool)
+    liberal = torch.tensor([[[1, 1, 1, 1, 0, 0, 0, 1]]], dtype=torch.bool)
+    a = np.log1p(np.exp(-3.0))
+    loss = seed_growing_mask_loss(logits, fg, liberal)
+    assert loss.item() == pytest.approx((np.log(2) + a) / 2, abs=1e-12)
+    loss.backward()
+    g = logits.grad[0, 0]
+    assert g[3] == 0 and g[7] == 0  # ignored cells
+    assert g[0] < 0 and g[4] > 0  # pushed up on foreground, down on background
+    # the balanced means: one foreground target and two background ones weigh ½ each
+    half = seed_growing_mask_loss(torch.zeros(1, 1, 4, dtype=torch.float64), torch.tensor([[[1, 1, 0, 0]]]).bool(),
+                                  torch.tensor([[[1, 1, 0, 0]]]).bool())
+    assert half.item() == pytest.approx(np.log(2), abs=1e-12)
+    # no background target (everything in the liberal mask, nothing confident): zero, graph kept
+    none = seed_growing_mask_loss(logits, fg, torch.ones_like(liberal))
+    assert none.item() == 0 and none.requires_grad
+    with pytest.raises(ValueError, match="threshold"):
+        seed_growing_mask_loss(logits, fg, liberal, threshold=0.4)
+
+
+@pytest.mark.parametrize("variant", ["seed_growing", "ignore_band"])
+def test_mask_rcnn_trains_with_either_pseudo_mask_loss(source, variant):
+    """A Mask R-CNN step with pseudo masks (1 fg, 2 band, 0 bg) under each loss: finite mask
+    loss, torchvision's own loss restored after the block."""
+    from torchvision.models.detection import roi_heads as rh
+
+    from weakbench.methods.bbam import _pseudo_mask_loss
+
+    det = _tiny_detector(source.num_classes, kind="mask_rcnn").train()
+    ds = DetectionDataset(source, [0, 1], train=False, with_masks=True)
+    images, targets = collate_detection([ds[0], ds[1]])
+    for t in targets:  # a band of 2 around each instance mask
+        m = t["masks"].bool()
+        grown = torch.nn.functional.max_pool2d(m[:, None].float(), 5, 1, 2)[:, 0].bool()
+        t["masks"] = m.to(torch.uint8) + 2 * (grown & ~m).to(torch.uint8)
+    original = rh.maskrcnn_loss
+    with _pseudo_mask_loss(variant):
+        parts = det(images, [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets])
+    assert rh.maskrcnn_loss is original
+    assert torch.isfinite(parts["loss_mask"]) and parts["loss_mask"].requires_grad

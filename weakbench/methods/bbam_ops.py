@@ -39,7 +39,7 @@ __all__ = [
     "mask_stride", "mask_shape", "jitter_proposals", "truncated_iou", "PositiveSet", "select_positive_proposals",
     "BoxJob", "make_box_jobs", "perturbation_loss", "mask_l1", "total_variation", "upsample_mask",
     "perturb", "init_mask", "optimise_box_masks", "attribution_map", "box_pixels", "box_filled_mask",
-    "box_rank_cut", "dense_crf", "pseudo_mask_from_attribution",
+    "box_rank_cut", "dense_crf", "pseudo_mask_from_attribution", "SEED_GROWING_THRESHOLD", "seed_growing_mask_loss",
 ]
 
 # ---------------------------------------------------------------- defaults (one place each)
@@ -59,6 +59,7 @@ THETA_BG: float = 0.2
 #: dense CRF of the code's ``make_annotation`` (a ``DenseCRF`` of K. Nakashima's deeplab-pytorch):
 #: 10 mean-field iterations, Gaussian kernel (sxy 1, weight 3), bilateral (sxy 80, srgb 3,
 #: weight 4); a pixel is foreground when its CRF probability exceeds ``fg_prob`` (0.9 in code).
+SEED_GROWING_THRESHOLD: float = 0.9  #: Mask R-CNN seed growing (code ``mask_head/loss.py``: ``th_growing = 0.9``)
 CRF_PARAMS: dict = {"iter_max": 10, "pos_xy_std": 1.0, "pos_w": 3.0, "bi_xy_std": 80.0, "bi_rgb_std": 3.0,
                     "bi_w": 4.0, "fg_prob": 0.9}
 
@@ -864,3 +865,69 @@ def pseudo_mask_from_attribution(
     fg = _top_mask(a, box, theta_fg, blur_sigma, image_uint8, use_crf, params, fg_prob)
     liberal = _top_mask(a, box, theta_bg, blur_sigma, image_uint8, use_crf, params, fg_prob)
     return fg, liberal & ~fg
+
+
+# ------------------------------------------------------------------------------ Mask R-CNN stage
+def seed_growing_mask_loss(
+    logits: torch.Tensor,
+    fg_seed: torch.Tensor,
+    liberal: torch.Tensor,
+    threshold: float = SEED_GROWING_THRESHOLD,
+) -> torch.Tensor:
+    """The official code's Mask R-CNN mask loss on BBAM pseudo masks, with seed growing and
+    balanced means (``maskrcnn_benchmark/modeling/roi_heads/mask_head/loss.py`` of
+    github.com/jbeomlee93/BBAM, ``seed_growing = True``, ``loss_balance = True``; the paper's §3.4
+    trains Mask R-CNN on the pseudo masks with the band between θ_bg and θ_fg ignored).
+
+    Per RoI cell, with ``s = sigmoid(logits)``:
+
+    1. foreground candidates: the θ_fg seed (``fg_seed``) plus every cell with ``s > threshold``;
+       background candidates: the cells outside the liberal θ_bg mask plus every cell with
+       ``s < 1 − threshold``; a candidate that is a seed of the *other* side is dropped;
+    2. a candidate becomes a target only if at least one of its 8 neighbours is a candidate of
+       the same side (a 3×3 sum without the centre, zero padding): isolated cells, seeds
+       included, are ignored;
+    3. target 1 (foreground) or 0 (background); every other cell (the band, unless grown) is
+       ignored;
+    4. loss ``= ½ (mean of BCE over foreground targets + mean of BCE over background targets)``,
+       the means taken over all RoIs of the batch together; ``0`` (times the logits, to keep
+       the graph) when either side has no target.
+
+    Args:
+        logits: float ``(N, M, M)`` mask logits of each RoI's GT class.
+        fg_seed: bool ``(N, M, M)``, the θ_fg mask projected onto each RoI.
+        liberal: bool ``(N, M, M)``, the θ_bg mask (foreground ∪ ignore band) projected onto each RoI.
+        threshold: growing threshold in (0.5, 1) (0.9 in the code).
+
+    Returns:
+        a scalar tensor, differentiable in ``logits`` (the growing itself is not: the targets
+        are built without gradient).
+
+    Raises:
+        ValueError: shapes differ, or ``threshold`` not in (0.5, 1).
+    """
+    if logits.shape != fg_seed.shape or logits.shape != liberal.shape or logits.dim() != 3:
+        raise ValueError(f"logits {tuple(logits.shape)}, fg_seed {tuple(fg_seed.shape)} and liberal "
+                         f"{tuple(liberal.shape)} must be the same (N, M, M)")
+    if not 0.5 < threshold < 1:
+        raise ValueError(f"threshold={threshold}: must lie in (0.5, 1)")
+    if logits.numel() == 0:
+        return logits.sum() * 0
+    with torch.no_grad():
+        s = torch.sigmoid(logits)
+        seed_fg, seed_bg = fg_seed.bool(), ~liberal.bool()
+        fg = (seed_fg | (s > threshold)) & ~seed_bg
+        bg = (seed_bg | (s < 1 - threshold)) & ~seed_fg
+        kernel = torch.ones((1, 1, 3, 3), dtype=logits.dtype, device=logits.device)
+        kernel[0, 0, 1, 1] = 0
+
+        def has_neighbour(x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(x.to(logits.dtype)[:, None], kernel, padding=1)[:, 0] > 0
+
+        target_fg = fg & has_neighbour(fg)
+        target_bg = bg & has_neighbour(bg)  # disjoint from target_fg: fg excludes background seeds, bg foreground ones
+    if not target_fg.any() or not target_bg.any():
+        return logits.sum() * 0
+    bce_fg = F.binary_cross_entropy_with_logits(logits[target_fg], torch.ones_like(logits[target_fg]))
+    bce_bg = F.binary_cross_entropy_with_logits(logits[target_bg], torch.zeros_like(logits[target_bg]))
+    return (bce_fg + bce_bg) / 2
