@@ -428,3 +428,30 @@ def test_mask_rcnn_trains_with_either_pseudo_mask_loss(source, variant):
         parts = det(images, [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets])
     assert rh.maskrcnn_loss is original
     assert torch.isfinite(parts["loss_mask"]) and parts["loss_mask"].requires_grad
+
+
+def test_image_crf_reused_for_many_boxes_equals_a_fresh_crf_per_box(source):
+    """The lattice built once per image gives exactly the marginals of a CRF built per call, so
+    the pseudo masks do not change (only their cost)."""
+    from weakbench.methods.bbam_ops import ImageCRF, dense_crf
+
+    img = np.asarray(source.load_image(3), dtype=np.uint8)
+    h, w = img.shape[:2]
+    rng = np.random.default_rng(0)
+    crf = ImageCRF(img)
+    for _ in range(3):
+        p = rng.uniform(0, 1, (h, w)).astype(np.float32)
+        np.testing.assert_array_equal(crf(p), dense_crf(img, p))
+    boxes, _ = source.gt_boxes(3)
+    for b in boxes:
+        attr = np.zeros((h, w), np.float32)
+        x0, y0, x1, y1 = box_pixels(b, h, w)
+        attr[y0:y1, x0:x1] = rng.uniform(0, 1, (y1 - y0, x1 - x0))
+        shared = pseudo_mask_from_attribution(attr, b, image_uint8=img, crf=crf)
+        fresh = pseudo_mask_from_attribution(attr, b, image_uint8=img)
+        for s, f in zip(shared, fresh):
+            np.testing.assert_array_equal(s, f)
+        empty_fg, empty_ignore = pseudo_mask_from_attribution(np.zeros((h, w), np.float32), b, crf=crf)
+        assert empty_fg.any() and not empty_ignore.any()  # no attribution: one box-prior pass, no band
+    with pytest.raises(ValueError, match="expected"):
+        crf(np.zeros((h + 1, w), np.float32))

@@ -460,11 +460,11 @@ class BBAM(Method):
             boxes, _ = ctx.source.gt_boxes(index)
             entry = table[key]
             fgs, igs = [], []
+            crf = ops.ImageCRF(image) if c.use_crf and len(boxes) else None  # one lattice for the image's boxes
             for k, box in enumerate(boxes):
                 attr = ops.attribution_map(entry["masks"][k].float(), (h, w))
                 fg, ign = ops.pseudo_mask_from_attribution(attr, box, theta_fg=c.theta_fg, theta_bg=c.theta_bg,
-                                                           stride_scale=max(h, w) / 500.0,
-                                                           image_uint8=image if c.use_crf else None, use_crf=c.use_crf)
+                                                           stride_scale=max(h, w) / 500.0, use_crf=c.use_crf, crf=crf)
                 fgs.append(_rle(fg))
                 igs.append(_rle(ign))
             out[key] = {"fg": fgs, "ignore": igs}
@@ -521,11 +521,11 @@ class BBAM(Method):
                 gt_boxes, _ = ctx.source.gt_boxes(index)
                 boxes.accumulate(index, [ops.box_filled_mask(b, rec.height, rec.width) for b in gt_boxes])
                 if crf is not None:
-                    img8 = np.asarray(ctx.source.load_image(index), dtype=np.uint8)
+                    image_crf = ops.ImageCRF(np.asarray(ctx.source.load_image(index), dtype=np.uint8))
                     zero = np.zeros((rec.height, rec.width), np.float32)
                     crf.accumulate(index, [ops.pseudo_mask_from_attribution(
                         zero, b, theta_fg=self.config.theta_fg, theta_bg=self.config.theta_bg,
-                        stride_scale=max(rec.height, rec.width) / 500.0, image_uint8=img8, use_crf=True)[0]
+                        stride_scale=max(rec.height, rec.width) / 500.0, use_crf=True, crf=image_crf)[0]
                         for b in gt_boxes])
                 if split == (ctx.stage.split or "val") and len(overlays) < ctx.num_overlays:
                     ign = np.any(np.stack([_unrle(r) for r in entry["ignore"]]), axis=0)
@@ -583,10 +583,11 @@ class BBAM(Method):
                                                     use_box=c.indicator_box, use_cls=c.indicator_cls,
                                                     variant=c.loss_variant)
                 img8 = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                image_crf = ops.ImageCRF(img8) if c.use_crf else None
                 for k, m in enumerate(lowres):
                     fg, _ = ops.pseudo_mask_from_attribution(ops.attribution_map(m, (h, w)), boxes[k], theta_fg=c.theta_fg,
                                                              theta_bg=c.theta_bg, stride_scale=max(h, w) / 500.0,
-                                                             image_uint8=img8 if c.use_crf else None, use_crf=c.use_crf)
+                                                             use_crf=c.use_crf, crf=image_crf)
                     masks[k] = torch.from_numpy(fg)
             out.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks})
         return out

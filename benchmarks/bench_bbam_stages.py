@@ -1,0 +1,168 @@
+"""Time of each BBAM stage per image or box, through the method's own stage hooks (no Ray, no MLflow).
+
+Stages, in order, on the first ``--images`` images (with GT boxes) of the dataset:
+
+* **detector**: ``--detector-steps`` SGD steps of the detector fit task at batch 4 (seconds per
+  training image); 0 leaves the detector untrained (then O⁺ is empty for every box, as the issue
+  measured on coco128, and the attribution is skipped box by box);
+* **attribute**: ``BBAM._attribute`` over the images (seconds per GT box, O⁺ share printed);
+* **attribution per box, batched against one box at a time**: ``optimise_box_masks`` on jobs of
+  the same boxes whose O⁺ is forced to ``--proposals`` jittered proposals, all boxes per forward
+  against ``chunk_size=1`` (the official loop), same iterations, in the same process;
+* **pseudo_masks**: ``BBAM._pseudo_masks`` (rank cut, blur, dense CRF and the box-prior fallbacks)
+  on the attribute stage's output (seconds per image); ``--random-attribution`` replaces each
+  box's mask by a random map inside the box, so the non-empty path is timed whatever the detector;
+* **evaluate**: ``BBAM._evaluate_pseudo_masks`` (metrics, and with the CRF on the ``box_crf``
+  baseline: one box-prior CRF per box) in seconds per image.
+
+It runs on old commits too (only the stage hooks are used), so a before / after pair is two runs
+of this script: ``git archive <commit> | tar -x -C /tmp/old`` and ``PYTHONPATH=/tmp/old``.
+
+Run: ``python benchmarks/bench_bbam_stages.py`` (synthetic default), or
+``python benchmarks/bench_bbam_stages.py --data ../shared/data/coco128 --classes person --input-size 480
+--images 2 --detector-steps 0 --random-attribution``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None, help="dataset directory (default: the synthetic default)")
+    p.add_argument("--classes", default=None, help="class filter, e.g. person")
+    p.add_argument("--images", type=int, default=6)
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--input-size", type=int, default=96)
+    p.add_argument("--detector-steps", type=int, default=20)
+    p.add_argument("--iterations", type=int, default=20, help="mask iterations (300 in the paper)")
+    p.add_argument("--num-proposals", type=int, default=200)
+    p.add_argument("--proposals", type=int, default=30, help="forced |O+| of the batched / one-box comparison")
+    p.add_argument("--random-attribution", action="store_true")
+    p.add_argument("--no-crf", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from weakbench.methods import build_method
+    from weakbench.methods import bbam_ops as ops
+    from weakbench.methods.bbam import DetectorFit
+    from weakbench.methods.detection import DetectionDataset, collate_detection, detector_forward_heads, detector_inputs
+    from weakbench.platform.data import open_dataset
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_bbam_"))
+    kw = {"classes": args.classes} if args.classes else {}
+    source = open_dataset(args.data, cache_dir=tmp / "cache", **kw)
+    idx = [i for i in range(len(source)) if len(source.gt_boxes(i)[0])][: args.images]
+    n_boxes = sum(len(source.gt_boxes(i)[0]) for i in idx)
+    params = {"backbone": args.backbone, "input_size": args.input_size, "fpn_channels": 64, "box_head_size": 256,
+              "num_proposals": args.num_proposals, "mask_iterations": args.iterations, "use_crf": not args.no_crf,
+              "attribution_splits": ["val"]}
+    method = build_method("bbam", params, num_classes=source.num_classes, multilabel=source.multilabel)
+    sizes = sorted({(source.records[i].width, source.records[i].height) for i in idx})
+    print(f"dataset {source.name}: {len(idx)} images ({', '.join(f'{w}x{h}' for w, h in sizes)}), {n_boxes} boxes; "
+          f"{args.backbone} at {args.input_size} px, {args.iterations} iterations, {args.num_proposals} proposals, "
+          f"CRF {'off' if args.no_crf else 'on'}, {torch.get_num_threads()} thread(s)")
+    rows = []
+
+    # detector
+    torch.manual_seed(0)
+    task = DetectorFit(method, "faster_rcnn")
+    det = task.build_model()
+    if args.detector_steps:
+        opt = task.configure_optimizers(det)["main"]
+        ds = DetectionDataset(source, idx, train=True)
+        det.train()
+        t0 = time.perf_counter()
+        for s in range(args.detector_steps):
+            batch = collate_detection([ds[(4 * s + k) % len(ds)] for k in range(4)])
+            loss = task.training_losses(det, batch, None)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        t = time.perf_counter() - t0
+        rows.append(("detector (train)", t, 4 * args.detector_steps, "image"))
+    det.eval()
+    ctx = types.SimpleNamespace(source=source, device=torch.device("cpu"), load_model=lambda name: det,
+                                splits={"train": [], "val": idx, "test": []}, num_overlays=0,
+                                stage=types.SimpleNamespace(split="val"), inputs={})
+    keys = [f"val:{i}" for i in idx]
+
+    # attribute
+    t0 = time.perf_counter()
+    table = method._attribute(keys, ctx)
+    t = time.perf_counter() - t0
+    pos = [q for k in keys for q in table[k]["positives"]]
+    rows.append(("attribute", t, n_boxes, f"box (O+ non-empty for {sum(q > 0 for q in pos)}/{len(pos)})"))
+
+    # per box: batched against one box at a time (forced O+)
+    gen = torch.Generator().manual_seed(0)
+    images, jobs = [], []
+    for b, i in enumerate(idx):
+        img = torch.from_numpy(np.asarray(source.load_image(i), dtype=np.float32) / 255).permute(2, 0, 1)
+        boxes, classes = source.gt_boxes(i)
+        x, s, br = detector_inputs(det, [img], [torch.as_tensor(boxes, dtype=torch.float32)])
+        images.append(x)
+        for box, c in zip(br[0], classes):
+            props = ops.jitter_proposals(box, args.proposals, image_size=s[0], generator=gen)
+            with torch.no_grad():
+                pr, rg = detector_forward_heads(det, x, [props], image_sizes=s)
+            rg = rg.reshape(len(props), -1, 4)
+            area = float((box[2] - box[0]) * (box[3] - box[1])) / (s[0][0] * s[0][1])
+            jobs.append(ops.BoxJob(b, box, int(c), props, pr[:, int(c) + 1], rg[:, int(c) + 1],
+                                   ops.mask_stride(area, scale=min(s[0]) / 800), None, s[0]))
+    same = len({tuple(x.shape) for x in images}) == 1
+    imgs = torch.cat(images) if same else [x[0] for x in images]  # the old code takes one padded tensor
+    if not same:
+        try:
+            ops.optimise_box_masks(det, imgs, jobs[:1], iterations=1)
+        except (AttributeError, TypeError):  # before the fix: images padded to one size
+            from torch.nn.functional import pad
+            H, W = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
+            imgs = torch.cat([pad(x, (0, W - x.shape[-1], 0, H - x.shape[-2])) for x in images])
+    ops.optimise_box_masks(det, imgs, jobs[:1], iterations=1)  # warm-up
+    t0 = time.perf_counter()
+    ops.optimise_box_masks(det, imgs, jobs, iterations=args.iterations, chunk_size=1)
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ops.optimise_box_masks(det, imgs, jobs, iterations=args.iterations)
+    t_all = time.perf_counter() - t0
+    rows.append(("  optimisation, one box at a time", t_one, len(jobs), "box"))
+    rows.append(("  optimisation, all boxes batched", t_all, len(jobs), f"box ({t_one / t_all:.2f}x)"))
+
+    # pseudo masks
+    if args.random_attribution:
+        rng = np.random.default_rng(0)
+        for k, key in enumerate(keys):
+            table[key]["masks"] = [torch.from_numpy(rng.uniform(0.2, 1, tuple(m.shape)).astype(np.float16))
+                                   for m in table[key]["masks"]]
+    (tmp / "attribute").mkdir()
+    torch.save(table, tmp / "attribute" / "attributions.pt")
+    ctx.inputs = {"attribute": tmp / "attribute"}
+    t0 = time.perf_counter()
+    masks = method._pseudo_masks(keys, ctx)
+    t = time.perf_counter() - t0
+    rows.append(("pseudo_masks", t, len(idx), "image"))
+    (tmp / "pseudo").mkdir()
+    torch.save(masks, tmp / "pseudo" / "pseudo_masks.pt")
+    ctx.inputs = {"pseudo_masks": tmp / "pseudo"}
+    if source.has_masks:
+        t0 = time.perf_counter()
+        metrics, _ = method._evaluate_pseudo_masks(ctx)
+        t = time.perf_counter() - t0
+        rows.append(("evaluate", t, len(idx), "image"))
+    print(f"{'stage':<36} {'total s':>8} {'s per unit':>11}  unit")
+    for name, t, n, unit in rows:
+        print(f"{name:<36} {t:>8.2f} {t / max(n, 1):>11.3f}  {unit}")
+
+
+if __name__ == "__main__":
+    main()
