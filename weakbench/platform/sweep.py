@@ -375,6 +375,10 @@ def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str
 
     variant = parse_synthetic(opts.data)
     data_name = synthetic_name(variant) if variant else Path(opts.data).resolve().name
+    if opts.classes:  # a class subset is another dataset: say so in the name (coco128-person)
+        from weakbench.platform.data.source import parse_classes
+
+        data_name += "-" + "+".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in parse_classes(opts.classes))
     while True:
         name = f"{space.method}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         try:
