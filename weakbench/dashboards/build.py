@@ -52,8 +52,10 @@ import pyarrow.compute as pc
 
 from weakbench.platform import conventions as C
 from weakbench.platform import metric_declarations as D
-from weakbench.platform.leaderboard import (MIN_SEEDS_BEYOND_NOISE, board_tables, build_leaderboard, format_stat,
-                                            leaderboard_metrics, legend, title, trivial_cell)
+from weakbench.platform.leaderboard import (MIN_SEEDS_BEYOND_NOISE, board_tables, build_boards, build_leaderboard,
+                                            format_stat, leaderboard_metrics, legend, ranking_disagreements, title,
+                                            trivial_cell, verdicts_cell)
+from weakbench.platform.leaderboard import _value_ci  # the CLI's "value [interval]" cell, shared
 from weakbench.platform.metric_declarations import higher_is_better
 from weakbench.platform.results import metric_columns, param_columns
 
@@ -120,8 +122,15 @@ class BoardView:
             ``_role`` (``"baseline"`` for a trivial baseline, else ``"method"``), ``_flags`` (list of
             str: the row's own ``flags`` when the leaderboard gives them, and ``below_trivial``'s
             verdict), ``_verdict`` (the row's ``verdict`` when given, else
-            :func:`~weakbench.platform.leaderboard.trivial_cell`) and ``_vs_baseline`` (the paired
+            :func:`~weakbench.platform.leaderboard.trivial_cell`), ``_verdicts`` (list of str: the
+            row's paired verdicts over test images and seeds, Holm-corrected over the board,
+            :func:`~weakbench.platform.leaderboard.verdicts_cell` one per line; empty without
+            per-image results), ``_noise`` (what its intervals cover, the row's ``noise``),
+            ``_counts`` (``"200 images · 3 seeds / 4 trials"``) and ``_vs_baseline`` (the paired
             comparison with ``baseline_method``, text).
+        paired: whether any row has paired verdicts over test images and seeds.
+        disagreements: the headline family's ranking disagreements in words
+            (:func:`~weakbench.platform.leaderboard.ranking_disagreements`), shown apart from the legend.
     """
 
     select_metric: str
@@ -135,6 +144,8 @@ class BoardView:
     show_baseline: bool
     against: str
     rows: list[dict[str, Any]]
+    paired: bool = False
+    disagreements: list[str] = dataclasses.field(default_factory=list)
 
 
 def board_view(lb: pa.Table) -> BoardView:
@@ -167,6 +178,10 @@ def board_view(lb: pa.Table) -> BoardView:
             flags.append(r.get("trivial_verdict") or "below the trivial baseline")
         r["_flags"] = flags
         r["_verdict"] = r.get("verdict") or trivial_cell(r)
+        r["_verdicts"] = [line for line in verdicts_cell(r).split("\n") if line]
+        r["_noise"] = r.get("noise") or "seeds only (no per-image results: test images held fixed)"
+        images = f"{r['n_images']} images" if r.get("n_images") else "— images"
+        r["_counts"] = f"{images} · {r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''} / {r['n_trials']} trials"
         diff = _num(r.get("baseline_diff_mean"))
         vs = r.get("baseline_verdict") or ""
         if not math.isnan(diff):
@@ -176,11 +191,17 @@ def board_view(lb: pa.Table) -> BoardView:
             vs += f" — {r.get('baseline_verdict')}"
         r["_vs_baseline"] = vs
     boxed = any(r.get("trivial_baseline") == "box_filled" for r in records)
+    disagreements = ranking_disagreements(lb)
+    line = legend(lb)
+    for d in disagreements:  # shown in their own note above the table
+        line = line.replace(f" Disagreement: {d}.", "")
+    paired = any(r["_verdicts"] for r in records)
     return BoardView(
-        select_metric=meta.get("weakbench.select_metric", ""), primary=primary, title=title(lb), legend=legend(lb),
+        select_metric=meta.get("weakbench.select_metric", ""), primary=primary, title=title(lb), legend=line,
         scores=scores, others=others, diagnostics=diagnostics, baseline_method=base,
         show_baseline=any(r["method"] == base for r in records),
-        against="vs each row's box-filled masks" if boxed else "vs best trivial baseline", rows=records)
+        against="vs each row's box-filled masks" if boxed else "vs best trivial baseline", rows=records,
+        paired=paired, disagreements=disagreements)
 
 
 def _stat(r: dict[str, Any], m: str) -> tuple[float, str]:
@@ -215,10 +236,13 @@ def leaderboard_html(board: BoardView | pa.Table, mlflow_ui_url: str | None, tab
     """The board's sortable table (a :class:`BoardView`, or a leaderboard table gathered with
     :func:`board_view`): the row and the verdict first, then the headline (see the module docstring)."""
     v = board if isinstance(board, BoardView) else board_view(board)
-    heads = [("method", "row"), (_esc(f"verdict: {v.against}"), "verdict"),
-             (_metric_head(v.primary) + " · headline", "headline"), ("seeds / trials", "")]
+    verdict_head = ("verdict: paired over test images and seeds, Holm over the board" if v.paired
+                    else f"verdict: {v.against}")
+    heads = [("method", "row"), (_esc(verdict_head), "verdict"),
+             (_metric_head(v.primary) + " · headline", "headline"),
+             ('images · seeds / trials<br><span class="key">interval covers</span>', "counts")]
     heads += [(_metric_head(m), "") for m in v.scores[1:]] + [(_esc(f"{v.select_metric} (mean, selects)"), "")]
-    heads += [(_esc(f"vs {v.baseline_method} (paired on seed)"), "vs")] if v.show_baseline else []
+    heads += [(_esc(f"vs {v.baseline_method} (paired)"), "vs")] if v.show_baseline else []
     heads += [("GPU-h / CPU-h", ""), ("MLflow runs", "")]
     out = [f'<div class="scroll"><table id="{_esc(table_id)}" class="sortable board-table"><thead><tr>']
     for i, (h, c) in enumerate(heads):
@@ -230,11 +254,15 @@ def leaderboard_html(board: BoardView | pa.Table, mlflow_ui_url: str | None, tab
         where = _esc(r["backbone"]) + " · " + _esc(r["dataset"])
         cells = [_td(r["method"], f'<b>{_esc(r["method"])}</b>{badges}<br><span class="sub">{where}</span>', "row")]
         flags = "".join(f'<div class="flag">⚑ {_esc(f)}</div>' for f in r["_flags"] if f != r.get("trivial_verdict"))
-        cells.append(_td(_num(r.get("trivial_diff_mean")), _esc(r["_verdict"]) + flags, "verdict"))
+        verdict = "".join(f'<div class="paired">{_esc(line)}</div>' for line in r["_verdicts"]) if r["_verdicts"] \
+            else _esc(r["_verdict"])
+        if r["_verdicts"] and r.get("trivial_verdict") == "is the best trivial baseline":
+            verdict = _esc(r["trivial_verdict"]) + verdict
+        cells.append(_td(_num(r.get("trivial_diff_mean")), verdict + flags, "verdict"))
         mean, text = _stat(r, v.primary)
         cells.append(_td(mean, _esc(text), "headline"))
-        cells.append(_td(float(r["n_seeds"]), f"{r['n_seeds']} / {r['n_trials']}"
-                         + (f" ({r['n_failed']} failed)" if r.get("n_failed") else "")))
+        cells.append(_td(float(r["n_seeds"]), _esc(r["_counts"]) + (f" ({r['n_failed']} failed)" if r.get("n_failed") else "")
+                         + f'<br><span class="sub noise">{_esc(r["_noise"])}</span>', "counts"))
         for m in v.scores[1:]:
             mean, text = _stat(r, m)
             cells.append(_td(mean, _esc(text)))
@@ -261,6 +289,56 @@ def all_metrics_html(v: BoardView) -> str:
     return (f'<details class="all-metrics"><summary>every reported metric ({len(keys)}: {len(v.scores) + len(v.others)} '
             f'scores, {len(diag)} diagnostics)</summary><div class="scroll"><table class="plain"><thead><tr><th>row</th>'
             f'{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div></details>')
+
+
+def evaluation_html(lb: pa.Table, mlflow_ui_url: str | None, experiment_ids: Mapping[str, str] | None = None) -> str:
+    """The board of ``weakbench evaluate`` runs (:func:`~weakbench.platform.leaderboard.build_evaluation_board`:
+    seed-free rows over every image of a dataset, no split, no selection) as a sortable table: the
+    row, its paired verdicts (Holm over the dataset's comparisons), the headline value [95 % interval
+    over the images], the number of images and what the interval covers, up to three more
+    headline-family values, flags and the run link. ``experiment_ids``: ``{run id: MLflow
+    experiment id}`` for the links."""
+    meta = {k.decode(): v.decode() for k, v in (lb.schema.metadata or {}).items()}
+    primary = meta.get("weakbench.primary_metric", "")
+    names = [c[: -len(".mean")] for c in lb.column_names if c.endswith(".mean")]
+    names = [primary] + [n for n in names if n != primary and (spec := D.lookup(n)) is not None
+                         and spec.direction is not None and not spec.base and spec.name in D.DISPLAY_ORDER][:3]
+    heads = [("row", "row"), ("verdict: paired over the images, Holm over the dataset", "verdict"),
+             (_metric_head(primary) + " · headline", "headline"),
+             ('images<br><span class="key">interval covers</span>', "counts")]
+    heads += [(_metric_head(m), "") for m in names[1:]] + [("MLflow run", "")]
+    out = ['<div class="scroll"><table id="evaluation-table" class="sortable eval-table"><thead><tr>']
+    out += [f'<th data-col="{i}"' + (f' class="{c}"' if c else "") + f' title="click to sort">{h}</th>'
+            for i, (h, c) in enumerate(heads)]
+    out.append("</tr></thead><tbody>")
+    for r in lb.to_pylist():
+        role = "baseline" if r["method"] in C.TRIVIAL_BASELINES else "method"
+        flags = [str(f) for f in (r.get("flags") or [])]
+        lines = [line for line in verdicts_cell(r).split("\n") if line]
+        badges = "".join(f'<span class="badge {b}">{b}</span>' for b in
+                         (["baseline"] if role == "baseline" else []) + (["flagged"] if flags else []))
+        cells = [_td(r["method"], f'<b>{_esc(r["method"])}</b>{badges}<br><span class="sub">'
+                                  f'{_esc(r["backbone"])} · {_esc(r["dataset"])}</span>', "row")]
+        verdict = "".join(f'<div class="paired">{_esc(line)}</div>' for line in lines) or \
+            ('<span class="sub">no declared comparison</span>' if role == "method" else "trivial baseline")
+        verdict += "".join(f'<div class="flag">⚑ {_esc(f)}</div>' for f in flags)
+        cells.append(_td(lines[0] if lines else "", verdict, "verdict"))
+        value = lambda m: (_num(r.get(f"{m}.mean")), _value_ci(r.get(f"{m}.mean"), r.get(f"{m}.ci_low"), r.get(f"{m}.ci_high")))
+        mean, text = value(primary)
+        cells.append(_td(mean, _esc(text), "headline"))
+        cells.append(_td(float(r.get("n_images") or 0), f"{r.get('n_images') or '—'} images · seed-free evaluation"
+                                                        f'<br><span class="sub noise">{_esc(r.get("noise") or "")}</span>',
+                         "counts"))
+        for m in names[1:]:
+            mean, text = value(m)
+            cells.append(_td(mean, _esc(text)))
+        exp = (experiment_ids or {}).get(r["run_id"])
+        cells.append(f'<td class="runs">{run_link(mlflow_ui_url, exp, r["run_id"])}</td>')
+        attrs = f' data-method="{_esc(r["method"])}" data-role="{role}"' + (' data-flagged="1"' if flags else "")
+        cls = " ".join((["baseline"] if role == "baseline" else []) + (["flagged"] if flags else []))
+        out.append(f'<tr{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}{attrs}>' + "".join(cells) + "</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
 
 
 _ROLE_COLOUR = {"method": "#3b6fd8", "baseline": "#9aa1ad", "flagged": "#d0394d"}
@@ -653,6 +731,9 @@ padding:1px 5px;border-radius:3px;margin-left:6px;vertical-align:1px}
 tr.baseline td{background:#f4f5f7;color:#4c5361;font-style:italic}tr.baseline td.row{background:#f4f5f7}
 tr.flagged td{background:#fff4f4}tr.flagged td.row{background:#fff4f4;box-shadow:inset 4px 0 0 #d0394d}
 tr.flagged td.verdict{color:#b00020}
+td.verdict .paired{margin-bottom:2px}.disagree{background:#fff7e0;border-left:4px solid #e0a100;padding:4px 8px;
+font-size:13px;margin:4px 0}table.sortable td.counts{white-space:normal;min-width:150px;max-width:210px}
+section.eval-board{margin:18px 0 0}
 table.sortable tr:hover td{background:#f8faff}td.runs a,td.runs code{margin-right:6px;font-family:monospace}
 td.diag,th.diag{color:#778}details.all-metrics{margin:8px 0 4px;font-size:13px}details summary{cursor:pointer;color:#345}
 .grid{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:170px;font-size:11px;color:#445;overflow-wrap:anywhere}
@@ -698,6 +779,7 @@ def build_dashboard(
     page_title: str = "weakbench — leaderboard and sweeps",
     n_boot: int = 2000,
     per_image: Mapping[str, Any] | None = None,
+    store_dir: Path | None = None,
 ) -> dict[str, int]:
     """Write the dashboard HTML for ``table`` (one row per run) to ``out`` (atomically).
 
@@ -711,7 +793,11 @@ def build_dashboard(
             :func:`~weakbench.platform.leaderboard.build_leaderboard`.
         per_image: ``{run id: per-image table}`` of the reported split
             (:func:`weakbench.platform.results.read_per_image`), for intervals over test images and
-            seeds; ``None``: seed-only intervals (the rows say so).
+            seeds; ``None``: seed-only intervals (the rows say so). Ignored with ``store_dir``.
+        store_dir: the results store ``table`` was read from: the boards are built as
+            ``weakbench leaderboard`` builds them (:func:`~weakbench.platform.leaderboard.build_boards`:
+            the store's per-image results, and the board of its ``weakbench evaluate`` runs,
+            shown after the trial boards).
         tracking_uri: MLflow store to read the sweeps' metric histories and run tags from, and to
             download overlay artifacts that are not local files; ``None``: no per-epoch curves, and
             a KILLED trial reads "killed" (stopped early or interrupted, not told apart).
@@ -720,8 +806,8 @@ def build_dashboard(
             <tracking uri>`` serves a sqlite store); ``""`` shows run ids without links.
 
     Returns:
-        counts of what was drawn: ``{"boards", "rows", "bar_charts", "sweeps", "pareto_charts",
-        "images", "bytes"}``.
+        counts of what was drawn: ``{"boards", "rows", "evaluation_rows", "bar_charts", "sweeps",
+        "pareto_charts", "images", "bytes"}`` (``boards`` and ``rows``: the trial boards).
 
     Raises:
         ConfigError: ``select_metric`` is malformed, undeclared or a diagnostic (from
@@ -738,9 +824,15 @@ def build_dashboard(
                   if tracking_uri and mlflow_ui_url == DEFAULT_MLFLOW_UI else "") + "."
                if mlflow_ui_url else "")
     parts = board_tables(table, select_metric)
-    views = [board_view(build_leaderboard(part, select_metric=key, report_split=report_split,
-                                          baseline_method=baseline_method, n_boot=n_boot, per_image=per_image))
-             for key, part in parts]
+    if store_dir is not None:
+        built = build_boards(table, store_dir, select_metric=select_metric, report_split=report_split,
+                             baseline_method=baseline_method, n_boot=n_boot)
+    else:
+        built = [build_leaderboard(part, select_metric=key, report_split=report_split, baseline_method=baseline_method,
+                                   n_boot=n_boot, per_image=per_image) for key, part in parts]
+    is_eval = [(lb.schema.metadata or {}).get(b"weakbench.kind") == b"evaluation" for lb in built]
+    views = [board_view(lb) for lb, e in zip(built, is_eval) if not e]
+    evaluations = [lb for lb, e in zip(built, is_eval) if e]
     sweeps = sweep_views(table, tracking_uri, select_metric)
     pareto: list[str] = []
     for key, part in parts:
@@ -756,7 +848,9 @@ def build_dashboard(
         boards_html.append(
             f'<section class="board" id="board-{b}" data-select-metric="{_esc(v.select_metric)}">'
             f'<h3>{_esc(_display(v.primary))} board · {len(v.rows)} row{"s" if len(v.rows) != 1 else ""} · {_esc(v.title)}</h3>'
-            f"{leaderboard_html(v, mlflow_ui_url, table_id)}"
+            + "".join(f'<p class="disagree">⚠ Ranking disagreement: {_esc(d)} (means only: the two metrics disagree; '
+                      f'neither difference is tested).</p>' for d in v.disagreements)
+            + f"{leaderboard_html(v, mlflow_ui_url, table_id)}"
             f'<p class="note legend" id="{legend_id}">{_esc(v.legend)}</p>'
             f'{all_metrics_html(v)}{board_chart(v, f"bar-{b}") if v.rows else ""}</section>')
     sweep_html = "".join(
@@ -764,19 +858,40 @@ def build_dashboard(
         + (f'<p class="note">{_esc(sw.curves_note)}</p>' if sw.curves_note else "")
         + "".join(sweep_charts(sw, k)) + "</div>"
         for k, sw in enumerate(sweeps)) or '<p class="empty">no trial reported its sweep\'s selecting metric</p>'
+    exp_ids = dict(zip(table["run_id"].to_pylist(), table["experiment_id"].to_pylist())) \
+        if "experiment_id" in table.column_names else {}
+    n_eval = sum(lb.num_rows for lb in evaluations)
+    for e, lb in enumerate(evaluations):
+        boards_html.append(
+            f'<section class="eval-board" id="evaluation-board{"" if e == 0 else f"-{e}"}" data-kind="evaluation">'
+            f'<h3>Evaluations (weakbench evaluate) · {lb.num_rows} row{"s" if lb.num_rows != 1 else ""} · every image of '
+            f'each dataset, no split, no selection, seed-free</h3>{evaluation_html(lb, mlflow_ui_url, exp_ids)}'
+            f'<p class="note legend">Each row: the latest finished <code>weakbench evaluate</code> run of a '
+            f'configuration, its value [95 % bootstrap interval over the images]; verdicts paired image by image '
+            f'against the rows the method declares, Holm-corrected over each dataset\'s comparisons; rows scored on '
+            f'different images are never compared. No seed noise is covered: a trained row is one model.</p></section>')
     pareto_html = "".join(pareto) or '<p class="empty">no classification metric (cls_acc, cls_map) on the val split</p>'
+    paired, seed_only = any(v.paired for v in views), any(not r["_verdicts"] for v in views for r in v.rows)
+    intro_noise = " ".join(
+        (["Where a row has per-image results its interval is a bootstrap over test images and seeds, and its verdicts "
+          "compare it image by image with the rows its method declares, Holm-corrected over the board's comparisons "
+          "(a verdict needs the corrected 95 % interval of the difference to exclude 0)."] if paired else [])
+        + ([f"A row without per-image results has seed-only intervals and a verdict beyond seed noise (≥ "
+            f"{MIN_SEEDS_BEYOND_NOISE} seeds), test images held fixed."] if seed_only else [])
+        + ["Each row says what its interval covers."])
     body = f"""
 <header><h1>{_esc(page_title)}</h1>
 <p>{n_runs} runs ({n_failed} failed) · {len(views)} board{"s" if len(views) != 1 else ""} ({
-    ", ".join(_esc(_display(v.primary)) for v in views)}) · selected on val, reported on {_esc(report_split)}</p>
+    ", ".join(_esc(_display(v.primary)) for v in views)}){f" · {n_eval} evaluation rows" if n_eval else ""} · selected on val,
+reported on {_esc(report_split)}</p>
 <nav><a href="#boards">boards</a><a href="#sweeps">sweeps</a><a href="#pareto">Pareto</a><a href="#gallery">CAM gallery</a></nav></header>
 <section id="boards"><h2>Leaderboards, one per headline metric</h2>
 <p class="note">Each row: the configuration with the best mean validation headline over its seeds; its
-<b>{_esc(report_split)}</b> metrics as mean ± std over seeds [95 % interval]. The verdict: does the row beat the baseline
-it must beat (the best trivial baseline; for BBAM and CCGR its own box-filled masks)?
-<span class="badge baseline">baseline</span> rows are those baselines; <span class="badge flagged">flagged</span> rows
-do not beat it beyond seed noise or have fewer than {MIN_SEEDS_BEYOND_NOISE} seeds to show it. Thresholds and counts
-are diagnostics, in each board's folded table, never charted. Click a column to sort. {ui_note}</p>
+<b>{_esc(report_split)}</b> metrics as mean ± std over seeds [95 % interval]. {intro_noise}
+<span class="badge baseline">baseline</span> rows are the baselines a row must beat (the best trivial baseline; for
+BBAM and CCGR its own box-filled masks); <span class="badge flagged">flagged</span> rows are not shown to beat it, or
+fail a mechanism check (the reason in words under the verdict). Thresholds and counts are diagnostics, in each board's
+folded table, never charted. Click a column to sort. {ui_note}</p>
 {"".join(boards_html)}</section>
 <section id="sweeps"><h2>Sweeps</h2><p class="note">Every trial that reported its sweep's selecting metric (the
 method's validation headline): finished ●, stopped early by the scheduler ✕, failed ▼, each at its last reported
@@ -793,7 +908,7 @@ value.</p>{sweep_html}</section>
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
-    return {"boards": len(views), "rows": len(rows), "bar_charts": sum(1 for v in views if v.rows),
+    return {"boards": len(views), "rows": len(rows), "evaluation_rows": n_eval, "bar_charts": sum(1 for v in views if v.rows),
             "sweeps": len(sweeps), "pareto_charts": len(pareto), "images": n_img, "bytes": len(page.encode())}
 
 
@@ -802,5 +917,5 @@ def leaderboard_json(lb: pa.Table) -> str:
     return json.dumps(lb.to_pylist(), default=str)
 
 
-__all__: Sequence[str] = ("build_dashboard", "board_view", "BoardView", "sweep_views", "SweepView", "TrialView",
+__all__: Sequence[str] = ("build_dashboard", "board_view", "BoardView", "evaluation_html", "sweep_views", "SweepView", "TrialView",
                           "pareto_front", "run_link", "leaderboard_html")

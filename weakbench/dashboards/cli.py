@@ -52,13 +52,12 @@ def build(
     if table.num_rows == 0:
         raise DataError(f"{store}: the results store is empty; fix: pass --tracking-uri of the MLflow store the sweeps logged to")
     out = out or Path(store) / "dashboard.html"
-    from weakbench.platform.results import read_per_image
-
     counts = build_dashboard(table, out, select_metric=select_metric, report_split=report_split,
                              baseline_method=baseline, tracking_uri=tracking_uri, mlflow_ui_url=mlflow_ui_url,
-                             per_image=read_per_image(store, table["run_id"].to_pylist(), report_split))
+                             store_dir=store)
     typer.echo(f"wrote {out} ({counts['bytes'] / 1e6:.1f} MB): {counts['boards']} boards, {counts['rows']} leaderboard "
-               f"rows, {counts['sweeps']} sweeps, {counts['images']} overlay images")
+               f"rows, {counts['evaluation_rows']} evaluation rows, {counts['sweeps']} sweeps, "
+               f"{counts['images']} overlay images")
 
 
 def make_server(html_file: Path, port: int = 8765) -> socketserver.TCPServer:

@@ -22,7 +22,7 @@ import json
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -180,6 +180,8 @@ def log_synthetic_sweeps(
     artifact_location: str | None = None,
     epochs: int = 0,
     stopped_runs: int = 0,
+    per_image_images: int = 0,
+    extra_metrics: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[str]:
     """Log synthetic sweeps to MLflow: per (method, backbone) a parent run tagged
     ``weakbench.kind=sweep`` with ``n_configs × n_seeds`` finished child trial runs, plus
@@ -193,6 +195,13 @@ def log_synthetic_sweeps(
     ``epochs`` ≥ 1 the ``val/*`` metrics are logged at steps 1…``epochs`` (a rising curve that ends
     at the run's final values; steps are epochs, as the engine logs them) and the others at the
     last step. Returns the child run ids.
+
+    ``per_image_images`` > 0: each finished trial of a WSOL method (CAM methods, trivial
+    baselines) also logs a per-image ``test`` table of that many images
+    (:func:`synthetic_per_image`), so the board's intervals cover test images and seeds and its
+    verdicts are paired. ``extra_metrics``: ``{method: {metric key: value}}`` logged by every
+    finished trial of that method (e.g. ``{"minmaxcam": {"train/one_image_sets": 64.0}}`` for a
+    failed mechanism check).
 
     ``run_name_prefix`` is prepended to run names (tests use it to check HTML escaping).
     ``artifact_location`` is used when the experiment has to be created (default: MLflow's,
@@ -228,6 +237,12 @@ def log_synthetic_sweeps(
                     run = client.create_run(exp_id, run_name=f"{run_name_prefix}{m}-c{c}-s{s}", tags=tags)
                     rid = run.info.run_id
                     metrics = {"train/loss": 1.0} if status == "FAILED" else rec["metrics"]
+                    table = None
+                    if status == "FINISHED":
+                        metrics = dict(metrics, **dict((extra_metrics or {}).get(m, {})))
+                        if per_image_images and m not in _BOX_METHODS:
+                            metrics, table = _with_per_image(metrics, "test", per_image_images, dataset,
+                                                             [zlib.crc32(f"{m}|{b}".encode()), c, s, seed])
                     last = epochs if status != "KILLED" else 1
                     if status == "KILLED":
                         metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
@@ -247,7 +262,99 @@ def log_synthetic_sweeps(
                             p = Path(tmp) / f"img{k:03d}_class{k % 3}.png"
                             p.write_bytes(overlay_png(48, rng))
                             client.log_artifact(rid, str(p), C.OVERLAY_DIR)
+                        if table is not None:
+                            _log_per_image(client, rid, Path(tmp), "test", table)
                     client.set_terminated(rid, status)
                     child_ids.append(rid)
                 client.set_terminated(sweep_id, "FINISHED")
     return child_ids
+
+
+#: thresholds of the synthetic per-image tables (τ of the CAM curve)
+_SYNTH_THRESHOLDS = np.linspace(0.0, 1.0, 11)
+
+
+def synthetic_per_image(split: str, accuracy: Mapping[str, float], n_images: int, dataset: str,
+                        key: Sequence[int]) -> pa.Table:
+    """An invented per-image table (:mod:`weakbench.platform.metrics.per_image`) whose recomputed
+    MaxBoxAcc / MaxBoxAccV2 are close to ``accuracy`` (``{"max_box_acc": %, "max_box_acc_v2": %}``):
+    image i is correct at τ_t when its difficulty u_i (one draw per image of ``dataset``, shared by
+    every run, so rows are correlated as real ones are) plus a small per-run jitter (from ``key``)
+    is below the accuracy scaled by a curve that peaks at the middle threshold. ``n_images`` images,
+    one class each (``i % 3``); no classifier or mask columns."""
+    from weakbench.platform.metrics.per_image import BOX_COLUMNS, build_table
+
+    u = np.random.default_rng(zlib.crc32(dataset.encode())).uniform(size=n_images)
+    u = u + np.random.default_rng(list(key)).normal(0, 0.03, n_images)
+    t = len(_SYNTH_THRESHOLDS)
+    curve = 1.0 - 0.6 * np.abs(np.arange(t) - t // 2) / (t // 2)
+    bits = {}
+    for name in BOX_COLUMNS:
+        acc = accuracy.get("max_box_acc" if name == "box_iou50" else "max_box_acc_v2", 50.0) / 100.0
+        bits[name] = u[:, None] < acc * curve[None, :]
+    return build_table(split, _SYNTH_THRESHOLDS, [f"img{i:04d}" for i in range(n_images)],
+                       [i % 3 for i in range(n_images)], bits)
+
+
+def _with_per_image(metrics: Mapping[str, float], split: str, n_images: int, dataset: str,
+                    key: Sequence[int]) -> tuple[dict[str, float], pa.Table]:
+    """The run's per-image table (:func:`synthetic_per_image`) and its metrics with
+    ``<split>/max_box_acc`` and ``<split>/max_box_acc_v2`` replaced by the values recomputed from
+    it, so the logged numbers and the per-image results agree exactly."""
+    from weakbench.platform.metrics.per_image import PerImage, metric_on_weights
+
+    acc = {n: metrics[f"{split}/{n}"] for n in ("max_box_acc", "max_box_acc_v2") if f"{split}/{n}" in metrics}
+    table = synthetic_per_image(split, acc, n_images, dataset, key)
+    data = PerImage(table)
+    out = dict(metrics)
+    for n in acc:
+        out[f"{split}/{n}"] = float(np.asarray(metric_on_weights(data, n, np.ones((1, n_images)))).ravel()[0])
+    return out, table
+
+
+def _log_per_image(client: Any, run_id: str, tmp: Path, split: str, table: pa.Table) -> None:
+    from weakbench.platform.metrics.per_image import write_table
+
+    folder = tmp / f"per_image_{run_id}"
+    folder.mkdir()
+    path = folder / f"{split}.parquet"
+    write_table(table, path, split)
+    client.log_artifact(run_id, str(path), f"{C.PER_IMAGE_DIR}/{split}")
+
+
+def log_synthetic_evaluations(tracking_uri: str, methods: Sequence[str] = ("cam", "center_gaussian"),
+                              backbone: str = "resnet18", dataset: str = "synthetic", n_images: int = 400,
+                              experiment: str = C.DEFAULT_EXPERIMENT, seed: int = 2) -> list[str]:
+    """Log one invented ``weakbench evaluate`` run per method (``weakbench.kind=evaluation``, keys
+    ``all/<metric>``, a per-image table of split ``all`` over ``n_images`` images), as the
+    evaluation board reads them. A trivial baseline gets backbone ``none``. Returns the run ids."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    rng = np.random.default_rng(seed)
+    now_ms = int(_dt.datetime.now(_dt.timezone.utc).timestamp() * 1000)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in methods:
+            b = "none" if m in C.TRIVIAL_BASELINES else backbone
+            rec = trial_record(m, b, dataset, 0, 0, rng, "", noise=0.0)
+            params = {"input_size": 128, "epochs": 0} if m in C.TRIVIAL_BASELINES else dict(rec["params"], epochs=0)
+            params.pop("seed", None)
+            metrics = {f"{C.EVAL_SPLIT}/{k.split('/', 1)[1]}": v for k, v in rec["metrics"].items()
+                       if k.startswith("test/")}
+            tags = {k: v for k, v in rec["tags"].items() if k not in (C.TAG_SWEEP_ID, C.TAG_TRIAL_ID, C.TAG_SEED)}
+            tags.update({C.TAG_KIND: C.KIND_EVALUATION, C.TAG_SPLIT: C.EVAL_SPLIT,
+                         C.TAG_CONFIG_HASH: _config_hash(params)})
+            run = client.create_run(exp_id, run_name=f"evaluate-{m}-{b}", tags=tags)
+            rid = run.info.run_id
+            metrics, table = _with_per_image(metrics, C.EVAL_SPLIT, n_images, f"{dataset}-all",
+                                             [zlib.crc32(f"{m}|{b}".encode()), seed])
+            client.log_batch(rid, metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()],
+                             params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag("weakbench.demo", "1")])
+            _log_per_image(client, rid, Path(tmp), C.EVAL_SPLIT, table)
+            client.set_terminated(rid, "FINISHED")
+            out.append(rid)
+    return out

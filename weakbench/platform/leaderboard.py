@@ -868,7 +868,8 @@ def legend(lb: pa.Table) -> str:
     seed noise), or each row's own box-filled masks (BBAM, CCGR), or, when there is none, a plain
     statement and the command that adds one. E.g. ``"test/max_box_acc_v2 (MaxBoxAccV2): share of
     images where … (%, 0–100; higher is better). Baseline: center_gaussian / none on synthetic,
-    the best trivial baseline (no training); ✗ marks rows that do not beat it beyond seed noise."``"""
+    the best trivial baseline (no training); ✗ marks rows that do not beat it beyond seed noise."``
+    (when rows have paired verdicts over test images and seeds, the ✗ sentence says so instead)."""
     meta = lb.schema.metadata or {}
     reported = leaderboard_metrics(lb)
     head = reported[0] if reported else meta.get(b"weakbench.primary_metric", b"?").decode()
@@ -887,7 +888,11 @@ def legend(lb: pa.Table) -> str:
                      f"the box itself as the mask).")
     missing = [d for d in datasets if d not in best and d not in boxed]
     if found or boxed:
-        parts.append("✗ marks rows that do not beat it beyond seed noise.")
+        if any(r.get("verdicts") for r in rows):  # paired over test images and seeds (verdicts.py)
+            parts.append("✗ marks rows not shown to beat it (paired over test images and seeds, Holm-corrected over "
+                         "the board; a row without per-image results: beyond seed noise).")
+        else:
+            parts.append("✗ marks rows that do not beat it beyond seed noise.")
     if missing or not datasets:
         where = f" on {', '.join(missing)}" if missing else ""
         if D.baseline_metric(head) is not None:
