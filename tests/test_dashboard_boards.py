@@ -99,3 +99,26 @@ def test_sweep_views_show_every_trial_with_its_last_value(tmp_path):
     assert all([s for s, _ in t.history] == [1, 2, 3] and t.value == pytest.approx(t.history[-1][1]) for t in finished)
     [plain] = sweep_views(table)  # no MLflow: no curves, and KILLED is not called "stopped early"
     assert sorted(t.status for t in plain.trials) == ["finished", "finished", "killed"] and plain.curves_note
+
+
+def test_board_view_shows_paired_verdicts_their_noise_and_the_ranking_disagreement():
+    """With per-image results the board's rows carry Holm-corrected verdicts over test images and
+    seeds and say what their interval covers; MaxBoxAcc and MaxBoxAccV2 ranking cam and the centre
+    Gaussian in opposite orders shows as a note above the table (not buried in the legend)."""
+    from weakbench.dashboards.synthetic import _with_per_image
+
+    rows, per_image = [], {}
+    for i, (method, v2, acc) in enumerate([("cam", 62.0, 40.0)] * 3 + [("center_gaussian", 45.0, 50.0)] * 3):
+        seed = i % 3
+        metrics = {"val/max_box_acc_v2": v2 + seed, "test/max_box_acc_v2": v2, "test/max_box_acc": acc}
+        metrics, per_image[f"run{i:03d}"] = _with_per_image(metrics, "test", 100, "d", [i])
+        rows.append(_run(i, method, seed, metrics, backbone="r18" if method == "cam" else "none"))
+    v = board_view(build_leaderboard(rows_to_table(rows), n_boot=200, per_image=per_image))
+    cam = next(r for r in v.rows if r["method"] == "cam")
+    assert v.paired and cam["_verdicts"] and "beats center_gaussian" in cam["_verdicts"][0]
+    assert cam["_noise"] == "test images (100) x seeds (3)" and cam["_counts"].startswith("100 images · 3 seeds")
+    assert [d.split(" (")[0] for d in v.disagreements] == ["MaxBoxAccV2 ranks cam above center_gaussian"]
+    assert "Disagreement:" not in v.legend and "paired over test images and seeds, Holm-corrected" in v.legend
+    html = leaderboard_html(v, None)
+    assert "verdict: paired over test images and seeds, Holm over the board" in html
+    assert "beyond seed noise" not in html and 'class="paired"' in html

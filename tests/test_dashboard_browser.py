@@ -209,3 +209,67 @@ def test_dashboard_in_headless_chromium(built):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def built_paired(tmp_path_factory):
+    """cam, minmaxcam (its mechanism check failed: one-image sets 64 %) and the centre Gaussian,
+    1 config × 3 seeds, each finished trial with per-image test results over 120 images; two
+    ``weakbench evaluate`` runs (cam, the centre Gaussian) over 150 images. Built through the CLI."""
+    from weakbench.dashboards.synthetic import log_synthetic_evaluations
+
+    tmp = tmp_path_factory.mktemp("dash_paired")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    log_synthetic_sweeps(uri, methods=("cam", "minmaxcam", "center_gaussian"), n_configs=1, n_seeds=3,
+                         per_image_images=120, extra_metrics={"minmaxcam": {"train/one_image_sets": 64.0}},
+                         artifact_location=(tmp / "artifacts").as_uri())
+    log_synthetic_evaluations(uri, n_images=150)
+    store = tmp / "store"
+    res = CliRunner().invoke(app, ["build", "--store", str(store), "--tracking-uri", uri])
+    assert res.exit_code == 0, res.output
+    assert "1 boards" in res.output and "2 evaluation rows" in res.output
+    return store / "dashboard.html"
+
+
+@pytest.mark.browser
+def test_dashboard_shows_paired_verdicts_flags_and_the_evaluation_board(built_paired):
+    """The board's new content reaches the page: Holm-corrected verdicts over test images and seeds,
+    what each interval covers with its image and seed counts, a failed mechanism check in words on a
+    row styled as flagged, and the seed-free ``weakbench evaluate`` rows on their own board."""
+    sync_api = _chromium()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.goto(built_paired.as_uri(), wait_until="load")
+        board = page.locator('section.board[data-select-metric="val/max_box_acc_v2"]')
+        assert board.locator("th.verdict").text_content().startswith("verdict: paired over test images and seeds, Holm")
+        mm = board.locator('table.board-table tr[data-method="minmaxcam"]')
+        assert mm.get_attribute("data-flagged") == "1" and mm.locator(".badge.flagged").count() == 1
+        assert "⚑ CRR inactive: 64 % of sets hold one image" in mm.locator("td.verdict .flag").all_text_contents()
+        assert mm.locator("td.verdict").evaluate("c => getComputedStyle(c).color") == "rgb(176, 0, 32)"
+        verdicts = mm.locator("td.verdict .paired").all_text_contents()
+        assert len(verdicts) == 2 and any(v.endswith("cam") and "[" in v for v in verdicts)
+        assert all(any(w in v for w in ("beats", "worse than", "not shown different from")) for v in verdicts)
+        assert "beyond seed noise" not in board.locator("td.verdict").all_text_contents()[0]
+        counts = mm.locator("td.counts").text_content()
+        assert "120 images · 3 seeds" in counts and "test images (120) x seeds (3)" in counts
+        assert "seed-free" in board.locator('tr[data-method="center_gaussian"] td.counts').text_content()
+        assert "paired over test images and seeds, Holm-corrected" in board.locator(".legend").text_content()
+        assert "beyond seed noise (≥" not in page.locator("#boards > p.note").text_content()  # every row is paired
+        assert _inside(mm.locator("td.verdict").bounding_box(), 1400, 900)
+
+        ev = page.locator('section.eval-board[data-kind="evaluation"]')
+        assert ev.count() == 1
+        rows = ev.locator("tbody tr")
+        assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.method)")) == ["cam", "center_gaussian"]
+        cam = ev.locator('tr[data-method="cam"]')
+        assert "center_gaussian" in cam.locator("td.verdict .paired").text_content()
+        assert "150 images" in cam.locator("td.counts").text_content()
+        assert "seed-free" in ev.locator('tr[data-method="center_gaussian"] td.counts').text_content()
+        assert "[" in cam.locator("td.headline").text_content()  # value [interval over the images]
+        ARTIFACTS.mkdir(exist_ok=True)
+        ev.screenshot(path=str(ARTIFACTS / "dashboard-evaluation-board.png"))
+        browser.close()
+    assert problems == []

@@ -326,7 +326,7 @@ def evaluation_html(lb: pa.Table, mlflow_ui_url: str | None, experiment_ids: Map
         value = lambda m: (_num(r.get(f"{m}.mean")), _value_ci(r.get(f"{m}.mean"), r.get(f"{m}.ci_low"), r.get(f"{m}.ci_high")))
         mean, text = value(primary)
         cells.append(_td(mean, _esc(text), "headline"))
-        cells.append(_td(float(r.get("n_images") or 0), f"{r.get('n_images') or '—'} images · seed-free evaluation"
+        cells.append(_td(float(r.get("n_images") or 0), f"{r.get('n_images') or '—'} images · one run"
                                                         f'<br><span class="sub noise">{_esc(r.get("noise") or "")}</span>',
                          "counts"))
         for m in names[1:]:
@@ -871,7 +871,7 @@ def build_dashboard(
             f'against the rows the method declares, Holm-corrected over each dataset\'s comparisons; rows scored on '
             f'different images are never compared. No seed noise is covered: a trained row is one model.</p></section>')
     pareto_html = "".join(pareto) or '<p class="empty">no classification metric (cls_acc, cls_map) on the val split</p>'
-    paired, seed_only = any(v.paired for v in views), any(not r["_verdicts"] for v in views for r in v.rows)
+    paired, seed_only = any(v.paired for v in views), any(not r.get("n_images") for v in views for r in v.rows)
     intro_noise = " ".join(
         (["Where a row has per-image results its interval is a bootstrap over test images and seeds, and its verdicts "
           "compare it image by image with the rows its method declares, Holm-corrected over the board's comparisons "
