@@ -7,13 +7,17 @@ Sections (each a ``<section>`` with a stable id, used by the browser test):
   ``pseudo_masks/instance_miou``, CCGR on ``mask_rcnn/map_r50``), each a ``<section
   class="board">`` holding, read at a glance from left to right: the row (method, backbone,
   dataset; trivial baselines in grey with a *baseline* badge, flagged rows in red with a *flagged*
-  badge), the **verdict** against the baseline a row must beat, the **headline** test metric
-  (mean ± std [95 % interval]), seeds and trials, up to four more headline-family scores, the
+  badge), the **verdict** (its paired verdicts over test images and seeds, Holm-corrected over
+  the board, where it has per-image results; else against the baseline a row must beat, over
+  seeds), mechanism flags in words under it, the **headline** test metric (mean ± std [95 %
+  interval]), images · seeds / trials with what the interval covers, up to four more headline-family scores, the
   validation mean that selected, the comparison with ``--baseline`` where that method is on the
   board, cost and MLflow run links; under it the board's legend
   (:func:`weakbench.platform.leaderboard.legend`), a chart of the table's scores with their
   intervals (diagnostics — thresholds, counts — never charted), and a folded table of every
-  reported metric, diagnostics included;
+  reported metric, diagnostics included; a ranking-disagreement note (MaxBoxAcc vs MaxBoxAccV2)
+  above the table where the two rank rows in opposite orders; then, with ``store_dir``, the
+  ``#evaluation-board`` of ``weakbench evaluate`` rows (seed-free, :func:`evaluation_html`);
 * ``#sweeps`` — per sweep, over **every** trial that reported the sweep's selecting metric
   (finished, stopped early by the scheduler, failed; last reported value, each status with its
   own marker): an optimisation history (trial value in start order and the best finished value so
