@@ -412,7 +412,8 @@ class Method:
         metrics, overlays, details = evaluate_split(
             self, model, ctx.source, ctx.splits[stage.split], input_size=self.config.input_size, device=ctx.device,
             cam_curve_interval=self.config.cam_curve_interval, batch_size=ctx.eval_batch_size,
-            max_images=ctx.max_images, num_overlays=ctx.num_overlays, extra_batches=EXTRA_METRIC_BATCHES)
+            max_images=ctx.max_images, num_overlays=ctx.num_overlays, extra_batches=EXTRA_METRIC_BATCHES,
+            loader_workers=ctx.loader_workers, autocast_dtype=ctx.autocast_dtype)
         save_per_image(details, ctx, stage.split)
         return metrics, overlays
 
@@ -473,6 +474,12 @@ class ClassifierFitTask(FitTask):
     on the ``val`` split after every epoch (Top-GAP's method metrics on two batches after the
     last one)."""
 
+    #: images are resized to ``input_size``: every batch has one shape (cudnn.benchmark on a GPU)
+    fixed_input_size = True
+    #: the classifier losses (:func:`weakbench.methods.cam.classification_loss`, MinMaxCAM's CRR/FRR,
+    #: Puzzle-CAM's reconstruction loss, Top-GAP's L1) cast their inputs to float32
+    mixed_precision = True
+
     def __init__(self, method: "Method"):
         self.method = method
         self.find_unused_parameters = method.find_unused_parameters
@@ -508,7 +515,8 @@ class ClassifierFitTask(FitTask):
         metrics, _, _ = evaluate_split(self.method, model, ctx.source, ctx.splits["val"], input_size=c.input_size,
                                        device=ctx.device, cam_curve_interval=c.cam_curve_interval,
                                        batch_size=ctx.eval_batch_size, max_images=ctx.max_images,
-                                       extra_batches=EXTRA_METRIC_BATCHES if last else 0)
+                                       extra_batches=EXTRA_METRIC_BATCHES if last else 0,
+                                       loader_workers=ctx.loader_workers, autocast_dtype=ctx.autocast_dtype)
         return metrics
 
 

@@ -79,9 +79,10 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: 
     """Multi-label soft-margin loss (mean over classes and batch) or cross-entropy.
 
     Args:
-        logits: float32 (B, C).
+        logits: float (B, C) (bf16 from an autocast forward is cast to float32 first).
         labels: float32 (B, C) multi-hot in {0, 1}; with ``multilabel=False`` each row has one 1.
     """
+    logits = logits.float()  # the loss in float32 when the forward ran under bf16 autocast
     if multilabel:
         return F.multilabel_soft_margin_loss(logits, labels)
     return F.cross_entropy(logits, labels.argmax(dim=1))

@@ -143,6 +143,7 @@ def crr_loss(f: torch.Tensor, feature_distance: Literal["mean", "sum"] = "mean",
     """
     if f.dim() != 3 or f.shape[1] < 2:
         raise ValueError(f"crr_loss expects f of shape (N, S>=2, D), got {tuple(f.shape)}")
+    f = f.float()  # eq. 2 in float32 under bf16 autocast (squared differences of close features)
     s = f.shape[1]
     d = _sq_dist(f[:, :, None, :] - f[:, None, :, :], feature_distance)  # (N, S, S)
     per_set = d.sum(dim=(1, 2)) / (s * (s - 1))
@@ -164,7 +165,7 @@ def frr_loss(f: torch.Tensor, f_orig: torch.Tensor, feature_distance: Literal["m
     """
     if f.shape != f_orig.shape or f.dim() != 3:
         raise ValueError(f"frr_loss expects f and f_orig of equal shape (N, S, D), got {tuple(f.shape)} and {tuple(f_orig.shape)}")
-    per_set = _sq_dist(f - f_orig.detach(), feature_distance).mean(dim=1)
+    per_set = _sq_dist(f.float() - f_orig.detach().float(), feature_distance).mean(dim=1)  # eq. 3 in float32
     return _weighted_mean(per_set, weights)
 
 

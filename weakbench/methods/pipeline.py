@@ -153,6 +153,9 @@ class StageContext:
         max_images: cap on images per evaluated split (``None``: all), from the trial's options.
         num_overlays: how many overlay pictures an eval stage may return.
         eval_batch_size: images per evaluation batch.
+        loader_workers: ``DataLoader`` worker processes an evaluation may use (0: load in this process).
+        autocast_dtype: dtype of the evaluation forward passes under autocast (``torch.bfloat16``
+            on a GPU with the engine's ``precision`` option), ``None`` for float32.
     """
 
     stage: Stage
@@ -167,6 +170,8 @@ class StageContext:
     max_images: int | None = None
     num_overlays: int = 0
     eval_batch_size: int = 16
+    loader_workers: int = 0
+    autocast_dtype: torch.dtype | None = None
 
 
 class FitTask:
@@ -184,6 +189,13 @@ class FitTask:
 
     #: passed to DDP (True when a step updates only part of the model, as MinMaxCAM's Stage II).
     find_unused_parameters: bool = False
+    #: every training batch has the same input size (lets the engine turn on ``cudnn.benchmark``
+    #: on a GPU; detectors with images of varying sizes keep the default False).
+    fixed_input_size: bool = False
+    #: the task's forward passes may run under bf16 autocast on a GPU (the engine's ``precision``
+    #: option) because its losses are computed in float32 (see the method's loss functions);
+    #: False keeps the stage in float32 whatever the option says.
+    mixed_precision: bool = False
 
     def build_model(self) -> torch.nn.Module:
         """A fresh ``nn.Module`` (weights initialised, on CPU)."""
@@ -245,13 +257,15 @@ class FitTask:
 
     def to_device(self, batch: Any, device: torch.device) -> Any:
         """Move a batch to ``device``; the default handles dicts of tensors and
-        ``(list[Tensor], list[dict])`` detection batches."""
+        ``(list[Tensor], list[dict])`` detection batches. Copies are ``non_blocking`` (they
+        overlap computation when the engine's loader pinned the batch, on a GPU; a no-op on CPU)."""
         if isinstance(batch, dict):
-            return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
             images, targets = batch
-            return ([im.to(device) for im in images],
-                    [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets])
+            return ([im.to(device, non_blocking=True) for im in images],
+                    [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+                     for t in targets])
         return batch
 
     def batch_indices(self, batch: Any) -> list[int]:

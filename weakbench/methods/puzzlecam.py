@@ -176,7 +176,8 @@ def reconstruction_loss(cams_full: torch.Tensor, cams_merged: torch.Tensor, labe
     """
     if cams_full.shape != cams_merged.shape:
         raise ValueError(f"reconstruction_loss: shapes differ, {tuple(cams_full.shape)} vs {tuple(cams_merged.shape)}")
-    return ((cams_full - cams_merged).abs() * labels[:, :, None, None]).mean()
+    # in float32 under bf16 autocast: eq. 6 is a small difference of two maps of similar values
+    return ((cams_full.float() - cams_merged.float()).abs() * labels[:, :, None, None]).mean()
 
 
 def alpha_at(progress: float, alpha: float, ramp_fraction: float) -> float:

@@ -182,7 +182,7 @@ def top_gap(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def l1_sparsity(x: torch.Tensor) -> torch.Tensor:
     """``‖X‖₁`` of eq. 1 as the mean absolute value over all entries (scalar, ≥ 0)."""
-    return x.abs().mean()
+    return x.float().abs().mean()  # float32 under bf16 autocast: a mean over every entry
 
 
 def resolve_k(config: TopGAPConfig, hw: int, object_size: float | None = None) -> int:

@@ -54,7 +54,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -92,6 +92,14 @@ class TrialSpec(BaseModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_trial: float | None = Field(None, gt=0, le=1, description="a share of one GPU held by a one-worker trial "
+                                                                       "(None: one whole GPU per worker with use_gpu)")
+    loader_workers: int | None = Field(None, ge=0, description="DataLoader worker processes per trial worker (None: "
+                                                               "one per CPU held beyond the first, "
+                                                               "weakbench.platform.loading.default_loader_workers)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast dtype (weakbench.platform.accel)")
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto", description="model memory layout (weakbench.platform.accel)")
     eval_max_images: int | None = Field(None, ge=1, description="cap on images per evaluated split (None: all)")
     eval_batch_size: int = Field(16, ge=1)
     num_overlays: int = Field(6, ge=0)
@@ -246,6 +254,10 @@ class _Runner:
         self.carry: dict[str, float] = {}  # latest metrics, repeated in every report (Tune needs its metric)
         self.state: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
+        from weakbench.platform.loading import default_loader_workers
+
+        self.loader_workers = default_loader_workers(spec.cpus_per_worker, spec.loader_workers)
+        self._mixed_ok: bool | None = None
 
     # ------------------------------------------------------------------ set-up
     def open(self) -> bool:
@@ -331,13 +343,24 @@ class _Runner:
     def fit_epochs_before(self, i: int) -> int:
         return sum(st.epochs for st in self.plan[:i] if st.kind == "fit")
 
+    def mixed_precision_allowed(self) -> bool:
+        """Whether every fit task of the plan allows autocast (``FitTask.mixed_precision``): then
+        the stages' evaluations may run under it too."""
+        if self._mixed_ok is None:
+            self._mixed_ok = all(self.method.fit_task(s).mixed_precision for s in self.plan if s.kind == "fit")
+        return self._mixed_ok
+
     def context(self, st, out_dir: Path | None = None):
         from weakbench.methods.pipeline import StageContext
+        from weakbench.platform.accel import autocast_dtype
 
         return StageContext(stage=st, config=self.cfg, source=self.source, splits=self.splits,
                             inputs={i: self.products[i].dir for i in st.inputs}, out_dir=out_dir or self.trial_dir,
                             device=self.device, load_model=self.load_model, max_images=self.spec.eval_max_images,
-                            num_overlays=self.spec.num_overlays, eval_batch_size=self.spec.eval_batch_size)
+                            num_overlays=self.spec.num_overlays, eval_batch_size=self.spec.eval_batch_size,
+                            loader_workers=self.loader_workers,
+                            autocast_dtype=autocast_dtype(self.spec.precision, self.device,
+                                                          self.mixed_precision_allowed()))
 
     def load_model(self, name: str) -> torch.nn.Module:
         """The trained model of fit stage ``name`` (in memory, or rebuilt from its product)."""
@@ -437,6 +460,8 @@ class _Runner:
 
     def _fit(self, i: int) -> None:
         from weakbench.methods.pipeline import StepContext
+        from weakbench.platform.accel import autocast, autocast_dtype, use_channels_last
+        from weakbench.platform.loading import SeededDataset, SeededSampler, make_loader
 
         spec, st, rank, world, device = self.spec, self.plan[i], self.rank, self.world, self.device
         task = self.method.fit_task(st, {n: self.products[n].dir for n in st.inputs})
@@ -451,16 +476,21 @@ class _Runner:
             start_epoch = state["epoch"]
             torch.set_rng_state(state["torch_rng"])
         train_ds = task.train_dataset(self.source, self.splits["train"])
+        # every sample's augmentation is drawn under a seed of (trial seed, epoch, sample key), so
+        # the batches do not depend on the number of loader workers (weakbench.platform.loading)
         batch_sampler = task.batch_sampler(self.source, self.splits["train"], rank, world)
-        sampler = None
         if batch_sampler is None:
-            sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                          seed=task.seed, drop_last=world > 1)
-            loader = torch.utils.data.DataLoader(train_ds, batch_size=task.batch_size, sampler=sampler, num_workers=0,
-                                                 drop_last=False, collate_fn=task.collate)
+            sampler = SeededSampler(torch.utils.data.DistributedSampler(
+                train_ds, num_replicas=world, rank=rank, shuffle=True, seed=task.seed, drop_last=world > 1), task.seed)
+            loader = make_loader(SeededDataset(train_ds), workers=self.loader_workers, device=device,
+                                 batch_size=task.batch_size, sampler=sampler, collate_fn=task.collate, seed=task.seed)
         else:
-            loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batch_sampler, num_workers=0,
-                                                 collate_fn=task.collate)
+            sampler = SeededSampler(batch_sampler, task.seed, batched=True)
+            loader = make_loader(SeededDataset(train_ds), workers=self.loader_workers, device=device,
+                                 batch_sampler=sampler, collate_fn=task.collate, seed=task.seed)
+        amp_dtype = autocast_dtype(spec.precision, device, task.mixed_precision)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(task.fixed_input_size)
         steps_per_epoch = max(1, len(loader))
         total_steps = st.epochs * steps_per_epoch
         # schedulers are built before the optimisers' state is loaded (torch's documented order):
@@ -471,6 +501,8 @@ class _Runner:
         if resuming:
             restore_optimization(state, optimizers, schedulers, stage=st.name)
         model.to(device)
+        if use_channels_last(spec.memory_format, device):
+            model.to(memory_format=torch.channels_last)
         for opt in optimizers.values():  # move restored optimiser state
             for stt in opt.state.values():
                 for k, v in stt.items():
@@ -493,10 +525,7 @@ class _Runner:
         prev_seconds = self.history[-1][C.COST_TRAIN_SECONDS] if self.history else 0.0
         last_metrics: dict[str, float] = {}
         for epoch in range(start_epoch, st.epochs):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            elif hasattr(batch_sampler, "set_epoch"):
-                batch_sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch)
             model.train()
             sums: dict[str, float] = {}
             seen: list[int] = []
@@ -506,7 +535,8 @@ class _Runner:
                 batch = task.to_device(batch, device)
                 sctx = StepContext(epoch=epoch, step=epoch * steps_per_epoch + step, steps_per_epoch=steps_per_epoch,
                                    total_steps=total_steps, device=device, unwrap=unwrap)
-                losses = task.training_step(model, batch, optimizers, sctx)
+                with autocast(device, amp_dtype):
+                    losses = task.training_step(model, batch, optimizers, sctx)
                 for sched in schedulers.values():  # step-wise: once per training step
                     sched.step()
                 for k, v in losses.items():
@@ -679,7 +709,8 @@ class _Runner:
             seconds = self.history[-1][C.COST_TRAIN_SECONDS] if self.history else 0.0
             hours = seconds / 3600.0
             cost = {C.COST_CPU_HOURS: hours * self.spec.num_workers * self.spec.cpus_per_worker,
-                    C.COST_GPU_HOURS: hours * self.spec.num_workers if self.spec.use_gpu else 0.0}
+                    C.COST_GPU_HOURS: (hours * (self.spec.gpus_per_trial or self.spec.num_workers)
+                                       if self.spec.use_gpu else 0.0)}
             if self.history:
                 cost[C.COST_TRAIN_SECONDS] = seconds
             step = self.fit_epochs_before(len(self.plan))
@@ -777,9 +808,13 @@ def _run(spec: TrialSpec, reporter: _Reporter, segment: int | None = None) -> di
     rank, world = _world()
     Path(spec.trial_dir).mkdir(parents=True, exist_ok=True)
     if spec.use_gpu and torch.cuda.is_available():
-        import ray.train.torch as rtt
+        if reporter.mode == "train":
+            import ray.train.torch as rtt
 
-        device = rtt.get_device()
+            device = rtt.get_device()
+        else:  # an inline trial: Ray set CUDA_VISIBLE_DEVICES to the GPU (share) the trial holds
+            device = torch.device("cuda", 0)
+            torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
@@ -927,16 +962,17 @@ def run_trial(spec: TrialSpec, *, executor: str = "train", storage_path: str | N
         the trial's MLflow run is FAILED.
     """
     if executor == "inline":
-        if spec.num_workers != 1 or spec.use_gpu:
-            raise ValueError("the inline executor runs one CPU worker; use executor='train' for DDP or GPUs")
+        if spec.num_workers != 1:
+            raise ValueError("the inline executor runs one worker; use executor='train' for DDP")
         return _run(spec, _Reporter("none")) or {}
     storage = storage_path or str(Path(spec.trial_dir).parent / "ray_train")
     return run_segments(spec, storage_path=storage, max_failures=max_failures)
 
 
 def run_inline_in_tune(spec: TrialSpec) -> dict[str, float]:
-    """Run a one-worker CPU trial inside the current Tune trial, reporting and checkpointing
-    through ``ray.tune`` directly (the ``inline`` executor of a sweep)."""
-    if spec.num_workers != 1 or spec.use_gpu:
-        raise ValueError("the inline executor runs one CPU worker; use executor='train' for DDP or GPUs")
+    """Run a one-worker trial inside the current Tune trial, reporting and checkpointing
+    through ``ray.tune`` directly (the ``inline`` executor of a sweep; on the GPU share the trial
+    holds with ``gpus_per_trial``)."""
+    if spec.num_workers != 1:
+        raise ValueError("the inline executor runs one worker; use executor='train' for DDP")
     return _run(spec, _Reporter("tune")) or {}

@@ -139,6 +139,28 @@ class SweepOptions(BaseModel):
                            cli=flag("--gpu", help="One GPU per worker (NCCL)."))
     cpus_per_worker: float = option(1.0, gt=0, role=Role.TRIAL, per_trial=True,
                                     cli=flag("--cpus-per-worker", help="CPUs each worker (an inline trial) holds."))
+    gpus_per_trial: float | None = option(
+        None, gt=0, role=Role.TRIAL, per_trial=True,
+        description="share of one GPU each one-worker trial holds (0 < G <= 1, e.g. 0.25 packs four trials on a GPU, "
+                    "through Ray's fractional resources); None: --gpu gives one whole GPU per worker",
+        cli=flag("--gpus-per-trial", help="Share of one GPU per trial, e.g. 0.25 packs 4 one-worker trials on each GPU "
+                                          "(inline executor). DDP trials hold whole GPUs: use --gpu --num-workers N."))
+    loader_workers: int | None = option(
+        None, ge=0, role=Role.TRIAL, per_trial=True,
+        description="DataLoader worker processes per trial worker; None: one per CPU it holds beyond the first "
+                    "(0 with the default --cpus-per-worker 1)",
+        cli=flag("--loader-workers", min=0, help="Processes decoding and augmenting images for each trial worker "
+                                                 "(default: --cpus-per-worker minus 1). Results do not depend on it."))
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", role=Role.TRIAL, per_trial=True,
+        description="autocast dtype of the classifier methods' forward passes: auto = bf16 on a GPU that supports it, "
+                    "fp32 on the CPU (weakbench.platform.accel)",
+        cli=flag("--precision", help="auto (bf16 autocast on a GPU with bf16 support, fp32 on the CPU), fp32 or bf16."))
+    memory_format: Literal["auto", "channels_last", "contiguous"] = option(
+        "auto", role=Role.TRIAL, per_trial=True,
+        description="model memory layout: auto = channels_last on a GPU, contiguous on the CPU",
+        cli=flag("--memory-format", help="auto (channels_last on a GPU, contiguous on the CPU), channels_last or "
+                                         "contiguous."))
     max_concurrent: int | None = option(
         None, ge=1, role=Role.PLACE, description="trials at once; None: as many as the cluster's CPUs allow",
         cli=flag("--max-concurrent", help="Trials at once (default: as many as the CPUs allow)."))

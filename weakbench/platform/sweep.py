@@ -125,15 +125,101 @@ def resolve_executor(opts: SweepOptions) -> Literal["train", "inline"]:
     one-worker CPU trials (the Train executor would add a controller and a worker process per
     trial and nothing a single worker uses) and to ``"train"`` for DDP or GPU trials.
 
+    A one-worker trial holding a share of a GPU (``gpus_per_trial``) runs inline too.
+
     Raises:
-        ConfigError: ``"inline"`` with several workers or a GPU (names the flags and the fix).
+        ConfigError: ``"inline"`` with several workers or a whole GPU (names the flags and the fix).
     """
+    share = opts.gpus_per_trial is not None
     if opts.executor == "auto":
-        return "inline" if opts.num_workers == 1 and not opts.use_gpu else "train"
-    if opts.executor == "inline" and (opts.num_workers != 1 or opts.use_gpu):
+        return "inline" if opts.num_workers == 1 and (share or not opts.use_gpu) else "train"
+    if opts.executor == "inline" and (opts.num_workers != 1 or (opts.use_gpu and not share)):
         raise ConfigError(f"--executor inline runs one CPU worker per trial, but --num-workers is {opts.num_workers}"
                           f"{' and --gpu is set' if opts.use_gpu else ''}; use --executor train (or auto) for DDP or GPUs")
     return opts.executor  # type: ignore[return-value]
+
+
+def check_gpu_request(opts: SweepOptions, *, cuda_visible: bool | None = None) -> None:
+    """Refuse, before anything is created, a GPU request that cannot be placed.
+
+    * ``--gpus-per-trial G`` shares one GPU among one-worker trials: ``0 < G <= 1``, one worker,
+      the inline executor (``auto`` picks it); a DDP trial holds one whole GPU per worker
+      (``--gpu --num-workers N``).
+    * ``--gpu`` or ``--gpus-per-trial`` on a private local Ray instance (no ``--address``, no
+      ``RAY_ADDRESS``, or ``--address local``) where no GPU is visible (``cuda_visible``, default
+      ``torch.cuda.is_available()``). On a cluster named by ``--address`` the cluster's GPUs are
+      checked once connected (:func:`trial_placement`).
+
+    Raises:
+        ConfigError: one line naming the flags and the fix.
+    """
+    g = opts.gpus_per_trial
+    if g is not None:
+        if g > 1:
+            raise ConfigError(f"--gpus-per-trial {g:g}: a trial shares at most one GPU (0 < G <= 1); for several GPUs "
+                              f"per trial use DDP: --gpu --num-workers N (one whole GPU per worker)")
+        if opts.num_workers != 1:
+            raise ConfigError(f"--gpus-per-trial {g:g} shares a GPU among one-worker trials, but --num-workers is "
+                              f"{opts.num_workers}: DDP trials hold one whole GPU per worker; drop --gpus-per-trial "
+                              f"and pass --gpu --num-workers {opts.num_workers}")
+        if opts.executor == "train":
+            raise ConfigError(f"--gpus-per-trial {g:g} runs one-worker trials inline, in their Tune trial actor; drop "
+                              f"--executor train (or pass --executor auto), or pass --gpu for one whole GPU per Train "
+                              f"worker")
+    if not (opts.use_gpu or g is not None):
+        return
+    local = opts.address == "local" or (opts.address is None and not os.environ.get("RAY_ADDRESS"))
+    if cuda_visible is None:
+        import torch
+
+        cuda_visible = torch.cuda.is_available()
+    if local and not cuda_visible:
+        flag = "--gpus-per-trial" if g is not None else "--gpu"
+        raise ConfigError(f"{flag}: no GPU is visible on this machine (torch.cuda.is_available() is False, "
+                          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); drop {flag} to "
+                          f"train on the CPU, or pass --address of a Ray cluster with GPUs")
+
+
+def trial_placement(opts: SweepOptions, executor: str, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
+    """The Tune resources of one trial and how many trials run at once, on a cluster with
+    ``cluster`` resources (``ray.cluster_resources()``: ``{"CPU": n, "GPU": m, ...}``).
+
+    * inline: the trial actor holds the worker's CPUs, plus ``{"gpu": G}`` with ``--gpus-per-trial
+      G`` (Ray's fractional resources: four trials of 0.25 share one GPU, each process sees it
+      through ``CUDA_VISIBLE_DEVICES``);
+    * train: the trial function holds 0.01 CPU; its ``TorchTrainer`` workers hold
+      ``cpus_per_worker`` CPUs and, with ``--gpu``, one whole GPU each.
+
+    Concurrency (unless ``--max-concurrent``) is what the CPUs allow, and with GPUs also what the
+    GPUs allow (``floor(GPUs / G)``).
+
+    Raises:
+        ConfigError: one trial needs more CPUs or GPUs than the cluster has (names the fix).
+    """
+    per_trial_cpu = opts.num_workers * opts.cpus_per_worker
+    total_cpu = cluster.get("CPU", 1)
+    # the Train executor's trial function holds 0.01 CPU beside its workers: count it, or the
+    # last trial's workers wait for a CPU inside Train (and time out) instead of in Tune's queue
+    overhead = 0.0 if executor == "inline" else 0.01
+    need = per_trial_cpu + overhead
+    if need > total_cpu + 1e-9:
+        raise ConfigError(f"one trial needs {need:g} CPUs ({opts.num_workers} worker(s) × {opts.cpus_per_worker:g}"
+                          f"{' + 0.01 for the trial function' if executor != 'inline' else ''}) but the Ray cluster has "
+                          f"{total_cpu:g}; lower --num-workers or --cpus-per-worker, raise --num-cpus, or use --executor inline")
+    total_gpu = cluster.get("GPU", 0)
+    gpus = opts.gpus_per_trial if opts.gpus_per_trial is not None else (opts.num_workers if opts.use_gpu else 0)
+    if gpus and gpus > total_gpu + 1e-9:
+        flag = f"--gpus-per-trial {gpus:g}" if opts.gpus_per_trial is not None else "--gpu"
+        raise ConfigError(f"{flag} asks for {gpus:g} GPU(s) per trial but the Ray cluster has {total_gpu:g}; run on a "
+                          f"GPU cluster (--address) or drop {flag.split()[0]}")
+    max_conc = opts.max_concurrent or max(1, int(total_cpu // need))
+    if gpus and not opts.max_concurrent:
+        max_conc = max(1, min(max_conc, int(total_gpu / gpus + 1e-9)))
+    if executor == "inline":
+        resources = {"cpu": opts.cpus_per_worker, **({"gpu": gpus} if gpus else {})}
+    else:
+        resources = {"cpu": 0.01}
+    return resources, max_conc
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -430,6 +516,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     if opts.overrides:
         validate_config(space.method, space.fixed, source=f"{opts.space} (with command-line overrides)")
     resolve_executor(opts)  # --executor inline with DDP or a GPU is refused before anything is created
+    check_gpu_request(opts)  # so is a GPU request that cannot be placed, or --gpu where no GPU is visible
+    if opts.gpus_per_trial is not None:  # a GPU share is a GPU trial
+        opts = opts.model_copy(update={"use_gpu": True})
     out = Path(opts.output_dir).resolve()
     data_cache = str(out / "data_cache")
     if not opts.resume:  # bad data fails before anything is created
@@ -541,21 +630,7 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
                                        reduction_factor=space.asha.reduction_factor)
                      if space.asha and opts.early_stopping else FIFOScheduler())
 
-        per_trial_cpu = opts.num_workers * opts.cpus_per_worker
-        total_cpu = ray.cluster_resources().get("CPU", 1)
-        need = per_trial_cpu + (0.0 if opts.executor == "inline" else 0.01)
-        if need > total_cpu + 1e-9:
-            raise ConfigError(f"one trial needs {need:g} CPUs ({opts.num_workers} worker(s) × {opts.cpus_per_worker:g}"
-                              f"{' + 0.01 for the trial function' if opts.executor != 'inline' else ''}) but the Ray cluster has "
-                              f"{total_cpu:g}; lower --num-workers or --cpus-per-worker, raise --num-cpus, or use --executor inline")
-        if opts.use_gpu and opts.num_workers > ray.cluster_resources().get("GPU", 0):
-            raise ConfigError(f"--gpu asks for {opts.num_workers} GPU(s) per trial but the Ray cluster has "
-                              f"{ray.cluster_resources().get('GPU', 0):g}; run on a GPU cluster (--address) or drop --gpu")
-        # the Train executor's trial function holds 0.01 CPU beside its workers: count it, or the
-        # last trial's workers wait for a CPU inside Train (and time out) instead of in Tune's queue
-        overhead = 0.0 if opts.executor == "inline" else 0.01
-        max_conc = opts.max_concurrent or max(1, int(total_cpu // (per_trial_cpu + overhead)))
-        trial_resources = {"cpu": opts.cpus_per_worker} if opts.executor == "inline" else {"cpu": 0.01}
+        trial_resources, max_conc = trial_placement(opts, opts.executor, ray.cluster_resources())
         ctx = _SweepContext(opts=opts.model_copy(update={"tracking_uri": tracking_uri}), method=space.method,
                             data_cache=data_cache, splits_path=str(splits_path), sweep_dir=str(sweep_dir),
                             parent_run_id=parent, sweep_id=sweep_name, seed_values=seed_values).model_dump()
