@@ -24,6 +24,8 @@ OLD_RESUME_KEYS = {"data", "split_seed", "tracking_uri", "experiment", "trials",
                    "executor", "num_workers", "use_gpu", "cpus_per_worker", "eval_max_images", "num_overlays",
                    "log_model", "early_stopping", "max_failures",
                    "classes"}  # the class filter (issue 20) shapes the trials' data
+#: trial-shaping options added since (issue 22: GPU shares, loader workers, precision, memory layout)
+NEW_RESUME_KEYS = {"gpus_per_trial", "loader_workers", "precision", "memory_format"}
 
 
 def _sweep_command():
@@ -97,13 +99,16 @@ def test_every_flag_sets_its_field(parsed):
                   "--set", "epochs=2", "--set", "backbone=resnet18", "--address", "local", "--max-failures", "0",
                   "--worker-start-timeout", "30", "--num-cpus", "2", "--no-model", "-v", "--no-baselines",
                   "--classes", "person,dog",
+                  "--gpus-per-trial", "0.5", "--loader-workers", "3", "--precision", "bf16", "--memory-format",
+                  "channels_last",
                   env={"WEAKBENCH_TRACKING_URI": "http://mlflow:5000", "WEAKBENCH_BASELINES": None})
     expected = dict(data="/data/x", trials=7, output_dir="/out", tracking_uri="http://mlflow:5000", experiment="exp",
                     name="nm", resume=True, num_workers=2, use_gpu=True, cpus_per_worker=0.5, max_concurrent=3,
                     searcher="random", search_seed=5, executor="train", eval_max_images=9, early_stopping=False,
                     overrides={"epochs": 2, "backbone": "resnet18"}, address="local", max_failures=0,
                     worker_start_timeout_s=30.0, num_cpus=2, log_model=False, verbose=True, baselines=False,
-                    classes="person,dog")
+                    classes="person,dog",
+                    gpus_per_trial=0.5, loader_workers=3, precision="bf16", memory_format="channels_last")
     assert sorted(expected) == sorted(n for n in _cli_fields() if n != "space")  # every flag exercised
     default = SweepOptions(space="s")
     for k, v in expected.items():
@@ -118,7 +123,7 @@ def test_a_bad_set_item_is_a_one_line_error(parsed):
 
 
 def test_resume_keeps_exactly_the_trial_shaping_fields():
-    assert set(RS.fields_with_role(Role.TRIAL)) == OLD_RESUME_KEYS
+    assert set(RS.fields_with_role(Role.TRIAL)) == OLD_RESUME_KEYS | NEW_RESUME_KEYS
     command_line = SweepOptions(space="cam.yaml", data="/new", trials=9, overrides={"epochs": 5}, max_concurrent=3,
                                 address="local", num_cpus=2, worker_start_timeout_s=10, verbose=True, name="s",
                                 resume=True, output_dir="/out", baselines=False, classes="dog")
@@ -128,7 +133,8 @@ def test_resume_keeps_exactly_the_trial_shaping_fields():
                             num_workers=2, cpus_per_worker=0.5, searcher="random", search_seed=3, split_seed=4,
                             experiment="e", eval_max_images=8, num_overlays=0, log_model=False, early_stopping=False,
                             max_failures=0, use_gpu=True, max_concurrent=1, num_cpus=4,
-                            classes="person").model_dump(exclude={"verbose"}),
+                            classes="person", gpus_per_trial=0.5, loader_workers=3, precision="bf16",
+                            memory_format="channels_last").model_dump(exclude={"verbose"}),
              "tracking_uri": "sqlite:////old/mlflow.db", "name": "s"}
     resumed = RS.resumed_options(command_line, saved)
     assert (resumed.trials, resumed.data, resumed.overrides) == (2, "/old", {"epochs": 1})
@@ -170,7 +176,8 @@ def test_the_trial_spec_carries_every_per_trial_field(monkeypatch, tmp_path, exe
 
     values = dict(data="/data/x", classes="person", tracking_uri="sqlite:///x.db", experiment="exp", num_workers=1,
                   use_gpu=False,
-                  cpus_per_worker=0.5, eval_max_images=7, log_model=False, num_overlays=2)
+                  cpus_per_worker=0.5, eval_max_images=7, log_model=False, num_overlays=2, gpus_per_trial=0.5,
+                  loader_workers=3, precision="bf16", memory_format="channels_last")
     if executor == "train":
         values.update(num_workers=2, use_gpu=True)
     assert sorted(values) == sorted(RS.per_trial_fields())
