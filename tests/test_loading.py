@@ -119,3 +119,17 @@ def test_trial_losses_identical_with_zero_and_two_loader_workers(tmp_path, synth
     assert zero["train/loss"] == two["train/loss"]
     for k in ("val/max_box_acc_v2", "val/pxap", "test/max_box_acc_v2"):
         assert zero[k] == two[k], k
+
+
+def test_evaluation_does_not_depend_on_loader_workers(synthetic):
+    from weakbench.methods import build_method
+    from weakbench.platform.evaluate import evaluate_split
+
+    _, source, _ = synthetic
+    method = build_method("cam", {"backbone": "resnet18", "input_size": 32}, num_classes=source.num_classes,
+                          multilabel=source.multilabel)
+    torch.manual_seed(0)
+    model = method.build_model()
+    runs = [evaluate_split(method, model, source, list(range(8)), input_size=32, device=torch.device("cpu"),
+                           batch_size=4, loader_workers=w)[0] for w in (0, 2)]
+    assert runs[0] == runs[1] and "max_box_acc_v2" in runs[0]

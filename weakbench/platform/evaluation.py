@@ -97,6 +97,7 @@ def evaluate_dataset(
     log: bool = True,
     device: str | None = None,
     progress: bool = False,
+    loader_workers: int = 0,
 ) -> EvaluationResult:
     """Score a model (``model_uri``) or a no-training ``method`` on every image of ``data``.
 
@@ -115,6 +116,7 @@ def evaluate_dataset(
         log: create the MLflow evaluation run (False: only compute).
         device: ``"cpu"``, ``"cuda"``… (default: CUDA when available).
         progress: show a rich progress bar of the images scored (on stderr, removed when done).
+        loader_workers: processes decoding the images (0: in this process); metrics do not depend on it.
 
     Returns:
         :class:`EvaluationResult`.
@@ -167,7 +169,8 @@ def evaluate_dataset(
     with _progress_bar(progress, f"scoring {source.name}") as advance:
         metrics, overlays, details = evaluate_split(m, model.to(dev), source, list(range(len(source.records))), input_size=size,
                                               device=dev, cam_curve_interval=interval, batch_size=batch_size,
-                                              max_images=max_images, num_overlays=num_overlays, progress=advance)
+                                              max_images=max_images, num_overlays=num_overlays, progress=advance,
+                                              loader_workers=loader_workers)
     drop = getattr(m, "unreported_metrics", ())
     metrics = {k: v for k, v in metrics.items() if k not in drop}
     seconds = time.time() - t0
