@@ -12,8 +12,9 @@ Three trial options (``weakbench sweep --precision / --memory-format``, :class:`
   and the classifier methods' loss functions cast their inputs to float32 before the paper's
   equation (:func:`weakbench.methods.cam.classification_loss`, MinMaxCAM's ``crr_loss`` /
   ``frr_loss``, Puzzle-CAM's ``reconstruction_loss``, Top-GAP's ``l1_sparsity``). On the CPU the
-  default stays float32: on the development machine bf16 autocast was not faster for the
-  forward and backward pass (``benchmarks/throughput.py``, ``benchmarks/README.md``).
+  default stays float32: CPU results must not change with the defaults, and on the (shared,
+  2-core) development machine bf16 autocast showed no consistent speed-up of the forward and
+  backward pass (``benchmarks/throughput.py``; two runs in ``benchmarks/README.md``).
 * ``memory_format``: ``"auto"`` (default) puts the model in ``torch.channels_last`` on a CUDA
   device (tensor cores read NHWC without transposes), contiguous on the CPU; or
   ``"channels_last"`` / ``"contiguous"``.
