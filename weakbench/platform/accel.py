@@ -12,9 +12,11 @@ Three trial options (``weakbench sweep --precision / --memory-format``, :class:`
   and the classifier methods' loss functions cast their inputs to float32 before the paper's
   equation (:func:`weakbench.methods.cam.classification_loss`, MinMaxCAM's ``crr_loss`` /
   ``frr_loss``, Puzzle-CAM's ``reconstruction_loss``, Top-GAP's ``l1_sparsity``). On the CPU the
-  default stays float32: CPU results must not change with the defaults, and on the (shared,
-  2-core) development machine bf16 autocast showed no consistent speed-up of the forward and
-  backward pass (``benchmarks/throughput.py``; two runs in ``benchmarks/README.md``).
+  default stays float32 because CPU results must not change with the defaults (bf16 rounds
+  activations): on the development machine (a CPU with ``avx512_bf16``) bf16 autocast made the
+  bare forward and backward pass faster in three of four runs on a loaded machine (1.7x in the
+  quietest), slower in one (``benchmarks/throughput.py``, ``benchmarks/README.md``); pass
+  ``--precision bf16`` to use it on the CPU.
 * ``memory_format``: ``"auto"`` (default) puts the model in ``torch.channels_last`` on a CUDA
   device (tensor cores read NHWC without transposes), contiguous on the CPU; or
   ``"channels_last"`` / ``"contiguous"``.
