@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from weakbench.methods import build_method
 from weakbench.methods.base import CamPredictor
 from weakbench.platform import conventions as C
-from weakbench.platform import registry
+from weakbench.platform import registry, tracking
 from weakbench.platform.errors import DataError, UnknownNameError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -32,9 +32,8 @@ def _log_trial(client: MlflowClient, exp_id: str, parent: str, lr: float, seed: 
         if with_model:
             m = build_method(method, {"backbone": "resnet10t", "input_size": 64, "lr": lr, "seed": seed}, num_classes=3)
             predictor = CamPredictor(m, m.build_model().eval(), ["a", "b", "c"], 64, IMAGENET_MEAN, IMAGENET_STD)
-            info = mlflow.pytorch.log_model(predictor, name=C.MODEL_ARTIFACT, serialization_format="pickle",
-                                            pip_requirements=["torch"], metadata={"weakbench.method": method})
-            mlflow.set_tag(C.TAG_MODEL_URI, info.model_uri)
+            tracking.log_model(mlflow.get_tracking_uri(), run.info.run_id, predictor, metadata={},
+                               stage_of=lambda module: "train")
     return run.info.run_id
 
 

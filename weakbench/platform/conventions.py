@@ -11,8 +11,9 @@ MLflow layout (DESIGN.md, "Tracking conventions"):
 * metrics are keyed ``<split>/<name>`` (``val/max_box_acc_v2``, ``test/pxap``,
   ``train/loss``); per-epoch metrics use ``step = epoch`` (1-based), final metrics are logged
   once at the last step; cost metrics are ``cost/<name>``;
-* the trained model is logged with ``mlflow.pytorch.log_model(..., name=MODEL_ARTIFACT)``; its
-  URI is stored in tag ``weakbench.model_uri``;
+* the trained model is logged as data under artifact ``MODEL_ARTIFACT`` (a JSON spec and
+  safetensors weights, :mod:`weakbench.platform.model_format`); its URI is stored in tag
+  ``weakbench.model_uri``;
 * CAM overlay PNGs are artifacts under ``overlays/``.
 """
 

@@ -288,7 +288,7 @@ class _Runner:
         ckpt = self.reporter.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+                state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         # Tune records a trial's checkpoints in its experiment state only every few seconds, so a
         # sweep killed right after a report can restore the trial without it: the trial's own
         # latest checkpoint (written before every report) is used when it is newer
@@ -369,7 +369,7 @@ class _Runner:
             if st.kind != "fit":
                 raise ValueError(f"stage {name!r} is a {st.kind} stage, not a fit stage: it has no model")
             model = self.method.fit_task(st).build_model()
-            model.load_state_dict(torch.load(self.products[name].dir / "model.pt", map_location="cpu", weights_only=False))
+            model.load_state_dict(torch.load(self.products[name].dir / "model.pt", map_location="cpu", weights_only=True))
             self.models[name] = model
         return self.models[name].to(self.device).eval()
 
@@ -719,11 +719,11 @@ class _Runner:
             if self.spec.log_model:
                 predictor = self.method.build_predictor(self.context(self.plan[-1]))
                 if predictor is not None:
+                    # which fit stage built each network: the registry rebuilds it the same way
+                    built_by = {id(m): name for name, m in self.models.items()}
                     tracking.log_model(self.spec.tracking_uri, self.run_id, predictor, metadata={
-                        "method": self.spec.method, "class_names": self.source.class_names,
-                        "input_size": self.cfg.input_size, "dataset": self.source.name,
-                        "dataset_fingerprint": self.source.fingerprint,
-                        "predictor": type(predictor).__name__})
+                        "dataset": self.source.name, "dataset_fingerprint": self.source.fingerprint},
+                        stage_of=lambda module: built_by.get(id(module)))
                     for m in self.models.values():
                         m.to(self.device)
             self.client.set_terminated(self.run_id, status="FINISHED")
@@ -871,7 +871,7 @@ def _latest_local_checkpoint(trial_dir: Path) -> dict[str, Any] | None:
         f = d / CHECKPOINT_FILE
         if f.is_file():
             try:
-                return torch.load(f, map_location="cpu", weights_only=False)
+                return torch.load(f, map_location="cpu", weights_only=True)
             except Exception:  # noqa: BLE001 - an unreadable file: try the one before
                 continue
     return None

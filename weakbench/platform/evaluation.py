@@ -134,13 +134,15 @@ def evaluate_dataset(
 
     if (model_uri is None) == (method is None):
         raise ConfigError("weakbench evaluate: give exactly one of --model (a models:/ or runs:/ URI) and --method")
-    source = open_dataset(data, cache_dir=cache_dir, classes=classes)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run_id_src = version = None
-    if model_uri is not None:
+    predictor = None
+    if model_uri is not None:  # a model that cannot load (or is refused) is named before any image is read
         from weakbench.platform.registry import load_predictor
 
         predictor = load_predictor(model_uri, tracking_uri)
+    source = open_dataset(data, cache_dir=cache_dir, classes=classes)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_id_src = version = None
+    if predictor is not None:
         if getattr(predictor, "kind", "cam") == "instance":
             raise ConfigError(f"{model_uri}: an instance-segmentation model; weakbench evaluate scores CAM models")
         if list(predictor.class_names) != list(source.class_names):

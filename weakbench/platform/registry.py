@@ -14,7 +14,9 @@ roll back, load by name.
   the alias to the version it pointed at before; without history (an alias set by hand) rollback
   takes the highest existing version below the current one.
 * :func:`load_predictor` loads ``models:/<name>@<alias>`` (or any model URI) as the
-  :class:`weakbench.methods.base.CamPredictor` the engine logged.
+  :class:`weakbench.methods.base.CamPredictor` the engine logged, from its JSON spec and
+  safetensors weights (:mod:`weakbench.platform.model_format`); a pickled model is refused, by
+  ``register`` too, and ``registry list`` marks it.
 
 ``app`` is a Typer sub-app with ``list`` and ``rollback`` commands, mounted by the CLI.
 """
@@ -56,6 +58,9 @@ class ModelVersionRow:
     status: str
     created: _dt.datetime
     tags: dict[str, str]
+    #: ``"weakbench-model v1"`` when the version holds a model spec this weakbench loads; else
+    #: why it is refused (``"refused: pickled model"``, ...): read from the spec file, never unpickled
+    model_format: str = ""
 
 
 def _tracking(tracking_uri: str | None):
@@ -180,6 +185,9 @@ def register_best(
     }
     tags.update({f"metric.{k}": repr(v) for k, v in sorted(run.data.metrics.items()) if k.split("/")[0] in ("val", "test")})
     tags.update({f"param.{k}": str(v)[:5000] for k, v in sorted(run.data.params.items())})
+    from weakbench.platform.model_format import fetch_spec
+
+    fetch_spec(run.data.tags[C.TAG_MODEL_URI], tracking_uri)  # a pickled or foreign model is refused, never read
     with _tracking(tracking_uri):
         mv = mlflow.register_model(run.data.tags[C.TAG_MODEL_URI], name, tags=tags)
     version = int(mv.version)
@@ -238,8 +246,23 @@ def rollback(tracking_uri: str, name: str, alias: str = "champion") -> int:
     return previous
 
 
-def list_registered(tracking_uri: str, name: str | None = None) -> list[ModelVersionRow]:
-    """Every version of every registered model (or of ``name``), newest first per model."""
+def model_format_of(model_uri: str, tracking_uri: str | None) -> str:
+    """``"weakbench-model v<N>"`` when ``model_uri`` holds a model spec this weakbench loads, else
+    ``"refused: <reason>"``: only the spec file is read (a pickled model is never unpickled)."""
+    from weakbench.platform.errors import WeakbenchError
+    from weakbench.platform.model_format import FORMAT, SPEC_FILE, fetch_spec
+
+    try:
+        spec = fetch_spec(model_uri, tracking_uri)
+    except WeakbenchError as e:
+        msg = str(e)
+        return "refused: pickled model" if "pickled model" in msg else ("refused: no " + SPEC_FILE if "no " + SPEC_FILE in msg else "refused: invalid spec")
+    return f"{FORMAT} v{spec['format_version']}"
+
+
+def list_registered(tracking_uri: str, name: str | None = None, check_format: bool = True) -> list[ModelVersionRow]:
+    """Every version of every registered model (or of ``name``), newest first per model; with
+    ``check_format`` each row says whether its model loads (:func:`model_format_of`)."""
     client = _client(tracking_uri)
     models = [client.get_registered_model(name)] if name else list(_paged(client.search_registered_models))
     rows: list[ModelVersionRow] = []
@@ -254,6 +277,7 @@ def list_registered(tracking_uri: str, name: str | None = None) -> list[ModelVer
                 run_id=mv.run_id or (mv.tags or {}).get("weakbench.run_id"), status=str(mv.status),
                 created=_dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=_dt.timezone.utc),
                 tags=dict(mv.tags or {}),
+                model_format=model_format_of(f"models:/{rm.name}/{mv.version}", tracking_uri) if check_format else "",
             ))
     return rows
 
@@ -271,7 +295,10 @@ def _paged(fn):
 def load_predictor(model_uri: str, tracking_uri: str | None = None):
     """Load a logged predictor (e.g. ``models:/weakbench-cam-coco128@champion``) on CPU, in eval mode:
     a :class:`weakbench.methods.base.CamPredictor` (classifier methods) or a
-    :class:`weakbench.methods.instance.InstancePredictor` (detection methods).
+    :class:`weakbench.methods.instance.InstancePredictor` (detection methods), rebuilt from the
+    model's JSON spec and safetensors weights (:mod:`weakbench.platform.model_format`); nothing
+    is unpickled. A pickled model (logged before that format) is refused, unless
+    ``WEAKBENCH_UNSAFE_PICKLE=1`` (unsafe: only for a store whose every writer you trust).
 
     A ``CamPredictor``'s ``predictor(images)`` with float32 (B, 3, S, S) normalised images returns
     ``(logits (B, C), cams (B, C, h, w))``; an ``InstancePredictor`` takes a list of (3, H, W)
@@ -279,27 +306,11 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None):
 
     Raises:
         UnknownNameError: the URI does not resolve (no such model, version, alias or run).
-        DataError: the URI holds something other than a weakbench predictor.
+        DataError: the URI holds a pickled model, or something other than a weakbench model.
     """
-    import mlflow.pytorch
-    import torch
+    from weakbench.platform.model_format import load_predictor_uri
 
-    from weakbench.methods.base import CamPredictor
-    from weakbench.methods.instance import InstancePredictor
-
-    from weakbench.platform.errors import UnknownNameError
-
-    try:
-        with _tracking(tracking_uri):
-            model = mlflow.pytorch.load_model(model_uri, map_location=torch.device("cpu"))
-    except Exception as e:  # noqa: BLE001 - MLflow raises several types for a URI that does not resolve
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise UnknownNameError(f"cannot load model {model_uri!r} from {tracking_uri or mlflow.get_tracking_uri()}: "
-                               f"{type(e).__name__}: {first}; list registered models with `weakbench registry list`") from None
-    if not isinstance(model, (CamPredictor, InstancePredictor)):
-        raise DataError(f"{model_uri}: holds a {type(model).__name__}, not a CamPredictor or InstancePredictor; "
-                        f"fix: register a model logged by weakbench")
-    return model.eval()
+    return load_predictor_uri(model_uri, tracking_uri)
 
 
 # ---------------------------------------------------------------------- CLI sub-app
@@ -319,13 +330,19 @@ def list_cmd(name: Optional[str] = typer.Argument(None, help="only this register
 
     rows = list_registered(_uri(tracking_uri, output_dir), name)
     t = Table(title="Registered models")
-    for col in ("name", "version", "aliases", "run id", "selected by", "value", "created (UTC)"):
+    for col in ("name", "version", "aliases", "run id", "selected by", "value", "created (UTC)", "format"):
         t.add_column(col, no_wrap=col in ("name", "aliases", "run id"))
     for r in rows:
         t.add_row(escape(r.name), str(r.version), escape(", ".join("@" + a for a in r.aliases)), r.run_id or "",
                   escape(r.tags.get("weakbench.select_metric", "")), _short(r.tags.get("weakbench.select_value")),
-                  r.created.strftime("%Y-%m-%d %H:%M"))
+                  r.created.strftime("%Y-%m-%d %H:%M"), escape(r.model_format))
     Console().print(t if rows else "no registered models")
+    refused = [r for r in rows if r.model_format.startswith("refused")]
+    if refused:
+        from weakbench.platform.model_format import UNSAFE_PICKLE_ENV
+
+        typer.echo(f"{len(refused)} version(s) cannot be loaded (e.g. {refused[0].name} version {refused[0].version}: "
+                   f"{refused[0].model_format}); a pickled model loads only with {UNSAFE_PICKLE_ENV}=1 (unsafe)", err=True)
 
 
 @app.command("rollback")

@@ -265,27 +265,25 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str):
     return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
 
 
-def log_model(tracking_uri: str, run_id: str, predictor, *, metadata: Mapping[str, Any]) -> str:
+def log_model(tracking_uri: str, run_id: str, predictor, *, metadata: Mapping[str, Any],
+              stage_of=lambda module: None) -> str:
     """Log a predictor (:class:`~weakbench.methods.base.CamPredictor`,
     :class:`~weakbench.methods.instance.InstancePredictor`) as the run's model, artifact
     ``model/``, and return its URI ``runs:/<run id>/model`` (also in tag ``weakbench.model_uri``).
 
-    The model is saved with ``mlflow.pytorch.save_model`` into a temporary directory and
-    uploaded through this client: no global tracking URI is set and no run is re-opened (the
-    fluent ``log_model`` would end the run it opens). MLflow's pickle serialisation is used (the
-    default ``pt2`` torch.export format cannot capture a method's inference code such as
-    Puzzle-CAM's multi-scale flipped CAMs or BBAM's per-detection mask optimisation), with
-    explicit pip requirements (inferring them costs several seconds per trial).
+    The model is data (:mod:`weakbench.platform.model_format`): a versioned JSON spec (method,
+    validated config, classes, input size, which fit stage built each network, as told by
+    ``stage_of``) and safetensors weights, written into a temporary directory and uploaded through
+    this client (no global tracking URI is set and no run is re-opened). Loading it never
+    unpickles anything.
     """
     import tempfile
 
-    import mlflow.pytorch
+    from weakbench.platform.model_format import save_predictor
 
     client = client_for(tracking_uri)
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / C.MODEL_ARTIFACT
-        mlflow.pytorch.save_model(predictor, str(path), serialization_format="pickle",
-                                  pip_requirements=[f"weakbench=={__version__}", "torch", "timm"], metadata=dict(metadata))
+        path = save_predictor(predictor, Path(d) / C.MODEL_ARTIFACT, stage_of=stage_of, metadata=metadata)
         client.log_artifacts(run_id, str(path), C.MODEL_ARTIFACT)
     uri = f"runs:/{run_id}/{C.MODEL_ARTIFACT}"
     client.set_tag(run_id, C.TAG_MODEL_URI, uri)
