@@ -41,14 +41,20 @@ def build(
     """Build the dashboard HTML from the results store."""
     from weakbench.dashboards.build import build_dashboard
     from weakbench.platform.errors import DataError
-    from weakbench.platform.results import read_store, update_store
+    from weakbench.platform.errors import ConfigError
+    from weakbench.platform.results import current_table, writable_dir
 
     if tracking_uri is None and (Path(store).parent / "mlflow.db").is_file():
         tracking_uri = f"sqlite:///{(Path(store).parent / 'mlflow.db').resolve()}"  # the CLI's default layout
-    if tracking_uri:
-        rep = update_store(tracking_uri, store, experiment)
+    if out is None and not writable_dir(Path(store)):
+        raise ConfigError(f"--store {store}: cannot write dashboard.html there (read-only); fix: pass --out FILE "
+                          f"in a writable directory")
+    # a store on a read-only mount is read as it is, new runs from MLflow in memory: nothing written there
+    table, rep = current_table(tracking_uri, Path(store), experiment)
+    if rep is not None:
         typer.echo(f"results store {store}: {rep.n_new} new runs, {rep.n_total} in total")
-    table = read_store(store)
+    elif tracking_uri:
+        typer.echo(f"results store {store} is read-only: {table.num_rows} runs read from MLflow, nothing written")
     if table.num_rows == 0:
         raise DataError(f"{store}: the results store is empty; fix: pass --tracking-uri of the MLflow store the sweeps logged to")
     out = out or Path(store) / "dashboard.html"

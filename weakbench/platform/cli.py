@@ -91,8 +91,7 @@ def _options_from_cli(values: dict[str, Any]) -> run_spec.SweepOptions:
     """The SweepOptions of the command line's parsed ``values`` (parameter name → value).
 
     Raises:
-        WeakbenchError: a ``--set`` item that is not KEY=VALUE.
-        pydantic.ValidationError: a value a field refuses.
+        WeakbenchError: a ``--set`` item that is not KEY=VALUE; a value a field refuses (ConfigError).
     """
     fields = {}
     for name, value in values.items():
@@ -104,7 +103,14 @@ def _options_from_cli(values: dict[str, Any]) -> run_spec.SweepOptions:
         elif cli.get("path"):
             value = str(value)
         fields[name] = value
-    return run_spec.SweepOptions(**fields)
+    import pydantic
+
+    from weakbench.platform.validation import options_error
+
+    try:
+        return run_spec.SweepOptions(**fields)
+    except pydantic.ValidationError as e:  # one line naming the flag, the value and the fix
+        raise options_error(e) from None
 
 
 # the options other commands share with `weakbench sweep`, from the same declaration
@@ -116,7 +122,9 @@ CLASSES = _typer_parameter("classes")[1]
 
 def _tracking_uri(output_dir: str, tracking_uri: str | None) -> str:
     from weakbench.platform.tracking import default_tracking_uri
+    from weakbench.platform.validation import check_tracking_uri
 
+    check_tracking_uri(tracking_uri)  # an unreachable server is named in seconds, not after MLflow's retries
     return tracking_uri or default_tracking_uri(output_dir)
 
 
@@ -170,6 +178,9 @@ def sweep(**values: Any) -> None:
     """
     opts = _options_from_cli(values)
     from weakbench.platform.sweep import resolve_executor
+    from weakbench.platform.validation import check_sweep_options
+
+    check_sweep_options(opts)  # bad --name, --data, --output-dir, --tracking-uri: one line, before anything starts
 
     shown, resuming = _resumed_view(opts) if opts.resume else (opts, "")
     console.print(f"[bold]weakbench sweep[/] {opts.space} on {opts.data or 'the synthetic default'}: {resuming}"
@@ -372,15 +383,15 @@ def leaderboard(
         raise ConfigError(f"--format {fmt!r}: use 'table' or 'json'")
     uri = _tracking_uri(output_dir, tracking_uri)
     store_dir = store or Path(output_dir) / "results"
-    report = results.update_store(uri, store_dir, experiment=experiment)
-    table = results.read_store(store_dir)
+    # a store on a read-only mount is not written: the runs are read from MLflow into memory
+    table, report = results.current_table(uri, Path(store_dir), experiment=experiment)
     boards = lb_mod.build_boards(table, store_dir, select_metric=_metric_name(metric) if metric else None,
                                  report_split=report_split, baseline_method=baseline)
     if fmt == "json":
         import json
 
         print(json.dumps({"boards": [lb_mod.board_records(lb) for lb in boards], "store": str(store_dir),
-                          "runs": report.n_total}, indent=1, default=str))
+                          "runs": report.n_total if report is not None else table.num_rows}, indent=1, default=str))
         return
     for lb in boards:
         if (lb.schema.metadata or {}).get(b"weakbench.kind") == b"evaluation":
@@ -388,7 +399,8 @@ def leaderboard(
             continue
         console.print(lb_mod.render_rich(lb))
         console.print(Text(lb_mod.legend(lb)), soft_wrap=False)
-    console.print(f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)")
+    console.print(f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)" if report is not None else
+                  f"results store: {store_dir} is read-only; {table.num_rows} runs read from MLflow, nothing written")
 
 
 @app.command()

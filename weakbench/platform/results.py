@@ -520,6 +520,38 @@ def read_per_image(store_dir: Path, run_ids: Iterable[str], split: str = "test")
     return out
 
 
+def writable_dir(path: Path) -> bool:
+    """Whether files can be created in directory ``path`` (created if missing): False on a
+    read-only mount or without permission."""
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".weakbench-write-check-"):
+            return True
+    except OSError:
+        return False
+
+
+def current_table(tracking_uri: str | None, store_dir: Path,
+                  experiment: str = DEFAULT_EXPERIMENT) -> tuple[pa.Table, UpdateReport | None]:
+    """The results table with every terminal trial run of ``experiment``: the store updated from
+    MLflow (:func:`update_store`) and read back; where the store cannot be written (a read-only
+    mount) the trial runs are read from MLflow into memory and nothing is written (report ``None``;
+    the evaluation runs and per-image results are then those already in the store).
+    Without ``tracking_uri``: the store as it is (report ``None``).
+
+    Raises:
+        DataError: as :func:`update_store` / :func:`read_store`.
+    """
+    if tracking_uri is None:
+        return read_store(store_dir), None
+    if writable_dir(store_dir):
+        report = update_store(tracking_uri, store_dir, experiment)
+        return read_store(store_dir), report
+    return fetch_trial_runs(tracking_uri, experiment, known={}), None
+
+
 # ---------------------------------------------------------------------- column access
 def _map_entries(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flatten a map column into (keys, values, row index of each entry) numpy arrays."""

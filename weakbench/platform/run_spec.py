@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticUndefined
 
 from weakbench.platform import conventions as C
+from weakbench.platform.validation import MAX_TRIALS
 
 
 class Role(str, Enum):
@@ -116,8 +117,9 @@ class SweepOptions(BaseModel):
                     "classes, else all",
         cli=flag("--classes", help="Keep only these classes of the dataset, e.g. person,dog (default: the space "
                                    "file's classes key, else every class)."))
-    trials: int = option(4, ge=1, role=Role.TRIAL, description="total Tune trials (seed repeats included)",
-                         cli=flag("--trials", "-n", help="Total number of trials (seed repeats included)."))
+    trials: int = option(4, ge=1, le=MAX_TRIALS, role=Role.TRIAL,
+                         description=f"total Tune trials (seed repeats included), at most {MAX_TRIALS}",
+                         cli=flag("--trials", "-n", help=f"Total number of trials (seed repeats included), 1 to {MAX_TRIALS}."))
     output_dir: str = option(
         "weakbench_runs", role=Role.SWEEP, description="where sweeps/, mlflow.db and results/ live",
         cli=flag("--output-dir", "-o", help="Where sweeps, the MLflow database and the results store live."))
@@ -204,7 +206,7 @@ class SweepOptions(BaseModel):
         2, ge=0, role=Role.TRIAL,
         description="restarts of a trial whose worker, actor or node died (Tune's FailureConfig); each restart resumes "
                     "from the trial's latest checkpoint",
-        cli=flag("--max-failures", min=0, help="Restarts of a trial whose worker, actor or node died; each restart "
+        cli=flag("--max-failures", help="Restarts of a trial whose worker, actor or node died; each restart "
                                                "resumes from the trial's latest checkpoint."))
     worker_start_timeout_s: float = option(
         120.0, gt=0, role=Role.PLACE,

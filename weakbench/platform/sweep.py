@@ -490,7 +490,8 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     the sweep ends.
 
     Raises:
-        ConfigError / DataError / UnknownNameError: bad input, before any run is created.
+        ConfigError / DataError / UnknownNameError: bad input, before any run is created
+            (:func:`weakbench.platform.validation.check_sweep_options` first).
     """
     import ray
     from ray import tune
@@ -504,6 +505,9 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
 
     t0 = time.time()
     from weakbench.platform.data import check_images, resolve_path
+    from weakbench.platform.validation import check_sweep_options
+
+    check_sweep_options(opts)  # name, paths, output directory, tracking server: before anything is created
 
     from weakbench.platform.data.synthetic import parse_synthetic
 

@@ -83,11 +83,26 @@ def default_artifact_root(tracking_uri: str) -> Path | None:
 
 @contextlib.contextmanager
 def _db_lock(db: Path):
-    """An exclusive ``flock`` on ``<db>.lock`` for the ``with`` block (POSIX)."""
+    """An exclusive ``flock`` on ``<db>.lock`` for the ``with`` block (POSIX).
+
+    A store that exists where no lock file can be made (a read-only mount, a directory of
+    another user) is opened without the lock: the lock only guards the creation and migration
+    of a schema, which nobody can write there anyway, and reading needs none."""
+    import errno
     import fcntl
 
+    if db.is_file() and not os.access(db.parent, os.W_OK):
+        yield
+        return
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a+") as f:
+    try:
+        f = open(db.with_name(db.name + ".lock"), "a+")
+    except OSError as e:
+        if db.is_file() and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            yield
+            return
+        raise
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

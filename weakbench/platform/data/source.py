@@ -184,18 +184,26 @@ def fingerprint_files(annotation_files: Iterable[Path], image_files: Iterable[tu
         image_files: ``(relative name, absolute path)`` of every image referenced.
 
     Raises:
-        DataError: an image file is missing (names the first few and how many).
+        DataError: an image file is missing, or cannot be read (a symbolic-link loop, no
+            permission); names the first few and how many.
     """
     h = hashlib.sha256()
     for f in annotation_files:
         h.update(Path(f).read_bytes())
     missing: list[str] = []
+    unreadable: list[str] = []
     entries = []
     for rel, path in image_files:
         try:
             entries.append((rel, path.stat().st_size))
         except FileNotFoundError:
             missing.append(str(path))
+        except OSError as e:  # a symbolic-link loop (ELOOP), no permission, a name too long ...
+            unreadable.append(f"{path} ({e.strerror or type(e).__name__})")
+    if unreadable:
+        shown = ", ".join(unreadable[:3]) + (f" (and {len(unreadable) - 3} more)" if len(unreadable) > 3 else "")
+        raise DataError(f"{len(unreadable)} image file(s) referenced by the annotations cannot be read: {shown}; "
+                        f"fix: replace each with the image file itself (a broken or looping link cannot be read)")
     if missing:
         shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
         raise DataError(f"{len(missing)} image file(s) referenced by the annotations are missing: {shown}; "
