@@ -104,6 +104,8 @@ class TrialSpec(BaseModel):
     eval_batch_size: int = Field(16, ge=1)
     num_overlays: int = Field(6, ge=0)
     log_model: bool = True
+    keep_checkpoints: bool = Field(False, description="keep every checkpoint and, once finished, the private stage "
+                                                      "products (default: only what --resume and the registry need)")
     products_dir: str | None = Field(None, description="where shared stage products live (the sweep's products/); None: under the trial")
     record_shards: bool = Field(False, description="write the indices each rank trained on and a hash of its final weights (tests)")
     fail_at_epoch: int | None = Field(None, description="raise after this epoch once (restart tests)")
@@ -735,11 +737,22 @@ class _Runner:
             torch.save({"stage": None, "cursor": len(self.plan), "epoch": 0, "mlflow_run_id": self.run_id,
                         "history": self.history, "pending_metrics": None, "carry": self.carry},
                        Path(ckpt_dir) / CHECKPOINT_FILE)
+            # the run is FINISHED: a restarted trial returns at once, so the earlier checkpoints
+            # and (its weights being in MLflow) the trial's private products are not needed again
+            # (Tune may end the trial inside the report below: cleaned up before it)
+            if not self.spec.keep_checkpoints:
+                _prune_local_checkpoints(self.trial_dir, keep=Path(ckpt_dir))
+                if self.spec.log_model and self.run_logged_model():
+                    _remove_private_products(self.products, self.trial_dir)
         self.report({k: v for k, v in out.items() if k not in ("progress", "epoch")},
                     progress=self.total_units, epoch=self.fit_epochs_before(len(self.plan)), checkpoint_dir=ckpt_dir)
-        if ckpt_dir is not None:
+        if ckpt_dir is not None and not self.spec.keep_checkpoints:
             _prune_local_checkpoints(self.trial_dir, keep=Path(ckpt_dir))
         return self.final
+
+    def run_logged_model(self) -> bool:
+        """Whether this trial's MLflow run has its model (tag ``weakbench.model_uri``)."""
+        return bool(self.client.get_run(self.run_id).data.tags.get(C.TAG_MODEL_URI))
 
 
 def _learning_rates(optimizers) -> dict[str, float]:
@@ -886,6 +899,18 @@ def _prune_local_checkpoints(trial_dir: Path, keep: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _remove_private_products(products: dict[str, Any], trial_dir: Path) -> None:
+    """Remove a finished trial's private stage products (those under its own directory; the
+    sweep's shared products stay for the other trials)."""
+    import shutil
+
+    root = (trial_dir / "products").resolve()
+    for p in products.values():
+        d = Path(p.dir).resolve()
+        if d.is_relative_to(root):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _log_pending(client, run_id: str, pending: dict[str, Any]) -> None:
     """Log a checkpoint's epoch metrics unless MLflow already has that step (idempotent)."""
     steps = {m.step for m in client.get_metric_history(run_id, "epoch")}
@@ -925,7 +950,8 @@ def build_trainer(spec: TrialSpec, *, storage_path: str, name: str, callbacks: l
                                      resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # the latest checkpoint is what a restart needs (every one with --keep-checkpoints)
+                             checkpoint_config=CheckpointConfig(num_to_keep=None if spec.keep_checkpoints else 1),
                              # a bounded controller: Train V2's default (-1) retries a worker group
                              # that cannot start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) forever
                              failure_config=FailureConfig(max_failures=max_failures,

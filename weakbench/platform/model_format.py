@@ -104,7 +104,9 @@ def save_predictor(predictor: torch.nn.Module, directory: str | Path, *,
     d = Path(directory)
     (d / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
     for k, m in nets.items():
-        save_model(m, str(d / spec["networks"][k]["weights"]))
+        f = d / spec["networks"][k]["weights"]
+        save_model(m, str(f))
+        f.chmod(0o644)  # safetensors writes 0600; a shared store's other readers need it
     (d / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
     _write_mlmodel(d)
     return d

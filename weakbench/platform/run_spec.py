@@ -218,6 +218,14 @@ class SweepOptions(BaseModel):
                                   cli=flag("--num-cpus", help="CPUs of the local Ray instance."))
     log_model: bool = option(True, role=Role.TRIAL, per_trial=True, description="log each trial's trained model to MLflow",
                              cli=flag("--no-model", negate=True, help="Do not log trained models to MLflow."))
+    keep_checkpoints: bool = option(
+        False, role=Role.TRIAL, per_trial=True,
+        description="keep every checkpoint of every trial (Tune's and the engine's) and finished trials' private stage "
+                    "products; default: a finished trial keeps its final weights once (the MLflow model) and an "
+                    "unfinished one its latest checkpoint",
+        cli=flag("--keep-checkpoints", help="Keep every epoch's checkpoint and finished trials' stage products (by "
+                                            "default a finished trial keeps only its logged model, about 45 MB for a "
+                                            "ResNet-18, and an unfinished one its latest checkpoint for --resume)."))
     verbose: bool = option(
         False, role=Role.PLACE, description="show Ray's, Tune's and MLflow's output on the terminal (the CLI's live "
                                             "view; run_sweep itself ignores it)",

@@ -253,6 +253,19 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         # the same way, so the trial ends here (Tune retries only what raises) and the driver
         # records it failed with this error (the engine has already ended its run FAILED)
         end_on_local_fault(e)
+        return
+    if not c.opts.keep_checkpoints:  # run_segments returned: the trial finished
+        _remove_train_checkpoints(Path(c.sweep_dir) / "train", trial_id)
+
+
+def _remove_train_checkpoints(train_dir: Path, trial_id: str) -> None:
+    """Remove the Ray Train checkpoints of a finished trial's jobs (``train/<trial>-<stage>/``):
+    its run is FINISHED and its model in MLflow, so a restart returns at once without them."""
+    import shutil
+
+    for d in train_dir.glob(f"{trial_id}-*"):
+        for ckpt in d.glob("checkpoint_*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _stage_aware(searcher_cls):
@@ -660,11 +673,13 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
                                             num_samples=num_samples, max_concurrent_trials=max_conc,
                                             reuse_actors=opts.executor == "inline"),
-                # an inline trial's checkpoints are Tune's: keep the latest two, as Train does
-                # for its own (every epoch's model and optimiser state, ~90 MB for a resnet18)
+                # an inline trial's checkpoints are Tune's (model and optimiser state, ~90 MB for a
+                # resnet18): the latest is what a restart needs, and a finished trial's latest is
+                # the small final one (every checkpoint with --keep-checkpoints)
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                                          checkpoint_config=tune.CheckpointConfig(
+                                              num_to_keep=None if opts.keep_checkpoints else 1)),
             )
         with _graceful_interrupt() as stop:
             try:
