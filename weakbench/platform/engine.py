@@ -743,7 +743,7 @@ class _Runner:
             if not self.spec.keep_checkpoints:
                 _prune_local_checkpoints(self.trial_dir, keep=Path(ckpt_dir))
                 if self.spec.log_model and self.run_logged_model():
-                    _remove_private_products(self.products, self.trial_dir)
+                    _remove_private_products(self.trial_dir)
         self.report({k: v for k, v in out.items() if k not in ("progress", "epoch")},
                     progress=self.total_units, epoch=self.fit_epochs_before(len(self.plan)), checkpoint_dir=ckpt_dir)
         if ckpt_dir is not None and not self.spec.keep_checkpoints:
@@ -899,16 +899,12 @@ def _prune_local_checkpoints(trial_dir: Path, keep: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _remove_private_products(products: dict[str, Any], trial_dir: Path) -> None:
-    """Remove a finished trial's private stage products (those under its own directory; the
-    sweep's shared products stay for the other trials)."""
+def _remove_private_products(trial_dir: Path) -> None:
+    """Remove a finished trial's private stage products, ``<trial dir>/products`` (the sweep's
+    shared products live under ``TrialSpec.products_dir`` and stay for the other trials)."""
     import shutil
 
-    root = (trial_dir / "products").resolve()
-    for p in products.values():
-        d = Path(p.dir).resolve()
-        if d.is_relative_to(root):
-            shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(trial_dir / "products", ignore_errors=True)
 
 
 def _log_pending(client, run_id: str, pending: dict[str, Any]) -> None:
