@@ -33,6 +33,12 @@ Layout of a sweep directory ``<output>/sweeps/<sweep name>/``::
     products/       shared stage products (weakbench.platform.products), reused by every trial
                     whose upstream settings agree (a BBAM sweep trains its detector once)
     trials/<trial>/ trial scratch space (checkpoint staging, error.txt)
+
+What stays once a trial finishes (unless ``--keep-checkpoints``): its model in MLflow (the final
+weights, once), its small final checkpoint cursor, Tune's state; Tune and Train keep only each
+trial's latest checkpoint (what a restart needs), and a finished trial's epoch checkpoints, private
+products and Train checkpoints are removed (:meth:`weakbench.platform.engine._Runner.finish`,
+:func:`_remove_train_checkpoints`).
 """
 
 from __future__ import annotations
