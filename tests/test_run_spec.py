@@ -76,6 +76,11 @@ def parsed(monkeypatch):
         raise typer.Exit(0)
 
     monkeypatch.setattr(cli, "_run_sweep_with_view", fake_run)
+    # parsing only: the start-up checks (they create --output-dir and probe a tracking server) are
+    # tested in test_bad_input.py
+    from weakbench.platform import validation
+
+    monkeypatch.setattr(validation, "check_sweep_options", lambda opts: None)
 
     def parse(*args: str, env: dict | None = None) -> SweepOptions:
         res = CliRunner().invoke(cli.app, ["sweep", str(REPO / "search_spaces" / "cam.yaml"), *args], env=env)
@@ -100,7 +105,7 @@ def test_every_flag_sets_its_field(parsed):
                   "--worker-start-timeout", "30", "--num-cpus", "2", "--no-model", "-v", "--no-baselines",
                   "--classes", "person,dog",
                   "--gpus-per-trial", "0.5", "--loader-workers", "3", "--precision", "bf16", "--memory-format",
-                  "channels_last",
+                  "channels_last", "--keep-checkpoints",
                   env={"WEAKBENCH_TRACKING_URI": "http://mlflow:5000", "WEAKBENCH_BASELINES": None})
     expected = dict(data="/data/x", trials=7, output_dir="/out", tracking_uri="http://mlflow:5000", experiment="exp",
                     name="nm", resume=True, num_workers=2, use_gpu=True, cpus_per_worker=0.5, max_concurrent=3,
@@ -108,7 +113,8 @@ def test_every_flag_sets_its_field(parsed):
                     overrides={"epochs": 2, "backbone": "resnet18"}, address="local", max_failures=0,
                     worker_start_timeout_s=30.0, num_cpus=2, log_model=False, verbose=True, baselines=False,
                     classes="person,dog",
-                    gpus_per_trial=0.5, loader_workers=3, precision="bf16", memory_format="channels_last")
+                    gpus_per_trial=0.5, loader_workers=3, precision="bf16", memory_format="channels_last",
+                    keep_checkpoints=True)
     assert sorted(expected) == sorted(n for n in _cli_fields() if n != "space")  # every flag exercised
     default = SweepOptions(space="s")
     for k, v in expected.items():
@@ -123,7 +129,7 @@ def test_a_bad_set_item_is_a_one_line_error(parsed):
 
 
 def test_resume_keeps_exactly_the_trial_shaping_fields():
-    assert set(RS.fields_with_role(Role.TRIAL)) == OLD_RESUME_KEYS | NEW_RESUME_KEYS
+    assert set(RS.fields_with_role(Role.TRIAL)) == OLD_RESUME_KEYS | NEW_RESUME_KEYS | {"keep_checkpoints"}
     command_line = SweepOptions(space="cam.yaml", data="/new", trials=9, overrides={"epochs": 5}, max_concurrent=3,
                                 address="local", num_cpus=2, worker_start_timeout_s=10, verbose=True, name="s",
                                 resume=True, output_dir="/out", baselines=False, classes="dog")
@@ -134,7 +140,7 @@ def test_resume_keeps_exactly_the_trial_shaping_fields():
                             experiment="e", eval_max_images=8, num_overlays=0, log_model=False, early_stopping=False,
                             max_failures=0, use_gpu=True, max_concurrent=1, num_cpus=4,
                             classes="person", gpus_per_trial=0.5, loader_workers=3, precision="bf16",
-                            memory_format="channels_last").model_dump(exclude={"verbose"}),
+                            memory_format="channels_last", keep_checkpoints=True).model_dump(exclude={"verbose"}),
              "tracking_uri": "sqlite:////old/mlflow.db", "name": "s"}
     resumed = RS.resumed_options(command_line, saved)
     assert (resumed.trials, resumed.data, resumed.overrides) == (2, "/old", {"epochs": 1})
@@ -177,7 +183,7 @@ def test_the_trial_spec_carries_every_per_trial_field(monkeypatch, tmp_path, exe
     values = dict(data="/data/x", classes="person", tracking_uri="sqlite:///x.db", experiment="exp", num_workers=1,
                   use_gpu=False,
                   cpus_per_worker=0.5, eval_max_images=7, log_model=False, num_overlays=2, gpus_per_trial=0.5,
-                  loader_workers=3, precision="bf16", memory_format="channels_last")
+                  loader_workers=3, precision="bf16", memory_format="channels_last", keep_checkpoints=True)
     if executor == "train":
         values.update(num_workers=2, use_gpu=True)
     assert sorted(values) == sorted(RS.per_trial_fields())
