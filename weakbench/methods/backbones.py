@@ -258,8 +258,9 @@ def create_backbone(
     import timm  # here, not at the top: a sweep's driver validates configs without timm (2-3 s of imports)
 
     if name not in timm.list_models():
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise UnknownNameError(f"unknown backbone {name!r} (not a timm model); similar: {', '.join(close) or 'none'}")
+        from weakbench.platform.errors import nearest
+
+        raise UnknownNameError(f"unknown backbone {name!r} (not a timm model); nearest: {', '.join(nearest(name, timm.list_models()))}")
     kwargs: dict = _pretrained_kwargs(name) if pretrained else {"pretrained": False}
     if output_stride != 32:
         kwargs["output_stride"] = output_stride

@@ -157,8 +157,9 @@ class MethodConfig(BaseModel):
         if not timm_lists_model(v):
             import timm
 
-            similar = timm.list_models(f"*{v.split('_')[0][:6]}*")[:6]
-            raise ValueError(f"unknown backbone {v!r} (not a timm model name); similar: {', '.join(similar) or 'none'}")
+            from weakbench.platform.errors import nearest
+
+            raise ValueError(f"unknown backbone {v!r} (not a timm model name); nearest: {', '.join(nearest(v, timm.list_models()))}")
         return v
 
 
@@ -631,9 +632,16 @@ def validate_config(name: str, params: Mapping[str, Any], source: str = "config"
     try:
         return cls.Config(**dict(params))
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
-        )
+        from weakbench.platform.errors import nearest
+
+        def problem(err) -> str:
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            if err["type"] == "extra_forbidden":  # a misspelled key: the nearest and every valid one
+                return (f"{key}: not a hyperparameter of {name!r}; nearest: {', '.join(nearest(key, cls.Config.model_fields, 2))}"
+                        f"; valid: {', '.join(sorted(cls.Config.model_fields))}")
+            return f"{key}: {err['msg']}"
+
+        problems = "; ".join(problem(err) for err in e.errors())
         raise ConfigError(f"{source}: invalid hyperparameters for method {name!r}: {problems}") from None
 
 

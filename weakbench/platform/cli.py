@@ -525,13 +525,13 @@ def _mount_subapps() -> None:
     try:
         from weakbench.dashboards.cli import app as dashboard_app
 
-        app.add_typer(dashboard_app, name="dashboard", help="Build or serve the leaderboard dashboard (one offline HTML file).")
+        app.add_typer(dashboard_app, name="dashboard", no_args_is_help=False, help="Build or serve the leaderboard dashboard (one offline HTML file).")
     except ImportError:
         pass
     try:
         from weakbench.platform.registry import app as registry_app
 
-        app.add_typer(registry_app, name="registry", help="List registered models; roll an alias back.")
+        app.add_typer(registry_app, name="registry", no_args_is_help=False, help="List registered models; roll an alias back.")
     except ImportError:
         pass
 
@@ -539,13 +539,53 @@ def _mount_subapps() -> None:
 _mount_subapps()
 
 
+def usage_line(e: Exception) -> str:
+    """The one line ``weakbench`` prints for a command-line usage error ``e`` (a click/typer
+    ``UsageError``: unknown option, missing argument, bad value, a group without its command):
+    the command path, what is wrong (the option or argument by name) and the fix."""
+    from typer._click import exceptions as cx
+
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "weakbench"
+    see = f"see `{where} --help`"
+    if ctx is not None and hasattr(ctx.command, "list_commands") and e.format_message() == "Missing command.":
+        names = ctx.command.list_commands(ctx)
+        return f"{where}: a command is missing; fix: `{where} COMMAND` with COMMAND one of {', '.join(names)} ({see})"
+    if isinstance(e, cx.NoSuchOption):
+        fix = f"did you mean {' or '.join(sorted(e.possibilities))}? " if e.possibilities else ""
+        return f"{where}: no such option {e.option_name}; {fix}{see} for the options"
+    msg = e.format_message() if hasattr(e, "format_message") else str(e)
+    return f"{where}: {' '.join(msg.split())} ({see})"
+
+
+def _usage_errors() -> tuple[type, ...]:
+    """The usage-error classes of the command line: typer 0.29's vendored click (whose classes are
+    not subclasses of click's) and click itself where it is installed."""
+    from typer._click import exceptions as cx
+
+    classes: list[type] = [cx.ClickException]
+    try:
+        import click
+
+        classes.append(click.ClickException)
+    except ImportError:  # typer ≥ 0.29 does not need click
+        pass
+    return tuple(classes)
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    """Console-script entry point. Exit status 2 with one line on stderr for bad input: a usage error
+    of any command or sub-command (unknown option, missing or extra argument, a value out of range, a
+    group such as ``weakbench registry`` without its command) and a WeakbenchError. ``weakbench`` with
+    no arguments prints the top-level help on stdout and exits 0: it is how a new user discovers the
+    commands, not a mistake."""
     # MLflow reads this when it is imported: no "Creating initial MLflow database tables..." lines
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if len(sys.argv) <= 1:
+        sys.argv.append("--help")
     try:
         # standalone_mode=False: click returns (not raises) the exit code of typer.Exit
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="weakbench")
         sys.exit(code if isinstance(code, int) else 0)
     except WeakbenchError as e:
         # printed literally: Rich markup would eat bracketed text such as "[x, y, w, h]"
@@ -557,13 +597,14 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+    except _usage_errors() as e:
+        from typer._click import exceptions as cx
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+        if not isinstance(e, cx.UsageError) and type(e).__name__ != "UsageError" and not hasattr(e, "ctx"):
+            e.show()  # a click FileError and the like: click's own one line
+            sys.exit(getattr(e, "exit_code", 1))
+        err_console.print(Text("error:", style="red") + Text(" " + usage_line(e)), highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

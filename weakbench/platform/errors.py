@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Mapping
+from typing import Iterable, Mapping
 
 
 _DBL_MAX = sys.float_info.max  # what MLflow's SQL stores return for ±inf
@@ -87,3 +87,21 @@ def is_finite_metrics(metrics: Mapping[str, float]) -> bool:
     except DivergenceError:
         return False
     return True
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance between ``a`` and ``b`` (insertions, deletions and substitutions cost 1);
+    e.g. ``edit_distance("resnet19", "resnet18") == 1``."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def nearest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """The ``n`` candidates closest to ``name`` by :func:`edit_distance` (ties: alphabetical), for a
+    "did you mean" in an error: ``nearest("resnet19", timm.list_models())[0] == "resnet18"``."""
+    return sorted(set(candidates), key=lambda c: (edit_distance(name, c), c))[:n]

@@ -1,0 +1,68 @@
+"""Command-line usage errors through the real entry points (``python -m weakbench`` and the
+installed ``weakbench`` console script): one line on stderr naming the command and the option, the
+fix, exit status 2; never a traceback. ``weakbench`` alone prints the help and exits 0."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": "80"}
+
+
+def _entry_points() -> list[list[str]]:
+    out = [[sys.executable, "-m", "weakbench"]]
+    script = Path(sys.executable).parent / "weakbench"
+    if script.is_file():
+        out.append([str(script)])
+    elif shutil.which("weakbench"):
+        out.append([shutil.which("weakbench")])
+    return out
+
+
+ENTRY_POINTS = _entry_points()
+
+# (arguments, words the one line must hold)
+CASES = [
+    (["registry"], ["weakbench registry", "list", "rollback"]),
+    (["dashboard"], ["weakbench dashboard", "build", "serve"]),
+    (["sweep", "search_spaces/cam.yaml", "--trails", "2"], ["--trails", "--trials"]),
+    (["sweep"], ["weakbench sweep", "SPACE"]),
+    (["sweep", "search_spaces/cam.yaml", "--trials", "0"], ["--trials", "0"]),
+    (["leaderboard", "--metric"], ["--metric"]),
+    (["status", "a", "b"], ["weakbench status", "unexpected extra argument"]),
+    (["registry", "list", "--bogus"], ["weakbench registry list", "--bogus"]),
+    (["dashboard", "build", "--bogus"], ["weakbench dashboard build", "--bogus"]),
+    (["evaluate", "--batch-size", "x"], ["--batch-size", "integer"]),
+    (["nosuchcommand"], ["nosuchcommand"]),
+]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda e: Path(e[-1]).name)
+@pytest.mark.parametrize("args,words", CASES, ids=lambda c: " ".join(c) if isinstance(c[0], str) else None)
+def test_usage_error_is_one_line_and_exit_2(entry, args, words):
+    p = subprocess.run(entry + args, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    line = lines[0].lower()
+    assert line.startswith("error:")
+    for w in words:
+        assert w.lower() in line, (w, line)
+    assert "--help" in line  # the fix: where to read the options
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda e: Path(e[-1]).name)
+def test_bare_command_prints_help_and_exits_0(entry):
+    p = subprocess.run(entry, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for command in ("sweep", "leaderboard", "status", "register", "registry", "dashboard", "methods"):
+        assert command in p.stdout
+    assert "Traceback" not in p.stderr
