@@ -66,3 +66,25 @@ def test_bare_command_prints_help_and_exits_0(entry):
     for command in ("sweep", "leaderboard", "status", "register", "registry", "dashboard", "methods"):
         assert command in p.stdout
     assert "Traceback" not in p.stderr
+
+
+def test_nearest_ranks_by_edit_distance():
+    from weakbench.platform.errors import edit_distance, nearest
+
+    assert edit_distance("resnet19", "resnet18") == 1 and edit_distance("", "abc") == 3
+    assert nearest("resnet19", ["cspresnet50", "resnet18", "resnet101", "eca_resnet33ts"])[0] == "resnet18"
+
+
+def test_unknown_backbone_suggests_the_nearest_first():
+    from weakbench.methods import validate_config
+    from weakbench.platform.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet19'.*nearest: resnet18,"):
+        validate_config("cam", {"backbone": "resnet19"})
+
+
+def test_misspelled_set_key_lists_the_nearest_and_valid_keys():
+    p = subprocess.run([sys.executable, "-m", "weakbench", "evaluate", "--method", "cam", "--set", "epoch=1", "--no-log"],
+                       capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    assert p.returncode == 2
+    assert "epoch: not a hyperparameter of 'cam'; nearest: epochs" in p.stderr and "valid: backbone," in p.stderr
