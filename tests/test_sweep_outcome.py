@@ -1,5 +1,5 @@
 """A sweep's outcome is the truth: exit codes, Tune errors reconciled into MLflow, distinct names,
-a clear refusal when Ray already runs here."""
+a clear refusal when a `ray start` cluster runs here."""
 
 from __future__ import annotations
 
@@ -126,10 +126,16 @@ def test_tune_errors_are_failed_in_mlflow(tmp_path, ray_local):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_sweep_without_address_while_ray_runs_is_refused_clearly(tmp_path, monkeypatch):
+def test_sweep_without_address_beside_a_ray_start_cluster_is_refused_clearly(tmp_path, monkeypatch):
+    """A live cluster that `ray start` recorded in Ray's address file is the one case where Ray's
+    default (join it) and weakbench's (a private instance) differ: the sweep asks which. The file in
+    /tmp/ray, which other Ray users of this machine read, is not written: the check reads the
+    address this test's (real) cluster would have recorded."""
     import ray._common.utils
     import ray._private.utils
     from ray.cluster_utils import Cluster
+
+    from weakbench.platform.sweep import _check_ray_target
 
     monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
     monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
@@ -137,15 +143,16 @@ def test_sweep_without_address_while_ray_runs_is_refused_clearly(tmp_path, monke
                                                             "include_dashboard": False})
     address = cluster.address
     try:
-        proc = subprocess.run([sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"),
-                               "--output-dir", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=100)
+        _check_ray_target(SweepOptions(space="x.yaml"))  # another driver's private instance: no refusal
+        monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda *a, **k: address)
+        with pytest.raises(ConfigError) as e:
+            _check_ray_target(SweepOptions(space="x.yaml"))
+        _check_ray_target(SweepOptions(space="x.yaml", address="local"))  # the user said which
     finally:
         cluster.shutdown()
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    err = proc.stderr.strip()
-    assert err.startswith("error: a Ray instance already runs on this machine") and address in err, err
-    assert "--address auto" in err and "--address local" in err and "Traceback" not in err
-    assert not (tmp_path / "o" / "mlflow.db").exists()  # refused before anything was created
+    err = str(e.value)
+    assert err.startswith("a Ray cluster started with `ray start` runs on this machine") and address in err, err
+    assert "--address auto" in err and "--address local" in err
 
 
 def test_interrupt_reconciliation_tells_interrupted_from_stopped(tmp_path):

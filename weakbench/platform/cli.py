@@ -30,14 +30,14 @@ from rich.text import Text
 
 from weakbench import __version__
 from weakbench.platform import conventions as C
-from weakbench.platform import run_spec
+from weakbench.platform import output, run_spec
 from weakbench.platform.errors import ConfigError, WeakbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="weakbench: sweeps, leaderboards and a model registry for weakly supervised localisation.")
-# not a terminal (a pipe, a log file, CI): render tables wide instead of squashing them to 80 columns
-console = Console(width=None if sys.stdout.isatty() else 180)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
+# a terminal's width; a pipe's (COLUMNS, else 80) as plain text: tables that do not fit are stacked, never cut
+console, err_console = output.console, output.err_console
+FORMAT = typer.Option(output.OutputFormat.table, "--format", "-f", help=output.FORMAT_HELP, case_sensitive=False)
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -306,7 +306,7 @@ def _run_sweep_with_view(opts, *, verbose: bool, show: bool = True):
     ours = not ray.is_initialized()  # a caller's own Ray instance (a notebook, a test) is left running
     try:
         with quiet:
-            view_console = (Console(file=quiet.terminal, width=None if quiet.terminal.isatty() else 180) if show
+            view_console = (Console(file=quiet.terminal, no_color=not quiet.terminal.isatty()) if show
                             else Console(file=io.StringIO()))
             observer = SweepObserver(view_console, quiet=quiet)
             try:
@@ -372,35 +372,47 @@ def leaderboard(
     report_split: str = typer.Option("test", "--report-split", help="Split whose metrics are reported."),
     baseline: str = typer.Option("cam", "--baseline", help="Method the others are compared with (paired over seeds)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Results store directory (default <output-dir>/results)."),
-    fmt: str = typer.Option("table", "--format", help="table (rich) or json (every board as plain records: intervals, "
-                            "images and seeds behind them, flags, verdicts)."),
+    fmt: output.OutputFormat = typer.Option(output.OutputFormat.table, "--format", "-f", case_sensitive=False, help=(
+        "table (fits the terminal, or the pipe's width as plain text), markdown, csv (one row per board row) or json "
+        "(every board as plain records: intervals, images and seeds behind them, flags, verdicts).")),
 ):
-    """Update the Parquet results store from MLflow and print the leaderboard."""
+    """Update the Parquet results store from MLflow and print the leaderboard (csv: one row per board row with each
+    metric's mean, std and 95% CI bounds and the board's selecting metric in column `board`; json: every board's records)."""
     from weakbench.platform import leaderboard as lb_mod
     from weakbench.platform import results
 
-    if fmt not in ("table", "json"):
-        raise ConfigError(f"--format {fmt!r}: use 'table' or 'json'")
     uri = _tracking_uri(output_dir, tracking_uri)
     store_dir = store or Path(output_dir) / "results"
     # a store on a read-only mount is not written: the runs are read from MLflow into memory
     table, report = results.current_table(uri, Path(store_dir), experiment=experiment)
     boards = lb_mod.build_boards(table, store_dir, select_metric=_metric_name(metric) if metric else None,
                                  report_split=report_split, baseline_method=baseline)
-    if fmt == "json":
+    if fmt.value == "json":
         import json
 
         print(json.dumps({"boards": [lb_mod.board_records(lb) for lb in boards], "store": str(store_dir),
                           "runs": report.n_total if report is not None else table.num_rows}, indent=1, default=str))
         return
+    rows: list[dict] = []
+    columns: dict[str, output.Column] = {"board": output.Column("board", "board")}
     for lb in boards:
-        if (lb.schema.metadata or {}).get(b"weakbench.kind") == b"evaluation":
+        evaluation = (lb.schema.metadata or {}).get(b"weakbench.kind") == b"evaluation"
+        key = (lb.schema.metadata or {}).get(b"weakbench.select_metric", b"").decode()
+        if fmt.value == "csv":  # one table of every method board's rows
+            if not evaluation:
+                rows += [{"board": key, **r} for r in lb.to_pylist()]
+                columns.update({c.key: c for c in lb_mod.board_columns(lb)})
+        elif evaluation:
             console.print(lb_mod.render_evaluation_rich(lb))
-            continue
-        console.print(lb_mod.render_rich(lb))
-        console.print(Text(lb_mod.legend(lb)), soft_wrap=False)
-    console.print(f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)" if report is not None else
-                  f"results store: {store_dir} is read-only; {table.num_rows} runs read from MLflow, nothing written")
+        else:
+            output.render(lb.to_pylist(), lb_mod.board_columns(lb), fmt=fmt, title=lb_mod.title(lb),
+                          notes=[lb_mod.board_caption(lb), lb_mod.legend(lb)])
+    if fmt.value == "csv":
+        output.render(rows, list(columns.values()), fmt=fmt)
+    (err_console if fmt.value == "csv" else console).print(
+        f"results store: {store_dir} ({report.n_total} runs, {report.n_new} new)" if report is not None else
+        f"results store: {store_dir} is read-only; {table.num_rows} runs read from MLflow, nothing written",
+        soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -775,6 +775,19 @@ def title(lb: pa.Table) -> str:
     return f"Leaderboard — selected on {sel} ({metric}), reported on {rep}"
 
 
+def board_caption(lb: pa.Table) -> str:
+    """The line under a printed board: what its intervals cover and what ✗ means."""
+    if any(r.get("n_images") for r in lb.to_pylist()):
+        return ("mean ± std over seeds [95% CI: a bootstrap over test images and seeds where the row has per-image "
+                "results ('interval covers'), else over seeds only]; ✗ (red): not shown to beat the best trivial "
+                "baseline; verdicts paired image by image, Holm-corrected over the board's comparisons; a seed-free "
+                "row (the trivial baselines, a 0-epoch pretrained CAM) has no seed noise, but test-image noise")
+    return ("mean ± std over seeds [95% bootstrap CI over seeds only: no per-image results, test images held "
+            f"fixed]; n/a with one seed; ✗ (red): does not beat the best trivial baseline beyond seed noise "
+            f"(≥ {MIN_SEEDS_BEYOND_NOISE} seeds needed); a seed-free row (the trivial baselines, a 0-epoch "
+            "pretrained CAM) is a constant here")
+
+
 def render_rich(lb: pa.Table, max_metrics: int = 5):
     """A :class:`rich.table.Table` of the leaderboard whose title says which split selected and
     which split is reported. Shows the primary metric and up to ``max_metrics - 1`` headline
@@ -784,22 +797,8 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     from rich.table import Table
     from rich.markup import escape
 
-    reported = leaderboard_metrics(lb)
-    box = _box_column(lb)
-    headline = [n for n in reported[1:] if n == box or _display_rank(n) < len(D.DISPLAY_ORDER)]
-    names = (reported[:1] + headline)[:max_metrics]
-    rows_ = lb.to_pylist()
-    if any(r.get("n_images") for r in rows_):
-        caption = ("mean ± std over seeds [95% CI: a bootstrap over test images and seeds where the row has per-image "
-                   "results ('interval covers'), else over seeds only]; ✗ (red): not shown to beat the best trivial "
-                   "baseline; verdicts paired image by image, Holm-corrected over the board's comparisons; a seed-free "
-                   "row (the trivial baselines, a 0-epoch pretrained CAM) has no seed noise, but test-image noise")
-    else:
-        caption = ("mean ± std over seeds [95% bootstrap CI over seeds only: no per-image results, test images held "
-                   f"fixed]; n/a with one seed; ✗ (red): does not beat the best trivial baseline beyond seed noise "
-                   f"(≥ {MIN_SEEDS_BEYOND_NOISE} seeds needed); a seed-free row (the trivial baselines, a 0-epoch "
-                   "pretrained CAM) is a constant here")
-    t = Table(title=title(lb), caption=caption)
+    names = shown_metrics(lb, max_metrics)
+    t = Table(title=title(lb), caption=board_caption(lb))
     for col in ("dataset", "method", "backbone", "seeds/trials"):
         t.add_column(col)
     meta = lb.schema.metadata or {}
@@ -845,6 +844,56 @@ def verdicts_cell(r: dict[str, Any]) -> str:
 
 def _fmt_signed(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
+
+
+def shown_metrics(lb: pa.Table, max_metrics: int = 5) -> list[str]:
+    """The metrics a printed board shows: the primary one, then the box-filled baseline and the
+    headline metrics of :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER`, at most
+    ``max_metrics``."""
+    reported = leaderboard_metrics(lb)
+    box = _box_column(lb)
+    headline = [n for n in reported[1:] if n == box or _display_rank(n) < len(D.DISPLAY_ORDER)]
+    return (reported[:1] + headline)[:max_metrics]
+
+
+def board_columns(lb: pa.Table, max_metrics: int = 5) -> list:
+    """The columns of the printed board for :func:`weakbench.platform.output.render`, over the
+    records ``lb.to_pylist()``: the same cells as :func:`render_rich`; csv/json export each metric's
+    mean, std and 95 % CI bounds and the comparisons' numbers. A new board column is one more entry."""
+    from weakbench.platform.output import Column
+
+    meta = lb.schema.metadata or {}
+    base = meta.get(b"weakbench.baseline_method", b"cam").decode()
+    select = meta.get(b"weakbench.select_metric", b"val").decode()
+
+    def stat(m: str):
+        return lambda r: format_stat(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.ci_low"], r[f"{m}.ci_high"])
+
+    def vs_base(r) -> str:
+        diff, vs = r.get("baseline_diff_mean"), r.get("baseline_verdict") or ""
+        return f"{diff:+.2f}: {vs}" if diff is not None and not math.isnan(diff) else vs
+
+    def flagged(r) -> str | None:
+        return "red" if r.get("below_trivial") else None
+
+    cols = [Column("dataset", "dataset", style=flagged), Column("method", "method", style=flagged),
+            Column("backbone", "backbone", style=flagged),
+            Column("n_seeds", "seeds/trials", text=lambda r: f"{r['n_seeds']}/{r['n_trials']}", fields=("n_seeds", "n_trials")),
+            Column("select_mean", f"{select} (mean)", kind="number", text=lambda r: _fmt(r["select_mean"]))]
+    for m in shown_metrics(lb, max_metrics):
+        spec = D.lookup(m)
+        cols.append(Column(m, f"{spec.display}\n{m}" if spec else m, kind="number", text=stat(m), style=flagged,
+                           fields=tuple(f"{m}.{k}" for k in ("mean", "std", "ci_low", "ci_high"))))
+    cols += [Column("gpu_hours", "GPU-h / CPU-h", kind="number", text=lambda r: f"{_fmt(r['gpu_hours'])} / {_fmt(r['cpu_hours'])}",
+                    fields=("gpu_hours", "cpu_hours")),
+             Column("baseline_verdict", f"vs {base}", text=vs_base, fields=("baseline_diff_mean", "baseline_verdict")),
+             Column("trivial_verdict", "vs best trivial baseline", text=trivial_cell, style=flagged,
+                    fields=("trivial_diff_mean", "trivial_verdict", "below_trivial"))]
+    if any(r.get("verdicts") or r.get("flags") for r in lb.to_pylist()):  # rows with per-image results
+        cols += [Column("noise", "interval covers"),
+                 Column("verdicts", "paired verdicts (95 % CI; Holm over the board)", text=verdicts_cell),
+                 Column("flags", "flags", text=lambda r: "; ".join(r.get("flags") or []))]
+    return cols
 
 
 def trivial_cell(r: dict[str, Any]) -> str:

@@ -197,11 +197,12 @@ class SweepOptions(BaseModel):
         cli=flag("--set", key_value=True, help="Override a hyperparameter for every trial, KEY=VALUE (repeatable)."))
     address: str | None = option(
         None, role=Role.PLACE,
-        description="Ray cluster address ('auto' joins the local one, 'local' starts a private one); None starts a "
-                    "private local instance and refuses when another already runs on this machine",
-        cli=flag("--address", help="Ray cluster address; 'auto' joins the Ray instance running on this machine, 'local' "
-                                   "starts a private one beside any other (default: start a private local instance, "
-                                   "refused when another Ray instance already runs here)."))
+        description="Ray cluster address ('auto' joins the local one, 'local' starts a private one); None: RAY_ADDRESS, "
+                    "else a private local instance beside any other driver's, refused only where a `ray start` "
+                    "cluster runs on this machine (Ray's own default would join it)",
+        cli=flag("--address", help="Ray cluster address (or RAY_ADDRESS); 'auto' joins the `ray start` cluster of this "
+                                   "machine, 'local' starts a private one. Default: a private local instance, beside "
+                                   "other sweeps' instances; asks which when a `ray start` cluster runs here."))
     max_failures: int = option(
         2, ge=0, role=Role.TRIAL,
         description="restarts of a trial whose worker, actor or node died (Tune's FailureConfig); each restart resumes "

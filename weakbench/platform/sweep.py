@@ -314,16 +314,37 @@ def _running_ray_instances() -> list[str]:
     return sorted(set(services.find_gcs_addresses()))
 
 
+def _recorded_ray_cluster(running: list[str]) -> str | None:
+    """The cluster ``ray start`` recorded on this machine (Ray's address file,
+    ``/tmp/ray/ray_current_cluster``) when it is one of the ``running`` instances, else None."""
+    from ray._private import utils
+
+    recorded = utils.read_ray_address()
+    if not recorded:
+        return None
+    port = recorded.rsplit(":", 1)[-1]
+    return next((a for a in running if a == recorded or a.rsplit(":", 1)[-1] == port), None)
+
+
 def _check_ray_target(opts: SweepOptions) -> None:
-    """Refuse, before anything is created, a sweep without ``--address`` on a machine where Ray runs."""
+    """Refuse, before anything is created, a sweep without ``--address`` (nor ``RAY_ADDRESS``) only
+    where Ray's own default would be ambiguous.
+
+    The rule is Ray's: ``ray.init()`` with no address joins ``RAY_ADDRESS``, else the cluster the
+    last ``ray start`` recorded on this machine, else starts a private instance; it never joins an
+    instance that another driver started with ``ray.init()`` (another weakbench sweep, a notebook).
+    So beside such instances this sweep starts its own private one. A live ``ray start`` cluster is
+    the case Ray would join and weakbench (private by default) would not: the sweep asks which.
+    """
     import ray
 
     if ray.is_initialized() or opts.address or os.environ.get("RAY_ADDRESS"):
         return
     running = _running_ray_instances()
-    if running:
-        raise ConfigError(f"a Ray instance already runs on this machine ({', '.join(running)}); pass --address auto "
-                          f"(or --address {running[0]}) to run the sweep on it, or --address local to start a "
+    started = _recorded_ray_cluster(running)
+    if started:
+        raise ConfigError(f"a Ray cluster started with `ray start` runs on this machine ({started}); pass --address auto "
+                          f"(or --address {started}) to run the sweep on it, or --address local to start a "
                           f"private instance beside it")
 
 
@@ -336,8 +357,10 @@ def _free_port() -> int:
 
 
 def _ensure_ray(opts: SweepOptions) -> None:
-    """Connect this driver to Ray: ``--address ADDR|auto`` joins a cluster, ``--address local`` (or no
-    address on a machine where no Ray runs) starts a private local instance of ``--num-cpus``.
+    """Connect this driver to Ray: ``--address ADDR|auto`` (or ``RAY_ADDRESS``) joins a cluster;
+    ``--address local``, or no address, starts a private local instance of ``--num-cpus``, beside
+    any other driver's instance (:func:`_check_ray_target` refuses only where a ``ray start``
+    cluster runs here, which Ray itself would join).
 
     Ray's State API (served by the head's dashboard) must answer on the head node for the Train
     executor: Ray Train's ``PlacementGroupCleaner`` (a detached actor on the head) asks it whether a
@@ -353,8 +376,8 @@ def _ensure_ray(opts: SweepOptions) -> None:
     inline executor starts without a dashboard: none of its trials asks the State API.
 
     Raises:
-        ConfigError: no ``--address`` while another Ray instance runs on this machine (joining it
-            would be an accident: Ray would refuse ``--num-cpus``, or pick one of several);
+        ConfigError: no ``--address`` while a ``ray start`` cluster runs on this machine (Ray's
+            default would join it, weakbench's would not: the user says which);
             ``--num-cpus`` with a cluster address; no State API on the cluster's head (Train
             executor).
     """
