@@ -6,6 +6,7 @@ from weakbench.methods.base import (  # noqa: F401
     StageContext,
     StepContext,
     build_method,
+    describe_hyperparameters,
     get_method_class,
     list_methods,
     register_method,

@@ -47,7 +47,7 @@ from weakbench.platform.metric_declarations import DEFAULT_HEADLINE, MechanismCh
 
 __all__ = ["Method", "MethodConfig", "ClassifierConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
-           "normalize_maps", "resize_maps", "search_space_dir"]
+           "describe_hyperparameters", "normalize_maps", "resize_maps", "search_space_dir"]
 
 PipelineShape = Literal["classifier_cam", "detector_attribution", "multi_branch"]
 
@@ -643,6 +643,72 @@ def validate_config(name: str, params: Mapping[str, Any], source: str = "config"
 
         problems = "; ".join(problem(err) for err in e.errors())
         raise ConfigError(f"{source}: invalid hyperparameters for method {name!r}: {problems}") from None
+
+
+def _type_name(annotation: Any) -> str:
+    """``float``, ``int | None``, ``one of constant, poly`` (a Literal), ``tuple[float, ...]``."""
+    import typing
+
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(v) for v in typing.get_args(annotation))
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _range(field: Any) -> str:
+    """The bounds a field's constraints set, as an interval: ``[0, 1000]``, ``(0, 10]``, ``≥ 2``;
+    ``""`` without bounds (a Literal's values are in its type)."""
+    lo = hi = None
+    for m in field.metadata:
+        for attr, side, closed in (("ge", "lo", True), ("gt", "lo", False), ("le", "hi", True), ("lt", "hi", False)):
+            v = getattr(m, attr, None)
+            if v is not None:
+                if side == "lo":
+                    lo = (v, closed)
+                else:
+                    hi = (v, closed)
+    if lo and hi:
+        return f"{'[' if lo[1] else '('}{lo[0]:g}, {hi[0]:g}{']' if hi[1] else ')'}"
+    if lo:
+        return f"{'≥' if lo[1] else '>'} {lo[0]:g}"
+    if hi:
+        return f"{'≤' if hi[1] else '<'} {hi[0]:g}"
+    return ""
+
+
+def paper_name(field: Any) -> str:
+    """The paper's symbol of a hyperparameter (``λ1``, ``S``, ``α``): ``json_schema_extra={"paper":
+    ...}`` when the field declares it, else the description's leading symbol before a comma (the
+    schemas' convention: ``"λ1, weight of CRR (eq. 5)"``); ``""`` for the engine's common fields."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if extra.get("paper"):
+        return str(extra["paper"])
+    head, sep, _ = (field.description or "").partition(",")
+    head = head.strip()
+    symbol = 0 < len(head) <= 4 and " " not in head and (not head.isascii() or not head.isalpha() or len(head) <= 2)
+    return head if sep and symbol else ""
+
+
+def describe_hyperparameters(name: str) -> list[dict[str, Any]]:
+    """One record per hyperparameter of method ``name``'s schema: ``name``, ``paper`` (the paper's
+    symbol, :func:`paper_name`), ``type``, ``default``, ``range`` (the schema's bounds), ``own``
+    (declared by the method rather than by the base schema it extends) and ``description``; the method's
+    own fields first, each group in declaration order.
+
+    Raises:
+        UnknownNameError: ``name`` is not a registered method.
+    """
+    cls = get_method_class(name)
+    parent = next((b for b in cls.Config.__mro__[1:] if isinstance(b, type) and issubclass(b, MethodConfig)), MethodConfig)
+    common = set(parent.model_fields)
+    rows = []
+    for key, f in cls.Config.model_fields.items():
+        default = f.get_default(call_default_factory=True)
+        rows.append({"name": key, "paper": paper_name(f), "type": _type_name(f.annotation),
+                     "default": list(default) if isinstance(default, tuple) else default, "range": _range(f),
+                     "own": key not in common, "description": f.description or ""})
+    return sorted(rows, key=lambda r: not r["own"])
 
 
 def build_method(name: str, params: Mapping[str, Any] | MethodConfig | None = None, *, num_classes: int, multilabel: bool = True) -> Method:

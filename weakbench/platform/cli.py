@@ -493,14 +493,45 @@ def evaluate(
 
 
 @app.command()
-def methods():
-    """List the registered methods with their pipeline shape and default search space."""
-    from weakbench.methods import get_method_class, list_methods
+def methods(
+    name: Optional[str] = typer.Argument(None, metavar="[NAME]", help="A method: list its hyperparameters."),
+    fmt: output.OutputFormat = FORMAT,
+):
+    """List the registered methods (pipeline shape, default search space); with NAME, the method's hyperparameters:
+    the paper's symbol, type, default, allowed range, the default search space's distribution and what each means."""
+    from weakbench.methods import describe_hyperparameters, get_method_class, list_methods
 
-    for name in list_methods():
-        cls = get_method_class(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        console.print(f"[bold]{name}[/] ({cls.shape}) — {doc}  [dim]{cls.default_search_space()}[/]")
+    if name is None:
+        rows = []
+        for m in list_methods():
+            cls = get_method_class(m)
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            rows.append({"name": m, "shape": cls.shape, "description": doc, "search_space": str(cls.default_search_space())})
+        cols = [output.Column("name", "method"), output.Column("shape", "shape"),
+                output.Column("description", "description"), output.Column("search_space", "default search space", kind="path")]
+        output.render(rows, cols, fmt=fmt, title="Registered methods", notes=["weakbench methods NAME lists a method's hyperparameters."])
+        return
+    cls = get_method_class(name)
+    rows = describe_hyperparameters(name)
+    space_file, searched = cls.default_search_space(), {}
+    try:
+        from weakbench.platform.search_space import load_search_space
+
+        space = load_search_space(space_file)
+        searched = {k: f"{d.kind} {d.values}" for k, d in space.search.items()}
+        fixed = dict(space.fixed)
+    except Exception:  # noqa: BLE001 - the schema is the answer; the space file only adds a column
+        fixed = {}
+    for r in rows:
+        r["search"] = searched.get(r["name"]) or (f"fixed {fixed[r['name']]}" if r["name"] in fixed else "")
+    cols = [output.Column("name", "name"), output.Column("paper", "paper"), output.Column("type", "type"),
+            output.Column("default", "default", text=lambda r: "None" if r["default"] is None else str(r["default"])),
+            output.Column("range", "range"), output.Column("search", f"in {Path(space_file).name}"),
+            output.Column("description", "description")]
+    doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    output.render(rows, cols, fmt=fmt, title=f"{name} ({cls.shape}): {doc}",
+                  notes=[f"The method's own hyperparameters first, then those every method shares. Set one with "
+                         f"--set KEY=VALUE or in a search-space file (default {space_file})."])
 
 
 @app.command("data")

@@ -190,24 +190,31 @@ def _table(records, columns, *, title, notes, out: Console) -> None:
     else:
         stacked(records, columns, title=title, out=out)
     for n in notes:
-        out.print(Text("\n".join(textwrap.wrap(n, out.width, break_long_words=False, break_on_hyphens=False)),
-                       style="dim" if out.is_terminal else ""), soft_wrap=True)
+        out.print(Text(_wrap(n, out.width), style="dim" if out.is_terminal else ""), soft_wrap=True)
+
+
+def _wrap(text: str, width: int) -> str:
+    """``text`` wrapped at spaces to ``width`` columns; a word longer than that (a path, a URI) stays whole."""
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False))
 
 
 def stacked(records: Sequence[Mapping[str, Any]], columns: Sequence[Column], *, title: str | None = None,
             out: Console | None = None) -> None:
-    """Each record as a block of ``header: value`` lines (a table too wide for the screen): every
-    column kept, prose wrapped at spaces under its header, paths and URIs on one line, uncut."""
+    """Each record as a block of ``header  value`` lines (a table too wide for the screen): every
+    column kept (a line per non-empty cell), prose wrapped at spaces beside its header, paths and
+    URIs on one line, uncut."""
     out = out or console
     heads = [" ".join(c.header.split("\n")) for c in columns]
     pad = min(max(len(h) for h in heads), max(12, out.width // 3))
     if title:
-        out.print(Text(title, style="bold" if out.is_terminal else ""), soft_wrap=True)
+        out.print(Text(_wrap(title, out.width), style="bold" if out.is_terminal else ""), soft_wrap=True)
     for i, r in enumerate(records, 1):
         out.print(Text(f"-- {i} of {len(records)} " + "-" * max(0, min(out.width, 60) - 10 - len(str(i)) - len(str(len(records))))),
                   soft_wrap=True)
         for c, h in zip(columns, heads):
             value = c.cell(r)
+            if not value:
+                continue  # nothing to say under this header for this row
             lead = f"{h:<{pad}}  " if len(h) <= pad else f"{h}\n{'':<{pad}}  "
             indent = " " * (pad + 2)
             if c.kind == "path" or len(lead.split("\n")[-1]) + len(value) <= out.width:
