@@ -80,14 +80,17 @@ def test_register_load_predict_rollback(store):
     assert logits.shape == (2, 3) and cams.shape[:2] == (2, 3) and torch.isfinite(cams).all()
 
     # a better run arrives: the second registration moves @champion to version 2
-    newer = _log_trial(client, exp_id, parent, 0.1, 2, 70.0, 52.0, with_model=False)
-    assert newer
-    info2 = registry.register_best(store, "cam", dataset="toy")  # still the lr=0.1 config, best seed with a model
-    assert info2.version == 2 and info2.run_id == best_run
+    newer = _log_trial(client, exp_id, parent, 0.1, 2, 70.0, 52.0, with_model=True)
+    info2 = registry.register_best(store, "cam", dataset="toy")  # still the lr=0.1 config, now its best seed
+    assert (info2.version, info2.run_id, info2.new) == (2, newer, True)
     assert int(client.get_model_version_by_alias(info.name, "champion").version) == 2
+    # registering the run that already is a version adds none, and says so
+    again = registry.register_best(store, "cam")
+    assert (again.version, again.run_id, again.new) == (2, newer, False)
+    assert len(client.search_model_versions(f"name = '{info.name}'")) == 2
     # another alias does not touch @champion
     info3 = registry.register_best(store, "cam", alias="challenger")
-    assert int(client.get_model_version_by_alias(info.name, "challenger").version) == info3.version == 3
+    assert int(client.get_model_version_by_alias(info.name, "challenger").version) == info3.version == 2
     assert int(client.get_model_version_by_alias(info.name, "champion").version) == 2
 
     assert registry.rollback(store, info.name) == 1
@@ -96,13 +99,12 @@ def test_register_load_predict_rollback(store):
         registry.rollback(store, info.name)
 
     rows = registry.list_registered(store)
-    assert [(r.version, r.aliases) for r in rows] == [(3, ("challenger",)), (2, ()), (1, ("champion",))]
-    assert all(r.run_id == best_run for r in rows)
+    assert [(r.version, r.aliases, r.run_id) for r in rows] == [(2, ("challenger",), newer), (1, ("champion",), best_run)]
 
     out = CliRunner().invoke(registry.app, ["list", "--tracking-uri", store], env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
     assert "weakbench-cam-toy" in out.output and "@champion" in out.output
-    registry.set_alias(store, info.name, "champion", 3)
+    registry.set_alias(store, info.name, "champion", 2)
     out = CliRunner().invoke(registry.app, ["rollback", info.name, "--tracking-uri", store])
     assert out.exit_code == 0, out.output
     assert "version 1" in out.output

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from weakbench.platform.conventions import DEFAULT_EXPERIMENT
+from weakbench.platform.conventions import DEFAULT_EXPERIMENT, TRACKING_URI_ENVVARS
 
 app = typer.Typer(help="Leaderboard and sweep dashboard: one HTML file that works offline.", no_args_is_help=True)
 
@@ -25,7 +25,7 @@ app = typer.Typer(help="Leaderboard and sweep dashboard: one HTML file that work
 def build(
     store: Path = typer.Option(Path("weakbench_runs/results"), "--store", help="results store directory (Parquet)"),
     tracking_uri: Optional[str] = typer.Option(
-        None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+        None, "--tracking-uri", envvar=list(TRACKING_URI_ENVVARS),
         help="MLflow tracking URI; new runs are added to the store first and overlays are fetched from it "
              "(default: sqlite:///<store>/../mlflow.db when that file exists, as `weakbench sweep` lays it out)"),
     experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="MLflow experiment name"),

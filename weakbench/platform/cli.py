@@ -71,7 +71,7 @@ def _typer_parameter(name: str) -> tuple[Any, Any]:
         annotation, default = bool, not default
     else:
         annotation = _cli_type(field.annotation)
-    extra = {k: cli[k] for k in ("envvar", "min") if cli[k] is not None}
+    extra = {k: (list(cli[k]) if isinstance(cli[k], tuple) else cli[k]) for k in ("envvar", "min") if cli[k] is not None}
     return annotation, typer.Option(default, *cli["names"], help=cli["help"] or None, **extra)
 
 
@@ -275,7 +275,8 @@ def _add_trivial_baselines(opts, s) -> None:
     size = int(float(size))
     missing = trivial.missing_baselines(client, best.info.experiment_id, fingerprint=fingerprint, input_size=size)
     for name in missing:
-        bopts = trivial.baseline_sweep_options(opts, name, input_size=size)
+        bopts = trivial.baseline_sweep_options(opts, name, input_size=size).model_copy(
+            update={"name": trivial.automatic_sweep_name(name, s.sweep_name)})
         try:
             b = _run_sweep_with_view(bopts, verbose=False, show=False)
         except WeakbenchError as e:
@@ -333,6 +334,7 @@ def status(
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment name (default: the sweep's, or weakbench)."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the sweep ends (Ctrl-C stops watching, not the sweep)."),
     interval: float = typer.Option(5.0, "--interval", help="Seconds between refreshes with --watch."),
+    fmt: output.OutputFormat = FORMAT,
 ):
     """Show a sweep's trials (running elsewhere, or finished): configuration, status, epoch / stage, latest and best
     validation metric, elapsed time, estimate left. Reads the driver's record <output-dir>/sweeps/<name>/state.json
@@ -344,8 +346,14 @@ def status(
         return load_view(sweep_name, output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment)
 
     v = view()
-    if not watch:
-        console.print(v.renderable())
+    if fmt.value in ("csv", "json"):  # the trials only; the header line is for people
+        output.render(v.records(), v.columns(), fmt=fmt)
+        return
+    if not watch or not console.is_terminal:  # a pipe gets the table once, even with --watch
+        console.print(v.header(), soft_wrap=True)
+        output.render(v.records(), v.columns(), fmt=fmt)
+        if v.note:
+            console.print(Text(v.note, style="dim"), soft_wrap=True)
         return
     import time
 
@@ -431,8 +439,12 @@ def register(
     key = _metric_name(metric or _headline(method))
     info = registry.register_best(_tracking_uri(output_dir, tracking_uri), method, select_metric=key,
                                   dataset=dataset, model_name=model_name, alias=alias)
-    console.print(f"registered [bold]{info.name}[/] version {info.version} from run {info.run_id} "
-                  f"({key} = {info.metric_value:.2f}); alias @{alias}")
+    if info.new:
+        console.print(f"registered [bold]{info.name}[/] version {info.version} from run {info.run_id} "
+                      f"({key} = {info.metric_value:.2f}); alias @{alias}")
+    else:
+        console.print(f"run {info.run_id} ({key} = {info.metric_value:.2f}) already is [bold]{info.name}[/] version "
+                      f"{info.version}: no version added; alias @{alias} points at it")
     console.print(f"load it with: weakbench predict --model models:/{info.name}@{alias} IMAGE...")
 
 

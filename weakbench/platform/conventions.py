@@ -48,6 +48,9 @@ KIND_SWEEP = "sweep"
 KIND_TRIAL = "trial"
 
 DEFAULT_EXPERIMENT = "weakbench"
+# the environment variables of --tracking-uri, for every command: weakbench's own first, then MLflow's
+# (the one MLflow's tools read), kept as an alias
+TRACKING_URI_ENVVARS = ("WEAKBENCH_TRACKING_URI", "MLFLOW_TRACKING_URI")
 MODEL_ARTIFACT = "model"
 OVERLAY_DIR = "overlays"
 #: artifact folder of a run's per-image results, ``per_image/<split>/per_image.parquet`` per evaluated split

@@ -250,6 +250,36 @@ class SweepView:
                       fmt_seconds(r.elapsed(now)), "" if left in (None, 0.0) else fmt_seconds(left))
         return t
 
+    def records(self, now: float | None = None) -> list[dict[str, Any]]:
+        """The trials as plain records for :func:`weakbench.platform.output.render` (the rows of
+        :meth:`table`, raw: seconds as numbers, the searched parameters under their names)."""
+        now = now or time.time()
+        out = []
+        for r in sorted(list(self.rows.values()), key=lambda r: (r.started or float("inf"), r.trial_id)):
+            stage = r.stage if r.status in ("running", "starting") else (
+                f"{r.epoch} epoch{'s' if r.epoch != 1 else ''}" if r.status in ("finished", "stopped", "failed") else "")
+            left = r.left(now)
+            out.append({"trial": r.trial_id, **{k: r.params.get(k) for k in self.searched}, "status": r.status,
+                        "stage": stage or ("start-up" if r.status == "starting" else ""), "latest": r.latest,
+                        "best": r.best, "elapsed_s": r.elapsed(now), "left_s": None if left in (None, 0.0) else left,
+                        "error": r.error})
+        return out
+
+    def columns(self) -> list:
+        """The columns of :meth:`records` (the live table's), for :func:`weakbench.platform.output.render`."""
+        from weakbench.platform.output import Column
+
+        def secs(key: str):
+            return lambda r: "" if r.get(key) is None else fmt_seconds(r[key])
+
+        return ([Column("trial", "trial")]
+                + [Column(k, k, kind="number", text=(lambda r, k=k: fmt_value(r.get(k)))) for k in self.searched]
+                + [Column("status", "status", style=lambda r: _STATUS_STYLE.get(r["status"])), Column("stage", "epoch / stage"),
+                   Column("latest", self.metric.split("/", 1)[-1], kind="number", text=lambda r: fmt_metric(r["latest"])),
+                   Column("best", "best", kind="number", text=lambda r: fmt_metric(r["best"])),
+                   Column("elapsed_s", "elapsed", kind="number", text=secs("elapsed_s")),
+                   Column("left_s", "left", kind="number", text=secs("left_s"))])
+
     def renderable(self):
         now = time.time()
         parts: list[Any] = [self.header(now), self.table(now)]
@@ -579,14 +609,17 @@ def _space_of(saved: dict[str, Any]):
 
 
 def find_sweep_dir(output_dir: str | Path, name: str | None) -> Path | None:
-    """``<output_dir>/sweeps/<name>``, or the most recently started sweep there when ``name`` is None
-    (a folder whose start failed is skipped: :func:`weakbench.platform.sweep_state.started_sweeps`)."""
+    """``<output_dir>/sweeps/<name>``, or, when ``name`` is None, the most recently started sweep there
+    (a folder whose start failed is skipped: :func:`weakbench.platform.sweep_state.started_sweeps`) that
+    the user started (not a trivial-baseline sweep that ``weakbench sweep`` added after it,
+    :func:`weakbench.platform.trivial.is_automatic_sweep`)."""
     from weakbench.platform.sweep_state import started_sweeps
+    from weakbench.platform.trivial import is_automatic_sweep
 
     sweeps = Path(output_dir) / "sweeps"
     if name:
         return sweeps / name
-    cands = started_sweeps(sweeps)
+    cands = [p for p in started_sweeps(sweeps) if not is_automatic_sweep(p.name)]
     return cands[-1] if cands else None
 
 

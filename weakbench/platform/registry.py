@@ -32,6 +32,7 @@ import typer
 from weakbench.platform import conventions as C
 from weakbench.platform.errors import DataError, UnknownNameError, is_finite_metrics
 from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC, higher_is_better
+from weakbench.platform.output import FORMAT_HELP, OutputFormat
 
 HISTORY_TAG = "weakbench.alias_history."
 
@@ -39,12 +40,14 @@ HISTORY_TAG = "weakbench.alias_history."
 @dataclasses.dataclass(frozen=True)
 class RegisteredModelInfo:
     """Result of :func:`register_best`: registered model ``name``, new ``version`` (int), the
-    source ``run_id`` and its value of the selection metric (``metric_value``, metric units)."""
+    source ``run_id`` and its value of the selection metric (``metric_value``, metric units); ``new`` is
+    False when the run already was a version of the model (that version, nothing added)."""
 
     name: str
     version: int
     run_id: str
     metric_value: float
+    new: bool = True  # False: the run already was this version; nothing was added
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +191,24 @@ def register_best(
     from weakbench.platform.model_format import fetch_spec
 
     fetch_spec(run.data.tags[C.TAG_MODEL_URI], tracking_uri)  # a pickled or foreign model is refused, never read
+    existing = _version_of_run(client, name, run.info.run_id)
+    if existing is not None:  # registering the same run again adds no version; the alias still moves to it
+        _move_alias(client, name, alias, existing)
+        return RegisteredModelInfo(name=name, version=existing, run_id=run.info.run_id, metric_value=value, new=False)
     with _tracking(tracking_uri):
         mv = mlflow.register_model(run.data.tags[C.TAG_MODEL_URI], name, tags=tags)
     version = int(mv.version)
     _move_alias(client, name, alias, version)
     return RegisteredModelInfo(name=name, version=version, run_id=run.info.run_id, metric_value=value)
+
+
+def _version_of_run(client, name: str, run_id: str) -> int | None:
+    """The version of registered model ``name`` made from run ``run_id`` (the latest, if several), or None."""
+    try:
+        versions = client.search_model_versions(f"name = '{_quote(name)}' and run_id = '{_quote(run_id)}'")
+    except Exception:  # noqa: BLE001 - no such model yet (MLflow raises for an unknown name on some stores)
+        return None
+    return max((int(v.version) for v in versions), default=None)
 
 
 def _history(client: Any, name: str, alias: str) -> list[int]:
@@ -316,28 +332,36 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None):
 # ---------------------------------------------------------------------- CLI sub-app
 app = typer.Typer(help="Registered models: list versions and aliases, roll an alias back.", no_args_is_help=True)
 
-_URI = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking/registry URI (default: sqlite:///<output-dir>/mlflow.db)")
+_URI = typer.Option(None, "--tracking-uri", envvar=list(C.TRACKING_URI_ENVVARS),
+                   help="MLflow tracking/registry URI (default: sqlite:///<output-dir>/mlflow.db); env WEAKBENCH_TRACKING_URI, "
+                        "or its alias MLFLOW_TRACKING_URI")
 _OUT = typer.Option("weakbench_runs", "--output-dir", "-o", help="weakbench output directory holding mlflow.db")
 
 
 @app.command("list")
 def list_cmd(name: Optional[str] = typer.Argument(None, help="only this registered model"), tracking_uri: Optional[str] = _URI,
-             output_dir: str = _OUT) -> None:
+             output_dir: str = _OUT,
+             fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", case_sensitive=False, help=FORMAT_HELP)) -> None:
     """List registered models, their versions, aliases and selection metric."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    from weakbench.platform import output
 
-    rows = list_registered(_uri(tracking_uri, output_dir), name)
-    t = Table(title="Registered models")
-    for col in ("name", "version", "aliases", "run id", "selected by", "value", "created (UTC)", "format"):
-        t.add_column(col, no_wrap=col in ("name", "aliases", "run id"))
-    for r in rows:
-        t.add_row(escape(r.name), str(r.version), escape(", ".join("@" + a for a in r.aliases)), r.run_id or "",
-                  escape(r.tags.get("weakbench.select_metric", "")), _short(r.tags.get("weakbench.select_value")),
-                  r.created.strftime("%Y-%m-%d %H:%M"), escape(r.model_format))
-    Console().print(t if rows else "no registered models")
-    refused = [r for r in rows if r.model_format.startswith("refused")]
+    listed = list_registered(_uri(tracking_uri, output_dir), name)
+    rows = [{"name": r.name, "version": r.version, "aliases": ["@" + a for a in r.aliases], "run_id": r.run_id or "",
+             "select_metric": r.tags.get("weakbench.select_metric", ""), "select_value": _float(r.tags.get("weakbench.select_value")),
+             "created_utc": r.created.strftime("%Y-%m-%d %H:%M"), "format": r.model_format,
+             "uri": f"models:/{r.name}/{r.version}"}
+            for r in listed]
+    cols = [output.Column("name", "name"), output.Column("version", "version", kind="number"),
+            output.Column("aliases", "aliases", text=lambda r: ", ".join(r["aliases"])),
+            output.Column("run_id", "run id", kind="path"), output.Column("select_metric", "selected by"),
+            output.Column("select_value", "value", kind="number", text=lambda r: _short(r["select_value"])),
+            output.Column("created_utc", "created (UTC)"), output.Column("format", "format"),
+            output.Column("uri", "model URI", kind="path")]
+    if rows or fmt.value not in ("table", "markdown"):
+        output.render(rows, cols, fmt=fmt, title="Registered models")
+    else:
+        output.console.print("no registered models")
+    refused = [r for r in listed if r.model_format.startswith("refused")]
     if refused:
         from weakbench.platform.model_format import UNSAFE_PICKLE_ENV
 
@@ -363,8 +387,12 @@ def _uri(tracking_uri: str | None, output_dir: str = "weakbench_runs") -> str:
     return tracking_uri or default_tracking_uri(output_dir)
 
 
-def _short(v: str | None) -> str:
+def _float(v: str | None) -> float | None:
     try:
-        return f"{float(v):.2f}"
+        return float(v)
     except (TypeError, ValueError):
-        return ""
+        return None
+
+
+def _short(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}"

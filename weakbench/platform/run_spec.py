@@ -75,14 +75,14 @@ def option(default: Any = PydanticUndefined, *, role: Role, cli: dict[str, Any] 
                  **constraints)
 
 
-def flag(*names: str, help: str = "", envvar: str | None = None, min: int | float | None = None,
+def flag(*names: str, help: str = "", envvar: str | tuple[str, ...] | None = None, min: int | float | None = None,
          negate: bool = False, key_value: bool = False) -> dict[str, Any]:
     """The command-line option of a field.
 
     Args:
         names: click's declarations: ``"--trials", "-n"``, or a boolean's ``"--on/--off"``.
         help: the help text of ``weakbench sweep --help``.
-        envvar: an environment variable read when the flag is absent.
+        envvar: an environment variable (or several, the first set wins) read when the flag is absent.
         min: the smallest value the CLI accepts (a usage error below it).
         negate: a boolean flag that sets the field to False (``--no-model`` for ``log_model``).
         key_value: a repeatable ``KEY=VALUE`` option whose items (values parsed as YAML) make the
@@ -125,8 +125,9 @@ class SweepOptions(BaseModel):
         cli=flag("--output-dir", "-o", help="Where sweeps, the MLflow database and the results store live."))
     tracking_uri: str | None = option(
         None, role=Role.TRIAL, per_trial=True, description="MLflow URI; default sqlite:///<output_dir>/mlflow.db",
-        cli=flag("--tracking-uri", envvar="WEAKBENCH_TRACKING_URI",
-                 help="MLflow tracking URI, e.g. http://mlflow:5000 (default: sqlite:///<output-dir>/mlflow.db)."))
+        cli=flag("--tracking-uri", envvar=C.TRACKING_URI_ENVVARS,
+                 help="MLflow tracking URI, e.g. http://mlflow:5000 (default: sqlite:///<output-dir>/mlflow.db); "
+                      "env WEAKBENCH_TRACKING_URI, or its alias MLFLOW_TRACKING_URI."))
     experiment: str = option(C.DEFAULT_EXPERIMENT, role=Role.TRIAL, per_trial=True,
                              cli=flag("--experiment", help="MLflow experiment name."))
     name: str | None = option(None, role=Role.SWEEP, description="sweep name; default <method>-<dataset>-<time>",

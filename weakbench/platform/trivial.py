@@ -66,3 +66,20 @@ def baseline_sweep_options(opts, name: str, *, input_size: int):
         "log_model": True, "searcher": "random",  # Tune's variant generator crosses the σ grid: every σ once
     }
     return opts.model_copy(update=update)
+
+
+AFTER = "-after-"
+
+
+def automatic_sweep_name(baseline: str, after: str) -> str:
+    """The name of the sweep that adds ``baseline`` after the user's sweep ``after``
+    (``center_gaussian-after-cam-synthetic-20261206-101500-ab12``): it says where it came from,
+    and :func:`is_automatic_sweep` tells it from a sweep the user started."""
+    return f"{baseline}{AFTER}{after}"
+
+
+def is_automatic_sweep(name: str) -> bool:
+    """Whether sweep ``name`` is one that ``weakbench sweep`` started by itself to add a trivial
+    baseline (:func:`automatic_sweep_name`), not one the user started."""
+    head, sep, _ = name.partition(AFTER)
+    return bool(sep) and head in C.TRIVIAL_BASELINES
