@@ -311,6 +311,7 @@ def _running_ray_instances() -> list[str]:
     of live ``gcs_server`` processes (not ``ray start``'s address file, which outlives its cluster)."""
     from ray._private import services
 
+    services.find_gcs_addresses.cache_clear()  # Ray caches a non-empty answer for the process's lifetime
     return sorted(set(services.find_gcs_addresses()))
 
 
