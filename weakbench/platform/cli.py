@@ -84,6 +84,10 @@ def _sweep_signature() -> inspect.Signature:
             annotation, default = _typer_parameter(name)
             params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
                                             annotation=annotation))
+    # the command line's own flag (not an option of the sweep itself)
+    params.append(inspect.Parameter("dry_run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=bool, default=typer.Option(
+        False, "--dry-run", help="Print the resolved sweep (fixed values, distributions, planned trials, executor, "
+                                 "resources, tracking) and exit 0; starts nothing (no Ray, no MLflow run).")))
     return inspect.Signature(params)
 
 
@@ -176,11 +180,21 @@ def sweep(**values: Any) -> None:
 
     Exit status: 0 when every planned trial finished or was stopped early by ASHA (and at least one finished); 1 when a trial failed, a planned trial never ran, or no trial finished; 2 for bad input (nothing started); 130 when interrupted by Ctrl-C (SIGINT) and 143 by SIGTERM (the summary is printed, the parent run ends KILLED and --resume continues the sweep).
     """
+    dry_run = values.pop("dry_run", False)
     opts = _options_from_cli(values)
     from weakbench.platform.sweep import resolve_executor
     from weakbench.platform.validation import check_sweep_options
 
     check_sweep_options(opts)  # bad --name, --data, --output-dir, --tracking-uri: one line, before anything starts
+
+    if dry_run:
+        from weakbench.platform.sweep import describe_sweep
+
+        rows = describe_sweep(opts)
+        output.render(rows, [output.Column("section", "section"), output.Column("key", "key"),
+                             output.Column("value", "value", kind="text")],
+                      title=f"weakbench sweep {opts.space} --dry-run (nothing started)")
+        return
 
     shown, resuming = _resumed_view(opts) if opts.resume else (opts, "")
     console.print(f"[bold]weakbench sweep[/] {opts.space} on {opts.data or 'the synthetic default'}: {resuming}"

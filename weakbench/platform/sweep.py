@@ -525,6 +525,62 @@ def _with_overrides(space: SearchSpace, overrides: dict[str, Any]) -> SearchSpac
                                     "search": {k: v for k, v in space.search.items() if k not in overrides}})
 
 
+def planned_trials(space: SearchSpace, opts: SweepOptions) -> int:
+    """How many trials a sweep of ``space`` with ``opts`` plans, by :func:`run_sweep`'s rule: every
+    axis fixed → once per seed; Optuna → ``--trials`` rounded up to whole seed repeats; random/grid
+    → ``--trials`` rounded up to whole passes over the grid points."""
+    seeds = space.grid_axes().get("seed")
+    if not [k for k in space.search if k != "seed"]:
+        return len(seeds or [0])
+    if opts.searcher == "optuna":
+        return max(1, math.ceil(opts.trials / len(seeds))) * len(seeds) if seeds and len(seeds) > 1 else opts.trials
+    return max(1, math.ceil(opts.trials / space.num_grid_points())) * space.num_grid_points()
+
+
+def describe_sweep(opts: SweepOptions) -> list[dict[str, str]]:
+    """What ``weakbench sweep`` would run, resolved and validated but started nothing (no Ray, no
+    MLflow run, no sweep directory): one record (``section``, ``key``, ``value``) per fixed value
+    (``--set`` marked), per searched distribution, the planned trials, searcher, scheduler,
+    executor and resources, data and tracking.
+
+    Raises:
+        ConfigError / UnknownNameError: the space file or a ``--set`` value is refused, as the sweep would.
+    """
+    from weakbench.methods import validate_config
+    from weakbench.platform.tracking import default_tracking_uri
+
+    space = _with_overrides(load_search_space(opts.space), opts.overrides)
+    validate_config(space.method, space.defaults_config(), source=f"{opts.space} (with command-line overrides)")
+    executor = resolve_executor(opts)
+    rows = [{"section": "space", "key": "file", "value": str(opts.space)},
+            {"section": "space", "key": "method", "value": space.method},
+            {"section": "space", "key": "metric", "value": f"{space.metric} ({space.mode}), selected on val"}]
+    rows += [{"section": "fixed", "key": k, "value": f"{v}{'  (--set)' if k in opts.overrides else ''}"}
+             for k, v in space.fixed.items()]
+    rows += [{"section": "search", "key": k, "value": f"{d.kind} {d.values}"} for k, d in space.search.items()]
+    asha = (f"ASHA (grace period {space.asha.grace_period}, reduction factor {space.asha.reduction_factor:g}) on "
+            f"configurations" if space.asha and opts.early_stopping else
+            "none" + (" (--no-early-stopping)" if space.asha else ""))
+    searcher = f"{opts.searcher} (seed {opts.search_seed})" if opts.searcher == "optuna" else "random (grid axes crossed)"
+    trial = (f"{opts.num_workers} worker(s) × {opts.cpus_per_worker:g} CPU" + (", 1 GPU each" if opts.use_gpu else ""))
+    rows += [{"section": "run", "key": "trials planned", "value": f"{planned_trials(space, opts)} (--trials {opts.trials}; "
+                                                                   f"{space.num_grid_points()} grid point(s))"},
+             {"section": "run", "key": "searcher", "value": searcher},
+             {"section": "run", "key": "scheduler", "value": asha},
+             {"section": "run", "key": "executor", "value": executor + (" (auto)" if opts.executor == "auto" else "")},
+             {"section": "run", "key": "per trial", "value": trial},
+             {"section": "run", "key": "at once", "value": str(opts.max_concurrent) if opts.max_concurrent else
+                                                          "as many as the cluster's CPUs allow"},
+             {"section": "run", "key": "Ray", "value": opts.address or os.environ.get("RAY_ADDRESS") or
+                                                      f"a private local instance ({opts.num_cpus or os.cpu_count()} CPUs)"},
+             {"section": "data", "key": "data", "value": opts.data or "the embedded synthetic default"},
+             {"section": "data", "key": "split seed", "value": str(opts.split_seed)},
+             {"section": "tracking", "key": "output dir", "value": str(Path(opts.output_dir).resolve())},
+             {"section": "tracking", "key": "MLflow", "value": opts.tracking_uri or default_tracking_uri(opts.output_dir)},
+             {"section": "tracking", "key": "experiment", "value": opts.experiment}]
+    return rows
+
+
 def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
     """Run (or resume) a sweep; returns its summary. See the module docstring.
 
