@@ -486,6 +486,8 @@ def evaluate(
     classes: Optional[str] = CLASSES,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A logged model, e.g. models:/weakbench-cam-ilsvrc@champion."),
     method: Optional[str] = typer.Option(None, "--method", help="Or a method that needs no training (center_gaussian, whole_image, cam with epochs=0)."),
+    space: Optional[Path] = typer.Option(None, "--space", help="Or a search-space file whose method and fixed values to score (e.g. "
+                                         "search_spaces/cam_lite0_zero_epoch.yaml); --set overrides them."),
     sets: List[str] = typer.Option([], "--set", help="The method's hyperparameters, KEY=VALUE (repeatable), e.g. --set sigma=0.25."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Evaluation frame in pixels (default: the model's / method's)."),
     interval: Optional[float] = typer.Option(None, "--interval", help="CAM threshold step (default: the config's cam_curve_interval)."),
@@ -500,22 +502,45 @@ def evaluate(
     from weakbench.platform.evaluation import evaluate_dataset
     from weakbench.platform.metric_declarations import DISPLAY_ORDER
 
-    res = evaluate_dataset(data, tracking_uri=_tracking_uri(output_dir, tracking_uri), model_uri=model, method=method,
-                           params=_parse_sets(sets), experiment=experiment, cache_dir=Path(output_dir) / "data_cache",
-                           classes=classes, input_size=input_size, cam_curve_interval=interval, batch_size=batch_size,
-                           max_images=max_images, log=log, progress=True)
-    from rich.table import Table
+    params = _parse_sets(sets)
+    if space is not None:
+        method, params = _space_config(space, method, params)
 
-    console.print(f"{res.evaluated} on {res.dataset}: {res.num_images} images (every image, no split)", highlight=False)
-    t = Table()
-    t.add_column("metric")
-    t.add_column("value", justify="right")
+    def notice(line: str) -> None:
+        err_console.print(Text("warning: ", style="yellow") + Text(line), soft_wrap=True, highlight=False)
+
+    res = evaluate_dataset(data, tracking_uri=_tracking_uri(output_dir, tracking_uri), model_uri=model, method=method,
+                           params=params, experiment=experiment, cache_dir=Path(output_dir) / "data_cache",
+                           classes=classes, input_size=input_size, cam_curve_interval=interval, batch_size=batch_size,
+                           max_images=max_images, log=log, progress=True, notice=notice)
     rank = {h: i for i, h in enumerate(DISPLAY_ORDER)}
-    for k in sorted(res.metrics, key=lambda k: (rank.get(k, len(rank)), k)):
-        t.add_row(k, f"{res.metrics[k]:.2f}")
-    console.print(t)
+    rows = [{"metric": k, "value": res.metrics[k]} for k in sorted(res.metrics, key=lambda k: (rank.get(k, len(rank)), k))]
+    output.render(rows, [output.Column("metric", "metric"), output.Column("value", "value", kind="number")],
+                  title=f"{res.evaluated} on {res.dataset}: {res.num_images} images (every image, no split)")
     if res.run_id:
         console.print(f"logged evaluation run {res.run_id} ({res.seconds:.0f} s)")
+
+
+def _space_config(path: Path, method: str | None, sets: dict) -> tuple[str, dict]:
+    """``(method, hyperparameters)`` of ``evaluate --space FILE``: the file's method and fixed values,
+    ``--set`` on top. A file that searches an axis (other than a one-value seed grid) is refused: an
+    evaluation scores one configuration.
+
+    Raises:
+        ConfigError: ``--method`` names another method; the file searches an axis that ``--set`` does not fix.
+    """
+    from weakbench.platform.errors import ConfigError
+    from weakbench.platform.search_space import load_search_space
+
+    sp = load_search_space(path)
+    if method is not None and method != sp.method:
+        raise ConfigError(f"--space {path} is a {sp.method} space but --method is {method}; drop --method")
+    open_axes = [k for k, d in sp.search.items() if k not in sets and not (d.kind in ("grid", "choice") and len(d.values) == 1)]
+    if open_axes:
+        raise ConfigError(f"--space {path}: searches {', '.join(open_axes)}; an evaluation scores one configuration: fix each "
+                          f"with --set, e.g. --set {open_axes[0]}={sp.search[open_axes[0]].values[0]}")
+    one = {k: d.values[0] for k, d in sp.search.items() if k not in sets}
+    return sp.method, {**sp.fixed, **one, **sets}
 
 
 @app.command()

@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 
 import dataclasses
+import secrets
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -98,6 +99,7 @@ def evaluate_dataset(
     device: str | None = None,
     progress: bool = False,
     loader_workers: int = 0,
+    notice: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
     """Score a model (``model_uri``) or a no-training ``method`` on every image of ``data``.
 
@@ -115,8 +117,11 @@ def evaluate_dataset(
         num_overlays: overlay pictures logged under ``overlays/``.
         log: create the MLflow evaluation run (False: only compute).
         device: ``"cpu"``, ``"cuda"``… (default: CUDA when available).
-        progress: show a rich progress bar of the images scored (on stderr, removed when done).
+        progress: show the images scored on stderr: a rich bar on a terminal (removed when done), a
+            line at least every :data:`PROGRESS_EVERY_S` seconds in a pipe or a log.
         loader_workers: processes decoding the images (0: in this process); metrics do not depend on it.
+        notice: called with a one-line warning before scoring (a network with random weights
+            that nothing trained: its maps say nothing about the method).
 
     Returns:
         :class:`EvaluationResult`.
@@ -164,6 +169,12 @@ def evaluate_dataset(
         m.check_untrained()
         torch.manual_seed(m.config.seed)
         model = m.build_model()
+        random_net = any(True for _ in model.parameters()) and not getattr(m.config, "pretrained", False) \
+            and not getattr(m.config, "weights_path", None)
+        if random_net and notice is not None:
+            notice(f"{method}: a {getattr(m.config, 'backbone', 'network')} with random weights and no training "
+                   f"(pretrained: false, epochs: 0) scores a random network's maps, not the method's; set "
+                   f"--set pretrained=true (or weights_path), use --space with a zero-epoch pretrained space, or --model")
         size = input_size or m.config.input_size
         evaluated = f"method:{method}"
     interval = cam_curve_interval or m.config.cam_curve_interval
@@ -186,16 +197,38 @@ def evaluate_dataset(
                             evaluated=evaluated, run_id=run_id, seconds=seconds)
 
 
+PROGRESS_EVERY_S = 15.0
+
+
 @contextlib.contextmanager
 def _progress_bar(show: bool, description: str):
-    """Yields ``advance(done, total)`` for :func:`evaluate_split`: a transient rich bar on stderr
-    when ``show``, a no-op otherwise."""
+    """Yields ``advance(done, total)`` for :func:`evaluate_split` when ``show`` (None otherwise): a
+    transient rich bar on stderr when stderr is a terminal; in a pipe or a log file one line
+    (``scoring x: 320/1300 images, 120 s, ~370 s left``) at the first batch, then at least every
+    :data:`PROGRESS_EVERY_S` seconds a batch ends in, and at the end."""
     if not show:
         yield None
         return
+    import sys
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if not sys.stderr.isatty():
+        t0 = time.time()
+        last = [-float("inf")]
+
+        def line(done: int, total: int) -> None:
+            now = time.time()
+            if now - last[0] < PROGRESS_EVERY_S and done < total:
+                return
+            last[0] = now
+            el = now - t0
+            left = f", ~{el / done * (total - done):.0f} s left" if 0 < done < total else ""
+            print(f"{description}: {done}/{total} images, {el:.0f} s{left}", file=sys.stderr, flush=True)
+
+        yield line
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=None)
@@ -221,7 +254,9 @@ def _log(tracking_uri, experiment, method, params, source, metrics, overlays, ev
         tags[C.TAG_EVALUATED_RUN] = run_id_src
     if version:
         tags[C.TAG_EVALUATED_VERSION] = version
-    run = client.create_run(exp_id, run_name=f"evaluate-{method}-{source.name}", tags=tags)
+    # distinct names, as sweeps get: evaluate-<method>-<dataset>-<time>-<4 hex>
+    run = client.create_run(exp_id, run_name=f"evaluate-{method}-{source.name}-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                             f"{secrets.token_hex(2)}", tags=tags)
     rid = run.info.run_id
     try:
         tracking.log_params(client, rid, params)

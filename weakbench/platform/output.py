@@ -156,12 +156,11 @@ def markdown(records: Sequence[Mapping[str, Any]], columns: Sequence[Column], *,
     return "\n".join(lines) + "\n"
 
 
-def _rich_table(records, columns, title, out: Console):
+def _rich_table(records, columns, out: Console):
     from rich.table import Table
 
     tty = out.is_terminal
-    t = Table(title=title, box=box.SIMPLE_HEAD if tty else box.ASCII, header_style="bold" if tty else "",
-              title_style="bold" if tty else "", show_edge=tty)
+    t = Table(box=box.SIMPLE_HEAD if tty else box.ASCII, header_style="bold" if tty else "", show_edge=tty)
     for c in columns:
         width = max([len(c.cell(r)) for r in records] + [0]) if c.kind == "path" else None
         t.add_column(c.header, justify="right" if c.kind == "number" else "left", no_wrap=c.kind == "path",
@@ -184,8 +183,10 @@ def fits(table, out: Console) -> bool:
 
 
 def _table(records, columns, *, title, notes, out: Console) -> None:
-    t = _rich_table(records, columns, title, out)
+    t = _rich_table(records, columns, out)
     if not records or fits(t, out):
+        if title:  # above the table, at the page's width (a table's own title wraps at the table's)
+            out.print(Text(_wrap(title, out.width), style="bold" if out.is_terminal else ""), soft_wrap=True)
         out.print(t)
     else:
         stacked(records, columns, title=title, out=out)
