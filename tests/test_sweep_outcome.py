@@ -214,3 +214,16 @@ def test_best_run_ties_go_to_the_first_started_and_diverged_runs_never_win(tmp_p
     assert made[select_best_run(list(reversed(runs)), "val/m", "max").info.run_id] == "first"
     assert made[select_best_run(runs, "val/m", "min").info.run_id] == "low"
     assert select_best_run(runs, "val/absent", "max") is None
+
+
+def test_a_scheduler_stop_is_marked_in_the_run_name_and_tag(tmp_path):
+    """An ASHA-stopped trial's run: tag weakbench.stopped and "[stopped early]" in its name (once), KILLED."""
+    client = tracking.client_for(tracking.default_tracking_uri(tmp_path))
+    exp = tracking.ensure_experiment(client, "weakbench")
+    rid, _ = tracking.get_or_create_trial_run(client, exp, parent_run_id=None, sweep_id="s", trial_id="t1",
+                                              run_name="cam-t1", tags={}, params={})
+    tracking.mark_stopped_early(client, rid)
+    tracking.mark_stopped_early(client, rid)  # the driver may record the stop twice: one suffix
+    run = client.get_run(rid)
+    assert run.info.run_name == "cam-t1 [stopped early]" and run.info.status == "KILLED"
+    assert run.data.tags["weakbench.stopped"] == "stopped early by the scheduler"

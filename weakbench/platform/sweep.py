@@ -922,10 +922,8 @@ def _reconcile(client, exp_id: str, parent: str, sweep_id: str, state, method: s
                     client.delete_tag(run.info.run_id, "weakbench.stopped")
                 tracking.fail_run(client, run.info.run_id, run.data.tags.get(C.TAG_ERROR) or error)
         elif what == "stopped":
-            if status in ("RUNNING", "KILLED"):
-                client.set_tag(run.info.run_id, "weakbench.stopped", "stopped early by the scheduler")
-                if status == "RUNNING":
-                    client.set_terminated(run.info.run_id, status="KILLED")
+            if status in ("RUNNING", "KILLED"):  # tag, "[stopped early]" in the run name, KILLED
+                tracking.mark_stopped_early(client, run.info.run_id)
         elif run is not None and status in ("RUNNING", "KILLED") and not interrupted:
             if "weakbench.stopped" in run.data.tags:
                 client.delete_tag(run.info.run_id, "weakbench.stopped")

@@ -264,6 +264,22 @@ def fail_run(client: MlflowClient, run_id: str, error: BaseException | str) -> N
         pass
 
 
+STOPPED_EARLY_SUFFIX = " [stopped early]"
+
+
+def mark_stopped_early(client: MlflowClient, run_id: str) -> None:
+    """Record that the scheduler (ASHA) stopped trial run ``run_id`` early: tag ``weakbench.stopped``,
+    the run name suffixed ``[stopped early]`` (so the MLflow UI's name column tells it from an
+    interrupted or failed run), and KILLED if it is still RUNNING (a KILLED run keeps its end time)."""
+    client.set_tag(run_id, "weakbench.stopped", "stopped early by the scheduler")
+    info = client.get_run(run_id).info
+    name = info.run_name or ""
+    if not name.endswith(STOPPED_EARLY_SUFFIX):
+        client.update_run(run_id, name=name + STOPPED_EARLY_SUFFIX)
+    if info.status == "RUNNING":
+        client.set_terminated(run_id, status="KILLED")
+
+
 def reconcile_children(client: MlflowClient, experiment_id: str, parent_run_id: str,
                        reason: str = "stopped early by the scheduler or interrupted") -> int:
     """End every child run of ``parent_run_id`` still RUNNING as KILLED; returns how many."""
