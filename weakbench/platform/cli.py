@@ -592,20 +592,33 @@ def data_info(
     classes: Optional[str] = CLASSES,
     output_dir: str = OUTPUT_DIR,
 ):
-    """Check a dataset (annotations, boxes inside their images, every image decodes) and print its size, classes and fingerprint."""
-    from weakbench.platform.data import open_dataset
+    """Check a dataset (annotations, boxes inside their images, every image decodes) and print its size, classes and fingerprint,
+    and what was checked."""
+    import json
 
-    from weakbench.platform.data import check_images
+    from weakbench.platform.data import check_images, open_dataset
 
-    src = open_dataset(path, cache_dir=Path(output_dir) / "data_cache", classes=classes)
-    check_images(src, Path(output_dir) / "data_cache", console=err_console)  # every image decodes (cached)
-    n_boxes = 0
-    from rich.progress import track
+    cache = Path(output_dir) / "data_cache"
+    src = open_dataset(path, cache_dir=cache, classes=classes)  # parses the annotations; a box outside its image is refused here
+    decoded_now = check_images(src, cache, console=err_console, progress=err_console.is_terminal)  # cached per fingerprint
+    n_boxes = sum(len(src.annotations(rec.index).boxes) for rec in src.records)
+    n = len(src.records)
+    if decoded_now:
+        images = f"all {n} images decode at their declared sizes (checked now)"
+    else:
+        marker = cache / "checked" / f"{src.fingerprint}.json"
+        try:
+            import datetime as dt
 
-    for rec in track(src.records, description="reading annotations", console=err_console, transient=True):
-        n_boxes += len(src.annotations(rec.index).boxes)
-    console.print(f"{src.name}: {len(src.records)} images, {src.num_classes} classes, {n_boxes} boxes, "
-                  f"multilabel={src.multilabel}, fingerprint {src.fingerprint}, root {src.root}")
+            when = dt.datetime.fromtimestamp(json.loads(marker.read_text())["checked_at"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        except (OSError, ValueError, KeyError):
+            when = "earlier"
+        images = f"all {n} images decode at their declared sizes (checked {when}; same fingerprint, {marker})"
+    console.print(f"{src.name}: {n} images, {src.num_classes} classes, {n_boxes} boxes, multilabel={src.multilabel}",
+                  soft_wrap=True, highlight=False)
+    console.print(f"checked: the annotations parse ({type(src).__name__}); every box lies inside its image; {images}",
+                  soft_wrap=True, highlight=False)
+    console.print(f"fingerprint {src.fingerprint}; root {src.root}", soft_wrap=True, highlight=False)
 
 
 @app.callback(invoke_without_command=True)

@@ -75,4 +75,17 @@ def open_dataset(path: str | Path | None, *, cache_dir: str | Path | None = None
         raise DataError(f"{p}: no {COCO_ANNOTATION_FILE}; a COCO dataset needs its annotations at exactly that path "
                         f"(rename the JSON to instances.json under annotations/)")
     found = sorted(x.name for x in p.iterdir())[:8]
+    inside = [x for x in sorted(p.iterdir()) if x.is_dir() and _looks_like_dataset(x)]
+    if inside:  # the folder above a dataset, e.g. ilsvrc_val1300/ whose metadata/ is the dataset
+        raise DataError(f"{p}: not a dataset itself, but {', '.join(str(x) for x in inside)} is one; fix: use "
+                        f"{inside[0]} as the dataset directory (--data {inside[0]})")
     raise DataError(f"{p}: not a dataset (found {found or 'an empty directory'}); expected {_EXPECTED}")
+
+
+def _looks_like_dataset(d: Path) -> bool:
+    """Whether directory ``d`` holds either format's marker file (COCO's annotation file, or
+    wsolevaluation's ``image_ids.txt`` / ``class_labels.txt``)."""
+    try:
+        return (d / COCO_ANNOTATION_FILE).is_file() or (d / "image_ids.txt").is_file() or (d / "class_labels.txt").is_file()
+    except OSError:
+        return False
