@@ -364,7 +364,7 @@ def status(
         output.render(v.records(), v.columns(), fmt=fmt)
         return
     if not watch or not console.is_terminal:  # a pipe gets the table once, even with --watch
-        console.print(v.header(), soft_wrap=True)
+        console.print(v.header())
         output.render(v.records(), v.columns(), fmt=fmt)
         if v.note:
             console.print(Text(v.note, style="dim"), soft_wrap=True)

@@ -225,3 +225,6 @@ def stacked(records: Sequence[Mapping[str, Any]], columns: Sequence[Column], *, 
                                                break_on_hyphens=False)).replace("\n", "\n" + indent)
             style = (c.style(r) if c.style else None) if out.is_terminal else None
             out.print(Text(lead) + Text(body, style=style or ""), soft_wrap=True, highlight=False)
+    empty = [h for c, h in zip(columns, heads) if not any(c.cell(r) for r in records)]
+    if empty:  # every column is named, even one no row has a value in
+        out.print(Text(_wrap(f"(no value in any row: {', '.join(empty)})", out.width)), soft_wrap=True)

@@ -576,7 +576,8 @@ def describe_sweep(opts: SweepOptions) -> list[dict[str, str]]:
              {"section": "data", "key": "data", "value": opts.data or "the embedded synthetic default"},
              {"section": "data", "key": "split seed", "value": str(opts.split_seed)},
              {"section": "tracking", "key": "output dir", "value": str(Path(opts.output_dir).resolve())},
-             {"section": "tracking", "key": "MLflow", "value": opts.tracking_uri or default_tracking_uri(opts.output_dir)},
+             {"section": "tracking", "key": "MLflow", "value": opts.tracking_uri or
+                                                              default_tracking_uri(opts.output_dir, create=False)},
              {"section": "tracking", "key": "experiment", "value": opts.experiment}]
     return rows
 

@@ -61,10 +61,12 @@ def using_tracking_uri(tracking_uri: str | None):
             os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
-def default_tracking_uri(output_dir: str | Path) -> str:
-    """``sqlite:///<absolute output_dir>/mlflow.db`` (the plain file store is refused by MLflow 3)."""
+def default_tracking_uri(output_dir: str | Path, *, create: bool = True) -> str:
+    """``sqlite:///<absolute output_dir>/mlflow.db`` (the plain file store is refused by MLflow 3);
+    ``create``: make ``output_dir`` (False: only name it, as ``sweep --dry-run`` does)."""
     p = Path(output_dir).resolve()
-    p.mkdir(parents=True, exist_ok=True)
+    if create:
+        p.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{p / 'mlflow.db'}"
 
 
