@@ -101,9 +101,30 @@ def test_register_load_predict_rollback(store):
     rows = registry.list_registered(store)
     assert [(r.version, r.aliases, r.run_id) for r in rows] == [(2, ("challenger",), newer), (1, ("champion",), best_run)]
 
-    out = CliRunner().invoke(registry.app, ["list", "--tracking-uri", store], env={"COLUMNS": "200"})
-    assert out.exit_code == 0, out.output
-    assert "weakbench-cam-toy" in out.output and "@champion" in out.output
+    # through the real entry point, in a pipe at 80 columns: every column, run ids and model URIs whole
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, "-m", "weakbench", "registry", "list", "--tracking-uri", store],
+                         capture_output=True, text=True, env=env, cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for h in ("name", "version", "aliases", "run id", "selected by", "value", "created (UTC)", "model URI"):
+        assert h in out.stdout, h
+    for s in ("weakbench-cam-toy", "@champion", "@challenger", best_run, newer, "models:/weakbench-cam-toy/2"):
+        assert s in out.stdout, s
+    assert all(len(line) <= 80 for line in out.stdout.splitlines()), out.stdout
+    env["MLFLOW_TRACKING_URI"] = store  # the alias of WEAKBENCH_TRACKING_URI
+    out = subprocess.run([sys.executable, "-m", "weakbench", "registry", "list", "--format", "json"],
+                         capture_output=True, text=True, env=env, cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    assert [(r["version"], r["aliases"], r["run_id"]) for r in listed] == [(2, ["@challenger"], newer), (1, ["@champion"], best_run)]
+    assert listed[0]["select_value"] == 70.0 and listed[0]["uri"] == "models:/weakbench-cam-toy/2"
     registry.set_alias(store, info.name, "champion", 2)
     out = CliRunner().invoke(registry.app, ["rollback", info.name, "--tracking-uri", store])
     assert out.exit_code == 0, out.output
