@@ -88,3 +88,14 @@ def test_misspelled_set_key_lists_the_nearest_and_valid_keys():
                        capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
     assert p.returncode == 2
     assert "epoch: not a hyperparameter of 'cam'; nearest: epochs" in p.stderr and "valid: backbone," in p.stderr
+
+
+@pytest.mark.parametrize("command", [["sweep"], ["evaluate"], ["leaderboard"], ["registry", "list"], ["dashboard", "build"]])
+def test_help_fits_80_columns_and_cuts_no_option_name(command):
+    p = subprocess.run([sys.executable, "-m", "weakbench", *command, "--help"], capture_output=True, text=True, env=ENV,
+                       cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "…" not in p.stdout and all(len(line) <= 80 for line in p.stdout.splitlines())
+    if command == ["sweep"]:
+        for name in ("--no-early-stopping", "WEAKBENCH_TRACKING_URI", "MLFLOW_TRACKING_URI", "--dry-run"):
+            assert name in p.stdout

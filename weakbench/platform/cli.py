@@ -33,7 +33,7 @@ from weakbench.platform import conventions as C
 from weakbench.platform import output, run_spec
 from weakbench.platform.errors import ConfigError, WeakbenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="weakbench: sweeps, leaderboards and a model registry for weakly supervised localisation.")
 # a terminal's width; a pipe's (COLUMNS, else 80) as plain text: tables that do not fit are stacked, never cut
 console, err_console = output.console, output.err_console
