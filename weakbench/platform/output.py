@@ -4,7 +4,8 @@ A command hands :func:`render` its rows as plain records (dicts of raw values) a
 :class:`Column` specs; a new column (a board's interval, flag or verdict) is one more ``Column``.
 
 * ``table`` (the default): a rich table at the terminal's width, or at the pipe's width
-  (``COLUMNS``, else 80) as plain text (ASCII rules, no colour) when stdout is not a terminal.
+  (``COLUMNS``, else 80) as plain text (columns separated by spaces, no rules, no colour) when
+  stdout is not a terminal.
   A table whose columns cannot all fit that width is *stacked*, one block of ``header: value``
   lines per row, rather than losing or truncating a column. Path and URI columns
   (``kind="path"``) are never cut: in a table they keep their full width or the table stacks; in a
@@ -160,7 +161,8 @@ def _rich_table(records, columns, out: Console):
     from rich.table import Table
 
     tty = out.is_terminal
-    t = Table(box=box.SIMPLE_HEAD if tty else box.ASCII, header_style="bold" if tty else "", show_edge=tty)
+    # a pipe: whitespace-separated columns, no rules (as ps or kubectl print), easy to read and to cut
+    t = Table(box=box.SIMPLE_HEAD if tty else None, pad_edge=tty, header_style="bold" if tty else "")
     for c in columns:
         width = max([len(c.cell(r)) for r in records] + [0]) if c.kind == "path" else None
         t.add_column(c.header, justify="right" if c.kind == "number" else "left", no_wrap=c.kind == "path",
