@@ -200,21 +200,22 @@ def sweep(**values: Any) -> None:
     console.print(f"[bold]weakbench sweep[/] {opts.space} on {opts.data or 'the synthetic default'}: {resuming}"
                   f"{shown.trials} trials, executor={resolve_executor(shown)}")
     s = _run_sweep_with_view(opts, verbose=opts.verbose)
-    from rich.table import Table
-
-    t = Table(title=f"sweep {s.sweep_name} ({s.method} on {s.dataset})", show_header=False)
-    t.add_row("trials", f"{s.num_trials} of {s.num_planned} planned ({s.num_finished} finished, {s.num_stopped} stopped early, "
-                        f"{s.num_failed} failed{f', {s.num_restarts} restart(s)' if s.num_restarts else ''})")
-    t.add_row("wall time", f"{s.wall_seconds:.0f} s")
+    rows = [("trials", f"{s.num_trials} of {s.num_planned} planned ({s.num_finished} finished, {s.num_stopped} stopped "
+                       f"early, {s.num_failed} failed{f', {s.num_restarts} restart(s)' if s.num_restarts else ''})"),
+            ("wall time", f"{s.wall_seconds:.0f} s")]
     if s.best_run_id:
-        t.add_row(f"best ({s.metric})", f"{s.best_metrics.get(s.metric, float('nan')):.2f}  run {s.best_run_id}")
         shown = summary_metrics(s.best_metrics, s.metric)
-        t.add_row("best metrics", ", ".join(f"{k}={v:.2f}" for k, v in shown.items()))
-        t.add_row("best params", ", ".join(f"{k}={v}" for k, v in sorted(searched_params(opts.space, s.best_params).items()))
-                  + "  (searched; every parameter and metric is in MLflow)")
-    t.add_row("MLflow", f"{s.tracking_uri}  (experiment {s.experiment}, parent run {s.parent_run_id})")
-    t.add_row("sweep dir", s.sweep_dir)
-    console.print(t)
+        rows += [(f"best ({s.metric})", f"{s.best_metrics.get(s.metric, float('nan')):.2f}  run {s.best_run_id}"),
+                 ("best metrics", ", ".join(f"{k}={v:.2f}" for k, v in shown.items())),
+                 ("best params", ", ".join(f"{k}={v}" for k, v in sorted(searched_params(opts.space, s.best_params).items()))
+                  + "  (searched; every parameter and metric is in MLflow)")]
+    rows += [("MLflow", f"{s.tracking_uri}  (experiment {s.experiment}, parent run {s.parent_run_id})"),
+             ("sweep dir", s.sweep_dir)]
+    # one unwrapped line per field: the URI, the folder and the run id are never cut or split (copy them whole)
+    console.print(Text(f"sweep {s.sweep_name} ({s.method} on {s.dataset})", style="bold"), soft_wrap=True)
+    pad = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        console.print(Text(f"  {k:<{pad}}  {v}"), soft_wrap=True, highlight=False)
     if opts.baselines and not s.interrupted and s.num_finished:
         _add_trivial_baselines(opts, s)
     for warning in s.warnings:
