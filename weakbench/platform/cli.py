@@ -530,7 +530,6 @@ def _space_config(path: Path, method: str | None, sets: dict) -> tuple[str, dict
     Raises:
         ConfigError: ``--method`` names another method; the file searches an axis that ``--set`` does not fix.
     """
-    from weakbench.platform.errors import ConfigError
     from weakbench.platform.search_space import load_search_space
 
     sp = load_search_space(path)
