@@ -185,9 +185,16 @@ def test_sweep_dry_run_prints_the_resolved_space_and_starts_nothing(tmp_path):
     out = tmp_path / "o"
     p = weakbench("sweep", "search_spaces/cam.yaml", "--dry-run", "--set", "epochs=1", "--output-dir", str(out))
     flat = " ".join(p.stdout.split())
-    for s in ("method", "cam", "epochs", "1 (--set)", "lr", "loguniform [0.003, 0.1]", "grid [0, 1]", "trials planned",
-              "4 (--trials 4; 2 grid point(s))", "ASHA (grace period 1", "inline (auto)", "1 worker(s) × 1 CPU",
-              f"sqlite:///{out.resolve()}/mlflow.db"):
+    from weakbench.platform.search_space import load_search_space
+    from weakbench.platform.sweep import planned_trials
+
+    space = load_search_space(REPO / "search_spaces" / "cam.yaml")
+    n = planned_trials(space, __import__("weakbench.platform.run_spec", fromlist=["x"]).SweepOptions(space="cam.yaml"))
+    seeds = space.search["seed"].values
+    assert n == -(-4 // len(seeds)) * len(seeds)  # --trials 4 rounded up to whole seed repeats (Optuna's Repeater)
+    for s in ("method", "cam", "epochs", "1 (--set)", "lr", "loguniform [0.003, 0.1]", f"grid {seeds}", "trials planned",
+              f"{n} (--trials 4; {space.num_grid_points()} grid point(s))", "ASHA (grace period 1", "inline (auto)",
+              "1 worker(s) × 1 CPU", f"sqlite:///{out.resolve()}/mlflow.db"):
         assert s in flat, s
     assert not out.exists()  # no sweep directory, no MLflow store
     _fits(p.stdout, allow=(str(out.resolve()),))
