@@ -196,7 +196,8 @@ def test_sweep_dry_run_prints_the_resolved_space_and_starts_nothing(tmp_path):
               f"{n} (--trials 4; {space.num_grid_points()} grid point(s))", "ASHA (grace period 1", "inline (auto)",
               "1 worker(s) × 1 CPU", f"sqlite:///{out.resolve()}/mlflow.db"):
         assert s in flat, s
-    assert not out.exists()  # no sweep directory, no MLflow store
+    # no sweep directory, no MLflow store (the output directory itself may exist: its writability is checked)
+    assert not (out / "sweeps").exists() and not (out / "mlflow.db").exists()
     _fits(p.stdout, allow=(str(out.resolve()),))
 
 
