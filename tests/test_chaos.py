@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from weakbench.platform import conventions as C
+from spaces import cam_space
 from test_faults import LOOPBACK_ENV, _runs, private_cluster  # noqa: F401 - the fixture is used by name
 
 pytestmark = pytest.mark.slow
@@ -68,7 +69,7 @@ def test_max_failures_0_node_killed_fails_the_sweep_then_resume_succeeds(tmp_pat
     epochs = 5
     data = generate_synthetic_coco(tmp_path / "data", num_images=32, image_size=64, seed=0)
     out = tmp_path / "runs"
-    base = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--data", str(data),
+    base = [sys.executable, "-m", "weakbench", "sweep", cam_space(tmp_path), "--data", str(data),
             "--output-dir", str(out), "--name", "mf0", "--no-early-stopping", "--address", cluster.address,
             *_tiny(epochs), "--set", "lr=0.01"]  # every axis fixed: one trial per seed (0, 1)
     log = tmp_path / "sweep.log"
@@ -126,7 +127,7 @@ def test_chaos_random_node_kills_and_restarts(tmp_path, private_cluster):
     rng = random.Random(19)
     data = generate_synthetic_coco(tmp_path / "data", num_images=32, image_size=64, seed=0)
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--data", str(data),
+    cmd = [sys.executable, "-m", "weakbench", "sweep", cam_space(tmp_path), "--data", str(data),
            "--output-dir", str(out), "--name", "chaos", "--trials", "8", "--max-failures", "3",
            "--address", cluster.address, *_tiny(epochs)]
     log = tmp_path / "sweep.log"

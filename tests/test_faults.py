@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from spaces import cam_space
 from weakbench.platform import conventions as C
 from weakbench.platform import tracking
 
@@ -70,7 +71,7 @@ def test_node_running_a_trial_dies_and_the_sweep_finishes(tmp_path, private_clus
     cluster, second = private_cluster
     data = generate_synthetic_coco(tmp_path / "data", num_images=32, image_size=64, seed=0)
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--data", str(data),
+    cmd = [sys.executable, "-m", "weakbench", "sweep", cam_space(tmp_path), "--data", str(data),
            "--output-dir", str(out), "--name", "nodekill", "--no-early-stopping", "--max-failures", "2",
            "--address", cluster.address, *TINY]
     t0 = time.time()
@@ -127,7 +128,7 @@ def test_node_running_a_trial_dies_and_the_sweep_finishes(tmp_path, private_clus
 
 
 def _sweep(out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "weakbench", "sweep", cam_space(out.parent), "--output-dir", str(out),
            "--address", "local", "--num-cpus", "1", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=LOOPBACK_ENV)
 
@@ -139,7 +140,7 @@ def test_ctrl_c_ends_the_sweep_killed_with_exit_130(tmp_path):
     import signal
 
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "weakbench", "sweep", cam_space(out.parent), "--output-dir", str(out),
            "--name", "ctrlc", "--address", "local", "--num-cpus", "1", "--max-concurrent", "1", "--no-early-stopping", *TINY]
     log = tmp_path / "sweep.log"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=LOOPBACK_ENV,
@@ -205,7 +206,7 @@ def test_two_sweeps_started_together_into_one_output_directory(tmp_path):
     import sqlite3
 
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "weakbench", "sweep", cam_space(out.parent), "--output-dir", str(out),
            "--address", "local", "--num-cpus", "1", "--max-concurrent", "1", "--trials", "1",
            "--no-early-stopping", "--executor", "inline", "--no-model", "--eval-max-images", "8", "--set", "epochs=1",
            "--set", "input_size=64", "--set", "batch_size=8", "--set", "lr=0.01", "--set", "weight_decay=0",

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from spaces import cam_space
 from weakbench.platform import conventions as C
 from test_faults import _runs  # one reader of a sweep's parent and trial runs
 
@@ -138,7 +139,7 @@ class RayStartCluster:
 
 
 def _sweep_cmd(data: Path, out: Path, name: str, address: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--data", str(data),
+    return [sys.executable, "-m", "weakbench", "sweep", cam_space(out.parent), "--data", str(data),
             "--output-dir", str(out), "--name", name, "--address", address, "--executor", "train", *TINY, *args]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from spaces import cam_space
 from weakbench.platform import conventions as C
 from weakbench.platform import tracking
 
@@ -109,7 +110,7 @@ def test_sweep_against_mlflow_server_on_postgresql(tmp_path, mlflow_server):
     t0 = time.time()
     # 8 trials (4 Optuna configurations × seeds 0, 1), all 8 at once on 2 CPUs (the 8
     # concurrent writers on one server)
-    proc = subprocess.run([sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "weakbench", "sweep", cam_space(tmp_path),
                            "--data", str(data), "--trials", "8", "--output-dir", str(out), "--name", "server",
                            "--tracking-uri", mlflow_server, "--executor", "inline", "--no-model", "--no-early-stopping",
                            "--cpus-per-worker", "0.25", "--max-concurrent", "8", "--num-cpus", "2", "--address", "local",
