@@ -68,7 +68,7 @@ def leaderboard_register_predict(out: Path, image: Path, dataset: str):
     invoke("register", "--method", "cam", "--output-dir", out)
     name = f"weakbench-cam-{dataset}"
     preds = out / "pred"
-    output = invoke("predict", "--model", f"models:/{name}@champion", "--output-dir", out, "--out", preds, image)
+    output = invoke("predict", "--model", f"models:/{name}@champion", "--output-dir", out, "--overlay-dir", preds, image)
     pngs = list(preds.glob("*.png"))
     assert pngs, output
     from PIL import Image

@@ -467,7 +467,8 @@ def register(
 def predict(
     images: List[Path] = typer.Argument(..., help="Image files (JPEG/PNG)."),
     model: str = typer.Option(..., "--model", "-m", help="MLflow model URI, e.g. models:/weakbench-cam-coco128@champion."),
-    out: Path = typer.Option(Path("predictions"), "--out", help="Directory for the overlay PNGs."),
+    out: Path = typer.Option(Path("predictions"), "--overlay-dir", "--out",
+                             help="Directory for the overlay PNGs (--out is the older spelling; -o is --output-dir, the store)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Probability a class needs beyond the top one."),
     output_dir: str = OUTPUT_DIR,
     tracking_uri: Optional[str] = TRACKING_URI,
