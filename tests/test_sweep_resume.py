@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from weakbench.platform import conventions as C
-from test_faults import LOOPBACK_ENV, _runs
+from test_faults import LOOPBACK_ENV, _runs, cam_space_with_seeds
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,8 @@ TINY = ["--executor", "inline", "--no-model", "--eval-max-images", "8", "--set",
 
 
 def _cmd(out: Path, data: Path, name: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "weakbench", "sweep", str(REPO / "search_spaces" / "cam.yaml"), "--data", str(data),
+    # two seeds per configuration, whatever the shipped cam.yaml runs (the trial counts below assume 2)
+    return [sys.executable, "-m", "weakbench", "sweep", str(cam_space_with_seeds(out.parent)), "--data", str(data),
             "--output-dir", str(out), "--name", name, "--address", "local", "--num-cpus", "1", "--max-concurrent", "1",
             *TINY, *args]
 
