@@ -34,18 +34,6 @@ TINY = ["--executor", "inline", "--no-model", "--eval-max-images", "8", "--set",
 LOOPBACK_ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def cam_space_with_seeds(dst: Path, seeds=(0, 1)) -> Path:
-    """``search_spaces/cam.yaml`` with its seed grid set to ``seeds``, written to ``dst/cam.yaml``:
-    a test that counts trials (``--trials N`` is rounded up to whole seed repeats) does not depend
-    on how many seeds the shipped file runs."""
-    import yaml
-
-    space = yaml.safe_load((REPO / "search_spaces" / "cam.yaml").read_text())
-    space["search"]["seed"] = {"grid": list(seeds)}
-    (dst / "cam.yaml").write_text(yaml.safe_dump(space))
-    return dst / "cam.yaml"
-
-
 def _runs(out: Path):
     client = tracking.client_for(tracking.default_tracking_uri(out))
     exp = client.get_experiment_by_name(C.DEFAULT_EXPERIMENT)

@@ -155,12 +155,12 @@ def test_killed_sweep_resumes_without_duplicate_runs(tmp_path):
     import signal
     import time
 
-    from test_faults import cam_space_with_seeds
+    from spaces import cam_space
 
     # two seeds: --trials 2 is one configuration x 2 seeds (the Repeater), whatever the shipped
     # file's seed count (its 3 seeds round --trials 2 up to 3 trials)
     out = tmp_path / "runs"
-    base = [sys.executable, "-m", "weakbench", "sweep", str(cam_space_with_seeds(tmp_path)), "--output-dir", str(out),
+    base = [sys.executable, "-m", "weakbench", "sweep", cam_space(tmp_path), "--output-dir", str(out),
             "--name", "killed"]
     first = base + ["--trials", "2", "--executor", "inline", "--no-early-stopping", "--max-concurrent", "1",
                     "--set", "epochs=3", "--set", "input_size=64", "--set", "batch_size=8", "--eval-max-images", "8",

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from weakbench.platform import conventions as C
-from test_faults import LOOPBACK_ENV, _runs, cam_space_with_seeds
+from spaces import cam_space
+from test_faults import LOOPBACK_ENV, _runs
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ TINY = ["--executor", "inline", "--no-model", "--eval-max-images", "8", "--set",
 
 def _cmd(out: Path, data: Path, name: str, *args: str) -> list[str]:
     # two seeds per configuration, whatever the shipped cam.yaml runs (the trial counts below assume 2)
-    return [sys.executable, "-m", "weakbench", "sweep", str(cam_space_with_seeds(out.parent)), "--data", str(data),
+    return [sys.executable, "-m", "weakbench", "sweep", cam_space(out.parent), "--data", str(data),
             "--output-dir", str(out), "--name", name, "--address", "local", "--num-cpus", "1", "--max-concurrent", "1",
             *TINY, *args]
 

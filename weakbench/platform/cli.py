@@ -198,7 +198,7 @@ def sweep(**values: Any) -> None:
 
     shown, resuming = _resumed_view(opts) if opts.resume else (opts, "")
     console.print(f"[bold]weakbench sweep[/] {opts.space} on {opts.data or 'the synthetic default'}: {resuming}"
-                  f"{shown.trials} trials, executor={resolve_executor(shown)}")
+                  f"{shown.trials} trials, executor={resolve_executor(shown)}", soft_wrap=True)  # one line, paths whole
     s = _run_sweep_with_view(opts, verbose=opts.verbose)
     rows = [("trials", f"{s.num_trials} of {s.num_planned} planned ({s.num_finished} finished, {s.num_stopped} stopped "
                        f"early, {s.num_failed} failed{f', {s.num_restarts} restart(s)' if s.num_restarts else ''})"),
