@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from spaces import cam_space
 from weakbench.platform.live import PlanStage, SweepView, TrialRow, stage_label, trial_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,8 +152,9 @@ def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path, executor):
     assert log.is_file() and "Checkpoint successfully created" in log.read_text()  # the chatter went to the log
     # one row per trial in the final view, with its searched params
     rows = [ln for ln in before if re.match(r"^[0-9a-f]{8}\s", ln)]
-    assert len(rows) == 4 and all(re.search(r"finished|stopped", ln) for ln in rows), "\n".join(before)
-    assert sum("started: lr=" in ln for ln in before) == 4
+    # --trials 4 with cam.yaml's three seeds: rounded up to whole seed repeats, 2 configurations × 3 seeds
+    assert len(rows) == 6 and all(re.search(r"finished|stopped", ln) for ln in rows), "\n".join(before)
+    assert sum("started: lr=" in ln for ln in before) == 6
     assert not list((tmp_path / "o" / "sweeps").glob(".sweep-*.log"))  # the start-up log moved into the sweep
     after = lines[summary:]
     added = [ln for ln in after if ln.startswith("trivial baseline ")]
@@ -178,7 +180,7 @@ def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path, executor):
 @pytest.mark.timeout(900)
 def test_status_shows_a_sweep_running_in_another_process(tmp_path):
     out_dir = tmp_path / "o"
-    sweep = subprocess.Popen(_weakbench("sweep", "search_spaces/cam.yaml", "--trials", "2", "--address", "local",
+    sweep = subprocess.Popen(_weakbench("sweep", cam_space(tmp_path), "--trials", "2", "--address", "local",
                                         "--output-dir", str(out_dir), "--name", "watched", "--set", "epochs=10",
                                         "--set", "input_size=64", "--eval-max-images", "8", "--executor", "inline",
                                         "--no-model", "--max-concurrent", "1"),

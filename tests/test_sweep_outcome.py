@@ -137,6 +137,9 @@ def test_sweep_without_address_beside_a_ray_start_cluster_is_refused_clearly(tmp
 
     from weakbench.platform.sweep import _check_ray_target
 
+    # the suite's session-wide instance (the ray_local fixture) may already be up in this process;
+    # the check is about a sweep's own driver, which is not connected yet
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
     monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
@@ -227,3 +230,30 @@ def test_a_scheduler_stop_is_marked_in_the_run_name_and_tag(tmp_path):
     run = client.get_run(rid)
     assert run.info.run_name == "cam-t1 [stopped early]" and run.info.status == "KILLED"
     assert run.data.tags["weakbench.stopped"] == "stopped early by the scheduler"
+
+
+def test_error_text_read_from_the_local_error_file_when_storage_has_none(tmp_path):
+    """Tune's ``on_trial_error`` runs right after the error is written to the trial's local
+    directory, before it reaches the storage path: the reason comes from the local ``error.txt``
+    (its latest failure's last line), not the generic text."""
+    from weakbench.platform.sweep import _tune_error_text
+
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Failure # 1 (occurred at 2026-12-06_17-00-00)\nray::ImplicitFunc.train()\n"
+                          "  File \"x.py\", line 3, in f\nValueError: first\n"
+                          "Failure # 2 (occurred at 2026-12-06_17-00-05)\nray::ImplicitFunc.train()\n"
+                          "  File \"x.py\", line 9, in f\nRuntimeError: worker died\n\n")
+
+    class StorageHasNoError:  # a Trial whose storage copy is not synced yet
+        num_failures = 2
+        error_file = str(tmp_path / "error.txt")
+
+        def get_pickled_error(self):
+            return None
+
+        def get_error(self):
+            return None
+
+    assert _tune_error_text(StorageHasNoError()) == "RuntimeError: worker died"
+    StorageHasNoError.error_file = str(tmp_path / "missing.txt")
+    assert _tune_error_text(StorageHasNoError()).startswith("the trial errored inside Ray Tune (after 2 failure(s))")

@@ -858,16 +858,38 @@ def _graceful_interrupt():
 
 
 def _tune_error_text(trial: Any) -> str:
-    """The last line of a Tune trial's error (``ValueError: …``), or a generic reason."""
+    """The last line of a Tune trial's error (``ValueError: …``), or a generic reason.
+
+    Tune writes the error into the trial's local directory first (``Trial.handle_error``) and
+    syncs it to the storage path later, while ``on_trial_error`` runs right after the write: the
+    storage copy read by ``get_pickled_error`` can still be missing then, so the local text file
+    (``error.txt``, plain text, nothing unpickled) is read as well."""
     try:
         err = trial.get_pickled_error() or trial.get_error()
     except Exception:  # noqa: BLE001
         err = None
     if err is None:
+        local = _last_error_line(getattr(trial, "error_file", None))
+        if local:
+            return local
         return f"the trial errored inside Ray Tune (after {trial.num_failures} failure(s)); see its error.txt"
     cause = getattr(err, "cause", None) or err
     lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
     return f"{type(cause).__name__}: {lines[-1] if lines else cause}"
+
+
+def _last_error_line(path: str | None) -> str | None:
+    """The last non-empty line of the latest failure in Tune's ``error.txt`` (``Name: message``, the
+    traceback's final line), or None where the file is absent or unreadable."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    latest = text.rsplit("Failure # ", 1)[-1]
+    lines = [ln.strip() for ln in latest.splitlines()[1:] if ln.strip()]
+    return lines[-1] if lines else None
 
 
 def _reconcile(client, exp_id: str, parent: str, sweep_id: str, state, method: str, source,
