@@ -60,3 +60,27 @@ def ray_local():
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored():
+    """Every test leaves MLflow's global tracking and registry URIs, and the environment variables
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` write for subprocesses, as it found them.
+
+    ``MLFLOW_TRACKING_URI`` is the alias of ``WEAKBENCH_TRACKING_URI``: a test that set it (MLflow
+    writes it whenever its global URI is set, e.g. back to its default ``sqlite:///mlflow.db`` in
+    the working directory) pointed every later in-process ``weakbench`` command of the session at
+    that store instead of its ``--output-dir``."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    variables = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {v: os.environ.get(v) for v in variables}
+    uris = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    yield
+    for v, value in env.items():
+        if value is None:
+            os.environ.pop(v, None)
+        else:
+            os.environ[v] = value
+    tracking_utils._tracking_uri, registry_utils._registry_uri = uris
