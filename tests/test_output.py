@@ -63,6 +63,17 @@ def test_narrow_table_stacks_and_keeps_every_column_and_path_whole():
     _fits(text, 80, allow=(LONG,))
 
 
+def test_stacked_multi_line_cell_keeps_one_line_per_item():
+    """A cell with several lines (a row's paired verdicts, one a line) keeps each item on a line of
+    its own under the value column when stacked, instead of running them together."""
+    recs = [{**RECS[1], "note": "+3.37 [-5.2, +12.0]: not shown different from center_gaussian (none)\n"
+                                "+14.48 [+10.5, +21.3]: beats whole_image (none)"}]
+    text = _render("table", 80, records=recs)
+    lines = [ln.strip() for ln in text.splitlines()]
+    assert "+14.48 [+10.5, +21.3]: beats whole_image (none)" in lines, text
+    _fits(text, 80, allow=(LONG,))
+
+
 def test_wide_table_is_one_table():
     text = _render("table", 200)
     assert LONG in text and "-- 1 of 2" not in text and text.count("a long path") == 1

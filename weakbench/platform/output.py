@@ -220,11 +220,15 @@ def stacked(records: Sequence[Mapping[str, Any]], columns: Sequence[Column], *, 
                 continue  # nothing to say under this header for this row
             lead = f"{h:<{pad}}  " if len(h) <= pad else f"{h}\n{'':<{pad}}  "
             indent = " " * (pad + 2)
-            if c.kind == "path" or len(lead.split("\n")[-1]) + len(value) <= out.width:
+            if c.kind == "path":
                 body = value  # paths: one line, never cut (a terminal wraps what it must)
-            else:
-                body = "\n".join(textwrap.wrap(value, max(20, out.width - len(indent)), break_long_words=False,
-                                               break_on_hyphens=False)).replace("\n", "\n" + indent)
+            else:  # each line of a multi-line cell (one verdict a line) wrapped on its own, under the value column
+                lines: list[str] = []
+                for line in value.split("\n"):
+                    fits = len(lead.split("\n")[-1]) + len(line) <= out.width
+                    lines += [line] if fits else textwrap.wrap(line, max(20, out.width - len(indent)),
+                                                               break_long_words=False, break_on_hyphens=False)
+                body = ("\n" + indent).join(lines)
             style = (c.style(r) if c.style else None) if out.is_terminal else None
             out.print(Text(lead) + Text(body, style=style or ""), soft_wrap=True, highlight=False)
     empty = [h for c, h in zip(columns, heads) if not any(c.cell(r) for r in records)]
