@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from spaces import cam_space
 from weakbench.platform import conventions as C
 from weakbench.platform import tracking
 from weakbench.platform.cli import app
@@ -41,7 +42,8 @@ def runs_of(out: Path):
 
 
 def sweep_and_check(out: Path, data: str | None, *extra: str):
-    args = ["sweep", REPO / "search_spaces" / "cam.yaml", "--trials", 2, "--output-dir", out, "--name", "e2e",
+    # cam.yaml with two seeds: --trials 2 is one configuration × seeds 0, 1 (the shipped file has 3)
+    args = ["sweep", cam_space(out.parent), "--trials", 2, "--output-dir", out, "--name", "e2e",
             "--set", "epochs=2", "--set", "input_size=64", "--set", "batch_size=8", "--eval-max-images", 16, *extra]
     if data:
         args += ["--data", data]
@@ -86,7 +88,7 @@ def test_sweep_synthetic_default_end_to_end(tmp_path, ray_local):
     leaderboard_register_predict(out, image, "synthetic")
     # --resume of a finished sweep adds nothing and rewrites nothing
     _, _, before = runs_of(out)
-    invoke("sweep", REPO / "search_spaces" / "cam.yaml", "--output-dir", out, "--resume", "--name", "e2e")
+    invoke("sweep", cam_space(out.parent), "--output-dir", out, "--resume", "--name", "e2e")
     _, parents, after = runs_of(out)
     assert len(parents) == 1
     assert sorted((r.info.run_id, r.info.end_time) for r in after) == sorted((r.info.run_id, r.info.end_time) for r in before)
