@@ -10,19 +10,14 @@ one line naming the opt-in, and loads with it.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
+from servers import mlflow_server
 from weakbench.methods import build_method
 from weakbench.methods.base import CamPredictor
 from weakbench.platform import conventions as C
@@ -127,38 +122,11 @@ def test_malicious_model_refused_sqlite(tmp_path, monkeypatch, capsys):
     _refusals(uri, tmp_path, marker, monkeypatch, capsys)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def sqlite_mlflow_server(tmp_path):
     """``mlflow server`` on 127.0.0.1 with a SQLite backend and proxied artifacts."""
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not answer within 180 s"
-            time.sleep(0.5)
+    with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path, workers=1, log_name="server.log", timeout_s=180) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow

@@ -9,27 +9,20 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from servers import free_port, mlflow_server as start_mlflow_server
 from spaces import cam_space
 from weakbench.platform import conventions as C
 from weakbench.platform import tracking
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_bin(name: str) -> str | None:
@@ -54,7 +47,7 @@ def postgres(tmp_path):
     root = Path(tempfile.mkdtemp(prefix="weakbench-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     made = subprocess.run(_as_postgres([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stdout + made.stderr
@@ -76,29 +69,8 @@ def postgres(tmp_path):
 
 @pytest.fixture
 def mlflow_server(postgres, tmp_path):
-    port = _free_port()
-    log = (tmp_path / "mlflow-server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "2", "--backend-store-uri", postgres,
-                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not answer within 300 s"
-            time.sleep(0.5)
+    with start_mlflow_server(postgres, tmp_path, workers=2, log_name="mlflow-server.log", timeout_s=300) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
 
 
 @pytest.mark.timeout(700)
