@@ -56,7 +56,7 @@ def main() -> None:
     from weakbench.methods import bbam_ops as ops
     from weakbench.methods.bbam import DetectorFit
     from weakbench.methods.detection import DetectionDataset, collate_detection, detector_forward_heads, detector_inputs
-    from weakbench.platform.data import open_dataset
+    from weakbench.core.data import open_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_bbam_"))
     kw = {"classes": args.classes} if args.classes else {}

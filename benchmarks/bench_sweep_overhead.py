@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _open_seconds(cache_dir: Path, data: str | None) -> float:
     """Seconds to open the dataset and its split in a fresh process (imports not counted)."""
-    code = ("import time,sys; from weakbench.platform.data import open_dataset; t=time.time(); "
+    code = ("import time,sys; from weakbench.core.data import open_dataset; t=time.time(); "
             f"open_dataset({data!r}, cache_dir={str(cache_dir)!r}); print(time.time()-t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -38,7 +38,7 @@ def main() -> None:
             "method": "cam", "fixed": {"epochs": 1, "input_size": 64, "batch_size": 16, "backbone": "resnet18"},
             "search": {"lr": {"loguniform": [0.005, 0.05]}}, "scheduler": "none"}))
         # warm the synthetic data cache so neither executor pays for generating it
-        from weakbench.platform.data import open_dataset
+        from weakbench.core.data import open_dataset
 
         open_dataset(None, cache_dir=Path(d) / "out" / "data_cache")
         for executor in ("train", "inline"):

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from wsol_reference import ReferenceBoxEvaluator  # noqa: E402
 
-from weakbench.platform.metrics import BoxEvaluator, WsolEvaluator, scale_boxes  # noqa: E402
-from weakbench.platform.metrics import _levelsets  # noqa: E402
+from weakbench.core.metrics import BoxEvaluator, WsolEvaluator, scale_boxes  # noqa: E402
+from weakbench.core.metrics import _levelsets  # noqa: E402
 
 SIZE = 224
 

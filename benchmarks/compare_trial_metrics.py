@@ -10,7 +10,7 @@ import json, sys, time
 from pathlib import Path
 import weakbench
 from weakbench.platform import tracking
-from weakbench.platform.data import make_splits, open_dataset, save_splits
+from weakbench.core.data import make_splits, open_dataset, save_splits
 from weakbench.platform.engine import TrialSpec, run_trial
 
 out = Path(sys.argv[1]); seed = int(sys.argv[2]); extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}

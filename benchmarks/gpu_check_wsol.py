@@ -1,7 +1,7 @@
 """GPU check, WSOL part: the torch (CUDA) box-metric engine against the CPU one on the same maps.
 
 Scores ``--maps`` smooth random 224 x 224 maps (the shape of an upsampled CAM, from
-``bench_wsol_metrics.smooth_maps``) with :func:`weakbench.platform.metrics.box_scores` on the CPU
+``bench_wsol_metrics.smooth_maps``) with :func:`weakbench.core.metrics.box_scores` on the CPU
 (``engine="auto"``: numba or numpy) and with the torch engine on ``--device`` (CUDA when
 visible; on a machine without a GPU the torch engine on the CPU, the code path a GPU runs), then
 prints one line: whether the per-level best-IoU tables (hence every count of MaxBoxAcc and
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_wsol_metrics import smooth_maps  # noqa: E402
 
-from weakbench.platform.metrics import box_scores  # noqa: E402
+from weakbench.core.metrics import box_scores  # noqa: E402
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from weakbench.platform import tracking
-from weakbench.platform.data import load_splits, make_splits, open_dataset, save_splits
+from weakbench.core.data import load_splits, make_splits, open_dataset, save_splits
 from weakbench.platform.engine import TrialSpec, run_trial
 
 SETTINGS = {"backbone": "resnet18", "input_size": 96, "epochs": 8, "batch_size": 16, "lr": 0.02, "rounds": 1,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from weakbench.platform import tracking
-from weakbench.platform.data import make_splits, open_dataset, save_splits
+from weakbench.core.data import make_splits, open_dataset, save_splits
 from weakbench.platform.engine import TrialSpec, run_trial
 
 SETTINGS = {"backbone": "resnet18", "input_size": 96, "epochs": 8, "batch_size": 16, "lr": 0.02, "rounds": 2,

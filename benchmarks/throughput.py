@@ -43,8 +43,8 @@ import torch
 
 def pipeline_rate(source, indices, size: int, batch: int, workers: int, device, epochs: int = 2) -> float:
     """Images/s of the engine's training loader alone (first epoch, which starts the workers, excluded)."""
-    from weakbench.platform.data import ClassificationDataset, collate_classification
-    from weakbench.platform.loading import SeededDataset, SeededSampler, make_loader
+    from weakbench.core.data import ClassificationDataset, collate_classification
+    from weakbench.core.loading import SeededDataset, SeededSampler, make_loader
 
     ds = ClassificationDataset(source, indices, size, train=True)
     sampler = SeededSampler(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0), 0)
@@ -62,7 +62,7 @@ def pipeline_rate(source, indices, size: int, batch: int, workers: int, device, 
 def bare_rate(method, images, labels, steps: int, device, dtype=None, channels_last: bool = False) -> float:
     """Images/s of ``method.training_step`` on one in-memory batch repeated ``steps`` times (after 2 warm-up steps)."""
     from weakbench.methods.pipeline import StepContext
-    from weakbench.platform.accel import autocast
+    from weakbench.core.accel import autocast
 
     torch.manual_seed(0)
     model = method.build_model().to(device)
@@ -94,7 +94,7 @@ def engine_rate(data: str, cache: Path, splits_path: Path, params: dict, n_train
     """Images/s of the engine's training epochs (after the first) and the loader workers it used."""
     from weakbench.platform import tracking
     from weakbench.platform.engine import TrialSpec, run_trial
-    from weakbench.platform.loading import default_loader_workers
+    from weakbench.core.loading import default_loader_workers
 
     spec = TrialSpec(method="cam", params=params, data=data, data_cache=str(cache), splits_path=str(splits_path),
                      trial_dir=str(out / "trial"), tracking_uri=tracking.default_tracking_uri(out), log_model=False,
@@ -121,8 +121,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from weakbench.methods import build_method
-    from weakbench.platform.data import ClassificationDataset, collate_classification, open_dataset, save_splits
-    from weakbench.platform.loading import default_loader_workers
+    from weakbench.core.data import ClassificationDataset, collate_classification, open_dataset, save_splits
+    from weakbench.core.loading import default_loader_workers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, int(args.cpus)))

@@ -32,7 +32,7 @@ def coco128_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
 
     return generate_synthetic_coco(tmp_path_factory.mktemp("synthetic") / "synthetic", seed=0)
 

@@ -19,7 +19,7 @@ SPACE = str(REPO / "search_spaces" / "cam.yaml")
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from weakbench.platform import cli
+    from weakbench import cli
 
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["weakbench", *args])
@@ -121,7 +121,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, monkeypatch, capsys):
 
 
 def _dataset_with_link_loop(tmp_path: Path) -> Path:
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
 
     d = generate_synthetic_coco(tmp_path / "ds", num_images=8, image_size=48, seed=0)
     img = sorted((d / "images").iterdir())[0]
@@ -144,7 +144,7 @@ def test_symlink_loop_in_images(tmp_path, monkeypatch, capsys):
 def _store(out: Path, name: str = "cam-toy") -> str:
     """A small store as ``weakbench sweep`` lays it out: ``mlflow.db`` with a sweep's parent run
     and two finished trial runs, and ``sweeps/<name>/sweep.json``."""
-    from weakbench.platform import conventions as C
+    from weakbench.core import conventions as C
     from weakbench.platform import tracking
 
     uri = tracking.default_tracking_uri(out)

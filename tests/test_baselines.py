@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from weakbench.methods import build_method, get_method_class, list_methods
 from weakbench.methods.baselines import PriorNet, gaussian_prior, whole_image_prior
-from weakbench.platform import conventions as C
-from weakbench.platform.metrics import WsolEvaluator
+from weakbench.core import conventions as C
+from weakbench.core.metrics import WsolEvaluator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_priors_under_the_protocol():
 @pytest.mark.slow
 def test_baselines_sweep_board_register_and_evaluate(tmp_path, ray_local):
     from weakbench.platform import tracking
-    from weakbench.platform.cli import app
+    from weakbench.cli import app
     from weakbench.platform.leaderboard import build_leaderboard
     from weakbench.platform.results import read_store
 
@@ -119,8 +119,8 @@ def test_baselines_sweep_board_register_and_evaluate(tmp_path, ray_local):
 def test_evaluate_reports_progress_to_the_end(tmp_path):
     """``weakbench evaluate``'s progress bar: evaluate_split reports (done, total) per batch,
     monotone, ending at (total, total); the metrics do not depend on it."""
-    from weakbench.platform.data import open_dataset
-    from weakbench.platform.evaluate import evaluate_split
+    from weakbench.core.data import open_dataset
+    from weakbench.methods.evaluate import evaluate_split
 
     source = open_dataset(None, cache_dir=tmp_path)
     m = build_method("center_gaussian", {"input_size": 32}, num_classes=source.num_classes, multilabel=source.multilabel)

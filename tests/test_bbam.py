@@ -22,12 +22,12 @@ import pytest
 import torch
 
 from weakbench.methods import build_method, validate_config
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
-from weakbench.platform.data import make_splits, open_dataset, save_splits
+from weakbench.core.data import make_splits, open_dataset, save_splits
 from weakbench.platform.engine import TrialSpec, run_trial
-from weakbench.platform.errors import ConfigError
-from weakbench.platform.metric_declarations import undeclared
+from weakbench.core.errors import ConfigError
+from weakbench.methods.metric_declarations import undeclared
 
 REPO = Path(__file__).resolve().parents[1]
 #: a detector that learns the shapes in ~8 epochs on 2 CPU cores; 40 mask iterations

@@ -17,7 +17,7 @@ from PIL import Image
 from weakbench.methods import build_method
 from weakbench.methods.bbam_ops import optimise_box_masks
 from weakbench.methods.detection import detector_box_heads, detector_features, detector_inputs
-from weakbench.platform.data import open_dataset
+from weakbench.core.data import open_dataset
 
 #: (width, height) of the images: landscape and portrait mixed, one square
 SIZES = [(96, 64), (64, 96), (96, 64), (64, 96), (80, 80)]

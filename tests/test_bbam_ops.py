@@ -19,7 +19,7 @@ from weakbench.methods.bbam_ops import (
 from weakbench.methods.detection import (
     DetectionDataset, build_detector, collate_detection, detector_forward_heads, detector_inputs,
 )
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 128
@@ -37,7 +37,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def source(synthetic_dir):
-    from weakbench.platform.data import open_dataset
+    from weakbench.core.data import open_dataset
 
     return open_dataset(synthetic_dir)
 

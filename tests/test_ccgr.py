@@ -21,12 +21,12 @@ import pytest
 
 from weakbench.methods import build_method, validate_config
 from weakbench.methods.pipeline import validate_plan
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
-from weakbench.platform.data import make_splits, open_dataset, save_splits
+from weakbench.core.data import make_splits, open_dataset, save_splits
 from weakbench.platform.engine import TrialSpec, run_trial
-from weakbench.platform.errors import ConfigError
-from weakbench.platform.metric_declarations import undeclared
+from weakbench.core.errors import ConfigError
+from weakbench.methods.metric_declarations import undeclared
 
 REPO = Path(__file__).resolve().parents[1]
 PSEUDO = "pseudo_masks_with_labels"  #: namespace of the pseudo-mask diagnostics (made with image labels)
@@ -55,7 +55,7 @@ def test_plan_rounds_and_what_each_stage_reads():
     assert "refine_r3" in three and "instances_r2" in three and "instances_r3" not in three
     # the paper's protocol: the IS branch on held-out images without labels
     assert m.headline_metric == "mask_rcnn/map_r50"
-    from weakbench.platform.metric_declarations import default_select_metric
+    from weakbench.methods.metric_declarations import default_select_metric
     from weakbench.platform.search_space import load_search_space
 
     # register, the leaderboard and the search space all select on it, on val

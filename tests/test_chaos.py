@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from spaces import cam_space
 from test_faults import LOOPBACK_ENV, _runs, private_cluster  # noqa: F401 - the fixture is used by name
 
@@ -63,7 +63,7 @@ def _assert_sound(client, children, epochs: int) -> None:
 
 @pytest.mark.timeout(420)
 def test_max_failures_0_node_killed_fails_the_sweep_then_resume_succeeds(tmp_path, private_cluster):
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
 
     cluster, second = private_cluster
     epochs = 5
@@ -120,7 +120,7 @@ def test_max_failures_0_node_killed_fails_the_sweep_then_resume_succeeds(tmp_pat
 def test_chaos_random_node_kills_and_restarts(tmp_path, private_cluster):
     """8 trials (4 configurations × 2 seeds, Optuna over lr) on a head and a second node, one CPU
     each; the second node is killed at a random moment twice and added back ~5 s later."""
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
 
     cluster, second = private_cluster
     epochs = 2

@@ -20,7 +20,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_space_file_gives_method_and_fixed_values_and_runs_get_distinct_names(tmp_path):
-    from weakbench.platform import conventions as C
+    from weakbench.core import conventions as C
     from weakbench.platform import tracking
 
     out = str(tmp_path / "o")

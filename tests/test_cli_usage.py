@@ -69,7 +69,7 @@ def test_bare_command_prints_help_and_exits_0(entry):
 
 
 def test_nearest_ranks_by_edit_distance():
-    from weakbench.platform.errors import edit_distance, nearest
+    from weakbench.core.errors import edit_distance, nearest
 
     assert edit_distance("resnet19", "resnet18") == 1 and edit_distance("", "abc") == 3
     assert nearest("resnet19", ["cspresnet50", "resnet18", "resnet101", "eca_resnet33ts"])[0] == "resnet18"
@@ -77,7 +77,7 @@ def test_nearest_ranks_by_edit_distance():
 
 def test_unknown_backbone_suggests_the_nearest_first():
     from weakbench.methods import validate_config
-    from weakbench.platform.errors import ConfigError
+    from weakbench.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"unknown backbone 'resnet19'.*nearest: resnet18,"):
         validate_config("cam", {"backbone": "resnet19"})

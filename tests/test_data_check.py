@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from weakbench.platform.data import check_images, open_dataset, resolve_path
-from weakbench.platform.errors import DataError
+from weakbench.core.data import check_images, open_dataset, resolve_path
+from weakbench.core.errors import DataError
 
 
 @pytest.fixture

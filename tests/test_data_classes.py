@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weakbench.platform.data import CocoSource, load_splits, make_splits, open_dataset, save_splits
-from weakbench.platform.errors import ConfigError, DataError
+from weakbench.core.data import CocoSource, load_splits, make_splits, open_dataset, save_splits
+from weakbench.core.errors import ConfigError, DataError
 from weakbench.platform.search_space import parse_search_space
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -107,7 +107,7 @@ def test_space_file_key(tmp_path):
 def test_cli_data_command_filters(tmp_path, synthetic_dir):
     from typer.testing import CliRunner
 
-    from weakbench.platform import cli
+    from weakbench import cli
 
     res = CliRunner().invoke(cli.app, ["data", str(synthetic_dir), "--classes", "disc", "-o", str(tmp_path)])
     assert res.exit_code == 0, res.output

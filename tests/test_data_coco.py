@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from weakbench.platform.data import CocoSource, EvalDataset, collate_eval, open_dataset
+from weakbench.core.data import CocoSource, EvalDataset, collate_eval, open_dataset
 
 # pycocotools 2.0.x under numpy 2 warns on every mask decode
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -9,7 +9,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader
 
-from weakbench.platform.data import (
+from weakbench.core.data import (
     IMAGENET_MEAN, IMAGENET_STD, ClassificationDataset, CocoSource, EvalDataset, collate_classification, collate_eval,
 )
 

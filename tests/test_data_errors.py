@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from weakbench.platform.data import CocoSource, open_dataset
-from weakbench.platform.errors import DataError
+from weakbench.core.data import CocoSource, open_dataset
+from weakbench.core.errors import DataError
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from weakbench.platform.data import (
+from weakbench.core.data import (
     CocoSource, DatasetSource, ImageRecord, load_or_make_splits, load_splits, make_splits, save_splits, split_path,
 )
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 
 
 class TinySource(DatasetSource):

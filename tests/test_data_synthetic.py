@@ -11,10 +11,10 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from weakbench.platform.data import (
+from weakbench.core.data import (
     SHAPES, ClassificationDataset, CocoSource, ensure_synthetic, generate_synthetic_coco, make_splits, open_dataset,
 )
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -150,7 +150,7 @@ def test_default_bytes_are_unchanged_by_the_variants(tmp_path):
 
 @pytest.mark.parametrize("variant", ["touching", "hard"])
 def test_variants_touch_overlap_and_repeat_a_class(tmp_path, variant):
-    from weakbench.platform.data import HARD_SHAPES
+    from weakbench.core.data import HARD_SHAPES
 
     d = generate_synthetic_coco(tmp_path / variant, num_images=48, seed=1, variant=variant)
     again = generate_synthetic_coco(tmp_path / "again", num_images=48, seed=1, variant=variant)

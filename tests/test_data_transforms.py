@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from weakbench.platform.data.transforms import (
+from weakbench.core.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, hflip_boxes, hflip_image, hflip_masks, image_to_tensor, nearest_indices, resize_boxes,
     resize_boxes_wsol, resize_image, resize_masks,
 )

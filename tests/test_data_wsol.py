@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weakbench.platform.data import EvalDataset, WsolMetadataSource, collate_eval, open_dataset
-from weakbench.platform.errors import DataError
+from weakbench.core.data import EvalDataset, WsolMetadataSource, collate_eval, open_dataset
+from weakbench.core.errors import DataError
 
 
 def _write(path, lines):

@@ -14,7 +14,7 @@ import pytest
 import typer
 import yaml
 
-from weakbench.platform.cli import app
+from weakbench.cli import app
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 REPO = DEPLOY.parent
@@ -134,7 +134,7 @@ def test_container_image_runs_the_same_cli():
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert cmd[0] in scripts and scripts[cmd[0]] == "weakbench.platform.cli:main"
+    assert cmd[0] in scripts and scripts[cmd[0]] == "weakbench.cli:main"
     assert not re.search(r"^ENTRYPOINT", text, re.M)  # launchers pass their own commands
 
 

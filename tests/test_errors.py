@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from weakbench.platform.errors import DivergenceError, WeakbenchError, check_finite, is_finite_metrics
+from weakbench.core.errors import DivergenceError, WeakbenchError, check_finite, is_finite_metrics
 
 
 def test_finite_metrics_pass():

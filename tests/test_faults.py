@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from spaces import cam_space
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ def private_cluster(monkeypatch):
 def test_node_running_a_trial_dies_and_the_sweep_finishes(tmp_path, private_cluster):
     from ray import tune
 
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
 
     cluster, second = private_cluster
     data = generate_synthetic_coco(tmp_path / "data", num_images=32, image_size=64, seed=0)
@@ -177,7 +177,7 @@ def test_diverging_fixed_configuration_fails_and_never_ranks(tmp_path):
     error; with lr=10 the loss goes NaN: the run ends FAILED with a DivergenceError, the sweep
     exits 1, the leaderboard and the registry never pick it."""
     from weakbench.platform import leaderboard, registry, results
-    from weakbench.platform.errors import DataError, UnknownNameError
+    from weakbench.core.errors import DataError, UnknownNameError
 
     out = tmp_path / "runs"
     proc = _sweep(out, "--name", "nan", "--executor", "inline", "--eval-max-images", "8", "--set", "epochs=2",

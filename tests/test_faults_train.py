@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from spaces import cam_space
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from test_faults import _runs  # one reader of a sweep's parent and trial runs
 
 pytestmark = pytest.mark.slow
@@ -145,7 +145,7 @@ def _sweep_cmd(data: Path, out: Path, name: str, address: str, *args: str) -> li
 
 @pytest.fixture
 def data(tmp_path):
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
 
     return generate_synthetic_coco(tmp_path / "data", num_images=32, image_size=64, seed=0)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 from weakbench.platform.sweep import SweepOptions, check_gpu_request, resolve_executor, trial_placement
 
 REPO = Path(__file__).resolve().parents[1]

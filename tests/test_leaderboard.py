@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 from scipy import stats
 
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 from weakbench.platform.leaderboard import bootstrap_ci, build_leaderboard, render_rich
 from weakbench.platform.results import rows_to_table
 

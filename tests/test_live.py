@@ -213,7 +213,7 @@ def test_status_shows_a_sweep_running_in_another_process(tmp_path):
 
 def test_leaderboard_legend_says_what_the_metric_means_and_which_row_is_the_baseline():
     from weakbench.platform.leaderboard import build_leaderboard, legend
-    from weakbench.platform.metric_declarations import spec
+    from weakbench.methods.metric_declarations import spec
     from weakbench.platform.results import rows_to_table
 
     def run(i, method, seed, val, test, backbone="r18"):
@@ -234,7 +234,7 @@ def test_leaderboard_legend_says_what_the_metric_means_and_which_row_is_the_base
 
 
 def test_sweep_summary_shows_the_headline_family_not_every_key():
-    from weakbench.platform.cli import searched_params, summary_metrics
+    from weakbench.cli import searched_params, summary_metrics
 
     cam = {"val/max_box_acc_v2": 17.5, "test/max_box_acc_v2": 15.1, "test/pxap": 16.0, "val/best_threshold": 0.2,
            "val/max_box_acc_v2_iou30": 39.0, "val/num_images": 9.0, "train/loss": 1.0}

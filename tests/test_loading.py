@@ -1,4 +1,4 @@
-"""The engine's input pipeline (weakbench.platform.loading) and device settings (weakbench.platform.accel).
+"""The engine's input pipeline (weakbench.core.loading) and device settings (weakbench.core.accel).
 
 * a sample's augmentation depends on (seed, epoch, sample) only: 0 and 2 loader workers give the
   same batches, and a 1-epoch trial gives the same losses and metrics with 0 and 2 workers;
@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
-from weakbench.platform.accel import autocast, autocast_dtype, use_channels_last
-from weakbench.platform.data import ClassificationDataset, collate_classification, make_splits, open_dataset, save_splits
-from weakbench.platform.loading import SeededDataset, SeededSampler, default_loader_workers, make_loader, sample_seed
+from weakbench.core.accel import autocast, autocast_dtype, use_channels_last
+from weakbench.core.data import ClassificationDataset, collate_classification, make_splits, open_dataset, save_splits
+from weakbench.core.loading import SeededDataset, SeededSampler, default_loader_workers, make_loader, sample_seed
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_trial_losses_identical_with_zero_and_two_loader_workers(tmp_path, synth
 
 def test_evaluation_does_not_depend_on_loader_workers(synthetic):
     from weakbench.methods import build_method
-    from weakbench.platform.evaluate import evaluate_split
+    from weakbench.methods.evaluate import evaluate_split
 
     _, source, _ = synthetic
     method = build_method("cam", {"backbone": "resnet18", "input_size": 32}, num_classes=source.num_classes,

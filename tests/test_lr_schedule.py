@@ -13,7 +13,7 @@ from weakbench.methods import build_method, validate_config
 from weakbench.methods.lr_schedules import build_lr_scheduler, milestone_steps
 from weakbench.methods.pipeline import Stage
 from weakbench.platform.engine import _check_optimization, optimization_state, restore_optimization
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +200,7 @@ def test_inline_trial_resumed_after_a_kill_continues_the_schedule_and_logs_lr(tm
     or one built after the optimiser's state was loaded (its constructor resets the lr to
     0.05 · λ(0)), would give 0.05 again."""
     from weakbench.platform import tracking
-    from weakbench.platform.data import make_splits, open_dataset, save_splits
+    from weakbench.core.data import make_splits, open_dataset, save_splits
     from weakbench.platform.engine import TrialSpec, run_trial
 
     cache = tmp_path / "cache"

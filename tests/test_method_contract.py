@@ -9,7 +9,7 @@ import pytest
 from weakbench.methods import build_method, list_methods, validate_config
 from weakbench.methods.base import Method, MethodConfig
 from weakbench.methods.pipeline import validate_plan
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 METHODS = list_methods()
 

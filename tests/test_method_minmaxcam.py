@@ -15,7 +15,7 @@ from weakbench.methods.base import StepContext
 from weakbench.methods.minmaxcam import (
     ClassSetBatchSampler, MinMaxCAMFitTask, SetClassDataset, crr_loss, frr_loss, set_classes, shared_set_classes,
 )
-from weakbench.platform.errors import ConfigError, DataError
+from weakbench.core.errors import ConfigError, DataError
 
 SMALL = {"backbone": "resnet10t", "input_size": 64, "batch_size": 6, "set_size": 3, "lr": 0.05}
 
@@ -238,7 +238,7 @@ def test_method_returns_sampler_of_config_shape():
 def test_fit_task_batches_carry_the_drawn_class(synthetic_dir):
     """The engine's path (the fit task's dataset and batch sampler in a DataLoader) delivers
     ``set_class``: one class per set, carried by each of its images."""
-    from weakbench.platform.data import make_splits, open_dataset
+    from weakbench.core.data import make_splits, open_dataset
 
     source = open_dataset(synthetic_dir)
     train = list(make_splits(source, seed=0)["train"])

@@ -16,7 +16,7 @@ from weakbench.methods.puzzlecam import (
     alpha_at, merge_tiles, miou_from_confusion, pseudo_semantic_masks, reconstruction_loss,
     semantic_confusion, semantic_targets, tile_images,
 )
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 #: 64 px at stride 16: the 2×2 tiles' CAMs are 2×2, the smallest grid the config accepts
 SMALL = {"backbone": "resnet10t", "input_size": 64, "output_stride": 16, "batch_size": 4, "lr": 0.05,
@@ -204,8 +204,8 @@ def _box_only_wsol(root):
 
 
 def test_evaluator_reports_pseudo_mask_miou_only_on_data_with_masks(tmp_path, synthetic_dir):
-    from weakbench.platform.data import open_dataset
-    from weakbench.platform.evaluate import evaluate_split
+    from weakbench.core.data import open_dataset
+    from weakbench.methods.evaluate import evaluate_split
 
     for data, expect in ((_box_only_wsol(tmp_path / "boxes"), False), (synthetic_dir, True)):
         source = open_dataset(data)

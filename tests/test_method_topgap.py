@@ -21,8 +21,8 @@ from weakbench.methods.topgap import (
     TopGAPFitTask, cam_mask_iou, erf_center_corner, erf_distance, l1_sparsity, pgd_robust_correct, relative_object_size,
     resolve_k, top1_correct, top_gap, union_box_area,
 )
-from weakbench.platform.data.source import DatasetSource, ImageRecord
-from weakbench.platform.errors import ConfigError, DataError
+from weakbench.core.data.source import DatasetSource, ImageRecord
+from weakbench.core.errors import ConfigError, DataError
 
 SMALL = {"backbone": "resnet10t", "input_size": 64, "batch_size": 4, "lr": 0.05, "head_channels": 32,
          "top_k_fraction": 0.1, "eval_images": 4, "pgd_steps": 2}
@@ -301,7 +301,7 @@ def test_object_size_is_logged_with_validation(monkeypatch):
         net(torch.zeros(1, 3, 64, 64))
     out = task.validate(net, None, last=True)
     assert out == {"max_box_acc_v2": 1.0, "train/top_k_fraction": HAND_FRACTION, "train/top_k": 46.0}
-    from weakbench.platform import metric_declarations as D
+    from weakbench.methods import metric_declarations as D
 
     assert D.lookup("train/top_k_fraction").direction is None and D.lookup("train/top_k").unit == "count"
 
@@ -319,9 +319,9 @@ def test_object_size_through_an_inline_trial(tmp_path, monkeypatch):
     """A real trial (inline executor, synthetic data, MLflow on SQLite): the run logs the train
     split's value, which differs from the value over every record, and the logged predictor pools
     with the k it implies."""
-    from weakbench.platform import conventions as C
+    from weakbench.core import conventions as C
     from weakbench.platform import tracking
-    from weakbench.platform.data import make_splits, open_dataset, save_splits
+    from weakbench.core.data import make_splits, open_dataset, save_splits
     from weakbench.platform.engine import TrialSpec, run_trial
     from weakbench.platform.predict import load_predictor
 
@@ -354,7 +354,7 @@ def test_evaluate_refuses_object_size_before_reading_any_image(tmp_path):
     the fraction is refused up front, naming the field and the fix, with no MLflow run left."""
     import sqlite3
 
-    from weakbench.platform.errors import ConfigError
+    from weakbench.core.errors import ConfigError
     from weakbench.platform.evaluation import evaluate_dataset
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

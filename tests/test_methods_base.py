@@ -6,7 +6,7 @@ import torch
 
 from weakbench.methods import build_method, list_methods, validate_config
 from weakbench.methods.base import normalize_maps, resize_maps
-from weakbench.platform.errors import ConfigError, UnknownNameError
+from weakbench.core.errors import ConfigError, UnknownNameError
 
 
 def test_registry_lists_builtin_methods_and_refuses_unknown():
@@ -31,7 +31,7 @@ def test_backbone_names_are_validated_without_importing_timm_once_its_list_is_sa
     import subprocess
     import sys
 
-    code = ("import sys; from weakbench.methods import validate_config; from weakbench.platform.errors import ConfigError\n"
+    code = ("import sys; from weakbench.methods import validate_config; from weakbench.core.errors import ConfigError\n"
             "validate_config('cam', {'backbone': 'resnet18'}); print('timm' in sys.modules)\n"
             "try: validate_config('cam', {'backbone': 'resnet9000'})\nexcept ConfigError as e: print('refused', 'resnet9000' in str(e))")
     env = {**os.environ, "HOME": str(tmp_path)}

@@ -1,4 +1,4 @@
-"""Metric declarations (weakbench.platform.metric_declarations): every key the methods' evaluation
+"""Metric declarations (weakbench.methods.metric_declarations): every key the methods' evaluation
 stages emit is declared, lookups go through stage namespaces and baseline variants, the board ranks
 in the declared direction, and the line under the board says what the headline means and which row
 is the baseline."""
@@ -13,10 +13,10 @@ import torch
 
 from weakbench.methods import build_method, get_method_class, list_methods
 from weakbench.methods.pipeline import StageContext
-from weakbench.platform import metric_declarations as D
-from weakbench.platform.conventions import TRIVIAL_BASELINES
+from weakbench.methods import metric_declarations as D
+from weakbench.core.conventions import TRIVIAL_BASELINES
 from weakbench.platform.engine import _stage_key
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 from weakbench.platform.leaderboard import build_leaderboard, leaderboard_metrics, legend, render_rich
 from weakbench.platform.results import rows_to_table
 
@@ -40,7 +40,7 @@ def test_every_key_a_classifier_method_plan_emits_is_declared(name, synthetic_di
     last epoch of every fit stage and every eval stage, keyed as the engine keys them. Every key is
     declared, and the method-specific metrics (extra_metrics) reach the test split, which the board
     reports."""
-    from weakbench.platform.data import make_splits, open_dataset
+    from weakbench.core.data import make_splits, open_dataset
 
     source = open_dataset(synthetic_dir)
     m = build_method(name, _params(name), num_classes=source.num_classes, multilabel=source.multilabel)
@@ -76,8 +76,8 @@ def test_instance_metric_producers_are_declared(synthetic_dir):
     """BBAM's and CCGR's scores come from PseudoMaskEvaluator and COCO evaluation: their keys, under
     the namespaces and baseline prefixes the methods log them with, are declared (the slow
     end-to-end tests in test_bbam.py / test_ccgr.py check a real run's keys)."""
-    from weakbench.platform.data import open_dataset
-    from weakbench.platform.metrics import PseudoMaskEvaluator, coco_gt_from_source, coco_instance_eval
+    from weakbench.core.data import open_dataset
+    from weakbench.core.metrics import PseudoMaskEvaluator, coco_gt_from_source, coco_instance_eval
 
     source = open_dataset(synthetic_dir)
     ev = PseudoMaskEvaluator(source, source.num_classes)
@@ -238,11 +238,11 @@ def test_weakbench_leaderboard_prints_the_line_under_each_board(tmp_path):
     """The CLI prints the legend under the table (the board from a results store, no MLflow runs)."""
     from typer.testing import CliRunner
 
-    from weakbench.platform.cli import app
+    from weakbench.cli import app
     from weakbench.platform.results import write_table
 
     from weakbench.platform import tracking
-    from weakbench.platform.conventions import DEFAULT_EXPERIMENT
+    from weakbench.core.conventions import DEFAULT_EXPERIMENT
 
     store = tmp_path / "results"
     write_table(rows_to_table(_board_rows(False)), store)

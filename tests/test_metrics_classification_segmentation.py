@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from weakbench.platform.metrics import SemanticEvaluator, average_precision, multilabel_average_precision, top1_accuracy
+from weakbench.core.metrics import SemanticEvaluator, average_precision, multilabel_average_precision, top1_accuracy
 
 
 def test_average_precision_by_hand():

@@ -12,8 +12,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from weakbench.platform.errors import DataError
-from weakbench.platform.metrics import average_best_overlap, coco_instance_eval
+from weakbench.core.errors import DataError
+from weakbench.core.metrics import average_best_overlap, coco_instance_eval
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_abo_hand_computed():
 
 
 def test_mask_iou_by_hand():
-    from weakbench.platform.metrics import mask_iou
+    from weakbench.core.metrics import mask_iou
 
     a = np.zeros((4, 4), bool)
     a[0:2, 0:2] = True  # 4 px
@@ -125,8 +125,8 @@ def test_mask_iou_by_hand():
 
 
 def test_pseudo_mask_evaluator_gt_is_perfect_and_box_filled_is_not(synthetic_dir):
-    from weakbench.platform.data import open_dataset
-    from weakbench.platform.metrics import PseudoMaskEvaluator
+    from weakbench.core.data import open_dataset
+    from weakbench.core.metrics import PseudoMaskEvaluator
 
     source = open_dataset(str(synthetic_dir))
     perfect = PseudoMaskEvaluator(source, source.num_classes)
@@ -182,7 +182,7 @@ def _pred(img, cat, m, score):
 
 
 def test_voc_ap_is_the_area_under_the_monotone_curve():
-    from weakbench.platform.metrics import voc_ap
+    from weakbench.core.metrics import voc_ap
 
     # TP, FP, TP, FP over 2 positives: precision 1, 1/2, 2/3, 1/2 at recall 1/2, 1/2, 1, 1;
     # made monotone: 1 up to recall 1/2, 2/3 up to recall 1 -> 1/2 + 1/2 * 2/3 = 5/6
@@ -199,7 +199,7 @@ def test_voc_instance_ap_hand_computed():
     predictions by score: exact A (TP), exact A again (a duplicate: FP), the left half of B
     (IoU 8/16 = 0.5: TP at 0.5, FP at 0.75), one in image 2 where class 1 has no GT (FP).
     AP_0.5 = 5/6 (see test_voc_ap...), AP_0.75 = 1/2 (TP, FP, FP, FP: precision 1 up to recall 1/2)."""
-    from weakbench.platform.metrics import voc_instance_ap
+    from weakbench.core.metrics import voc_instance_ap
 
     a, b = _block(0, 4), _block(6, 10)
     gt = _gt_with({1: [(1, a), (1, b)], 2: [(2, _block(2, 6, 4, 8))]})
@@ -223,7 +223,7 @@ def test_voc_instance_ap_a_duplicate_of_a_taken_instance_is_false_even_if_anothe
     (x 0-5, 24 px) overlaps A by 16/24 and B by 8/32 = 0.25: at IoU 0.25 its best GT is A, taken
     by the first prediction, so it is false although B is free and overlaps it enough. TP, FP over
     two positives: AP = 1/2 (a greedy match to any free instance would give 1)."""
-    from weakbench.platform.metrics import voc_instance_ap
+    from weakbench.core.metrics import voc_instance_ap
 
     a, b = _block(0, 4), _block(4, 8)
     gt = _gt_with({1: [(1, a), (1, b)]}, categories=(1,))
@@ -234,7 +234,7 @@ def test_voc_instance_ap_a_duplicate_of_a_taken_instance_is_false_even_if_anothe
 def test_voc_instance_ap_on_boxes():
     """``bbox``: box IoU of ``[x, y, w, h]`` boxes (pycocotools' convention, no +1). GT box
     [0, 0, 4, 4]; a prediction [2, 0, 4, 4] overlaps it by 8/24 = 1/3: TP at 0.25, FP at 0.5."""
-    from weakbench.platform.metrics import voc_instance_ap
+    from weakbench.core.metrics import voc_instance_ap
 
     gt = _gt_with({1: [(1, _block(0, 4))]}, categories=(1,))
     preds = [{"image_id": 1, "category_id": 1, "bbox": [2.0, 0.0, 4.0, 4.0], "score": 0.5}]

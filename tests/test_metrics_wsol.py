@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from weakbench.platform.errors import DataError
-from weakbench.platform.metrics import (
+from weakbench.core.errors import DataError
+from weakbench.core.metrics import (
     BoxEvaluator,
     PxAPEvaluator,
     WsolEvaluator,
@@ -19,8 +19,8 @@ from weakbench.platform.metrics import (
     resize_box,
     scale_boxes,
 )
-from weakbench.platform.metrics._levelsets import HAVE_NUMBA
-from weakbench.platform.metrics.wsol import threshold_levels
+from weakbench.core.metrics._levelsets import HAVE_NUMBA
+from weakbench.core.metrics.wsol import threshold_levels
 
 cv2 = pytest.importorskip("cv2")
 from wsol_reference import (  # noqa: E402

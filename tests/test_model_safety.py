@@ -20,9 +20,9 @@ import torch
 from servers import mlflow_server
 from weakbench.methods import build_method
 from weakbench.methods.base import CamPredictor
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import registry, tracking
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 from weakbench.platform.model_format import SPEC_FILE, UNSAFE_PICKLE_ENV, load_predictor_dir, save_predictor
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -81,7 +81,7 @@ def _store_with(uri: str, model_dir: Path, tmp_path: Path) -> str:
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from weakbench.platform import cli
+    from weakbench import cli
 
     monkeypatch.setattr(sys, "argv", ["weakbench", *args])
     with pytest.raises(SystemExit) as e:

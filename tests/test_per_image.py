@@ -1,4 +1,4 @@
-"""Per-image results (weakbench.platform.metrics.per_image): the evaluated split's metrics are
+"""Per-image results (weakbench.core.metrics.per_image): the evaluated split's metrics are
 recomputed exactly from its per-image table, on the whole split and on any resample."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from weakbench.methods import build_method
-from weakbench.platform.errors import DataError
-from weakbench.platform.metrics import PxAPEvaluator, WsolEvaluator
-from weakbench.platform.metrics.per_image import (
+from weakbench.core.errors import DataError
+from weakbench.core.metrics import PxAPEvaluator, WsolEvaluator
+from weakbench.core.metrics.per_image import (
     PerImage, build_table, metric_at_threshold, metric_on_weights, read_table, write_table,
 )
 
@@ -20,8 +20,8 @@ def test_split_metrics_recomputed_exactly_from_the_table(tmp_path):
     """A centre Gaussian on the synthetic default (boxes and masks): every box metric, top-1 loc
     and PxAP of the split equal those recomputed from the stored table (all weights 1), after a
     Parquet round trip."""
-    from weakbench.platform.data import open_dataset
-    from weakbench.platform.evaluate import evaluate_split
+    from weakbench.core.data import open_dataset
+    from weakbench.methods.evaluate import evaluate_split
 
     source = open_dataset(None, cache_dir=tmp_path)
     m = build_method("center_gaussian", {"input_size": 32, "sigma": 0.3}, num_classes=source.num_classes,
@@ -91,8 +91,8 @@ def test_trial_logs_per_image_results_that_reach_the_store(tmp_path):
     """An inline trial of the centre Gaussian logs per_image/<split>/per_image.parquet for its val
     and test stages; the store copies them, and they recompute the logged test metrics."""
     from weakbench.platform import tracking
-    from weakbench.platform.data import open_dataset
-    from weakbench.platform.data.splits import make_splits, save_splits
+    from weakbench.core.data import open_dataset
+    from weakbench.core.data.splits import make_splits, save_splits
     from weakbench.platform.engine import run_trial
     from weakbench.platform.results import read_per_image, read_store, update_store
     from weakbench.platform.engine import TrialSpec

@@ -29,9 +29,9 @@ from pydantic import Field
 from weakbench.methods import base
 from weakbench.methods.base import Method, MethodConfig, register_method
 from weakbench.methods.pipeline import FitTask, Stage, validate_plan
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
-from weakbench.platform.data import make_splits, open_dataset, save_splits
+from weakbench.core.data import make_splits, open_dataset, save_splits
 from weakbench.platform.engine import TrialSpec, plan_segments, run_trial
 from weakbench.platform.products import Product
 
@@ -60,7 +60,7 @@ class ToyFit(FitTask):
         return {"main": torch.optim.SGD(model.parameters(), lr=self.method.config.lr)}
 
     def train_dataset(self, source, indices):
-        from weakbench.platform.data import ClassificationDataset
+        from weakbench.core.data import ClassificationDataset
 
         return ClassificationDataset(source, indices, 32, train=False)
 

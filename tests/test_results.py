@@ -11,9 +11,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from weakbench.dashboards.synthetic import log_synthetic_sweeps
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import results
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from weakbench.platform import cli
+from weakbench import cli
 from weakbench.platform import run_spec as RS
 from weakbench.platform.engine import TrialSpec
 from weakbench.platform.run_spec import Role, SweepOptions

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from weakbench.platform.errors import ConfigError, UnknownNameError
+from weakbench.core.errors import ConfigError, UnknownNameError
 from weakbench.platform.search_space import load_search_space, parse_search_space
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
 from weakbench.platform.leaderboard import build_boards, build_leaderboard
 from weakbench.platform.live import SweepView, TrialRow
-from weakbench.platform.metrics.per_image import build_table, write_table
+from weakbench.core.metrics.per_image import build_table, write_table
 from weakbench.platform.registry import _select_run
 from weakbench.platform.results import config_group, read_per_image, read_store, update_store
 from weakbench.platform.sweep import select_best_run

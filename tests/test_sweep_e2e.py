@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from spaces import cam_space
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
-from weakbench.platform.cli import app
+from weakbench.cli import app
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_images_that_do_not_decode_are_refused_before_ray_starts(tmp_path):
     (exit 2, the files named), instead of every trial failing on its first image."""
     import shutil
 
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
 
     data = generate_synthetic_coco(tmp_path / "broken", num_images=12, seed=3)
     images = sorted((data / "images").iterdir())

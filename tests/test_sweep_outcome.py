@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
 from weakbench.platform.search_space import load_search_space
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 from weakbench.platform.sweep import SweepOptions, SweepSummary, _reconcile, prepare_sweep_dir, resolve_executor
 from weakbench.platform.sweep_state import SweepState
 
@@ -88,7 +88,7 @@ def test_tune_errors_are_failed_in_mlflow(tmp_path, ray_local):
     import ray.cloudpickle
     from ray import tune
 
-    from weakbench.platform.data import open_dataset
+    from weakbench.core.data import open_dataset
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
     uri = tracking.default_tracking_uri(tmp_path)
@@ -165,7 +165,7 @@ def test_interrupt_reconciliation_tells_interrupted_from_stopped(tmp_path):
     interrupt, and a run that failed for a real reason, keep their endings."""
     import time
 
-    from weakbench.platform.data import open_dataset
+    from weakbench.core.data import open_dataset
 
     uri = tracking.default_tracking_uri(tmp_path)
     client = tracking.client_for(uri)

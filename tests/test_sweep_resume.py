@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from spaces import cam_space
 from test_faults import LOOPBACK_ENV, _runs
 
@@ -60,7 +60,7 @@ def _recorded(sweep_dir: Path) -> dict:
 
 @pytest.mark.timeout(540)
 def test_sigkill_while_trials_start_then_resume_reattaches(tmp_path):
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
     from weakbench.platform.live import load_view
 
     data = generate_synthetic_coco(tmp_path / "data", num_images=32, image_size=64, seed=0)
@@ -123,7 +123,7 @@ def test_sigkill_while_trials_start_then_resume_reattaches(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_sigterm_is_an_interrupt_with_exit_143(tmp_path):
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
 
     data = generate_synthetic_coco(tmp_path / "data", num_images=32, image_size=64, seed=0)
     out = tmp_path / "runs"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
 
 

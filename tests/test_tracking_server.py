@@ -18,7 +18,7 @@ import pytest
 
 from servers import free_port, mlflow_server as start_mlflow_server
 from spaces import cam_space
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def mlflow_server(postgres, tmp_path):
 
 @pytest.mark.timeout(700)
 def test_sweep_against_mlflow_server_on_postgresql(tmp_path, mlflow_server):
-    from weakbench.platform.data import generate_synthetic_coco
+    from weakbench.core.data import generate_synthetic_coco
 
     data = generate_synthetic_coco(tmp_path / "data", num_images=24, image_size=64, seed=0)
     out = tmp_path / "runs"

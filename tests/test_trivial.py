@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import tracking
 from weakbench.platform.search_space import load_search_space
 from weakbench.platform.sweep import SweepOptions

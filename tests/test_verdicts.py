@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from weakbench.platform.leaderboard import build_leaderboard
-from weakbench.platform.metrics.per_image import BOX_COLUMNS, PerImage, build_table, metric_on_weights
+from weakbench.core.metrics.per_image import BOX_COLUMNS, PerImage, build_table, metric_on_weights
 from weakbench.platform.results import rows_to_table
 from weakbench.platform.verdicts import Bootstrap, RowRuns, compare, decide, holm
 

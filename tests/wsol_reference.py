@@ -4,7 +4,7 @@ A straightforward transcription of clovaai/wsolevaluation (Choe et al., CVPR 202
 ``wsol/util.py`` and ``evaluation.py``): ``compute_bboxes_from_scoremaps`` (OpenCV threshold
 and ``findContours`` once per threshold), ``calculate_multiple_iou``, ``BoxEvaluator`` and
 ``MaskEvaluator``. It deliberately keeps the per-threshold loop: it is the yardstick the fast
-path in :mod:`weakbench.platform.metrics.wsol` is compared against, count by count.
+path in :mod:`weakbench.core.metrics.wsol` is compared against, count by count.
 OpenCV is a dev/test dependency only.
 """
 

@@ -1,3 +1,3 @@
-from weakbench.platform.cli import main
+from weakbench.cli import main
 
 main()

@@ -54,13 +54,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from weakbench.platform import conventions as C
-from weakbench.platform import metric_declarations as D
+from weakbench.core import conventions as C
+from weakbench.methods import metric_declarations as D
 from weakbench.platform.leaderboard import (MIN_SEEDS_BEYOND_NOISE, board_tables, build_boards, build_leaderboard,
                                             format_stat, leaderboard_metrics, legend, ranking_disagreements, title,
                                             trivial_cell, verdicts_cell)
 from weakbench.platform.leaderboard import _value_ci  # the CLI's "value [interval]" cell, shared
-from weakbench.platform.metric_declarations import higher_is_better
+from weakbench.methods.metric_declarations import higher_is_better
 from weakbench.platform.results import metric_columns, param_columns
 
 MAX_SWEEPS = 30
@@ -115,7 +115,7 @@ class BoardView:
         title, legend: the board's title and the line under it (:mod:`weakbench.platform.leaderboard`).
         scores: reported score keys shown in the table and charted, the headline first (at most
             :data:`MAX_TABLE_SCORES`): the headline, its box-filled baseline (BBAM, CCGR), then
-            the declared scores of :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER`.
+            the declared scores of :data:`~weakbench.methods.metric_declarations.DISPLAY_ORDER`.
         others: the other reported score keys (variants, rounds, gains): folded table only.
         diagnostics: reported keys with no better direction (thresholds, counts) or undeclared:
             folded table only, never charted.
@@ -447,7 +447,7 @@ def _mlflow_sweep(tracking_uri: str | None, experiment_ids: list[str], sweep_id:
 def sweep_views(table: pa.Table, tracking_uri: str | None = None, select_metric: str | None = None) -> list[SweepView]:
     """Per sweep (newest first, at most :data:`MAX_SWEEPS`): every terminal trial whose last
     reported values include the sweep's selecting metric — ``select_metric`` when the sweep logged
-    it, else its method's headline (:func:`~weakbench.platform.metric_declarations.default_select_metric`)
+    it, else its method's headline (:func:`~weakbench.methods.metric_declarations.default_select_metric`)
     — with its status and, from MLflow at ``tracking_uri``, its per-epoch history."""
     if table.num_rows == 0:
         return []

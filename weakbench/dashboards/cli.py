@@ -1,4 +1,4 @@
-"""``weakbench dashboard build`` / ``serve``: a Typer sub-app mounted by ``weakbench.platform.cli``.
+"""``weakbench dashboard build`` / ``serve``: a Typer sub-app mounted by ``weakbench.cli``.
 
 ``build`` refreshes the results store from MLflow when ``--tracking-uri`` is given (only runs not
 yet in the store are read), then writes one self-contained HTML file: one board per headline
@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from weakbench.platform.conventions import DEFAULT_EXPERIMENT, TRACKING_URI_ENVVARS
+from weakbench.core.conventions import DEFAULT_EXPERIMENT, TRACKING_URI_ENVVARS
 
 app = typer.Typer(help="Leaderboard and sweep dashboard: one HTML file that works offline.", no_args_is_help=True)
 
@@ -40,8 +40,8 @@ def build(
 ) -> None:
     """Build the dashboard HTML from the results store."""
     from weakbench.dashboards.build import build_dashboard
-    from weakbench.platform.errors import DataError
-    from weakbench.platform.errors import ConfigError
+    from weakbench.core.errors import DataError
+    from weakbench.core.errors import ConfigError
     from weakbench.platform.results import current_table, writable_dir
 
     if tracking_uri is None and (Path(store).parent / "mlflow.db").is_file():
@@ -98,7 +98,7 @@ def serve(
     port: int = typer.Option(8765, "--port", help="port on 127.0.0.1"),
 ) -> None:
     """Serve the built dashboard on http://127.0.0.1:PORT/ (Ctrl-C to stop)."""
-    from weakbench.platform.errors import DataError
+    from weakbench.core.errors import DataError
 
     html_file = file or Path(store) / "dashboard.html"
     if not html_file.is_file():

@@ -4,7 +4,7 @@ Two entry points, both deterministic given ``seed``:
 
 * :func:`synthetic_table` — a results table (:data:`weakbench.platform.results.SCHEMA`) built in
   memory, for scale benchmarks of the Parquet path;
-* :func:`log_synthetic_sweeps` — real MLflow runs that follow :mod:`weakbench.platform.conventions`
+* :func:`log_synthetic_sweeps` — real MLflow runs that follow :mod:`weakbench.core.conventions`
   (one parent sweep run per (dataset, method), child trial runs with the trial tags, params,
   ``val/*``, ``test/*`` and ``cost/*`` metrics, optional ``overlays/*.png``), logged with
   ``MlflowClient.log_batch``.
@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform.results import rows_to_table
 
 METHODS = ("cam", "minmaxcam", "puzzlecam", "topgap")
@@ -276,13 +276,13 @@ _SYNTH_THRESHOLDS = np.linspace(0.0, 1.0, 11)
 
 def synthetic_per_image(split: str, accuracy: Mapping[str, float], n_images: int, dataset: str,
                         key: Sequence[int]) -> pa.Table:
-    """An invented per-image table (:mod:`weakbench.platform.metrics.per_image`) whose recomputed
+    """An invented per-image table (:mod:`weakbench.core.metrics.per_image`) whose recomputed
     MaxBoxAcc / MaxBoxAccV2 are close to ``accuracy`` (``{"max_box_acc": %, "max_box_acc_v2": %}``):
     image i is correct at τ_t when its difficulty u_i (one draw per image of ``dataset``, shared by
     every run, so rows are correlated as real ones are) plus a small per-run jitter (from ``key``)
     is below the accuracy scaled by a curve that peaks at the middle threshold. ``n_images`` images,
     one class each (``i % 3``); no classifier or mask columns."""
-    from weakbench.platform.metrics.per_image import BOX_COLUMNS, build_table
+    from weakbench.core.metrics.per_image import BOX_COLUMNS, build_table
 
     u = np.random.default_rng(zlib.crc32(dataset.encode())).uniform(size=n_images)
     u = u + np.random.default_rng(list(key)).normal(0, 0.03, n_images)
@@ -301,7 +301,7 @@ def _with_per_image(metrics: Mapping[str, float], split: str, n_images: int, dat
     """The run's per-image table (:func:`synthetic_per_image`) and its metrics with
     ``<split>/max_box_acc`` and ``<split>/max_box_acc_v2`` replaced by the values recomputed from
     it, so the logged numbers and the per-image results agree exactly."""
-    from weakbench.platform.metrics.per_image import PerImage, metric_on_weights
+    from weakbench.core.metrics.per_image import PerImage, metric_on_weights
 
     acc = {n: metrics[f"{split}/{n}"] for n in ("max_box_acc", "max_box_acc_v2") if f"{split}/{n}" in metrics}
     table = synthetic_per_image(split, acc, n_images, dataset, key)
@@ -313,7 +313,7 @@ def _with_per_image(metrics: Mapping[str, float], split: str, n_images: int, dat
 
 
 def _log_per_image(client: Any, run_id: str, tmp: Path, split: str, table: pa.Table) -> None:
-    from weakbench.platform.metrics.per_image import write_table
+    from weakbench.core.metrics.per_image import write_table
 
     folder = tmp / f"per_image_{run_id}"
     folder.mkdir()

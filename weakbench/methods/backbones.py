@@ -14,7 +14,7 @@ Pretrained weights are a named setting resolved offline first (:func:`resolve_pr
    converted once into a timm-format state dict in :func:`weights_cache_dir`, through timm's own
    ``pretrained_cfg_overlay=dict(file=...)``;
 2. otherwise timm's hub loading (its local cache first; needs a reachable hub);
-3. otherwise a :class:`~weakbench.platform.errors.ConfigError` naming the backbone and the fix.
+3. otherwise a :class:`~weakbench.core.errors.ConfigError` naming the backbone and the fix.
 
 ``weights_path`` stays for a user's own state dict. :func:`input_normalization` gives the input
 mean/std of a backbone's ``pretrained_cfg`` (ImageNet statistics when it has none).
@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from weakbench.platform.errors import ConfigError, UnknownNameError
+from weakbench.core.errors import ConfigError, UnknownNameError
 
 __all__ = ["create_backbone", "FullFeatures", "PackagedWeights", "PACKAGED_WEIGHTS", "resolve_pretrained",
            "weights_cache_dir", "input_normalization", "convert_by_order"]
@@ -258,7 +258,7 @@ def create_backbone(
     import timm  # here, not at the top: a sweep's driver validates configs without timm (2-3 s of imports)
 
     if name not in timm.list_models():
-        from weakbench.platform.errors import nearest
+        from weakbench.core.errors import nearest
 
         raise UnknownNameError(f"unknown backbone {name!r} (not a timm model); nearest: {', '.join(nearest(name, timm.list_models()))}")
     kwargs: dict = _pretrained_kwargs(name) if pretrained else {"pretrained": False}

@@ -42,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from weakbench.methods.lr_schedules import LRSchedule, scheduler_from_config
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, validate_plan
-from weakbench.platform.errors import ConfigError, UnknownNameError
-from weakbench.platform.metric_declarations import DEFAULT_HEADLINE, MechanismCheck
+from weakbench.core.errors import ConfigError, UnknownNameError
+from weakbench.methods.metric_declarations import DEFAULT_HEADLINE, MechanismCheck
 
 __all__ = ["Method", "MethodConfig", "ClassifierConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
@@ -55,14 +55,14 @@ PipelineShape = Literal["classifier_cam", "detector_attribution", "multi_branch"
 def timm_lists_model(name: str) -> bool:
     """Whether ``timm.list_models()`` names ``name``, without importing timm (2-3 s: it imports
     torchvision) where an earlier call saved timm's list for the installed timm version
-    (``timm-<version>-models.txt`` in :data:`~weakbench.platform.data.DEFAULT_CACHE_DIR`): a
+    (``timm-<version>-models.txt`` in :data:`~weakbench.core.data.DEFAULT_CACHE_DIR`): a
     sweep's driver validates its configs without timm. A name not in the saved list, or timm
     already imported (models registered at run time), asks timm itself."""
     import importlib.metadata
     import os
     import sys
 
-    from weakbench.platform.data.open import DEFAULT_CACHE_DIR
+    from weakbench.core.data.open import DEFAULT_CACHE_DIR
 
     saved = None
     try:
@@ -157,7 +157,7 @@ class MethodConfig(BaseModel):
         if not timm_lists_model(v):
             import timm
 
-            from weakbench.platform.errors import nearest
+            from weakbench.core.errors import nearest
 
             raise ValueError(f"unknown backbone {v!r} (not a timm model name); nearest: {', '.join(nearest(v, timm.list_models()))}")
         return v
@@ -191,7 +191,7 @@ class Method:
         Config: the pydantic schema of this method's hyperparameters.
         headline_metric: the metric (bare name, as in ``<split>/<name>``) the leaderboard and
             registry rank this method by when no metric is given; it must be declared (with its
-            direction) in :mod:`weakbench.platform.metric_declarations`, which also gives the
+            direction) in :mod:`weakbench.methods.metric_declarations`, which also gives the
             search space its default selecting metric.
         find_unused_parameters: passed to DDP for the classifier's ``train`` stage (True when a
             step updates only part of the model, as MinMaxCAM's Stage II does).
@@ -201,10 +201,10 @@ class Method:
             (``box_filled``, ``box_crf``, ``unrefined``) are metric variants, not rows:
             :attr:`compared_with_variants`.
         mechanism_checks: the diagnostics that show the method's mechanism ran
-            (:class:`~weakbench.platform.metric_declarations.MechanismCheck`); the board flags a row
+            (:class:`~weakbench.methods.metric_declarations.MechanismCheck`); the board flags a row
             whose check fails. Every classifier row is also checked against chance (``cls_acc``
             against ``cls_chance``) and every trained row for seeds giving identical metrics.
-        compared_with_variants: variant prefixes (:mod:`weakbench.platform.metric_declarations`)
+        compared_with_variants: variant prefixes (:mod:`weakbench.methods.metric_declarations`)
             of the headline that the same run logs as its own baselines (BBAM: ``box_filled``,
             ``box_crf``; CCGR: ``unrefined``, ``box_filled``).
 
@@ -218,7 +218,7 @@ class Method:
     name: ClassVar[str] = ""
     shape: ClassVar[PipelineShape] = "classifier_cam"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    headline_metric: ClassVar[str] = DEFAULT_HEADLINE  # declared in weakbench.platform.metric_declarations
+    headline_metric: ClassVar[str] = DEFAULT_HEADLINE  # declared in weakbench.methods.metric_declarations
     find_unused_parameters: ClassVar[bool] = False
     compared_with: ClassVar[tuple[str, ...]] = ("cam", "center_gaussian", "whole_image")
     compared_with_variants: ClassVar[tuple[str, ...]] = ()
@@ -359,7 +359,7 @@ class Method:
         ``"ignore"``: bool (B, S, S) and ``"has_masks"``: bool (B,) whether the image's masks are
         real — on box-only data ``masks`` is an all-False placeholder and ``has_masks`` False).
         Returns ``{name: value}``; the engine logs them as ``val/<name>`` and ``test/<name>``.
-        Every name is declared in :mod:`weakbench.platform.metric_declarations`. Default: no
+        Every name is declared in :mod:`weakbench.methods.metric_declarations`. Default: no
         extra metrics.
         """
         return {}
@@ -403,11 +403,11 @@ class Method:
         """Eval stage, rank 0: ``(metrics by bare name, overlays as (file name, PIL image))``.
 
         Default (``classifier_cam``): the WSOL, pixel, segmentation and classification metrics
-        of :func:`weakbench.platform.evaluate.evaluate_split` on ``stage.split`` with the model
+        of :func:`weakbench.methods.evaluate.evaluate_split` on ``stage.split`` with the model
         of the ``train`` stage, and the method's :meth:`extra_metrics` on
         :data:`EXTRA_METRIC_BATCHES` batches of that split (as validation does after the last epoch).
         """
-        from weakbench.platform.evaluate import evaluate_split
+        from weakbench.methods.evaluate import evaluate_split
 
         model = ctx.load_model("train")
         metrics, overlays, details = evaluate_split(
@@ -426,7 +426,7 @@ class Method:
         return CamPredictor(self, model.cpu().eval(), ctx.source.class_names, self.config.input_size, mean, std)
 
     def check_untrained(self) -> None:
-        """Raise :class:`~weakbench.platform.errors.ConfigError` when this configuration cannot
+        """Raise :class:`~weakbench.core.errors.ConfigError` when this configuration cannot
         be used without a train stage (``weakbench evaluate --method``), naming the field and the
         fix; before any image is read. The default accepts every configuration (a method whose
         settings are resolved from the train split overrides this, e.g. Top-GAP's
@@ -457,11 +457,11 @@ class Method:
 
 
 def save_per_image(details: Mapping[str, Any], ctx: StageContext, split: str) -> None:
-    """Write ``details["per_image"]`` of :func:`weakbench.platform.evaluate.evaluate_split` (the
-    split's per-image results, :mod:`weakbench.platform.metrics.per_image`) into the stage's
+    """Write ``details["per_image"]`` of :func:`weakbench.methods.evaluate.evaluate_split` (the
+    split's per-image results, :mod:`weakbench.core.metrics.per_image`) into the stage's
     product directory as ``per_image.parquet``; the engine logs it with the run. Nothing when the
     split had no WSOL sample."""
-    from weakbench.platform.metrics.per_image import write_table
+    from weakbench.core.metrics.per_image import write_table
 
     table = details.get("per_image")
     if table is not None:
@@ -497,7 +497,7 @@ class ClassifierFitTask(FitTask):
         return self.method.configure_schedulers(optimizers, total_steps)
 
     def train_dataset(self, source, indices):
-        from weakbench.platform.data import ClassificationDataset
+        from weakbench.core.data import ClassificationDataset
 
         mean, std = self.method.input_normalization
         return ClassificationDataset(source, indices, self.method.config.input_size, train=True, mean=mean, std=std)
@@ -510,7 +510,7 @@ class ClassifierFitTask(FitTask):
         return self.method.training_step(model, batch, optimizers, ctx)
 
     def validate(self, model, ctx: StageContext, last: bool) -> dict[str, float]:
-        from weakbench.platform.evaluate import evaluate_split
+        from weakbench.methods.evaluate import evaluate_split
 
         c = self.method.config
         metrics, _, _ = evaluate_split(self.method, model, ctx.source, ctx.splits["val"], input_size=c.input_size,
@@ -632,7 +632,7 @@ def validate_config(name: str, params: Mapping[str, Any], source: str = "config"
     try:
         return cls.Config(**dict(params))
     except ValidationError as e:
-        from weakbench.platform.errors import nearest
+        from weakbench.core.errors import nearest
 
         def problem(err) -> str:
             key = ".".join(str(p) for p in err["loc"]) or "<root>"

@@ -145,7 +145,7 @@ class _Baseline(Method):
 
     def evaluate_stage(self, stage: Stage, ctx: StageContext) -> tuple[dict[str, float], list]:
         """Localisation metrics of the prior on ``stage.split`` (classifier metrics dropped)."""
-        from weakbench.platform.evaluate import evaluate_split
+        from weakbench.methods.evaluate import evaluate_split
 
         metrics, overlays, details = evaluate_split(
             self, self.model().to(ctx.device), ctx.source, ctx.splits[stage.split], input_size=self.config.input_size,

@@ -72,7 +72,7 @@ from pydantic import Field, model_validator
 from weakbench.methods import bbam_ops as ops
 from weakbench.methods.base import Method, MethodConfig, register_method
 from weakbench.methods.pipeline import FitTask, Stage, StageContext
-from weakbench.platform.metric_declarations import MechanismCheck
+from weakbench.methods.metric_declarations import MechanismCheck
 
 DETECTOR_FIELDS = ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
                    "momentum", "batch_size", "epochs", "input_size", "seed", "fpn_channels", "box_head_size")
@@ -298,7 +298,7 @@ def random_hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]
 def detection_metrics(model, source, indices, device, *, masks: bool, batch_size: int = 4) -> dict[str, float]:
     """COCOeval of a torchvision detector's predictions on records ``indices`` (percent):
     ``bbox_ap``, ``bbox_ap50`` … and, with ``masks``, ``segm_ap`` … (masks > 0.5), ``abo``."""
-    from weakbench.platform.metrics import coco_gt_from_source, coco_instance_eval
+    from weakbench.core.metrics import coco_gt_from_source, coco_instance_eval
 
     was = model.training
     model.eval()
@@ -497,8 +497,8 @@ class BBAM(Method):
         raise NotImplementedError(f"bbam has no eval stage {stage.name!r}")
 
     def _evaluate_pseudo_masks(self, ctx: StageContext) -> tuple[dict[str, float], list]:
-        from weakbench.platform.metrics import PseudoMaskEvaluator
-        from weakbench.platform.overlay import instance_overlay
+        from weakbench.core.metrics import PseudoMaskEvaluator
+        from weakbench.core.overlay import instance_overlay
 
         table = _load_table(ctx.inputs["pseudo_masks"] / "pseudo_masks.pt")
         out: dict[str, float] = {}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from weakbench.methods.backbones import create_backbone
 from weakbench.methods.base import ClassifierConfig, Method, MethodConfig, StepContext, register_method
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 
 class CAMNet(torch.nn.Module):

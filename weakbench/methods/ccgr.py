@@ -43,7 +43,7 @@ CCGR loss and refinement, PRM peaks, bags, WSDDN scores) lives in
    the split's images, made *with those images' own class labels* (so no mask has a wrong class:
    not the paper's measure, hence the namespace ``pseudo_masks_with_labels``): ``map_r25``,
    ``map_r50`` (mask mAP^r at IoU 0.25 / 0.5, VOC-style,
-   :func:`weakbench.platform.metrics.voc_instance_ap`), ``box_map50`` (box AP at 0.5, same rule), ``abo``,
+   :func:`weakbench.core.metrics.voc_instance_ap`), ``box_map50`` (box AP at 0.5, same rule), ``abo``,
    the same for the unrefined boxes' masks (``unrefined/…``) and for the MIL box filled as its
    mask (``box_filled/…``), and the mean IoU with GT of the MIL-selected boxes before and after
    refinement (``box_iou_before``, ``box_iou_after``: each box against the best GT box of its
@@ -121,7 +121,7 @@ from weakbench.methods.bbam import (_image_tensor, _rle, _unrle, detection_metri
 from weakbench.methods.bbam_ops import box_filled_mask
 from weakbench.methods.base import ClassifierFitTask, Method, MethodConfig, register_method
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext
-from weakbench.platform.metric_declarations import MechanismCheck
+from weakbench.methods.metric_declarations import MechanismCheck
 
 CLASSIFIER_FIELDS = ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
                      "momentum", "batch_size", "epochs", "input_size", "seed")
@@ -131,7 +131,7 @@ SPLITS = ("train", "val", "test")
 IGNORE = 255
 MIN_MASK_PIXELS = 16  #: pseudo masks smaller than this (pixels) are dropped
 #: metric namespace of the pseudo-mask diagnostics (made with each image's own labels; declared as a
-#: variant in weakbench.platform.metric_declarations so it never reads as the paper's measure)
+#: variant in weakbench.methods.metric_declarations so it never reads as the paper's measure)
 PSEUDO_NS = "pseudo_masks_with_labels"
 
 
@@ -368,7 +368,7 @@ class _BranchData(torch.utils.data.Dataset):
         return len(self.keys)
 
     def __getitem__(self, i: int):
-        from weakbench.platform.data.transforms import image_to_tensor, resize_image
+        from weakbench.core.data.transforms import image_to_tensor, resize_image
 
         key = self.keys[i]
         index = int(key.split(":")[1])
@@ -466,7 +466,7 @@ class BranchFit(FitTask):
         so a reader sees how good the maps are that CCGR refines on."""
         if self.kind != "semantic" or not last or not ctx.source.has_masks:
             return {}
-        from weakbench.platform.data.transforms import image_to_tensor, resize_image
+        from weakbench.core.data.transforms import image_to_tensor, resize_image
 
         n = self.method.num_classes + 1
         conf = torch.zeros(n, n, dtype=torch.int64)
@@ -690,7 +690,7 @@ class CCGR(Method):
         return out
 
     def _image_batch(self, keys: list[str], ctx: StageContext) -> tuple[torch.Tensor, list]:
-        from weakbench.platform.data.transforms import image_to_tensor, resize_image
+        from weakbench.core.data.transforms import image_to_tensor, resize_image
 
         mean, std = self.input_normalization
         imgs = [ctx.source.load_image(int(k.split(":")[1])) for k in keys]
@@ -1004,8 +1004,8 @@ class CCGR(Method):
         raise NotImplementedError(f"ccgr has no eval stage {stage.name!r}")
 
     def _evaluate_rounds(self, ctx: StageContext) -> tuple[dict[str, float], list]:
-        from weakbench.platform.metrics import coco_gt_from_source, coco_instance_eval
-        from weakbench.platform.overlay import instance_overlay
+        from weakbench.core.metrics import coco_gt_from_source, coco_instance_eval
+        from weakbench.core.overlay import instance_overlay
 
         if not ctx.source.has_masks:
             return {}, []
@@ -1118,9 +1118,9 @@ class CCGR(Method):
 def instance_branch_metrics(coco: dict[str, float]) -> dict[str, float]:
     """The IS branch's scores as CCGR reports them (its Tables 1–3), each logged once.
 
-    ``coco`` is :func:`weakbench.platform.metrics.coco_instance_eval`'s output per split
+    ``coco`` is :func:`weakbench.core.metrics.coco_instance_eval`'s output per split
     (``val/segm_map_r50`` …). Returns, per split: ``map_r50``, ``map_r25`` (mask mAP^r, VOC-style,
-    :func:`~weakbench.platform.metrics.voc_instance_ap`), ``box_map50`` (box AP at IoU 0.5, the same
+    :func:`~weakbench.core.metrics.voc_instance_ap`), ``box_map50`` (box AP at IoU 0.5, the same
     VOC rule), ``abo``, and COCOeval's own summary under its ``segm_`` / ``bbox_`` names
     (``segm_ap``, ``segm_ap50`` …: COCO's 101-point AP, a different number from mAP^r). The
     VOC box AP at 0.25 is dropped (the paper does not report it).

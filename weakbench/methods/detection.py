@@ -48,8 +48,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from weakbench.methods.backbones import create_backbone, input_normalization
-from weakbench.platform.data.source import DatasetSource
-from weakbench.platform.errors import ConfigError, UnknownNameError
+from weakbench.core.data.source import DatasetSource
+from weakbench.core.errors import ConfigError, UnknownNameError
 
 __all__ = [
     "TimmFPNBackbone",

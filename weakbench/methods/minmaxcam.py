@@ -61,8 +61,8 @@ from weakbench.methods.base import ClassifierConfig, ClassifierFitTask, Method, 
 from weakbench.methods.cam import CAMNet, classification_loss
 from weakbench.methods.lr_schedules import LRSchedule, describe_setting
 from weakbench.methods.pipeline import FitTask, Stage
-from weakbench.platform.errors import DataError
-from weakbench.platform.metric_declarations import MechanismCheck
+from weakbench.core.errors import DataError
+from weakbench.methods.metric_declarations import MechanismCheck
 
 #: The optimisation of the official code (github.com/shadowwkl/MinMaxCAM, ``train.py``; the paper
 #: gives none): SGD with Nesterov momentum 0.9, weight decay 5e-4, the classifier at 10× the
@@ -409,7 +409,7 @@ class SetClassDataset(torch.utils.data.Dataset):
     """The training dataset keyed by :class:`ClassSetBatchSampler`'s ``(position, set_class)`` pairs.
 
     ``dataset[(i, c)]`` is ``base[i]`` (a dict: ``image``, ``labels``, ``index``, as
-    :class:`weakbench.platform.data.ClassificationDataset`) plus ``"set_class": int64 () c``;
+    :class:`weakbench.core.data.ClassificationDataset`) plus ``"set_class": int64 () c``;
     a plain position ``i`` gives ``set_class = -1`` (unknown: Stage II falls back to the lowest
     shared class, :func:`set_classes`). Collated, ``set_class`` is int64 (B,).
 

@@ -141,7 +141,7 @@ class StageContext:
     Attributes:
         stage: the stage being run.
         config: the method's validated config.
-        source: the dataset (``weakbench.platform.data.DatasetSource``).
+        source: the dataset (``weakbench.core.data.DatasetSource``).
         splits: ``{"train"|"val"|"test": [record indices]}`` (the sweep's stored split).
         inputs: product directory of each input stage, by stage name.
         out_dir: where the stage writes its product files (``map_reduce``); published

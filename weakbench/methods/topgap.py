@@ -51,7 +51,7 @@ is logged with every validation as ``train/top_k_fraction`` and ``train/top_k`` 
 size of the last forward pass); the config param stays ``object_size``.
 
 Errors: ``top_k_fraction`` other than a number in (0, 1], ``"object_size"`` or null is refused
-when the config is validated (:class:`~weakbench.platform.errors.ConfigError` naming the field
+when the config is validated (:class:`~weakbench.core.errors.ConfigError` naming the field
 and the allowed values); ``object_size`` on a train split with no GT box, or whose boxes have no
 area, raises ConfigError when the fit stage starts; a forward pass of a model whose fraction was
 never resolved (e.g. ``weakbench evaluate --method topgap``, which has no train split) raises
@@ -96,12 +96,12 @@ from weakbench.methods.base import (
     ClassifierFitTask, Method, MethodConfig, StepContext, normalize_maps, register_method, resize_maps,
 )
 from weakbench.methods.cam import classification_loss
-from weakbench.platform.errors import ConfigError, DataError
+from weakbench.core.errors import ConfigError, DataError
 
 #: ``top_k_fraction`` value that measures the fraction on the train split (:func:`relative_object_size`)
 OBJECT_SIZE = "object_size"
 
-#: ImageNet statistics the engine normalises images with (weakbench.platform.data.transforms).
+#: ImageNet statistics the engine normalises images with (weakbench.core.data.transforms).
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 

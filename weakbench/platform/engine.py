@@ -61,8 +61,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from weakbench import __version__
-from weakbench.platform import conventions as C
-from weakbench.platform.errors import ConfigError, DivergenceError, check_finite
+from weakbench.core import conventions as C
+from weakbench.core.errors import ConfigError, DivergenceError, check_finite
 
 CHECKPOINT_FILE = "trial_state.pt"
 
@@ -96,10 +96,10 @@ class TrialSpec(BaseModel):
                                                                        "(None: one whole GPU per worker with use_gpu)")
     loader_workers: int | None = Field(None, ge=0, description="DataLoader worker processes per trial worker (None: "
                                                                "one per CPU held beyond the first, "
-                                                               "weakbench.platform.loading.default_loader_workers)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast dtype (weakbench.platform.accel)")
+                                                               "weakbench.core.loading.default_loader_workers)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast dtype (weakbench.core.accel)")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
-        "auto", description="model memory layout (weakbench.platform.accel)")
+        "auto", description="model memory layout (weakbench.core.accel)")
     eval_max_images: int | None = Field(None, ge=1, description="cap on images per evaluated split (None: all)")
     eval_batch_size: int = Field(16, ge=1)
     num_overlays: int = Field(6, ge=0)
@@ -256,7 +256,7 @@ class _Runner:
         self.carry: dict[str, float] = {}  # latest metrics, repeated in every report (Tune needs its metric)
         self.state: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
-        from weakbench.platform.loading import default_loader_workers
+        from weakbench.core.loading import default_loader_workers
 
         self.loader_workers = default_loader_workers(spec.cpus_per_worker, spec.loader_workers)
         self._mixed_ok: bool | None = None
@@ -268,7 +268,7 @@ class _Runner:
         from weakbench.methods import build_method
         from weakbench.methods.pipeline import validate_plan
         from weakbench.platform import tracking
-        from weakbench.platform.data import load_splits, open_dataset
+        from weakbench.core.data import load_splits, open_dataset
 
         spec = self.spec
         self.source = open_dataset(spec.data, cache_dir=spec.data_cache, classes=spec.classes)
@@ -354,7 +354,7 @@ class _Runner:
 
     def context(self, st, out_dir: Path | None = None):
         from weakbench.methods.pipeline import StageContext
-        from weakbench.platform.accel import autocast_dtype
+        from weakbench.core.accel import autocast_dtype
 
         return StageContext(stage=st, config=self.cfg, source=self.source, splits=self.splits,
                             inputs={i: self.products[i].dir for i in st.inputs}, out_dir=out_dir or self.trial_dir,
@@ -462,8 +462,8 @@ class _Runner:
 
     def _fit(self, i: int) -> None:
         from weakbench.methods.pipeline import StepContext
-        from weakbench.platform.accel import autocast, autocast_dtype, use_channels_last
-        from weakbench.platform.loading import SeededDataset, SeededSampler, make_loader
+        from weakbench.core.accel import autocast, autocast_dtype, use_channels_last
+        from weakbench.core.loading import SeededDataset, SeededSampler, make_loader
 
         spec, st, rank, world, device = self.spec, self.plan[i], self.rank, self.world, self.device
         task = self.method.fit_task(st, {n: self.products[n].dir for n in st.inputs})
@@ -479,7 +479,7 @@ class _Runner:
             torch.set_rng_state(state["torch_rng"])
         train_ds = task.train_dataset(self.source, self.splits["train"])
         # every sample's augmentation is drawn under a seed of (trial seed, epoch, sample key), so
-        # the batches do not depend on the number of loader workers (weakbench.platform.loading)
+        # the batches do not depend on the number of loader workers (weakbench.core.loading)
         batch_sampler = task.batch_sampler(self.source, self.splits["train"], rank, world)
         if batch_sampler is None:
             sampler = SeededSampler(torch.utils.data.DistributedSampler(
@@ -921,7 +921,7 @@ def trial_plan(spec: TrialSpec):
     """The validated plan of ``spec``'s method and config (what the driver needs to start jobs)."""
     from weakbench.methods import build_method
     from weakbench.methods.pipeline import validate_plan
-    from weakbench.platform.data import open_dataset
+    from weakbench.core.data import open_dataset
 
     source = open_dataset(spec.data, cache_dir=spec.data_cache, classes=spec.classes)
     method = build_method(spec.method, spec.params, num_classes=source.num_classes, multilabel=source.multilabel)

@@ -2,8 +2,8 @@
 whole dataset directory (every image, no split) and log the result as an MLflow evaluation run.
 
 The metrics are exactly those of a trial's eval stage
-(:func:`weakbench.platform.evaluate.evaluate_split`, Choe et al. 2020's protocol) over all the
-dataset's records, keyed ``all/<name>`` in MLflow (:data:`~weakbench.platform.conventions.EVAL_SPLIT`),
+(:func:`weakbench.methods.evaluate.evaluate_split`, Choe et al. 2020's protocol) over all the
+dataset's records, keyed ``all/<name>`` in MLflow (:data:`~weakbench.core.conventions.EVAL_SPLIT`),
 in a run tagged ``weakbench.kind = "evaluation"`` with the evaluated model's URI, its run and
 registered version, and its per-image results (artifact ``per_image/all/per_image.parquet``). The
 registry and the trial boards read only ``trial`` runs, so an evaluation never selects anything;
@@ -28,8 +28,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from weakbench.platform import conventions as C
-from weakbench.platform.errors import ConfigError
+from weakbench.core import conventions as C
+from weakbench.core.errors import ConfigError
 
 __all__ = ["EvaluationResult", "evaluate_dataset"]
 
@@ -134,8 +134,8 @@ def evaluate_dataset(
         DataError: the dataset does not open.
     """
     from weakbench.methods import build_method
-    from weakbench.platform.data import open_dataset
-    from weakbench.platform.evaluate import evaluate_split
+    from weakbench.core.data import open_dataset
+    from weakbench.methods.evaluate import evaluate_split
 
     if (model_uri is None) == (method is None):
         raise ConfigError("weakbench evaluate: give exactly one of --model (a models:/ or runs:/ URI) and --method")
@@ -271,7 +271,7 @@ def _log(tracking_uri, experiment, method, params, source, metrics, overlays, ev
                     img.save(Path(d) / name)
                 client.log_artifacts(rid, d, C.OVERLAY_DIR)
         if per_image is not None:  # the per-image results of every image (the board's paired intervals)
-            from weakbench.platform.metrics.per_image import write_table
+            from weakbench.core.metrics.per_image import write_table
 
             with tempfile.TemporaryDirectory() as d:
                 write_table(per_image, Path(d) / C.PER_IMAGE_FILE, C.EVAL_SPLIT)

@@ -8,7 +8,7 @@ Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation pro
 * Selection: among the ``FINISHED`` runs whose metrics are all finite (a run with any NaN or
   infinite metric diverged and never selects) and that logged ``select_metric`` (default
   ``val/max_box_acc_v2``), the configuration with the best **mean over seeds** of that metric is
-  chosen, in the metric's declared direction (:mod:`weakbench.platform.metric_declarations`; an
+  chosen, in the metric's declared direction (:mod:`weakbench.methods.metric_declarations`; an
   undeclared or diagnostic metric is refused with a ConfigError). Ties go to the
   configuration with more seeds, then to the smaller ``config_group`` (deterministic).
 * Report: the chosen configuration's ``<report_split>/*`` metrics (default ``test``), one value
@@ -36,7 +36,7 @@ Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation pro
   seed-free rows the difference is exact (verdict "…, exact: neither depends on the seed"; its
   interval is the difference itself and no p-value is computed).
 
-* Trivial baselines (:data:`~weakbench.platform.conventions.TRIVIAL_BASELINES`: ``center_gaussian``,
+* Trivial baselines (:data:`~weakbench.core.conventions.TRIVIAL_BASELINES`: ``center_gaussian``,
   ``whole_image``; Choe et al. 2020): per dataset, the trivial row with the best primary mean is
   *the best trivial baseline*, compared with every other row of the dataset whatever its
   backbone, against the baseline's mean as a constant (a fixed prior has no randomness: every
@@ -45,7 +45,7 @@ Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation pro
   :data:`MIN_SEEDS_BEYOND_NOISE` seeds: with fewer seeds nothing is called beyond seed noise.
   ``below_trivial`` is null for the trivial rows and where the dataset has no trivial row.
 * Box-supervised methods (BBAM, CCGR) log the same score for the box itself filled as the mask
-  (``<split>/…/box_filled/<name>``, :func:`~weakbench.platform.metric_declarations.baseline_metric`):
+  (``<split>/…/box_filled/<name>``, :func:`~weakbench.methods.metric_declarations.baseline_metric`):
   on a dataset without a trivial row, a row whose runs logged it is compared with it the same way,
   paired on seed over the same runs (``trivial_baseline = "box_filled"``).
 
@@ -65,9 +65,9 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
-from weakbench.platform import conventions as C
-from weakbench.platform import metric_declarations as D
-from weakbench.platform.errors import ConfigError
+from weakbench.core import conventions as C
+from weakbench.methods import metric_declarations as D
+from weakbench.core.errors import ConfigError
 from weakbench.platform.results import finite_metric_rows, metric_columns
 
 #: fewest seeds with which the trivial-baseline comparison calls a difference "beyond seed noise"
@@ -107,7 +107,7 @@ STAT_SUFFIXES = ("mean", "std", "ci_low", "ci_high", "n")
 
 def higher_is_better(metric: str) -> bool:
     """Declared direction of a metric key like ``val/max_box_acc_v2``
-    (:func:`weakbench.platform.metric_declarations.higher_is_better`; raises ConfigError for an
+    (:func:`weakbench.methods.metric_declarations.higher_is_better`; raises ConfigError for an
     undeclared or diagnostic metric)."""
     return D.higher_is_better(metric)
 
@@ -178,7 +178,7 @@ def build_leaderboard(
 
     Raises:
         ConfigError: ``select_metric`` is not ``<split>/<name>``, is undeclared or a diagnostic
-            (:mod:`weakbench.platform.metric_declarations`), ``n_boot`` < 100, or the selection split
+            (:mod:`weakbench.methods.metric_declarations`), ``n_boot`` < 100, or the selection split
             equals the reported split.
     """
     if "/" not in select_metric:
@@ -422,7 +422,7 @@ def _image_verdicts(rows: list[dict[str, Any]], chosen_runs: dict, per_image: Ma
     (:mod:`weakbench.platform.verdicts`); fills ``n_images``, ``noise``, ``verdicts`` of every row
     in place and overwrites the ``baseline_*`` / ``trivial_*`` fields from the paired comparison
     where one was made. Returns the operating-point keys added to the reported metrics."""
-    from weakbench.platform.metrics.per_image import RECOMPUTABLE, PerImage
+    from weakbench.core.metrics.per_image import RECOMPUTABLE, PerImage
     from weakbench.platform.verdicts import Bootstrap, can_compute, compare, decide, interval, noise_words, same_images
 
     cache: dict[str, PerImage] = {}
@@ -730,7 +730,7 @@ def _params_json(params_col: pa.ChunkedArray | None, i: int) -> str:
 
 def _display_rank(key: str) -> int:
     """Position of a reported key among the scores people quote
-    (:data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER`); variants, diagnostics and
+    (:data:`~weakbench.methods.metric_declarations.DISPLAY_ORDER`); variants, diagnostics and
     undeclared metrics come after them."""
     spec = D.lookup(key)
     if spec is None or spec.base or spec.direction is None or spec.name not in D.DISPLAY_ORDER:
@@ -746,7 +746,7 @@ def _box_column(lb: pa.Table) -> str:
 def leaderboard_metrics(lb: pa.Table) -> list[str]:
     """Reported metric keys of a leaderboard in display order: the primary (selecting) metric,
     its box-filled baseline when logged (BBAM, CCGR), then the declared scores in
-    :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER`, then the others (thresholds,
+    :data:`~weakbench.methods.metric_declarations.DISPLAY_ORDER`, then the others (thresholds,
     counts, variants) as stored, e.g. ``["test/max_box_acc_v2", "test/max_box_acc", "test/pxap", ...]``."""
     names = [c[: -len(".mean")] for c in lb.column_names if c.endswith(".mean")]
     if not names:
@@ -791,7 +791,7 @@ def board_caption(lb: pa.Table) -> str:
 def render_rich(lb: pa.Table, max_metrics: int = 5):
     """A :class:`rich.table.Table` of the leaderboard whose title says which split selected and
     which split is reported. Shows the primary metric and up to ``max_metrics - 1`` headline
-    metrics (the box-filled baseline, then :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER`)
+    metrics (the box-filled baseline, then :data:`~weakbench.methods.metric_declarations.DISPLAY_ORDER`)
     as ``mean ± std [95% CI]``, seeds/trials, cost and the
     comparison with the baseline."""
     from rich.table import Table
@@ -848,7 +848,7 @@ def _fmt_signed(x: float | None, digits: int = 2) -> str:
 
 def shown_metrics(lb: pa.Table, max_metrics: int = 5) -> list[str]:
     """The metrics a printed board shows: the primary one, then the box-filled baseline and the
-    headline metrics of :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER`, at most
+    headline metrics of :data:`~weakbench.methods.metric_declarations.DISPLAY_ORDER`, at most
     ``max_metrics``."""
     reported = leaderboard_metrics(lb)
     box = _box_column(lb)
@@ -924,7 +924,7 @@ def legend(lb: pa.Table) -> str:
     head = reported[0] if reported else meta.get(b"weakbench.primary_metric", b"?").decode()
     spec = D.lookup(head)
     parts = [f"{head} ({spec.display}): {spec.explain()}." if spec else
-             f"{head}: not declared in weakbench/platform/metric_declarations.py."]
+             f"{head}: not declared in weakbench/methods/metric_declarations.py."]
     rows = lb.to_pylist()
     datasets = sorted({r["dataset"] for r in rows})
     best = {r["dataset"]: r for r in rows if r.get("trivial_verdict") == "is the best trivial baseline"}
@@ -1004,11 +1004,11 @@ def board_tables(table: pa.Table, select_metric: str | None = None) -> list[tupl
 
     With ``select_metric`` (``"<split>/<name>"``) every run is on one board ranked by it. Without,
     each method's runs go to the board of its declared headline
-    (:func:`~weakbench.platform.metric_declarations.default_select_metric`: ``val/max_box_acc_v2``
+    (:func:`~weakbench.methods.metric_declarations.default_select_metric`: ``val/max_box_acc_v2``
     for the CAM methods and the trivial baselines, ``val/pseudo_masks/instance_miou`` for BBAM,
     ``val/mask_rcnn/map_r50`` for CCGR), boards in the order of their headline in
-    :data:`~weakbench.platform.metric_declarations.DISPLAY_ORDER` (then by key); an empty table
-    gives one board on :data:`~weakbench.platform.metric_declarations.DEFAULT_SELECT_METRIC`. A run without a method tag counts as a method of the default headline. The CLI's
+    :data:`~weakbench.methods.metric_declarations.DISPLAY_ORDER` (then by key); an empty table
+    gives one board on :data:`~weakbench.methods.metric_declarations.DEFAULT_SELECT_METRIC`. A run without a method tag counts as a method of the default headline. The CLI's
     ``leaderboard`` and the dashboard both group with this function.
     """
     import pyarrow.compute as pc
@@ -1098,7 +1098,7 @@ def build_evaluation_board(table: pa.Table, per_image: Mapping[str, pa.Table] | 
         (``"all"``), ``n_images``, ``noise``, ``verdicts``, ``flags`` and, for each reported metric
         ``m``, ``m.mean``, ``m.ci_low``, ``m.ci_high``; sorted by dataset, then the primary metric.
     """
-    from weakbench.platform.metrics.per_image import RECOMPUTABLE, PerImage
+    from weakbench.core.metrics.per_image import RECOMPUTABLE, PerImage
     from weakbench.platform.verdicts import Bootstrap, RowRuns, can_compute, compare, decide, interval, same_images
 
     split = C.EVAL_SPLIT

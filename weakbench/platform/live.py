@@ -631,9 +631,9 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
     Raises:
         ConfigError: no such sweep in the sweep directory nor in MLflow.
     """
-    from weakbench.platform import conventions as C
+    from weakbench.core import conventions as C
     from weakbench.platform import tracking
-    from weakbench.platform.errors import ConfigError
+    from weakbench.core.errors import ConfigError
 
     sweep_dir = find_sweep_dir(output_dir, name)
     saved: dict[str, Any] = {}
@@ -672,7 +672,7 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
                           f"{exp_name}); check the name, --output-dir and --tracking-uri")
 
     pp = parent.data.params if parent is not None else {}
-    from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC, lookup
+    from weakbench.methods.metric_declarations import DEFAULT_SELECT_METRIC, lookup
 
     metric = space.metric if space else pp.get("metric", DEFAULT_SELECT_METRIC)
     declared = lookup(metric)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from weakbench import __version__
-from weakbench.platform.errors import DataError, UnknownNameError
+from weakbench.core.errors import DataError, UnknownNameError
 
 FORMAT = "weakbench-model"
 FORMAT_VERSION = 1

@@ -11,9 +11,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from weakbench.methods.base import normalize_maps, resize_maps
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 from weakbench.platform.registry import load_predictor  # noqa: F401  (re-exported: one loader)
-from weakbench.platform.overlay import cam_overlay, instance_overlay
+from weakbench.core.overlay import cam_overlay, instance_overlay
 
 
 @dataclass

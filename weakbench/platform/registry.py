@@ -29,9 +29,9 @@ from typing import Any, Optional
 
 import typer
 
-from weakbench.platform import conventions as C
-from weakbench.platform.errors import DataError, UnknownNameError, is_finite_metrics
-from weakbench.platform.metric_declarations import DEFAULT_SELECT_METRIC, higher_is_better
+from weakbench.core import conventions as C
+from weakbench.core.errors import DataError, UnknownNameError, is_finite_metrics
+from weakbench.methods.metric_declarations import DEFAULT_SELECT_METRIC, higher_is_better
 from weakbench.platform.output import FORMAT_HELP, OutputFormat
 
 HISTORY_TAG = "weakbench.alias_history."
@@ -265,7 +265,7 @@ def rollback(tracking_uri: str, name: str, alias: str = "champion") -> int:
 def model_format_of(model_uri: str, tracking_uri: str | None) -> str:
     """``"weakbench-model v<N>"`` when ``model_uri`` holds a model spec this weakbench loads, else
     ``"refused: <reason>"``: only the spec file is read (a pickled model is never unpickled)."""
-    from weakbench.platform.errors import WeakbenchError
+    from weakbench.core.errors import WeakbenchError
     from weakbench.platform.model_format import FORMAT, SPEC_FILE, fetch_spec
 
     try:

@@ -19,7 +19,7 @@ touches few of them). Directory names are percent-encoded (``urllib.parse.quote`
   is appended and supersedes the old one.
 * :func:`read_store` returns one :class:`pyarrow.Table` with one row per run id: the most
   recently ingested row (also when two concurrent updates both wrote a run).
-* Each run's per-image results (:mod:`weakbench.platform.metrics.per_image`, their own schema
+* Each run's per-image results (:mod:`weakbench.core.metrics.per_image`, their own schema
   version) are copied from its MLflow artifacts into ``<store>/_per_image/<run id>/<split>.parquet``
   by :func:`update_store` (:func:`copy_per_image`); :func:`read_per_image` reads them for the
   board's bootstrap over test images.
@@ -57,9 +57,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from weakbench.platform import conventions as C
-from weakbench.platform.conventions import DEFAULT_EXPERIMENT
-from weakbench.platform.errors import DataError
+from weakbench.core import conventions as C
+from weakbench.core.conventions import DEFAULT_EXPERIMENT
+from weakbench.core.errors import DataError
 
 SCHEMA_VERSION = 1
 _VERSION_KEY = b"weakbench.schema_version"
@@ -459,7 +459,7 @@ PER_IMAGE_STORE_DIR = "_per_image"
 
 def copy_per_image(artifact_uri: str | None, store_dir: Path, run_id: str) -> list[str]:
     """Copy a run's per-image artifacts (``per_image/<split>/<one file>.parquet``,
-    :mod:`weakbench.platform.metrics.per_image`) into the store, each file written atomically;
+    :mod:`weakbench.core.metrics.per_image`) into the store, each file written atomically;
     returns the splits copied (none when the run logged none or its artifact store is
     unreachable: the board then says that row has no per-image results)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository

@@ -21,7 +21,7 @@ constraints, two things in its metadata (``json_schema_extra["weakbench"]``, wri
 * its **command-line form** (or ``cli=None`` for an option of the Python API only): the flag
   names, the help text, and how the flag's value becomes the field's (a negated flag such as
   ``--no-model``, repeatable ``--set KEY=VALUE`` items, a path argument).
-  :mod:`weakbench.platform.cli` builds the ``weakbench sweep`` command from it.
+  :mod:`weakbench.cli` builds the ``weakbench sweep`` command from it.
 
 This module imports pydantic only: the CLI reads it when it starts.
 """
@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticUndefined
 
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform.validation import MAX_TRIALS
 
 
@@ -157,7 +157,7 @@ class SweepOptions(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", role=Role.TRIAL, per_trial=True,
         description="autocast dtype of the classifier methods' forward passes: auto = bf16 on a GPU that supports it, "
-                    "fp32 on the CPU (weakbench.platform.accel)",
+                    "fp32 on the CPU (weakbench.core.accel)",
         cli=flag("--precision", help="auto (bf16 autocast on a GPU with bf16 support, fp32 on the CPU), fp32 or bf16."))
     memory_format: Literal["auto", "channels_last", "contiguous"] = option(
         "auto", role=Role.TRIAL, per_trial=True,

@@ -36,8 +36,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from weakbench.methods.base import get_method_class, validate_config
-from weakbench.platform import metric_declarations as D
-from weakbench.platform.errors import ConfigError, UnknownNameError
+from weakbench.methods import metric_declarations as D
+from weakbench.core.errors import ConfigError, UnknownNameError
 
 DIST_KINDS = ("uniform", "loguniform", "int", "choice", "grid")
 

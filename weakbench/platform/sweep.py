@@ -55,8 +55,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from weakbench.platform import conventions as C
-from weakbench.platform.errors import ConfigError, DivergenceError, WeakbenchError, check_finite, is_finite_metrics
+from weakbench.core import conventions as C
+from weakbench.core.errors import ConfigError, DivergenceError, WeakbenchError, check_finite, is_finite_metrics
 from weakbench.platform.run_spec import SweepOptions, resumed_options, trial_fields  # noqa: F401 - SweepOptions: this module's API too
 from weakbench.platform.search_space import SearchSpace, load_search_space
 
@@ -500,12 +500,12 @@ def prepare_sweep_dir(opts: SweepOptions, space: SearchSpace) -> tuple[Path, str
         return sweep_dir, opts.name
     # <method>-<dataset>-<time>-<4 hex>: two sweeps started in the same second into one output
     # directory (or one tracking server) get distinct names; the exclusive mkdir settles a clash
-    from weakbench.platform.data.synthetic import parse_synthetic, synthetic_name
+    from weakbench.core.data.synthetic import parse_synthetic, synthetic_name
 
     variant = parse_synthetic(opts.data)
     data_name = synthetic_name(variant) if variant else Path(opts.data).resolve().name
     if opts.classes:  # a class subset is another dataset: say so in the name (coco128-person)
-        from weakbench.platform.data.source import parse_classes
+        from weakbench.core.data.source import parse_classes
 
         data_name += "-" + "+".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in parse_classes(opts.classes))
     while True:
@@ -601,15 +601,15 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
 
     from weakbench.methods import validate_config
     from weakbench.platform import tracking
-    from weakbench.platform.data import load_splits, make_splits, open_dataset, save_splits
+    from weakbench.core.data import load_splits, make_splits, open_dataset, save_splits
 
     t0 = time.time()
-    from weakbench.platform.data import check_images, resolve_path
+    from weakbench.core.data import check_images, resolve_path
     from weakbench.platform.validation import check_sweep_options
 
     check_sweep_options(opts)  # name, paths, output directory, tracking server: before anything is created
 
-    from weakbench.platform.data.synthetic import parse_synthetic
+    from weakbench.core.data.synthetic import parse_synthetic
 
     # Ray workers run in other working directories: hand them absolute paths
     if parse_synthetic(opts.data) is None:

@@ -1,6 +1,6 @@
 """MLflow tracking: parent sweep runs, child trial runs, restart safety.
 
-Conventions (names in :mod:`weakbench.platform.conventions`): one parent run per sweep, one
+Conventions (names in :mod:`weakbench.core.conventions`): one parent run per sweep, one
 child run per trial (``mlflow.parentRunId``), only rank 0 of a Train job logs. Everything goes
 through an explicit :class:`mlflow.MlflowClient` (no global active run), so Ray workers and the
 driver never share hidden state.
@@ -35,8 +35,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from weakbench import __version__
-from weakbench.platform import conventions as C
-from weakbench.platform.errors import ConfigError
+from weakbench.core import conventions as C
+from weakbench.core.errors import ConfigError
 
 
 @contextlib.contextmanager

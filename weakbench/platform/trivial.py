@@ -3,7 +3,7 @@
 Choe et al. (CVPR 2020, Sec. 5) show that a centre Gaussian with no training is a strong WSOL
 baseline; a board without it cannot say whether a method localises at all. After a sweep of a
 classifier → CAM method, :func:`missing_baselines` names the trivial baselines
-(:data:`~weakbench.platform.conventions.TRIVIAL_BASELINES`) that have no finished run yet on the
+(:data:`~weakbench.core.conventions.TRIVIAL_BASELINES`) that have no finished run yet on the
 same dataset (fingerprint), selection split and input size in the sweep's MLflow experiment, and
 :func:`baseline_sweep_options` gives the sweep that adds each one: its own search space
 (``search_spaces/<baseline>.yaml``, σ selected on val), the sweep's data, split seed, tracking
@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 
 
 def applies_to(method: str) -> bool:

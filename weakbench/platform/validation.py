@@ -1,6 +1,6 @@
 """Checks of a sweep's options that run before anything starts (no folder, no Ray, no MLflow run).
 
-Each refusal is a :class:`~weakbench.platform.errors.ConfigError` with one line naming the value,
+Each refusal is a :class:`~weakbench.core.errors.ConfigError` with one line naming the value,
 the flag and the fix (the CLI prints it and exits 2):
 
 * :func:`options_error`: a value a :class:`~weakbench.platform.run_spec.SweepOptions` field refuses
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 #: the most trials one sweep plans (``--trials``): every finished trial keeps its final weights
 #: (about 45 MB for a ResNet-18) and a row in MLflow; split a larger search into several sweeps

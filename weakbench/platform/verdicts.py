@@ -4,7 +4,7 @@ Every interval here comes from one bootstrap (Efron & Tibshirani 1993, ch. 13; t
 "two-stage" form of Davison & Hinkley 1997, Sec. 3.8) that resamples the test **images** (all
 (image, class) samples of an image move together) and, where a row has several, its **seeds**,
 and recomputes the metric exactly on each resample from the stored per-image results
-(:mod:`weakbench.platform.metrics.per_image`): MaxBoxAcc takes its maximum over thresholds on
+(:mod:`weakbench.core.metrics.per_image`): MaxBoxAcc takes its maximum over thresholds on
 each resample, PxAP sums the resample's histograms.
 
 * One resample ``b`` of a row with seeds ``s_1..s_S``: image multiplicities ``c_b`` (a
@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from weakbench.platform.metrics.per_image import PerImage, metric_at_threshold, metric_on_weights
+from weakbench.core.metrics.per_image import PerImage, metric_at_threshold, metric_on_weights
 
 #: family-wise error rate of the verdicts on one board
 ALPHA = 0.05

@@ -46,8 +46,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from weakbench.platform.errors import DataError
-from weakbench.platform.metrics.boxes import iou_broadcast
+from weakbench.core.errors import DataError
+from weakbench.core.metrics.boxes import iou_broadcast
 
 NLEV = 256
 
@@ -135,10 +135,10 @@ def _component_tables(b, multi: bool, largest: bool, fine=None) -> dict:
     """
     is_torch = isinstance(b, torch.Tensor)
     if is_torch:
-        from weakbench.platform.metrics import _levelsets_torch as lv
+        from weakbench.core.metrics import _levelsets_torch as lv
         kw_fg = kw_bg = {}
     else:
-        from weakbench.platform.metrics import _levelsets as lv
+        from weakbench.core.metrics import _levelsets as lv
         if fine is None:
             kw_fg = kw_bg = {}
         else:
@@ -228,7 +228,7 @@ def _box_scores(maps, gt_boxes: Sequence, multi_contour: bool, largest_contour: 
         raise DataError(f"engine must be 'auto', 'numba', 'numpy' or 'torch', got {engine!r}")
     use_torch = engine == "torch" or (
         engine == "auto" and device is not None and torch.device(device).type != "cpu")
-    from weakbench.platform.metrics import _levelsets
+    from weakbench.core.metrics import _levelsets
     if engine == "numba" and not _levelsets.HAVE_NUMBA:
         raise DataError("engine='numba' needs the numba package; pip install numba, or use "
                         "engine='numpy'")
@@ -359,7 +359,7 @@ class BoxEvaluator:
         self.counts_top5 = np.zeros(t, dtype=np.int64)
         self.has_top1 = self.has_top5 = False
         self.cnt = 0
-        # per sample, in accumulation order (weakbench.platform.metrics.per_image): bool (n, T)
+        # per sample, in accumulation order (weakbench.core.metrics.per_image): bool (n, T)
         # correctness per δ and the class flags, from which every number above is recomputed
         self.sample_bits: dict[int, list[np.ndarray]] = {d: [] for d in self.iou_thresholds}
         self.sample_top1: list[np.ndarray] = []
@@ -491,7 +491,7 @@ class PxAPEvaluator:
         self.num_bins = len(self.thresholds) + 2
         self.pos_hist = np.zeros(self.num_bins, dtype=np.float64)
         self.neg_hist = np.zeros(self.num_bins, dtype=np.float64)
-        #: per accumulated sample, int64 (num_bins,) each (weakbench.platform.metrics.per_image)
+        #: per accumulated sample, int64 (num_bins,) each (weakbench.core.metrics.per_image)
         self.sample_pos: list[np.ndarray] = []
         self.sample_neg: list[np.ndarray] = []
 

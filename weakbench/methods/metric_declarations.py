@@ -5,7 +5,7 @@ registry, the search-space parser (the default selecting metric and its ``mode``
 and the dashboard read these facts here instead of keeping their own copies.
 
 A metric key is ``<split>/[<namespace>/…]<name>`` (``val/max_box_acc_v2``,
-``test/pseudo_masks/instance_miou``; see :mod:`weakbench.platform.conventions`).
+``test/pseudo_masks/instance_miou``; see :mod:`weakbench.core.conventions`).
 :func:`lookup` resolves a key to its :class:`MetricSpec`:
 
 1. the leading split (``train``, ``val``, ``test``, or ``all`` of an evaluation run) is dropped;
@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 Direction = Literal["max", "min"]
 
@@ -91,7 +91,7 @@ class MetricSpec:
         """True for ``max``; raises :class:`ConfigError` for a diagnostic (no direction)."""
         if self.direction is None:
             raise ConfigError(f"metric {self.name!r} ({self.display}) is a diagnostic with no better direction; "
-                              f"it cannot rank or select (weakbench/platform/metric_declarations.py)")
+                              f"it cannot rank or select (weakbench/methods/metric_declarations.py)")
         return self.direction == "max"
 
     def explain(self) -> str:
@@ -274,7 +274,7 @@ _COCO = [
     ("ap_l", "AP (large)", "for large objects, averaged over IoU 0.5 to 0.95"),
     ("map_r25", "mAP^r@0.25", "at IoU ≥ 0.25"), ("map_r50", "mAP^r@0.5", "at IoU ≥ 0.5"),
 ]
-#: mAP^r is PASCAL VOC's per-class AP (weakbench.platform.metrics.voc_instance_ap), not COCOeval's
+#: mAP^r is PASCAL VOC's per-class AP (weakbench.core.metrics.voc_instance_ap), not COCOeval's
 _VOC = ("map_r25", "map_r50")
 for _prefix, _what, _thing in (("", "mask", "masks"), ("segm_", "mask", "masks"), ("bbox_", "box", "boxes")):
     for _name, _disp, _hit in _COCO:
@@ -374,7 +374,7 @@ def spec(key: str) -> MetricSpec:
     if s is None:
         raise UnknownMetricError(
             f"metric {key!r} is not declared: add its direction, unit and meaning to METRICS in "
-            f"weakbench/platform/metric_declarations.py (undeclared metrics are shown but never rank or select)")
+            f"weakbench/methods/metric_declarations.py (undeclared metrics are shown but never rank or select)")
     return s
 
 
@@ -393,7 +393,7 @@ def headline_metric(method: str) -> str:
     """The bare name a method is ranked by when none is given (``Method.headline_metric``, checked
     to be declared and rankable); :data:`DEFAULT_HEADLINE` for an unknown method."""
     from weakbench.methods import get_method_class
-    from weakbench.platform.errors import UnknownNameError
+    from weakbench.core.errors import UnknownNameError
 
     try:
         name = get_method_class(method).headline_metric

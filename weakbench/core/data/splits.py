@@ -24,8 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from weakbench.platform.data.source import DatasetSource
-from weakbench.platform.errors import DataError
+from weakbench.core.data.source import DatasetSource
+from weakbench.core.errors import DataError
 
 __all__ = ["Splits", "SPLIT_NAMES", "make_splits", "save_splits", "load_splits", "split_path", "load_or_make_splits"]
 

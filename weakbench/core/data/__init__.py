@@ -13,21 +13,21 @@ Conventions (class order, crowd regions, box and mask geometry) are documented i
 :mod:`.coco`, :mod:`.wsol` and :mod:`.transforms`.
 """
 
-from weakbench.platform.data.check import check_images, resolve_path
-from weakbench.platform.data.coco import CocoSource, load_coco_json
-from weakbench.platform.data.datasets import (
+from weakbench.core.data.check import check_images, resolve_path
+from weakbench.core.data.coco import CocoSource, load_coco_json
+from weakbench.core.data.datasets import (
     ClassificationDataset, EvalDataset, collate_classification, collate_eval,
 )
-from weakbench.platform.data.open import DEFAULT_CACHE_DIR, open_dataset
-from weakbench.platform.data.source import Annotations, DatasetSource, ImageRecord, fingerprint_files
-from weakbench.platform.data.splits import (
+from weakbench.core.data.open import DEFAULT_CACHE_DIR, open_dataset
+from weakbench.core.data.source import Annotations, DatasetSource, ImageRecord, fingerprint_files
+from weakbench.core.data.splits import (
     SPLIT_NAMES, Splits, load_or_make_splits, load_splits, make_splits, save_splits, split_path,
 )
-from weakbench.platform.data.synthetic import (
+from weakbench.core.data.synthetic import (
     HARD_SHAPES, SHAPES, SYNTHETIC_VARIANTS, ensure_synthetic, generate_synthetic_coco,
 )
-from weakbench.platform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from weakbench.platform.data.wsol import WsolMetadataSource
+from weakbench.core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from weakbench.core.data.wsol import WsolMetadataSource
 
 __all__ = [
     "Annotations", "ClassificationDataset", "CocoSource", "DEFAULT_CACHE_DIR", "DatasetSource", "EvalDataset",

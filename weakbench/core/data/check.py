@@ -17,8 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from weakbench.platform.data.source import DatasetSource
-from weakbench.platform.errors import DataError
+from weakbench.core.data.source import DatasetSource
+from weakbench.core.errors import DataError
 
 __all__ = ["check_images", "resolve_path"]
 

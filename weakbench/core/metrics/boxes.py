@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 
 
 def resize_box(

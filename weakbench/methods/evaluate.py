@@ -7,10 +7,10 @@ into the frame with ``int()`` truncation by the data layer. Metrics, all in perc
 
 * ``max_box_acc`` (δ = 0.5, largest contour), ``max_box_acc_v2`` (mean over δ ∈ {0.3, 0.5, 0.7},
   all contours) with its per-δ values and best thresholds, ``top1_loc`` / ``top5_loc`` —
-  :class:`weakbench.platform.metrics.WsolEvaluator`;
+  :class:`weakbench.core.metrics.WsolEvaluator`;
 * ``pxap`` over per-class GT masks with crowd regions ignored (when the data has masks);
 * ``miou`` of semantic pseudo-masks with the background threshold swept
-  (:class:`~weakbench.platform.metrics.SemanticEvaluator`), and its best threshold;
+  (:class:`~weakbench.core.metrics.SemanticEvaluator`), and its best threshold;
 * ``cls_map`` (multi-label mAP) or ``cls_acc`` (single-label top-1 accuracy).
 """
 
@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from weakbench.methods.base import Method, normalize_maps, resize_maps
-from weakbench.platform.accel import autocast
-from weakbench.platform.loading import make_loader
-from weakbench.platform.overlay import cam_overlay, denormalize
+from weakbench.core.accel import autocast
+from weakbench.core.loading import make_loader
+from weakbench.core.overlay import cam_overlay, denormalize
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def evaluate_split(
     Args:
         method: the method (its ``cams_and_scores`` gives raw CAMs and logits).
         model: the bare (not DDP-wrapped) model; put in eval mode here.
-        source: a ``weakbench.platform.data.DatasetSource``.
+        source: a ``weakbench.core.data.DatasetSource``.
         indices: record indices of the split.
         input_size: S, the input side and the WSOL evaluation frame (pixels).
         cam_curve_interval: threshold step of the CAM curve (0.01 or 0.001).
@@ -68,11 +68,11 @@ def evaluate_split(
         ``(metrics, overlays, details)``: metrics in percent keyed by bare name
         (``max_box_acc_v2``…), overlays as ``(file name, PIL image)``, details with curves and
         best thresholds, and ``details["per_image"]``: the split's per-image table
-        (:mod:`weakbench.platform.metrics.per_image`, split name left empty for the caller), from
+        (:mod:`weakbench.core.metrics.per_image`, split name left empty for the caller), from
         which the box metrics, top-1/top-5 loc and PxAP are recomputed exactly on any resample.
     """
-    from weakbench.platform.data import EvalDataset, collate_eval
-    from weakbench.platform.metrics import (
+    from weakbench.core.data import EvalDataset, collate_eval
+    from weakbench.core.metrics import (
         PxAPEvaluator,
         WsolEvaluator,
         SemanticEvaluator,
@@ -190,11 +190,11 @@ def evaluate_split(
 
 
 def _per_image_table(box_eval, images: list[str], classes: list[int], hists: dict[int, tuple]):
-    """The split's per-image table (:mod:`weakbench.platform.metrics.per_image`) from the
+    """The split's per-image table (:mod:`weakbench.core.metrics.per_image`) from the
     evaluators' per-sample records, in the same sample order."""
     import numpy as np
 
-    from weakbench.platform.metrics.per_image import build_table
+    from weakbench.core.metrics.per_image import build_table
 
     v1, v2 = box_eval.v1, box_eval.v2
     bits = {"box_iou50": np.concatenate(v1.sample_bits[50])}

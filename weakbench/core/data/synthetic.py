@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from weakbench.platform.errors import ConfigError
+from weakbench.core.errors import ConfigError
 
 __all__ = ["generate_synthetic_coco", "SYNTHETIC_VERSION", "SHAPES", "HARD_SHAPES", "SYNTHETIC_VARIANTS",
            "ensure_synthetic", "parse_synthetic", "synthetic_name"]
@@ -299,7 +299,7 @@ def generate_synthetic_coco(out_dir: str | Path, *, num_images: int = 96, num_cl
         "annotations": annotations,
     }
     (out / "annotations" / "instances.json").write_text(json.dumps(doc, indent=1) + "\n")
-    from weakbench.platform.data.coco import CocoSource
+    from weakbench.core.data.coco import CocoSource
 
     (out / FINGERPRINT_FILE).write_text(CocoSource(out, name="synthetic").fingerprint + "\n")
     return out
@@ -346,8 +346,8 @@ def synthetic_name(variant: str) -> str:
 
 
 def _valid_cache(path: Path) -> bool:
-    from weakbench.platform.data.coco import CocoSource
-    from weakbench.platform.errors import DataError
+    from weakbench.core.data.coco import CocoSource
+    from weakbench.core.errors import DataError
 
     f = path / FINGERPRINT_FILE
     if not f.is_file():

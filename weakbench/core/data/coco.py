@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from weakbench.platform.data.source import (
+from weakbench.core.data.source import (
     Annotations, DatasetSource, ImageRecord, box_outside_image, class_subset_fingerprint, class_subset_name,
     fingerprint_files, parse_classes, select_classes, semantic_from_instances,
 )
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 
 __all__ = ["CocoSource", "COCO_ANNOTATION_FILE", "COCO_IMAGE_DIR", "load_coco_json"]
 

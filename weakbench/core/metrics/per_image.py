@@ -35,7 +35,7 @@ from typing import Mapping
 import numpy as np
 import pyarrow as pa
 
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 
 PER_IMAGE_VERSION = 1
 VERSION_KEY = b"weakbench.per_image_version"
@@ -197,7 +197,7 @@ def _acc_curve(bits: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def pxap_from_hists(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """PxAP (%) of histograms ``pos``, ``neg`` float (B, bins) (Choe et al. 2020, Sec. 4.2, as
-    :class:`~weakbench.platform.metrics.wsol.PxAPEvaluator`): reversed cumulative sums give tp
+    :class:`~weakbench.core.metrics.wsol.PxAPEvaluator`): reversed cumulative sums give tp
     and fp; ``Σ_{i≥1, tp_i+fp_i>0} precision_i (recall_i − recall_{i−1})``. NaN where a
     histogram has no positive pixel."""
     tp = pos[:, ::-1].cumsum(1)
@@ -216,7 +216,7 @@ def metric_on_weights(data: PerImage, metric: str, w: np.ndarray) -> np.ndarray:
 
     MaxBoxAcc(V2) take their maximum over τ on each weighted set (its own best τ, as Choe et al.
     define it); top-1/top-5 loc are read at the δ = 50 largest-contour best τ (first argmax, as
-    :class:`~weakbench.platform.metrics.wsol.BoxEvaluator`). Returns float64 (B,) in percent.
+    :class:`~weakbench.core.metrics.wsol.BoxEvaluator`). Returns float64 (B,) in percent.
 
     Raises:
         DataError: the table lacks the metric's columns.

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from weakbench.platform.data.source import DatasetSource
-from weakbench.platform.data.transforms import (
+from weakbench.core.data.source import DatasetSource
+from weakbench.core.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, hflip_image, image_to_tensor, resize_boxes_wsol, resize_image, resize_masks,
 )
 

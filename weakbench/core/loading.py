@@ -18,7 +18,7 @@ nothing: 0, 1 or 8 workers give the same batches and the same losses
 global ``torch`` stream, so the same seed gives other flips (and another dropout stream) than
 it did then; ``docs/input_pipeline.md`` has the comparison of metrics.
 
-Images are decoded lazily, in ``__getitem__`` (:meth:`weakbench.platform.data.DatasetSource.load_image`):
+Images are decoded lazily, in ``__getitem__`` (:meth:`weakbench.core.data.DatasetSource.load_image`):
 a loader holds record indices, never decoded images, so memory does not grow with the dataset.
 """
 

@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 
 
 def _quiet(fn, *args):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from weakbench.platform.data.check import resolve_path
-from weakbench.platform.data.coco import COCO_ANNOTATION_FILE, CocoSource
-from weakbench.platform.data.source import DatasetSource
-from weakbench.platform.data.synthetic import ensure_synthetic, parse_synthetic, synthetic_name
-from weakbench.platform.data.wsol import WSOL_METADATA_FILES, WsolMetadataSource
-from weakbench.platform.errors import DataError
+from weakbench.core.data.check import resolve_path
+from weakbench.core.data.coco import COCO_ANNOTATION_FILE, CocoSource
+from weakbench.core.data.source import DatasetSource
+from weakbench.core.data.synthetic import ensure_synthetic, parse_synthetic, synthetic_name
+from weakbench.core.data.wsol import WSOL_METADATA_FILES, WsolMetadataSource
+from weakbench.core.errors import DataError
 
 __all__ = ["open_dataset", "DEFAULT_CACHE_DIR"]
 

@@ -54,7 +54,7 @@ TRACKING_URI_ENVVARS = ("WEAKBENCH_TRACKING_URI", "MLFLOW_TRACKING_URI")
 MODEL_ARTIFACT = "model"
 OVERLAY_DIR = "overlays"
 #: artifact folder of a run's per-image results, ``per_image/<split>/per_image.parquet`` per evaluated split
-#: (:mod:`weakbench.platform.metrics.per_image`); an eval stage's product holds :data:`PER_IMAGE_FILE`
+#: (:mod:`weakbench.core.metrics.per_image`); an eval stage's product holds :data:`PER_IMAGE_FILE`
 PER_IMAGE_DIR = "per_image"
 PER_IMAGE_FILE = "per_image.parquet"
 CONFIG_ARTIFACT = "config.yaml"
@@ -63,7 +63,7 @@ CONFIG_ARTIFACT = "config.yaml"
 SPLITS = ("train", "val", "test")
 
 # Keys in MLflow are f"{split}/{name}". What each name means, its direction (higher or lower is
-# better), unit and display name are declared once in weakbench.platform.metric_declarations.
+# better), unit and display name are declared once in weakbench.methods.metric_declarations.
 
 COST_TRAIN_SECONDS = "cost/train_seconds"  # wall seconds of the training stage
 COST_CPU_HOURS = "cost/cpu_hours"  # wall hours × CPUs held (all workers)

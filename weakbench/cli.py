@@ -29,9 +29,9 @@ from rich.console import Console
 from rich.text import Text
 
 from weakbench import __version__
-from weakbench.platform import conventions as C
+from weakbench.core import conventions as C
 from weakbench.platform import output, run_spec
-from weakbench.platform.errors import ConfigError, WeakbenchError
+from weakbench.core.errors import ConfigError, WeakbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="weakbench: sweeps, leaderboards and a model registry for weakly supervised localisation.")
@@ -152,8 +152,8 @@ def _metric_name(metric: str) -> str:
 
 def _headline(method: str) -> str:
     """The metric a method is ranked by when none is given (``Method.headline_metric``, declared in
-    :mod:`weakbench.platform.metric_declarations`)."""
-    from weakbench.platform.metric_declarations import headline_metric
+    :mod:`weakbench.methods.metric_declarations`)."""
+    from weakbench.methods.metric_declarations import headline_metric
 
     return headline_metric(method)
 
@@ -502,7 +502,7 @@ def evaluate(
 ):
     """Score a registered model, or a method that needs no training, on a whole dataset; print the board's metrics."""
     from weakbench.platform.evaluation import evaluate_dataset
-    from weakbench.platform.metric_declarations import DISPLAY_ORDER
+    from weakbench.methods.metric_declarations import DISPLAY_ORDER
 
     params = _parse_sets(sets)
     if space is not None:
@@ -597,7 +597,7 @@ def data_info(
     and what was checked."""
     import json
 
-    from weakbench.platform.data import check_images, open_dataset
+    from weakbench.core.data import check_images, open_dataset
 
     cache = Path(output_dir) / "data_cache"
     src = open_dataset(path, cache_dir=cache, classes=classes)  # parses the annotations; a box outside its image is refused here

@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from weakbench.platform.data.source import (
+from weakbench.core.data.source import (
     Annotations, DatasetSource, ImageRecord, box_outside_image, class_subset_fingerprint, class_subset_name,
     fingerprint_files, parse_classes, select_classes, semantic_from_instances,
 )
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 
 __all__ = ["WsolMetadataSource", "WSOL_METADATA_FILES"]
 

@@ -2,17 +2,17 @@
 pseudo-masks (mIoU) and instances (COCO AP, mAP^r, ABO).
 
 All WSOL numbers follow DESIGN.md, "Evaluation protocol", count for count with the reference
-implementation (clovaai/wsolevaluation); see :mod:`weakbench.platform.metrics.wsol`.
+implementation (clovaai/wsolevaluation); see :mod:`weakbench.core.metrics.wsol`.
 """
 
-from weakbench.platform.metrics.classification import average_precision, multilabel_average_precision, top1_accuracy
-from weakbench.platform.metrics.segmentation import SemanticEvaluator
-from weakbench.platform.metrics.boxes import iou_inclusive, resize_box, scale_boxes
-from weakbench.platform.metrics.instance import (
+from weakbench.core.metrics.classification import average_precision, multilabel_average_precision, top1_accuracy
+from weakbench.core.metrics.segmentation import SemanticEvaluator
+from weakbench.core.metrics.boxes import iou_inclusive, resize_box, scale_boxes
+from weakbench.core.metrics.instance import (
     PseudoMaskEvaluator, average_best_overlap, coco_gt_from_source, coco_instance_eval, mask_iou, voc_ap,
     voc_instance_ap,
 )
-from weakbench.platform.metrics.wsol import (
+from weakbench.core.metrics.wsol import (
     BoxEvaluator,
     PxAPEvaluator,
     WsolEvaluator,

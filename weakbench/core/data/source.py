@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from weakbench.platform.errors import DataError
+from weakbench.core.errors import DataError
 
 __all__ = ["ImageRecord", "Annotations", "DatasetSource", "fingerprint_files", "box_outside_image", "BOX_TOLERANCE_PX",
            "parse_classes", "select_classes", "class_subset_fingerprint", "class_subset_name"]
