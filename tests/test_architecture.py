@@ -99,3 +99,18 @@ def test_runtime_contract_forbids_every_concrete_method_module(graph):
     forbidden = set(_contract("methods-through-registry")["forbidden_modules"])
     methods = {m for m in graph.modules if m == "weakbench.methods" or m.startswith("weakbench.methods.")}
     assert methods - contract == forbidden
+    # the contract itself names no concrete method, built-ins included
+    builtins = {value.split(":")[0] for value in
+                tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["weakbench.methods"].values()}
+    assert builtins <= set(_contract("contract-names-no-method")["forbidden_modules"])
+
+
+def test_every_builtin_method_is_an_entry_point():
+    from weakbench.methods import base
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["weakbench.methods"]
+    assert base.list_methods() == sorted(declared)
+    for name, value in declared.items():
+        module, _, attr = value.partition(":")
+        cls = base.get_method_class(name)
+        assert (cls.__module__, cls.__name__, cls.name) == (module, attr, name)

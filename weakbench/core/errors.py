@@ -30,6 +30,11 @@ class UnknownNameError(WeakbenchError):
     """An unknown method, backbone, metric or model name was requested."""
 
 
+class PluginError(WeakbenchError):
+    """A method plugin (a ``weakbench.methods`` package entry point) does not load or registers no
+    method of its name; the message names the entry point and its distribution."""
+
+
 class DivergenceError(WeakbenchError, ArithmeticError):
     """Training diverged: a loss or metric is NaN or infinite.
 

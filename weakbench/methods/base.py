@@ -28,12 +28,20 @@ Adding a method is one decorated class in one module::
         Config = CAMConfig
         ...
 
-and ``build_method("cam", {"lr": 0.01})`` validates the config and returns an instance.
+and one package entry point naming it, in the ``weakbench.methods`` group of the distribution's
+``pyproject.toml`` (weakbench's own methods are declared the same way)::
+
+    [project.entry-points."weakbench.methods"]
+    cam = "weakbench.methods.cam:CAM"
+
+``build_method("cam", {"lr": 0.01})`` validates the config and returns an instance; the registry
+imports a method's module when the method is first asked for (:func:`method_entry_points`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping
 
@@ -42,12 +50,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from weakbench.methods.lr_schedules import LRSchedule, scheduler_from_config
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, validate_plan
-from weakbench.core.errors import ConfigError, UnknownNameError
+from weakbench.core.errors import ConfigError, PluginError, UnknownNameError
 from weakbench.methods.metric_declarations import DEFAULT_HEADLINE, MechanismCheck
 
 __all__ = ["Method", "MethodConfig", "ClassifierConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
-           "describe_hyperparameters", "normalize_maps", "resize_maps", "search_space_dir"]
+           "describe_hyperparameters", "normalize_maps", "resize_maps", "search_space_dir", "method_entry_points",
+           "ENTRY_POINT_GROUP"]
 
 PipelineShape = Literal["classifier_cam", "detector_attribution", "multi_branch"]
 
@@ -581,7 +590,10 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[Method]] = {}
-_BUILTIN_MODULES = ("cam", "minmaxcam", "puzzlecam", "topgap", "bbam", "baselines", "ccgr")
+#: the package entry-point group methods register under (``[project.entry-points."weakbench.methods"]``)
+ENTRY_POINT_GROUP = "weakbench.methods"
+_ENTRY_POINTS: list[importlib.metadata.EntryPoint] | None = None
+_LOADED: set[str] = set()  # entry-point names loaded in this process
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -597,24 +609,103 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
-def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"weakbench.methods.{mod}")
-        except ModuleNotFoundError as e:  # a method module not written yet
-            if e.name != f"weakbench.methods.{mod}":
-                raise
+def _checkout_entry_points() -> list[importlib.metadata.EntryPoint] | None:
+    """The built-in methods' entry points from ``pyproject.toml`` of the source checkout this package
+    is imported from; None when there is none (an installed wheel)."""
+    import tomllib
+
+    path = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    try:
+        project = tomllib.loads(path.read_text()).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    if project.get("name") != "weakbench":
+        return None
+    declared = project.get("entry-points", {}).get(ENTRY_POINT_GROUP, {})
+    return [importlib.metadata.EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in declared.items()]
+
+
+def method_entry_points() -> list[importlib.metadata.EntryPoint]:
+    """Every method entry point: the built-ins first, then other installed distributions'.
+
+    The built-ins are weakbench's own ``[project.entry-points."weakbench.methods"]``. When the
+    package is imported from a source checkout (``pyproject.toml`` beside it, as for
+    ``search_spaces/``), they are read from that file, so a checkout run with ``PYTHONPATH`` or an
+    editable install whose metadata predates the checkout still finds its own methods; an
+    installed wheel reads them from its metadata. Other distributions' entry points in the group
+    (out-of-tree method packages) come from ``importlib.metadata``. Read once per process.
+    """
+    global _ENTRY_POINTS
+    if _ENTRY_POINTS is None:
+        installed = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+        def own(ep: importlib.metadata.EntryPoint) -> bool:
+            return ep.dist is not None and ep.dist.name == "weakbench"
+
+        builtins = _checkout_entry_points()
+        if builtins is None:
+            builtins = [ep for ep in installed if own(ep)]
+        _ENTRY_POINTS = builtins + [ep for ep in installed if not own(ep)]
+    return _ENTRY_POINTS
+
+
+def _load_entry_point(ep: importlib.metadata.EntryPoint) -> None:
+    """Import one method entry point and check that it registers a method named like it.
+
+    The value is a :class:`Method` subclass (``module:Class``; registered under the entry point's
+    name unless its ``@register_method`` already did) or a module whose classes register
+    themselves.
+
+    Raises:
+        PluginError: one line naming the entry point, its distribution and what failed.
+    """
+    if ep.name in _LOADED:
+        return
+    dist = f" of {ep.dist.name} {ep.dist.version}" if ep.dist is not None else ""
+    where = f"method entry point {ep.name!r} = {ep.value!r}{dist} (group {ENTRY_POINT_GROUP!r})"
+    try:
+        obj = ep.load()
+        if isinstance(obj, type) and issubclass(obj, Method) and obj not in _REGISTRY.values():
+            register_method(ep.name)(obj)
+    except Exception as e:  # the plugin's own failure, whatever it is: one line that names the plugin
+        detail = " ".join(f"{type(e).__name__}: {e}".split())
+        raise PluginError(f"{where} failed to load: {detail}; fix or uninstall the package that declares it") from e
+    if _REGISTRY.get(ep.name) is None or (isinstance(obj, type) and _REGISTRY[ep.name] is not obj):
+        got = getattr(obj, "name", None) if isinstance(obj, type) else None
+        raise PluginError(f"{where} registers no method named {ep.name!r}"
+                          + (f" (its class registers as {got!r})" if got else "")
+                          + "; name the entry point after the method (@register_method(NAME))")
+    _LOADED.add(ep.name)
+
+
+def _load_methods(name: str | None = None) -> None:
+    """Load the entry point called ``name`` (None: every entry point)."""
+    for ep in method_entry_points():
+        if name is None or ep.name == name:
+            _load_entry_point(ep)
 
 
 def list_methods() -> list[str]:
-    """Names of all registered methods, sorted."""
-    _load_builtins()
+    """Names of all registered methods, sorted: every entry point loaded (:func:`method_entry_points`).
+
+    Raises:
+        PluginError: an entry point does not load or registers no method of its name.
+    """
+    _load_methods()
     return sorted(_REGISTRY)
 
 
 def get_method_class(name: str) -> type[Method]:
-    """Return the registered class; raises :class:`UnknownNameError` listing known names."""
-    _load_builtins()
+    """Return the registered class, loading the entry point of that name first.
+
+    Raises:
+        UnknownNameError: no method of that name (the message lists the known ones).
+        PluginError: an entry point does not load (:func:`list_methods`).
+    """
+    if name not in _REGISTRY:
+        _load_methods(name)
+    if name not in _REGISTRY:
+        _load_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
