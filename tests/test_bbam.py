@@ -40,7 +40,7 @@ def test_plan_stages_products_and_config_errors():
     names = [(s.name, s.kind, s.shared) for s in m.plan()]
     assert names == [("detector", "fit", True), ("attribute", "map", True), ("pseudo_masks", "map", True),
                      ("evaluate", "eval", False)]
-    plan = {s.name: s for s in m.plan()}
+    plan = {s.name: s for s in m.stages()}
     assert "theta_fg" not in plan["attribute"].reads and "theta_fg" in plan["pseudo_masks"].reads
     assert "mask_l1_weight" in plan["attribute"].reads and "mask_l1_weight" not in plan["detector"].reads
     with_mrcnn = build_method("bbam", {"mask_rcnn_epochs": 2}, num_classes=4).plan()
@@ -221,7 +221,7 @@ def test_official_space_holds_the_schema_defaults():
     assert (space.fixed["mask_iterations"], space.fixed["mask_l1_weight"]) == (300, 0.007)
     with pytest.raises(ConfigError, match="indicator_box and indicator_cls"):
         validate_config("bbam", {"indicator_box": False, "indicator_cls": False})
-    plan = {s.name: s for s in build_method("bbam", {"mask_rcnn_epochs": 1}, num_classes=2).plan()}
+    plan = {s.name: s for s in build_method("bbam", {"mask_rcnn_epochs": 1}, num_classes=2).stages()}
     assert {"indicator_box", "indicator_cls"} <= set(plan["attribute"].reads)
     assert {"mask_loss", "seed_growing_threshold"} <= set(plan["mask_rcnn"].reads)
 

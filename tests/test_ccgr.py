@@ -20,7 +20,6 @@ import torch
 import pytest
 
 from weakbench.methods import build_method, validate_config
-from weakbench.methods.pipeline import validate_plan
 from weakbench.core import conventions as C
 from weakbench.platform import tracking
 from weakbench.core.data import make_splits, open_dataset, save_splits
@@ -38,7 +37,7 @@ TINY = {"backbone": "resnet18", "input_size": 96, "epochs": 8, "batch_size": 16,
 
 def test_plan_rounds_and_what_each_stage_reads():
     m = build_method("ccgr", {"rounds": 2}, num_classes=4)
-    plan = validate_plan(m.plan(), set(type(m.config).model_fields))
+    plan = m.stages()
     names = [s.name for s in plan]
     assert names == ["classifier", "proposals", "peaks",
                      "mil_r1", "semantic_r1", "refine_r1", "instance_r1", "instances_r1",
@@ -311,7 +310,7 @@ def test_next_round_from_pseudo_masks_seeds_bags_and_labels(tmp_path):
     from weakbench.methods.ccgr import _unpng
 
     m = build_method("ccgr", {"rounds": 2, "bag_size": 2, "next_round_from": "pseudo_masks"}, num_classes=3)
-    st = {s.name: s for s in m.plan()}
+    st = {s.name: s for s in m.stages()}
     assert "refine_r1" in st["instances_r1"].inputs and "next_round_from" in st["instances_r1"].reads
     a = np.zeros((8, 8), bool)
     a[0:4, 0:4] = True

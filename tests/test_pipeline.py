@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import pytest
 import torch
@@ -28,7 +28,7 @@ from pydantic import Field
 
 from weakbench.methods import base
 from weakbench.methods.base import Method, MethodConfig, register_method
-from weakbench.methods.pipeline import FitTask, Stage, validate_plan
+from weakbench.methods.pipeline import SPEED_ONLY, UNUSED, FitTask, Stage, validate_plan
 from weakbench.core import conventions as C
 from weakbench.platform import tracking
 from weakbench.core.data import make_splits, open_dataset, save_splits
@@ -37,6 +37,12 @@ from weakbench.platform.products import Product
 
 
 class ToyConfig(MethodConfig):
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "fit": ("lr", "seed", "epochs"), "score": ("score_scale",),
+        UNUSED: ("backbone", "pretrained", "weights_path", "output_stride", "backbone_lr_mult", "weight_decay", "momentum",
+                 "nesterov", "lr_schedule", "poly_power", "lr_milestones", "lr_gamma", "batch_size", "input_size"),
+        SPEED_ONLY: ("fail_after_chunks",)}
+
     score_scale: float = Field(1.0, gt=0, description="map stage: scores are divided by this")
     fail_after_chunks: int | None = Field(None, description="test hook: raise after this many chunks (once)")
 
@@ -83,9 +89,11 @@ class ToyPipeline(Method):
     map_chunk_size = 10
     calls: list[tuple[str, tuple[str, ...]]] = []
 
+    stage_groups = {"fit": ("fit",), "score": ("score",), "acc": ()}
+
     def plan(self):
-        return (Stage("fit", "fit", reads=("lr", "seed"), epochs=self.config.epochs, shared=True),
-                Stage("score", "map", reads=("score_scale",), inputs=("fit",), split="train", shared=True),
+        return (Stage("fit", "fit", epochs=self.config.epochs, shared=True),
+                Stage("score", "map", inputs=("fit",), split="train", shared=True),
                 Stage("acc", "eval", inputs=("fit", "score"), split="test"))
 
     def fit_task(self, stage, inputs=None):

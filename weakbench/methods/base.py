@@ -49,11 +49,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weakbench.methods.lr_schedules import LRSchedule, scheduler_from_config
-from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, validate_plan
+from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, check_field_groups, resolve_plan
 from weakbench.core.errors import ConfigError, PluginError, UnknownNameError
 from weakbench.methods.metric_declarations import DEFAULT_HEADLINE, MechanismCheck
 
-__all__ = ["Method", "MethodConfig", "ClassifierConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
+__all__ = ["Method", "MethodConfig", "WsolConfig", "ClassifierConfig", "ClassifierFitTask", "CamPredictor", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
            "describe_hyperparameters", "normalize_maps", "resize_maps", "search_space_dir", "method_entry_points",
            "ENTRY_POINT_GROUP"]
@@ -105,9 +105,20 @@ class MethodConfig(BaseModel):
     Subclasses add the method's own fields (with the paper's default) and may override these
     defaults. Unknown keys are refused (``extra="forbid"``) so that a misspelt search-space key
     is an error, not a silently ignored value.
+
+    Every field belongs to one *field group* (``field_groups``, merged along the bases by
+    :func:`weakbench.methods.pipeline.field_groups`): the stages of the method read groups
+    (:attr:`Method.stage_groups`) and a stage product's cache key is derived from them. Here the
+    common fields are the ``train`` group of the classifier template; a method of another shape
+    moves each of them to a group of its own stages (BBAM's ``detector``), and registration fails
+    while a field sits in a group no stage reads.
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {"train": (
+        "backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay", "momentum",
+        "nesterov", "lr_schedule", "poly_power", "lr_milestones", "lr_gamma", "batch_size", "epochs", "input_size",
+        "seed")}
 
     backbone: str = Field("resnet18", description="timm model name (features_only must work)")
     pretrained: bool = Field(False, description="load pretrained weights: the packaged offline file where the backbone has "
@@ -136,7 +147,6 @@ class MethodConfig(BaseModel):
     epochs: int = Field(4, ge=0, le=1000, description="training epochs; 0 evaluates the initial (e.g. pretrained) model")
     input_size: int = Field(128, ge=32, le=1024, description="square input side in pixels; also the WSOL evaluation frame")
     seed: int = Field(0, ge=0, description="seeds torch, numpy, python and the data order")
-    cam_curve_interval: float = Field(0.01, gt=0, lt=1, description="WSOL threshold step (0.01 validation, 0.001 reference)")
 
     @field_validator("weights_path")
     @classmethod
@@ -172,10 +182,22 @@ class MethodConfig(BaseModel):
         return v
 
 
-class ClassifierConfig(MethodConfig):
+class WsolConfig(MethodConfig):
+    """Hyperparameters of a method whose maps are scored by the WSOL protocol (the
+    ``classifier_cam`` methods and the trivial baselines): the threshold step of the CAM curve,
+    in the ``evaluation`` field group (it shapes validation and test metrics, not the weights)."""
+
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {"evaluation": ("cam_curve_interval",)}
+
+    cam_curve_interval: float = Field(0.01, gt=0, lt=1, description="WSOL threshold step (0.01 validation, 0.001 reference)")
+
+
+class ClassifierConfig(WsolConfig):
     """Hyperparameters of the ``classifier_cam`` methods that build their network on
     :class:`weakbench.methods.cam.CAMNet`: which features the CAM reads and how its 1×1
     classifier starts."""
+
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("features", "classifier_init")}
 
     features: Literal["stages", "full"] = Field(
         "stages", description="CAM features: 'stages' = the last timm features_only stage; 'full' = the backbone's "
@@ -216,6 +238,14 @@ class Method:
         compared_with_variants: variant prefixes (:mod:`weakbench.methods.metric_declarations`)
             of the headline that the same run logs as its own baselines (BBAM: ``box_filled``,
             ``box_crf``; CCGR: ``unrefined``, ``box_filled``).
+        stage_groups: the field groups of :attr:`Config` (``Config.field_groups``) each stage of
+            the plan reads, keyed by stage name (or :attr:`Stage.role`); a stage's cache key is
+            derived from them (:meth:`stages`). Checked at registration: every field in one group,
+            every group read by a stage or declared as no product's
+            (:data:`~weakbench.methods.pipeline.NON_PRODUCT_GROUPS`).
+        retired_fields: fields an earlier schema of this method had and no longer has; dropped
+            from stored configs (a registered model's, a logged run's) before validation
+            (:func:`stored_config`), refused anywhere else.
 
     Hooks a ``classifier_cam`` method implements:
         :meth:`build_model`, :meth:`training_step` (or :meth:`training_losses`),
@@ -232,6 +262,8 @@ class Method:
     compared_with: ClassVar[tuple[str, ...]] = ("cam", "center_gaussian", "whole_image")
     compared_with_variants: ClassVar[tuple[str, ...]] = ()
     mechanism_checks: ClassVar[tuple[MechanismCheck, ...]] = ()
+    stage_groups: ClassVar[Mapping[str, tuple[str, ...]]] = {"train": ("train", "evaluation"), "eval": ("evaluation",)}
+    retired_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig, num_classes: int, multilabel: bool = True):
         if num_classes < 1:
@@ -380,12 +412,23 @@ class Method:
         Default (``classifier_cam``): ``train`` (fit, ``epochs`` epochs, validated on ``val``
         after every epoch; its product is private to the trial) → ``eval`` (the ``test`` split,
         evaluated once). Keys stay un-namespaced (``val/max_box_acc_v2``, ``test/pxap``).
+
+        Stages leave ``reads`` empty: :meth:`stages` derives them from :attr:`stage_groups`.
         """
-        fields = tuple(sorted(type(self.config).model_fields))
         return (
-            Stage("train", "fit", reads=fields, epochs=self.config.epochs, namespaced=False),
-            Stage("eval", "eval", reads=("cam_curve_interval",), inputs=("train",), split="test", namespaced=False),
+            Stage("train", "fit", epochs=self.config.epochs, namespaced=False),
+            Stage("eval", "eval", inputs=("train",), split="test", namespaced=False),
         )
+
+    def stages(self) -> tuple[Stage, ...]:
+        """The plan as the engine runs it: :meth:`plan`, validated, with each stage's ``reads``
+        (the config fields of its cache key) derived from :attr:`stage_groups` and the config's
+        field groups (:func:`weakbench.methods.pipeline.resolve_plan`).
+
+        Raises:
+            ValueError: a malformed plan, or a stage with no :attr:`stage_groups` entry.
+        """
+        return resolve_plan(self.plan(), type(self.config), self.stage_groups)
 
     def fit_task(self, stage: Stage, inputs: Mapping[str, Path] | None = None) -> FitTask:
         """The hooks of fit stage ``stage``; ``inputs`` are the product directories of the
@@ -597,11 +640,18 @@ _LOADED: set[str] = set()  # entry-point names loaded in this process
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: register ``cls`` under ``name`` (timm's ``register_model`` pattern)."""
+    """Class decorator: register ``cls`` under ``name`` (timm's ``register_model`` pattern).
+
+    Raises:
+        ValueError: ``name`` is taken by another class, or the method's field groups do not cover
+            its config (:func:`weakbench.methods.pipeline.check_field_groups`: a field in no group,
+            a group no stage reads).
+    """
 
     def deco(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
+        check_field_groups(name, cls.Config, cls.stage_groups)
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -800,6 +850,18 @@ def describe_hyperparameters(name: str) -> list[dict[str, Any]]:
                      "default": list(default) if isinstance(default, tuple) else default, "range": _range(f),
                      "own": key not in common, "description": f.description or ""})
     return sorted(rows, key=lambda r: not r["own"])
+
+
+def stored_config(name: str, params: Mapping[str, Any], source: str = "config") -> MethodConfig:
+    """:func:`validate_config` of a config stored by an earlier run or registered model: the
+    method's :attr:`Method.retired_fields` are dropped first (BBAM's stored configs carry the
+    ``cam_curve_interval`` its schema no longer has).
+
+    Raises:
+        ConfigError: as :func:`validate_config`.
+    """
+    retired = set(get_method_class(name).retired_fields)
+    return validate_config(name, {k: v for k, v in dict(params).items() if k not in retired}, source)
 
 
 def build_method(name: str, params: Mapping[str, Any] | MethodConfig | None = None, *, num_classes: int, multilabel: bool = True) -> Method:

@@ -32,7 +32,9 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from weakbench.methods.base import CamPredictor, Method, MethodConfig, Stage, StageContext, register_method, save_per_image
+from weakbench.methods.base import (CamPredictor, Method, MethodConfig, Stage, StageContext, WsolConfig, register_method,
+                                   save_per_image)
+from weakbench.methods.pipeline import UNUSED
 
 __all__ = ["BaselineConfig", "CenterGaussianConfig", "PriorNet", "CenterGaussian", "WholeImage", "gaussian_prior",
            "whole_image_prior"]
@@ -96,10 +98,17 @@ class PriorNet(torch.nn.Module):
         return logits, m[None, None].expand(b, self.num_classes, h, w)
 
 
-class BaselineConfig(MethodConfig):
+class BaselineConfig(WsolConfig):
     """Hyperparameters of a trivial baseline: the common ones (``input_size`` is the evaluation
     frame, ``cam_curve_interval`` the threshold step, ``seed`` a repeat that changes nothing);
-    there is no backbone (``backbone: none``) and nothing is trained (``epochs: 0``)."""
+    there is no backbone (``backbone: none``) and nothing is trained (``epochs: 0``). The
+    evaluated fields form the ``evaluation`` group; the rest of the common schema is ``unused``."""
+
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "evaluation": ("input_size",),
+        UNUSED: ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
+                 "momentum", "nesterov", "lr_schedule", "poly_power", "lr_milestones", "lr_gamma", "batch_size", "epochs",
+                 "seed")}
 
     backbone: Literal["none"] = Field("none", description="no backbone: the map is a fixed prior")
     epochs: int = Field(0, ge=0, le=0, description="nothing is trained")
@@ -114,6 +123,8 @@ class CenterGaussianConfig(BaselineConfig):
     """``sigma``: σ of the centre Gaussian as a fraction of the side (Choe et al. 2020); chosen on
     val like any hyperparameter (``search_spaces/center_gaussian.yaml``)."""
 
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {"evaluation": ("sigma",)}
+
     sigma: float = Field(0.25, gt=0, le=2, description="Gaussian σ as a fraction of the side S (0.25: σ = S/4)")
 
 
@@ -121,7 +132,7 @@ class _Baseline(Method):
     """Shared plan and hooks of the trivial baselines (module docstring)."""
 
     Config: ClassVar[type[MethodConfig]] = BaselineConfig
-    reads: ClassVar[tuple[str, ...]] = ("input_size", "cam_curve_interval")
+    stage_groups = {"val": ("evaluation",), "test": ("evaluation",)}
     #: metrics of evaluate_split a baseline does not report (they need a classifier)
     unreported_metrics: ClassVar[tuple[str, ...]] = _CLASSIFIER_METRICS
     #: a trivial baseline is what the others are compared against
@@ -140,8 +151,8 @@ class _Baseline(Method):
         return self.model()
 
     def plan(self) -> tuple[Stage, ...]:
-        return (Stage("val", "eval", reads=self.reads, split="val", namespaced=False),
-                Stage("test", "eval", reads=self.reads, split="test", namespaced=False))
+        return (Stage("val", "eval", split="val", namespaced=False),
+                Stage("test", "eval", split="test", namespaced=False))
 
     def evaluate_stage(self, stage: Stage, ctx: StageContext) -> tuple[dict[str, float], list]:
         """Localisation metrics of the prior on ``stage.split`` (classifier metrics dropped)."""
@@ -165,7 +176,6 @@ class CenterGaussian(_Baseline):
     """Centre Gaussian of σ = ``sigma``·S for every image (Choe et al. 2020's trivial baseline)."""
 
     Config = CenterGaussianConfig
-    reads = ("input_size", "cam_curve_interval", "sigma")
 
     def model(self) -> PriorNet:
         return PriorNet("center_gaussian", self.num_classes, sigma=self.config.sigma)

@@ -71,15 +71,27 @@ from pydantic import Field, model_validator
 
 from weakbench.methods import bbam_ops as ops
 from weakbench.methods.base import Method, MethodConfig, register_method
-from weakbench.methods.pipeline import FitTask, Stage, StageContext
+from weakbench.methods.pipeline import PREDICTOR, SPEED_ONLY, UNUSED, FitTask, Stage, StageContext
 from weakbench.methods.metric_declarations import MechanismCheck
 
-DETECTOR_FIELDS = ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
-                   "momentum", "batch_size", "epochs", "input_size", "seed", "fpn_channels", "box_head_size")
-
-
 class BBAMConfig(MethodConfig):
-    """BBAM hyperparameters (paper §4 and the official code's defaults)."""
+    """BBAM hyperparameters (paper §4 and the official code's defaults), in one field group per
+    stage (:attr:`BBAM.stage_groups`); ``attribution_batch_images`` is ``speed_only`` (the
+    attribution is chunk-independent) and ``score_threshold`` the predictor's."""
+
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "detector": ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
+                     "momentum", "batch_size", "epochs", "input_size", "seed", "fpn_channels", "box_head_size"),
+        "attribution": ("num_proposals", "jitter_ratio", "max_positives", "mask_iterations", "mask_lr", "mask_l1_weight",
+                        "tv_weight", "stride_s0", "stride_s1", "loss_variant", "indicator_box", "indicator_cls",
+                        "attribution_splits", "max_images_per_split"),
+        "pseudo_masks": ("theta_fg", "theta_bg", "use_crf"),
+        "mask_rcnn": ("mask_rcnn_epochs", "mask_rcnn_lr", "mask_loss", "seed_growing_threshold"),
+        SPEED_ONLY: ("attribution_batch_images",),
+        PREDICTOR: ("score_threshold",),
+        # the detectors' SGD is plain and their lr constant: the engine refuses nesterov: true and a
+        # non-constant lr_schedule for these fit stages, so no product depends on these fields
+        UNUSED: ("nesterov", "lr_schedule", "poly_power", "lr_milestones", "lr_gamma")}
 
     epochs: int = Field(8, ge=0, le=1000, description="detector epochs (the paper trains Faster R-CNN for its schedule; scaled to fit)")
     lr: float = Field(0.01, gt=0, le=10, description="detector SGD learning rate")
@@ -115,7 +127,6 @@ class BBAMConfig(MethodConfig):
     indicator_box: bool = Field(True, description="𝟙_box of Eq. 3: keep the box head's regression (paper Fig. 4 ablation)")
     indicator_cls: bool = Field(True, description="𝟙_cls of Eq. 3: keep the cls head's probability (paper Fig. 4 ablation)")
     score_threshold: float = Field(0.5, ge=0, le=1, description="predictor: detections below this score are dropped")
-    cam_curve_interval: float = Field(0.01, gt=0, lt=1, description="unused by BBAM (kept for the common schema)")
 
     @model_validator(mode="after")
     def _thresholds_in_order(self):
@@ -354,6 +365,12 @@ class BBAM(Method):
     compared_with_variants: ClassVar[tuple[str, ...]] = ("box_filled", "box_crf")
     mechanism_checks = (MechanismCheck("positive_share", fails_below=50.0,
                                        words="attribution empty: O+ non-empty for {value:.0f} % of boxes"),)
+    #: each stage reads its own group and, through its inputs, every earlier one (the mask R-CNN the
+    #: detector's backbone, input size and optimiser settings)
+    stage_groups = {"detector": ("detector",), "attribute": ("attribution",), "pseudo_masks": ("pseudo_masks",),
+                    "evaluate": (), "mask_rcnn": ("mask_rcnn",), "instance_eval": ()}
+    #: the common schema's ``cam_curve_interval``, which BBAM never read, left the schema
+    retired_fields = ("cam_curve_interval",)
 
     @property
     def map_chunk_size(self) -> int:
@@ -363,19 +380,13 @@ class BBAM(Method):
     def plan(self) -> tuple[Stage, ...]:
         c = self.config
         stages = [
-            Stage("detector", "fit", reads=DETECTOR_FIELDS, epochs=c.epochs, shared=True),
-            Stage("attribute", "map", inputs=("detector",), shared=True, split="train",
-                  reads=("num_proposals", "jitter_ratio", "max_positives", "mask_iterations", "mask_lr", "mask_l1_weight",
-                         "tv_weight", "stride_s0", "stride_s1", "loss_variant", "indicator_box", "indicator_cls",
-                         "attribution_splits", "max_images_per_split", "seed")),
-            Stage("pseudo_masks", "map", reads=("theta_fg", "theta_bg", "use_crf"), inputs=("attribute",), shared=True,
-                  split="train"),
+            Stage("detector", "fit", epochs=c.epochs, shared=True),
+            Stage("attribute", "map", inputs=("detector",), shared=True, split="train"),
+            Stage("pseudo_masks", "map", inputs=("attribute",), shared=True, split="train"),
             Stage("evaluate", "eval", inputs=("pseudo_masks",), split="val", metric_ns="pseudo_masks"),
         ]
         if c.mask_rcnn_epochs > 0:
-            fields = tuple(f for f in DETECTOR_FIELDS if f not in ("epochs", "lr")) + (
-                "mask_rcnn_epochs", "mask_rcnn_lr", "mask_loss", "seed_growing_threshold")
-            stages += [Stage("mask_rcnn", "fit", reads=fields, inputs=("detector", "pseudo_masks"), epochs=c.mask_rcnn_epochs,
+            stages += [Stage("mask_rcnn", "fit", inputs=("detector", "pseudo_masks"), epochs=c.mask_rcnn_epochs,
                              shared=True),
                        Stage("instance_eval", "eval", inputs=("mask_rcnn",), split="test", metric_ns="mask_rcnn")]
         return tuple(stages)

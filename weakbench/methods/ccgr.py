@@ -120,13 +120,12 @@ from weakbench.methods.bbam import (_image_tensor, _rle, _unrle, detection_metri
                                     mask_rcnn_instances, random_hflip)
 from weakbench.methods.bbam_ops import box_filled_mask
 from weakbench.methods.base import ClassifierFitTask, Method, MethodConfig, register_method
-from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext
+from weakbench.methods.pipeline import PREDICTOR, UNUSED, FitTask, Stage, StageContext, StepContext
 from weakbench.methods.metric_declarations import MechanismCheck
 
+#: fields of the CAM classifier (:class:`~weakbench.methods.base.ClassifierConfig`) that CCGR passes on
 CLASSIFIER_FIELDS = ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
-                     "momentum", "batch_size", "epochs", "input_size", "seed")
-PROPOSAL_FIELDS = ("proposal_mode", "max_proposals", "proposal_min_size", "proposal_max_side", "max_images_per_split")
-BRANCH_FIELDS = ("backbone", "input_size", "seed", "branch_batch_size", "weight_decay")
+                     "momentum", "batch_size", "epochs", "input_size", "seed", "cam_curve_interval")
 SPLITS = ("train", "val", "test")
 IGNORE = 255
 MIN_MASK_PIXELS = 16  #: pseudo masks smaller than this (pixels) are dropped
@@ -136,7 +135,26 @@ PSEUDO_NS = "pseudo_masks_with_labels"
 
 
 class CCGRConfig(MethodConfig):
-    """CCGR hyperparameters (paper §"Implementation details"; scaled defaults say so)."""
+    """CCGR hyperparameters (paper §"Implementation details"; scaled defaults say so), in one field
+    group per stage (:attr:`CCGR.stage_groups`; the branches of round r read, through their inputs,
+    the classifier's backbone, input size, seed and weight decay)."""
+
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "classifier": CLASSIFIER_FIELDS,
+        "proposals": ("proposal_mode", "max_proposals", "proposal_min_size", "proposal_max_side", "max_images_per_split"),
+        "peaks": ("bag_size", "cam_fg_threshold", "cam_bg_threshold", "peak_min_score", "objectness"),
+        "branches": ("branch_batch_size",),
+        "mil": ("mil_epochs", "mil_lr"),
+        "semantic": ("semantic_epochs", "semantic_lr"),
+        "refine": ("refine", "context_scale", "refinement_steps", "refinement_step_size", "refinement_step_unit",
+                   "ccgr_form", "refinement_map", "peak_stop"),
+        "instance": ("mask_rcnn_epochs", "mask_rcnn_lr", "mask_rcnn_batch_size", "fpn_channels", "box_head_size"),
+        "next_round": ("instance_score_threshold", "next_round_from"),
+        "rounds": ("rounds",),
+        PREDICTOR: ("score_threshold",),
+        # the classifier's SGD is plain and its lr constant (CLASSIFIER_FIELDS leave these at the CAM's
+        # defaults): the engine refuses nesterov: true and a non-constant lr_schedule for it
+        UNUSED: ("nesterov", "lr_schedule", "poly_power", "lr_milestones", "lr_gamma")}
 
     output_stride: Literal[8, 16, 32] = Field(8, description="classifier output stride (8: peaks on a finer CAM)")
     epochs: int = Field(8, ge=0, le=1000, description="classifier epochs")
@@ -589,6 +607,12 @@ class CCGR(Method):
                                        words="proposals miss objects: {value:.0f} % of GT boxes have a proposal at "
                                              "IoU 0.5"))
     map_chunk_size = 8
+    #: the groups each stage reads (round r's stages by role); later stages read the earlier groups
+    #: through their inputs. ``rounds`` shapes only the plan, so only the (trial-private) eval stages read it
+    stage_groups = {"classifier": ("classifier",), "proposals": ("proposals",), "peaks": ("peaks",),
+                    "mil": ("branches", "mil"), "semantic": ("branches", "semantic"), "refine": ("refine",),
+                    "instance": ("instance",), "instances": ("next_round",), "evaluate": ("rounds",),
+                    "instance_eval": ("rounds",)}
 
     def __init__(self, config, num_classes: int, multilabel: bool = True):
         super().__init__(config, num_classes, multilabel)
@@ -596,37 +620,31 @@ class CCGR(Method):
         from weakbench.methods.cam import CAM
 
         c = self.config
-        self.cam = CAM(ClassifierConfig(**{f: getattr(c, f) for f in CLASSIFIER_FIELDS + ("cam_curve_interval",)}),
+        self.cam = CAM(ClassifierConfig(**{f: getattr(c, f) for f in CLASSIFIER_FIELDS}),
                        num_classes, multilabel)
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> tuple[Stage, ...]:
         c = self.config
         stages = [
-            Stage("classifier", "fit", reads=CLASSIFIER_FIELDS, epochs=c.epochs, shared=True),
-            Stage("proposals", "map", reads=PROPOSAL_FIELDS, shared=True, split="train"),
-            Stage("peaks", "map", reads=("bag_size", "cam_fg_threshold", "cam_bg_threshold", "peak_min_score",
-                                         "objectness"),
-                  inputs=("classifier", "proposals"), shared=True, split="train"),
+            Stage("classifier", "fit", epochs=c.epochs, shared=True),
+            Stage("proposals", "map", shared=True, split="train"),
+            Stage("peaks", "map", inputs=("classifier", "proposals"), shared=True, split="train"),
         ]
         for r in range(1, c.rounds + 1):
             src = "peaks" if r == 1 else f"instances_r{r - 1}"
             stages += [
-                Stage(f"mil_r{r}", "fit", reads=BRANCH_FIELDS + ("mil_epochs", "mil_lr"), epochs=c.mil_epochs,
-                      inputs=("classifier", "proposals", src), shared=True),
-                Stage(f"semantic_r{r}", "fit", reads=BRANCH_FIELDS + ("semantic_epochs", "semantic_lr"),
-                      epochs=c.semantic_epochs, inputs=("classifier", src), shared=True),
-                Stage(f"refine_r{r}", "map", reads=("refine", "context_scale", "refinement_steps", "refinement_step_size",
-                                                    "refinement_step_unit", "ccgr_form", "refinement_map",
-                                                    "peak_stop"),
+                Stage(f"mil_r{r}", "fit", role="mil", epochs=c.mil_epochs, inputs=("classifier", "proposals", src),
+                      shared=True),
+                Stage(f"semantic_r{r}", "fit", role="semantic", epochs=c.semantic_epochs, inputs=("classifier", src),
+                      shared=True),
+                Stage(f"refine_r{r}", "map", role="refine",
                       inputs=("proposals", "peaks", src, f"mil_r{r}", f"semantic_r{r}"), shared=True, split="train"),
-                Stage(f"instance_r{r}", "fit", reads=("backbone", "input_size", "seed", "mask_rcnn_epochs", "mask_rcnn_lr",
-                                                      "mask_rcnn_batch_size", "fpn_channels", "box_head_size", "momentum",
-                                                      "weight_decay"),
-                      epochs=c.mask_rcnn_epochs, inputs=("classifier", f"refine_r{r}"), shared=True),
+                Stage(f"instance_r{r}", "fit", role="instance", epochs=c.mask_rcnn_epochs,
+                      inputs=("classifier", f"refine_r{r}"), shared=True),
             ]
             if r < c.rounds:
-                stages.append(Stage(f"instances_r{r}", "map", reads=("instance_score_threshold", "next_round_from"),
+                stages.append(Stage(f"instances_r{r}", "map", role="instances",
                                     inputs=("proposals", "peaks", f"instance_r{r}", f"refine_r{r}"), shared=True,
                                     split="train"))
         stages += [

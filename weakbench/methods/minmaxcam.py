@@ -49,7 +49,7 @@ Choices where the paper is silent or the official code differs:
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, ClassVar, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
@@ -86,6 +86,9 @@ class MinMaxCAMConfig(ClassifierConfig):
         ConfigError: ``batch_size`` is not a multiple of ``set_size`` (naming both and the nearest
             valid batch sizes), or a field is out of range.
     """
+
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("crr_weight", "frr_weight", "set_size",
+                                                                     "feature_distance")}
 
     crr_weight: float = Field(1.0, ge=0, le=1000, description=(
         "λ1, weight of CRR (eq. 5); default 1 = the official code's default"))

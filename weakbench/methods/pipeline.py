@@ -15,12 +15,20 @@ A method declares its pipeline from its config with :meth:`Method.plan`: a tuple
   chunk (a killed stage resumes at the first unsaved chunk) and calls ``map_reduce`` on rank 0.
 * ``eval`` — rank 0 computes metrics from earlier products (:meth:`Method.evaluate_stage`).
 
-Each stage declares the config fields that shape its product (``reads``) and the earlier stages
-whose products it uses (``inputs``). The engine keys a product by the hash of those field
-values, of its inputs' hashes, of the dataset fingerprint and of the stored split
-(:mod:`weakbench.platform.products`); a stage whose product is complete is not recomputed, and
-a ``shared`` stage's product is shared by every trial of a sweep with the same upstream hash
-(a sweep over BBAM's θ_fg trains its detector once).
+Cache keys come from *field groups* declared once. A method's config class names a group for
+each of its fields (``field_groups``, merged along the config's bases, :func:`field_groups`),
+its class says which groups each stage reads (:attr:`Method.stage_groups`, by stage name or
+:attr:`Stage.role`), and :func:`resolve_plan` fills each stage's ``reads``: the fields of its own
+groups and of every stage it takes as input, transitively (a stage reading an earlier stage's
+product reads that stage's groups too, so a field an upstream computation uses is never missing
+from a downstream key). Fields that no product depends on sit in the reserved groups of
+:data:`NON_PRODUCT_GROUPS`; every other group must be read by some stage, or the method's
+registration fails (:func:`check_field_groups`).
+
+The engine keys a product by the hash of the ``reads`` values, of its inputs' hashes, of the
+dataset fingerprint and of the stored split (:mod:`weakbench.platform.products`); a stage whose
+product is complete is not recomputed, and a ``shared`` stage's product is shared by every trial
+of a sweep with the same upstream hash (a sweep over BBAM's θ_fg trains its detector once).
 
 Rounds (CCGR) are expressed by repeating stages with distinct names in the plan
 (``"mil_r1"``, ``"mil_r2"``, …): the plan is built from the config, so the number of rounds is a
@@ -49,7 +57,8 @@ class Stage:
         name: unique in the plan; names products, Train jobs (``<trial>-<name>``) and, where
             ``namespaced``, metric keys (``val/<name>/<metric>``).
         kind: ``"fit"``, ``"map"`` or ``"eval"`` (module docstring).
-        reads: config field names whose values shape this stage's product (hashed).
+        reads: config field names whose values shape this stage's product (hashed); filled by
+            :func:`resolve_plan` from the method's field groups (a method's ``plan`` leaves it empty).
         inputs: names of earlier stages whose products this stage reads.
         epochs: ``fit`` only: epochs of this stage (≥ 0; 0 keeps the initial weights).
         shared: the product may be reused by other trials of the sweep whose upstream hash is
@@ -61,6 +70,8 @@ class Stage:
             (``"val/miou"``) name their own, so one stage may report several splits.
         metric_ns: namespace of the stage's metric keys instead of its name (BBAM's ``evaluate``
             stage reports under ``pseudo_masks``: ``val/pseudo_masks/miou``).
+        role: the entry of the method's ``stage_groups`` this stage reads (default: its name;
+            CCGR's ``mil_r1``, ``mil_r2``, … share the role ``mil``).
     """
 
     name: str
@@ -72,11 +83,141 @@ class Stage:
     namespaced: bool = True
     split: str | None = None
     metric_ns: str | None = None
+    role: str | None = None
 
     @property
     def units(self) -> int:
         """Progress units of the stage: its epochs for ``fit``, 1 otherwise."""
         return self.epochs if self.kind == "fit" else 1
+
+
+#: field group of settings that change speed or memory, never a result (BBAM's
+#: ``attribution_batch_images``: its attribution is chunk-independent)
+SPEED_ONLY = "speed_only"
+#: field group read only by ``Method.build_predictor`` (the logged model), after the last stage
+PREDICTOR = "predictor"
+#: field group of common-schema fields a method ignores (a trivial baseline's ``lr``: nothing is trained)
+UNUSED = "unused"
+#: the groups no stage product depends on: no stage reads them, and changing them reuses every product
+NON_PRODUCT_GROUPS = (SPEED_ONLY, PREDICTOR, UNUSED)
+
+
+def field_groups(config_cls: type) -> dict[str, tuple[str, ...]]:
+    """The field groups of a config class: ``{group: field names}``, each field of the schema in
+    exactly one group.
+
+    Each class of the config's bases may declare ``field_groups: ClassVar[dict[str, tuple[str, ...]]]``
+    (only its own, not inherited, declaration counts); they are merged from the root base down,
+    and a subclass naming a field again moves it to the subclass's group (BBAM puts the common
+    ``lr`` in its ``detector`` group). Groups left empty by such moves are dropped.
+
+    Raises:
+        ValueError: a field of the schema in no group, a group naming a field the schema does not
+            have, or one class naming a field in two groups; the message names the config class,
+            the field and the fix.
+    """
+    owner: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        own = klass.__dict__.get("field_groups")
+        if not own:
+            continue
+        seen: dict[str, str] = {}
+        for group, names in dict(own).items():
+            if isinstance(names, str):
+                raise ValueError(f"{klass.__name__}.field_groups[{group!r}] must be a tuple of field names, not the "
+                                 f"string {names!r}")
+            for f in names:
+                if f in seen:
+                    raise ValueError(f"{klass.__name__}.field_groups names field {f!r} in two groups ({seen[f]!r} and "
+                                     f"{group!r}); keep it in one")
+                seen[f] = group
+        owner.update(seen)
+    fields = set(getattr(config_cls, "model_fields", {}))
+    unknown = sorted(set(owner) - fields)
+    if unknown:
+        raise ValueError(f"{config_cls.__name__}.field_groups names {unknown}, which are not fields of the schema; "
+                         f"remove them or fix their spelling")
+    missing = sorted(fields - set(owner))
+    if missing:
+        raise ValueError(f"{config_cls.__name__}: field(s) {missing} belong to no field group; add each to the "
+                         f"field_groups of the stage(s) whose product it shapes, or to {SPEED_ONLY!r} / {PREDICTOR!r} / "
+                         f"{UNUSED!r} if no stage product depends on it")
+    out: dict[str, list[str]] = {}
+    for f in getattr(config_cls, "model_fields", {}):  # schema order
+        out.setdefault(owner[f], []).append(f)
+    return {g: tuple(fs) for g, fs in out.items()}
+
+
+def check_field_groups(method_name: str, config_cls: type, stage_groups: Mapping[str, tuple[str, ...]]) -> None:
+    """Check a method's field groups against the groups its stages read (at registration).
+
+    Every field must be in one group (:func:`field_groups`); every group a stage names must exist;
+    every group outside :data:`NON_PRODUCT_GROUPS` must be read by some stage (a field no stage
+    reads could change a result while every product is reused); no stage may read a
+    non-product group.
+
+    Raises:
+        ValueError: naming the method, the group or field, and the fix.
+    """
+    try:
+        groups = field_groups(config_cls)
+    except ValueError as e:
+        raise ValueError(f"method {method_name!r}: {e}") from None
+    if not stage_groups:
+        raise ValueError(f"method {method_name!r} declares no stage_groups; map each stage (name or role) of its plan "
+                         f"to the field groups it reads")
+    read: set[str] = set()
+    for role, names in stage_groups.items():
+        if isinstance(names, str):
+            raise ValueError(f"method {method_name!r}: stage_groups[{role!r}] must be a tuple of group names, not the "
+                             f"string {names!r}")
+        for g in names:
+            if g in NON_PRODUCT_GROUPS:
+                raise ValueError(f"method {method_name!r}: stage {role!r} reads the group {g!r}, which by its name no "
+                                 f"stage product depends on; move the fields it uses to a group of that stage")
+            if g not in groups and g not in _declared_groups(config_cls):
+                raise ValueError(f"method {method_name!r}: stage {role!r} reads group {g!r}, which "
+                                 f"{config_cls.__name__}.field_groups does not declare (groups: {', '.join(sorted(groups))})")
+            read.add(g)
+    unread = {g: fs for g, fs in groups.items() if g not in read and g not in NON_PRODUCT_GROUPS}
+    if unread:
+        detail = "; ".join(f"group {g!r} ({', '.join(fs)})" for g, fs in sorted(unread.items()))
+        raise ValueError(f"method {method_name!r}: no stage reads {detail}; name the group in stage_groups of the stage "
+                         f"whose product it shapes, or move its fields to {SPEED_ONLY!r} / {PREDICTOR!r} / {UNUSED!r} if "
+                         f"no result depends on them")
+
+
+def _declared_groups(config_cls: type) -> set[str]:
+    """Every group name any class of the config's bases declares (a group may be emptied by moves)."""
+    return {g for klass in config_cls.__mro__ for g in (klass.__dict__.get("field_groups") or {})}
+
+
+def resolve_plan(plan: tuple[Stage, ...] | list[Stage], config_cls: type,
+                 stage_groups: Mapping[str, tuple[str, ...]]) -> tuple[Stage, ...]:
+    """A validated plan whose stages' ``reads`` are derived from the field groups: the fields of the
+    groups ``stage_groups[stage.role or stage.name]`` and the ``reads`` of every input stage
+    (transitively), sorted.
+
+    Raises:
+        ValueError: a stage whose name (or role) has no ``stage_groups`` entry, a stage that lists
+            ``reads`` itself (derive them from groups instead), or any :func:`validate_plan` error.
+    """
+    plan = validate_plan(plan, set(getattr(config_cls, "model_fields", {})))
+    groups = field_groups(config_cls)
+    out: dict[str, Stage] = {}
+    for st in plan:
+        role = st.role or st.name
+        if st.reads:
+            raise ValueError(f"stage {st.name!r} lists reads {list(st.reads)}; declare its fields as field groups and "
+                             f"name them in stage_groups[{role!r}] instead")
+        if role not in stage_groups:
+            raise ValueError(f"stage {st.name!r}: no stage_groups entry {role!r}; add one naming the field groups it "
+                             f"reads (() for none)")
+        reads = {f for g in stage_groups[role] for f in groups.get(g, ())}
+        for inp in st.inputs:
+            reads.update(out[inp].reads)
+        out[st.name] = dataclasses.replace(st, reads=tuple(sorted(reads)))
+    return tuple(out[st.name] for st in plan)
 
 
 def validate_plan(plan: tuple[Stage, ...] | list[Stage], config_fields: set[str] | None = None) -> tuple[Stage, ...]:

@@ -52,7 +52,7 @@ all-empty placeholder masks (which would count every pixel as background ground 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,10 @@ class PuzzleCAMConfig(ClassifierConfig):
             (``input_size / output_stride / g < 2``) — each message names the fields and values
             that fix it.
     """
+
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("alpha", "num_tiles", "alpha_ramp_fraction"),
+        "evaluation": ("inference_scales", "inference_flip", "inference", "bg_threshold")}
 
     alpha: float = Field(4.0, ge=0, le=100, description="α, maximum weight of L_re (eq. 7)")
     num_tiles: int = Field(4, ge=4, le=64, description="tiles of the puzzle module (a square: 4 = 2×2, 9, 16)")

@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Annotated, Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ from pydantic import Field, field_validator
 
 from weakbench.methods.backbones import create_backbone
 from weakbench.methods.base import (
-    ClassifierFitTask, Method, MethodConfig, StepContext, normalize_maps, register_method, resize_maps,
+    ClassifierFitTask, Method, StepContext, WsolConfig, normalize_maps, register_method, resize_maps,
 )
 from weakbench.methods.cam import classification_loss
 from weakbench.core.errors import ConfigError, DataError
@@ -106,8 +106,13 @@ _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 
-class TopGAPConfig(MethodConfig):
+class TopGAPConfig(WsolConfig):
     """Top-GAP hyperparameters (defaults: λ = 1, k = 256, 3×3 convs with 256 filters, 4 maps)."""
+
+    field_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("top_k", "top_k_fraction", "l1_weight", "num_feature_maps", "head_channels", "dropout"),
+        "evaluation": ("cam_iou_threshold", "attack_setting", "pgd_epsilon", "pgd_steps", "pgd_step_size",
+                       "eval_images")}
 
     top_k: int = Field(256, ge=1, le=1_000_000, description="k, positions averaged per class by Top-GAP (absolute)")
     top_k_fraction: Annotated[float, Field(gt=0, le=1)] | Literal["object_size"] | None = Field(

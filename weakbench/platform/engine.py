@@ -266,7 +266,6 @@ class _Runner:
         """Open data, method, plan; restore state; find the MLflow run. False when the run is
         already FINISHED (reported and nothing else to do)."""
         from weakbench.methods import build_method
-        from weakbench.methods.pipeline import validate_plan
         from weakbench.platform import tracking
         from weakbench.core.data import load_splits, open_dataset
 
@@ -276,7 +275,7 @@ class _Runner:
         self.method = build_method(spec.method, spec.params, num_classes=self.source.num_classes,
                                    multilabel=self.source.multilabel)
         self.cfg = self.method.config
-        self.plan = validate_plan(self.method.plan(), set(type(self.cfg).model_fields))
+        self.plan = self.method.stages()
         self.products = stage_products(spec, self.method, self.plan, self.source, self.splits)
         if self.rank == 0:
             from weakbench.platform.products import clean_stale_staging
@@ -920,12 +919,11 @@ def _log_pending(client, run_id: str, pending: dict[str, Any]) -> None:
 def trial_plan(spec: TrialSpec):
     """The validated plan of ``spec``'s method and config (what the driver needs to start jobs)."""
     from weakbench.methods import build_method
-    from weakbench.methods.pipeline import validate_plan
     from weakbench.core.data import open_dataset
 
     source = open_dataset(spec.data, cache_dir=spec.data_cache, classes=spec.classes)
     method = build_method(spec.method, spec.params, num_classes=source.num_classes, multilabel=source.multilabel)
-    return validate_plan(method.plan(), set(type(method.config).model_fields))
+    return method.stages()
 
 
 def build_trainer(spec: TrialSpec, *, storage_path: str, name: str, callbacks: list | None = None, max_failures: int = 0,

@@ -56,9 +56,10 @@ def plan_of(method: str, params: dict[str, Any], *, num_classes: int = 2, multil
     not build (the view then shows progress units without stage names)."""
     try:
         from weakbench.methods import build_method
+        from weakbench.methods.base import stored_config
 
-        m = build_method(method, {k: v for k, v in params.items() if not k.startswith("__")},
-                         num_classes=num_classes, multilabel=multilabel)
+        config = stored_config(method, {k: v for k, v in params.items() if not k.startswith("__")})
+        m = build_method(method, config, num_classes=num_classes, multilabel=multilabel)
         return [PlanStage(st.name, st.kind, int(st.units), int(getattr(st, "epochs", 0) or 0)) for st in m.plan()]
     except Exception:  # noqa: BLE001 - a display aid only
         return []

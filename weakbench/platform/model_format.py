@@ -184,13 +184,14 @@ def load_predictor_dir(directory: str | Path, where: str | None = None) -> torch
     from safetensors.torch import load_model
 
     from weakbench.methods import build_method
-    from weakbench.methods.base import CamPredictor
+    from weakbench.methods.base import CamPredictor, stored_config
     from weakbench.methods.instance import InstancePredictor
 
     d = Path(directory)
     where = where or str(d)
     spec = read_spec(d, where)
-    method = build_method(spec["method"], spec["config"], num_classes=spec["num_classes"], multilabel=spec["multilabel"])
+    config = stored_config(spec["method"], spec["config"], where)
+    method = build_method(spec["method"], config, num_classes=spec["num_classes"], multilabel=spec["multilabel"])
     stages = {s.name: s for s in method.plan()}
     nets: dict[str, torch.nn.Module] = {}
     for k, net in spec["networks"].items():
