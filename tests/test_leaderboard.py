@@ -280,8 +280,18 @@ def test_a_new_head_or_training_is_not_seed_free():
     rows = [_zero_epoch(0, 0, 60, 69.0, head="random"), _run(1, "center_gaussian", 0.0, 0, 58, 63.0, backbone="none")]
     cam = _by_method(build_leaderboard(rows_to_table(rows)))["cam"]
     assert cam["seed_free"] is False and cam["below_trivial"] is True and "fewer than 3" in cam["trivial_verdict"]
-    CAM = get_method_class("cam")
-    base = {"epochs": "0", "pretrained": "True", "classifier_init": "pretrained_head"}
-    assert CAM.seed_free(base)
-    assert not CAM.seed_free({**base, "epochs": "1"}) and not CAM.seed_free({**base, "pretrained": "False"})
-    assert get_method_class("whole_image").seed_free({}) and not get_method_class("bbam").seed_free(base)
+    from weakbench.platform.leaderboard import typed_config
+
+    def seed_free(name, params):  # as the board decides it: MLflow's text params, typed at the boundary
+        cls = get_method_class(name)
+        return cls.seed_free(typed_config(cls, params))
+
+    base = {"epochs": "0", "pretrained": "True", "classifier_init": "pretrained_head", "lr_milestones": "(0.5, 0.75)",
+            "weights_path": "None", "backbone": "resnet18"}
+    assert seed_free("cam", base) and seed_free("minmaxcam", base)
+    assert not seed_free("cam", {**base, "epochs": "1"}) and not seed_free("cam", {**base, "pretrained": "False"})
+    assert not seed_free("cam", {k: v for k, v in base.items() if k != "classifier_init"})
+    assert seed_free("whole_image", {}) and not seed_free("bbam", base) and not seed_free("topgap", base)
+    # the adapter reads each text back as the literal it was written from
+    cfg = typed_config(get_method_class("cam"), base)
+    assert (cfg.epochs, cfg.pretrained, cfg.lr_milestones, cfg.weights_path) == (0, True, (0.5, 0.75), None)

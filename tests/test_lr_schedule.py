@@ -12,7 +12,7 @@ import yaml
 from weakbench.methods import build_method, validate_config
 from weakbench.methods.lr_schedules import build_lr_scheduler, milestone_steps
 from weakbench.methods.pipeline import Stage
-from weakbench.platform.engine import _check_optimization, optimization_state, restore_optimization
+from weakbench.platform.engine import optimization_state, restore_optimization
 from weakbench.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,14 +151,14 @@ def test_restore_refuses_a_checkpoint_without_the_schedule():
 
 def test_fields_a_stage_would_ignore_are_refused():
     st = Stage("detector", "fit", epochs=2)
-    cfg = validate_config("bbam", {"lr_schedule": "poly"})
+    m = build_method("bbam", {"lr_schedule": "poly"}, num_classes=2)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
     with pytest.raises(ConfigError, match=r"method 'bbam', stage 'detector': lr_schedule is 'poly'.*lr_schedule: constant"):
-        _check_optimization("bbam", st, cfg, {"main": opt}, {})
-    cfg = validate_config("bbam", {"nesterov": True})
+        m.check_fit(st, {"main": opt}, {})
+    m = build_method("bbam", {"nesterov": True}, num_classes=2)
     adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ConfigError, match=r"nesterov is true, but optimiser\(s\) \['main'\].*Adam.*nesterov: false"):
-        _check_optimization("bbam", st, cfg, {"main": adam}, {})
+        m.check_fit(st, {"main": adam}, {})
     with pytest.raises(ConfigError, match="nesterov: true needs momentum > 0"):
         validate_config("cam", {"nesterov": True, "momentum": 0.0})
     with pytest.raises(ConfigError, match="lr_milestones must be increasing fractions"):

@@ -148,6 +148,13 @@ class MethodConfig(BaseModel):
     input_size: int = Field(128, ge=32, le=1024, description="square input side in pixels; also the WSOL evaluation frame")
     seed: int = Field(0, ge=0, description="seeds torch, numpy, python and the data order")
 
+    def seed_free(self) -> bool:
+        """Whether this configuration gives the same maps and metrics for every seed (see
+        :meth:`Method.seed_free`). Here: never (training draws the data order, augmentation and
+        new layers from the seed); :class:`ClassifierConfig` and the trivial baselines' config
+        know better."""
+        return False
+
     @field_validator("weights_path")
     @classmethod
     def _weights_file_exists(cls, v: str | None) -> str | None:
@@ -198,6 +205,14 @@ class ClassifierConfig(WsolConfig):
     classifier starts."""
 
     field_groups: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("features", "classifier_init")}
+
+    def seed_free(self) -> bool:
+        """True when nothing is trained or drawn at random: ``epochs`` 0 with the pretrained
+        backbone and its pretrained head as the CAM classifier (``pretrained`` True,
+        ``classifier_init`` ``pretrained_head``); the splits are the sweep's, not the seed's. A new
+        head is initialised from the seed, so any other ``classifier_init`` is not seed-free; nor is
+        any training (data order, augmentation, dropout)."""
+        return self.epochs == 0 and self.pretrained and self.classifier_init == "pretrained_head"
 
     features: Literal["stages", "full"] = Field(
         "stages", description="CAM features: 'stages' = the last timm features_only stage; 'full' = the backbone's "
@@ -264,6 +279,12 @@ class Method:
     mechanism_checks: ClassVar[tuple[MechanismCheck, ...]] = ()
     stage_groups: ClassVar[Mapping[str, tuple[str, ...]]] = {"train": ("train", "evaluation"), "eval": ("evaluation",)}
     retired_fields: ClassVar[tuple[str, ...]] = ()
+    #: map stages: item keys per :meth:`map_batch` call (a chunk, saved on its own so that a killed
+    #: stage resumes at its first unsaved chunk)
+    map_chunk_size: int = 16
+    #: metric names the method's evaluation computes but does not report (a trivial baseline has no
+    #: classifier: its classification metrics are dropped, here and in ``weakbench evaluate``)
+    unreported_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig, num_classes: int, multilabel: bool = True):
         if num_classes < 1:
@@ -271,6 +292,18 @@ class Method:
         self.config = config
         self.num_classes = num_classes
         self.multilabel = multilabel
+
+    @property
+    def backbone_name(self) -> str:
+        """The backbone a run is tagged and grouped by on boards: the config's ``backbone``
+        (``"none"`` for a parameter-free prior)."""
+        return str(self.config.backbone)
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether :meth:`build_model` starts from random weights (neither ``pretrained`` nor a
+        ``weights_path``): ``weakbench evaluate`` warns before scoring such a model untrained."""
+        return not (self.config.pretrained or self.config.weights_path)
 
     @property
     def input_normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -477,6 +510,29 @@ class Method:
         mean, std = self.input_normalization
         return CamPredictor(self, model.cpu().eval(), ctx.source.class_names, self.config.input_size, mean, std)
 
+    def check_fit(self, stage: Stage, optimizers: Mapping[str, torch.optim.Optimizer],
+                  schedulers: Mapping[str, Any]) -> None:
+        """Refuse common config fields fit stage ``stage`` would silently ignore, once its task has
+        built its optimisers and schedulers (the engine calls this before the first step): a
+        non-constant ``lr_schedule`` whose task configures no scheduler, ``nesterov: true`` with an
+        optimiser that is not Nesterov SGD.
+
+        Raises:
+            ConfigError: naming the method, the stage, the field and the fix.
+        """
+        schedule = self.config.lr_schedule
+        if schedule != "constant" and not schedulers and stage.epochs > 0:
+            raise ConfigError(f"method {self.name!r}, stage {stage.name!r}: lr_schedule is {schedule!r}, but this stage's "
+                              f"fit task configures no learning-rate scheduler (FitTask.configure_schedulers); set "
+                              f"lr_schedule: constant for this method")
+        if self.config.nesterov:
+            plain = [n for n, opt in optimizers.items() if not all(g.get("nesterov", False) for g in opt.param_groups)]
+            if plain:
+                raise ConfigError(f"method {self.name!r}, stage {stage.name!r}: nesterov is true, but optimiser(s) {plain} "
+                                  f"of this stage are not Nesterov SGD "
+                                  f"({', '.join(type(optimizers[n]).__name__ for n in plain)}); set nesterov: false for "
+                                  f"this method")
+
     def check_untrained(self) -> None:
         """Raise :class:`~weakbench.core.errors.ConfigError` when this configuration cannot
         be used without a train stage (``weakbench evaluate --method``), naming the field and the
@@ -486,20 +542,13 @@ class Method:
 
     # ------------------------------------------------------------------ seeds
     @classmethod
-    def seed_free(cls, params: Mapping[str, str]) -> bool:
-        """Whether a run with these MLflow ``params`` (values as MLflow stores them, text) gives
-        the same maps and metrics for every seed, so that its value is a constant to compare
-        with rather than a sample of seed noise (:mod:`weakbench.platform.leaderboard`).
-
-        True for a ``classifier_cam`` method that does not train and draws nothing at random:
-        ``epochs`` 0 with the pretrained backbone and its pretrained head as the CAM classifier
-        (``pretrained`` True, ``classifier_init`` ``pretrained_head``); the splits are the
-        sweep's, not the seed's. A new head is initialised from the seed, so ``classifier_init``
-        other than ``pretrained_head`` is not seed-free; nor is any training (data order,
-        augmentation, dropout). Other shapes are never seed-free here (a method that knows
-        better overrides this)."""
-        return (cls.shape == "classifier_cam" and params.get("epochs") == "0"
-                and params.get("pretrained") == "True" and params.get("classifier_init") == "pretrained_head")
+    def seed_free(cls, config: MethodConfig) -> bool:
+        """Whether a run of this typed ``config`` gives the same maps and metrics for every seed,
+        so that its value is a constant to compare with rather than a sample of seed noise
+        (:mod:`weakbench.platform.leaderboard`, which builds the config from a run's MLflow
+        params). Default: the config's own answer (:meth:`MethodConfig.seed_free`); a method that
+        knows better overrides this."""
+        return bool(config.seed_free())
 
     # ------------------------------------------------------------------ search space
     @classmethod
@@ -581,9 +630,13 @@ class CamPredictor(torch.nn.Module):
     using the method's own inference (e.g. Puzzle-CAM's multi-scale, flipped CAMs).
 
     Attributes:
+        kind: ``"cam"`` (an :class:`~weakbench.methods.instance.InstancePredictor` is ``"instance"``;
+            ``predict`` and ``evaluate`` branch on it).
         method_name, class_names (list of C str), input_size (S, pixels), mean, std (3 floats),
         multilabel (bool), config (dict of hyperparameters).
     """
+
+    kind = "cam"
 
     def __init__(self, method: "Method", model: torch.nn.Module, class_names: list[str], input_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float]):

@@ -143,7 +143,7 @@ class _Baseline(Method):
         raise NotImplementedError
 
     @classmethod
-    def seed_free(cls, params) -> bool:
+    def seed_free(cls, config) -> bool:
         """Always: a fixed prior draws nothing at random (every seed gives the same maps)."""
         return True
 

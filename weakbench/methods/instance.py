@@ -27,7 +27,7 @@ class InstancePredictor(torch.nn.Module):
     its masks).
 
     Attributes:
-        kind: ``"instance"`` (``CamPredictor`` has none; ``predict`` branches on it).
+        kind: ``"instance"`` (a ``CamPredictor`` is ``"cam"``; ``predict`` and ``evaluate`` branch on it).
         method_name, class_names (C str), input_size (the detector's shorter side, pixels),
         score_threshold (float in [0, 1]), config (dict of hyperparameters).
     """

@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weakbench import __version__
 from weakbench.core import conventions as C
-from weakbench.core.errors import ConfigError, DivergenceError, check_finite
+from weakbench.core.errors import DivergenceError, check_finite
 
 CHECKPOINT_FILE = "trial_state.pt"
 
@@ -159,12 +159,13 @@ def _world() -> tuple[int, int]:
         return 0, 1
 
 
-def _trial_tags(spec: TrialSpec, source, cfg) -> dict[str, str]:
+def _trial_tags(spec: TrialSpec, source, method) -> dict[str, str]:
     from weakbench.platform.tracking import config_hash, git_commit
 
+    cfg = method.config
     return {
         C.TAG_METHOD: spec.method,
-        C.TAG_BACKBONE: cfg.backbone,
+        C.TAG_BACKBONE: method.backbone_name,
         C.TAG_DATASET: source.name,
         C.TAG_DATASET_FINGERPRINT: source.fingerprint,
         C.TAG_SPLIT: "val",
@@ -305,7 +306,7 @@ class _Runner:
             exp_id = tracking.ensure_experiment(self.client, spec.experiment, artifact_root=None)
             self.run_id, status = tracking.get_or_create_trial_run(
                 self.client, exp_id, parent_run_id=spec.parent_run_id, sweep_id=spec.sweep_id, trial_id=spec.trial_id,
-                run_name=spec.run_name, tags=_trial_tags(spec, self.source, self.cfg), params=self.cfg.model_dump(),
+                run_name=spec.run_name, tags=_trial_tags(spec, self.source, self.method), params=self.cfg.model_dump(),
                 known_run_id=state.get("mlflow_run_id") if state else None)
             finished = status == "FINISHED"
         else:
@@ -498,7 +499,7 @@ class _Runner:
         # their constructor resets each group's lr to its initial value, the loaded state then
         # restores the lr reached, and each scheduler's own state its step count
         schedulers = dict(task.configure_schedulers(optimizers, total_steps) or {})
-        _check_optimization(spec.method, st, self.cfg, optimizers, schedulers)
+        self.method.check_fit(st, optimizers, schedulers)
         if resuming:
             restore_optimization(state, optimizers, schedulers, stage=st.name)
         model.to(device)
@@ -627,7 +628,7 @@ class _Runner:
             raise ValueError(f"method {self.spec.method!r} stage {st.name!r}: map_items returned duplicate keys")
         done = p.saved_keys()
         todo = [k for k in keys if k not in done]
-        size = max(1, int(getattr(self.method, "map_chunk_size", 16)))
+        size = max(1, int(self.method.map_chunk_size))
         chunks = [todo[j:j + size] for j in range(0, len(todo), size)]
         if done and self.rank == 0:
             print(f"weakbench: trial {self.spec.trial_id} stage {st.name}: resuming, {len(keys) - len(todo)}/{len(keys)} "
@@ -759,26 +760,6 @@ def _learning_rates(optimizers) -> dict[str, float]:
     ``lr_<name>`` (the classifier methods' first group is the backbone's, ``lr * backbone_lr_mult``)."""
     return {("lr" if name == "main" else f"lr_{name}"): float(opt.param_groups[0]["lr"])
             for name, opt in optimizers.items() if opt.param_groups}
-
-
-def _check_optimization(method: str, st, cfg, optimizers, schedulers) -> None:
-    """Refuse config fields a fit stage would silently ignore: a non-constant ``lr_schedule`` whose
-    task configures no scheduler, ``nesterov: true`` with an optimiser that is not Nesterov SGD.
-
-    Raises:
-        ConfigError: naming the method, the stage, the field and the fix.
-    """
-    schedule = getattr(cfg, "lr_schedule", "constant")
-    if schedule != "constant" and not schedulers and st.epochs > 0:
-        raise ConfigError(f"method {method!r}, stage {st.name!r}: lr_schedule is {schedule!r}, but this stage's fit task "
-                          f"configures no learning-rate scheduler (FitTask.configure_schedulers); set lr_schedule: "
-                          f"constant for this method")
-    if getattr(cfg, "nesterov", False):
-        plain = [name for name, opt in optimizers.items() if not all(g.get("nesterov", False) for g in opt.param_groups)]
-        if plain:
-            raise ConfigError(f"method {method!r}, stage {st.name!r}: nesterov is true, but optimiser(s) {plain} of this "
-                              f"stage are not Nesterov SGD ({', '.join(type(optimizers[n]).__name__ for n in plain)}); "
-                              f"set nesterov: false for this method")
 
 
 def optimization_state(optimizers, schedulers) -> dict[str, Any]:

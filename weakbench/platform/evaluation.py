@@ -148,7 +148,7 @@ def evaluate_dataset(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_id_src = version = None
     if predictor is not None:
-        if getattr(predictor, "kind", "cam") == "instance":
+        if predictor.kind == "instance":
             raise ConfigError(f"{model_uri}: an instance-segmentation model; weakbench evaluate scores CAM models")
         if list(predictor.class_names) != list(source.class_names):
             raise ConfigError(f"{model_uri}: the model's {len(predictor.class_names)} classes are not the dataset's "
@@ -169,10 +169,9 @@ def evaluate_dataset(
         m.check_untrained()
         torch.manual_seed(m.config.seed)
         model = m.build_model()
-        random_net = any(True for _ in model.parameters()) and not getattr(m.config, "pretrained", False) \
-            and not getattr(m.config, "weights_path", None)
+        random_net = any(True for _ in model.parameters()) and m.random_weights
         if random_net and notice is not None:
-            notice(f"{method}: a {getattr(m.config, 'backbone', 'network')} with random weights and no training "
+            notice(f"{method}: a {m.backbone_name} with random weights and no training "
                    f"(pretrained: false, epochs: 0) scores a random network's maps, not the method's; set "
                    f"--set pretrained=true (or weights_path), use --space with a zero-epoch pretrained space, or --model")
         size = input_size or m.config.input_size
@@ -184,8 +183,7 @@ def evaluate_dataset(
                                               device=dev, cam_curve_interval=interval, batch_size=batch_size,
                                               max_images=max_images, num_overlays=num_overlays, progress=advance,
                                               loader_workers=loader_workers)
-    drop = getattr(m, "unreported_metrics", ())
-    metrics = {k: v for k, v in metrics.items() if k not in drop}
+    metrics = {k: v for k, v in metrics.items() if k not in m.unreported_metrics}
     seconds = time.time() - t0
     params_out = {**m.config.model_dump(), "input_size": size, "cam_curve_interval": interval}
     run_id = None

@@ -702,15 +702,36 @@ def _differences(mine: dict[int, float], theirs: dict[int, float], mine_free: bo
 
 
 def _seed_free(method: str, params: dict[str, str]) -> bool:
-    """:meth:`Method.seed_free` of a registered method; False for a name no method has (a store
-    written by another version)."""
+    """:meth:`Method.seed_free` of a registered method on the typed config of a run's MLflow
+    ``params`` (:func:`typed_config`); False for a name no method has (a store written by another
+    version)."""
     from weakbench.methods import get_method_class
 
     try:
         cls = get_method_class(method)
     except Exception:  # noqa: BLE001 - unknown method name: treat as seed-dependent
         return False
-    return bool(cls.seed_free(params))
+    return bool(cls.seed_free(typed_config(cls, params)))
+
+
+def typed_config(cls, params: Mapping[str, str]):
+    """The tracking boundary's adapter: a run's MLflow ``params`` (every value stored as text,
+    ``str(value)``) as method ``cls``'s typed config. Each text is read back as the Python literal it
+    was written from (``"0"`` → 0, ``"True"`` → True, ``"None"`` → None, ``"(0.5, 0.75)"`` → a
+    tuple; anything else stays text); keys the schema does not have (a retired field, the engine's
+    own params) are dropped and missing fields take the schema's defaults. Built without
+    validation (``model_construct``): a stored run is read, not re-checked (its weights file or
+    backbone may not exist here)."""
+    import ast
+
+    def value(text: str):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return text
+
+    fields = cls.Config.model_fields
+    return cls.Config.model_construct(**{k: value(v) for k, v in params.items() if k in fields})
 
 
 def _params(params_col: pa.ChunkedArray | None, i: int) -> dict[str, str]:

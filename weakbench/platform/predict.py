@@ -53,7 +53,7 @@ def predict_images(predictor, images: list[Path], out_dir: Path, *, threshold: f
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor.eval()
-    if getattr(predictor, "kind", "cam") == "instance":
+    if predictor.kind == "instance":
         return _predict_instances(predictor, images, out_dir)
     s = predictor.input_size
     mean = torch.tensor(predictor.mean).view(3, 1, 1)
