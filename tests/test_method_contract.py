@@ -15,7 +15,8 @@ from pydantic import Field
 
 from weakbench.core.errors import ConfigError
 from weakbench.methods import build_method, list_methods, register_method, validate_config
-from weakbench.methods.base import ClassifierConfig, Method, MethodConfig
+from weakbench.methods.base import Method, MethodConfig
+from weakbench.methods.classifier import ClassifierConfig, ClassifierMethod
 from weakbench.methods.bbam import BBAM, BBAMConfig
 from weakbench.methods.pipeline import NON_PRODUCT_GROUPS, field_groups, validate_plan
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from weakbench.methods import build_method
-from weakbench.methods.base import CamPredictor, StepContext
+from weakbench.methods.base import StepContext
+from weakbench.methods.classifier import CamPredictor
 from weakbench.methods.pipeline import Stage
 from weakbench.methods.topgap import (
     TopGAPFitTask, cam_mask_iou, erf_center_corner, erf_distance, l1_sparsity, pgd_robust_correct, relative_object_size,

@@ -19,7 +19,7 @@ import torch
 
 from servers import mlflow_server
 from weakbench.methods import build_method
-from weakbench.methods.base import CamPredictor
+from weakbench.methods.classifier import CamPredictor
 from weakbench.core import conventions as C
 from weakbench.platform import registry, tracking
 from weakbench.core.errors import DataError

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from weakbench.methods import build_method
-from weakbench.methods.base import CamPredictor
+from weakbench.methods.classifier import CamPredictor
 from weakbench.core import conventions as C
 from weakbench.platform import registry, tracking
 from weakbench.core.errors import DataError, UnknownNameError

@@ -32,8 +32,8 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from weakbench.methods.base import (CamPredictor, Method, MethodConfig, Stage, StageContext, WsolConfig, register_method,
-                                   save_per_image)
+from weakbench.methods.base import MethodConfig, Stage, StageContext, register_method
+from weakbench.methods.classifier import CamPredictor, ClassifierMethod, WsolConfig, save_per_image
 from weakbench.methods.pipeline import UNUSED
 
 __all__ = ["BaselineConfig", "CenterGaussianConfig", "PriorNet", "CenterGaussian", "WholeImage", "gaussian_prior",
@@ -128,7 +128,7 @@ class CenterGaussianConfig(BaselineConfig):
     sigma: float = Field(0.25, gt=0, le=2, description="Gaussian σ as a fraction of the side S (0.25: σ = S/4)")
 
 
-class _Baseline(Method):
+class _Baseline(ClassifierMethod):
     """Shared plan and hooks of the trivial baselines (module docstring)."""
 
     Config: ClassVar[type[MethodConfig]] = BaselineConfig

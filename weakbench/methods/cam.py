@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from weakbench.methods.backbones import create_backbone
-from weakbench.methods.base import ClassifierConfig, Method, MethodConfig, StepContext, register_method
+from weakbench.methods.base import MethodConfig, StepContext, register_method
+from weakbench.methods.classifier import ClassifierConfig, ClassifierMethod
 from weakbench.core.errors import ConfigError
 
 
 class CAMNet(torch.nn.Module):
     """Backbone + 1×1 conv classifier. ``forward(x)`` returns ``(logits (B, C), cams (B, C, h, w))``.
 
-    With ``features: full`` (:class:`~weakbench.methods.base.ClassifierConfig`) the CAM reads the
+    With ``features: full`` (:class:`~weakbench.methods.classifier.ClassifierConfig`) the CAM reads the
     backbone's full feature extractor (:class:`~weakbench.methods.backbones.FullFeatures`); with
     ``classifier_init: pretrained_head`` the classifier is the pretrained head itself (weight
     and bias copied), so with ``epochs: 0`` the CAMs are those of the pretrained classifier.
@@ -89,7 +90,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: 
 
 
 @register_method("cam")
-class CAM(Method):
+class CAM(ClassifierMethod):
     """Plain CAM baseline; hyperparameters are the common ones of :class:`ClassifierConfig`."""
 
     Config = ClassifierConfig

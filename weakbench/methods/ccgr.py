@@ -119,11 +119,12 @@ from weakbench.methods import ccgr_ops as ops
 from weakbench.methods.bbam import (_image_tensor, _rle, _unrle, detection_metrics, mask_metrics_on_val_and_test,
                                     mask_rcnn_instances, random_hflip)
 from weakbench.methods.bbam_ops import box_filled_mask
-from weakbench.methods.base import ClassifierFitTask, Method, MethodConfig, register_method
+from weakbench.methods.base import Method, MethodConfig, register_method
+from weakbench.methods.classifier import ClassifierFitTask
 from weakbench.methods.pipeline import PREDICTOR, UNUSED, FitTask, Stage, StageContext, StepContext
 from weakbench.methods.metric_declarations import MechanismCheck
 
-#: fields of the CAM classifier (:class:`~weakbench.methods.base.ClassifierConfig`) that CCGR passes on
+#: fields of the CAM classifier (:class:`~weakbench.methods.classifier.ClassifierConfig`) that CCGR passes on
 CLASSIFIER_FIELDS = ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
                      "momentum", "batch_size", "epochs", "input_size", "seed", "cam_curve_interval")
 SPLITS = ("train", "val", "test")
@@ -616,7 +617,7 @@ class CCGR(Method):
 
     def __init__(self, config, num_classes: int, multilabel: bool = True):
         super().__init__(config, num_classes, multilabel)
-        from weakbench.methods.base import ClassifierConfig
+        from weakbench.methods.classifier import ClassifierConfig
         from weakbench.methods.cam import CAM
 
         c = self.config

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch.func import functional_call
 
-from weakbench.methods.base import ClassifierConfig, ClassifierFitTask, Method, StepContext, register_method
+from weakbench.methods.base import StepContext, register_method
+from weakbench.methods.classifier import ClassifierConfig, ClassifierFitTask, ClassifierMethod
 from weakbench.methods.cam import CAMNet, classification_loss
 from weakbench.methods.lr_schedules import LRSchedule, describe_setting
 from weakbench.methods.pipeline import FitTask, Stage
@@ -443,7 +444,7 @@ class MinMaxCAMFitTask(ClassifierFitTask):
 
 # ---------------------------------------------------------------------- method
 @register_method("minmaxcam")
-class MinMaxCAM(Method):
+class MinMaxCAM(ClassifierMethod):
     """MinMaxCAM: CAM + Stage II regularisation of ``fc`` by CRR and FRR (BMVC 2021, eqs. 2–5).
 
     ``training_step`` returns ``{"loss": L_S1 + L_S2, "cls": L_S1, "crr", "frr" (unweighted),

@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from weakbench.methods.base import ClassifierConfig, Method, MethodConfig, StepContext, register_method
+from weakbench.methods.base import MethodConfig, StepContext, register_method
+from weakbench.methods.classifier import ClassifierConfig, ClassifierMethod
 from weakbench.methods.cam import CAMNet, classification_loss
 from weakbench.methods.lr_schedules import LRSchedule, describe_setting
 
@@ -239,7 +240,7 @@ def semantic_targets(masks: torch.Tensor, ignore: torch.Tensor | None = None) ->
 
 # ---------------------------------------------------------------------- method
 @register_method("puzzlecam")
-class PuzzleCAM(Method):
+class PuzzleCAM(ClassifierMethod):
     """Puzzle-CAM: L_cls + L_p-cls + α·L_re with α ramped (ICIP 2021, eqs. 4–7).
 
     ``training_losses`` returns ``{"loss", "cls", "p_cls", "re", "alpha"}``.
@@ -282,7 +283,7 @@ class PuzzleCAM(Method):
     def cams_and_scores(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The maps of the box metrics (B, C, h, w) by ``inference`` (module docstring) and the
         logits (B, C) of the scale-1 un-flipped image: ``single_scale``, the raw CAM from one
-        forward pass (as :meth:`Method.cams_and_scores`); ``multi_scale``,
+        forward pass (as :meth:`ClassifierMethod.cams_and_scores`); ``multi_scale``,
         :meth:`multi_scale_cams`."""
         if self.config.inference == "single_scale":
             logits, cams = model(images)
@@ -322,7 +323,7 @@ class PuzzleCAM(Method):
         pseudo-label evaluation) over the images of ``batches`` that have real masks.
 
         Args:
-            batches: as :meth:`Method.extra_metrics`: ``"image"`` float (B, 3, S, S), ``"labels"``
+            batches: as :meth:`ClassifierMethod.extra_metrics`: ``"image"`` float (B, 3, S, S), ``"labels"``
                 float (B, C), ``"masks"`` bool (B, C, S, S), ``"ignore"`` bool (B, S, S) optional,
                 ``"has_masks"`` bool (B,). Only images with ``has_masks`` count; a batch without
                 ``"masks"`` or ``"has_masks"`` is skipped (its masks cannot be told from

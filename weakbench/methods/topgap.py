@@ -92,9 +92,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from weakbench.methods.backbones import create_backbone
-from weakbench.methods.base import (
-    ClassifierFitTask, Method, StepContext, WsolConfig, normalize_maps, register_method, resize_maps,
-)
+from weakbench.methods.base import StepContext, normalize_maps, register_method, resize_maps
+from weakbench.methods.classifier import ClassifierFitTask, ClassifierMethod, WsolConfig
 from weakbench.methods.cam import classification_loss
 from weakbench.core.errors import ConfigError, DataError
 
@@ -520,7 +519,7 @@ def pgd_robust_correct(model: torch.nn.Module, images: torch.Tensor, labels: tor
 
 # ---------------------------------------------------------------------- method
 @register_method("topgap")
-class TopGAP(Method):
+class TopGAP(ClassifierMethod):
     """Top-GAP: FPN-style CAM head, top-k pooling, ``CE + λ‖X‖₁`` (2024, Def. 5, eq. 1).
 
     ``training_losses`` returns ``{"loss", "cls", "l1"}``.

@@ -1,6 +1,6 @@
 """A logged or registered model as data: a versioned JSON spec and safetensors weights.
 
-A trial logs its predictor (:class:`~weakbench.methods.base.CamPredictor` or
+A trial logs its predictor (:class:`~weakbench.methods.classifier.CamPredictor` or
 :class:`~weakbench.methods.instance.InstancePredictor`) as the MLflow artifact directory
 ``model/``::
 
@@ -12,7 +12,7 @@ method name, its validated hyperparameters (``config``), ``num_classes``, ``mult
 ``class_names``, ``input_size`` (pixels), the input normalisation (``mean``/``std``, classifier
 predictors) or ``score_threshold`` (instance predictors), and per network key (``"model"`` for a
 CAM predictor; ``"detector"``, ``"mask_rcnn"`` for an instance predictor) the plan's fit stage
-that built it (``null``: the method's :meth:`~weakbench.methods.base.Method.build_model`, e.g.
+that built it (``null``: the method's :meth:`~weakbench.methods.classifier.ClassifierMethod.build_model`, e.g.
 a trivial baseline's prior). Loading rebuilds the method through the method registry
 (:func:`weakbench.methods.build_method`, the config validated again by the method's schema),
 builds each network as the engine does (``method.fit_task(stage).build_model()``) and loads its
@@ -67,7 +67,7 @@ def predictor_spec(predictor: torch.nn.Module, stage_of: Callable[[torch.nn.Modu
     Raises:
         TypeError: ``predictor`` is neither.
     """
-    from weakbench.methods.base import CamPredictor
+    from weakbench.methods.classifier import CamPredictor
     from weakbench.methods.instance import InstancePredictor
 
     method = predictor.method
@@ -184,7 +184,8 @@ def load_predictor_dir(directory: str | Path, where: str | None = None) -> torch
     from safetensors.torch import load_model
 
     from weakbench.methods import build_method
-    from weakbench.methods.base import CamPredictor, stored_config
+    from weakbench.methods.base import stored_config
+    from weakbench.methods.classifier import CamPredictor
     from weakbench.methods.instance import InstancePredictor
 
     d = Path(directory)
@@ -290,7 +291,7 @@ def _load_pickled(model_uri: str, tracking_uri: str | None) -> torch.nn.Module:
 
     import mlflow.pytorch
 
-    from weakbench.methods.base import CamPredictor
+    from weakbench.methods.classifier import CamPredictor
     from weakbench.methods.instance import InstancePredictor
     from weakbench.platform.tracking import using_tracking_uri
 

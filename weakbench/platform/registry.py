@@ -14,7 +14,7 @@ roll back, load by name.
   the alias to the version it pointed at before; without history (an alias set by hand) rollback
   takes the highest existing version below the current one.
 * :func:`load_predictor` loads ``models:/<name>@<alias>`` (or any model URI) as the
-  :class:`weakbench.methods.base.CamPredictor` the engine logged, from its JSON spec and
+  :class:`weakbench.methods.classifier.CamPredictor` the engine logged, from its JSON spec and
   safetensors weights (:mod:`weakbench.platform.model_format`); a pickled model is refused, by
   ``register`` too, and ``registry list`` marks it.
 
@@ -310,7 +310,7 @@ def _paged(fn):
 
 def load_predictor(model_uri: str, tracking_uri: str | None = None):
     """Load a logged predictor (e.g. ``models:/weakbench-cam-coco128@champion``) on CPU, in eval mode:
-    a :class:`weakbench.methods.base.CamPredictor` (classifier methods) or a
+    a :class:`weakbench.methods.classifier.CamPredictor` (classifier methods) or a
     :class:`weakbench.methods.instance.InstancePredictor` (detection methods), rebuilt from the
     model's JSON spec and safetensors weights (:mod:`weakbench.platform.model_format`); nothing
     is unpickled. A pickled model (logged before that format) is refused, unless

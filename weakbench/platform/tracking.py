@@ -300,7 +300,7 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str):
 
 def log_model(tracking_uri: str, run_id: str, predictor, *, metadata: Mapping[str, Any],
               stage_of=lambda module: None) -> str:
-    """Log a predictor (:class:`~weakbench.methods.base.CamPredictor`,
+    """Log a predictor (:class:`~weakbench.methods.classifier.CamPredictor`,
     :class:`~weakbench.methods.instance.InstancePredictor`) as the run's model, artifact
     ``model/``, and return its URI ``runs:/<run id>/model`` (also in tag ``weakbench.model_uri``).
 
