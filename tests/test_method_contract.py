@@ -110,25 +110,31 @@ class _UngroupedConfig(ClassifierConfig):
 
 
 def test_registration_fails_for_a_field_no_stage_reads_or_in_no_group():
-    class Orphan(Method):
+    class Orphan(ClassifierMethod):
         Config = _OrphanConfig
 
     with pytest.raises(ValueError, match=r"method 'contract_orphan': no stage reads group 'orphan' \(orphan\); name the "
                                          r"group in stage_groups"):
         register_method("contract_orphan")(Orphan)
 
-    class Ungrouped(Method):
+    class Ungrouped(ClassifierMethod):
         Config = _UngroupedConfig
 
     with pytest.raises(ValueError, match=r"method 'contract_ungrouped': _UngroupedConfig: field\(s\) \['ungrouped'\] "
                                          r"belong to no field group"):
         register_method("contract_ungrouped")(Ungrouped)
 
-    class BadStage(Method):
+    class BadStage(ClassifierMethod):
         Config = ClassifierConfig
         stage_groups = {"train": ("train", "evaluation"), "eval": ("evaluation", "typo")}
 
     with pytest.raises(ValueError, match=r"stage 'eval' reads group 'typo', which ClassifierConfig.field_groups does "
                                          r"not declare"):
         register_method("contract_bad_stage")(BadStage)
-    assert not {"contract_orphan", "contract_ungrouped", "contract_bad_stage"} & set(list_methods())
+
+    class NoStages(Method):
+        Config = ClassifierConfig
+
+    with pytest.raises(ValueError, match=r"method 'contract_no_stages' declares no stage_groups"):
+        register_method("contract_no_stages")(NoStages)
+    assert not {"contract_orphan", "contract_ungrouped", "contract_bad_stage", "contract_no_stages"} & set(list_methods())

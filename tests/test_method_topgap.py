@@ -291,9 +291,9 @@ def test_object_size_k_is_round_fraction_times_hw_and_travels_with_the_model():
 
 
 def test_object_size_is_logged_with_validation(monkeypatch):
-    from weakbench.methods import base
+    from weakbench.methods import classifier
 
-    monkeypatch.setattr(base.ClassifierFitTask, "validate", lambda self, model, ctx, last: {"max_box_acc_v2": 1.0})
+    monkeypatch.setattr(classifier.ClassifierFitTask, "validate", lambda self, model, ctx, last: {"max_box_acc_v2": 1.0})
     src = _BoxSource(HAND)
     _, task = _object_size_task()
     net = task.build_model().eval()
