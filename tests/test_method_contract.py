@@ -14,7 +14,7 @@ import pytest
 from pydantic import Field
 
 from weakbench.core.errors import ConfigError
-from weakbench.methods import build_method, list_methods, register_method, validate_config
+from weakbench.methods import build_method, get_method_class, list_methods, register_method, validate_config
 from weakbench.methods.base import Method, MethodConfig
 from weakbench.methods.classifier import ClassifierConfig, ClassifierMethod
 from weakbench.methods.bbam import BBAM, BBAMConfig
@@ -138,3 +138,29 @@ def test_registration_fails_for_a_field_no_stage_reads_or_in_no_group():
     with pytest.raises(ValueError, match=r"method 'contract_no_stages' declares no stage_groups"):
         register_method("contract_no_stages")(NoStages)
     assert not {"contract_orphan", "contract_ungrouped", "contract_bad_stage", "contract_no_stages"} & set(list_methods())
+
+
+def test_a_method_declares_its_own_metrics_and_a_conflicting_declaration_fails_registration():
+    from weakbench.methods import metric_declarations as D
+
+    # Top-GAP's robust accuracy is declared on its class, not in the common table
+    assert "robust_accuracy" not in D.METRICS
+    assert get_method_class("topgap").metrics and D.spec("test/robust_accuracy").display == "robust accuracy"
+    assert D.declared()["positive_share"] in get_method_class("bbam").metrics
+
+    class Clash(ClassifierMethod):
+        Config = ClassifierConfig
+        metrics = (D.metric("robust_accuracy", "min", "%", "robust accuracy", "a different meaning"),)
+
+    with pytest.raises(ValueError, match=r"method 'contract_clash' declares metric 'robust_accuracy', which method "
+                                         r"'topgap' declares differently"):
+        register_method("contract_clash")(Clash)
+
+    class ClashCommon(ClassifierMethod):
+        Config = ClassifierConfig
+        metrics = (D.metric("pxap", "min", "%", "PxAP", "a different meaning"),)
+
+    with pytest.raises(ValueError, match=r"declares metric 'pxap', which .*metric_declarations.py \(METRICS\) declares "
+                                         r"differently"):
+        register_method("contract_clash_common")(ClashCommon)
+    assert not {"contract_clash", "contract_clash_common"} & set(list_methods())

@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from weakbench.methods.lr_schedules import LRSchedule
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, check_field_groups, resolve_plan
 from weakbench.core.errors import ConfigError, PluginError, UnknownNameError
-from weakbench.methods.metric_declarations import DEFAULT_HEADLINE, MechanismCheck
+from weakbench.methods.metric_declarations import DEFAULT_HEADLINE, MechanismCheck, MetricSpec
 
 __all__ = ["Method", "MethodConfig", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
@@ -202,6 +202,10 @@ class Method:
             baselines. The in-run baselines of box-supervised methods
             (``box_filled``, ``box_crf``, ``unrefined``) are metric variants, not rows:
             :attr:`compared_with_variants`.
+        metrics: the method's own metrics (direction, unit, display name, meaning:
+            :func:`~weakbench.methods.metric_declarations.metric`), registered with the method; the
+            metrics common to several methods (the WSOL protocol, masks, COCO) are declared in
+            :data:`weakbench.methods.metric_declarations.METRICS`.
         mechanism_checks: the diagnostics that show the method's mechanism ran
             (:class:`~weakbench.methods.metric_declarations.MechanismCheck`); the board flags a row
             whose check fails. Every classifier row is also checked against chance (``cls_acc``
@@ -232,6 +236,7 @@ class Method:
     compared_with: ClassVar[tuple[str, ...]] = ()
     compared_with_variants: ClassVar[tuple[str, ...]] = ()
     mechanism_checks: ClassVar[tuple[MechanismCheck, ...]] = ()
+    metrics: ClassVar[tuple[MetricSpec, ...]] = ()
     stage_groups: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     retired_fields: ClassVar[tuple[str, ...]] = ()
     #: map stages: item keys per :meth:`map_batch` call (a chunk, saved on its own so that a killed
@@ -412,11 +417,39 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
         check_field_groups(name, cls.Config, cls.stage_groups)
+        _check_metrics(name, cls)
         cls.name = name
         _REGISTRY[name] = cls
         return cls
 
     return deco
+
+
+def _check_metrics(name: str, cls: type[Method]) -> None:
+    """Refuse a method metric declared differently by the common table or another method."""
+    from weakbench.methods.metric_declarations import METRICS
+
+    for s in cls.metrics:
+        other = METRICS.get(s.name)
+        where = "weakbench/methods/metric_declarations.py (METRICS)"
+        if other is None:
+            owner = next((n for n, c in _REGISTRY.items() if n != name for o in c.metrics if o.name == s.name), None)
+            other = next((o for o in _REGISTRY[owner].metrics if o.name == s.name), None) if owner else None
+            where = f"method {owner!r}"
+        if other is not None and other != s:
+            raise ValueError(f"method {name!r} declares metric {s.name!r}, which {where} declares differently; use that "
+                             f"declaration or another name")
+
+
+def registered_metrics() -> dict[str, MetricSpec]:
+    """The ``Method.metrics`` of every registered method (every entry point loaded, as
+    :func:`list_methods`), by bare name.
+
+    Raises:
+        PluginError: an entry point does not load (:func:`list_methods`).
+    """
+    _load_methods()
+    return {s.name: s for cls in _REGISTRY.values() for s in cls.metrics}
 
 
 def _checkout_entry_points() -> list[importlib.metadata.EntryPoint] | None:

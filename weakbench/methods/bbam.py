@@ -72,7 +72,7 @@ from pydantic import Field, model_validator
 from weakbench.methods import bbam_ops as ops
 from weakbench.methods.base import Method, MethodConfig, register_method
 from weakbench.methods.pipeline import PREDICTOR, SPEED_ONLY, UNUSED, FitTask, Stage, StageContext
-from weakbench.methods.metric_declarations import MechanismCheck
+from weakbench.methods.metric_declarations import MechanismCheck, metric
 
 class BBAMConfig(MethodConfig):
     """BBAM hyperparameters (paper §4 and the official code's defaults), in one field group per
@@ -365,6 +365,13 @@ class BBAM(Method):
     compared_with_variants: ClassVar[tuple[str, ...]] = ("box_filled", "box_crf")
     mechanism_checks = (MechanismCheck("positive_share", fails_below=50.0,
                                        words="attribution empty: O+ non-empty for {value:.0f} % of boxes"),)
+    #: the attribute stage's metrics (the masks are scored by the common instance metrics)
+    metrics = (
+        metric("positive_share", "max", "%", "attributed boxes",
+               "share of boxes for which the attribution found at least one proposal that keeps the detection"),
+        metric("mean_positives", None, "count", "positive proposals per box",
+               "how many perturbed proposals per box keep the detection, on average"),
+    )
     #: each stage reads its own group and, through its inputs, every earlier one (the mask R-CNN the
     #: detector's backbone, input size and optimiser settings)
     stage_groups = {"detector": ("detector",), "attribute": ("attribution",), "pseudo_masks": ("pseudo_masks",),

@@ -122,7 +122,7 @@ from weakbench.methods.bbam_ops import box_filled_mask
 from weakbench.methods.base import Method, MethodConfig, register_method
 from weakbench.methods.classifier import ClassifierFitTask
 from weakbench.methods.pipeline import PREDICTOR, UNUSED, FitTask, Stage, StageContext, StepContext
-from weakbench.methods.metric_declarations import MechanismCheck
+from weakbench.methods.metric_declarations import MechanismCheck, metric
 
 #: fields of the CAM classifier (:class:`~weakbench.methods.classifier.ClassifierConfig`) that CCGR passes on
 CLASSIFIER_FIELDS = ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
@@ -608,6 +608,49 @@ class CCGR(Method):
                                        words="proposals miss objects: {value:.0f} % of GT boxes have a proposal at "
                                              "IoU 0.5"))
     map_chunk_size = 8
+    #: the stages' box, proposal, bag and peak metrics (masks: the common instance metrics)
+    metrics = (
+        metric("box_iou", "max", "%", "box IoU", "the overlap (IoU) with the true box of the picked boxes"),
+        metric("box_iou_before", "max", "%", "box IoU before refinement",
+               "the overlap (IoU) with the true box of the boxes picked before refinement"),
+        metric("box_iou_after", "max", "%", "box IoU after refinement",
+               "the overlap (IoU) with the true box of the boxes after refinement"),
+        metric("gt_box_iou_before", "max", "%", "GT-box IoU before refinement",
+               "for each true box, the best overlap (IoU) of a picked box before refinement"),
+        metric("gt_box_iou_after", "max", "%", "GT-box IoU after refinement",
+               "for each true box, the best overlap (IoU) of a picked box after refinement"),
+        metric("ss_box_iou_before", None, "%", "SS-region IoU before refinement",
+               "the overlap (IoU) of each picked box before refinement with the box of the segmentation branch's own region "
+               "for it (a diagnostic of what the refinement is driven towards)"),
+        metric("ss_box_iou_after", None, "%", "SS-region IoU after refinement",
+               "the overlap (IoU) of each box after refinement with the box of the segmentation branch's own region for it"),
+        metric("ss_blob_box_iou", None, "%", "SS-region box IoU",
+               "the overlap (IoU) with the true box of the boxes of the segmentation branch's own regions"),
+        metric("box_map50", "max", "%", "box mAP@0.5",
+               "how well the predicted boxes find the true objects, counting a box right at IoU ≥ 0.5 (PASCAL VOC average "
+               "precision per class, averaged over the classes)"),
+        metric("proposal_recall", "max", "%", "proposal recall@0.5",
+               "share of true objects that some box proposal overlaps by IoU ≥ 0.5: the ceiling of any method that picks "
+               "its boxes among the proposals"),
+        metric("bag_best_iou", "max", "%", "bag best IoU",
+               "for each bag of proposals, the overlap (IoU) of its best proposal with the true boxes of its class, "
+               "averaged over the bags"),
+        metric("random_bag_best_iou", None, "%", "random bag best IoU",
+               "the same for bags of as many proposals drawn at random from the same candidates (what the bag's "
+               "ranking must beat)"),
+        metric("bag_top1_iou", "max", "%", "bag top-1 IoU",
+               "for each bag of proposals, the overlap (IoU) of its best-ranked proposal with the true boxes of its class, "
+               "averaged over the bags"),
+        metric("random_bag_top1_iou", None, "%", "random bag top-1 IoU",
+               "the same for the first of as many proposals drawn at random from the same candidates"),
+        metric("peak_recall", "max", "%", "peak recall", "share of true objects on which a peak of the class map falls"),
+        metric("peak_precision", "max", "%", "peak precision", "share of the class map's peaks that fall on a true object of "
+               "their class"),
+        metric("peaks_per_image", None, "count", "peaks per image", "how many peaks the class maps have per image"),
+        metric("mean_proposals", None, "count", "proposals per image", "how many box proposals an image has, on average"),
+        metric("instances", None, "count", "instances", "how many object masks the stage made"),
+        metric("detections", None, "count", "detections", "how many objects the detector found"),
+    )
     #: the groups each stage reads (round r's stages by role); later stages read the earlier groups
     #: through their inputs. ``rounds`` shapes only the plan, so only the (trial-private) eval stages read it
     stage_groups = {"classifier": ("classifier",), "proposals": ("proposals",), "peaks": ("peaks",),

@@ -33,8 +33,10 @@ raises :class:`UnknownMetricError`. An undeclared metric is still stored and sho
 values, but nothing ranks or selects on it: the leaderboard, the registry and the search-space
 parser refuse it with a message naming this file. A metric with ``direction=None`` (a
 threshold, a count, a distance without a better side) is declared but is a *diagnostic*: shown,
-never ranked or selected on. A method that logs a new score declares it here (in
-:data:`METRICS`) in the same commit.
+never ranked or selected on. A method that logs a new score declares it in the same commit, on its
+class (``Method.metrics``, a tuple of :func:`metric` specs registered with the method, as timm
+registers a model's default config; registration fails for a name declared differently
+elsewhere), or here in :data:`METRICS` when several methods log it.
 """
 
 from __future__ import annotations
@@ -129,8 +131,13 @@ class MechanismCheck:
                 or (self.fails_above is not None and value > self.fails_above))
 
 
-def _m(name: str, direction: Optional[Direction], unit: str, display: str, description: str) -> MetricSpec:
+def metric(name: str, direction: Optional[Direction], unit: str, display: str, description: str) -> MetricSpec:
+    """A :class:`MetricSpec` selected on :data:`SELECTION_SPLIT` (what a method lists in its
+    ``Method.metrics``)."""
     return MetricSpec(name, direction, unit, display, description)
+
+
+_m = metric
 
 
 _BOX_IOU = "overlaps a true box by IoU ≥ {d} (intersection over union: the shared area divided by the joint area)"
@@ -169,90 +176,14 @@ _DECLARED: list[MetricSpec] = [
     _m("cls_acc", "max", "%", "top-1 accuracy", "share of images whose top predicted class is right"),
     _m("num_images", None, "count", "images", "how many images were scored"),
     _m("loss", "min", "loss", "loss", "the training objective the method minimises"),
-    # ---------------------------------------------------------------- Top-GAP (extra_metrics)
-    _m("cam_iou", "max", "%", "CAM IoU",
-       "the overlap (IoU) of the thresholded map with the true object mask, averaged over images and classes"),
-    _m("erf_distance", None, "ratio", "ERF distance",
-       "how much more the centre of the map depends on the input than its corner (Top-GAP's effective-receptive-"
-       "field distance)"),
-    _m("erf_center", None, "ratio", "centre ERF",
-       "how much the centre of the map depends on the input pixels (mean absolute z-normalised gradient)"),
-    _m("erf_corner", None, "ratio", "corner ERF",
-       "how much the corner of the map depends on the input pixels (mean absolute z-normalised gradient)"),
-    _m("clean_accuracy", "max", "%", "clean accuracy",
-       "share of images whose top predicted class is one of the image's classes"),
-    _m("robust_accuracy", "max", "%", "robust accuracy",
-       "share of images still classified right after a small adversarial change of their pixels (PGD attack)"),
-    _m("fgsm_accuracy", "max", "%", "FGSM accuracy",
-       "share of images still classified right after a one-step adversarial change of their pixels (FGSM attack)"),
-    *[_m(f"{a}_ci95", None, "%", f"{d} ±95 %",
-         f"half-width of the binomial 95 % interval of the {d} over the images it is computed on")
-      for a, d in (("clean_accuracy", "clean accuracy"), ("robust_accuracy", "robust accuracy"),
-                   ("fgsm_accuracy", "FGSM accuracy"))],
-    _m("attack_images", None, "count", "attacked images", "how many images the attack accuracies are computed on"),
-    _m("top_k_fraction", None, "ratio", "k / (h·w)",
-       "the share of the map's positions Top-GAP averages per class, for top_k_fraction: object_size the train "
-       "split's mean relative object size (union of an image's boxes over its area; logged as train/top_k_fraction)"),
-    _m("top_k", None, "count", "k", "how many positions of the map Top-GAP averages per class"),
-    # ---------------------------------------------------------------- Puzzle-CAM (extra_metrics)
-    _m("pseudo_mask_miou", "max", "%", "pseudo-mask mIoU",
-       "the overlap (IoU) of the semantic masks made from the maps with the true masks, averaged over the classes "
-       "and the background, at the best background threshold"),
-    _m("pseudo_mask_bg_threshold", None, "threshold", "pseudo-mask background threshold",
-       "the background threshold at which the pseudo-mask mIoU is reached"),
-    _m("pseudo_mask_miou_at_config", "max", "%", "pseudo-mask mIoU (configured threshold)",
-       "the pseudo-mask mIoU at the configuration's own background threshold"),
-    # ---------------------------------------------------------------- instance masks (BBAM, CCGR)
+    # ---------------------------------------------------------------- instance masks (BBAM, CCGR) and counts
     _m("instance_miou", "max", "%", "instance mIoU",
        "the overlap (IoU) of each object's pseudo mask with its true mask, averaged over the objects"),
     _m("num_instances", None, "count", "instances", "how many object masks were scored"),
     _m("abo", "max", "%", "ABO",
        "for each true object, the best overlap (IoU) of any predicted mask with it, averaged over the objects"),
-    _m("box_iou", "max", "%", "box IoU", "the overlap (IoU) with the true box of the picked boxes"),
-    _m("box_iou_before", "max", "%", "box IoU before refinement",
-       "the overlap (IoU) with the true box of the boxes picked before refinement"),
-    _m("box_iou_after", "max", "%", "box IoU after refinement",
-       "the overlap (IoU) with the true box of the boxes after refinement"),
-    _m("gt_box_iou_before", "max", "%", "GT-box IoU before refinement",
-       "for each true box, the best overlap (IoU) of a picked box before refinement"),
-    _m("gt_box_iou_after", "max", "%", "GT-box IoU after refinement",
-       "for each true box, the best overlap (IoU) of a picked box after refinement"),
-    _m("ss_box_iou_before", None, "%", "SS-region IoU before refinement",
-       "the overlap (IoU) of each picked box before refinement with the box of the segmentation branch's own region "
-       "for it (a diagnostic of what the refinement is driven towards)"),
-    _m("ss_box_iou_after", None, "%", "SS-region IoU after refinement",
-       "the overlap (IoU) of each box after refinement with the box of the segmentation branch's own region for it"),
-    _m("ss_blob_box_iou", None, "%", "SS-region box IoU",
-       "the overlap (IoU) with the true box of the boxes of the segmentation branch's own regions"),
-    _m("box_map50", "max", "%", "box mAP@0.5",
-       "how well the predicted boxes find the true objects, counting a box right at IoU ≥ 0.5 (PASCAL VOC average "
-       "precision per class, averaged over the classes)"),
-    _m("proposal_recall", "max", "%", "proposal recall@0.5",
-       "share of true objects that some box proposal overlaps by IoU ≥ 0.5: the ceiling of any method that picks "
-       "its boxes among the proposals"),
-    _m("bag_best_iou", "max", "%", "bag best IoU",
-       "for each bag of proposals, the overlap (IoU) of its best proposal with the true boxes of its class, "
-       "averaged over the bags"),
-    _m("random_bag_best_iou", None, "%", "random bag best IoU",
-       "the same for bags of as many proposals drawn at random from the same candidates (what the bag's "
-       "ranking must beat)"),
-    _m("bag_top1_iou", "max", "%", "bag top-1 IoU",
-       "for each bag of proposals, the overlap (IoU) of its best-ranked proposal with the true boxes of its class, "
-       "averaged over the bags"),
-    _m("random_bag_top1_iou", None, "%", "random bag top-1 IoU",
-       "the same for the first of as many proposals drawn at random from the same candidates"),
-    _m("positive_share", "max", "%", "attributed boxes",
-       "share of boxes for which the attribution found at least one proposal that keeps the detection"),
     _m("boxes", None, "count", "boxes", "how many boxes were processed"),
-    _m("peak_recall", "max", "%", "peak recall", "share of true objects on which a peak of the class map falls"),
-    _m("peak_precision", "max", "%", "peak precision", "share of the class map's peaks that fall on a true object of "
-       "their class"),
-    _m("peaks_per_image", None, "count", "peaks per image", "how many peaks the class maps have per image"),
-    _m("mean_positives", None, "count", "positive proposals per box",
-       "how many perturbed proposals per box keep the detection, on average"),
     _m("images", None, "count", "images", "how many images the stage processed"),
-    _m("one_image_sets", None, "%", "one-image sets",
-       "share of MinMaxCAM's image sets that repeat a single image (no cross-image signal for CRR)"),
     _m("cls_chance", None, "%", "chance top-1", "top-1 accuracy of guessing a class uniformly at random (100 / classes)"),
     _m("max_box_acc_at_val_tau", "max", "%", "MaxBoxAcc@val τ",
        "share of images localised (IoU ≥ 0.5, largest region) at the map threshold chosen on the validation split: "
@@ -260,9 +191,6 @@ _DECLARED: list[MetricSpec] = [
     _m("max_box_acc_v2_at_val_tau", "max", "%", "MaxBoxAccV2@val τ",
        "MaxBoxAccV2 with each IoU level's map threshold chosen on the validation split instead of on the scored "
        "images"),
-    _m("mean_proposals", None, "count", "proposals per image", "how many box proposals an image has, on average"),
-    _m("instances", None, "count", "instances", "how many object masks the stage made"),
-    _m("detections", None, "count", "detections", "how many objects the detector found"),
 ]
 
 #: COCO instance metrics: (name, display, what counts as a hit)
@@ -284,7 +212,8 @@ for _prefix, _what, _thing in (("", "mask", "masks"), ("segm_", "mask", "masks")
                             + ("PASCAL VOC average precision per class, averaged over the classes" if _name in _VOC
                                else "COCO average precision") + ")"))
 
-#: every declared metric by bare name
+#: the metrics common to several methods (the WSOL protocol, masks, classification, COCO), by bare
+#: name; a method's own metrics are declared on its class (``Method.metrics``): :func:`declared`
 METRICS: dict[str, MetricSpec] = {s.name: s for s in _DECLARED}
 assert len(METRICS) == len(_DECLARED), "a metric is declared twice"
 
@@ -360,12 +289,27 @@ def lookup(key: str) -> Optional[MetricSpec]:
     return None
 
 
+def declared() -> dict[str, MetricSpec]:
+    """Every declared metric by bare name: the common :data:`METRICS` and the ``Method.metrics`` of
+    every registered method (registered with the method, as timm registers a model's default
+    config; :func:`weakbench.methods.base.registered_metrics`)."""
+    from weakbench.methods.base import registered_metrics
+
+    return {**METRICS, **registered_metrics()}
+
+
 def _resolve(parts: list[str]) -> Optional[MetricSpec]:
     """``[name]`` → its spec; ``[prefix, …, name]`` → the variant chain (``r1/refinement_gain/box_iou``)."""
     if len(parts) == 1:
-        return METRICS.get(parts[0])
+        return METRICS.get(parts[0]) or _method_metric(parts[0])
     inner = _resolve(parts[1:])
     return _variant(parts[0], inner) if inner is not None else None
+
+
+def _method_metric(name: str) -> Optional[MetricSpec]:
+    from weakbench.methods.base import registered_metrics
+
+    return registered_metrics().get(name)
 
 
 def spec(key: str) -> MetricSpec:
@@ -373,8 +317,9 @@ def spec(key: str) -> MetricSpec:
     s = lookup(key)
     if s is None:
         raise UnknownMetricError(
-            f"metric {key!r} is not declared: add its direction, unit and meaning to METRICS in "
-            f"weakbench/methods/metric_declarations.py (undeclared metrics are shown but never rank or select)")
+            f"metric {key!r} is not declared: add its direction, unit and meaning to the metrics of the method that "
+            f"logs it (Method.metrics), or to METRICS in weakbench/methods/metric_declarations.py for a metric "
+            f"common to several methods (undeclared metrics are shown but never rank or select)")
     return s
 
 
@@ -430,6 +375,6 @@ DISPLAY_ORDER: tuple[str, ...] = ("max_box_acc_v2", "max_box_acc", "pxap", "miou
                                   "map_r25", "box_map50", "proposal_recall", "pseudo_mask_miou", "robust_accuracy", "cam_iou", "cls_map", "cls_acc",
                                   "top1_loc", "top5_loc")
 
-__all__ = ("MetricSpec", "METRICS", "COSTS", "VARIANTS", "GAINS", "UnknownMetricError", "lookup", "spec", "direction",
+__all__ = ("MetricSpec", "metric", "declared", "METRICS", "COSTS", "VARIANTS", "GAINS", "UnknownMetricError", "lookup", "spec", "direction",
            "higher_is_better", "headline_metric", "undeclared", "default_select_metric", "baseline_metric", "bare_name",
            "DEFAULT_HEADLINE", "DEFAULT_SELECT_METRIC", "SELECTION_SPLIT", "DISPLAY_ORDER")

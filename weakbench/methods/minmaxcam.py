@@ -63,7 +63,7 @@ from weakbench.methods.cam import CAMNet, classification_loss
 from weakbench.methods.lr_schedules import LRSchedule, describe_setting
 from weakbench.methods.pipeline import FitTask, Stage
 from weakbench.core.errors import DataError
-from weakbench.methods.metric_declarations import MechanismCheck
+from weakbench.methods.metric_declarations import MechanismCheck, metric
 
 #: The optimisation of the official code (github.com/shadowwkl/MinMaxCAM, ``train.py``; the paper
 #: gives none): SGD with Nesterov momentum 0.9, weight decay 5e-4, the classifier at 10× the
@@ -456,6 +456,11 @@ class MinMaxCAM(ClassifierMethod):
     find_unused_parameters = True  # Stage II updates fc only
     mechanism_checks = (MechanismCheck("one_image_sets", fails_above=50.0,
                                        words="CRR inactive: {value:.0f} % of sets hold one image"),)
+    #: the Stage II diagnostic its mechanism check reads
+    metrics = (
+        metric("one_image_sets", None, "%", "one-image sets",
+               "share of MinMaxCAM's image sets that repeat a single image (no cross-image signal for CRR)"),
+    )
 
     config: MinMaxCAMConfig
 

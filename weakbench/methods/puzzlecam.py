@@ -62,6 +62,7 @@ from weakbench.methods.base import MethodConfig, StepContext, register_method
 from weakbench.methods.classifier import ClassifierConfig, ClassifierMethod
 from weakbench.methods.cam import CAMNet, classification_loss
 from weakbench.methods.lr_schedules import LRSchedule, describe_setting
+from weakbench.methods.metric_declarations import metric
 
 #: The optimisation the official code runs (github.com/shjo-april/PuzzleCAM,
 #: ``train_classification_with_puzzle.py`` and ``tools/ai/optim_utils.py``; the paper gives none):
@@ -248,6 +249,16 @@ class PuzzleCAM(ClassifierMethod):
 
     Config = PuzzleCAMConfig
     config: PuzzleCAMConfig
+    #: the pseudo-mask metrics of :meth:`extra_metrics`
+    metrics = (
+        metric("pseudo_mask_miou", "max", "%", "pseudo-mask mIoU",
+               "the overlap (IoU) of the semantic masks made from the maps with the true masks, averaged over the classes "
+               "and the background, at the best background threshold"),
+        metric("pseudo_mask_bg_threshold", None, "threshold", "pseudo-mask background threshold",
+               "the background threshold at which the pseudo-mask mIoU is reached"),
+        metric("pseudo_mask_miou_at_config", "max", "%", "pseudo-mask mIoU (configured threshold)",
+               "the pseudo-mask mIoU at the configuration's own background threshold"),
+    )
 
     #: thresholds swept for the pseudo-mask mIoU of :meth:`extra_metrics`
     bg_thresholds = tuple(round(0.05 * i, 2) for i in range(1, 20))

@@ -96,6 +96,7 @@ from weakbench.methods.base import StepContext, normalize_maps, register_method,
 from weakbench.methods.classifier import ClassifierFitTask, ClassifierMethod, WsolConfig
 from weakbench.methods.cam import classification_loss
 from weakbench.core.errors import ConfigError, DataError
+from weakbench.methods.metric_declarations import metric
 
 #: ``top_k_fraction`` value that measures the fraction on the train split (:func:`relative_object_size`)
 OBJECT_SIZE = "object_size"
@@ -527,6 +528,33 @@ class TopGAP(ClassifierMethod):
 
     Config = TopGAPConfig
     config: TopGAPConfig
+    #: the metrics of :meth:`extra_metrics` and of the train stage (``train/top_k_fraction``)
+    metrics = (
+        metric("cam_iou", "max", "%", "CAM IoU",
+               "the overlap (IoU) of the thresholded map with the true object mask, averaged over images and classes"),
+        metric("erf_distance", None, "ratio", "ERF distance",
+               "how much more the centre of the map depends on the input than its corner (Top-GAP's effective-receptive-"
+               "field distance)"),
+        metric("erf_center", None, "ratio", "centre ERF",
+               "how much the centre of the map depends on the input pixels (mean absolute z-normalised gradient)"),
+        metric("erf_corner", None, "ratio", "corner ERF",
+               "how much the corner of the map depends on the input pixels (mean absolute z-normalised gradient)"),
+        metric("clean_accuracy", "max", "%", "clean accuracy",
+               "share of images whose top predicted class is one of the image's classes"),
+        metric("robust_accuracy", "max", "%", "robust accuracy",
+               "share of images still classified right after a small adversarial change of their pixels (PGD attack)"),
+        metric("fgsm_accuracy", "max", "%", "FGSM accuracy",
+               "share of images still classified right after a one-step adversarial change of their pixels (FGSM attack)"),
+        *[metric(f"{a}_ci95", None, "%", f"{d} ±95 %",
+                 f"half-width of the binomial 95 % interval of the {d} over the images it is computed on")
+          for a, d in (("clean_accuracy", "clean accuracy"), ("robust_accuracy", "robust accuracy"),
+                       ("fgsm_accuracy", "FGSM accuracy"))],
+        metric("attack_images", None, "count", "attacked images", "how many images the attack accuracies are computed on"),
+        metric("top_k_fraction", None, "ratio", "k / (h·w)",
+               "the share of the map's positions Top-GAP averages per class, for top_k_fraction: object_size the train "
+               "split's mean relative object size (union of an image's boxes over its area; logged as train/top_k_fraction)"),
+        metric("top_k", None, "count", "k", "how many positions of the map Top-GAP averages per class"),
+    )
 
     def build_model(self) -> torch.nn.Module:
         return TopGAPNet(self.config, self.num_classes)
