@@ -48,6 +48,10 @@ def test_plan_rounds_and_what_each_stage_reads():
         assert "context_scale" not in st[name].reads, name
     assert "context_scale" in st["refine_r1"].reads and st["refine_r1"].shared
     assert "seed" not in st["proposals"].reads and st["proposals"].inputs == ()  # keyed by data and settings only
+    # the classifier product carries its validation metrics, computed at the threshold step
+    assert "cam_curve_interval" in st["classifier"].reads
+    # round r's branches read the classifier's fields through their input (MILNet builds its backbone from them)
+    assert {"pretrained", "output_stride", "weights_path"} <= set(st["mil_r1"].reads)
     assert st["mil_r2"].inputs[-1] == "instances_r1" and st["semantic_r2"].inputs[-1] == "instances_r1"
     assert st["evaluate"].inputs == ("refine_r1", "refine_r2")
     three = [s.name for s in build_method("ccgr", {"rounds": 3}, num_classes=4).plan()]
