@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from weakbench.platform.sweep_state import STATE_NAME, TRIAL_ID_KEY, SweepState, atomic_write_text, driver_gone
+from weakbench.core.io import atomic_write_text
+from weakbench.platform.sweep_state import STATE_NAME, TRIAL_ID_KEY, SweepState, driver_gone
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from weakbench.core import conventions as C
+from weakbench.core.io import atomic_write_text
 from weakbench.methods import metric_declarations as D
 from weakbench.platform.leaderboard import (MIN_SEEDS_BEYOND_NOISE, board_tables, build_boards, build_leaderboard,
                                             format_stat, leaderboard_metrics, legend, ranking_disagreements, title,
@@ -909,9 +910,7 @@ value.</p>{sweep_html}</section>
             f"<style>{_CSS}</style><script>{plotly.offline.get_plotlyjs()}</script></head>"
             f"<body>{body}<script>{_SORT_JS}</script></body></html>")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, page)
     return {"boards": len(views), "rows": len(rows), "evaluation_rows": n_eval, "bar_charts": sum(1 for v in views if v.rows),
             "sweeps": len(sweeps), "pareto_charts": len(pareto), "images": n_img, "bytes": len(page.encode())}
 

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from weakbench.core.errors import ConfigError, UnknownNameError
+from weakbench.core.io import atomic_write
 
 __all__ = ["create_backbone", "FullFeatures", "PackagedWeights", "PACKAGED_WEIGHTS", "resolve_pretrained",
            "weights_cache_dir", "input_normalization", "convert_by_order"]
@@ -142,9 +143,8 @@ def resolve_pretrained(name: str) -> Path | None:
     state = torch.load(src, map_location="cpu", weights_only=True)
     converted = entry.convert(state, timm.create_model(name, pretrained=False))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    torch.save(converted, tmp)
-    os.replace(tmp, target)
+    with atomic_write(target) as f:
+        torch.save(converted, f)
     return target
 
 

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from weakbench.methods.lr_schedules import LRSchedule
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, check_field_groups, resolve_plan
 from weakbench.core.errors import ConfigError, PluginError, UnknownNameError
+from weakbench.core.io import atomic_write_text
 from weakbench.methods.metric_declarations import DEFAULT_HEADLINE, MechanismCheck, MetricSpec
 
 __all__ = ["Method", "MethodConfig", "FitTask", "Stage", "StageContext",
@@ -68,7 +69,6 @@ def timm_lists_model(name: str) -> bool:
     sweep's driver validates its configs without timm. A name not in the saved list, or timm
     already imported (models registered at run time), asks timm itself."""
     import importlib.metadata
-    import os
     import sys
 
     from weakbench.core.data.open import DEFAULT_CACHE_DIR
@@ -90,9 +90,7 @@ def timm_lists_model(name: str) -> bool:
     if saved is not None:
         try:  # best effort: another process may write the same list at once
             saved.parent.mkdir(parents=True, exist_ok=True)
-            tmp = saved.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text("\n".join(names))
-            os.replace(tmp, saved)
+            atomic_write_text(saved, "\n".join(names))
         except OSError:
             pass
     return name in names

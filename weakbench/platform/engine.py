@@ -48,7 +48,6 @@ and ``benchmarks/bench_sweep_overhead.py``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import tempfile
 import time
@@ -63,6 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from weakbench import __version__
 from weakbench.core import conventions as C
 from weakbench.core.errors import DivergenceError, check_finite
+from weakbench.core.io import atomic_write
 
 CHECKPOINT_FILE = "trial_state.pt"
 
@@ -570,13 +570,12 @@ class _Runner:
                 self.unlogged = {"step": step_no, "metrics": {**metrics, "epoch": float(step_no)}}
                 self.history.append({C.COST_TRAIN_SECONDS: metrics[C.COST_TRAIN_SECONDS]})
                 ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=self.trial_dir)
-                tmp = Path(ckpt_dir) / (CHECKPOINT_FILE + ".tmp")
-                torch.save({"stage": st.name, "cursor": i, "model": bare.state_dict(),
-                            **optimization_state(optimizers, schedulers),
-                            "epoch": epoch + 1, "mlflow_run_id": self.run_id, "history": self.history,
-                            "pending_metrics": self.unlogged, "torch_rng": torch.get_rng_state(),
-                            "carry": {**self.carry, **last_metrics}}, tmp)
-                os.replace(tmp, Path(ckpt_dir) / CHECKPOINT_FILE)  # a kill never leaves half a checkpoint
+                with atomic_write(Path(ckpt_dir) / CHECKPOINT_FILE) as f:  # a kill never leaves half a checkpoint
+                    torch.save({"stage": st.name, "cursor": i, "model": bare.state_dict(),
+                                **optimization_state(optimizers, schedulers),
+                                "epoch": epoch + 1, "mlflow_run_id": self.run_id, "history": self.history,
+                                "pending_metrics": self.unlogged, "torch_rng": torch.get_rng_state(),
+                                "carry": {**self.carry, **last_metrics}}, f)
             if last and i == len(self.plan) - 1:
                 # the plan ends with this fit stage: finish() makes the last report, after the
                 # run is FINISHED (Tune may end the trial inside a report)

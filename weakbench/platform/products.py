@@ -47,7 +47,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from weakbench.platform.results import _fsync_dir  # one fsync-a-directory helper for both stores
+from weakbench.core.io import atomic_write, atomic_write_text, fsync_dir
+
 
 MANIFEST = "manifest.json"
 #: bump when the product layout or a stage's semantics change, so old products are not reused.
@@ -172,17 +173,13 @@ class Product:
                  for p in sorted(staging.rglob("*")) if p.is_file() and p.name != MANIFEST}
         man = {**dict(meta), "stage": self.stage, "hash": self.hash, "files": files, "complete": True,
                "created": time.time()}
-        tmp = staging / (MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
+        with atomic_write(staging / MANIFEST, "w", fsync=True) as f:
             json.dump(man, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, staging / MANIFEST)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if self.dir.exists():  # an incomplete leftover (no valid manifest): replace it
             shutil.rmtree(self.dir, ignore_errors=True)
         os.replace(staging, self.dir)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         return man
 
@@ -221,12 +218,9 @@ class Product:
         keys = sorted(results)
         cid = hashlib.sha256("\0".join(keys).encode()).hexdigest()[:16]
         final = self.partial_dir / f"{cid}.pt"
-        tmp = self.partial_dir / f".{cid}.{uuid.uuid4().hex[:6]}.tmp"
-        torch.save(dict(results), tmp)
-        os.replace(tmp, final)
-        ktmp = self.partial_dir / f".{cid}.{uuid.uuid4().hex[:6]}.keys.tmp"
-        ktmp.write_text(json.dumps(keys))
-        os.replace(ktmp, self.partial_dir / f"{cid}.keys.json")  # the key list last: it marks the chunk saved
+        with atomic_write(final) as f:
+            torch.save(dict(results), f)
+        atomic_write_text(self.partial_dir / f"{cid}.keys.json", json.dumps(keys))  # the key list last: it marks the chunk saved
         return final
 
 

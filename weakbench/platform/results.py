@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 from weakbench.core import conventions as C
 from weakbench.core.conventions import DEFAULT_EXPERIMENT
 from weakbench.core.errors import DataError
+from weakbench.core.io import atomic_write, fsync_dir
 
 SCHEMA_VERSION = 1
 _VERSION_KEY = b"weakbench.schema_version"
@@ -234,28 +235,11 @@ def write_table(table: pa.Table, store_dir: Path) -> list[Path]:
         directory = _partition_dir(store_dir, g["d"], g["m"])
         directory.mkdir(parents=True, exist_ok=True)
         name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = directory / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
+        with atomic_write(directory / name, fsync=True) as fh:
             pq.write_table(part, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, directory / name)
         paths.append(directory / name)
-    _fsync_dir(store_dir)
+    fsync_dir(store_dir)
     return paths
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _store_files(store_dir: Path) -> list[str]:
@@ -502,9 +486,8 @@ def _copy_split(repo: Any, split: str, out_dir: Path) -> bool:
         except Exception:  # noqa: BLE001 - an unreachable artifact store: the row says it has none
             return False
         out_dir.mkdir(parents=True, exist_ok=True)
-        part = out_dir / f".{split}.parquet.tmp"
-        shutil.copyfile(local, part)
-        os.replace(part, out_dir / f"{split}.parquet")
+        with open(local, "rb") as src, atomic_write(out_dir / f"{split}.parquet") as dst:
+            shutil.copyfileobj(src, dst)
         return True
 
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from weakbench.core.io import atomic_write_text
 
 STATE_NAME = "state.json"
 VERSION = 1
@@ -41,30 +42,6 @@ STALE_S = 60.0
 #: under a new Tune trial (the trial function and the callback use it as the trial's identity)
 TRIAL_ID_KEY = "__trial_id__"
 ENDED = ("finished", "stopped", "failed")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same directory, flushed and
-    fsync'ed, then ``os.replace``; a reader sees the old or the new file, never a torn one.
-
-    Raises:
-        OSError: the directory cannot be written (full disk, read-only mount); ``path`` is
-            unchanged and no temporary file is left behind.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class SweepState:
@@ -95,8 +72,9 @@ class SweepState:
         return self.data["driver"]
 
     def save(self) -> None:
-        """Write the record atomically (:func:`atomic_write_text`). Raises OSError."""
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str))
+        """Write the record atomically and fsync'ed (:func:`weakbench.core.io.atomic_write_text`).
+        Raises OSError."""
+        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str), fsync=True)
 
     # ------------------------------------------------------------------ the driver
     def start_driver(self, now: float | None = None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from weakbench.core.data.source import DatasetSource
 from weakbench.core.errors import DataError
+from weakbench.core.io import atomic_write_text
 
 __all__ = ["check_images", "resolve_path"]
 
@@ -91,8 +92,6 @@ def check_images(source: DatasetSource, cache_dir: str | Path | None, *, workers
         raise DataError(f"{len(errors)} of {n} image(s) of {source.name} are unusable: {shown}{more}")
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"dataset": source.name, "root": str(source.root), "images": n,
-                                   "seconds": round(time.time() - t0, 3), "checked_at": time.time()}))
-        os.replace(tmp, marker)
+        atomic_write_text(marker, json.dumps({"dataset": source.name, "root": str(source.root), "images": n,
+                                              "seconds": round(time.time() - t0, 3), "checked_at": time.time()}))
     return True

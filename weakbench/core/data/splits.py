@@ -17,8 +17,6 @@ not the source's: a changed annotation file or image set would silently shift ev
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +24,7 @@ import numpy as np
 
 from weakbench.core.data.source import DatasetSource
 from weakbench.core.errors import DataError
+from weakbench.core.io import atomic_write_text
 
 __all__ = ["Splits", "SPLIT_NAMES", "make_splits", "save_splits", "load_splits", "split_path", "load_or_make_splits"]
 
@@ -111,9 +110,7 @@ def save_splits(splits: Splits | dict, path: str | Path, *, fingerprint: str | N
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
     return path
 
 

@@ -99,18 +99,18 @@ def build_table(split: str, thresholds: np.ndarray, images: list[str], classes: 
 
 def write_table(table: pa.Table, path, split: str) -> None:
     """Write ``table`` as Parquet at ``path`` with its split recorded (``weakbench.split``);
-    atomically (a hidden temporary file in the same directory, then :func:`os.replace`)."""
-    import os
+    atomically (:func:`weakbench.core.io.atomic_write`)."""
     from pathlib import Path
+
+    from weakbench.core.io import atomic_write
 
     import pyarrow.parquet as pq
 
     path = Path(path)
     meta = dict(table.schema.metadata or {})
     meta[SPLIT_KEY] = split.encode()
-    tmp = path.parent / f".{path.name}.tmp"
-    pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        pq.write_table(table.replace_schema_metadata(meta), f, compression="zstd")
 
 
 def read_table(path) -> pa.Table:
