@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from weakbench.methods import build_method
 from weakbench.methods.classifier import CamPredictor
 from weakbench.core import conventions as C
+from weakbench import cli
 from weakbench.platform import registry, tracking
 from weakbench.core.errors import DataError, UnknownNameError
 
@@ -126,7 +127,7 @@ def test_register_load_predict_rollback(store):
     assert [(r["version"], r["aliases"], r["run_id"]) for r in listed] == [(2, ["@challenger"], newer), (1, ["@champion"], best_run)]
     assert listed[0]["select_value"] == 70.0 and listed[0]["uri"] == "models:/weakbench-cam-toy/2"
     registry.set_alias(store, info.name, "champion", 2)
-    out = CliRunner().invoke(registry.app, ["rollback", info.name, "--tracking-uri", store])
+    out = CliRunner().invoke(cli.app, ["registry", "rollback", info.name, "--tracking-uri", store])
     assert out.exit_code == 0, out.output
     assert "version 1" in out.output
 

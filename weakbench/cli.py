@@ -622,6 +622,63 @@ def data_info(
     console.print(f"fingerprint {src.fingerprint}; root {src.root}", soft_wrap=True, highlight=False)
 
 
+# ---------------------------------------------------------------------- weakbench registry
+registry_app = typer.Typer(help="Registered models: list versions and aliases, roll an alias back.", no_args_is_help=True)
+
+
+@registry_app.command("list")
+def registry_list(name: Optional[str] = typer.Argument(None, help="only this registered model"),
+                  tracking_uri: Optional[str] = TRACKING_URI, output_dir: str = OUTPUT_DIR,
+                  fmt: output.OutputFormat = FORMAT) -> None:
+    """List registered models, their versions, aliases and selection metric."""
+    from weakbench.platform import registry
+
+    listed = registry.list_registered(_tracking_uri(output_dir, tracking_uri), name)
+
+    def number(v: str | None) -> float | None:
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
+
+    rows = [{"name": r.name, "version": r.version, "aliases": ["@" + a for a in r.aliases], "run_id": r.run_id or "",
+             "select_metric": r.tags.get("weakbench.select_metric", ""), "select_value": number(r.tags.get("weakbench.select_value")),
+             "created_utc": r.created.strftime("%Y-%m-%d %H:%M"), "format": r.model_format,
+             "uri": f"models:/{r.name}/{r.version}"}
+            for r in listed]
+    cols = [output.Column("name", "name"), output.Column("version", "version", kind="number"),
+            output.Column("aliases", "aliases", text=lambda r: ", ".join(r["aliases"])),
+            output.Column("run_id", "run id", kind="path"), output.Column("select_metric", "selected by"),
+            output.Column("select_value", "value", kind="number",
+                          text=lambda r: "" if r["select_value"] is None else f"{r['select_value']:.2f}"),
+            output.Column("created_utc", "created (UTC)"), output.Column("format", "format"),
+            output.Column("uri", "model URI", kind="path")]
+    if rows or fmt.value not in ("table", "markdown"):
+        output.render(rows, cols, fmt=fmt, title="Registered models")
+    else:
+        output.console.print("no registered models")
+    refused = [r for r in listed if r.model_format.startswith("refused")]
+    if refused:
+        from weakbench.platform.model_format import UNSAFE_PICKLE_ENV
+
+        typer.echo(f"{len(refused)} version(s) cannot be loaded (e.g. {refused[0].name} version {refused[0].version}: "
+                   f"{refused[0].model_format}); a pickled model loads only with {UNSAFE_PICKLE_ENV}=1 (unsafe)", err=True)
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: str = typer.Argument(..., help="registered model name, e.g. weakbench-cam-coco128"),
+    alias: str = typer.Option("champion", "--alias", help="alias to move back"),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    output_dir: str = OUTPUT_DIR,
+) -> None:
+    """Move NAME@ALIAS back to the version it pointed at before."""
+    from weakbench.platform import registry
+
+    version = registry.rollback(_tracking_uri(output_dir, tracking_uri), name, alias)
+    typer.echo(f"{name}@{alias} -> version {version}")
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
     if version:
@@ -636,12 +693,7 @@ def _mount_subapps() -> None:
         app.add_typer(dashboard_app, name="dashboard", no_args_is_help=False, help="Build or serve the leaderboard dashboard (one offline HTML file).")
     except ImportError:
         pass
-    try:
-        from weakbench.platform.registry import app as registry_app
-
-        app.add_typer(registry_app, name="registry", no_args_is_help=False, help="List registered models; roll an alias back.")
-    except ImportError:
-        pass
+    app.add_typer(registry_app, name="registry", no_args_is_help=False, help="List registered models; roll an alias back.")
 
 
 _mount_subapps()

@@ -18,21 +18,18 @@ roll back, load by name.
   safetensors weights (:mod:`weakbench.platform.model_format`); a pickled model is refused, by
   ``register`` too, and ``registry list`` marks it.
 
-``app`` is a Typer sub-app with ``list`` and ``rollback`` commands, mounted by the CLI.
+The ``weakbench registry list`` / ``rollback`` commands are in :mod:`weakbench.cli`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-from typing import Any, Optional
-
-import typer
+from typing import Any
 
 from weakbench.core import conventions as C
 from weakbench.core.errors import DataError, UnknownNameError, is_finite_metrics
 from weakbench.methods.metric_declarations import DEFAULT_SELECT_METRIC, higher_is_better
-from weakbench.platform.output import FORMAT_HELP, OutputFormat
 
 HISTORY_TAG = "weakbench.alias_history."
 
@@ -327,72 +324,3 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None):
     from weakbench.platform.model_format import load_predictor_uri
 
     return load_predictor_uri(model_uri, tracking_uri)
-
-
-# ---------------------------------------------------------------------- CLI sub-app
-app = typer.Typer(help="Registered models: list versions and aliases, roll an alias back.", no_args_is_help=True)
-
-_URI = typer.Option(None, "--tracking-uri", envvar=list(C.TRACKING_URI_ENVVARS),
-                   help="MLflow tracking/registry URI (default: sqlite:///<output-dir>/mlflow.db); env WEAKBENCH_TRACKING_URI, "
-                        "or its alias MLFLOW_TRACKING_URI")
-_OUT = typer.Option("weakbench_runs", "--output-dir", "-o", help="weakbench output directory holding mlflow.db")
-
-
-@app.command("list")
-def list_cmd(name: Optional[str] = typer.Argument(None, help="only this registered model"), tracking_uri: Optional[str] = _URI,
-             output_dir: str = _OUT,
-             fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", case_sensitive=False, help=FORMAT_HELP)) -> None:
-    """List registered models, their versions, aliases and selection metric."""
-    from weakbench.platform import output
-
-    listed = list_registered(_uri(tracking_uri, output_dir), name)
-    rows = [{"name": r.name, "version": r.version, "aliases": ["@" + a for a in r.aliases], "run_id": r.run_id or "",
-             "select_metric": r.tags.get("weakbench.select_metric", ""), "select_value": _float(r.tags.get("weakbench.select_value")),
-             "created_utc": r.created.strftime("%Y-%m-%d %H:%M"), "format": r.model_format,
-             "uri": f"models:/{r.name}/{r.version}"}
-            for r in listed]
-    cols = [output.Column("name", "name"), output.Column("version", "version", kind="number"),
-            output.Column("aliases", "aliases", text=lambda r: ", ".join(r["aliases"])),
-            output.Column("run_id", "run id", kind="path"), output.Column("select_metric", "selected by"),
-            output.Column("select_value", "value", kind="number", text=lambda r: _short(r["select_value"])),
-            output.Column("created_utc", "created (UTC)"), output.Column("format", "format"),
-            output.Column("uri", "model URI", kind="path")]
-    if rows or fmt.value not in ("table", "markdown"):
-        output.render(rows, cols, fmt=fmt, title="Registered models")
-    else:
-        output.console.print("no registered models")
-    refused = [r for r in listed if r.model_format.startswith("refused")]
-    if refused:
-        from weakbench.platform.model_format import UNSAFE_PICKLE_ENV
-
-        typer.echo(f"{len(refused)} version(s) cannot be loaded (e.g. {refused[0].name} version {refused[0].version}: "
-                   f"{refused[0].model_format}); a pickled model loads only with {UNSAFE_PICKLE_ENV}=1 (unsafe)", err=True)
-
-
-@app.command("rollback")
-def rollback_cmd(
-    name: str = typer.Argument(..., help="registered model name, e.g. weakbench-cam-coco128"),
-    alias: str = typer.Option("champion", "--alias", help="alias to move back"),
-    tracking_uri: Optional[str] = _URI,
-    output_dir: str = _OUT,
-) -> None:
-    """Move NAME@ALIAS back to the version it pointed at before."""
-    version = rollback(_uri(tracking_uri, output_dir), name, alias)
-    typer.echo(f"{name}@{alias} -> version {version}")
-
-
-def _uri(tracking_uri: str | None, output_dir: str = "weakbench_runs") -> str:
-    from weakbench.platform.tracking import default_tracking_uri
-
-    return tracking_uri or default_tracking_uri(output_dir)
-
-
-def _float(v: str | None) -> float | None:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _short(v: float | None) -> str:
-    return "" if v is None else f"{v:.2f}"
