@@ -452,13 +452,20 @@ def registered_metrics() -> dict[str, MetricSpec]:
 
 def _checkout_entry_points() -> list[importlib.metadata.EntryPoint] | None:
     """The built-in methods' entry points from ``pyproject.toml`` of the source checkout this package
-    is imported from; None when there is none (an installed wheel)."""
-    import tomllib
+    is imported from; None when there is none (an installed wheel) or no TOML reader (Python 3.10
+    without ``tomli``: the installed metadata is used)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            return None
 
     path = Path(__file__).resolve().parents[2] / "pyproject.toml"
     try:
         project = tomllib.loads(path.read_text()).get("project", {})
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, ValueError):  # TOMLDecodeError is a ValueError
         return None
     if project.get("name") != "weakbench":
         return None
