@@ -10,7 +10,8 @@ Stages, in order, on the first ``--images`` images (with GT boxes) of the datase
   the same boxes whose O⁺ is forced to ``--proposals`` jittered proposals, all boxes per forward
   against ``chunk_size=1`` (the official loop), same iterations, in the same process;
 * **pseudo_masks**: ``BBAM._pseudo_masks`` (rank cut, blur, dense CRF and the box-prior fallbacks)
-  on the attribute stage's output (seconds per image); ``--random-attribution`` replaces each
+  on the attribute stage's output (seconds per image), and the part of it spent in the dense CRF
+  (``ImageCRF``: lattice builds and mean-field inferences, their counts and time each); ``--random-attribution`` replaces each
   box's mask by a random map inside the box, so the non-empty path is timed whatever the detector;
 * **evaluate**: ``BBAM._evaluate_pseudo_masks`` (metrics, and with the CRF on the ``box_crf``
   baseline: one box-prior CRF per box) in seconds per image.
@@ -33,6 +34,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def _count_crf(ops) -> dict[str, list]:
+    """Count and time the dense CRF's lattice builds and inferences (``ImageCRF``; absent on
+    commits before it, then nothing is counted)."""
+    calls: dict[str, list] = {"lattice builds": [0, 0.0], "inferences": [0, 0.0]}
+    if not hasattr(ops, "ImageCRF"):
+        return {}
+    cls = ops.ImageCRF
+    cls._bench_orig = (cls.__init__, cls.__call__)
+
+    def timed(fn, name):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                calls[name][0] += 1
+                calls[name][1] += time.perf_counter() - t0
+        return wrapper
+
+    cls.__init__, cls.__call__ = timed(cls.__init__, "lattice builds"), timed(cls.__call__, "inferences")
+    return calls
+
+
+def _uncount_crf(ops) -> None:
+    if hasattr(ops, "ImageCRF") and hasattr(ops.ImageCRF, "_bench_orig"):
+        ops.ImageCRF.__init__, ops.ImageCRF.__call__ = ops.ImageCRF._bench_orig
 
 
 def main() -> None:
@@ -147,10 +176,14 @@ def main() -> None:
     (tmp / "attribute").mkdir()
     torch.save(table, tmp / "attribute" / "attributions.pt")
     ctx.inputs = {"attribute": tmp / "attribute"}
+    crf_calls = _count_crf(ops)
     t0 = time.perf_counter()
     masks = method._pseudo_masks(keys, ctx)
     t = time.perf_counter() - t0
     rows.append(("pseudo_masks", t, len(idx), "image"))
+    for name, (n, tc) in crf_calls.items():
+        rows.append((f"  of which CRF {name}", tc, len(idx), f"image ({n} calls, {tc / max(n, 1):.3f} s each)"))
+    _uncount_crf(ops)
     (tmp / "pseudo").mkdir()
     torch.save(masks, tmp / "pseudo" / "pseudo_masks.pt")
     ctx.inputs = {"pseudo_masks": tmp / "pseudo"}

@@ -363,6 +363,27 @@ def test_batched_optimisation_equals_one_box_at_a_time(tiny, dtype):
     assert not det.training and all(p.requires_grad for p in det.parameters())  # state restored
 
 
+def test_masks_after_iteration_t_of_a_longer_run_equal_a_t_iteration_run(tiny):
+    """``on_iteration`` (the quality benchmark reads 60 and 300 iterations from one run): the
+    masks it sees after iteration 2 of a 5-iteration run are those of a 2-iteration run."""
+    det, x, *_ = tiny
+    jobs = _jobs(tiny, [(0, 0), (1, 0)])
+    seen = {}
+
+    def hook(t, idx, masks):
+        assert idx == [0, 1]
+        seen[t] = [m.detach().clone() for m in masks]
+
+    five = optimise_box_masks(det, x, jobs, iterations=5, on_iteration=hook)
+    two = optimise_box_masks(det, x, jobs, iterations=2)
+    assert sorted(seen) == [1, 2, 3, 4, 5]
+    for a, b in zip(seen[2], two):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(seen[5], five):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(seen[2], seen[5]))
+
+
 def test_box_jobs_from_an_untrained_detector_are_reported_empty(tiny):
     det, x, sizes, boxes, targets = tiny
     jobs = make_box_jobs(det, x, boxes, [t["labels"] - 1 for t in targets], image_sizes=sizes, n_proposals=50,

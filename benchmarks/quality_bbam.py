@@ -1,0 +1,409 @@
+"""BBAM quality benchmark: what the attribution adds over the box and over the box-prior CRF.
+
+Runs BBAM's own stage hooks in one process (no Ray, no MLflow), per detector seed:
+
+1. **detector**: the method's ``DetectorFit`` task (its model, optimiser, dataset and losses),
+   ``--epochs`` epochs at batch ``--batch-size`` on the train split, shuffled by the seed
+   (constant learning rate, as the engine runs this task); its COCO box AP50 on test
+   (``detection_metrics``);
+2. **attribute**, once per attribution configuration (the ablations below), on the val and test
+   images (the first ``--images`` of each split with a GT box): ``BBAM._attribute``;
+   the λ grid (``base``, ``lambda_0.002``, ``lambda_0.02``) on val and test, the other ablations
+   on test only; ``it300`` runs 300 iterations and also keeps every mask after iteration 60
+   (``it300@60``), which is the 60-iteration run (Adam has no schedule; the first 60 steps do not
+   depend on the count: ``it300@60`` equal to ``base`` checks the run);
+3. **pseudo_masks**: ``BBAM._pseudo_masks`` with the CRF on and off, for each θ_fg of
+   ``--thetas``;
+4. per GT box, the mask IoU with its GT instance mask (``mask_iou``, the quantity
+   ``PseudoMaskEvaluator.instance_miou`` averages), for BBAM and for the two baselines:
+   ``box_filled`` (the box) and ``box_crf`` (the dense CRF from the box prior alone: BBAM's own
+   fallback, which every box with an empty O⁺ receives).
+
+Selection: for BBAM + CRF and BBAM without CRF separately, the (λ, θ_fg) of the λ grid
+(``base``, ``lambda_0.002``, ``lambda_0.02``) × ``--thetas`` with the best val instance mIoU
+(mean over seeds) is reported on test. The ablations are reported on test at θ_fg = 0.85 (the
+code's), CRF on and off, against ``base``:
+
+* ``fixed_stride``: s = 16 for every box (s1 = 0: the code's s0 without the area term) against the
+  adaptive s(a) = 16 + 48·√a (both scaled by input size / 800 as the method does);
+* λ (``mask_l1_weight``) 0.002 / 0.007 (base) / 0.02;
+* ``it300``: 300 iterations against 60 (base);
+* ``box_only`` / ``cls_only``: 𝟙_cls = 0 / 𝟙_box = 0 of Eq. 3.
+
+Intervals: 95 % percentile intervals of a two-stage bootstrap (as ``weakbench.platform.verdicts``):
+each resample draws the test images with replacement (multinomial counts, shared by all rows, so
+differences are paired image by image) and the seeds with replacement (shared by all rows: each
+seed's detector is common to every row), and recomputes the metric as the mean over drawn seeds of
+(Σ IoU over the drawn images' boxes) / (number of those boxes). Differences use the same draws.
+
+Commands (the README's tables):
+
+* ``python benchmarks/quality_bbam.py --data synthetic:hard --out bbam_hard.json`` (the README's
+  scale: ``--images 6 --epochs 8``)
+* ``python benchmarks/quality_bbam.py --data ../shared/data/coco128 --classes person --backbone
+  tf_efficientnet_lite0 --pretrained --input-size 320 ... --out bbam_person.json``
+
+``--report FILE.json`` prints the tables again from a saved run without computing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: attribution configurations (overrides of the base parameters)
+CONFIGS: dict[str, dict] = {
+    "it300": {"mask_iterations": 300},  # also gives "it300@60", its masks after iteration 60
+    "lambda_0.002": {"mask_l1_weight": 0.002},
+    "lambda_0.02": {"mask_l1_weight": 0.02},
+    "fixed_stride": {"stride_s0": 16.0, "stride_s1": 0.0},
+    "box_only": {"indicator_cls": False},
+    "cls_only": {"indicator_box": False},
+}
+LAMBDA_GRID = ("base", "lambda_0.002", "lambda_0.02")
+BASE_ITERATIONS = 60
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train_detector(method, source, train_idx, epochs: int, seed: int):
+    from weakbench.methods.bbam import DetectorFit
+
+    torch.manual_seed(seed)
+    task = DetectorFit(method, "faster_rcnn")
+    det = task.build_model()
+    opt = task.configure_optimizers(det)
+    loader = torch.utils.data.DataLoader(task.train_dataset(source, train_idx), batch_size=task.batch_size,
+                                         shuffle=True, collate_fn=task.collate,
+                                         generator=torch.Generator().manual_seed(seed))
+    det.train()
+    losses = []
+    for epoch in range(epochs):
+        for batch in loader:
+            losses.append(task.training_step(det, batch, opt, None)["loss"])
+            if not np.isfinite(losses[-1]):
+                _log(f"seed {seed}: detector loss {losses[-1]} in epoch {epoch + 1}, step {len(losses)}: diverged")
+                det.eval()
+                return det, losses
+    det.eval()
+    return det, losses
+
+
+def attribute(method, keys, ctx, chunk: int, snapshot_at: int | None = None):
+    """``BBAM._attribute`` over ``keys`` in chunks; with ``snapshot_at`` also the table of the masks
+    after that iteration (the optimiser's own tensors, copied)."""
+    from weakbench.methods import bbam_ops as ops
+
+    table, table_snap = {}, {}
+    original = ops.optimise_box_masks
+    for s in range(0, len(keys), chunk):
+        part = keys[s:s + chunk]
+        snaps: dict[int, torch.Tensor] = {}
+        if snapshot_at is not None:
+            def hook(iteration, job_indices, masks):
+                if iteration == snapshot_at:
+                    for i, m in zip(job_indices, masks):
+                        snaps[i] = m.detach().to("cpu", torch.float32).clone()
+            ops.optimise_box_masks = functools.partial(original, on_iteration=hook)
+        try:
+            out = method._attribute(part, ctx)
+        finally:
+            ops.optimise_box_masks = original
+        table.update(out)
+        if snapshot_at is not None:
+            snap = copy.deepcopy(out)
+            j = 0
+            for key in part:
+                for k, m in enumerate(out[key]["masks"]):
+                    if j in snaps:
+                        snap[key]["masks"][k] = snaps[j].to(torch.float16)
+                    j += 1
+            table_snap.update(snap)
+    return table, table_snap
+
+
+def box_ious(source, key, masks) -> list[float]:
+    from weakbench.platform.metrics.instance import mask_iou
+
+    a = source.annotations(int(key.split(":")[1]))
+    return [float(mask_iou(np.asarray(m, bool), a.instance_masks[k])) for k, m in enumerate(masks)]
+
+
+def run(args) -> dict:
+    from weakbench.methods import build_method
+    from weakbench.methods import bbam_ops as ops
+    from weakbench.methods.bbam import _unrle, detection_metrics
+    from weakbench.platform.data import make_splits, open_dataset
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="quality_bbam_"))
+    kw = {"classes": args.classes} if args.classes else {}
+    source = open_dataset(args.data, cache_dir=args.cache_dir or tmp / "cache", **kw)
+    splits = make_splits(source, 0)
+    has_box = lambda i: len(source.gt_boxes(int(i))[0]) > 0  # noqa: E731
+    idx = {s: [int(i) for i in splits[s] if has_box(i)] for s in ("train", "val", "test")}
+    for s in ("val", "test"):
+        idx[s] = idx[s][: args.images] if args.images else idx[s]
+    if args.no_val:  # one configuration, nothing to choose: test only
+        idx["val"] = []
+    keys = [f"{s}:{i}" for s in ("val", "test") for i in idx[s]]
+    params = {"backbone": args.backbone, "pretrained": args.pretrained, "input_size": args.input_size,
+              "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "fpn_channels": args.fpn_channels,
+              "box_head_size": args.box_head_size, "num_proposals": args.num_proposals,
+              "mask_iterations": BASE_ITERATIONS, "attribution_splits": ["val", "test"]}
+    configs = [c for c in args.configs.split(",") if c]
+    thetas = [float(t) for t in args.thetas.split(",")]
+    n_boxes = {s: sum(len(source.gt_boxes(i)[0]) for i in idx[s]) for s in ("val", "test")}
+    _log(f"{source.name}: train {len(idx['train'])} images, val {len(idx['val'])} ({n_boxes['val']} boxes), "
+         f"test {len(idx['test'])} ({n_boxes['test']} boxes); {params}; configs {configs}; θ_fg {thetas}")
+    result: dict = {"dataset": source.name, "params": params, "configs": configs, "thetas": thetas,
+                    "images": {s: idx[s] for s in ("val", "test")}, "seeds": args.seeds, "boxes": [], "times": {},
+                    "detector": {}}
+    ctx = types.SimpleNamespace(source=source, device=torch.device("cpu"), splits=idx, num_overlays=0,
+                                stage=types.SimpleNamespace(split="val"), inputs={})
+
+    # baselines: independent of the seed and the attribution
+    t0 = time.perf_counter()
+    for key in keys:
+        index = int(key.split(":")[1])
+        rec = source.records[index]
+        boxes, _ = source.gt_boxes(index)
+        image = np.asarray(source.load_image(index), dtype=np.uint8)
+        filled = [ops.box_filled_mask(b, rec.height, rec.width) for b in boxes]
+        crf = ops.ImageCRF(image)
+        zero = np.zeros((rec.height, rec.width), np.float32)
+        prior = [ops.pseudo_mask_from_attribution(zero, b, stride_scale=max(rec.height, rec.width) / 500.0,
+                                                  use_crf=True, crf=crf)[0] for b in boxes]
+        for name, masks in (("box_filled", filled), ("box_crf", prior)):
+            for k, iou in enumerate(box_ious(source, key, masks)):
+                result["boxes"].append({"row": name, "key": key, "box": k, "iou": iou})
+    result["times"]["baselines_s"] = time.perf_counter() - t0
+    _log(f"baselines {result['times']['baselines_s']:.0f} s")
+
+    for seed in args.seeds:
+        base = build_method("bbam", {**params, "seed": seed}, num_classes=source.num_classes,
+                            multilabel=source.multilabel)
+        t0 = time.perf_counter()
+        det, losses = train_detector(base, source, idx["train"], args.epochs, seed)
+        t_det = time.perf_counter() - t0
+        ap = detection_metrics(det, source, idx["test"], torch.device("cpu"), masks=False)
+        result["detector"][str(seed)] = {"train_s": t_det, "loss_first": losses[0] if losses else None,
+                                         "loss_last": float(np.mean(losses[-5:])) if losses else None,
+                                         "test_bbox_ap50": ap.get("bbox_ap50"), "test_bbox_ap": ap.get("bbox_ap")}
+        _log(f"seed {seed}: detector {t_det:.0f} s, loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}, "
+             f"test box AP50 {ap.get('bbox_ap50')}")
+        if not np.isfinite(losses[-1]):  # a diverged detector: no attribution is measured for it
+            result["detector"][str(seed)]["diverged"] = True
+            continue
+        ctx.load_model = lambda name, det=det: det
+        for cfg in configs:
+            over = CONFIGS.get(cfg, {})
+            # the λ grid is chosen on val: only it is attributed on val and test, the rest on test
+            cfg_keys = keys if cfg in LAMBDA_GRID else [k for k in keys if k.startswith("test:")]
+            m = build_method("bbam", {**params, **over, "seed": seed}, num_classes=source.num_classes,
+                             multilabel=source.multilabel)
+            t0 = time.perf_counter()
+            table, snap = attribute(m, cfg_keys, ctx, args.chunk, BASE_ITERATIONS if cfg == "it300" else None)
+            t_att = time.perf_counter() - t0
+            result["times"][f"attribute_{cfg}_seed{seed}_s"] = t_att
+            tables = {cfg: table}
+            if cfg == "it300":
+                tables["it300@60"] = snap
+            for name, tab in tables.items():
+                t0 = time.perf_counter()
+                ths = thetas if name in LAMBDA_GRID else [ops.THETA_FG]
+                for use_crf in (True, False):
+                    for theta in ths:
+                        pm = build_method("bbam", {**params, **CONFIGS.get(name, {}), "seed": seed, "use_crf": use_crf,
+                                                   "theta_fg": theta}, num_classes=source.num_classes,
+                                          multilabel=source.multilabel)
+                        path = tmp / f"att-{seed}-{name}-{use_crf}-{theta}"
+                        path.mkdir()
+                        torch.save(tab, path / "attributions.pt")
+                        ctx.inputs = {"attribute": path}
+                        masks = pm._pseudo_masks(cfg_keys, ctx)
+                        row = f"bbam{'_crf' if use_crf else ''}"
+                        for key in cfg_keys:
+                            fg = [_unrle(r) for r in masks[key]["fg"]]
+                            for k, iou in enumerate(box_ious(source, key, fg)):
+                                result["boxes"].append({"row": row, "config": name, "theta": theta, "seed": seed,
+                                                        "key": key, "box": k, "iou": iou,
+                                                        "positives": tab[key]["positives"][k]})
+                result["times"][f"pseudo_{name}_seed{seed}_s"] = time.perf_counter() - t0
+            pos = [p for k in cfg_keys if k.startswith("test:") for p in table[k]["positives"]]
+            if args.out:  # after every configuration, so a cut run keeps what it measured
+                Path(args.out).write_text(json.dumps(result))
+            _log(f"seed {seed} {cfg}: attribute {t_att:.0f} s ({t_att / max(len(keys), 1):.1f} s/image), "
+                 f"test O+ non-empty {sum(p > 0 for p in pos)}/{len(pos)}")
+    return result
+
+
+# ------------------------------------------------------------------------------ report
+class Boot:
+    """Two-stage bootstrap over the test images and the seeds (shared draws: paired rows)."""
+
+    def __init__(self, images: list[str], seeds: list[int], n_boot: int, rng_seed: int = 0):
+        rng = np.random.default_rng(rng_seed)
+        self.images, self.seeds = images, seeds
+        self.pos = {k: i for i, k in enumerate(images)}
+        draws = rng.integers(0, len(images), size=(n_boot, len(images)))
+        self.counts = np.zeros((n_boot, len(images)))
+        np.add.at(self.counts, (np.repeat(np.arange(n_boot), len(images)), draws.ravel()), 1.0)
+        self.seed_draws = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
+
+    def value(self, recs_by_seed: dict[int, list[dict]], field: str = "iou") -> tuple[float, np.ndarray]:
+        """``(estimate, resampled values (B,))``: mean over seeds of Σ field / number of boxes."""
+        sums = np.zeros((len(self.seeds), len(self.images)))
+        cnts = np.zeros_like(sums)
+        for si, s in enumerate(self.seeds):
+            for r in recs_by_seed.get(s, []):
+                i = self.pos[r["key"]]
+                sums[si, i] += float(r[field])
+                cnts[si, i] += 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            est = float(np.nanmean(sums.sum(1) / cnts.sum(1)))
+            per = (self.counts @ sums.T) / (self.counts @ cnts.T)  # (B, S)
+            boot = per[np.arange(len(per))[:, None], self.seed_draws].mean(1)
+        return est, boot
+
+
+def report(res: dict, n_boot: int = 2000) -> str:
+    from weakbench.platform.verdicts import bootstrap_p, interval
+
+    # seeds whose detector trained (a diverged one, or one a cut run did not reach, is left out and named)
+    seeds = [s for s in res["seeds"] if any(r.get("seed") == s for r in res["boxes"])]
+    missing = [s for s in res["seeds"] if s not in seeds]
+    test_keys = [f"test:{i}" for i in res["images"]["test"]]
+    val_keys = {f"val:{i}" for i in res["images"]["val"]}
+    boot = Boot(test_keys, seeds, n_boot)
+    recs = res["boxes"]
+    base_theta = 0.85
+
+    def select(row, config=None, theta=None, split="test"):
+        keep = [r for r in recs if r["row"] == row and (config is None or r.get("config") == config)
+                and (theta is None or r.get("theta") == theta)
+                and (r["key"] in val_keys if split == "val" else r["key"].startswith("test:"))]
+        if row in ("box_filled", "box_crf"):
+            return {s: keep for s in seeds}
+        return {s: [r for r in keep if r["seed"] == s] for s in seeds}
+
+    def val_mean(row, config, theta):
+        by = select(row, config, theta, "val")
+        per_seed = [np.mean([r["iou"] for r in v]) for v in by.values() if v]
+        return float(np.mean(per_seed)) if per_seed else -1.0  # no val (--no-val): nothing chosen
+
+    def fmt(est, b, scale=100.0):
+        lo, hi = interval(b)
+        return f"{scale * est:.1f} [{scale * lo:.1f}, {scale * hi:.1f}]"
+
+    def fmt_diff(a, b):
+        est, d = a[0] - b[0], a[1] - b[1]
+        lo, hi = interval(d)
+        return f"{100 * est:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (p={bootstrap_p(d):.3f})"
+
+    def nonempty(by, ref):
+        """``by`` restricted to the boxes whose O⁺ is non-empty in ``ref`` (same seed, key, box)."""
+        out = {}
+        for s in seeds:
+            ok = {(r["key"], r["box"]) for r in ref[s] if r["positives"] > 0}
+            out[s] = [r for r in by[s] if (r["key"], r["box"]) in ok]
+        return out
+
+    lines = [f"dataset {res['dataset']}; test {len(test_keys)} images, seeds {seeds}; detector "
+             f"{res['params']['backbone']}{' (pretrained)' if res['params'].get('pretrained') else ''} at "
+             f"{res['params']['input_size']} px, {res['params']['epochs']} epochs; {res['params']['num_proposals']} "
+             f"proposals; 95 % intervals: {n_boot} resamples of test images and seeds"
+             + (f"; seeds without results (diverged or not reached): {missing}" if missing else ""), ""]
+    det = res["detector"]
+    aps = [d["test_bbox_ap50"] for d in det.values() if d.get("test_bbox_ap50") is not None]
+    lines.append("detector test box AP50 per seed: " + ", ".join(f"{a:.1f}" for a in aps))
+    lines.append("")
+    chosen = {}
+    for row in ("bbam_crf", "bbam"):
+        grid = [(c, t) for c in LAMBDA_GRID for t in res["thetas"] if any(
+            r["row"] == row and r.get("config") == c and r.get("theta") == t for r in recs)]
+        scores = {(c, t): val_mean(row, c, t) for c, t in grid}
+        chosen[row] = max(scores, key=scores.get)
+        lines.append(f"{row} chosen on val: {chosen[row]} (val instance mIoU {100 * scores[chosen[row]]:.1f}; "
+                     + ", ".join(f"{c}/{t}: {100 * v:.1f}" for (c, t), v in scores.items()) + ")")
+    lines.append("")
+    ref = select("bbam_crf", *chosen["bbam_crf"])
+    rows = {"box_filled": select("box_filled"), "box_crf": select("box_crf"),
+            "BBAM without CRF": select("bbam", *chosen["bbam"]), "BBAM + CRF": ref}
+    share = boot.value({s: [dict(r, nonempty=float(r["positives"] > 0)) for r in ref[s]] for s in seeds}, "nonempty")
+    lines.append(f"O+ non-empty (test boxes, chosen BBAM + CRF): {fmt(*share)} %")
+    lines.append("")
+    lines.append("| test | instance mIoU, all boxes | Δ vs box_crf | boxes with non-empty O+ | Δ vs box_crf |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    vals = {n: (boot.value(by), boot.value(nonempty(by, ref))) for n, by in rows.items()}
+    for n, (a, ne) in vals.items():
+        lines.append(f"| {n} | {fmt(*a)} | {fmt_diff(a, vals['box_crf'][0]) if n != 'box_crf' else ''} | {fmt(*ne)} "
+                     f"| {fmt_diff(ne, vals['box_crf'][1]) if n != 'box_crf' else ''} |")
+    lines.append("")
+    abl = [c for c in ["base", "it300@60"] + list(CONFIGS) if any(r.get("config") == c for r in recs)]
+    lines.append(f"Ablations on test (θ_fg = {base_theta}); Δ against base, paired:")
+    lines.append("")
+    lines.append("| configuration | O+ non-empty % | BBAM + CRF, all boxes | Δ vs base | BBAM without CRF | Δ vs base |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    base_v = {row: boot.value(select(row, "base", base_theta)) for row in ("bbam_crf", "bbam")}
+    for c in abl:
+        v = {row: boot.value(select(row, c, base_theta)) for row in ("bbam_crf", "bbam")}
+        sh = boot.value({s: [dict(r, nonempty=float(r["positives"] > 0)) for r in recs_s]
+                         for s, recs_s in select("bbam_crf", c, base_theta).items()}, "nonempty")
+        lines.append(f"| {c} | {fmt(*sh)} | {fmt(*v['bbam_crf'])} | "
+                     f"{fmt_diff(v['bbam_crf'], base_v['bbam_crf']) if c != 'base' else ''} | {fmt(*v['bbam'])} | "
+                     f"{fmt_diff(v['bbam'], base_v['bbam']) if c != 'base' else ''} |")
+    lines.append("")
+    lines.append("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["times"].items()))
+    lines.append("detector: " + "; ".join(f"seed {s}: {d['train_s']:.0f} s, loss {d['loss_first']:.2f} -> "
+                                          f"{d['loss_last']:.2f}" for s, d in det.items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="synthetic:hard")
+    p.add_argument("--classes", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--images", type=int, default=0, help="at most this many val and test images each (0: all)")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--input-size", type=int, default=96)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--fpn-channels", type=int, default=64)
+    p.add_argument("--box-head-size", type=int, default=256)
+    p.add_argument("--num-proposals", type=int, default=300)
+    p.add_argument("--configs", default=",".join(["base", *CONFIGS]))
+    p.add_argument("--thetas", default="0.7,0.85")
+    p.add_argument("--no-val", action="store_true", help="attribute test only (one configuration: no selection)")
+    p.add_argument("--chunk", type=int, default=8, help="images attributed per call (memory only)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="write the per-box results here (JSON)")
+    p.add_argument("--report", default=None, help="print the tables of a saved JSON and exit")
+    args = p.parse_args()
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    res = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res))
+    print(report(res))
+
+
+if __name__ == "__main__":
+    main()
