@@ -335,6 +335,9 @@ def report(res: dict, n_boot: int = 2000) -> str:
             r["row"] == row and r.get("config") == c and r.get("theta") == t for r in recs)]
         scores = {(c, t): val_mean(row, c, t) for c, t in grid}
         chosen[row] = max(scores, key=scores.get)
+        if scores[chosen[row]] < 0:
+            lines.append(f"{row}: no val images (--no-val), the one configuration {chosen[row]}")
+            continue
         lines.append(f"{row} chosen on val: {chosen[row]} (val instance mIoU {100 * scores[chosen[row]]:.1f}; "
                      + ", ".join(f"{c}/{t}: {100 * v:.1f}" for (c, t), v in scores.items()) + ")")
     lines.append("")
