@@ -134,7 +134,7 @@ def attribute(method, keys, ctx, chunk: int, snapshot_at: int | None = None):
 
 
 def box_ious(source, key, masks) -> list[float]:
-    from weakbench.platform.metrics.instance import mask_iou
+    from weakbench.core.metrics.instance import mask_iou
 
     a = source.annotations(int(key.split(":")[1]))
     return [float(mask_iou(np.asarray(m, bool), a.instance_masks[k])) for k, m in enumerate(masks)]
@@ -144,7 +144,7 @@ def run(args) -> dict:
     from weakbench.methods import build_method
     from weakbench.methods import bbam_ops as ops
     from weakbench.methods.bbam import _unrle, detection_metrics
-    from weakbench.platform.data import make_splits, open_dataset
+    from weakbench.core.data import make_splits, open_dataset
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="quality_bbam_"))
