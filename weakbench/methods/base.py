@@ -367,6 +367,21 @@ class Method:
         return search_space_dir() / f"{cls.name}.yaml"
 
 
+def save_split_tables(tables: Mapping[str, Any], ctx: StageContext) -> None:
+    """Write per-image tables (:mod:`weakbench.core.metrics.per_image`), one per split
+    ``{split: pyarrow.Table}``, into the stage's product as ``per_image/<split>/<stage>.parquet``;
+    the engine logs them under the run's ``per_image/`` artifacts and the results store merges a
+    split's files of every stage (an instance method's eval stages score val and test at once)."""
+    from weakbench.core.metrics.per_image import write_table
+
+    for split, table in tables.items():
+        if table is None:
+            continue
+        folder = Path(ctx.out_dir) / "per_image" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        write_table(table, folder / f"{ctx.stage.name}.parquet", split)
+
+
 def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of float (B, h, w) maps to (B, H, W), ``align_corners=False``.
 

@@ -306,9 +306,12 @@ def random_hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]
 
 
 @torch.no_grad()
-def detection_metrics(model, source, indices, device, *, masks: bool, batch_size: int = 4) -> dict[str, float]:
+def detection_metrics(model, source, indices, device, *, masks: bool, batch_size: int = 4,
+                      per_image: dict | None = None) -> dict[str, float]:
     """COCOeval of a torchvision detector's predictions on records ``indices`` (percent):
-    ``bbox_ap``, ``bbox_ap50`` … and, with ``masks``, ``segm_ap`` … (masks > 0.5), ``abo``."""
+    ``bbox_ap``, ``bbox_ap50`` … and, with ``masks``, ``segm_ap`` … (masks > 0.5), ``abo``.
+    With ``per_image`` (``{"scope": str}``), also its per-image table under ``"table"``
+    (:func:`weakbench.core.metrics.instance.per_image_tables`: the predictions' VOC matches)."""
     from weakbench.core.metrics import coco_gt_from_source, coco_instance_eval
 
     was = model.training
@@ -329,16 +332,26 @@ def detection_metrics(model, source, indices, device, *, masks: bool, batch_size
     finally:
         model.train(was)
     gt = coco_gt_from_source(source, indices, masks=masks)
+    if per_image is not None:
+        from weakbench.core.metrics.instance import per_image_tables
+
+        per_image["table"] = per_image_tables(gt, results, per_image["scope"], ("segm", "bbox") if masks else ("bbox",))
     return coco_instance_eval(gt, results, iou_types=("segm", "bbox") if masks else ("bbox",))
 
 
 def mask_metrics_on_val_and_test(model, ctx: StageContext) -> dict[str, float]:
     """:func:`detection_metrics` with masks of ``model`` on the val and test splits (``max_images``
     of each), keyed ``val/…`` and ``test/…``."""
-    out = {}
+    from weakbench.methods.base import save_split_tables
+
+    out, tables = {}, {}
     for split in ("val", "test"):
         idx = list(ctx.splits[split])[: ctx.max_images] if ctx.max_images else list(ctx.splits[split])
-        out.update({f"{split}/{k}": v for k, v in detection_metrics(model, ctx.source, idx, ctx.device, masks=True).items()})
+        keep = {"scope": ctx.stage.metric_ns or ctx.stage.name}
+        out.update({f"{split}/{k}": v for k, v in detection_metrics(model, ctx.source, idx, ctx.device, masks=True,
+                                                                    per_image=keep).items()})
+        tables[split] = keep["table"]
+    save_split_tables(tables, ctx)  # per-image rows behind mAP^r / box AP (the board's paired bootstrap)
     return out
 
 
@@ -515,12 +528,15 @@ class BBAM(Method):
         raise NotImplementedError(f"bbam has no eval stage {stage.name!r}")
 
     def _evaluate_pseudo_masks(self, ctx: StageContext) -> tuple[dict[str, float], list]:
+        from weakbench.methods.base import save_split_tables
         from weakbench.core.metrics import PseudoMaskEvaluator
+        from weakbench.core.metrics.per_image import merge_tables
         from weakbench.core.overlay import instance_overlay
 
         table = _load_table(ctx.inputs["pseudo_masks"] / "pseudo_masks.pt")
         out: dict[str, float] = {}
         overlays = []
+        tables: dict = {}
         if not ctx.source.has_masks:  # box-only data: the masks are made, but cannot be scored
             return {f"{s}/num_images": float(sum(k.startswith(s + ":") for k in table)) for s in self.config.attribution_splits}, []
         for split in self.config.attribution_splits:
@@ -553,12 +569,18 @@ class BBAM(Method):
                         img, np.stack(fg), gt_boxes.tolist(), names, ignore=ign, title=f"BBAM pseudo masks ({split})")))
             if not ours.indices:
                 continue
+            # per-image rows behind instance_miou and mAP^r of BBAM and its variants (the board's
+            # paired bootstrap), under the keys' prefixes: pseudo_masks, pseudo_masks/box_filled, …
+            ns = ctx.stage.metric_ns or ctx.stage.name
+            tables[split] = merge_tables([ev.per_image_table(f"{ns}/{tag}".rstrip("/")) for tag, ev in
+                                          (("", ours), ("box_filled", boxes), ("box_crf", crf)) if ev is not None])
             a, b = ours.compute(), boxes.compute()
             out.update({f"{split}/{k}": v for k, v in a.items()})
             out.update({f"{split}/box_filled/{k}": v for k, v in b.items() if k != "num_instances"})
             out[f"{split}/gain_over_box/instance_miou"] = a["instance_miou"] - b["instance_miou"]
             if crf is not None:
                 out.update({f"{split}/box_crf/{k}": v for k, v in crf.compute().items() if k != "num_instances"})
+        save_split_tables(tables, ctx)
         return out, overlays
 
     # ------------------------------------------------------------------ inference

@@ -1066,7 +1066,10 @@ class CCGR(Method):
         raise NotImplementedError(f"ccgr has no eval stage {stage.name!r}")
 
     def _evaluate_rounds(self, ctx: StageContext) -> tuple[dict[str, float], list]:
+        from weakbench.methods.base import save_split_tables
         from weakbench.core.metrics import coco_gt_from_source, coco_instance_eval
+        from weakbench.core.metrics.instance import per_image_tables
+        from weakbench.core.metrics.per_image import merge_tables
         from weakbench.core.overlay import instance_overlay
 
         if not ctx.source.has_masks:
@@ -1074,6 +1077,8 @@ class CCGR(Method):
         out: dict[str, float] = {}
         overlays: list = []
         rounds = self.config.rounds
+        tables: dict = {}
+        ns = ctx.stage.metric_ns or ctx.stage.name
         for split in ("val", "test"):
             for r in range(1, rounds + 1):
                 table = _table(ctx.inputs[f"refine_r{r}"] / "refined.pt")
@@ -1083,6 +1088,7 @@ class CCGR(Method):
                 indices = [int(k.split(":")[1]) for k in keys]
                 gt = coco_gt_from_source(ctx.source, indices, masks=True)
                 m: dict[str, float] = {}
+                parts: list = []
                 for tag, fg, bx, cl, sc in (("", "fg", "boxes_fg", "classes_fg", "scores_fg"),
                                             ("unrefined/", "fg_unrefined", "boxes_unrefined_fg", "classes_unrefined_fg",
                                              "scores_unrefined_fg")):
@@ -1094,6 +1100,8 @@ class CCGR(Method):
                             res.append({"image_id": idx, "category_id": int(k) + 1, "score": float(s), "segmentation": rle,
                                         "bbox": [x0, y0, x1 - x0, y1 - y0]})
                     ev = coco_instance_eval(gt, res, iou_types=("segm", "bbox"))
+                    if r == rounds:  # per-image rows behind the last round's mAP^r (the board's bootstrap)
+                        parts.append(per_image_tables(gt, res, f"{ns}/{tag}".rstrip("/"), ("segm", "bbox")))
                     m.update({f"{tag}map_r25": ev["segm_map_r25"], f"{tag}map_r50": ev["segm_map_r50"],
                               f"{tag}box_map50": ev["bbox_map_r50"], f"{tag}abo": ev.get("abo", 0.0),
                               f"{tag}num_instances": float(len(res))})
@@ -1109,6 +1117,9 @@ class CCGR(Method):
                                     "bbox": [x0, y0, x1 - x0, y1 - y0]})
                 ev = coco_instance_eval(gt, res, iou_types=("segm",))
                 m["box_filled/map_r50"], m["box_filled/map_r25"] = ev["segm_map_r50"], ev["segm_map_r25"]
+                if r == rounds:
+                    parts.append(per_image_tables(gt, res, f"{ns}/box_filled", ("segm",)))
+                    tables[split] = merge_tables(parts)
                 before, after = [], []
                 for key, idx in zip(keys, indices):
                     e = table[key]
@@ -1161,6 +1172,7 @@ class CCGR(Method):
                                 title=f"CCGR pseudo masks, round {r} (val)")))
             if f"{split}/r1/map_r50" in out and f"{split}/r{rounds}/map_r50" in out:
                 out[f"{split}/round_gain/map_r50"] = out[f"{split}/r{rounds}/map_r50"] - out[f"{split}/r1/map_r50"]
+        save_split_tables(tables, ctx)
         return out, overlays
 
     # ------------------------------------------------------------------ inference

@@ -90,6 +90,7 @@ def evaluate_split(
     box_eval = WsolEvaluator(cam_curve_interval=cam_curve_interval, device=device)
     pxap_eval = PxAPEvaluator(cam_curve_interval=cam_curve_interval)
     sem_eval = SemanticEvaluator(source.num_classes)
+    sem_entries: dict[str, tuple] = {}  # image id -> its semantic confusion counts
     any_masks = False
     all_scores, all_labels = [], []
     overlays: list[tuple[str, Image.Image]] = []
@@ -99,6 +100,7 @@ def evaluate_split(
     sample_images: list[str] = []  # per (image, class) sample, in the evaluators' order
     sample_classes: list[int] = []
     sample_pos: dict[int, tuple] = {}  # sample position -> its PxAP histograms
+    batch_images: list[str] = []  # every image, in loader order (the per-image "image" rows)
     done = 0
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
@@ -111,12 +113,16 @@ def evaluate_split(
         cams = cams.float()
         all_scores.append(logits.float().cpu())
         all_labels.append(labels)
+        batch_images += [str(source.records[int(i)].image_id) for i in batch["index"].tolist()]
         b, c = cams.shape[:2]
         pair_img, pair_cls = torch.nonzero(labels > 0.5, as_tuple=True)
         if bool(batch["has_masks"].any()):
             # every class's map in the frame, normalised per (image, class), for the semantic masks
             frame = normalize_maps(resize_maps(cams.reshape(b * c, *cams.shape[2:]), input_size)).reshape(b, c, input_size, input_size).cpu()
+            first_sem = len(sem_eval.per_image)
             sem_eval.accumulate(frame, labels, batch["semantic"])
+            for j, entry in enumerate(sem_eval.per_image[first_sem:]):
+                sem_entries[batch_images[len(batch_images) - b + j]] = entry
             maps = frame[pair_img, pair_cls]
         else:
             # box-only data: the semantic masks are all ignore (255), so only the present
@@ -172,6 +178,16 @@ def evaluate_split(
         details["semantic"] = sem
     scores = torch.cat(all_scores) if all_scores else torch.zeros(0, source.num_classes)
     labels_all = torch.cat(all_labels) if all_labels else torch.zeros(0, source.num_classes)
+    if batch_images and (sem_entries or source.multilabel):
+        # per-image rows behind miou (each image's confusion counts) and cls_map (its scores)
+        from weakbench.core.metrics.per_image import image_rows, merge_tables
+
+        ths = sem_eval.thresholds
+        sem = [(ths, *sem_entries[im]) if im in sem_entries else None for im in batch_images] if sem_entries else None
+        rows = image_rows("", batch_images, sem=sem,
+                          cls_scores=scores.numpy() if source.multilabel else None,
+                          cls_labels=labels_all.numpy() if source.multilabel else None)
+        details["per_image"] = merge_tables([t for t in (details.get("per_image"), rows) if t is not None])
     if len(scores):
         if source.multilabel:
             metrics["cls_map"] = float(multilabel_average_precision(scores.numpy(), labels_all.numpy()))

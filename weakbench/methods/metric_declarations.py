@@ -191,6 +191,9 @@ _DECLARED: list[MetricSpec] = [
     _m("max_box_acc_v2_at_val_tau", "max", "%", "MaxBoxAccV2@val τ",
        "MaxBoxAccV2 with each IoU level's map threshold chosen on the validation split instead of on the scored "
        "images"),
+    _m("miou_at_val_tau", "max", "%", "mIoU@val bg threshold",
+       "the semantic mIoU at the background threshold chosen on the validation split (the test split's own best "
+       "threshold gives mIoU)"),
 ]
 
 #: COCO instance metrics: (name, display, what counts as a hit)

@@ -691,6 +691,9 @@ class _Runner:
         path = self.products[st.name].dir / C.PER_IMAGE_FILE
         if path.is_file():
             self.client.log_artifact(self.run_id, str(path), f"{C.PER_IMAGE_DIR}/{st.split or 'test'}")
+        folder = self.products[st.name].dir / C.PER_IMAGE_DIR  # per_image/<split>/<stage>.parquet
+        if folder.is_dir():
+            self.client.log_artifacts(self.run_id, str(folder), C.PER_IMAGE_DIR)
 
     def _after(self, i: int, metrics: dict[str, float]) -> None:
         """Report a finished map/eval stage (the plan's last stage reports in :meth:`finish`)."""

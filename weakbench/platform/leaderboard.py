@@ -60,7 +60,7 @@ import json
 import math
 import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -373,7 +373,9 @@ def _compare_with_trivial(rows: list[dict[str, Any]], chosen_runs: dict, seeds: 
 #: the operating point: test accuracy at the thresholds chosen on validation (bare names)
 AT_VAL_TAU = {"max_box_acc_at_val_tau": ("best_threshold",),
               "max_box_acc_v2_at_val_tau": ("best_threshold_v2_iou30", "best_threshold_v2_iou50",
-                                            "best_threshold_v2_iou70")}
+                                            "best_threshold_v2_iou70"),
+              # the semantic mIoU at the background threshold chosen on val (Puzzle-CAM's operating point)
+              "miou_at_val_tau": ("best_bg_threshold",)}
 
 _VERDICT_TYPE = pa.struct([
     pa.field("against", pa.string()), pa.field("metric", pa.string()), pa.field("diff", pa.float64()),
@@ -409,6 +411,9 @@ def _row_runs(runs: np.ndarray, run_ids: np.ndarray, seeds: np.ndarray, metrics:
         v2 = [metrics.get(f"val/best_threshold_v2_iou{d}") for d in (30, 50, 70)]
         if all(v is not None and not math.isnan(v[r]) for v in v2):
             t["max_box_acc_v2"] = {d: float(v[r]) for d, v in zip((30, 50, 70), v2)}
+        bg = metrics.get("val/best_bg_threshold")
+        if bg is not None and not math.isnan(bg[r]):
+            t["miou"] = float(bg[r])
         taus.append(t or None)
     row = RowRuns([per_image[run_ids[r]] for r in chosen], seed_free=seed_free, taus=taus)
     return row if consistent(row) else None
@@ -422,7 +427,7 @@ def _image_verdicts(rows: list[dict[str, Any]], chosen_runs: dict, per_image: Ma
     (:mod:`weakbench.platform.verdicts`); fills ``n_images``, ``noise``, ``verdicts`` of every row
     in place and overwrites the ``baseline_*`` / ``trivial_*`` fields from the paired comparison
     where one was made. Returns the operating-point keys added to the reported metrics."""
-    from weakbench.core.metrics.per_image import RECOMPUTABLE, PerImage
+    from weakbench.core.metrics.per_image import PerImage
     from weakbench.platform.verdicts import Bootstrap, can_compute, compare, decide, interval, noise_words, same_images
 
     cache: dict[str, PerImage] = {}
@@ -437,7 +442,7 @@ def _image_verdicts(rows: list[dict[str, Any]], chosen_runs: dict, per_image: Ma
     for r in rows:
         key = (r["dataset"], r["method"], r["backbone"])
         rr = _row_runs(chosen_runs[key], run_ids, seeds, metrics, data, r["seed_free"]) if per_image else None
-        r["n_images"] = len(set(rr.runs[0].images.tolist())) if rr is not None else None
+        r["n_images"] = len(rr.runs[0].universe) if rr is not None else None
         r["noise"] = noise_words(rr, r["n_seeds"])
         r["verdicts"] = []
         if rr is not None:
@@ -459,7 +464,7 @@ def _image_verdicts(rows: list[dict[str, Any]], chosen_runs: dict, per_image: Ma
             for m in [k for k in r if k.endswith(".mean")]:
                 name = m[: -len(".mean")]
                 bare = name.split("/", 1)[1] if "/" in name else name
-                if not name.startswith(report_split + "/") or not (bare in RECOMPUTABLE or bare in AT_VAL_TAU):
+                if not name.startswith(report_split + "/"):
                     continue
                 if not can_compute(rr, bare):
                     continue
@@ -486,6 +491,16 @@ def _image_verdicts(rows: list[dict[str, Any]], chosen_runs: dict, per_image: Ma
                     f"{against['method']} ({against['backbone']})"
                 comparisons.append(compare(boot, rr, orr, primary_bare, r["method"], label))
                 owners.append((r, against))
+            # the variants the same runs logged as their own baselines (BBAM: box_filled, box_crf;
+            # CCGR: unrefined, box_filled), on the same image and seed draws
+            available = [k[: -len(".mean")].split("/", 1)[1] for k in r if k.endswith(".mean")
+                         and k.startswith(report_split + "/")]
+            for v in _compared_with_variants(r["method"]):
+                pair = variant_pair(primary_bare, v, available)
+                if pair is None or not can_compute(rr, pair[0]) or not can_compute(rr, pair[1]):
+                    continue
+                comparisons.append(compare(boot, rr, rr, pair[0], r["method"], v, metric_b=pair[1]))
+                owners.append((r, {"dataset": r["dataset"], "method": v, "backbone": r["backbone"]}))
         decide(comparisons, hib)
         for c, (r, against) in zip(comparisons, owners):
             r["verdicts"].append(c.record())
@@ -505,6 +520,42 @@ class _LazyPerImage(dict):
 
     def __getitem__(self, rid: str):
         return self._load(rid)
+
+
+def variant_pair(primary: str, variant: str, available: Sequence[str]) -> tuple[str, str] | None:
+    """The metric a row is compared with its ``variant`` on (bare names): the headline
+    ``<head>/<name>`` against ``<head>/<variant>/<name>`` when the run logged that; else the first
+    (sorted) ``<other head>/<name>`` with ``<other head>/<variant>/<name>`` logged (CCGR's variants
+    are of its pseudo masks, ``pseudo_masks_with_labels/unrefined/map_r50``, not of its headline
+    ``mask_rcnn/map_r50``). ``None`` when the variant of the headline's name was not logged.
+
+    >>> variant_pair("pseudo_masks/instance_miou", "box_filled",
+    ...              ["pseudo_masks/instance_miou", "pseudo_masks/box_filled/instance_miou"])
+    ('pseudo_masks/instance_miou', 'pseudo_masks/box_filled/instance_miou')
+    """
+    head, _, name = primary.rpartition("/")
+    have = set(available)
+
+    def key(h: str, *parts: str) -> str:
+        return "/".join(p for p in (h, *parts) if p)
+
+    if key(head, variant, name) in have:
+        return primary, key(head, variant, name)
+    for m in sorted(have):
+        h, _, n = m.rpartition("/")
+        if n == name and not h.endswith(variant) and key(h, variant, name) in have:
+            return m, key(h, variant, name)
+    return None
+
+
+def _compared_with_variants(method: str) -> tuple[str, ...]:
+    """The metric variants ``method`` declares as its own baselines (``Method.compared_with_variants``)."""
+    from weakbench.methods import get_method_class
+
+    try:
+        return tuple(get_method_class(method).compared_with_variants)
+    except Exception:  # noqa: BLE001 - a store written by another version
+        return ()
 
 
 def _compared_with(method: str) -> tuple[str, ...]:
@@ -538,7 +589,7 @@ def _legacy_fields(r: dict[str, Any], against: dict[str, Any], c, primary: str) 
         r.update(baseline_n_pairs=len(r["seeds"]), baseline_diff_mean=c.diff, baseline_diff_ci_low=c.ci_low,
                  baseline_diff_ci_high=c.ci_high, baseline_p_value=c.p_holm,
                  baseline_verdict=f"{c.verdict} (paired over test images and seeds, Holm)")
-    if r.get("trivial_baseline") == against["method"]:
+    if r.get("trivial_baseline") == against["method"] and c.metric == primary.split("/", 1)[-1]:
         beats = c.verdict.startswith("beats")
         r.update(trivial_n=len(r["seeds"]), trivial_diff_mean=c.diff, trivial_diff_ci_low=c.ci_low,
                  trivial_diff_ci_high=c.ci_high, trivial_p_value=c.p_holm, below_trivial=not beats,
@@ -1119,7 +1170,7 @@ def build_evaluation_board(table: pa.Table, per_image: Mapping[str, pa.Table] | 
         (``"all"``), ``n_images``, ``noise``, ``verdicts``, ``flags`` and, for each reported metric
         ``m``, ``m.mean``, ``m.ci_low``, ``m.ci_high``; sorted by dataset, then the primary metric.
     """
-    from weakbench.core.metrics.per_image import RECOMPUTABLE, PerImage
+    from weakbench.core.metrics.per_image import PerImage
     from weakbench.platform.verdicts import Bootstrap, RowRuns, can_compute, compare, decide, interval, same_images
 
     split = C.EVAL_SPLIT
@@ -1145,7 +1196,7 @@ def build_evaluation_board(table: pa.Table, per_image: Mapping[str, pa.Table] | 
                                "params_json": _params_json(params_col, i), "run_id": run_ids[i], "reported_on": split,
                                "verdicts": [], "flags": []}
         rr = RowRuns([PerImage(per_image[run_ids[i]])], seed_free=True) if run_ids[i] in per_image else None
-        row["n_images"] = len(set(rr.runs[0].images.tolist())) if rr is not None else None
+        row["n_images"] = len(rr.runs[0].universe) if rr is not None else None
         if rr is None:
             row["noise"] = "none: no per-image results"
         elif _seed_free(key[1], _params(params_col, i)):
@@ -1168,7 +1219,7 @@ def build_evaluation_board(table: pa.Table, per_image: Mapping[str, pa.Table] | 
                 continue
             for m in names:
                 bare = m.split("/", 1)[1]
-                if bare in RECOMPUTABLE and can_compute(rr, bare):
+                if can_compute(rr, bare):
                     r[f"{m}.ci_low"], r[f"{m}.ci_high"] = interval(boot.row(rr, bare)[1])
         comparisons, owners = [], []
         for r in board:

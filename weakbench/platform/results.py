@@ -472,22 +472,29 @@ def copy_per_image(artifact_uri: str | None, store_dir: Path, run_id: str) -> li
 
 
 def _copy_split(repo: Any, split: str, out_dir: Path) -> bool:
-    """Copy one split's per-image file from an artifact repository; False when it has none."""
+    """Copy one split's per-image files from an artifact repository (one file as it is; the files
+    of several eval stages merged into one table, :func:`~weakbench.core.metrics.per_image.merge_tables`);
+    False when it has none."""
     import shutil
     import tempfile
 
+    from weakbench.core.metrics.per_image import merge_tables, write_table as write_per_image
+
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            files = [it.path for it in repo.list_artifacts(f"{C.PER_IMAGE_DIR}/{split}")
-                     if not it.is_dir and it.path.endswith(".parquet")]
-            if len(files) != 1:
+            files = sorted(it.path for it in repo.list_artifacts(f"{C.PER_IMAGE_DIR}/{split}")
+                           if not it.is_dir and it.path.endswith(".parquet"))
+            if not files:
                 return False
-            local = repo.download_artifacts(files[0], tmp)
+            local = [repo.download_artifacts(f, tmp) for f in files]
         except Exception:  # noqa: BLE001 - an unreachable artifact store: the row says it has none
             return False
         out_dir.mkdir(parents=True, exist_ok=True)
-        with open(local, "rb") as src, atomic_write(out_dir / f"{split}.parquet") as dst:
-            shutil.copyfileobj(src, dst)
+        if len(local) == 1:
+            with open(local[0], "rb") as src, atomic_write(out_dir / f"{split}.parquet") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            write_per_image(merge_tables([pq.read_table(f) for f in local], split), out_dir / f"{split}.parquet", split)
         return True
 
 

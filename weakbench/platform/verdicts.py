@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from weakbench.core.metrics.per_image import PerImage, metric_at_threshold, metric_on_weights
+from weakbench.core.metrics.per_image import PerImage, metric_at_threshold_on_images, metric_on_images
 
 #: family-wise error rate of the verdicts on one board
 ALPHA = 0.05
@@ -55,27 +55,29 @@ class RowRuns:
     taus: list[dict | None] | None = None
 
     def image_key(self) -> tuple[str, ...]:
-        """The sorted sample ids (the identity of the image set the row was scored on)."""
-        return tuple(sorted(self.runs[0].samples.tolist()))
+        """The sorted image ids the row was scored on (:attr:`PerImage.universe`: the identity
+        of its image set)."""
+        return tuple(self.runs[0].universe.tolist())
 
 
 def same_images(a: RowRuns, b: RowRuns) -> bool:
-    """Whether two rows were scored on the same samples (every run of each)."""
-    return all(set(r.samples.tolist()) == set(a.runs[0].samples.tolist()) for r in a.runs + b.runs)
+    """Whether two rows were scored on the same images (every run of each)."""
+    key = a.image_key()
+    return all(tuple(r.universe.tolist()) == key for r in a.runs + b.runs)
 
 
 def consistent(row: RowRuns) -> bool:
-    """Whether every run of the row was scored on the same samples."""
-    return all(set(r.samples.tolist()) == set(row.runs[0].samples.tolist()) for r in row.runs)
+    """Whether every run of the row was scored on the same images."""
+    return same_images(row, row)
 
 
-def _value(data: PerImage, metric: str, w: np.ndarray, tau) -> np.ndarray:
+def _value(data: PerImage, metric: str, order: np.ndarray, counts: np.ndarray, tau) -> np.ndarray:
     if metric.endswith("_at_val_tau"):
         base = metric[: -len("_at_val_tau")]
         if tau is None or base not in tau:
-            return np.full(w.shape[0], np.nan)
-        return metric_at_threshold(data, base, tau[base], w)
-    return metric_on_weights(data, metric, w)
+            return np.full(counts.shape[0], np.nan)
+        return metric_at_threshold_on_images(data, base, tau[base], order, counts)
+    return metric_on_images(data, metric, order, counts)
 
 
 def can_compute(row: RowRuns, metric: str) -> bool:
@@ -106,7 +108,7 @@ class Bootstrap:
         """``(image ids (I,), counts int (B, I))`` of the row's image set, drawn once per set."""
         key = row.image_key()
         if key not in self._images:
-            order = np.array(sorted(set(row.runs[0].images.tolist())), dtype=object)
+            order = row.runs[0].universe
             draws = self.rng.integers(0, len(order), size=(self.n_boot, len(order)))
             counts = np.zeros((self.n_boot, len(order)), dtype=np.float64)
             np.add.at(counts, (np.repeat(np.arange(self.n_boot), len(order)), draws.ravel()), 1.0)
@@ -127,8 +129,9 @@ class Bootstrap:
         the mean over its runs of the metric on all its images."""
         order, counts = self.image_counts(row)
         taus = row.taus or [None] * len(row.runs)
-        per_run = np.stack([_value(r, metric, r.image_weights(order, counts), t) for r, t in zip(row.runs, taus)])
-        est = float(np.mean([_value(r, metric, np.ones((1, len(r))), t)[0] for r, t in zip(row.runs, taus)]))
+        per_run = np.stack([_value(r, metric, order, counts, t) for r, t in zip(row.runs, taus)])
+        ones = np.ones((1, len(order)))
+        est = float(np.mean([_value(r, metric, order, ones, t)[0] for r, t in zip(row.runs, taus)]))
         draws = self.seed_draws(row)
         boot = per_run[draws, np.arange(self.n_boot)[:, None]].mean(1)
         return est, boot
@@ -195,8 +198,12 @@ class Comparison:
                                               "holm_ci_low", "holm_ci_high", "verdict")}
 
 
-def compare(boot: Bootstrap, a: RowRuns, b: RowRuns, metric: str, a_name: str, b_name: str) -> Comparison:
-    """Paired comparison of two rows scored on the same images (:func:`same_images`).
+def compare(boot: Bootstrap, a: RowRuns, b: RowRuns, metric: str, a_name: str, b_name: str,
+            metric_b: str | None = None) -> Comparison:
+    """Paired comparison of two rows scored on the same images (:func:`same_images`): ``metric``
+    of ``a`` minus ``metric_b`` (default ``metric``) of ``b``. With ``b`` the same row as ``a``
+    and ``metric_b`` a variant the same runs logged (BBAM's ``pseudo_masks/box_filled/instance_miou``
+    beside ``pseudo_masks/instance_miou``), both share the image *and* the seed draws.
 
     Raises:
         ValueError: the rows were scored on different images.
@@ -204,7 +211,7 @@ def compare(boot: Bootstrap, a: RowRuns, b: RowRuns, metric: str, a_name: str, b
     if not same_images(a, b):
         raise ValueError(f"{a_name} and {b_name} were scored on different images; they are never compared")
     ea, ba = boot.row(a, metric)
-    eb, bb = boot.row(b, metric)
+    eb, bb = boot.row(b, metric_b or metric)
     d = ba - bb
     lo, hi = interval(d)
     return Comparison(row=a_name, against=b_name, metric=metric, diff=ea - eb, ci_low=lo, ci_high=hi,
@@ -235,7 +242,7 @@ def noise_words(row: RowRuns | None, n_seeds: int) -> str:
     """What a row's interval covers, in words."""
     if row is None:
         return "seeds only (no per-image results: test images held fixed)"
-    n_images = len(set(row.runs[0].images.tolist()))
+    n_images = len(row.runs[0].universe)
     if row.seed_free:
         return f"test images ({n_images}); seed-free"
     return f"test images ({n_images}) x seeds ({n_seeds})"

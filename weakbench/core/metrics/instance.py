@@ -98,6 +98,44 @@ def voc_instance_ap(gt: COCO, results: Sequence[dict], iou_threshold: float, iou
     Raises:
         DataError: unknown ``iou_type``, or a result lacking the field it needs.
     """
+    hits, seq, n_pos = voc_hits(gt, results, (iou_threshold,), iou_type)
+    cats = np.asarray([int(results[i]["category_id"]) for i in seq], np.int64)
+    scores = np.asarray([float(results[i]["score"]) for i in seq], np.float64)
+    matched = hits[seq, 0] if len(seq) else np.zeros(0, bool)
+    aps = []
+    for cat, npos in n_pos.items():
+        sel = cats == cat
+        order = np.argsort(-scores[sel], kind="stable")
+        tp = np.cumsum(matched[sel][order])
+        fp = np.cumsum(~matched[sel][order])
+        prec = tp / np.maximum(tp + fp, 1)
+        aps.append(voc_ap(tp / npos, prec))
+    return 100.0 * float(np.mean(aps)) if aps else 0.0
+
+
+def voc_hits(gt: COCO, results: Sequence[dict], iou_thresholds: Sequence[float],
+             iou_type: str = "segm") -> tuple[np.ndarray, list[int], dict[int, int]]:
+    """PASCAL VOC's matching of :func:`voc_instance_ap`, kept per prediction (what the per-image
+    results store, :mod:`weakbench.core.metrics.per_image`).
+
+    Within each (image, class), predictions in score order (ties: input order) take the
+    best-overlapping GT instance of their class when it overlaps by at least the threshold and is
+    not yet taken. Matching never crosses images.
+
+    Args:
+        gt, results, iou_type: as :func:`voc_instance_ap`.
+        iou_thresholds: L thresholds in (0, 1].
+
+    Returns:
+        ``(hits, seq, n_pos)``: bool (len(results), L) true-positive flags in input order (False
+        for a class without GT: those predictions are ignored); ``seq``, the input indices in the
+        order :func:`voc_instance_ap` ranks ties (the (image, class) groups in order of first
+        appearance, each in score order), predictions of classes without GT left out; ``n_pos``,
+        ``{category id: GT instances}``.
+
+    Raises:
+        DataError: unknown ``iou_type``, or a result lacking the field it needs.
+    """
     if iou_type not in ("segm", "bbox"):
         raise DataError(f"unknown iou type {iou_type!r}; use 'segm' or 'bbox'")
     field = "segmentation" if iou_type == "segm" else "bbox"
@@ -112,35 +150,58 @@ def voc_instance_ap(gt: COCO, results: Sequence[dict], iou_threshold: float, iou
     for i, r in enumerate(results):
         if field not in r:
             raise DataError(f"result #{i} has no {field!r}; add it to every prediction to evaluate {iou_type}")
-        preds[(r["image_id"], r["category_id"])].append(r)
-    scores: dict = defaultdict(list)
-    matches: dict = defaultdict(list)
-    for (img, cat), rs in preds.items():
+        preds[(r["image_id"], r["category_id"])].append(i)
+    hits = np.zeros((len(results), len(iou_thresholds)), bool)
+    seq: list[int] = []
+    for (img, cat), idx in preds.items():
         if n_pos.get(cat, 0) == 0:
             continue
-        rs = sorted(rs, key=lambda r: -float(r["score"]))
+        idx = sorted(idx, key=lambda i: -float(results[i]["score"]))
+        seq += idx
         g = gts.get((img, cat), [])
-        taken = np.zeros(len(g), bool)
-        if g:
-            dets = [r["segmentation"] if iou_type == "segm" else r["bbox"] for r in rs]
-            ious = np.asarray(mask_utils.iou(dets, g, [0] * len(g)), dtype=np.float64).reshape(len(rs), len(g))
-        for k, r in enumerate(rs):
-            hit = False
-            if g:
+        if not g:
+            continue
+        dets = [results[i]["segmentation"] if iou_type == "segm" else results[i]["bbox"] for i in idx]
+        ious = np.asarray(mask_utils.iou(dets, g, [0] * len(g)), dtype=np.float64).reshape(len(idx), len(g))
+        for t, thr in enumerate(iou_thresholds):
+            taken = np.zeros(len(g), bool)
+            for k, i in enumerate(idx):
                 j = int(np.argmax(ious[k]))
-                if ious[k, j] >= iou_threshold and not taken[j]:
-                    taken[j] = hit = True
-            scores[cat].append(float(r["score"]))
-            matches[cat].append(hit)
-    aps = []
-    for cat, npos in n_pos.items():
-        sc = np.asarray(scores[cat], np.float64)
-        order = np.argsort(-sc, kind="stable")
-        tp = np.cumsum(np.asarray(matches[cat], bool)[order])
-        fp = np.cumsum(~np.asarray(matches[cat], bool)[order])
-        prec = tp / np.maximum(tp + fp, 1)
-        aps.append(voc_ap(tp / npos, prec))
-    return 100.0 * float(np.mean(aps)) if aps else 0.0
+                if ious[k, j] >= thr and not taken[j]:
+                    taken[j] = hits[i, t] = True
+    return hits, seq, dict(n_pos)
+
+
+def per_image_tables(gt: COCO, results: Sequence[dict], scope: str, iou_types: Sequence[str] = ("segm",),
+                     ious: Sequence[float] | None = None):
+    """The per-image rows (:mod:`weakbench.core.metrics.per_image`, version 2) behind the AP
+    names and ``instance_miou`` of one scope: an ``"image"`` row per GT image, an ``"instance"``
+    row per non-crowd GT annotation (with ``ious``, one per annotation in ``gt.dataset`` order, the
+    pseudo mask's IoU), and a ``"detection"`` row per prediction of a class with GT, in the order
+    :func:`voc_instance_ap` ranks ties, with its :func:`voc_hits` flags at IoU 0.25 and 0.5.
+
+    Returns:
+        a ``pyarrow.Table`` (image ids as strings of ``image_id``, class index ``category_id − 1``).
+    """
+    from weakbench.core.metrics.per_image import AP_IOU_THRESHOLDS, detection_rows, image_rows, instance_rows
+    from weakbench.core.metrics.per_image import merge_tables
+
+    anns = [a for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)]
+    images = [str(im["id"]) for im in gt.dataset["images"]]
+    parts = [image_rows(scope, images),
+             instance_rows(scope, [str(a["image_id"]) for a in anns], [int(a["category_id"]) - 1 for a in anns],
+                           None if ious is None else list(ious))]
+    hits, seq = {}, None
+    for t in iou_types:
+        h, seq, _ = voc_hits(gt, results, AP_IOU_THRESHOLDS, t)
+        hits[t] = h
+    seq = seq if seq is not None else []
+    parts.append(detection_rows(scope, [str(results[i]["image_id"]) for i in seq],
+                                [int(results[i]["category_id"]) - 1 for i in seq],
+                                [float(results[i]["score"]) for i in seq],
+                                hits["segm"][seq] if "segm" in hits else None,
+                                hits["bbox"][seq] if "bbox" in hits else None))
+    return merge_tables(parts)
 
 
 def average_best_overlap(gt: COCO, results: Sequence[dict]) -> float:
@@ -311,6 +372,14 @@ class PseudoMaskEvaluator:
         valid = gt != 255
         kk = self.num_classes + 1
         self.confusion += np.bincount(gt[valid] * kk + pred[valid], minlength=kk * kk).reshape(kk, kk)
+
+    def per_image_table(self, scope: str):
+        """The accumulated images' per-image rows under ``scope`` (the metric prefix the caller
+        logs, e.g. ``"pseudo_masks"`` or ``"pseudo_masks/box_filled"``): each GT instance's IoU
+        (``instance_miou``) and the masks' VOC matches (``map_r25``, ``map_r50``); see
+        :func:`per_image_tables`."""
+        gt = coco_gt_from_source(self.source, self.indices)
+        return per_image_tables(gt, self.results, scope, ("segm",), ious=self.ious)
 
     def compute(self) -> dict[str, float]:
         conf = self.confusion.astype(np.float64)

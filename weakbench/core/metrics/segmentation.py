@@ -30,6 +30,9 @@ class SemanticEvaluator:
         self.thresholds = np.round(np.arange(0.05, 0.95, 0.05) if bg_thresholds is None else np.asarray(bg_thresholds, dtype=np.float64), 4)
         k = self.num_classes + 1
         self.confusion = np.zeros((len(self.thresholds), k, k), dtype=np.int64)  # [t, gt, pred]
+        #: per accumulated image: ``(classes int (k,), tp, gt, pred int64 (T, k))``, its confusion
+        #: counts of the labels it uses (:mod:`weakbench.core.metrics.per_image`)
+        self.per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def accumulate(self, cams, labels, semantic) -> None:
         """Add a batch.
@@ -55,6 +58,18 @@ class SemanticEvaluator:
         for i, t in enumerate(self.thresholds):
             pred = np.where(b >= t, fg, 0)
             self.confusion[i] += np.bincount(g * k + pred, minlength=k * k).reshape(k, k)
+        for j in range(n):  # each image's counts of the labels it uses: 0, its GT classes, its present classes
+            v = valid[j]
+            gj, bj, fj = gt[j][v].numpy(), best[j][v].numpy(), (arg[j][v] + 1).numpy()
+            used = np.union1d(np.union1d([0], np.unique(gj)), np.flatnonzero(labels[j].numpy()) + 1).astype(np.int64)
+            tp = np.zeros((len(self.thresholds), len(used)), np.int64)
+            pr = np.zeros_like(tp)
+            gcount = np.bincount(gj, minlength=k)[used]
+            for i, t in enumerate(self.thresholds):
+                pred = np.where(bj >= t, fj, 0)
+                pr[i] = np.bincount(pred, minlength=k)[used]
+                tp[i] = np.bincount(pred[pred == gj], minlength=k)[used]
+            self.per_image.append((used, tp, np.broadcast_to(gcount, tp.shape).copy(), pr))
 
     def compute(self) -> dict:
         """Returns ``miou`` (percent, at the best threshold), ``best_bg_threshold``, ``curve``
