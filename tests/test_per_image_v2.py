@@ -293,3 +293,28 @@ def test_board_reports_miou_at_the_val_background_threshold_and_bbam_variant_ver
                  for r in rows]))
     assert lb["noise"] == "test images (40) x seeds (3)"
     assert lb["trivial_verdict"].startswith("beats box_filled (paired over test images and seeds, Holm)")
+
+
+def test_evaluate_split_stores_what_recomputes_miou_and_cls_map(tmp_path):
+    """A CAM model on the synthetic default (masks, multi-label images): the split's mIoU and
+    cls mAP equal those recomputed from its per-image table (after a Parquet round trip), and the
+    box metrics still do."""
+    import torch
+
+    from weakbench.methods import build_method
+    from weakbench.platform.data import open_dataset
+    from weakbench.platform.evaluate import evaluate_split
+    from weakbench.platform.metrics.per_image import read_table, write_table
+
+    source = open_dataset(None, cache_dir=tmp_path)
+    torch.manual_seed(0)
+    m = build_method("cam", {"input_size": 32, "backbone": "resnet18", "pretrained": False},
+                     num_classes=source.num_classes, multilabel=source.multilabel)
+    metrics, _, details = evaluate_split(m, m.build_model(), source, list(range(20)), input_size=32,
+                                         device=torch.device("cpu"), batch_size=6)
+    write_table(details["per_image"], tmp_path / "t.parquet", "test")
+    data = PerImage(read_table(tmp_path / "t.parquet"))
+    ones = np.ones((1, len(data.universe)))
+    names = ["miou", "max_box_acc_v2", "pxap"] + (["cls_map"] if source.multilabel else ["cls_acc"])
+    for name in names:
+        assert metric_on_images(data, name, data.universe, ones)[0] == pytest.approx(metrics[name], abs=1e-9), name
