@@ -128,6 +128,9 @@ def test_leaderboard_json(board_dir):
     assert doc["boards"][0]["select_metric"] == "val/max_box_acc_v2" and cam["n_seeds"] == 3 and cam["n_trials"] == 6
     assert cam["test/max_box_acc_v2.mean"] == pytest.approx(42.0)
     assert {"test/max_box_acc_v2.ci_low", "gpu_hours", "baseline_verdict", "trivial_verdict"} <= set(cam)
+    # issue 18: each row's interval, the images and seeds behind it, its flags and its verdicts
+    assert {"test/max_box_acc_v2.ci_high", "n_images", "n_seeds", "noise", "flags", "verdicts"} <= set(cam)
+    assert isinstance(cam["flags"], list) and isinstance(cam["verdicts"], list)
     csv_text = weakbench("leaderboard", "--output-dir", str(board_dir), "--format", "csv").stdout
     header = csv_text.splitlines()[0].split(",")
     assert header[:3] == ["board", "dataset", "method"] and "test/max_box_acc_v2.ci_high" in header

@@ -1,6 +1,6 @@
 """One selection rule on a real MLflow SQLite store: when the best single run is not in the
-configuration with the best mean over seeds, the sweep summary, the live header, the board and
-``register`` name the same configuration (and the summary and ``register`` the same run); the
+configuration with the best mean over seeds, the sweep summary, the live header (``status``), the board
+(``leaderboard``), the dashboard and ``register`` name the same configuration (and the summary and ``register`` the same run); the
 per-image results a run logs reach the results store."""
 
 from __future__ import annotations
@@ -65,3 +65,11 @@ def test_every_surface_names_the_best_mean_configuration(tmp_path):
     assert set(read_per_image(store, table["run_id"].to_pylist())) == set(table["run_id"].to_pylist())
     assert row["n_images"] == 2 and row["noise"] == "test images (2) x seeds (3)"
     assert build_leaderboard(table).to_pylist()[0]["noise"].startswith("seeds only")
+    # the dashboard's board row is the same configuration: its validation mean (61.00), not the
+    # best single run's configuration (lr=0.01, mean 50.33)
+    from weakbench.dashboards.build import build_dashboard
+
+    page = tmp_path / "dashboard.html"
+    assert build_dashboard(table, page, store_dir=store, n_boot=200)["rows"] == 1
+    html = page.read_text()
+    assert '<td data-sort="61.0">61.00<' in html and 'data-sort="50.3' not in html
