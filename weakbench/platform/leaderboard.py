@@ -47,7 +47,12 @@ Semantics (Choe et al., CVPR 2020, "split discipline"; DESIGN.md "Evaluation pro
 * Box-supervised methods (BBAM, CCGR) log the same score for the box itself filled as the mask
   (``<split>/…/box_filled/<name>``, :func:`~weakbench.methods.metric_declarations.baseline_metric`):
   on a dataset without a trivial row, a row whose runs logged it is compared with it the same way,
-  paired on seed over the same runs (``trivial_baseline = "box_filled"``).
+  paired on seed over the same runs (``trivial_baseline = "box_filled"``). Where the runs have
+  per-image results, every variant the method declares (``Method.compared_with_variants``: BBAM
+  ``box_filled``, ``box_crf``; CCGR ``unrefined``, ``box_filled``) is compared instead on the
+  paired image and seed bootstrap, Holm-corrected with the board's other comparisons
+  (:func:`variant_pair` picks the metric), and the paired ``box_filled`` verdict replaces the
+  seed-paired one.
 
 The output is a :class:`pyarrow.Table`, one row per group, sorted by dataset then by the primary
 metric (best first). Its schema metadata and its ``selected_on`` / ``reported_on`` columns say
