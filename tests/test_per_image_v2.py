@@ -318,3 +318,45 @@ def test_evaluate_split_stores_what_recomputes_miou_and_cls_map(tmp_path):
     names = ["miou", "max_box_acc_v2", "pxap"] + (["cls_map"] if source.multilabel else ["cls_acc"])
     for name in names:
         assert metric_on_images(data, name, data.universe, ones)[0] == pytest.approx(metrics[name], abs=1e-9), name
+
+
+@pytest.mark.slow
+def test_ccgr_trial_stores_per_detection_results_and_the_board_compares_its_variants(tmp_path):
+    """A tiny one-round CCGR trial: the store's test table recomputes the logged mAP^r of the
+    pseudo masks, of their unrefined and box-filled variants, and of the IS branch (Mask R-CNN);
+    the board compares CCGR with ``unrefined`` and ``box_filled`` on its pseudo masks' mAP^r."""
+    from weakbench.platform import tracking
+    from weakbench.platform.data import open_dataset
+    from weakbench.platform.data.splits import make_splits, save_splits
+    from weakbench.platform.engine import TrialSpec, run_trial
+    from weakbench.platform.leaderboard import build_leaderboard
+    from weakbench.platform.results import read_per_image, read_store, update_store
+
+    cache = tmp_path / "cache"
+    source = open_dataset(None, cache_dir=cache)
+    save_splits(make_splits(source, seed=0), cache / "splits.json")
+    params = {"backbone": "resnet18", "input_size": 64, "epochs": 1, "batch_size": 8, "rounds": 1,
+              "max_proposals": 40, "mil_epochs": 1, "semantic_epochs": 1, "mask_rcnn_epochs": 1,
+              "refinement_steps": 5, "max_images_per_split": 6}
+    spec = TrialSpec(method="ccgr", params=params, data=None, data_cache=str(cache),
+                     splits_path=str(cache / "splits.json"), trial_dir=str(tmp_path / "trial"),
+                     tracking_uri=tracking.default_tracking_uri(tmp_path), sweep_id="s", trial_id="t0", run_name="t0",
+                     eval_max_images=6, num_overlays=0, log_model=False, products_dir=str(tmp_path / "products"))
+    m = run_trial(spec, executor="inline")
+    store = tmp_path / "store"
+    update_store(spec.tracking_uri, store)
+    table = read_store(store)
+    (rid,) = table["run_id"].to_pylist()
+    data = PerImage(read_per_image(store, [rid], "test")[rid])
+    ones = np.ones((1, len(data.universe)))
+    ns = "pseudo_masks_with_labels"
+    for name in (f"{ns}/map_r50", f"{ns}/map_r25", f"{ns}/box_map50", f"{ns}/unrefined/map_r50",
+                 f"{ns}/box_filled/map_r50", "mask_rcnn/map_r50", "mask_rcnn/box_map50"):
+        got = metric_on_images(data, name, data.universe, ones)[0]
+        assert got == pytest.approx(m[f"test/{name}"], abs=1e-9), name
+    board = build_leaderboard(table, select_metric="val/mask_rcnn/map_r50", n_boot=200,
+                              per_image=read_per_image(store, [rid], "test"))
+    row = board.to_pylist()[0]
+    got = {v["against"]: v for v in row["verdicts"]}
+    assert set(got) == {"unrefined", "box_filled"} and {v["metric"] for v in got.values()} == {f"{ns}/map_r50"}
+    assert got["unrefined"]["diff"] == pytest.approx(m[f"test/{ns}/map_r50"] - m[f"test/{ns}/unrefined/map_r50"])
