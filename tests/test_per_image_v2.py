@@ -302,9 +302,9 @@ def test_evaluate_split_stores_what_recomputes_miou_and_cls_map(tmp_path):
     import torch
 
     from weakbench.methods import build_method
-    from weakbench.platform.data import open_dataset
-    from weakbench.platform.evaluate import evaluate_split
-    from weakbench.platform.metrics.per_image import read_table, write_table
+    from weakbench.core.data import open_dataset
+    from weakbench.methods.evaluate import evaluate_split
+    from weakbench.core.metrics.per_image import read_table, write_table
 
     source = open_dataset(None, cache_dir=tmp_path)
     torch.manual_seed(0)
@@ -326,8 +326,8 @@ def test_ccgr_trial_stores_per_detection_results_and_the_board_compares_its_vari
     pseudo masks, of their unrefined and box-filled variants, and of the IS branch (Mask R-CNN);
     the board compares CCGR with ``unrefined`` and ``box_filled`` on its pseudo masks' mAP^r."""
     from weakbench.platform import tracking
-    from weakbench.platform.data import open_dataset
-    from weakbench.platform.data.splits import make_splits, save_splits
+    from weakbench.core.data import open_dataset
+    from weakbench.core.data.splits import make_splits, save_splits
     from weakbench.platform.engine import TrialSpec, run_trial
     from weakbench.platform.leaderboard import build_leaderboard
     from weakbench.platform.results import read_per_image, read_store, update_store
