@@ -122,3 +122,37 @@ def test_board_view_shows_paired_verdicts_their_noise_and_the_ranking_disagreeme
     html = leaderboard_html(v, None)
     assert "verdict: paired over test images and seeds, Holm over the board" in html
     assert "beyond seed noise" not in html and 'class="paired"' in html
+
+
+def test_ccgr_rows_show_bag_quality_and_proposal_recall_in_words():
+    """CCGR's row diagnostics (``CCGR.row_diagnostics``): the proposal recall (its boxes' ceiling)
+    and the bags against random bags of the same size, from the logged test values (mean over the
+    row's seeds), on the leaderboard row, in the CLI table and on the dashboard; never a flag. A
+    row that did not log them (the bag figures here) shows none of those words."""
+    from rich.console import Console
+
+    from weakbench.platform.leaderboard import render_rich
+
+    diag = {"test/proposals/proposal_recall": 41.0, "test/peaks/bag_best_iou": 61.5,
+            "test/peaks/random_bag_best_iou": 61.4, "test/peaks/bag_top1_iou": 56.0,
+            "test/peaks/random_bag_top1_iou": 34.0}
+    rows = [_run(30 + s, "ccgr", s, {"val/mask_rcnn/map_r50": 30 + s, "test/mask_rcnn/map_r50": 29 + s,
+                                      **{k: v + s for k, v in diag.items()}}) for s in range(3)]
+    lb = build_leaderboard(rows_to_table(rows), "val/mask_rcnn/map_r50", n_boot=100)
+    row = lb.to_pylist()[0]
+    assert row["diagnostics"] == [
+        "proposal recall@0.5 42 % (the ceiling of boxes picked among the proposals)",
+        "bags (IoU with GT): best 62.5 %, top-1 57.0 %; random bags of the same size 62.4 % / 35.0 %"]
+    # the words are not flags (below 50 % the proposal recall is also flagged, by its mechanism check)
+    assert row["flags"] == ["proposals miss objects: 42 % of GT boxes have a proposal at IoU 0.5"]
+    console = Console(width=400, record=True)
+    console.print(render_rich(lb, max_metrics=2))
+    text = console.export_text()
+    assert "row diagnostics" in text and "62.4 % / 35.0 %" in text
+    html = leaderboard_html(build_leaderboard(rows_to_table(rows), "val/mask_rcnn/map_r50", n_boot=100), None)
+    assert "best 62.5 %, top-1 57.0 %" in html and "proposal recall@0.5 42 %" in html
+    # only the proposal recall logged: the bag words are left out, not filled with nan
+    bare = [_run(40 + s, "ccgr", s, {"val/mask_rcnn/map_r50": 30.0 + s, "test/mask_rcnn/map_r50": 29.0 + s,
+                                      "test/proposals/proposal_recall": 41.0}) for s in range(2)]
+    assert build_leaderboard(rows_to_table(bare), "val/mask_rcnn/map_r50", n_boot=100).to_pylist()[0][
+        "diagnostics"] == ["proposal recall@0.5 41 % (the ceiling of boxes picked among the proposals)"]

@@ -240,3 +240,4 @@ def test_voc_instance_ap_on_boxes():
     preds = [{"image_id": 1, "category_id": 1, "bbox": [2.0, 0.0, 4.0, 4.0], "score": 0.5}]
     assert voc_instance_ap(gt, preds, 0.25, "bbox") == pytest.approx(100.0)
     assert voc_instance_ap(gt, preds, 0.5, "bbox") == 0.0
+

@@ -257,7 +257,8 @@ def leaderboard_html(board: BoardView | pa.Table, mlflow_ui_url: str | None, tab
         badges = "".join(f'<span class="badge {b}">{b}</span>' for b in
                          (["baseline"] if r["_role"] == "baseline" else []) + (["flagged"] if r["_flags"] else []))
         where = _esc(r["backbone"]) + " · " + _esc(r["dataset"])
-        cells = [_td(r["method"], f'<b>{_esc(r["method"])}</b>{badges}<br><span class="sub">{where}</span>', "row")]
+        diag = "".join(f'<div class="sub diag">{_esc(d)}</div>' for d in (r.get("diagnostics") or []))
+        cells = [_td(r["method"], f'<b>{_esc(r["method"])}</b>{badges}<br><span class="sub">{where}</span>{diag}', "row")]
         flags = "".join(f'<div class="flag">⚑ {_esc(f)}</div>' for f in r["_flags"] if f != r.get("trivial_verdict"))
         verdict = "".join(f'<div class="paired">{_esc(line)}</div>' for line in r["_verdicts"]) if r["_verdicts"] \
             else _esc(r["_verdict"])

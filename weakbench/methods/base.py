@@ -52,7 +52,7 @@ from weakbench.methods.lr_schedules import LRSchedule
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, check_field_groups, resolve_plan
 from weakbench.core.errors import ConfigError, PluginError, UnknownNameError
 from weakbench.core.io import atomic_write_text
-from weakbench.methods.metric_declarations import DEFAULT_HEADLINE, MechanismCheck, MetricSpec
+from weakbench.methods.metric_declarations import DEFAULT_HEADLINE, MechanismCheck, MetricSpec, RowDiagnostic
 
 __all__ = ["Method", "MethodConfig", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
@@ -208,6 +208,9 @@ class Method:
             (:class:`~weakbench.methods.metric_declarations.MechanismCheck`); the board flags a row
             whose check fails. Every classifier row is also checked against chance (``cls_acc``
             against ``cls_chance``) and every trained row for seeds giving identical metrics.
+        row_diagnostics: diagnostics every board row of the method shows in words, never ranked
+            (:class:`~weakbench.methods.metric_declarations.RowDiagnostic`; CCGR: proposal
+            recall and bags against random bags).
         compared_with_variants: variant prefixes (:mod:`weakbench.methods.metric_declarations`)
             of the headline that the same run logs as its own baselines (BBAM: ``box_filled``,
             ``box_crf``; CCGR: ``unrefined``, ``box_filled``).
@@ -243,6 +246,7 @@ class Method:
     #: metric names the method's evaluation computes but does not report (a trivial baseline has no
     #: classifier: its classification metrics are dropped, here and in ``weakbench evaluate``)
     unreported_metrics: ClassVar[tuple[str, ...]] = ()
+    row_diagnostics: ClassVar[tuple[RowDiagnostic, ...]] = ()
 
     def __init__(self, config: MethodConfig, num_classes: int, multilabel: bool = True):
         if num_classes < 1:

@@ -122,7 +122,7 @@ from weakbench.methods.bbam_ops import box_filled_mask
 from weakbench.methods.base import Method, MethodConfig, register_method
 from weakbench.methods.classifier import ClassifierFitTask
 from weakbench.methods.pipeline import PREDICTOR, UNUSED, FitTask, Stage, StageContext, StepContext
-from weakbench.methods.metric_declarations import MechanismCheck, metric
+from weakbench.methods.metric_declarations import MechanismCheck, RowDiagnostic, metric
 
 #: fields of the CAM classifier (:class:`~weakbench.methods.classifier.ClassifierConfig`) that CCGR passes on
 CLASSIFIER_FIELDS = ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
@@ -607,6 +607,13 @@ class CCGR(Method):
                         MechanismCheck("proposal_recall", fails_below=50.0,
                                        words="proposals miss objects: {value:.0f} % of GT boxes have a proposal at "
                                              "IoU 0.5"))
+    #: on every board row: the proposals' ceiling and what Eq. 4's ranking adds over random bags
+    row_diagnostics = (RowDiagnostic(("proposal_recall",), "proposal recall@0.5 {proposal_recall:.0f} % (the ceiling of "
+                                                           "boxes picked among the proposals)"),
+                       RowDiagnostic(("bag_best_iou", "random_bag_best_iou", "bag_top1_iou", "random_bag_top1_iou"),
+                                     "bags (IoU with GT): best {bag_best_iou:.1f} %, top-1 {bag_top1_iou:.1f} %; "
+                                     "random bags of the same size {random_bag_best_iou:.1f} % / "
+                                     "{random_bag_top1_iou:.1f} %"))
     map_chunk_size = 8
     #: the stages' box, proposal, bag and peak metrics (masks: the common instance metrics)
     metrics = (

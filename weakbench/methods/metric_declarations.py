@@ -131,6 +131,30 @@ class MechanismCheck:
                 or (self.fails_above is not None and value > self.fails_above))
 
 
+@dataclass(frozen=True)
+class RowDiagnostic:
+    """A diagnostic every board row of a method shows in words (``Method.row_diagnostics``), beside
+    its scores and never ranked: e.g. CCGR's proposal recall (the ceiling of its boxes) and its bags
+    against random bags of the same size.
+
+    Attributes:
+        metrics: declared bare names, each matched as :class:`MechanismCheck` does (the run's
+            logged key ending in ``/<metric>``, test first, then val, then train; mean over the
+            row's runs).
+        words: formatted with each metric's value by name, e.g. ``"proposal recall@0.5
+            {proposal_recall:.0f} %"``.
+    """
+
+    metrics: tuple[str, ...]
+    words: str
+
+    def text(self, values: dict[str, float]) -> Optional[str]:
+        """The words with ``values`` filled in; None when one of :attr:`metrics` is missing or NaN."""
+        if any(values.get(m) is None or values[m] != values[m] for m in self.metrics):
+            return None
+        return self.words.format(**{m: values[m] for m in self.metrics})
+
+
 def metric(name: str, direction: Optional[Direction], unit: str, display: str, description: str) -> MetricSpec:
     """A :class:`MetricSpec` selected on :data:`SELECTION_SPLIT` (what a method lists in its
     ``Method.metrics``)."""
@@ -378,6 +402,6 @@ DISPLAY_ORDER: tuple[str, ...] = ("max_box_acc_v2", "max_box_acc", "pxap", "miou
                                   "map_r25", "box_map50", "proposal_recall", "pseudo_mask_miou", "robust_accuracy", "cam_iou", "cls_map", "cls_acc",
                                   "top1_loc", "top5_loc")
 
-__all__ = ("MetricSpec", "metric", "declared", "METRICS", "COSTS", "VARIANTS", "GAINS", "UnknownMetricError", "lookup", "spec", "direction",
+__all__ = ("MetricSpec", "MechanismCheck", "RowDiagnostic", "metric", "declared", "METRICS", "COSTS", "VARIANTS", "GAINS", "UnknownMetricError", "lookup", "spec", "direction",
            "higher_is_better", "headline_metric", "undeclared", "default_select_metric", "baseline_metric", "bare_name",
            "DEFAULT_HEADLINE", "DEFAULT_SELECT_METRIC", "SELECTION_SPLIT", "DISPLAY_ORDER")

@@ -391,6 +391,7 @@ _VERDICT_TYPE = pa.struct([
 _IMAGE_FIELDS = [
     pa.field("n_images", pa.int64()), pa.field("noise", pa.string()),
     pa.field("verdicts", pa.list_(_VERDICT_TYPE)), pa.field("flags", pa.list_(pa.string())),
+    pa.field("diagnostics", pa.list_(pa.string())),
 ]
 
 
@@ -605,7 +606,7 @@ def _flag_rows(rows: list[dict[str, Any]], chosen_runs: dict, seeds: np.ndarray,
                report_names: list[str]) -> None:
     """``flags``: a row's mechanism checks in words. A trained row (not seed-free) whose seeds
     give identical values of every reported metric is degenerate (``"degenerate: seeds
-    identical"``)."""
+    identical"``). ``diagnostics``: the method's ``row_diagnostics`` in words (never a flag)."""
     for r in rows:
         flags = list(r.get("flags") or [])
         key = (r["dataset"], r["method"], r["backbone"])
@@ -626,6 +627,9 @@ def _flag_rows(rows: list[dict[str, Any]], chosen_runs: dict, seeds: np.ndarray,
             value = _logged_mean(metrics, runs, check.metric)
             if check.fails(value):
                 flags.append(check.words.format(value=value))
+        notes = (d.text({m: _logged_mean(metrics, runs, m) for m in d.metrics})
+                 for d in _mechanism_checks(r["method"], "row_diagnostics"))
+        r["diagnostics"] = [n for n in notes if n]
         acc, chance = _logged_mean(metrics, runs, "cls_acc", ("test",)), _logged_mean(metrics, runs, "cls_chance", ("test",))
         if not math.isnan(acc) and not math.isnan(chance):
             if acc < CHANCE_FACTOR * chance:
@@ -642,12 +646,13 @@ CHANCE_FACTOR = 5.0
 WEAK_CLASSIFIER = 20.0
 
 
-def _mechanism_checks(method: str):
-    """``Method.mechanism_checks`` of a registered method (none for an unknown name)."""
+def _mechanism_checks(method: str, attribute: str = "mechanism_checks"):
+    """``Method.mechanism_checks`` (or another such tuple, ``row_diagnostics``) of a registered
+    method (none for an unknown name)."""
     from weakbench.methods import get_method_class
 
     try:
-        return tuple(get_method_class(method).mechanism_checks)
+        return tuple(getattr(get_method_class(method), attribute, ()))
     except Exception:  # noqa: BLE001 - a store written by another version
         return ()
 
@@ -887,11 +892,12 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
     base = meta.get(b"weakbench.baseline_method", b"cam").decode()
     t.add_column(f"vs {base}")
     t.add_column("vs best trivial baseline")
-    image_rows = any(r.get("verdicts") or r.get("flags") for r in lb.to_pylist())
+    image_rows = any(r.get("verdicts") or r.get("flags") or r.get("diagnostics") for r in lb.to_pylist())
     if image_rows:
         t.add_column("interval covers")
         t.add_column("paired verdicts (95 % CI; Holm over the board)")
         t.add_column("flags")
+        t.add_column("row diagnostics")
     for r in lb.to_pylist():
         diff = r["baseline_diff_mean"]
         vs = r["baseline_verdict"] or ""
@@ -903,8 +909,8 @@ def render_rich(lb: pa.Table, max_metrics: int = 5):
             _fmt(r["select_mean"]),
             *[format_stat(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.ci_low"], r[f"{m}.ci_high"]) for m in names],
             cost, escape(vs), escape(trivial_cell(r)),
-            *([escape(r.get("noise") or ""), escape(verdicts_cell(r)), escape("; ".join(r.get("flags") or []))]
-              if image_rows else []),
+            *([escape(r.get("noise") or ""), escape(verdicts_cell(r)), escape("; ".join(r.get("flags") or [])),
+               escape("; ".join(r.get("diagnostics") or []))] if image_rows else []),
             style="red" if r.get("below_trivial") else None,
         )
     return t
@@ -966,10 +972,11 @@ def board_columns(lb: pa.Table, max_metrics: int = 5) -> list:
              Column("baseline_verdict", f"vs {base}", text=vs_base, fields=("baseline_diff_mean", "baseline_verdict")),
              Column("trivial_verdict", "vs best trivial baseline", text=trivial_cell, style=flagged,
                     fields=("trivial_diff_mean", "trivial_verdict", "below_trivial"))]
-    if any(r.get("verdicts") or r.get("flags") for r in lb.to_pylist()):  # rows with per-image results
+    if any(r.get("verdicts") or r.get("flags") or r.get("diagnostics") for r in lb.to_pylist()):
         cols += [Column("noise", "interval covers"),
                  Column("verdicts", "paired verdicts (95 % CI; Holm over the board)", text=verdicts_cell),
-                 Column("flags", "flags", text=lambda r: "; ".join(r.get("flags") or []))]
+                 Column("flags", "flags", text=lambda r: "; ".join(r.get("flags") or [])),
+                 Column("diagnostics", "row diagnostics", text=lambda r: "; ".join(r.get("diagnostics") or []))]
     return cols
 
 
