@@ -23,6 +23,22 @@ def test_shipped_search_spaces_are_valid(path):
     validate_config(space.method, cfg)  # a concrete point of the space passes the schema
 
 
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "search_spaces").glob("*.yaml")
+                                        # *_official.yaml spell out a paper's settings on purpose,
+                                        # schema defaults included, so that the file reads as the protocol
+                                        if not p.name.endswith("_official.yaml")), ids=lambda p: p.stem)
+def test_shipped_search_spaces_fix_only_what_differs_from_the_schema(path):
+    """A shipped space's ``fixed`` holds only values that differ from the method's schema
+    defaults: the defaults live in one place (the config class)."""
+    from weakbench.methods import get_method_class
+
+    space = load_search_space(path)
+    fields = get_method_class(space.method).Config.model_fields
+    same = sorted(k for k, v in space.fixed.items()
+                  if not fields[k].is_required() and fields[k].get_default(call_default_factory=True) == v)
+    assert not same, f"{path.name}: fixed {', '.join(same)} equal the {space.method} schema default(s); drop them"
+
+
 IMAGENET_METHODS = ("cam", "minmaxcam", "puzzlecam", "topgap")
 
 
