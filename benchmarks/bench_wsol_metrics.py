@@ -7,7 +7,7 @@ images (7×7 class maps bilinearly upsampled, as methods produce them) with thei
 (MaxBoxAccV2) rules it prints the time per map of each path, the speed ratio, and asserts that
 the per-threshold correct counts are identical.
 
-    python benchmarks/bench_wsol_metrics.py [--maps 500] [--device cuda] [--engine numpy]
+    python benchmarks/bench_wsol_metrics.py [--maps 500] [--device cuda]
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from wsol_reference import ReferenceBoxEvaluator  # noqa: E402
 
 from weakbench.core.metrics import BoxEvaluator, WsolEvaluator, scale_boxes  # noqa: E402
-from weakbench.core.metrics import _levelsets  # noqa: E402
 
 SIZE = 224
 
@@ -88,11 +87,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="torch device for the fast path (cuda)")
     ap.add_argument("--coco", type=Path, default=ROOT.parent / "shared" / "data" / "coco128")
     ap.add_argument("--intervals", default="0.01,0.001")
-    ap.add_argument("--engine", choices=("auto", "numpy"), default="auto",
-                    help="numpy: time the vectorised numpy fallback (as without numba)")
     args = ap.parse_args()
-    if args.engine == "numpy":
-        _levelsets.HAVE_NUMBA = False  # the CPU path then takes the numpy component trees
 
     maps, gts = [], []
     if (args.coco / "annotations" / "instances.json").is_file():
@@ -104,7 +99,7 @@ def main() -> None:
     gts += sg
     maps_np = np.concatenate(maps)
     cuda = bool(args.device and str(args.device).startswith("cuda"))
-    engine = "torch" if cuda else ("numba" if _levelsets.HAVE_NUMBA else "numpy")
+    engine = "torch" if cuda else "numba"
     print(f"{len(maps_np)} maps of {SIZE}x{SIZE} ({len(maps_np) - len(sm)} COCO128 CAMs, "
           f"{len(sm)} smooth random); fast path: {engine} on {args.device or 'cpu'}")
     if engine == "numba":

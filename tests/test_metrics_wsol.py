@@ -19,7 +19,6 @@ from weakbench.core.metrics import (
     resize_box,
     scale_boxes,
 )
-from weakbench.core.metrics._levelsets import HAVE_NUMBA
 from weakbench.core.metrics.wsol import threshold_levels
 
 cv2 = pytest.importorskip("cv2")
@@ -179,10 +178,10 @@ def test_best_iou_per_threshold_equals_opencv(kind, seed, h, w):
         boxes, _ = compute_bboxes_from_scoremaps(m, thr, multi_contour_eval=multi)
         ref = np.array([calculate_multiple_iou(b, gt).max() for b in boxes])
         np.testing.assert_array_equal(sc[key][0][lev], ref, err_msg=f"{key} {kind}")
-    if HAVE_NUMBA:  # the default engine was the compiled sweep: the numpy one agrees
-        sn = box_scores(m[None], [gt], engine="numpy")
-        for key in ("multi", "largest"):
-            np.testing.assert_array_equal(sc[key], sn[key], err_msg=f"{key} {kind}")
+    # the default engine on the CPU is the compiled sweep: the torch component trees agree
+    st_ = box_scores(torch.from_numpy(m[None]), [gt], engine="torch")
+    for key in ("multi", "largest"):
+        np.testing.assert_array_equal(sc[key], st_[key], err_msg=f"{key} {kind}")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -230,24 +229,23 @@ def test_wsol_evaluator_on_cam_like_maps_at_1000_thresholds():
     assert out["top1_loc"] <= out["top5_loc"]
 
 
-def test_torch_engine_equals_numpy_engine():
+def test_torch_engine_equals_numba_engine():
     maps = np.stack([_make_map(KINDS[i % 6], i, 14, 17) for i in range(8)])
     gts = [_gt(i, 14, 17) for i in range(8)]
-    a = box_scores(maps, gts, engine="numpy")
+    a = box_scores(maps, gts, engine="numba")
     b = box_scores(torch.from_numpy(maps), gts, engine="torch")
     for k in ("multi", "largest", "max_byte"):
         np.testing.assert_array_equal(a[k], b[k])
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
-def test_numba_engine_equals_numpy_engine_on_larger_maps():
-    """Every table entry of the compiled sweep equals the numpy component trees', on maps
-    large enough for deep hole nesting and long flood paths (rings, plateaus, noise)."""
+def test_numba_engine_equals_torch_engine_on_larger_maps():
+    """Every table entry of the compiled sweep equals the torch component trees' (on the CPU),
+    on maps large enough for deep hole nesting and long flood paths (rings, plateaus, noise)."""
     kinds = ["rings", "levels", "binary", "smooth", "quantised"]
     maps = np.stack([_make_map(kinds[i % 5], 100 + i, 41, 47) for i in range(5)])
     gts = [_gt(100 + i, 41, 47) for i in range(5)]
     a = box_scores(maps, gts, engine="numba")
-    b = box_scores(maps, gts, engine="numpy")
+    b = box_scores(torch.from_numpy(maps), gts, engine="torch")
     for k in ("multi", "largest", "max_byte"):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # BoxEvaluator evaluates only the levels its thresholds map to: the same counts
@@ -261,9 +259,10 @@ def test_numba_engine_equals_numpy_engine_on_larger_maps():
             np.testing.assert_array_equal(fast.counts[d], ref.num_correct[d].astype(np.int64))
 
 
-def test_unknown_engine_raises():
+@pytest.mark.parametrize("engine", ["cv2", "numpy"])  # the numpy component trees were removed
+def test_unknown_engine_raises(engine):
     with pytest.raises(DataError, match="engine"):
-        box_scores(np.zeros((1, 4, 4), np.float32), [np.array([[0, 0, 1, 1]])], engine="cv2")
+        box_scores(np.zeros((1, 4, 4), np.float32), [np.array([[0, 0, 1, 1]])], engine=engine)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

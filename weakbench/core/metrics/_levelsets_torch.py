@@ -1,7 +1,8 @@
 """Connected components of every upper level set of a batch of byte maps, at once (torch).
 
-The torch twin of :mod:`._levelsets` (same algorithm, same results, tested equal), used when
-the evaluation runs on a GPU; on a CPU the numpy version is faster.
+The accelerator engine of :func:`weakbench.core.metrics.wsol.box_scores`, used when the
+evaluation runs on a GPU; on the CPU the compiled union-find sweep of :mod:`._levelsets` (numba)
+is faster. Both give the same tables, tested equal entry by entry.
 
 For an integer image ``v`` the upper level sets ``U(L) = {p : v[p] > L}`` only grow as ``L``
 drops, so their connected components only merge: they form a tree (the *component tree*).

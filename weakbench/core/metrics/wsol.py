@@ -19,10 +19,10 @@ threshold. The protocol (DESIGN.md, "Evaluation protocol"):
   ``≥ δ``; accuracy is over the split and maximised over ``τ`` (one ``τ`` per split and δ).
 
 How the fast path reproduces each OpenCV step without tracing (proved in the docstrings of
-:mod:`._levelsets` and checked count by count against OpenCV in ``tests/``). On the CPU it
-is a compiled union-find sweep over the pixels by decreasing byte value when numba is
-installed (:func:`._levelsets.sweep_scores`), else vectorised numpy component trees; on an
-accelerator the torch twin of the latter. All give identical tables.
+:mod:`._levelsets` and :mod:`._levelsets_torch`, and checked count by count against OpenCV in
+``tests/``). On the CPU it is a compiled union-find sweep over the pixels by decreasing byte
+value (:func:`._levelsets.sweep_scores`; numba is a hard dependency); on an accelerator,
+vectorised component trees in torch (:mod:`._levelsets_torch`). Both give identical tables.
 
 * an outer contour's ``boundingRect`` is the bounding box of its component; a hole
   contour runs through the foreground pixels 4-adjacent to the hole, so its rectangle is the
@@ -32,7 +32,7 @@ accelerator the torch twin of the latter. All give identical tables.
   that of the component with its holes filled, counted on 2×2 cells of pixel centres (1 for
   a full cell, 1/2 for a cell with three pixels). Holes are filled for all levels at once
   with the grey-level hole filling ``g = max(b, level at which the pixel's background joins
-  the border)``, computed from the background component tree (numpy, torch) or by a
+  the border)``, computed from the background component tree (torch) or by a
   raster / anti-raster scan and a priority flood (compiled sweep);
 * OpenCV lists top-level contours in reverse raster order of their first pixel, so among
   equal areas the component whose first pixel (top row, then leftmost) comes last in raster
@@ -126,38 +126,26 @@ def _best_iou(boxes: np.ndarray, image: np.ndarray, gt: np.ndarray,
     return iou.max(1)
 
 
-def _component_tables(b, multi: bool, largest: bool, fine=None) -> dict:
+def _component_tables(b: torch.Tensor, multi: bool, largest: bool) -> dict:
     """NodeTables (numpy) of the foreground, the holes and the hole-filled foreground.
 
-    ``b``: int bytes (N, H, W), a numpy array (CPU path) or a torch tensor (its device path).
-    ``fine``: optional int (N, H, W) in [0, 2**18), the map before quantisation, used only to
-    order pixels of equal byte value inside the component-tree construction (fewer basins).
+    ``b``: int64 bytes (N, H, W), a torch tensor on the device the trees are built on.
     """
-    is_torch = isinstance(b, torch.Tensor)
-    if is_torch:
-        from weakbench.core.metrics import _levelsets_torch as lv
-        kw_fg = kw_bg = {}
-    else:
-        from weakbench.core.metrics import _levelsets as lv
-        if fine is None:
-            kw_fg = kw_bg = {}
-        else:
-            kw_fg = {"sub": lv.pad_batch(fine, 0, np.int32)}
-            kw_bg = {"sub": lv.pad_batch((1 << 18) - 1 - fine, 0, np.int32)}
+    from weakbench.core.metrics import _levelsets_torch as lv
+
     n, h, w = b.shape
     hp, wp = h + 4, w + 4
     out: dict = {}
     # Background (4-connected) components of {b <= L} are the upper sets of 256 - b at level
     # 255 - L; the border ring is always background, the outermost ring never.
     bgv = lv.pad_batch(256 - b, 257)
-    fbg = lv.build_forest(bgv, 4, NLEV, **kw_bg)
+    fbg = lv.build_forest(bgv, 4, NLEV)
     ring_basin = fbg.basin_of.reshape(n, hp, wp)[:, 1, 1]
     outside = fbg.comp[fbg.canon_row[ring_basin]]  # (n, NLEV): node of the outside per level
     if multi:
         fgv = lv.pad_batch(b, 0)
-        out["fg"] = lv.node_table(fgv, lv.build_forest(fgv, 8, NLEV, **kw_fg), NLEV, w)
-        hb = lv.node_table(bgv, fbg, NLEV, w) if is_torch \
-            else lv.node_table(bgv, fbg, NLEV, w, exclude=outside)
+        out["fg"] = lv.node_table(fgv, lv.build_forest(fgv, 8, NLEV), NLEV, w)
+        hb = lv.node_table(bgv, fbg, NLEV, w)
         out["holes"] = (hb, outside)
     if largest:
         # Grey-level hole filling: a pixel is outside at level L iff b <= L and its background
@@ -165,27 +153,22 @@ def _component_tables(b, multi: bool, largest: bool, fine=None) -> dict:
         # canonical rows are exact below each basin's peak; joining is a prefix of levels
         img_c = fbg.image_of_node[fbg.comp[:, 0]]
         joined_c = (fbg.comp >= 0) & (fbg.comp == outside[img_c])
-        jlev = np.minimum(joined_c.sum(1)[fbg.canon_row] - 1, fbg.peak - 1) if not is_torch \
-            else torch.minimum(joined_c.sum(1)[fbg.canon_row] - 1, fbg.peak - 1)
+        jlev = torch.minimum(joined_c.sum(1)[fbg.canon_row] - 1, fbg.peak - 1)
         bas = fbg.basin_of.reshape(n, hp, wp)[:, 2:-2, 2:-2]
-        if is_torch:
-            g = torch.maximum(b, 255 - jlev[bas])
-        else:
-            g = np.maximum(b, 255 - jlev[bas])
+        g = torch.maximum(b, 255 - jlev[bas])
         gv = lv.pad_batch(g, 0)
-        out["filled"] = lv.node_table(gv, lv.build_forest(gv, 8, NLEV, **kw_fg), NLEV, w,
-                                      cells=True)
-    if is_torch:
-        def conv(t):
-            return None if t is None else t.cpu().numpy()
-        for k in ("fg", "filled"):
-            if k in out:
-                nt = out[k]
-                out[k] = type(nt)(*[conv(getattr(nt, f)) for f in nt.__dataclass_fields__])
-        if "holes" in out:
-            nt, o = out["holes"]
-            out["holes"] = (type(nt)(*[conv(getattr(nt, f)) for f in nt.__dataclass_fields__]),
-                            o.cpu().numpy())
+        out["filled"] = lv.node_table(gv, lv.build_forest(gv, 8, NLEV), NLEV, w, cells=True)
+
+    def conv(t):
+        return None if t is None else t.cpu().numpy()
+    for k in ("fg", "filled"):
+        if k in out:
+            nt = out[k]
+            out[k] = type(nt)(*[conv(getattr(nt, f)) for f in nt.__dataclass_fields__])
+    if "holes" in out:
+        nt, o = out["holes"]
+        out["holes"] = (type(nt)(*[conv(getattr(nt, f)) for f in nt.__dataclass_fields__]),
+                        o.cpu().numpy())
     return out
 
 
@@ -199,11 +182,12 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
         gt_boxes: N int arrays (K_i, 4), ``[x0, y0, x1, y1]`` in frame pixels, K_i ≥ 1.
         multi_contour: compute the all-contours table (MaxBoxAccV2).
         largest_contour: compute the largest-contour table (MaxBoxAcc).
-        device: ``None`` or ``"cpu"``: numpy on the CPU; a CUDA device: torch on that device.
-        engine: ``"auto"`` (on the CPU: the compiled union-find sweep when numba is
-            installed, else the vectorised numpy component trees; on an accelerator: torch),
-            or force one implementation: ``"numba"``, ``"numpy"`` or ``"torch"``. All give
-            identical tables.
+        device: ``None`` or ``"cpu"``: the compiled sweep on the CPU; a CUDA device: torch
+            on that device.
+        engine: ``"auto"`` (on the CPU: the compiled union-find sweep, numba; on an
+            accelerator: the torch component trees), or force one implementation: ``"numba"``
+            or ``"torch"`` (``"torch"`` without an accelerator ``device`` runs on the maps'
+            device, e.g. the CPU). Both give identical tables.
 
     Returns:
         ``{"multi": float64 (N, 256), "largest": float64 (N, 256), "max_byte": int64 (N,)}``:
@@ -211,8 +195,8 @@ def box_scores(maps, gt_boxes: Sequence, *, multi_contour: bool = True,
         (defined for ``L < max(b)``, and for every L when ``max(b) = 0``).
 
     Raises:
-        DataError: bad shapes, values outside [0, 1], NaN, an image without GT boxes, or
-            ``engine="numba"`` without numba installed.
+        DataError: bad shapes, values outside [0, 1], NaN, an image without GT boxes, or an
+            unknown ``engine``.
     """
     return _box_scores(maps, gt_boxes, multi_contour, largest_contour, device, engine)
 
@@ -224,18 +208,13 @@ def _box_scores(maps, gt_boxes: Sequence, multi_contour: bool, largest_contour: 
     m = _as_maps(maps)
     n, h, w = m.shape
     gt, valid = _gt_arrays(gt_boxes, n)
-    if engine not in ("auto", "numba", "numpy", "torch"):
-        raise DataError(f"engine must be 'auto', 'numba', 'numpy' or 'torch', got {engine!r}")
+    if engine not in ("auto", "numba", "torch"):
+        raise DataError(f"engine must be 'auto', 'numba' or 'torch', got {engine!r}")
     use_torch = engine == "torch" or (
         engine == "auto" and device is not None and torch.device(device).type != "cpu")
     from weakbench.core.metrics import _levelsets
-    if engine == "numba" and not _levelsets.HAVE_NUMBA:
-        raise DataError("engine='numba' needs the numba package; pip install numba, or use "
-                        "engine='numpy'")
-    use_numba = not use_torch and engine != "numpy" and _levelsets.HAVE_NUMBA
     b = to_bytes(m)
-    fine = None
-    if use_numba:
+    if not use_torch:
         if isinstance(b, torch.Tensor):  # a map tensor on an accelerator
             b = b.cpu().numpy()
         b = np.ascontiguousarray(b)
@@ -259,21 +238,13 @@ def _box_scores(maps, gt_boxes: Sequence, multi_contour: bool, largest_contour: 
         if largest_contour:
             out["largest"] = np.where(tl < 0, zero_iou[:, None], tl)
         return out
-    if use_torch:
-        bt = b if isinstance(b, torch.Tensor) else torch.from_numpy(b)
-        bb = bt.to(device if device is not None else bt.device).to(torch.int64)
-        max_byte = bt.reshape(n, -1).max(1).values.cpu().numpy().astype(np.int64) if n \
-            else np.zeros(0, np.int64)
-    else:
-        if isinstance(b, torch.Tensor):  # a map tensor on an accelerator, numpy engine
-            m, b = m.cpu().numpy(), b.cpu().numpy()
-        bb = b.astype(np.int16)
-        max_byte = b.reshape(n, -1).max(1).astype(np.int64) if n else np.zeros(0, np.int64)
-        # the map before quantisation orders pixels of equal bytes (fewer basins)
-        fine = (m.astype(np.float64) * ((1 << 18) - 1)).astype(np.int32)
+    bt = b if isinstance(b, torch.Tensor) else torch.from_numpy(b)
+    bb = bt.to(device if device is not None else bt.device).to(torch.int64)
+    max_byte = bt.reshape(n, -1).max(1).values.cpu().numpy().astype(np.int64) if n \
+        else np.zeros(0, np.int64)
     out: dict[str, np.ndarray] = {"max_byte": max_byte}
     zero_iou = _best_iou(np.zeros((n, 4), dtype=np.int64), np.arange(n), gt, valid)
-    tabs = _component_tables(bb, multi_contour, largest_contour, fine)
+    tabs = _component_tables(bb, multi_contour, largest_contour)
 
     def finish(rows_boxes, rows_image, rows_level):
         table = np.full(n * NLEV, -1.0)
