@@ -182,3 +182,43 @@ def test_trial_checkpoints_are_read_weights_only(tmp_path):
     torch.save({"stage": "train", "cursor": 0, "epoch": 1, "model": {"w": torch.ones(2)}, "history": [{"a": 1.0}]},
                d / CHECKPOINT_FILE)
     assert _latest_local_checkpoint(tmp_path / "trial")["epoch"] == 1
+
+
+def test_product_chunks_and_tables_are_read_as_data(tmp_path):
+    """Stage products (map chunks, BBAM/CCGR tables, a stage's ``model.pt``) are read as data
+    (:func:`weakbench.methods.pipeline.load_data`): what the methods write (tensors, numpy arrays
+    and scalars, RLE dicts) round-trips, and a crafted pickle in a product is refused with one line
+    naming the file while its code never runs."""
+    import numpy as np
+
+    from weakbench.methods import bbam, ccgr
+    from weakbench.methods.pipeline import load_data
+    from weakbench.platform.products import Product
+
+    marker = tmp_path / "marker"
+    p = Product(tmp_path / "products", "attribute", "0" * 16)
+    results = {"i:0": {"masks": [torch.ones(2, 2, dtype=torch.float16)], "strides": [8], "orig_size": (5, 7)},
+               "i:1": {"peaks": np.arange(6, dtype=np.int64).reshape(3, 2), "peak_scores": np.asarray([0.5], np.float32),
+                       "score": np.float32(0.25), "mask": np.zeros((2, 3), np.uint8), "flag": np.bool_(True),
+                       "rle": {"size": [2, 3], "counts": "06"}, "label": None, "raw": b"\x00\x01"}}
+    p.save_chunk(results)
+    back = p.load_chunks()
+    assert back.keys() == results.keys()
+    assert torch.equal(back["i:0"]["masks"][0], results["i:0"]["masks"][0])
+    assert np.array_equal(back["i:1"]["peaks"], results["i:1"]["peaks"]) and back["i:1"]["score"] == np.float32(0.25)
+    assert back["i:1"]["rle"] == results["i:1"]["rle"] and back["i:1"]["raw"] == b"\x00\x01"
+
+    p.save_chunk({"i:2": {"evil": _Payload(marker)}})  # a crafted chunk beside the good one
+    with pytest.raises(DataError, match=r"\.pt: refused to load.*fix: delete it"):
+        p.load_chunks()
+    table = tmp_path / "pseudo_masks.pt"
+    torch.save({"i:0": _Payload(marker)}, table)
+    for read in (bbam._load_table, ccgr._table, load_data):
+        with pytest.raises(DataError, match="refused to load"):
+            read(table)
+    model_dir = tmp_path / "classifier"
+    model_dir.mkdir()
+    torch.save({"w": torch.ones(1), "evil": _Payload(marker)}, model_dir / "model.pt")
+    with pytest.raises(DataError, match="model.pt: refused to load"):
+        ccgr._init_backbone_from(torch.nn.Linear(1, 1), model_dir)
+    assert not marker.exists()

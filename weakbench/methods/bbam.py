@@ -71,7 +71,7 @@ from pydantic import Field, model_validator
 
 from weakbench.methods import bbam_ops as ops
 from weakbench.methods.base import Method, MethodConfig, register_method
-from weakbench.methods.pipeline import PREDICTOR, SPEED_ONLY, UNUSED, FitTask, Stage, StageContext
+from weakbench.methods.pipeline import PREDICTOR, SPEED_ONLY, UNUSED, FitTask, Stage, StageContext, load_data, save_data
 from weakbench.methods.metric_declarations import MechanismCheck, metric
 
 class BBAMConfig(MethodConfig):
@@ -226,7 +226,7 @@ class DetectorFit(FitTask):
             # Mask R-CNN starts from the trained detector (backbone, FPN, RPN, box head; the mask
             # head is new): the paper starts from ImageNet weights, which a from-scratch CPU
             # budget cannot replace, and the detector already knows these boxes (our choice)
-            state = torch.load(Path(self.init_dir) / "model.pt", map_location="cpu", weights_only=False)
+            state = load_data(Path(self.init_dir) / "model.pt")
             own = model.state_dict()
             model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
         return model
@@ -273,7 +273,7 @@ class PseudoMaskDataset(torch.utils.data.Dataset):
 
     def __init__(self, source, indices, pseudo_dir: Path):
         self.source = source
-        self.table = torch.load(Path(pseudo_dir) / "pseudo_masks.pt", map_location="cpu", weights_only=False)
+        self.table = load_data(Path(pseudo_dir) / "pseudo_masks.pt")
         self.indices = [int(i) for i in indices if f"train:{int(i)}" in self.table]
 
     def __len__(self) -> int:
@@ -503,7 +503,7 @@ class BBAM(Method):
 
     def map_reduce(self, stage: Stage, results: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         if stage.name == "attribute":
-            torch.save(results, ctx.out_dir / "attributions.pt")
+            save_data(results, ctx.out_dir / "attributions.pt")
             pos = [p for r in results.values() for p in r["positives"]]
             out: dict[str, float] = {}
             for split in self.config.attribution_splits:
@@ -514,7 +514,7 @@ class BBAM(Method):
             out["mean_positives"] = float(np.mean(pos)) if pos else 0.0
             return out
         if stage.name == "pseudo_masks":
-            torch.save(results, ctx.out_dir / "pseudo_masks.pt")
+            save_data(results, ctx.out_dir / "pseudo_masks.pt")
             return {"boxes": float(sum(len(r["fg"]) for r in results.values()))}
         raise NotImplementedError(f"bbam has no map stage {stage.name!r}")
 
@@ -648,5 +648,5 @@ def _load_table(path: Path) -> dict[str, Any]:
     key = str(path)
     if key not in _TABLES:
         _TABLES.clear()
-        _TABLES[key] = torch.load(path, map_location="cpu", weights_only=False)
+        _TABLES[key] = load_data(path)
     return _TABLES[key]

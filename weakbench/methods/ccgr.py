@@ -132,7 +132,8 @@ from weakbench.methods.bbam import (_image_tensor, _rle, _unrle, detection_metri
 from weakbench.methods.bbam_ops import box_filled_mask
 from weakbench.methods.base import Method, MethodConfig, register_method
 from weakbench.methods.classifier import ClassifierFitTask
-from weakbench.methods.pipeline import PREDICTOR, UNUSED, FitTask, Stage, StageContext, StepContext
+from weakbench.methods.pipeline import (PREDICTOR, UNUSED, FitTask, Stage, StageContext, StepContext, load_data,
+                                        save_data)
 from weakbench.methods.metric_declarations import MechanismCheck, RowDiagnostic, metric
 
 #: fields of the CAM classifier (:class:`~weakbench.methods.classifier.ClassifierConfig`) that CCGR passes on
@@ -327,7 +328,7 @@ def _init_backbone_from(model: torch.nn.Module, classifier_dir: Path | None) -> 
     shapes that match), so the branches start from the shared convolutional layers."""
     if classifier_dir is None:
         return
-    state = torch.load(Path(classifier_dir) / "model.pt", map_location="cpu", weights_only=False)
+    state = load_data(Path(classifier_dir) / "model.pt")
     own = model.backbone.state_dict()
     sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     model.backbone.load_state_dict({k: v for k, v in sub.items() if k in own and own[k].shape == v.shape}, strict=False)
@@ -370,7 +371,7 @@ def _table(path: Path) -> dict[str, Any]:
     if key not in _TABLES:
         if len(_TABLES) > 6:
             _TABLES.clear()
-        _TABLES[key] = torch.load(path, map_location="cpu", weights_only=False)
+        _TABLES[key] = load_data(path)
     return _TABLES[key]
 
 
@@ -566,7 +567,7 @@ class InstanceFit(FitTask):
                                output_stride=32, fpn_channels=c.fpn_channels, box_representation_size=c.box_head_size)
         cls_dir = (self.inputs or {}).get("classifier")
         if cls_dir is not None:  # the backbone starts from the classifier (the paper: from ImageNet weights)
-            state = torch.load(Path(cls_dir) / "model.pt", map_location="cpu", weights_only=False)
+            state = load_data(Path(cls_dir) / "model.pt")
             body = model.backbone.body
             own = body.state_dict()
             sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
@@ -969,15 +970,15 @@ class CCGR(Method):
     def map_reduce(self, stage: Stage, results: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         kind = stage.name.rpartition("_r")[0] or stage.name
         if stage.name == "proposals":
-            torch.save(results, ctx.out_dir / "proposals.pt")
+            save_data(results, ctx.out_dir / "proposals.pt")
             n = [len(v) for v in results.values()]
             return {"images": float(len(n)), "mean_proposals": float(np.mean(n)) if n else 0.0,
                     **self._proposal_recall(results, ctx)}
         if stage.name == "peaks":
-            torch.save(results, ctx.out_dir / "peaks.pt")
+            save_data(results, ctx.out_dir / "peaks.pt")
             return self._peak_metrics(results, ctx)
         if kind == "refine":
-            torch.save(results, ctx.out_dir / "refined.pt")
+            save_data(results, ctx.out_dir / "refined.pt")
             return {"instances": float(sum(len(v["fg"]) for v in results.values())),
                     "boxes": float(sum(len(v["classes"]) for v in results.values()))}
         if kind == "instances":
@@ -985,7 +986,7 @@ class CCGR(Method):
             for key, v in results.items():  # nothing found: the image keeps its round-1 bags and labels
                 if not v["bags"] or v["label"] is None:
                     results[key] = {**peaks[key], "detections": v.get("detections", 0)}
-            torch.save(results, ctx.out_dir / "instances.pt")
+            save_data(results, ctx.out_dir / "instances.pt")
             return {"detections": float(sum(v.get("detections", 0) for v in results.values()))}
         raise NotImplementedError(f"ccgr has no map stage {stage.name!r}")
 

@@ -36,6 +36,12 @@ hyperparameter.
 
 Progress: each epoch of a ``fit`` stage and each ``map``/``eval`` stage is one *unit*; the
 engine reports ``progress`` = units done (ASHA's time attribute) and ``epoch`` = fit epochs done.
+
+Data, not code: map results, product files written with ``torch.save`` (``model.pt``, tables) and
+trial checkpoints hold plain data only — tensors, numpy arrays and scalars, dicts, lists, tuples,
+strings, bytes, numbers, None — written with :func:`save_data` and read back with
+:func:`load_data` (``torch.load`` with ``weights_only=True``), which refuses any other class
+instead of running it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
+
+import pickle
 
 import torch
 
@@ -416,3 +424,44 @@ class FitTask:
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             return [int(t["index"]) for t in batch[1] if "index" in t]
         return []
+
+
+def _numpy_globals() -> list:
+    """What a pickled numpy array, scalar or dtype names (numpy 1.x and 2.x spellings)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype,
+            *[t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)]]
+
+
+def save_data(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` through a file this function opens and closes: on a full disk
+    the ``OSError`` (ENOSPC) is the context of torch's error and the file is closed at once (a
+    writer left open by the traceback would keep the space of a partly written file). Write only
+    what :func:`load_data` reads: plain data."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_data(path: str | Path) -> Any:
+    """``torch.load(path)`` as data: ``weights_only=True`` (tensors, containers, numbers, strings,
+    bytes) with numpy arrays, scalars and dtypes allowed; tensors on the CPU. Nothing in the file
+    runs: a pickle naming any other callable or class is refused.
+
+    Raises:
+        weakbench.core.errors.DataError: the file holds something other than data (a crafted
+            or foreign pickle); the message names the file and the fix (delete it: products and
+            checkpoints are recomputed).
+        OSError / RuntimeError: the file cannot be read or is not a torch file, as ``torch.load``.
+    """
+    from weakbench.core.errors import DataError
+
+    with torch.serialization.safe_globals(_numpy_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+            raise DataError(f"{path}: refused to load, it holds more than data ({first.strip()[:200]}); "
+                            f"fix: delete it (a product or checkpoint is computed again) and do not copy "
+                            f"such files in from elsewhere") from None

@@ -198,14 +198,14 @@ class Product:
 
     def load_chunks(self) -> dict[str, Any]:
         """Every saved result, ``{item key: result}``."""
-        import torch
+        from weakbench.methods.pipeline import load_data  # data only: a crafted chunk is refused, not run
 
         out: dict[str, Any] = {}
         if self.partial_dir.is_dir():
             for f in sorted(self.partial_dir.glob("*.keys.json")):
                 pt = self.partial_dir / (f.name[:-len(".keys.json")] + ".pt")
                 if pt.is_file():
-                    out.update(torch.load(pt, map_location="cpu", weights_only=False))
+                    out.update(load_data(pt))
         return out
 
     def save_chunk(self, results: Mapping[str, Any]) -> Path:
