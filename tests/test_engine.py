@@ -117,3 +117,37 @@ def test_failure_marks_run_failed_with_error_tag(tmp_path, synthetic):
     _, run = only_run(spec)
     assert run.info.status == "FAILED"
     assert "injected failure" in run.data.tags[C.TAG_ERROR]
+
+
+@pytest.mark.parametrize("error, attempts", [("ENOSPC", 1), ("RuntimeError", 2)])
+def test_train_does_not_restart_a_local_fault(tmp_path, synthetic, ray_local, error, attempts):
+    """A worker that fails on a local fault (here ENOSPC) is not restarted by Ray Train, whatever
+    ``max_failures`` says (a retry on the same storage fails the same way); any other failure still
+    gets its ``max_failures`` restarts. The trainer class is the one the engine builds (real Ray
+    Train controller and failure policy; the training function only counts its attempts)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    from weakbench.platform.engine import build_trainer
+    from weakbench.platform.tune_record import local_fault
+
+    trainer_cls = type(build_trainer(make_spec(tmp_path, synthetic), storage_path=str(tmp_path / "ray"), name="probe"))
+    log = tmp_path / "attempts.txt"
+
+    def train_fn(config):
+        import errno
+        import os
+
+        with open(config["log"], "a") as f:
+            f.write("attempt\n")
+        if config["error"] == "ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), config["log"])
+        raise RuntimeError("a crash that a restart can fix")
+
+    trainer = trainer_cls(train_loop_per_worker=train_fn, train_loop_config={"log": str(log), "error": error},
+                          scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                          run_config=RunConfig(name=f"local-fault-{error}", storage_path=str(tmp_path / "ray"),
+                                               failure_config=FailureConfig(max_failures=1)))
+    with pytest.raises(Exception) as failed:
+        trainer.fit()
+    assert len(log.read_text().splitlines()) == attempts, (error, log.read_text())
+    assert (local_fault(failed.value) is not None) == (error == "ENOSPC"), repr(failed.value)

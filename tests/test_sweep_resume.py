@@ -33,9 +33,9 @@ TINY = ["--executor", "inline", "--no-model", "--eval-max-images", "8", "--set",
         "--set", "batch_size=8", "--set", "weight_decay=0", "--no-early-stopping"]
 
 
-def _cmd(out: Path, data: Path, name: str, *args: str) -> list[str]:
-    # two seeds per configuration, whatever the shipped cam.yaml runs (the trial counts below assume 2)
-    return [sys.executable, "-m", "weakbench", "sweep", cam_space(out.parent), "--data", str(data),
+def _cmd(out: Path, data: Path, name: str, *args: str, seeds: tuple[int, ...] = (0, 1)) -> list[str]:
+    # two seeds per configuration unless told, whatever the shipped cam.yaml runs (the trial counts assume them)
+    return [sys.executable, "-m", "weakbench", "sweep", cam_space(out.parent, seeds), "--data", str(data),
             "--output-dir", str(out), "--name", name, "--address", "local", "--num-cpus", "1", "--max-concurrent", "1",
             *TINY, *args]
 
@@ -58,19 +58,30 @@ def _recorded(sweep_dir: Path) -> dict:
         return {}
 
 
+# (searcher, extra arguments, the parameters that make a trial's configuration): Optuna over lr with
+# two seeds per configuration (the Repeater), 2 configurations x 2 seeds; a grid space (every other
+# axis fixed: Tune's variant generation, VariantSearcher), the seed grid of four
+KILL_CASES = {
+    "optuna": ([], ("lr", "seed"), (0, 1)),
+    "grid": (["--set", "lr=0.01"], ("seed",), (0, 1, 2, 3)),
+}
+
+
 @pytest.mark.timeout(540)
-def test_sigkill_while_trials_start_then_resume_reattaches(tmp_path):
+@pytest.mark.parametrize("case", list(KILL_CASES))
+def test_sigkill_while_trials_start_then_resume_reattaches(tmp_path, case):
     from weakbench.core.data import generate_synthetic_coco
     from weakbench.platform.live import load_view
 
+    extra, keys, seeds = KILL_CASES[case]
     data = generate_synthetic_coco(tmp_path / "data", num_images=32, image_size=64, seed=0)
     out = tmp_path / "runs"
     sweep_dir = out / "sweeps" / "kill9"
     log = tmp_path / "sweep.log"
     # Tune saves its state every 30 s here (about every 10 s by default): a wide window to kill in
     env = {**LOOPBACK_ENV, "TUNE_GLOBAL_CHECKPOINT_S": "30"}
-    proc = subprocess.Popen(_cmd(out, data, "kill9", "--trials", "4"), cwd=REPO, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(_cmd(out, data, "kill9", "--trials", "4", *extra, seeds=seeds), cwd=REPO,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -94,19 +105,19 @@ def test_sigkill_while_trials_start_then_resume_reattaches(tmp_path):
     v = load_view("kill9", output_dir=out)  # `weakbench status` of the dead sweep (checked below)
 
     t0 = time.time()
-    proc = subprocess.run(_cmd(out, data, "kill9", "--resume"), cwd=REPO, capture_output=True, text=True, timeout=400,
+    proc = subprocess.run(_cmd(out, data, "kill9", "--resume", seeds=seeds), cwd=REPO, capture_output=True, text=True, timeout=400,
                           env=LOOPBACK_ENV)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     client, parents, children = _runs(out)
-    figures = {"started_at_kill": len(started), "saved_by_tune_at_kill": len(saved), "runs": len(children),
+    figures = {"case": case, "started_at_kill": len(started), "saved_by_tune_at_kill": len(saved), "runs": len(children),
                "resume_seconds": round(time.time() - t0, 1)}
     print("sigkill-resume figures:", json.dumps(figures))
     assert "4 of 4 planned (4 finished" in output, output[-3000:]
     assert len(children) == 4, [(c.data.tags[C.TAG_TRIAL_ID], c.info.status) for c in children]
     ids = [c.data.tags[C.TAG_TRIAL_ID] for c in children]
     assert len(set(ids)) == 4 and started <= set(ids)  # the trials that had started, re-attached
-    configs = [(c.data.params["lr"], c.data.params["seed"]) for c in children]
+    configs = [tuple(c.data.params[k] for k in keys) for c in children]
     assert len(set(configs)) == 4, configs
     assert all(c.info.status == "FINISHED" for c in children)
     for c in children:

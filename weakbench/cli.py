@@ -178,7 +178,7 @@ def _resumed_view(opts) -> tuple[Any, str]:
 def sweep(**values: Any) -> None:
     """Run a hyperparameter sweep of one method (Ray Tune + Optuna + ASHA), tracked in MLflow.
 
-    Exit status: 0 when every planned trial finished or was stopped early by ASHA (and at least one finished); 1 when a trial failed, a planned trial never ran, or no trial finished; 2 for bad input (nothing started); 130 when interrupted by Ctrl-C (SIGINT) and 143 by SIGTERM (the summary is printed, the parent run ends KILLED and --resume continues the sweep).
+    Exit status: 0 when every planned trial finished or was stopped early by ASHA (and at least one finished); 1 when a trial failed (a full disk, a read-only file system or a missing file fails its trial at once, without a retry), a planned trial never ran, no trial finished, or the trials' final statuses could not be written (one line on stderr names the store and the fix); 2 for bad input (nothing started); 130 when interrupted by Ctrl-C (SIGINT) and 143 by SIGTERM (the summary is printed, the parent run ends KILLED and --resume continues the sweep).
     """
     dry_run = values.pop("dry_run", False)
     opts = _options_from_cli(values)

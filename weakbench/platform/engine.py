@@ -47,8 +47,10 @@ and ``benchmarks/bench_sweep_overhead.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
 import tempfile
 import time
 import traceback
@@ -63,6 +65,7 @@ from weakbench import __version__
 from weakbench.core import conventions as C
 from weakbench.core.errors import DivergenceError, check_finite
 from weakbench.core.io import atomic_write
+from weakbench.methods.pipeline import save_data
 
 CHECKPOINT_FILE = "trial_state.pt"
 
@@ -570,7 +573,8 @@ class _Runner:
                 self.unlogged = {"step": step_no, "metrics": {**metrics, "epoch": float(step_no)}}
                 self.history.append({C.COST_TRAIN_SECONDS: metrics[C.COST_TRAIN_SECONDS]})
                 ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=self.trial_dir)
-                with atomic_write(Path(ckpt_dir) / CHECKPOINT_FILE) as f:  # a kill never leaves half a checkpoint
+                # a kill never leaves half a checkpoint; a full disk leaves none (_removed_on_error)
+                with _removed_on_error(ckpt_dir), atomic_write(Path(ckpt_dir) / CHECKPOINT_FILE) as f:
                     torch.save({"stage": st.name, "cursor": i, "model": bare.state_dict(),
                                 **optimization_state(optimizers, schedulers),
                                 "epoch": epoch + 1, "mlflow_run_id": self.run_id, "history": self.history,
@@ -610,10 +614,11 @@ class _Runner:
             (self.trial_dir / f"weights_rank{rank}.sha256").write_text(digest.hexdigest())
         if rank == 0:
             staging = self.products[st.name].new_staging_dir()
-            torch.save(bare.state_dict(), staging / "model.pt")
-            if not last_metrics and self.state is not None and self.state.get("stage") == st.name:
-                last_metrics = {k: v for k, v in self.carry.items() if k.startswith("val/")}
-            self._publish(i, staging, last_metrics)
+            with _removed_on_error(staging):
+                save_data(bare.state_dict(), staging / "model.pt")
+                if not last_metrics and self.state is not None and self.state.get("stage") == st.name:
+                    last_metrics = {k: v for k, v in self.carry.items() if k.startswith("val/")}
+                self._publish(i, staging, last_metrics)
         self._barrier()
         self.models[st.name] = bare
         self.state = None  # a later fit stage starts fresh
@@ -651,11 +656,12 @@ class _Runner:
             if missing:
                 raise RuntimeError(f"stage {st.name}: {len(missing)} item(s) have no saved result (e.g. {missing[0]!r})")
             staging = p.new_staging_dir()
-            raw = self.method.map_reduce(st, {k: results[k] for k in keys}, self.context(st, out_dir=staging)) or {}
-            metrics = {_stage_key(st, st.split or "train", k): float(v) for k, v in raw.items()}
-            check_finite(metrics, f"stage {st.name} metrics")
-            metrics[f"cost/{st.name}_seconds"] = time.time() - t0
-            self._publish(i, staging, metrics, {"items": len(keys)})
+            with _removed_on_error(staging):
+                raw = self.method.map_reduce(st, {k: results[k] for k in keys}, self.context(st, out_dir=staging)) or {}
+                metrics = {_stage_key(st, st.split or "train", k): float(v) for k, v in raw.items()}
+                check_finite(metrics, f"stage {st.name} metrics")
+                metrics[f"cost/{st.name}_seconds"] = time.time() - t0
+                self._publish(i, staging, metrics, {"items": len(keys)})
             self.log(metrics, step=self.fit_epochs_before(i + 1))
         self._barrier()
         self._after(i, metrics)
@@ -736,9 +742,10 @@ class _Runner:
             # a small checkpoint with the last report: Ray Train's Result.metrics are those of the
             # latest checkpointed report, and a restored trial sees the cursor past the last stage
             ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=self.trial_dir)
-            torch.save({"stage": None, "cursor": len(self.plan), "epoch": 0, "mlflow_run_id": self.run_id,
-                        "history": self.history, "pending_metrics": None, "carry": self.carry},
-                       Path(ckpt_dir) / CHECKPOINT_FILE)
+            with _removed_on_error(ckpt_dir):
+                save_data({"stage": None, "cursor": len(self.plan), "epoch": 0, "mlflow_run_id": self.run_id,
+                           "history": self.history, "pending_metrics": None, "carry": self.carry},
+                          Path(ckpt_dir) / CHECKPOINT_FILE)
             # the run is FINISHED: a restarted trial returns at once, so the earlier checkpoints
             # and (its weights being in MLflow) the trial's private products are not needed again
             # (Tune may end the trial inside the report below: cleaned up before it)
@@ -859,6 +866,30 @@ def _run(spec: TrialSpec, reporter: _Reporter, segment: int | None = None) -> di
         raise
 
 
+@contextlib.contextmanager
+def _removed_on_error(path: str | Path):
+    """Remove ``path`` (a checkpoint or staging directory being written) when the block raises:
+    on a full disk the partly written file would otherwise keep the space that the run's FAILED
+    status, the sweep's record and its MLflow store need (issue 19). A local fault (a full disk,
+    a read-only file system: :func:`weakbench.platform.tune_record.local_fault_error`) behind the
+    error is raised as itself, so that neither Tune nor Train retries it."""
+    try:
+        yield Path(path)
+    except BaseException as e:
+        shutil.rmtree(path, ignore_errors=True)
+        # the failed writer (and its open file, whose space the unlink does not free while it is
+        # open) is a local of the traceback's frames: drop them; the traceback's lines remain
+        traceback.clear_frames(e.__traceback__)
+        from weakbench.platform.tune_record import local_fault_error
+
+        fault = local_fault_error(e)
+        if fault is not None and fault is not e:
+            # torch reports a full disk as "RuntimeError: unexpected pos" with the OSError as its
+            # context, which Ray drops when it sends the error to the driver: raise the OSError
+            raise fault from e
+        raise
+
+
 def _latest_local_checkpoint(trial_dir: Path) -> dict[str, Any] | None:
     """The newest readable ``wb-ckpt-*/trial_state.pt`` of a trial, or None."""
     dirs = sorted(trial_dir.glob("wb-ckpt-*"), key=lambda d: d.stat().st_mtime, reverse=True)
@@ -918,10 +949,14 @@ def build_trainer(spec: TrialSpec, *, storage_path: str, name: str, callbacks: l
     finds its own checkpoints (Train V2 restores the latest one for a run of the same name).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    return TorchTrainer(
-        train_loop_per_worker,
+    from weakbench.platform.tune_record import local_fault_trainer
+
+    # a local fault (full disk, read-only file system, missing file) is not restarted by Train
+    # either: a retry on the same storage fails the same way
+    return local_fault_trainer(
+        train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(), "reporter": "train", "segment": segment},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}),

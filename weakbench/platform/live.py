@@ -558,11 +558,13 @@ class SweepObserver:
         last = getattr(getattr(trial, "run_metadata", None), "last_result", None) or {}
         if last:
             self.view.on_result(row, last, now=row.updated or row.ended)
-        if error:
+        from weakbench.platform.tune_record import FATAL_KEY
+
+        if error or last.get(FATAL_KEY):  # a local fault ends the trial without a retry: failed all the same
             row.status = "failed"
             from weakbench.platform.sweep import _tune_error_text
 
-            row.error = _tune_error_text(trial)
+            row.error = str(last[FATAL_KEY]) if last.get(FATAL_KEY) else _tune_error_text(trial)
             where = getattr(trial, "error_file", None) or (self.sweep_dir / "trials" / row.trial_id / "error.txt"
                                                            if self.sweep_dir else None)
             self.console.print(Text(f"trial {row.trial_id} failed: {_one_line(row.error)} "

@@ -14,14 +14,19 @@
   finds its MLflow run and its checkpoint, instead of a new trial the seeded searcher would
   suggest again under a new id. The searcher is asked for new configurations only past the
   recorded ones, and Tune's ``num_samples`` still bounds the total: never more trials than planned.
+  Grid, all-fixed and random sweeps get the same: their variants come from :class:`VariantSearcher`
+  (Tune's own variant generation, as a ``Searcher``), wrapped the same way.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import time
 from typing import Any
 
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
@@ -35,11 +40,11 @@ FATAL_KEY = "weakbench_fatal_error"
 FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.ENOENT, errno.EDQUOT}
 
 
-def local_fault(exc: BaseException) -> str | None:
-    """``"OSError: [Errno 28] No space left on device: '…'"`` when ``exc`` is, or was caused by
-    (``__cause__``/``__context__``, a Ray task error's ``cause``, a Train worker group's
-    ``worker_failures``), an ``OSError`` whose errno is in :data:`FATAL_ERRNOS` (a full disk or
-    quota, a read-only file system, a missing file); None otherwise."""
+def local_fault_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` whose errno is in :data:`FATAL_ERRNOS` (a full disk or quota, a read-only
+    file system, a missing file) that ``exc`` is or was caused by (``__cause__``/``__context__``,
+    a Ray task error's ``cause``, a Train worker group's ``worker_failures`` and the user error
+    each wraps); None when there is none."""
     seen: set[int] = set()
     todo: list[Any] = [exc]
     while todo:
@@ -48,12 +53,20 @@ def local_fault(exc: BaseException) -> str | None:
             continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in FATAL_ERRNOS:
-            return f"{type(e).__name__}: {e}"
-        todo += [getattr(e, "__cause__", None), getattr(e, "__context__", None), getattr(e, "cause", None)]
+            return e
+        todo += [getattr(e, "__cause__", None), getattr(e, "__context__", None), getattr(e, "cause", None),
+                 getattr(e, "_base_exc", None)]  # Ray Train's UserExceptionWithTraceback (a worker's own error)
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):
             todo += list(failures.values())
     return None
+
+
+def local_fault(exc: BaseException) -> str | None:
+    """``"OSError: [Errno 28] No space left on device: '…'"`` for :func:`local_fault_error`'s
+    error, None when ``exc`` is not a local fault."""
+    e = local_fault_error(exc)
+    return None if e is None else f"{type(e).__name__}: {e}"
 
 
 def end_on_local_fault(exc: BaseException) -> None:
@@ -66,6 +79,41 @@ def end_on_local_fault(exc: BaseException) -> None:
     if fault is None:
         raise exc
     tune.report({FATAL_KEY: f"{fault} (a local fault a retry cannot fix: not retried)"})
+
+
+class LocalFaultPolicy(DefaultFailurePolicy):
+    """Ray Train's failure policy, except that a worker group that failed on a
+    :func:`local_fault` (a full disk, a read-only file system, a missing file) is not restarted:
+    the error is raised at once (``FailureDecision.RAISE``), whatever ``max_failures`` says, and
+    the trial function ends the trial without a Tune retry either (:func:`end_on_local_fault`).
+    Every other failure is Ray's default decision (``max_failures`` restarts)."""
+
+    def make_decision(self, training_failed_error) -> FailureDecision:
+        if local_fault(training_failed_error) is not None:
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
+def local_fault_trainer(**kwargs):
+    """A ``ray.train.torch.TorchTrainer(**kwargs)`` whose controller uses :class:`LocalFaultPolicy`.
+
+    Ray 2.60's Train V2 takes its policy from ``create_failure_policy(run_config.failure_config)``
+    with no public option; the trainer's ``_initialize_and_run_controller`` (a private method,
+    checked by ``tests/test_faults_train.py``) is given this policy instead. Raises
+    ``RuntimeError`` when that method is gone (a Ray upgrade): the policy would silently not apply.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not hasattr(TorchTrainer, "_initialize_and_run_controller"):
+        raise RuntimeError("ray.train.torch.TorchTrainer has no _initialize_and_run_controller in this Ray version: "
+                           "weakbench cannot keep Ray Train from retrying a local fault (update tune_record.py)")
+
+    class LocalFaultTorchTrainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **controller_kwargs):
+            controller_kwargs["failure_policy"] = LocalFaultPolicy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_kwargs)
+
+    return LocalFaultTorchTrainer(**kwargs)
 
 
 def trial_key(trial) -> str:
@@ -246,3 +294,54 @@ class ReattachingSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         self.searcher.restore(checkpoint_path)
+
+
+class VariantSearcher(Searcher):
+    """Tune's own variant generation (what its ``BasicVariantGenerator`` runs for a grid, all-fixed
+    or ``--searcher random`` sweep) as a ``Searcher``, so that :class:`ReattachingSearcher` can
+    record and replay its suggestions like Optuna's.
+
+    ``repeats`` passes over ``param_space`` (``ray.tune.search.variant_generator.generate_variants``:
+    grid axes crossed, each sampled distribution drawn once per grid point, ``numpy`` generator
+    seeded with ``seed``), drawn when the searcher is made, so a resumed sweep (which unpickles it
+    from ``tuner.pkl``) has the same list. Suggestions are the varying keys only (grid axes and
+    distributions; constants stay in Tune's ``param_space``), in order; ``FINISHED`` after the last.
+    """
+
+    def __init__(self, param_space: dict[str, Any], repeats: int, *, metric: str, mode: str, seed: int = 0):
+        import numpy as np
+        from ray.tune.search.sample import Domain
+        from ray.tune.search.variant_generator import generate_variants
+
+        super().__init__(metric=metric, mode=mode)
+        varying = [k for k, v in param_space.items()
+                   if isinstance(v, Domain) or (isinstance(v, dict) and "grid_search" in v)]
+        rng = np.random.default_rng(seed)
+        self.variants: list[dict[str, Any]] = [
+            {k: spec["config"][k] for k in varying}
+            for _ in range(repeats) for _, spec in generate_variants({"config": dict(param_space)}, random_state=rng)]
+        self.next = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
+        return True  # the space was given to __init__
+
+    def suggest(self, trial_id: str):
+        if self.next >= len(self.variants):
+            return Searcher.FINISHED
+        self.next += 1
+        return dict(self.variants[self.next - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        # JSON, not a pickle: reading it back runs no code (numpy scalars saved as Python numbers)
+        with open(checkpoint_path, "w") as f:
+            json.dump({"variants": self.variants, "next": self.next}, f, default=lambda o: o.item())
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            state = json.load(f)
+        self.variants, self.next = state["variants"], state["next"]
