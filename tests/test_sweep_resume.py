@@ -4,7 +4,7 @@
   of Tune's experiment state: ``--resume`` re-attaches the recorded trials instead of letting the
   seeded searcher suggest them again under new ids, so there are never more runs than planned, no
   configuration or trial id twice, none left RUNNING; ``weakbench status`` meanwhile tells the dead
-  sweep from a running one;
+  sweep from a running one. For an Optuna sweep and for a grid space under ``--searcher random``;
 * SIGTERM (what ``timeout``, systemd and Kubernetes send) is an interrupt like Ctrl-C: the summary
   is printed, exit 143, the parent run KILLED, the runs it ended tagged interrupted.
 """
@@ -58,12 +58,14 @@ def _recorded(sweep_dir: Path) -> dict:
         return {}
 
 
-# (searcher, extra arguments, the parameters that make a trial's configuration): Optuna over lr with
-# two seeds per configuration (the Repeater), 2 configurations x 2 seeds; a grid space (every other
-# axis fixed: Tune's variant generation, VariantSearcher), the seed grid of four
+# (extra arguments, the parameters that make a trial's configuration, the seed grid): Optuna over
+# lr with two seeds per configuration (the Repeater: re-attached through the driver's record),
+# 2 configurations x 2 seeds; the same grid space under --searcher random (Tune's
+# BasicVariantGenerator, which re-attaches by itself: the seed grid crossed twice, lr drawn per
+# grid point; the drawn values must come back with their trials)
 KILL_CASES = {
     "optuna": ([], ("lr", "seed"), (0, 1)),
-    "grid": (["--set", "lr=0.01"], ("seed",), (0, 1, 2, 3)),
+    "grid": (["--searcher", "random"], ("lr", "seed"), (0, 1)),
 }
 
 

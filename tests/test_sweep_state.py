@@ -108,51 +108,6 @@ def test_resume_replays_recorded_trials_then_asks_the_searcher(tmp_path):
     assert saved["b"]["status"] == "finished" and saved["c"]["tune_id"] == "tune1"
 
 
-def test_variant_searcher_is_tunes_variants_seeded_and_saved(tmp_path):
-    """Grid, all-fixed and random sweeps: :class:`VariantSearcher` suggests Tune's own variants
-    (the grid crossed, a distribution drawn per grid point, ``repeats`` passes), the same list for
-    the same seed; its position survives Tune's save/restore; FINISHED after the last. Wrapped in
-    :class:`ReattachingSearcher`, a restore that lags the record replays the recorded trials."""
-    from ray import tune
-    from ray.tune.search import Searcher
-
-    from weakbench.platform import sweep_state
-    from weakbench.platform.tune_record import ReattachingSearcher, Recorder, VariantSearcher
-
-    space = {"backbone": "resnet18", "seed": tune.grid_search([0, 1]), "lr": tune.loguniform(1e-3, 1e-1)}
-    s = VariantSearcher(space, 2, metric="m", mode="max", seed=3)
-    got = [s.suggest(f"t{i}") for i in range(4)]
-    assert [g["seed"] for g in got] == [0, 1, 0, 1] and all(set(g) == {"seed", "lr"} for g in got)
-    assert len({g["lr"] for g in got}) == 4 and all(1e-3 <= g["lr"] <= 1e-1 for g in got)
-    assert s.suggest("t4") == Searcher.FINISHED
-    assert VariantSearcher(space, 2, metric="m", mode="max", seed=3).variants == s.variants
-    assert VariantSearcher(space, 2, metric="m", mode="max", seed=4).variants != s.variants
-    fixed = VariantSearcher({"lr": 0.01, "seed": tune.grid_search([0, 1, 2])}, 1, metric="m", mode="max")
-    assert fixed.variants == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
-
-    fixed.suggest("a")
-    fixed.save(str(tmp_path / "searcher.json"))
-    again = VariantSearcher({"lr": 0.01, "seed": tune.grid_search([0, 1, 2])}, 1, metric="m", mode="max")
-    again.restore(str(tmp_path / "searcher.json"))
-    assert again.suggest("b") == {"seed": 1}
-
-    # Tune's last save knew one suggestion, the record two: the second is replayed, not re-run
-    state = SweepState(tmp_path / STATE_NAME)
-    state.trial("a").update(index=0, config={"seed": 0}, status="finished")
-    state.trial("b").update(index=1, config={"seed": 1}, status="running")
-    restored = VariantSearcher({"lr": 0.01, "seed": tune.grid_search([0, 1, 2])}, 1, metric="m", mode="max")
-    restored.restore(str(tmp_path / "searcher.json"))
-    wrapped = ReattachingSearcher(restored)
-    wrapped.set_state({**wrapped.get_state(), "_suggested": 1})
-    sweep_state.ACTIVE = Recorder(state, "m")
-    try:
-        assert wrapped.suggest("tune1") == {"seed": 1, TRIAL_ID_KEY: "b"}
-        assert wrapped.suggest("tune2") == {"seed": 2}
-        assert wrapped.suggest("tune3") == Searcher.FINISHED
-    finally:
-        sweep_state.ACTIVE = None
-
-
 def test_local_faults_are_told_from_retryable_errors():
     from weakbench.platform.tune_record import local_fault
 

@@ -168,8 +168,8 @@ class SweepOptions(BaseModel):
         None, ge=1, role=Role.PLACE, description="trials at once; None: as many as the cluster's CPUs allow",
         cli=flag("--max-concurrent", help="Trials at once (default: as many as the CPUs allow)."))
     searcher: Literal["optuna", "random"] = option(
-        "optuna", role=Role.TRIAL, cli=flag("--searcher", help="optuna (TPE, seeded) or random (grid axes crossed, seeded)."))
-    search_seed: int = option(0, role=Role.TRIAL, cli=flag("--search-seed", help="Seed of the Optuna sampler, or of the random searcher's draws."))
+        "optuna", role=Role.TRIAL, cli=flag("--searcher", help="optuna (TPE, seeded) or random (grid axes crossed)."))
+    search_seed: int = option(0, role=Role.TRIAL, cli=flag("--search-seed", help="Seed of the Optuna sampler."))
     executor: Literal["auto", "train", "inline"] = option(
         "auto", role=Role.TRIAL,
         description="inline: one-worker CPU trials train in their (reused) Tune trial actor; train: a Ray Train "

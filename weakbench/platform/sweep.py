@@ -15,11 +15,8 @@ Each Tune trial is a plain function (:func:`_trial`). Executors (:func:`resolve_
 
 Search: ``OptunaSearch`` (TPE, seeded) over the sampled axes; the ``seed`` grid axis is realised
 with Tune's ``Repeater`` (each suggested configuration is run once per seed and Optuna sees the
-mean), other grid axes become categorical choices for Optuna. ``searcher="random"`` and spaces
-with nothing left to search use Tune's own variant generation, where grid axes are crossed
-natively, seeded by ``search_seed`` (:class:`weakbench.platform.tune_record.VariantSearcher`).
-Either searcher is wrapped by :class:`weakbench.platform.tune_record.ReattachingSearcher`, which
-records each trial before it starts and replays the recorded ones on ``--resume``. ASHA over configurations
+mean), other grid axes become categorical choices for Optuna. ``searcher="random"`` uses Tune's
+own variant generator, where grid axes are crossed natively. ASHA over configurations
 (:class:`weakbench.platform.schedulers.ConfigurationASHA`, time attribute ``progress``) stops poor
 configurations early, all their seed repeats together.
 
@@ -564,7 +561,7 @@ def describe_sweep(opts: SweepOptions) -> list[dict[str, str]]:
     asha = (f"ASHA (grace period {space.asha.grace_period}, reduction factor {space.asha.reduction_factor:g}) on "
             f"configurations" if space.asha and opts.early_stopping else
             "none" + (" (--no-early-stopping)" if space.asha else ""))
-    searcher = f"{opts.searcher} (seed {opts.search_seed})" if opts.searcher == "optuna" else f"random (grid axes crossed, seed {opts.search_seed})"
+    searcher = f"{opts.searcher} (seed {opts.search_seed})" if opts.searcher == "optuna" else "random (grid axes crossed)"
     trial = (f"{opts.num_workers} worker(s) × {opts.cpus_per_worker:g} CPU" + (", 1 GPU each" if opts.use_gpu else ""))
     rows += [{"section": "run", "key": "trials planned", "value": f"{planned_trials(space, opts)} (--trials {opts.trials}; "
                                                                    f"{space.num_grid_points()} grid point(s))"},
@@ -729,15 +726,6 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
             param_space.update(space.tune_param_space())
             num_samples = max(1, math.ceil(opts.trials / space.num_grid_points()))
             num_planned = num_samples * space.num_grid_points()
-        from weakbench.platform.tune_record import Recorder, ReattachingSearcher, RecordingCallback, VariantSearcher
-
-        if search_alg is None:
-            # grid, all-fixed and random sweeps: Tune's own variants (the grid crossed num_samples
-            # times, distributions drawn), through a Searcher so that they are recorded and replayed
-            # on --resume like Optuna's; num_samples is then the number of trials
-            search_alg = VariantSearcher(param_space, num_samples, metric=space.metric, mode=space.mode,
-                                         seed=opts.search_seed)
-            num_samples = num_planned
         # ASHA's clock is the plan's progress units (fit epochs + one per map/eval stage), so it
         # means the same across stages; the plan's last report (progress == max_t) comes after
         # the trial's run is FINISHED
@@ -750,7 +738,15 @@ def run_sweep(opts: SweepOptions, observer=None) -> SweepSummary:
         ctx = _SweepContext(opts=opts.model_copy(update={"tracking_uri": tracking_uri}), method=space.method,
                             data_cache=data_cache, splits_path=str(splits_path), sweep_dir=str(sweep_dir),
                             parent_run_id=parent, sweep_id=sweep_name, seed_values=seed_values).model_dump()
-        search_alg = ReattachingSearcher(search_alg)  # every suggestion recorded before its trial starts; replayed on --resume
+        from weakbench.platform.tune_record import Recorder, ReattachingSearcher, RecordingCallback
+
+        if search_alg is not None:  # every suggestion recorded before its trial starts; replayed on --resume
+            search_alg = ReattachingSearcher(search_alg)
+        # grid, all-fixed and random sweeps keep Tune's BasicVariantGenerator: it re-attaches by
+        # itself. Its variants are drawn ahead and saved with Tune's trials (the remaining list, its
+        # counter and random state) and its trial ids are <prefix>_<counter>, so after a restore
+        # the k-th trial has the lost k-th trial's id and configuration: its run, checkpoint and
+        # record entry are found (tests/test_sweep_resume.py, the grid case)
         state.data["planned"] = num_planned
         recorder = Recorder(state, space.metric)
         sweep_state.ACTIVE = recorder

@@ -14,14 +14,15 @@
   finds its MLflow run and its checkpoint, instead of a new trial the seeded searcher would
   suggest again under a new id. The searcher is asked for new configurations only past the
   recorded ones, and Tune's ``num_samples`` still bounds the total: never more trials than planned.
-  Grid, all-fixed and random sweeps get the same: their variants come from :class:`VariantSearcher`
-  (Tune's own variant generation, as a ``Searcher``), wrapped the same way.
+  Grid, all-fixed and random sweeps keep Tune's ``BasicVariantGenerator``, which does the same by
+  itself (its pre-drawn variants and counter are saved with the trials, and a trial's id is
+  ``<prefix>_<counter>``): the k-th trial after a restore is the lost k-th one, id and
+  configuration alike.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import time
 from typing import Any
 
@@ -295,53 +296,3 @@ class ReattachingSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         self.searcher.restore(checkpoint_path)
 
-
-class VariantSearcher(Searcher):
-    """Tune's own variant generation (what its ``BasicVariantGenerator`` runs for a grid, all-fixed
-    or ``--searcher random`` sweep) as a ``Searcher``, so that :class:`ReattachingSearcher` can
-    record and replay its suggestions like Optuna's.
-
-    ``repeats`` passes over ``param_space`` (``ray.tune.search.variant_generator.generate_variants``:
-    grid axes crossed, each sampled distribution drawn once per grid point, ``numpy`` generator
-    seeded with ``seed``), drawn when the searcher is made, so a resumed sweep (which unpickles it
-    from ``tuner.pkl``) has the same list. Suggestions are the varying keys only (grid axes and
-    distributions; constants stay in Tune's ``param_space``), in order; ``FINISHED`` after the last.
-    """
-
-    def __init__(self, param_space: dict[str, Any], repeats: int, *, metric: str, mode: str, seed: int = 0):
-        import numpy as np
-        from ray.tune.search.sample import Domain
-        from ray.tune.search.variant_generator import generate_variants
-
-        super().__init__(metric=metric, mode=mode)
-        varying = [k for k, v in param_space.items()
-                   if isinstance(v, Domain) or (isinstance(v, dict) and "grid_search" in v)]
-        rng = np.random.default_rng(seed)
-        self.variants: list[dict[str, Any]] = [
-            {k: spec["config"][k] for k in varying}
-            for _ in range(repeats) for _, spec in generate_variants({"config": dict(param_space)}, random_state=rng)]
-        self.next = 0
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        self._metric = metric or self._metric
-        self._mode = mode or self._mode
-        return True  # the space was given to __init__
-
-    def suggest(self, trial_id: str):
-        if self.next >= len(self.variants):
-            return Searcher.FINISHED
-        self.next += 1
-        return dict(self.variants[self.next - 1])
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        pass
-
-    def save(self, checkpoint_path: str) -> None:
-        # JSON, not a pickle: reading it back runs no code (numpy scalars saved as Python numbers)
-        with open(checkpoint_path, "w") as f:
-            json.dump({"variants": self.variants, "next": self.next}, f, default=lambda o: o.item())
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path) as f:
-            state = json.load(f)
-        self.variants, self.next = state["variants"], state["next"]
