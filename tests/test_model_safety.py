@@ -200,13 +200,15 @@ def test_product_chunks_and_tables_are_read_as_data(tmp_path):
     results = {"i:0": {"masks": [torch.ones(2, 2, dtype=torch.float16)], "strides": [8], "orig_size": (5, 7)},
                "i:1": {"peaks": np.arange(6, dtype=np.int64).reshape(3, 2), "peak_scores": np.asarray([0.5], np.float32),
                        "score": np.float32(0.25), "mask": np.zeros((2, 3), np.uint8), "flag": np.bool_(True),
-                       "rle": {"size": [2, 3], "counts": "06"}, "label": None, "raw": b"\x00\x01"}}
+                       "rle": {"size": [2, 3], "counts": "06"}, "label": None, "raw": b"\x00\x01", "empty": b"",
+                       "ids": {1, 2}}}
     p.save_chunk(results)
     back = p.load_chunks()
     assert back.keys() == results.keys()
     assert torch.equal(back["i:0"]["masks"][0], results["i:0"]["masks"][0])
     assert np.array_equal(back["i:1"]["peaks"], results["i:1"]["peaks"]) and back["i:1"]["score"] == np.float32(0.25)
     assert back["i:1"]["rle"] == results["i:1"]["rle"] and back["i:1"]["raw"] == b"\x00\x01"
+    assert back["i:1"]["empty"] == b"" and back["i:1"]["ids"] == {1, 2}  # CCGR's refine-stage chunks hold an empty bytes
 
     p.save_chunk({"i:2": {"evil": _Payload(marker)}})  # a crafted chunk beside the good one
     with pytest.raises(DataError, match=r"\.pt: refused to load.*fix: delete it"):

@@ -427,11 +427,13 @@ class FitTask:
 
 
 def _numpy_globals() -> list:
-    """What a pickled numpy array, scalar or dtype names (numpy 1.x and 2.x spellings)."""
+    """What a pickled numpy array, scalar or dtype names (numpy 1.x and 2.x spellings), and
+    ``bytes``; torch's weights-only unpickler allows the rest of plain data by itself."""
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype,
+    # bytes: pickle protocol 2 (torch's) writes an empty bytes object as a call of ``bytes()``
+    return [bytes, core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype,
             *[t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)]]
 
 
