@@ -65,7 +65,7 @@ from weakbench import __version__
 from weakbench.core import conventions as C
 from weakbench.core.errors import DivergenceError, check_finite
 from weakbench.core.io import atomic_write
-from weakbench.methods.pipeline import save_data
+from weakbench.methods.pipeline import load_data, save_data
 
 CHECKPOINT_FILE = "trial_state.pt"
 
@@ -293,7 +293,7 @@ class _Runner:
         ckpt = self.reporter.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+                state = load_data(Path(d) / CHECKPOINT_FILE)
         # Tune records a trial's checkpoints in its experiment state only every few seconds, so a
         # sweep killed right after a report can restore the trial without it: the trial's own
         # latest checkpoint (written before every report) is used when it is newer
@@ -374,7 +374,7 @@ class _Runner:
             if st.kind != "fit":
                 raise ValueError(f"stage {name!r} is a {st.kind} stage, not a fit stage: it has no model")
             model = self.method.fit_task(st).build_model()
-            model.load_state_dict(torch.load(self.products[name].dir / "model.pt", map_location="cpu", weights_only=True))
+            model.load_state_dict(load_data(self.products[name].dir / "model.pt"))
             self.models[name] = model
         return self.models[name].to(self.device).eval()
 
@@ -897,7 +897,7 @@ def _latest_local_checkpoint(trial_dir: Path) -> dict[str, Any] | None:
         f = d / CHECKPOINT_FILE
         if f.is_file():
             try:
-                return torch.load(f, map_location="cpu", weights_only=True)
+                return load_data(f)
             except Exception:  # noqa: BLE001 - an unreadable file: try the one before
                 continue
     return None
