@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from wsol_reference import ReferenceBoxEvaluator  # noqa: E402
 
-from weakbench.core.metrics import BoxEvaluator, WsolEvaluator, scale_boxes  # noqa: E402
+from weakbench.core.data.transforms import resize_boxes_wsol  # noqa: E402
+from weakbench.core.metrics import BoxEvaluator, WsolEvaluator  # noqa: E402
 
 SIZE = 224
 
@@ -77,7 +78,7 @@ def coco_cams(n: int, coco_dir: Path) -> tuple[np.ndarray, list[np.ndarray]]:
         boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                            a["bbox"][1] + a["bbox"][3]] for a in anns[im["id"]]
                           if a["category_id"] == cat])
-        gts.append(scale_boxes(boxes, (im["width"], im["height"]), (SIZE, SIZE)))
+        gts.append(resize_boxes_wsol(boxes, (im["width"], im["height"]), (SIZE, SIZE)))
     return np.stack(maps), gts
 
 

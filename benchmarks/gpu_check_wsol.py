@@ -2,7 +2,7 @@
 
 Scores ``--maps`` smooth random 224 x 224 maps (the shape of an upsampled CAM, from
 ``bench_wsol_metrics.smooth_maps``) with :func:`weakbench.core.metrics.box_scores` on the CPU
-(``engine="auto"``: numba or numpy) and with the torch engine on ``--device`` (CUDA when
+(``engine="auto"``: the compiled numba sweep) and with the torch engine on ``--device`` (CUDA when
 visible; on a machine without a GPU the torch engine on the CPU, the code path a GPU runs), then
 prints one line: whether the per-level best-IoU tables (hence every count of MaxBoxAcc and
 MaxBoxAccV2 at every threshold) are identical, and the speed ratio. Exit 1 when they differ.

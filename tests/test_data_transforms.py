@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from weakbench.core.errors import DataError
 from weakbench.core.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, hflip_boxes, hflip_image, hflip_masks, image_to_tensor, nearest_indices, resize_boxes,
     resize_boxes_wsol, resize_image, resize_masks,
@@ -19,6 +20,8 @@ def test_resize_bbox_reference_example():
     out = resize_boxes_wsol(np.array([[1, 2, 4, 3]]), (10, 20), (35, 10))
     assert out.dtype == np.int64
     assert out.tolist() == [[3, 1, 14, 1]]
+    with pytest.raises(DataError, match="image size"):
+        resize_boxes_wsol(np.array([[0, 0, 1, 1]]), (0, 5), (224, 224))
 
 
 def test_resize_bbox_truncates_like_python_int():

@@ -16,8 +16,6 @@ from weakbench.core.metrics import (
     WsolEvaluator,
     box_scores,
     iou_inclusive,
-    resize_box,
-    scale_boxes,
 )
 from weakbench.core.metrics.wsol import threshold_levels
 
@@ -45,14 +43,6 @@ def test_iou_matches_reference_on_random_boxes():
     a = rng.integers(-3, 12, (20, 4))
     b = rng.integers(-3, 12, (7, 4))
     np.testing.assert_array_equal(iou_inclusive(a, b), calculate_multiple_iou(a, b))
-
-
-def test_resize_box_hand_computed():
-    assert resize_box((1, 2, 4, 3), (10, 20), (35, 10)) == (3, 1, 14, 1)
-    np.testing.assert_array_equal(scale_boxes(np.array([[1, 2, 4, 3]]), (10, 20), (35, 10)),
-                                  [[3, 1, 14, 1]])
-    with pytest.raises(DataError):
-        resize_box((0, 0, 1, 1), (0, 5), (224, 224))
 
 
 def test_single_square_box_and_border_clip():

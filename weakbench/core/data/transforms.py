@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from weakbench.core.errors import DataError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -108,11 +110,18 @@ def resize_boxes_wsol(boxes: np.ndarray, image_size: tuple[int, int], new_size: 
         new_size: ``(width, height)`` of the evaluation frame.
 
     Returns:
-        int64 (K, 4).
+        int64 (K, 4), corners of the *inclusive* convention (:mod:`weakbench.core.boxes`), as the
+        reference reads them.
+
+    Raises:
+        DataError: a size is not positive.
     """
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     w, h = float(image_size[0]), float(image_size[1])
     nw, nh = float(new_size[0]), float(new_size[1])
+    if w <= 0 or h <= 0 or nw <= 0 or nh <= 0:
+        raise DataError(f"box sizes must be positive: image_size={tuple(image_size)}, "
+                        f"new_size={tuple(new_size)}; fix the image size metadata")
     out = np.empty_like(b)
     out[:, 0::2] = b[:, 0::2] * nw / w
     out[:, 1::2] = b[:, 1::2] * nh / h
