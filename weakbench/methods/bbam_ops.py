@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakbench.core.boxes import iou_xyxy
+
 __all__ = [
     "S0", "S1", "JITTER_RATIO", "N_PROPOSALS", "IOU_THRESHOLDS", "MAX_POSITIVES", "ITERATIONS", "LR",
     "L1_WEIGHT", "TV_WEIGHT", "TV_BETA", "THETA_FG", "THETA_BG", "CRF_PARAMS",
@@ -134,16 +136,13 @@ def jitter_proposals(
 
 
 def truncated_iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of ``box (4,)`` with each of ``boxes (N, 4)`` as the code's ``get_single_iou``:
-    coordinates truncated toward zero (``int()``), areas ``(x1 − x0)(y1 − y0)`` without ``+1``,
-    0 when the boxes do not overlap (or the union is empty). Returns float64 ``(N,)``."""
-    a = torch.trunc(box.reshape(4).to(torch.float64))
+    """IoU of ``box (4,)`` with each of ``boxes (N, 4)`` as the code's ``get_single_iou``: the
+    *xyxy* IoU (:func:`weakbench.core.boxes.iou_xyxy`, areas ``(x1 − x0)(y1 − y0)`` without
+    ``+1``) of the corners truncated toward zero (``int()``), 0 when the boxes do not overlap or
+    the union is empty. Returns float64 ``(N,)``."""
+    a = torch.trunc(box.reshape(1, 4).to(torch.float64))
     b = torch.trunc(boxes.reshape(-1, 4).to(torch.float64))
-    ix = torch.minimum(a[2], b[:, 2]) - torch.maximum(a[0], b[:, 0])
-    iy = torch.minimum(a[3], b[:, 3]) - torch.maximum(a[1], b[:, 1])
-    inter = torch.where((ix < 0) | (iy < 0), torch.zeros_like(ix), ix * iy)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+    return iou_xyxy(a, b)[0].nan_to_num(0.0)  # 0 / 0 (an empty union) is NaN in torchvision
 
 
 @dataclasses.dataclass

@@ -63,6 +63,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakbench.core.boxes import iou_xyxy
+
 __all__ = [
     "BACKGROUND_WEIGHT",
     "CONTEXT_SCALE",
@@ -710,8 +712,8 @@ def iou_bags(boxes: torch.Tensor, proposals: torch.Tensor, top_k: int = TOP_K) -
 
     Paper: "For a predicted box, we first compute the box overlap ratio between it and all MCG
     box proposals, and select the top 10 proposals with the highest overlap ratios" — no IoU
-    floor, so a bag can hold proposals of IoU 0 when few overlap (check with
-    ``torchvision.ops.box_iou`` if that matters).
+    floor, so a bag can hold proposals of IoU 0 when few overlap. IoU of the *xyxy* convention
+    (:func:`weakbench.core.boxes.iou_xyxy`).
 
     Args:
         boxes: ``(K, 4)``, proposals: ``(N, 4)`` float ``x0, y0, x1, y1`` pixels, same frame.
@@ -724,8 +726,6 @@ def iou_bags(boxes: torch.Tensor, proposals: torch.Tensor, top_k: int = TOP_K) -
     Raises:
         ValueError: shapes or ``top_k < 1``.
     """
-    from torchvision.ops import box_iou
-
     _check_boxes(boxes)
     _check_boxes(proposals, "proposals")
     if int(top_k) < 1:
@@ -734,7 +734,7 @@ def iou_bags(boxes: torch.Tensor, proposals: torch.Tensor, top_k: int = TOP_K) -
         return []
     if proposals.shape[0] == 0:
         return [torch.zeros(0, dtype=torch.int64) for _ in range(boxes.shape[0])]
-    iou = box_iou(boxes.detach().cpu().to(torch.float64), proposals.detach().cpu().to(torch.float64))
+    iou = iou_xyxy(boxes.detach().cpu().to(torch.float64), proposals.detach().cpu().to(torch.float64))
     order = torch.sort(iou, dim=1, descending=True, stable=True).indices[:, :int(top_k)]
     return list(order.to(torch.int64))
 
@@ -922,11 +922,9 @@ def pseudo_instance_mask(label_map, cls: int, box) -> np.ndarray | torch.Tensor:
 
 def best_iou_with_gt(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
     """For each box ``(K, 4)``, its highest IoU with any of ``gt_boxes (G, 4)`` (0 when G = 0);
-    float ``(K,)`` (``torchvision.ops.box_iou``)."""
-    from torchvision.ops import box_iou
-
+    float ``(K,)``, IoU of the *xyxy* convention (:func:`weakbench.core.boxes.iou_xyxy`)."""
     _check_boxes(boxes)
     _check_boxes(gt_boxes, "gt_boxes")
     if gt_boxes.shape[0] == 0 or boxes.shape[0] == 0:
         return torch.zeros(boxes.shape[0], dtype=torch.float32)
-    return box_iou(boxes.float(), gt_boxes.float().to(boxes.device)).amax(1)
+    return iou_xyxy(boxes.float(), gt_boxes.float().to(boxes.device)).amax(1)

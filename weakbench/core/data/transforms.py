@@ -1,13 +1,15 @@
 """Geometric transforms that carry images, boxes and masks together.
 
 Pure functions, no randomness: the datasets draw the random decisions (through torch's RNG) and
-call these. Conventions:
+call these. Conventions (the two box conventions are named and defined in
+:mod:`weakbench.core.boxes`):
 
-* **Float boxes** are ``(x0, y0, x1, y1)`` in continuous pixel-edge coordinates of the original
-  image: COCO's ``[x, y, w, h]`` becomes ``(x, y, x + w, y + h)``; a box covering pixel columns
+* **Float boxes** are ``(x0, y0, x1, y1)`` in the *xyxy* convention (continuous pixel edges) of
+  the original image: COCO's ``[x, y, w, h]`` becomes ``(x, y, x + w, y + h)``; a box covering pixel columns
   ``a..b`` (inclusive) has ``x0 = a``, ``x1 = b + 1``. Resizing multiplies by the scale factor;
   a horizontal flip maps ``x -> W - x``.
-* **Evaluation boxes** (the WSOL protocol of Choe et al., CVPR 2020) are integers obtained with
+* **Evaluation boxes** (the WSOL protocol of Choe et al., CVPR 2020) are integers of the
+  *inclusive* convention obtained with
   wsolevaluation's ``resize_bbox`` rule: ``int(x * S_w / w)`` (truncation), see
   :func:`resize_boxes_wsol`.
 * **Images** are resized to a square ``S x S`` frame without crop; the aspect ratio is *not*

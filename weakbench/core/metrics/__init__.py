@@ -7,7 +7,7 @@ implementation (clovaai/wsolevaluation); see :mod:`weakbench.core.metrics.wsol`.
 
 from weakbench.core.metrics.classification import average_precision, multilabel_average_precision, top1_accuracy
 from weakbench.core.metrics.segmentation import SemanticEvaluator
-from weakbench.core.metrics.boxes import iou_inclusive
+from weakbench.core.boxes import iou_inclusive
 from weakbench.core.metrics.instance import (
     PseudoMaskEvaluator, average_best_overlap, coco_gt_from_source, coco_instance_eval, mask_iou, voc_ap,
     voc_instance_ap,

@@ -41,7 +41,8 @@ def _jit(f):
 
 @_jit
 def _box_iou(x0, y0, x1, y1, gt, k):
-    """Best inclusive IoU of box (x0, y0, x1, y1) over gt[:k] (float64, as ``_best_iou``)."""
+    """Best IoU of the *inclusive* box (x0, y0, x1, y1) over gt[:k]: the arithmetic of
+    :func:`weakbench.core.boxes.iou_inclusive` (float64), compiled for the sweep."""
     best = -1.0
     aa = (x1 - x0 + 1) * (y1 - y0 + 1)
     for j in range(k):

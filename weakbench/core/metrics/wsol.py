@@ -15,8 +15,8 @@ threshold. The protocol (DESIGN.md, "Evaluation protocol"):
   ``[x, y, min(x + w, W − 1), min(y + h, H − 1)]``; no foreground gives ``[0, 0, 0, 0]``;
 * MaxBoxAcc keeps only the contour of largest ``cv2.contourArea`` (ties: the first contour
   in OpenCV's order); MaxBoxAccV2 keeps all contours;
-* an image is correct at ``τ`` when the best inclusive IoU over its boxes and its GT boxes is
-  ``≥ δ``; accuracy is over the split and maximised over ``τ`` (one ``τ`` per split and δ).
+* an image is correct at ``τ`` when the best IoU over its boxes and its GT boxes (the
+  *inclusive* convention, :func:`weakbench.core.boxes.iou_inclusive`) is ``≥ δ``; accuracy is over the split and maximised over ``τ`` (one ``τ`` per split and δ).
 
 How the fast path reproduces each OpenCV step without tracing (proved in the docstrings of
 :mod:`._levelsets` and :mod:`._levelsets_torch`, and checked count by count against OpenCV in
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from weakbench.core.errors import DataError
-from weakbench.core.metrics.boxes import iou_broadcast
+from weakbench.core.boxes import iou_inclusive_broadcast
 
 NLEV = 256
 
@@ -121,7 +121,7 @@ def _best_iou(boxes: np.ndarray, image: np.ndarray, gt: np.ndarray,
     """Max inclusive IoU (float64) of each box (P, 4) over the GT boxes of its image.
 
     Same integer areas and float64 quotient as the reference's ``calculate_multiple_iou``."""
-    iou = iou_broadcast(boxes[:, None, :], gt[image])  # (P, K): each box against its image's GT boxes
+    iou = iou_inclusive_broadcast(boxes[:, None, :], gt[image])  # (P, K): each box against its image's GT boxes
     iou[~valid[image]] = -1.0
     return iou.max(1)
 
