@@ -207,18 +207,20 @@ OFFICIAL_ATTRIBUTION = ("mask_iterations", "mask_lr", "mask_l1_weight", "tv_weig
                         "indicator_cls", "theta_fg", "theta_bg", "use_crf", "mask_loss", "seed_growing_threshold")
 
 
-def test_official_space_holds_the_schema_defaults():
-    """bbam_official.yaml validates and its attribution settings are exactly BBAMConfig's
-    defaults (300 iterations, λ 0.007, θ 0.85 / 0.2 ...; one place for each value)."""
+def test_official_space_runs_the_schema_defaults():
+    """bbam_official.yaml validates and its attribution settings are BBAMConfig's defaults (300
+    iterations, λ 0.007, θ 0.85 / 0.2 ...; one place for each value): the file overrides none of
+    them, so its trials run them."""
     from weakbench.methods.bbam import BBAMConfig
     from weakbench.platform.search_space import load_search_space
 
     space = load_search_space(REPO / "search_spaces" / "bbam_official.yaml")
     assert space.search["seed"].values == [0, 1, 2]
-    defaults = BBAMConfig()
+    assert not set(OFFICIAL_ATTRIBUTION) & set(space.fixed)
+    cfg, defaults = validate_config("bbam", {**space.fixed, "seed": 0}), BBAMConfig()
     for k in OFFICIAL_ATTRIBUTION:
-        assert space.fixed[k] == getattr(defaults, k), k
-    assert (space.fixed["mask_iterations"], space.fixed["mask_l1_weight"]) == (300, 0.007)
+        assert getattr(cfg, k) == getattr(defaults, k), k
+    assert (cfg.mask_iterations, cfg.mask_l1_weight, cfg.theta_fg, cfg.theta_bg) == (300, 0.007, 0.85, 0.2)
     with pytest.raises(ConfigError, match="indicator_box and indicator_cls"):
         validate_config("bbam", {"indicator_box": False, "indicator_cls": False})
     plan = {s.name: s for s in build_method("bbam", {"mask_rcnn_epochs": 1}, num_classes=2).stages()}

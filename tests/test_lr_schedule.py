@@ -174,8 +174,7 @@ def test_official_settings_are_the_search_space_files(method):
     setting = importlib.import_module(f"weakbench.methods.{method}").OFFICIAL_OPTIMIZATION
     fixed = yaml.safe_load((REPO / "search_spaces" / f"{method}_official.yaml").read_text())["fixed"]
     cfg = validate_config(method, fixed)
-    for key, value in setting.items():
-        assert key in fixed, key
+    for key, value in setting.items():  # each value set in the file or the schema's default
         assert getattr(cfg, key) == (tuple(value) if isinstance(value, (list, tuple)) else value), key
     # the method's default stays the common constant schedule; the description names the setting
     default = validate_config(method, {})

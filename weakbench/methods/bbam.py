@@ -45,8 +45,8 @@ stand-in would not be Eq. 4, so it is not offered. The pseudo masks here are the
 dense CRF of the official ``make_annotation`` code (the paper's Table 3 setting).
 
 The paper's 𝟙_box / 𝟙_cls switches of Eq. 3 (its Fig. 4 ablation) are ``indicator_box`` /
-``indicator_cls``. ``search_spaces/bbam_official.yaml`` holds the paper's and the official code's
-settings (300 iterations, λ = 0.007, θ_fg = 0.85 / θ_bg = 0.2 as the code's rank cuts, 1000
+``indicator_cls``. ``search_spaces/bbam_official.yaml`` runs the paper's and the official code's
+settings (BBAMConfig's defaults: 300 iterations, λ = 0.007, θ_fg = 0.85 / θ_bg = 0.2 as the code's rank cuts, 1000
 proposals, s(a) = 16 + 48·√a).
 
 Choices where the paper is silent or the official code differs (each also in ``bbam_ops``):
