@@ -186,6 +186,9 @@ def test_ccgr_loss_errors():
 
 
 # ------------------------------------------------------------------------- the refinement
+PX = {"step_size": 0.5, "step_unit": "pixel"}  # the refinement step these hand-built maps were written for
+
+
 def test_refine_boxes_raises_iou_with_the_object():
     size, rect = 96, (30, 24, 70, 60)  # a 40 × 36 object
     smap = _blurred_rectangle(size, *rect)
@@ -198,7 +201,7 @@ def test_refine_boxes_raises_iou_with_the_object():
     shift = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.15 * wh
     c = centre + shift
     boxes = torch.cat([c - shrink * wh / 2, c + shrink * wh / 2], 1)
-    refined, info = refine_boxes(smap.expand(n, -1, -1), boxes)
+    refined, info = refine_boxes(smap.expand(n, -1, -1), boxes, **PX)
     before = box_iou(boxes, gt)[:, 0]
     after = box_iou(refined, gt)[:, 0]
     # measured: mean IoU 0.52 (0.39–0.62) → 1.00 (every coordinate within 0.002 px of the rectangle)
@@ -214,7 +217,7 @@ def test_refine_boxes_keeps_boxes_valid_and_runs_under_no_grad():
     smap = _blurred_rectangle(32, 0, 0, 32, 3)  # a thin strip on the top edge pulls the box flat
     boxes = torch.tensor([[4.0, 0.5, 20.0, 12.0], [-3.0, -3.0, 40.0, 40.0]])
     with torch.no_grad():
-        refined, _ = refine_boxes(smap.expand(2, -1, -1), boxes, steps=100, step_size=1.0, min_size=2.0)
+        refined, _ = refine_boxes(smap.expand(2, -1, -1), boxes, steps=100, step_size=1.0, step_unit="pixel", min_size=2.0)
     assert (refined[:, :2] >= 0).all() and (refined[:, 2:] <= 32).all()
     assert ((refined[:, 2:] - refined[:, :2]) >= 2.0 - 1e-5).all()
 
@@ -222,35 +225,39 @@ def test_refine_boxes_keeps_boxes_valid_and_runs_under_no_grad():
 def test_refine_boxes_stops_before_a_second_peak():
     smap = _blurred_rectangle(64, 10, 20, 50, 44)
     box = torch.tensor([[12.0, 24.0, 26.0, 40.0]])  # in the left part of the object: it grows right
-    free, _ = refine_boxes(smap[None], box)
+    free, _ = refine_boxes(smap[None], box, **PX)
     peak = torch.tensor([[32, 40]])  # (y, x): pixel centre (40.5, 32.5), on the way
     assert free[0, 2] > 40.5  # unconstrained, the box would take the peak in
-    refined, info = refine_boxes(smap[None], box, peaks=[peak])
+    refined, info = refine_boxes(smap[None], box, **PX, peaks=[peak])
     assert bool(info["stopped_by_peak"][0]) and 0 < int(info["steps"][0]) < 200
     assert refined[0, 2] <= 40.5 and refined[0, 2] > 30  # it grew, then stopped short of the peak
     # a float peak is a point in the box frame; a peak the input box holds already is ignored
-    _, info = refine_boxes(smap[None], box, peaks=[torch.tensor([[32.5, 40.5]])])
+    _, info = refine_boxes(smap[None], box, **PX, peaks=[torch.tensor([[32.5, 40.5]])])
     assert bool(info["stopped_by_peak"][0])
-    _, info = refine_boxes(smap[None], box, peaks=[torch.tensor([[30, 15]])])
+    _, info = refine_boxes(smap[None], box, **PX, peaks=[torch.tensor([[30, 15]])])
     assert not bool(info["stopped_by_peak"][0]) and int(info["steps"][0]) == 200
 
 
 def test_refine_boxes_zero_steps_and_errors():
     smap = _blurred_rectangle(32, 8, 8, 24, 24)[None]
     box = torch.tensor([[10.0, 10.0, 20.5, 20.5]])
-    out, info = refine_boxes(smap, box, steps=0)
+    out, info = refine_boxes(smap, box, **PX, steps=0)
     assert torch.equal(out, box) and info["steps"].tolist() == [0]
     assert info["loss_before"].tolist() == info["loss_after"].tolist()
-    empty, _ = refine_boxes(torch.zeros(0, 8, 8), torch.zeros(0, 4))
+    empty, _ = refine_boxes(torch.zeros(0, 8, 8), torch.zeros(0, 4), **PX)
     assert empty.shape == (0, 4)
     with pytest.raises(ValueError, match="score_maps must be"):
-        refine_boxes(smap[0], box)
+        refine_boxes(smap[0], box, **PX)
     with pytest.raises(ValueError, match="x1 > x0"):
-        refine_boxes(smap, torch.tensor([[5.0, 5.0, 5.0, 9.0]]))
+        refine_boxes(smap, torch.tensor([[5.0, 5.0, 5.0, 9.0]]), **PX)
     with pytest.raises(ValueError, match="peaks has 2 entries for 1 boxes"):
-        refine_boxes(smap, box, peaks=[None, None])
+        refine_boxes(smap, box, **PX, peaks=[None, None])
     with pytest.raises(ValueError, match="step_size"):
-        refine_boxes(smap, box, step_size=0.0)
+        refine_boxes(smap, box, step_size=0.0, step_unit="pixel")
+    with pytest.raises(ValueError, match="step_unit"):
+        refine_boxes(smap, box, step_size=0.02, step_unit="side")
+    with pytest.raises(TypeError, match="step_size"):  # no default step: the caller names size and unit
+        refine_boxes(smap, box)
 
 
 # ------------------------------------------------------------------------------ PRM peaks

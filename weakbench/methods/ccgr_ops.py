@@ -37,9 +37,10 @@ Choices where the paper is silent (each documented where it is made):
   ``form="literal"`` (:func:`ccgr_loss`);
 * boxes and context boxes are clipped to the map: Φ is the mean over the *visible* part, a ring
   that lies entirely outside the map has Φ(C) = 0 (:func:`ccgr_loss`);
-* refinement is Adam on the four coordinates with a step in pixels, cosine-decayed to 0,
-  200 steps of 0.5 px by default, boxes projected back to valid boxes inside the map after each
-  step (:func:`refine_boxes`, chosen by experiment there);
+* refinement is Adam on the four coordinates with a step cosine-decayed to 0, in pixels or in
+  box sides (the caller names the unit with the size; CCGR's default, 0.02 box sides, lives in
+  ``CCGRConfig.refinement_step_size``), boxes projected back to valid boxes inside the map after
+  each step (:func:`refine_boxes`);
 * "one instance per box": a box stops being refined before it contains a peak of its class that
   it did not contain at the start (:func:`refine_boxes`);
 * peaks are regional maxima (one per connected plateau, its pixel nearest the plateau's
@@ -70,7 +71,6 @@ __all__ = [
     "CONTEXT_SCALE",
     "contrast_objectness",
     "DEFAULT_STEPS",
-    "DEFAULT_STEP_SIZE",
     "MIN_BOX_SIZE",
     "TOP_K",
     "best_iou_with_gt",
@@ -94,7 +94,6 @@ __all__ = [
 # ---------------------------------------------------------------- defaults (one place each)
 CONTEXT_SCALE: float = 1.5  #: B̃ is 1.5 × B's width and height (paper, "Center-context-gap refinement")
 DEFAULT_STEPS: int = 200  #: refinement steps (the paper gives none; see :func:`refine_boxes`)
-DEFAULT_STEP_SIZE: float = 0.5  #: refinement step in pixels, the Adam step size (see :func:`refine_boxes`)
 MIN_BOX_SIZE: float = 2.0  #: smallest width / height, pixels, a refined box may take
 BACKGROUND_WEIGHT: float = 0.1  #: the 0.1 of Eq. 4
 TOP_K: int = 10  #: proposals per bag (paper: "the first 10 top-ranked proposals", "the top 10 proposals")
@@ -331,25 +330,28 @@ def refine_boxes(
     score_maps: torch.Tensor,
     boxes: torch.Tensor,
     *,
+    step_size: float,
+    step_unit: Literal["pixel", "box"],
     steps: int = DEFAULT_STEPS,
-    step_size: float = DEFAULT_STEP_SIZE,
     context_scale: float = CONTEXT_SCALE,
     form: Form = "area_weighted",
     peaks: Sequence[torch.Tensor | None] | None = None,
     min_size: float = MIN_BOX_SIZE,
-    step_unit: Literal["pixel", "box"] = "pixel",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CCGR box refinement: gradient descent on each box's four coordinates minimising Eq. 3.
 
     The paper says only that Eq. 3 is differentiable so "the bounding box coordinates can be
     optimized with gradient descent". The update used here is **Adam** (β = 0.9, 0.999,
-    ε = 1e-8, bias-corrected) on ``(x0, y0, x1, y1)`` with a **step size in pixels** that decays
-    from ``step_size`` to 0 by a half cosine over ``steps``. Adam normalises each coordinate's
-    gradient, so the first step moves every coordinate with a non-zero gradient by exactly
-    ``step_size`` pixels and later steps by at most about ``step_size``, whatever the map's
-    contrast or the box's size (the raw gradient scales as 1 / box side), and the decay lets
-    the box settle on an edge instead of oscillating across it. A box can travel up to
-    ≈ (2/π) · steps · step_size pixels per coordinate (≈ 64 px at the defaults).
+    ε = 1e-8, bias-corrected) on ``(x0, y0, x1, y1)`` with a **step size** that decays from
+    ``step_size`` to 0 by a half cosine over ``steps``, in the unit ``step_unit`` names: pixels,
+    or box sides (a fraction of the input box's width for x0, x1 and of its height for y0, y1).
+    Adam normalises each coordinate's gradient, so the first step moves every coordinate with a
+    non-zero gradient by exactly one ``step_size`` and later steps by at most about one,
+    whatever the map's contrast or the box's size (the raw gradient scales as 1 / box side), and
+    the decay lets the box settle on an edge instead of oscillating across it. A coordinate can
+    travel up to ≈ (2/π) · steps · step_size units (CCGR's default, 200 steps of 0.02 box
+    sides: ≈ 2.5 box sides). The function has no default step: the caller states the size
+    with its unit (CCGR's is ``CCGRConfig.refinement_step_size`` / ``refinement_step_unit``).
 
     Chosen by experiment (64 rectangles of 16–47 px in 96 × 96 maps, boxes shrunk to 55–90 %
     and shifted by up to 20 %, mean IoU 0.50 before): on Gaussian-blurred maps (σ = 2 px)
@@ -376,19 +378,16 @@ def refine_boxes(
         score_maps: ``(K, H, W)`` semantic score of each box's class (probability in [0, 1]).
         boxes: ``(K, 4)`` float ``x0, y0, x1, y1`` pixels of the map, with ``x1 > x0``, ``y1 > y0``.
         steps: number of updates (≥ 0; 0 returns the input unchanged).
-        step_size: pixels, > 0: the largest move of a coordinate in the first step (see above).
+        step_size: > 0, in ``step_unit``: the largest move of a coordinate in the first step.
+        step_unit: ``"pixel"``: ``step_size`` is in pixels of the map; ``"box"``: a fraction of
+            the input box's own width (x0, x1) and height (y0, y1), so a refinement behaves alike
+            on a 30 px object in a 96 px image and on a 300 px one in a 640 px image.
         context_scale, form: as :func:`ccgr_loss`.
         peaks: ``None``, or a sequence of K entries, each ``None`` or a ``(P_k, 2)`` tensor of the
             ``(y, x)`` peaks of box k's class in its image **other than the box's own peak**
             (integer pixel indices, tested by their centre, or float points; see the module's
             frames).
         min_size: the smallest width and height, pixels (``min_size ≤ H, W``).
-        step_unit: ``"pixel"`` (default): ``step_size`` is in pixels; ``"box"``: ``step_size`` is a
-            fraction of the input box's own width (for x0, x1) and height (for y0, y1), so a
-            refinement behaves alike on a 30 px object in a 96 px image and on a 300 px one in a
-            640 px image (with step_size 0.005 and 200 steps a side travels at most ≈ 64 % of its
-            length; measured on the synthetic default with GT instance maps and GT boxes jittered
-            by ±20 %: mean IoU 0.68 → 0.80, where 0.5 px steps gave 0.73).
 
     Returns:
         ``(refined, info)``: refined ``(K, 4)`` in boxes' dtype and device; info with
@@ -398,6 +397,7 @@ def refine_boxes(
 
     Raises:
         ValueError: shapes disagree, non-finite or empty boxes, ``steps < 0``, ``step_size ≤ 0``,
+        a ``step_unit`` other than ``"pixel"`` / ``"box"``,
         ``min_size`` not in ``(0, min(H, W)]``, a ``peaks`` list of the wrong length, or the
         errors of :func:`ccgr_loss`.
     """
@@ -408,7 +408,8 @@ def refine_boxes(
                          f"got {tuple(getattr(score_maps, 'shape', ()))}")
     k, h, w = score_maps.shape
     if int(steps) < 0 or not float(step_size) > 0:
-        raise ValueError(f"ccgr_ops.refine_boxes: steps {steps} must be ≥ 0 and step_size {step_size} (pixels) > 0")
+        raise ValueError(f"ccgr_ops.refine_boxes: steps {steps} must be ≥ 0 and step_size {step_size} > 0 "
+                         f"({step_unit}s)")
     if not 0 < float(min_size) <= min(h, w):
         raise ValueError(f"ccgr_ops.refine_boxes: min_size {min_size} must be in (0, {min(h, w)}] for {h} × {w} maps")
     if peaks is not None and len(peaks) != k:
