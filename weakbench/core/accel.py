@@ -13,10 +13,9 @@ Three trial options (``weakbench sweep --precision / --memory-format``, :class:`
   equation (:func:`weakbench.methods.cam.classification_loss`, MinMaxCAM's ``crr_loss`` /
   ``frr_loss``, Puzzle-CAM's ``reconstruction_loss``, Top-GAP's ``l1_sparsity``). On the CPU the
   default stays float32 because CPU results must not change with the defaults (bf16 rounds
-  activations): on the development machine (a CPU with ``avx512_bf16``) bf16 autocast made the
-  bare forward and backward pass faster in three of four runs on a loaded machine (1.7x in the
-  quietest), slower in one (``benchmarks/throughput.py``, ``benchmarks/README.md``); pass
-  ``--precision bf16`` to use it on the CPU.
+  activations), whether or not bf16 is faster on a given CPU (measured with
+  ``benchmarks/throughput.py``, figures in ``benchmarks/README.md``); pass ``--precision bf16``
+  to use it on the CPU.
 * ``memory_format``: ``"auto"`` (default) puts the model in ``torch.channels_last`` on a CUDA
   device (tensor cores read NHWC without transposes), contiguous on the CPU; or
   ``"channels_last"`` / ``"contiguous"``.

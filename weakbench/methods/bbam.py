@@ -57,6 +57,7 @@ pseudo labels for training images only); the predictor of a trial without Mask R
 boxes and runs BBAM on each detection (``predict_instances``).
 
 Headline metric: ``pseudo_masks/instance_miou`` (selected on val, reported on test).
+Measurements: docs/bbam.md (and the pages it points to).
 """
 
 from __future__ import annotations

@@ -748,8 +748,8 @@ class ImageCRF:
     """The dense CRF of one image (:func:`dense_crf`), its pairwise terms built once for many
     unaries: ``ImageCRF(image)(fg_prob)`` equals ``dense_crf(image, fg_prob)`` exactly (mean-field
     inference starts from the unary each call), but the permutohedral lattice of the bilateral
-    kernel, about 60 % of one call's time on a 640 × 480 image, is built once per image instead
-    of once per box and threshold (the official code builds it per call).
+    kernel, most of one call's time (docs/bbam.md), is built once per image instead of once per
+    box and threshold (the official code builds it per call).
 
     Args:
         image_uint8: ``(H, W, 3)`` uint8.

@@ -86,32 +86,23 @@ Choices where the paper is silent or out of reach here (each documented where it
 * pseudo masks under 16 pixels (the SS branch does not see the class in the box) or with a box
   under 4 px a side are dropped (such targets made Mask R-CNN's box regression diverge);
 * peaks below ``peak_min_score`` (0.2 of the class map's maximum) are dropped on top of PRM's
-  median rule: on the synthetic default (seed 0, 40 images per split) the median rule alone gives
-  12.0 peaks per image of which 29 % lie on an instance of their class; with the cut, 3.3 per
-  image and 77 %, at the same instance recall (87 %). The extra peaks also split bags: a proposal
-  may hold only its own peak;
+  median rule, which alone leaves several peaks per instance, most of them off any object (the
+  count is in docs/ccgr.md); the extra peaks also split bags: a proposal may hold only its own
+  peak;
 * the refinement's stop is the paper's ("once it holds more than one peak": ``peak_stop: any``,
   the default); ``peak_stop: region`` counts the peaks of one SS region as one instance and
-  ``off`` never stops (:func:`stopping_peaks` says what each costs). The default budget is 200
-  steps of 0.02 box sides (a side travels up to ≈ 2.5 box sides), chosen on the synthetic
-  default's val split (seed 0). The rules on test (20 images × 3 seeds, a CPU-sized scale: 64 px,
-  3-epoch Mask R-CNN; mean [95 % interval over images and seeds]; table, scale and command in
-  docs/ccgr.md, ``benchmarks/quality_ccgr_stop_rule.py``)::
-
-      data      rule        box IoU after refinement   pseudo-mask mAP^r_0.5   IS mAP^r_0.5
-      default   any         37.5 [30.6, 44.6]          25.7 [11.1, 49.1]       0.0
-      default   region/off  37.7 [30.0, 45.7]          24.5 [9.0, 48.3]        0.0
-      touching  any         39.2 [33.8, 44.4]          15.2 [5.5, 39.0]        0.0
-      touching  region      39.1 [34.4, 44.0]          10.6 [1.9, 39.1]        0.0
-      touching  off         38.6 [33.7, 44.1]          10.6 [1.9, 39.1]        0.0
-
-  No rule is shown better than the paper's (every paired interval holds 0), so ``any`` stays the
-  default;
+  ``off`` never stops (:func:`stopping_peaks`). The default budget is 200 steps of 0.02 box
+  sides (a side travels up to ≈ 2.5 box sides), chosen on the synthetic default's val split.
+  On test no rule is shown better than the paper's, so ``any`` stays the default (table, scale
+  and command in docs/ccgr.md, ``benchmarks/quality_ccgr_stop_rule.py``);
 * image labels are used on val/test to make (and score) their pseudo masks, as BBAM uses boxes
   there: weak supervision provides them on every split. The IS branch is evaluated without them.
 
 Headline metric: ``mask_rcnn/map_r50``, the IS branch on held-out images without labels
 (selected on val, reported on test).
+
+Measurements (proposals and bags, the step size, the stop rule, rounds 1–3, with split, image
+count and command): docs/ccgr.md.
 """
 
 from __future__ import annotations
@@ -1272,18 +1263,17 @@ def stopping_peaks(label_map: np.ndarray | None, boxes: np.ndarray, classes, pea
     """The peaks that stop each box's refinement (``ccgr_ops.refine_boxes``'s ``peaks``).
 
     The paper stops refining a box "once it holds more than one peak": one box, one instance.
-    PRM-style peaks are not one per instance, though: on the synthetic default (seed 0, val, 40
-    instances) 16 instances hold two or three peaks of their class. Read literally (``label_map``
-    None, option ``peak_stop: any``, the default), the stop then keeps a box from growing over its
-    own object (measured on the synthetic default's val split, seed 0: docs/ccgr.md). The option
+    PRM-style peaks are not one per instance, though (docs/ccgr.md counts them). Read literally
+    (``label_map`` None, option ``peak_stop: any``, the default), the stop then can keep a box
+    from growing over its own object. The option
     ``peak_stop: region`` counts peaks as instances by the SS branch's own regions: a peak of
     the box's class is no stop when it lies in the same 8-connected region of ``label_map ==
     class + 1`` as the box's object (the region overlapping the box most, as in
     :func:`ss_blob_boxes`). Two objects of a class that the SS map joins into one region are not
     told apart then, and the box may grow over both: the merge the paper's stop exists to
-    prevent, which the synthetic default (instances at least 3 px apart) cannot show. Measured on
-    touching instances (``synthetic:touching``, the module docstring's table): no rule beats the
-    paper's, which stays the default.
+    prevent, which the synthetic default (instances at least 3 px apart) cannot show. On touching
+    instances (``synthetic:touching``) no rule beats the paper's, which stays the default
+    (docs/ccgr.md, "The stop rule on test").
 
     Args:
         label_map: ``(H, W)`` int SS argmax (0 background, ``c + 1`` class ``c``), or None for the

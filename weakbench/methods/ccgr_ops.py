@@ -40,7 +40,7 @@ Choices where the paper is silent (each documented where it is made):
 * refinement is Adam on the four coordinates with a step cosine-decayed to 0, in pixels or in
   box sides (the caller names the unit with the size; CCGR's default, 0.02 box sides, lives in
   ``CCGRConfig.refinement_step_size``), boxes projected back to valid boxes inside the map after
-  each step (:func:`refine_boxes`);
+  each step (:func:`refine_boxes`; the experiments behind these choices are in docs/ccgr.md);
 * "one instance per box": a box stops being refined before it contains a peak of its class that
   it did not contain at the start (:func:`refine_boxes`);
 * peaks are regional maxima (one per connected plateau, its pixel nearest the plateau's
@@ -262,10 +262,8 @@ def ccgr_loss(sat: torch.Tensor, boxes: torch.Tensor, context_scale: float = CON
       average segmentation score of C").
     * ``"literal"``: Φ(C) = Φ(B̃) − Φ(B), the formula as printed. It is a difference of two
       means, not a mean over C (it is negative whenever the box is denser than its context box,
-      and L = Φ(B̃) − 2Φ(B) rewards the box twice), so it is kept only as an option. On 64
-      synthetic 96 × 96 maps (blurred rectangles plus 0.2 uniform noise, boxes scaled by
-      0.6–1.4 and shifted by up to 20 %), :func:`refine_boxes` raised the mean IoU from 0.60
-      to 0.96 with the area-weighted form and to 0.85 with the literal one.
+      and L = Φ(B̃) − 2Φ(B) rewards the box twice), so it is kept only as an option (it refines
+      boxes worse on synthetic maps: docs/ccgr.md, "The refinement's update rule and form").
 
     Off-map parts: boxes and context boxes are clipped to ``[0, W] × [0, H]`` — integrals
     (:func:`box_integral`) and areas (:func:`box_area_in_map`) alike — so each Φ is the mean over
@@ -353,13 +351,9 @@ def refine_boxes(
     sides: ≈ 2.5 box sides). The function has no default step: the caller states the size
     with its unit (CCGR's is ``CCGRConfig.refinement_step_size`` / ``refinement_step_unit``).
 
-    Chosen by experiment (64 rectangles of 16–47 px in 96 × 96 maps, boxes shrunk to 55–90 %
-    and shifted by up to 20 %, mean IoU 0.50 before): on Gaussian-blurred maps (σ = 2 px)
-    Adam + cosine reached mean IoU 1.00 at 0.25–1 px, Adam at a constant step 0.98–1.00,
-    per-box normalised gradient 0.97–1.00, sign descent 0.93–1.00 with worst boxes at 0.6;
-    on hard 0/1 maps Adam + cosine 0.93–0.95 and sign descent + cosine 0.97–0.98 but the
-    normalised gradient only 0.68–0.83; with uniform noise (0.3) added all rules gave
-    0.90–0.95. Adam + cosine at 0.5 px was the best or close to it in every setting.
+    Adam with the cosine decay was chosen against a constant step, a per-box normalised gradient
+    and sign descent on synthetic blurred, hard and noisy maps: it was the best or close to it
+    in every setting (docs/ccgr.md, "The refinement's update rule and form").
 
     Boxes stay valid after every step: they are projected to ``0 ≤ x0``, ``x0 + min_size ≤ x1
     ≤ W`` (same for y). Where S is flat over the box, its context and their edges (e.g. a box
@@ -837,9 +831,8 @@ def selective_search(image_uint8: np.ndarray, *, mode: Literal["fast", "quality"
     thread calling ``rand`` during the search would break the determinism. ``seed=None`` leaves
     the C RNG alone.
 
-    Timings (this machine, 2 shared CPU cores, two rectangles on noise): 96 × 96 px 0.05 s fast /
-    0.13 s quality; 224 × 224 px 0.19 s fast / 0.8 s quality (the issue measured ~0.4 s at
-    224 px). Cost grows faster than the pixel count; downscale large images first.
+    Cost grows faster than the pixel count (timings in docs/ccgr.md); downscale large images
+    first.
 
     Args:
         image_uint8: ``(H, W, 3)`` RGB (converted to OpenCV's BGR here) or ``(H, W)`` grey uint8.
