@@ -95,7 +95,8 @@ def test_runtime_contract_forbids_every_concrete_method_module(graph):
     hands to the runtime) or listed as forbidden to the runtime, so a new method module cannot be
     imported by the engine without the contract saying so."""
     contract = {"weakbench.methods", "weakbench.methods.base", "weakbench.methods.pipeline", "weakbench.methods.instance",
-                "weakbench.methods.classifier", "weakbench.methods.evaluate", "weakbench.methods.metric_declarations"}
+                "weakbench.methods.classifier", "weakbench.methods.evaluate", "weakbench.methods.metric_specs",
+                "weakbench.methods.metric_declarations"}
     forbidden = set(_contract("methods-through-registry")["forbidden_modules"])
     methods = {m for m in graph.modules if m == "weakbench.methods" or m.startswith("weakbench.methods.")}
     assert methods - contract == forbidden
@@ -118,3 +119,63 @@ def test_every_builtin_method_is_an_entry_point():
         module, _, attr = value.partition(":")
         cls = base.get_method_class(name)
         assert (cls.__module__, cls.__name__, cls.name) == (module, attr, name)
+
+
+def module_cycles(graph, prefix: str) -> list[list[str]]:
+    """The groups of modules under ``prefix`` that import each other through some chain of direct
+    imports (function-local ones included): strongly connected components of more than one module,
+    each sorted (Tarjan's algorithm, iterative)."""
+    mods = sorted(m for m in graph.modules if m == prefix or m.startswith(prefix + "."))
+    edges = {m: sorted(i for i in graph.find_modules_directly_imported_by(m) if i in mods and i != m) for m in mods}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    for root in mods:
+        if root in index:
+            continue
+        work = [(root, iter(edges[root]))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, it = work[-1]
+            nxt = next(it, None)
+            if nxt is not None:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(edges[nxt])))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    group.append(m)
+                    if m == node:
+                        break
+                if len(group) > 1:
+                    found.append(sorted(group))
+    return sorted(found)
+
+
+def test_module_cycles_finds_a_cycle():
+    import types
+
+    edges = {"p.a": ["p.b"], "p.b": ["p.c"], "p.c": ["p.a"], "p.d": ["p.a"]}
+    fake = types.SimpleNamespace(modules=set(edges), find_modules_directly_imported_by=lambda m: set(edges[m]))
+    assert module_cycles(fake, "p") == [["p.a", "p.b", "p.c"]]
+
+
+@pytest.mark.parametrize("package", ["weakbench.core", "weakbench.methods", "weakbench.dashboards"])
+def test_no_import_cycle_between_modules(graph, package):
+    # not even two modules import each other, through function-local imports either
+    assert module_cycles(graph, package) == []

@@ -160,7 +160,7 @@ def test_a_method_declares_its_own_metrics_and_a_conflicting_declaration_fails_r
         Config = ClassifierConfig
         metrics = (D.metric("pxap", "min", "%", "PxAP", "a different meaning"),)
 
-    with pytest.raises(ValueError, match=r"declares metric 'pxap', which .*metric_declarations.py \(METRICS\) declares "
+    with pytest.raises(ValueError, match=r"declares metric 'pxap', which .*metric_specs.py \(METRICS\) declares "
                                          r"differently"):
         register_method("contract_clash_common")(ClashCommon)
     assert not {"contract_clash", "contract_clash_common"} & set(list_methods())

@@ -104,7 +104,7 @@ def test_every_headline_is_declared_and_the_search_space_default_comes_from_it()
         space = parse_search_space({"method": name})
         assert space.metric == f"val/{head}" == D.default_select_metric(name)
         assert space.mode == spec.direction
-    with pytest.raises(ConfigError, match="not declared.*metric_declarations.py"):
+    with pytest.raises(ConfigError, match="not declared.*metric_specs.py"):
         parse_search_space({"method": "cam", "metric": "val/made_up_score"})
     with pytest.raises(ConfigError, match="diagnostic"):
         parse_search_space({"method": "cam", "metric": "val/best_threshold"})
@@ -152,7 +152,7 @@ def test_variants_say_what_they_are_and_unknown_metrics_are_refused():
     assert D.spec("instance_miou").description in box.description
     assert D.lookup("val/pseudo_masks/r1/made_up") is None and D.lookup("val/box_filled/nothing") is None
     assert D.lookup("val/made_up_score") is None
-    with pytest.raises(D.UnknownMetricError, match="metric_declarations.py"):
+    with pytest.raises(D.UnknownMetricError, match="metric_specs.py"):
         D.spec("val/made_up_score")
     with pytest.raises(ConfigError, match="diagnostic"):
         D.higher_is_better("val/num_images")

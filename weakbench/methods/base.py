@@ -52,7 +52,7 @@ from weakbench.methods.lr_schedules import LRSchedule
 from weakbench.methods.pipeline import FitTask, Stage, StageContext, StepContext, check_field_groups, resolve_plan
 from weakbench.core.errors import ConfigError, PluginError, UnknownNameError
 from weakbench.core.io import atomic_write_text
-from weakbench.methods.metric_declarations import DEFAULT_HEADLINE, MechanismCheck, MetricSpec, RowDiagnostic
+from weakbench.methods.metric_specs import DEFAULT_HEADLINE, METRICS, MechanismCheck, MetricSpec, RowDiagnostic
 
 __all__ = ["Method", "MethodConfig", "FitTask", "Stage", "StageContext",
            "StepContext", "register_method", "build_method", "get_method_class", "list_methods", "validate_config",
@@ -201,17 +201,17 @@ class Method:
             (``box_filled``, ``box_crf``, ``unrefined``) are metric variants, not rows:
             :attr:`compared_with_variants`.
         metrics: the method's own metrics (direction, unit, display name, meaning:
-            :func:`~weakbench.methods.metric_declarations.metric`), registered with the method; the
+            :func:`~weakbench.methods.metric_specs.metric`), registered with the method; the
             metrics common to several methods (the WSOL protocol, masks, COCO) are declared in
-            :data:`weakbench.methods.metric_declarations.METRICS`.
+            :data:`weakbench.methods.metric_specs.METRICS`.
         mechanism_checks: the diagnostics that show the method's mechanism ran
-            (:class:`~weakbench.methods.metric_declarations.MechanismCheck`); the board flags a row
+            (:class:`~weakbench.methods.metric_specs.MechanismCheck`); the board flags a row
             whose check fails. Every classifier row is also checked against chance (``cls_acc``
             against ``cls_chance``) and every trained row for seeds giving identical metrics.
         row_diagnostics: diagnostics every board row of the method shows in words, never ranked
-            (:class:`~weakbench.methods.metric_declarations.RowDiagnostic`; CCGR: proposal
+            (:class:`~weakbench.methods.metric_specs.RowDiagnostic`; CCGR: proposal
             recall and bags against random bags).
-        compared_with_variants: variant prefixes (:mod:`weakbench.methods.metric_declarations`)
+        compared_with_variants: variant prefixes (:data:`weakbench.methods.metric_specs.VARIANTS`)
             of the headline that the same run logs as its own baselines (BBAM: ``box_filled``,
             ``box_crf``; CCGR: ``unrefined``, ``box_filled``).
         stage_groups: the field groups of :attr:`Config` (``Config.field_groups``) each stage of
@@ -233,7 +233,7 @@ class Method:
     name: ClassVar[str] = ""
     shape: ClassVar[PipelineShape] = "classifier_cam"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    headline_metric: ClassVar[str] = DEFAULT_HEADLINE  # declared in weakbench.methods.metric_declarations
+    headline_metric: ClassVar[str] = DEFAULT_HEADLINE  # declared in weakbench.methods.metric_specs
     compared_with: ClassVar[tuple[str, ...]] = ()
     compared_with_variants: ClassVar[tuple[str, ...]] = ()
     mechanism_checks: ClassVar[tuple[MechanismCheck, ...]] = ()
@@ -444,11 +444,9 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
 def _check_metrics(name: str, cls: type[Method]) -> None:
     """Refuse a method metric declared differently by the common table or another method."""
-    from weakbench.methods.metric_declarations import METRICS
-
     for s in cls.metrics:
         other = METRICS.get(s.name)
-        where = "weakbench/methods/metric_declarations.py (METRICS)"
+        where = "weakbench/methods/metric_specs.py (METRICS)"
         if other is None:
             owner = next((n for n, c in _REGISTRY.items() if n != name for o in c.metrics if o.name == s.name), None)
             other = next((o for o in _REGISTRY[owner].metrics if o.name == s.name), None) if owner else None

@@ -1008,7 +1008,7 @@ def legend(lb: pa.Table) -> str:
     head = reported[0] if reported else meta.get(b"weakbench.primary_metric", b"?").decode()
     spec = D.lookup(head)
     parts = [f"{head} ({spec.display}): {spec.explain()}." if spec else
-             f"{head}: not declared in weakbench/methods/metric_declarations.py."]
+             f"{head}: not declared (weakbench/methods/metric_specs.py METRICS, or the method's Method.metrics)."]
     rows = lb.to_pylist()
     datasets = sorted({r["dataset"] for r in rows})
     best = {r["dataset"]: r for r in rows if r.get("trivial_verdict") == "is the best trivial baseline"}

@@ -4,7 +4,7 @@ Each refusal is a :class:`~weakbench.core.errors.ConfigError` with one line nami
 the flag and the fix (the CLI prints it and exits 2):
 
 * :func:`options_error`: a value a :class:`~weakbench.platform.run_spec.SweepOptions` field refuses
-  (``--trials 0``, ``--trials -5``, ``--max-failures -1``, ``--trials`` above :data:`MAX_TRIALS`);
+  (``--trials 0``, ``--trials -5``, ``--max-failures -1``, ``--trials`` above :data:`~weakbench.platform.run_spec.MAX_TRIALS`);
 * :func:`check_sweep_name`: ``--name`` must be one folder name, so the sweep stays under
   ``<output-dir>/sweeps`` (no ``/``, ``..`` or absolute path);
 * :func:`check_text_path`: a path that is not valid UTF-8 (MLflow and JSON store paths as text);
@@ -23,19 +23,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from weakbench.core.errors import ConfigError
-
-#: the most trials one sweep plans (``--trials``): every finished trial keeps its final weights
-#: (about 45 MB for a ResNet-18) and a row in MLflow; split a larger search into several sweeps
-MAX_TRIALS = 1000
+from weakbench.platform.run_spec import MAX_TRIALS, cli_of
 #: seconds an HTTP tracking server gets to answer the start-up probe (no retries)
 PROBE_TIMEOUT_S = 5
 
 
 def _flag(field: str) -> str:
-    from weakbench.platform import run_spec
-
     try:
-        cli = run_spec.cli_of(field)
+        cli = cli_of(field)
     except KeyError:
         return field
     return cli["names"][0] if cli and cli.get("kind") != "argument" else field.upper()
