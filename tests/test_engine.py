@@ -14,6 +14,7 @@ import pytest
 from weakbench.core import conventions as C
 from weakbench.platform import tracking
 from weakbench.core.data import make_splits, open_dataset, save_splits
+from weakbench.platform.callbacks import CallbackRef, FailOnce, RecordShards
 from weakbench.platform.engine import TrialSpec, run_trial
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def only_run(spec):
 
 
 def test_ddp_two_workers_disjoint_shards_identical_weights(tmp_path, synthetic, ray_local):
-    spec = make_spec(tmp_path, synthetic, num_workers=2, record_shards=True)
+    spec = make_spec(tmp_path, synthetic, num_workers=2, callbacks=[CallbackRef.of(RecordShards)])
     metrics = run_trial(spec, executor="train", storage_path=str(tmp_path / "ray"))
     assert metrics["epoch"] == 2
     trial = Path(spec.trial_dir)
@@ -71,7 +72,7 @@ def test_ddp_two_workers_disjoint_shards_identical_weights(tmp_path, synthetic, 
 
 
 def test_restart_resumes_from_checkpoint_and_continues_the_run(tmp_path, synthetic, ray_local):
-    spec = make_spec(tmp_path, synthetic, fail_at_epoch=1)
+    spec = make_spec(tmp_path, synthetic, callbacks=[CallbackRef.of(FailOnce, after_epoch=1)])
     metrics = run_trial(spec, executor="train", storage_path=str(tmp_path / "ray"), max_failures=1)
     assert (Path(spec.trial_dir) / "failed_once").exists(), "the injected failure did not happen"
     assert metrics["epoch"] == 2 and f"test/{'max_box_acc_v2'}" in metrics
@@ -111,7 +112,7 @@ def test_inline_trial_logs_everything_and_model_loads(tmp_path, synthetic):
 
 
 def test_failure_marks_run_failed_with_error_tag(tmp_path, synthetic):
-    spec = make_spec(tmp_path, synthetic, fail_at_epoch=1)
+    spec = make_spec(tmp_path, synthetic, callbacks=[CallbackRef.of(FailOnce, after_epoch=1)])
     with pytest.raises(RuntimeError, match="injected failure"):
         run_trial(spec, executor="inline")
     _, run = only_run(spec)

@@ -12,7 +12,7 @@ import yaml
 from weakbench.methods import build_method, validate_config
 from weakbench.methods.lr_schedules import build_lr_scheduler, milestone_steps
 from weakbench.methods.pipeline import Stage
-from weakbench.platform.engine import optimization_state, restore_optimization
+from weakbench.platform.loops import optimization_state, restore_optimization
 from weakbench.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +200,7 @@ def test_inline_trial_resumed_after_a_kill_continues_the_schedule_and_logs_lr(tm
     0.05 · λ(0)), would give 0.05 again."""
     from weakbench.platform import tracking
     from weakbench.core.data import make_splits, open_dataset, save_splits
+    from weakbench.platform.callbacks import CallbackRef, FailOnce
     from weakbench.platform.engine import TrialSpec, run_trial
 
     cache = tmp_path / "cache"
@@ -211,7 +212,7 @@ def test_inline_trial_resumed_after_a_kill_continues_the_schedule_and_logs_lr(tm
     spec = TrialSpec(method="cam", params=params, data=None, data_cache=str(cache), splits_path=str(splits_path),
                      trial_dir=str(tmp_path / "trial"), tracking_uri=tracking.default_tracking_uri(tmp_path),
                      sweep_id="s", trial_id="t0", run_name="cam-t0", eval_max_images=4, num_overlays=0,
-                     log_model=False, fail_at_epoch=1)
+                     log_model=False, callbacks=[CallbackRef.of(FailOnce, after_epoch=1)])
     with pytest.raises(RuntimeError, match="injected failure"):
         run_trial(spec, executor="inline")
     metrics = run_trial(spec, executor="inline")  # resumes from the trial's checkpoint

@@ -15,7 +15,7 @@ from weakbench.methods import build_method, get_method_class, list_methods
 from weakbench.methods.pipeline import StageContext
 from weakbench.methods import metric_declarations as D
 from weakbench.core.conventions import TRIVIAL_BASELINES
-from weakbench.platform.engine import _stage_key
+from weakbench.platform.loops import stage_key as _stage_key
 from weakbench.core.errors import ConfigError
 from weakbench.platform.leaderboard import build_leaderboard, leaderboard_metrics, legend, render_rich
 from weakbench.platform.results import rows_to_table

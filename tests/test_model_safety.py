@@ -171,7 +171,7 @@ def test_spec_round_trip_and_no_pickle(tmp_path):
 def test_trial_checkpoints_are_read_weights_only(tmp_path):
     """The engine reads trial checkpoints with ``weights_only=True``: a pickled object in one is
     refused (the file is skipped as unreadable), its code never runs."""
-    from weakbench.platform.engine import CHECKPOINT_FILE, _latest_local_checkpoint
+    from weakbench.platform.checkpoints import CHECKPOINT_FILE, latest_local_checkpoint as _latest_local_checkpoint
 
     marker = tmp_path / "marker"
     d = tmp_path / "trial" / "wb-ckpt-x"

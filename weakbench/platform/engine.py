@@ -43,31 +43,40 @@ in the calling process (the Tune trial actor) for one-worker CPU trials, reporti
 directly (a sweep's default for them); it saves the start-up of the Train controller and worker
 actors (each a fresh process importing torch), measured in ``benchmarks/bench_trial_startup.py``
 and ``benchmarks/bench_sweep_overhead.py``.
+
+The parts, as Lightning splits Trainer, Strategy, Logger and Callback (this module wires them):
+
+* :mod:`weakbench.platform.runtime` — where the loops run (inline, Tune, Ray Train): rank, world
+  size, device, barrier, broadcast, sharding, model wrapping, reports;
+* :mod:`weakbench.platform.trackers` — the tracker interface, on MLflow or in memory
+  (``run_trial(..., executor="inline", tracker=InMemoryTracker())``);
+* :mod:`weakbench.platform.trial` — one trial's state, its start (:meth:`TrialState.open`) and end;
+* :mod:`weakbench.platform.loops` — the fit, map and eval loops;
+* :mod:`weakbench.platform.checkpoints` — the trial's checkpoint store;
+* :mod:`weakbench.platform.callbacks` — callbacks (``TrialSpec.callbacks``, by import path).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import random
-import shutil
-import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from weakbench import __version__
 from weakbench.core import conventions as C
-from weakbench.core.errors import DivergenceError, check_finite
-from weakbench.core.io import atomic_write
-from weakbench.methods.pipeline import load_data, save_data
+from weakbench.core.errors import DivergenceError
+from weakbench.platform.callbacks import CallbackRef, build_callbacks
+from weakbench.platform.checkpoints import CHECKPOINT_FILE
+from weakbench.platform.loops import optimization_state, restore_optimization, run_stage
+from weakbench.platform.runtime import make_runtime
+from weakbench.platform.trial import TrialState, stage_products
 
-CHECKPOINT_FILE = "trial_state.pt"
+# re-exported: what callers of the engine used from here before the split (issue #17)
+__all__ = ["CHECKPOINT_FILE", "TrialSpec", "build_trainer", "optimization_state", "plan_segments",
+           "restore_optimization", "run_inline_in_tune", "run_segments", "run_trial", "segment_job_name",
+           "stage_products", "train_loop_per_worker", "trial_plan"]
 
 
 class TrialSpec(BaseModel):
@@ -110,75 +119,9 @@ class TrialSpec(BaseModel):
     keep_checkpoints: bool = Field(False, description="keep every checkpoint and, once finished, the private stage "
                                                       "products (default: only what --resume and the registry need)")
     products_dir: str | None = Field(None, description="where shared stage products live (the sweep's products/); None: under the trial")
-    record_shards: bool = Field(False, description="write the indices each rank trained on and a hash of its final weights (tests)")
-    fail_at_epoch: int | None = Field(None, description="raise after this epoch once (restart tests)")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-class _Reporter:
-    """Hides whether we report to Ray Train (workers) or to Ray Tune directly (inline)."""
-
-    def __init__(self, mode: str):
-        self.mode = mode  # "train" | "tune" | "none"
-
-    def get_checkpoint(self):
-        if self.mode == "train":
-            import ray.train
-
-            return ray.train.get_checkpoint()
-        if self.mode == "tune":
-            from ray import tune
-
-            return tune.get_checkpoint()
-        return None
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        if self.mode == "none":
-            return
-        if self.mode == "train":
-            import ray.train
-
-            ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            ray.train.report(metrics, checkpoint=ckpt)
-        else:
-            from ray import tune
-
-            ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            tune.report(metrics, checkpoint=ckpt)
-
-
-def _world() -> tuple[int, int]:
-    try:
-        import ray.train
-
-        ctx = ray.train.get_context()
-        return ctx.get_world_rank(), ctx.get_world_size()
-    except Exception:  # noqa: BLE001 - not inside a Train worker
-        return 0, 1
-
-
-def _trial_tags(spec: TrialSpec, source, method) -> dict[str, str]:
-    from weakbench.platform.tracking import config_hash, git_commit
-
-    cfg = method.config
-    return {
-        C.TAG_METHOD: spec.method,
-        C.TAG_BACKBONE: method.backbone_name,
-        C.TAG_DATASET: source.name,
-        C.TAG_DATASET_FINGERPRINT: source.fingerprint,
-        C.TAG_SPLIT: "val",
-        C.TAG_SEED: str(cfg.seed),
-        C.TAG_GIT_COMMIT: git_commit(),
-        C.TAG_CONFIG_HASH: config_hash(cfg.model_dump()),
-        C.TAG_VERSION: __version__,
-        C.TAG_DEVICE: "cuda" if spec.use_gpu else "cpu",
-        C.TAG_NUM_WORKERS: str(spec.num_workers),
-    }
+    callbacks: list[CallbackRef] = Field(default_factory=list, description=(
+        "callbacks of the loops, by import path and JSON keyword arguments (weakbench.platform.callbacks; "
+        "e.g. CallbackRef.of(FailOnce, after_epoch=1), CallbackRef.of(RecordShards))"))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float] | None:
@@ -188,8 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float] | None:
     Returns the final metrics on rank 0 (``None`` elsewhere).
     """
     spec = TrialSpec(**config["spec"])
-    reporter = _Reporter(config.get("reporter", "train"))
-    return _run(spec, reporter, segment=config.get("segment"))
+    return _run(spec, config.get("reporter", "train"), segment=config.get("segment"))
 
 
 def plan_segments(plan) -> list[list[int]]:
@@ -210,723 +152,72 @@ def segment_job_name(trial_id: str, plan, segment: int) -> str:
     return f"{trial_id}-{plan[plan_segments(plan)[segment][0]].name}"
 
 
-def _splits_digest(splits) -> str:
-    import hashlib
-
-    doc = json.dumps({k: [int(i) for i in v] for k, v in sorted(splits.items())}, sort_keys=True)
-    return hashlib.sha256(doc.encode()).hexdigest()[:16]
-
-
-def stage_products(spec: TrialSpec, method, plan, source, splits):
-    """The :class:`~weakbench.platform.products.Product` of every stage, by name (hash chain
-    over the plan; shared stages under ``spec.products_dir``, others under the trial)."""
-    from weakbench.platform.products import Product, stage_hash
-
-    cfg = method.config.model_dump()
-    digest = _splits_digest(splits)
-    shared_root = Path(spec.products_dir) if spec.products_dir else Path(spec.trial_dir) / "products"
-    private_root = Path(spec.trial_dir) / "products"
-    out: dict[str, Any] = {}
-    for st in plan:
-        h = stage_hash(method=spec.method, stage=st.name, reads={f: cfg[f] for f in st.reads},
-                       inputs={i: out[i].hash for i in st.inputs}, dataset_fingerprint=source.fingerprint,
-                       splits_digest=digest)
-        out[st.name] = Product(shared_root if st.shared else private_root, st.name, h)
-    return out
-
-
-def _stage_key(stage, split: str, name: str) -> str:
-    """MLflow key of a stage metric: ``<split>/<name>``, or ``<split>/<ns>/<name>`` for a
-    namespaced stage (``ns`` = ``stage.metric_ns`` or the stage name). A name that starts with a
-    split (``"val/miou"``) names its own split: a stage may report several splits."""
-    head, _, rest = name.partition("/")
-    if rest and head in C.SPLITS:
-        split, name = head, rest
-    if not stage.namespaced:
-        return C.metric_key(split, name)
-    return C.metric_key(split, f"{stage.metric_ns or stage.name}/{name}")
-
-
-class _Runner:
-    """Executes stages of one trial on one worker (rank 0 logs, all ranks compute)."""
-
-    def __init__(self, spec: TrialSpec, reporter: _Reporter, rank: int, world: int, device: torch.device):
-        self.spec, self.reporter, self.rank, self.world, self.device = spec, reporter, rank, world, device
-        self.trial_dir = Path(spec.trial_dir)
-        self.client = None
-        self.run_id: str | None = None
-        self.unlogged: dict[str, Any] | None = None  # epoch metrics reported but not yet in MLflow
-        self.models: dict[str, torch.nn.Module] = {}
-        self.carry: dict[str, float] = {}  # latest metrics, repeated in every report (Tune needs its metric)
-        self.state: dict[str, Any] | None = None
-        self.history: list[dict[str, float]] = []
-        from weakbench.core.loading import default_loader_workers
-
-        self.loader_workers = default_loader_workers(spec.cpus_per_worker, spec.loader_workers)
-        self._mixed_ok: bool | None = None
-
-    # ------------------------------------------------------------------ set-up
-    def open(self) -> bool:
-        """Open data, method, plan; restore state; find the MLflow run. False when the run is
-        already FINISHED (reported and nothing else to do)."""
-        from weakbench.methods import build_method
-        from weakbench.platform import tracking
-        from weakbench.core.data import load_splits, open_dataset
-
-        spec = self.spec
-        self.source = open_dataset(spec.data, cache_dir=spec.data_cache, classes=spec.classes)
-        self.splits = load_splits(spec.splits_path, self.source)
-        self.method = build_method(spec.method, spec.params, num_classes=self.source.num_classes,
-                                   multilabel=self.source.multilabel)
-        self.cfg = self.method.config
-        self.plan = self.method.stages()
-        self.products = stage_products(spec, self.method, self.plan, self.source, self.splits)
-        if self.rank == 0:
-            from weakbench.platform.products import clean_stale_staging
-
-            for root in {p.root for p in self.products.values()}:
-                clean_stale_staging(root)  # staging dirs of trials killed more than an hour ago
-        self.total_units = sum(st.units for st in self.plan)
-        _seed_everything(self.cfg.seed)
-
-        state = None
-        ckpt = self.reporter.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                state = load_data(Path(d) / CHECKPOINT_FILE)
-        # Tune records a trial's checkpoints in its experiment state only every few seconds, so a
-        # sweep killed right after a report can restore the trial without it: the trial's own
-        # latest checkpoint (written before every report) is used when it is newer
-        local = _latest_local_checkpoint(self.trial_dir)
-        if local is not None and (state is None or _ckpt_order(local) > _ckpt_order(state)):
-            state = local
-        self.state = state
-        if state is not None:
-            self.history = state.get("history", [])
-            self.carry = dict(state.get("carry", {}))
-        if self.rank == 0:
-            self.client = tracking.client_for(spec.tracking_uri)
-            exp_id = tracking.ensure_experiment(self.client, spec.experiment, artifact_root=None)
-            self.run_id, status = tracking.get_or_create_trial_run(
-                self.client, exp_id, parent_run_id=spec.parent_run_id, sweep_id=spec.sweep_id, trial_id=spec.trial_id,
-                run_name=spec.run_name, tags=_trial_tags(spec, self.source, self.method), params=self.cfg.model_dump(),
-                known_run_id=state.get("mlflow_run_id") if state else None)
-            finished = status == "FINISHED"
-        else:
-            finished = False
-        if self.world > 1:  # every rank learns whether there is anything to do
-            import torch.distributed as dist
-
-            box = [finished]
-            dist.broadcast_object_list(box, src=0)
-            finished = box[0]
-        if finished:
-            if self.rank == 0:
-                final = {k: v for k, v in self.client.get_run(self.run_id).data.metrics.items()}
-                final["epoch"] = float(self.fit_epochs_before(len(self.plan)))
-                final["progress"] = float(self.total_units)
-                final["already_finished"] = 1.0
-                self.final = final
-            else:
-                self.final = {}
-            self.reporter.report(self.final, None)
-            return False
-        if self.rank == 0:
-            if state is not None and state.get("pending_metrics") is not None:
-                _log_pending(self.client, self.run_id, state["pending_metrics"])
-            if status == "NEW":
-                import yaml
-
-                self.client.log_text(self.run_id, yaml.safe_dump({"method": spec.method, **self.cfg.model_dump()},
-                                                                 sort_keys=True), C.CONFIG_ARTIFACT)
-        self.final = {}
-        return True
-
-    def units_before(self, i: int) -> int:
-        return sum(st.units for st in self.plan[:i])
-
-    def fit_epochs_before(self, i: int) -> int:
-        return sum(st.epochs for st in self.plan[:i] if st.kind == "fit")
-
-    def mixed_precision_allowed(self) -> bool:
-        """Whether every fit task of the plan allows autocast (``FitTask.mixed_precision``): then
-        the stages' evaluations may run under it too."""
-        if self._mixed_ok is None:
-            self._mixed_ok = all(self.method.fit_task(s).mixed_precision for s in self.plan if s.kind == "fit")
-        return self._mixed_ok
-
-    def context(self, st, out_dir: Path | None = None):
-        from weakbench.methods.pipeline import StageContext
-        from weakbench.core.accel import autocast_dtype
-
-        return StageContext(stage=st, config=self.cfg, source=self.source, splits=self.splits,
-                            inputs={i: self.products[i].dir for i in st.inputs}, out_dir=out_dir or self.trial_dir,
-                            device=self.device, load_model=self.load_model, max_images=self.spec.eval_max_images,
-                            num_overlays=self.spec.num_overlays, eval_batch_size=self.spec.eval_batch_size,
-                            loader_workers=self.loader_workers,
-                            autocast_dtype=autocast_dtype(self.spec.precision, self.device,
-                                                          self.mixed_precision_allowed()))
-
-    def load_model(self, name: str) -> torch.nn.Module:
-        """The trained model of fit stage ``name`` (in memory, or rebuilt from its product)."""
-        if name not in self.models:
-            st = next(s for s in self.plan if s.name == name)
-            if st.kind != "fit":
-                raise ValueError(f"stage {name!r} is a {st.kind} stage, not a fit stage: it has no model")
-            model = self.method.fit_task(st).build_model()
-            model.load_state_dict(load_data(self.products[name].dir / "model.pt"))
-            self.models[name] = model
-        return self.models[name].to(self.device).eval()
-
-    # ------------------------------------------------------------------ reporting / tags
-    def report(self, metrics: dict[str, float], progress: int, epoch: int, checkpoint_dir: str | None = None) -> None:
-        self.carry.update({k: v for k, v in metrics.items() if k.startswith(("val/", "test/", "train/"))})
-        out = {**self.carry, **metrics, "progress": float(progress), "epoch": float(epoch)}
-        self.reporter.report(out, checkpoint_dir)
-        self.final = out
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.rank == 0 and metrics:
-            from weakbench.platform import tracking
-
-            tracking.log_metrics(self.client, self.run_id, metrics, step=step)
-
-    def tag_stage(self, st, cache: str) -> None:
-        if self.rank != 0:
-            return
-        p = self.products[st.name]
-        self.client.set_tag(self.run_id, "weakbench.stage", st.name)
-        self.client.set_tag(self.run_id, f"weakbench.stage.{st.name}.hash", p.hash)
-        self.client.set_tag(self.run_id, f"weakbench.stage.{st.name}.cache", cache)
-        self.client.set_tag(self.run_id, f"weakbench.stage.{st.name}.product", str(p.dir))
-        print(f"weakbench: trial {self.spec.trial_id} stage {st.name} ({st.kind}): "
-              f"{'cache hit' if cache == 'hit' else 'computed'} [{p.dir}]", flush=True)
-
-    def _decide(self, product) -> dict[str, Any] | None:
-        """Rank 0 reads the manifest; every rank gets the same answer."""
-        man = product.manifest() if self.rank == 0 else None
-        if self.world > 1:
-            import torch.distributed as dist
-
-            box = [man]
-            dist.broadcast_object_list(box, src=0)
-            man = box[0]
-        return man
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    # ------------------------------------------------------------------ stages
-    def run_stage(self, i: int) -> None:
-        st = self.plan[i]
-        product = self.products[st.name]
-        import contextlib
-
-        with contextlib.ExitStack() as stack:
-            if self.rank == 0:
-                stack.enter_context(product.lock())  # a concurrent trial computing it: wait, then hit
-            man = self._decide(product)
-            if man is not None:
-                self._cache_hit(i, man)
-                return
-            self.tag_stage(st, "computed")
-            if st.kind == "fit":
-                self._fit(i)
-            elif st.kind == "map":
-                self._map(i)
-            else:
-                self._eval(i)
-
-    def _cache_hit(self, i: int, man: dict[str, Any]) -> None:
-        st = self.plan[i]
-        self.tag_stage(st, "hit")
-        metrics = {k: float(v) for k, v in man.get("metrics", {}).items()}
-        step = self.fit_epochs_before(i + 1)
-        self.log(metrics, step=step)
-        if self.rank == 0 and st.kind == "eval" and man.get("overlays"):
-            self.client.log_artifacts(self.run_id, str(self.products[st.name].dir / C.OVERLAY_DIR), C.OVERLAY_DIR)
-        if self.rank == 0 and st.kind == "eval":
-            self._log_per_image(i)
-        if i < len(self.plan) - 1:
-            self.report(metrics, progress=self.units_before(i + 1), epoch=step)
-        else:
-            self.final = {**self.carry, **metrics}
-
-    def _publish(self, i: int, staging: Path, metrics: dict[str, float], extra: dict[str, Any] | None = None) -> None:
-        st = self.plan[i]
-        p = self.products[st.name]
-        p.publish(staging, {"method": self.spec.method, "reads": {f: self.cfg.model_dump()[f] for f in st.reads},
-                            "inputs": {n: self.products[n].hash for n in st.inputs}, "kind": st.kind,
-                            "dataset_fingerprint": self.source.fingerprint, "trial": self.spec.trial_id,
-                            "metrics": metrics, **(extra or {})})
-
-    def _fit(self, i: int) -> None:
-        from weakbench.methods.pipeline import StepContext
-        from weakbench.core.accel import autocast, autocast_dtype, use_channels_last
-        from weakbench.core.loading import SeededDataset, SeededSampler, make_loader
-
-        spec, st, rank, world, device = self.spec, self.plan[i], self.rank, self.world, self.device
-        task = self.method.fit_task(st, {n: self.products[n].dir for n in st.inputs})
-        torch.manual_seed(self.cfg.seed)
-        model = task.build_model()
-        optimizers = task.configure_optimizers(model)
-        start_epoch = 0
-        state = self.state
-        resuming = state is not None and state.get("stage", "train") == st.name
-        if resuming:
-            model.load_state_dict(state["model"])
-            start_epoch = state["epoch"]
-            torch.set_rng_state(state["torch_rng"])
-        train_ds = task.train_dataset(self.source, self.splits["train"])
-        # every sample's augmentation is drawn under a seed of (trial seed, epoch, sample key), so
-        # the batches do not depend on the number of loader workers (weakbench.core.loading)
-        batch_sampler = task.batch_sampler(self.source, self.splits["train"], rank, world)
-        if batch_sampler is None:
-            sampler = SeededSampler(torch.utils.data.DistributedSampler(
-                train_ds, num_replicas=world, rank=rank, shuffle=True, seed=task.seed, drop_last=world > 1), task.seed)
-            loader = make_loader(SeededDataset(train_ds), workers=self.loader_workers, device=device,
-                                 batch_size=task.batch_size, sampler=sampler, collate_fn=task.collate, seed=task.seed)
-        else:
-            sampler = SeededSampler(batch_sampler, task.seed, batched=True)
-            loader = make_loader(SeededDataset(train_ds), workers=self.loader_workers, device=device,
-                                 batch_sampler=sampler, collate_fn=task.collate, seed=task.seed)
-        amp_dtype = autocast_dtype(spec.precision, device, task.mixed_precision)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = bool(task.fixed_input_size)
-        steps_per_epoch = max(1, len(loader))
-        total_steps = st.epochs * steps_per_epoch
-        # schedulers are built before the optimisers' state is loaded (torch's documented order):
-        # their constructor resets each group's lr to its initial value, the loaded state then
-        # restores the lr reached, and each scheduler's own state its step count
-        schedulers = dict(task.configure_schedulers(optimizers, total_steps) or {})
-        self.method.check_fit(st, optimizers, schedulers)
-        if resuming:
-            restore_optimization(state, optimizers, schedulers, stage=st.name)
-        model.to(device)
-        if use_channels_last(spec.memory_format, device):
-            model.to(memory_format=torch.channels_last)
-        for opt in optimizers.values():  # move restored optimiser state
-            for stt in opt.state.values():
-                for k, v in stt.items():
-                    if torch.is_tensor(v):
-                        stt[k] = v.to(device)
-        bare = model
-        if world > 1:
-            import ray.train.torch as rtt
-
-            model = rtt.prepare_model(model, move_to_device=False,
-                                      parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters})
-
-        def unwrap(m):
-            return getattr(m, "module", m)
-
-        ctx_stage = self.context(st)
-        epochs_before = self.fit_epochs_before(i)
-        units_before = self.units_before(i)
-        t_start = time.time()
-        prev_seconds = self.history[-1][C.COST_TRAIN_SECONDS] if self.history else 0.0
-        last_metrics: dict[str, float] = {}
-        for epoch in range(start_epoch, st.epochs):
-            sampler.set_epoch(epoch)
-            model.train()
-            sums: dict[str, float] = {}
-            seen: list[int] = []
-            n = 0
-            epoch_lrs = _learning_rates(optimizers)  # the lr the epoch's first step uses
-            for step, batch in enumerate(loader):
-                batch = task.to_device(batch, device)
-                sctx = StepContext(epoch=epoch, step=epoch * steps_per_epoch + step, steps_per_epoch=steps_per_epoch,
-                                   total_steps=total_steps, device=device, unwrap=unwrap)
-                with autocast(device, amp_dtype):
-                    losses = task.training_step(model, batch, optimizers, sctx)
-                for sched in schedulers.values():  # step-wise: once per training step
-                    sched.step()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n += 1
-                if spec.record_shards:
-                    seen.extend(task.batch_indices(batch))
-            train_metrics = {_stage_key(st, "train", k): v / max(1, n) for k, v in sums.items()}
-            train_metrics.update({_stage_key(st, "train", k): v for k, v in epoch_lrs.items()})
-            try:
-                check_finite(train_metrics, f"stage {st.name}, epoch {epoch + 1} train losses")
-            except DivergenceError:
-                self.log(train_metrics, step=epochs_before + epoch + 1)  # the evidence, then FAILED
-                raise
-            if spec.record_shards:
-                (self.trial_dir / f"shard_rank{rank}_epoch{epoch}.json").write_text(json.dumps(seen))
-            last = epoch == st.epochs - 1
-            metrics: dict[str, float] = dict(train_metrics)
-            ckpt_dir = None
-            step_no = epochs_before + epoch + 1
-            if rank == 0:
-                val = task.validate(bare, ctx_stage, last)
-                metrics.update({_stage_key(st, "val", k): v for k, v in val.items()})
-                check_finite(metrics, f"stage {st.name}, epoch {epoch + 1} validation metrics")
-                metrics[C.COST_TRAIN_SECONDS] = (time.time() - t_start) + prev_seconds
-                last_metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
-                # logged after the checkpoint is reported; carried in the checkpoint so that a
-                # trial killed in between logs it on resume: every epoch lands exactly once
-                self.unlogged = {"step": step_no, "metrics": {**metrics, "epoch": float(step_no)}}
-                self.history.append({C.COST_TRAIN_SECONDS: metrics[C.COST_TRAIN_SECONDS]})
-                ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=self.trial_dir)
-                # a kill never leaves half a checkpoint; a full disk leaves none (_removed_on_error)
-                with _removed_on_error(ckpt_dir), atomic_write(Path(ckpt_dir) / CHECKPOINT_FILE) as f:
-                    torch.save({"stage": st.name, "cursor": i, "model": bare.state_dict(),
-                                **optimization_state(optimizers, schedulers),
-                                "epoch": epoch + 1, "mlflow_run_id": self.run_id, "history": self.history,
-                                "pending_metrics": self.unlogged, "torch_rng": torch.get_rng_state(),
-                                "carry": {**self.carry, **last_metrics}}, f)
-            if last and i == len(self.plan) - 1:
-                # the plan ends with this fit stage: finish() makes the last report, after the
-                # run is FINISHED (Tune may end the trial inside a report)
-                self.carry.update(metrics)
-            else:
-                self.report(metrics, progress=units_before + epoch + 1, epoch=step_no, checkpoint_dir=ckpt_dir)
-            if rank == 0:
-                _prune_local_checkpoints(self.trial_dir, keep=Path(ckpt_dir))
-                tracking_metrics = self.unlogged["metrics"]
-                self.unlogged = None
-                self.log(tracking_metrics, step=step_no)
-            if spec.fail_at_epoch is not None and epoch + 1 == spec.fail_at_epoch:
-                marker = self.trial_dir / "failed_once"
-                if not marker.exists():
-                    marker.write_text("1")
-                    raise RuntimeError(f"injected failure after epoch {epoch + 1} (fail_at_epoch)")
-        if st.epochs == 0 and rank == 0:  # no training: validate the initial (e.g. pretrained) model once
-            val = task.validate(bare, ctx_stage, True)
-            last_metrics = {_stage_key(st, "val", k): v for k, v in val.items()}
-            self.log(last_metrics, step=epochs_before)
-            self.carry.update(last_metrics)
-        if spec.record_shards:
-            import hashlib
-
-            # parameters only: DDP keeps them identical across ranks; BatchNorm buffers are
-            # broadcast from rank 0 at each forward, so after the last step a rank's running
-            # statistics include its own last batch (the checkpoint is rank 0's).
-            digest = hashlib.sha256()
-            for k, v in sorted(bare.named_parameters()):
-                digest.update(k.encode())
-                digest.update(v.detach().cpu().contiguous().numpy().tobytes())
-            (self.trial_dir / f"weights_rank{rank}.sha256").write_text(digest.hexdigest())
-        if rank == 0:
-            staging = self.products[st.name].new_staging_dir()
-            with _removed_on_error(staging):
-                save_data(bare.state_dict(), staging / "model.pt")
-                if not last_metrics and self.state is not None and self.state.get("stage") == st.name:
-                    last_metrics = {k: v for k, v in self.carry.items() if k.startswith("val/")}
-                self._publish(i, staging, last_metrics)
-        self._barrier()
-        self.models[st.name] = bare
-        self.state = None  # a later fit stage starts fresh
-
-    def _map(self, i: int) -> None:
-        st, p = self.plan[i], self.products[self.plan[i].name]
-        t0 = time.time()
-        ctx = self.context(st)
-        keys = [str(k) for k in self.method.map_items(st, ctx)]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"method {self.spec.method!r} stage {st.name!r}: map_items returned duplicate keys")
-        done = p.saved_keys()
-        todo = [k for k in keys if k not in done]
-        size = max(1, int(self.method.map_chunk_size))
-        chunks = [todo[j:j + size] for j in range(0, len(todo), size)]
-        if done and self.rank == 0:
-            print(f"weakbench: trial {self.spec.trial_id} stage {st.name}: resuming, {len(keys) - len(todo)}/{len(keys)} "
-                  f"item(s) already saved", flush=True)
-            self.client.set_tag(self.run_id, f"weakbench.stage.{st.name}.resumed_items", str(len(keys) - len(todo)))
-        finished = len(keys) - len(todo)
-        for j in range(self.rank, len(chunks), self.world):
-            results = self.method.map_batch(st, chunks[j], ctx)
-            missing = [k for k in chunks[j] if k not in results]
-            if missing:
-                raise RuntimeError(f"method {self.spec.method!r} stage {st.name!r}: map_batch returned no result for "
-                                   f"{missing[0]!r}")
-            p.save_chunk({k: results[k] for k in chunks[j]})
-            finished += len(chunks[j]) * self.world
-            ctx.progress(min(finished, len(keys)), len(keys))
-        self._barrier()
-        metrics: dict[str, float] = {}
-        if self.rank == 0:
-            results = p.load_chunks()
-            missing = [k for k in keys if k not in results]
-            if missing:
-                raise RuntimeError(f"stage {st.name}: {len(missing)} item(s) have no saved result (e.g. {missing[0]!r})")
-            staging = p.new_staging_dir()
-            with _removed_on_error(staging):
-                raw = self.method.map_reduce(st, {k: results[k] for k in keys}, self.context(st, out_dir=staging)) or {}
-                metrics = {_stage_key(st, st.split or "train", k): float(v) for k, v in raw.items()}
-                check_finite(metrics, f"stage {st.name} metrics")
-                metrics[f"cost/{st.name}_seconds"] = time.time() - t0
-                self._publish(i, staging, metrics, {"items": len(keys)})
-            self.log(metrics, step=self.fit_epochs_before(i + 1))
-        self._barrier()
-        self._after(i, metrics)
-
-    def _eval(self, i: int) -> None:
-        st, p = self.plan[i], self.products[self.plan[i].name]
-        metrics: dict[str, float] = {}
-        if self.rank == 0:
-            t0 = time.time()
-            staging = p.new_staging_dir()
-            # the hook may write its per-image results (C.PER_IMAGE_FILE) into the product
-            raw, overlays = self.method.evaluate_stage(st, self.context(st, out_dir=staging))
-            metrics = {_stage_key(st, st.split or "test", k): float(v) for k, v in raw.items()}
-            check_finite(metrics, f"stage {st.name} metrics")
-            metrics[f"cost/{st.name}_seconds"] = time.time() - t0
-            if overlays:
-                (staging / C.OVERLAY_DIR).mkdir()
-                for name, img in overlays:
-                    img.save(staging / C.OVERLAY_DIR / name)
-            self._publish(i, staging, metrics, {"overlays": len(overlays)})
-            self.log(metrics, step=self.fit_epochs_before(i + 1))
-            if overlays:
-                self.client.log_artifacts(self.run_id, str(p.dir / C.OVERLAY_DIR), C.OVERLAY_DIR)
-            self._log_per_image(i)
-        self._barrier()
-        self._after(i, metrics)
-
-    def _log_per_image(self, i: int) -> None:
-        """Log eval stage ``i``'s per-image results, when its product has them, as the run's
-        artifact ``per_image/<split>.parquet`` (what the results store copies for the board's
-        paired bootstrap)."""
-        st = self.plan[i]
-        path = self.products[st.name].dir / C.PER_IMAGE_FILE
-        if path.is_file():
-            self.client.log_artifact(self.run_id, str(path), f"{C.PER_IMAGE_DIR}/{st.split or 'test'}")
-        folder = self.products[st.name].dir / C.PER_IMAGE_DIR  # per_image/<split>/<stage>.parquet
-        if folder.is_dir():
-            self.client.log_artifacts(self.run_id, str(folder), C.PER_IMAGE_DIR)
-
-    def _after(self, i: int, metrics: dict[str, float]) -> None:
-        """Report a finished map/eval stage (the plan's last stage reports in :meth:`finish`)."""
-        if i < len(self.plan) - 1:
-            self.report(metrics, progress=self.units_before(i + 1), epoch=self.fit_epochs_before(i + 1))
-        else:
-            self.final = {**self.carry, **metrics}
-
-    # ------------------------------------------------------------------ the end
-    def finish(self) -> dict[str, float]:
-        """After the plan's last stage: cost, the predictor, FINISHED, then the last report (Tune
-        may end the trial inside it, so the run is finished first)."""
-        from weakbench.platform import tracking
-
-        out = dict(self.final)
-        if self.rank == 0:
-            seconds = self.history[-1][C.COST_TRAIN_SECONDS] if self.history else 0.0
-            hours = seconds / 3600.0
-            cost = {C.COST_CPU_HOURS: hours * self.spec.num_workers * self.spec.cpus_per_worker,
-                    C.COST_GPU_HOURS: (hours * (self.spec.gpus_per_trial or self.spec.num_workers)
-                                       if self.spec.use_gpu else 0.0)}
-            if self.history:
-                cost[C.COST_TRAIN_SECONDS] = seconds
-            step = self.fit_epochs_before(len(self.plan))
-            self.log(cost, step=step)
-            out.update(cost)
-            if self.spec.log_model:
-                predictor = self.method.build_predictor(self.context(self.plan[-1]))
-                if predictor is not None:
-                    # which fit stage built each network: the registry rebuilds it the same way
-                    built_by = {id(m): name for name, m in self.models.items()}
-                    tracking.log_model(self.spec.tracking_uri, self.run_id, predictor, metadata={
-                        "dataset": self.source.name, "dataset_fingerprint": self.source.fingerprint},
-                        stage_of=lambda module: built_by.get(id(module)))
-                    for m in self.models.values():
-                        m.to(self.device)
-            self.client.set_terminated(self.run_id, status="FINISHED")
-        ckpt_dir = None
-        if self.rank == 0:
-            # a small checkpoint with the last report: Ray Train's Result.metrics are those of the
-            # latest checkpointed report, and a restored trial sees the cursor past the last stage
-            ckpt_dir = tempfile.mkdtemp(prefix="wb-ckpt-", dir=self.trial_dir)
-            with _removed_on_error(ckpt_dir):
-                save_data({"stage": None, "cursor": len(self.plan), "epoch": 0, "mlflow_run_id": self.run_id,
-                           "history": self.history, "pending_metrics": None, "carry": self.carry},
-                          Path(ckpt_dir) / CHECKPOINT_FILE)
-            # the run is FINISHED: a restarted trial returns at once, so the earlier checkpoints
-            # and (its weights being in MLflow) the trial's private products are not needed again
-            # (Tune may end the trial inside the report below: cleaned up before it)
-            if not self.spec.keep_checkpoints:
-                _prune_local_checkpoints(self.trial_dir, keep=Path(ckpt_dir))
-                if self.spec.log_model and self.run_logged_model():
-                    _remove_private_products(self.trial_dir)
-        self.report({k: v for k, v in out.items() if k not in ("progress", "epoch")},
-                    progress=self.total_units, epoch=self.fit_epochs_before(len(self.plan)), checkpoint_dir=ckpt_dir)
-        if ckpt_dir is not None and not self.spec.keep_checkpoints:
-            _prune_local_checkpoints(self.trial_dir, keep=Path(ckpt_dir))
-        return self.final
-
-    def run_logged_model(self) -> bool:
-        """Whether this trial's MLflow run has its model (tag ``weakbench.model_uri``)."""
-        return bool(self.client.get_run(self.run_id).data.tags.get(C.TAG_MODEL_URI))
-
-
-def _learning_rates(optimizers) -> dict[str, float]:
-    """The lr of each optimiser's first parameter group, keyed ``lr`` (optimiser ``"main"``) or
-    ``lr_<name>`` (the classifier methods' first group is the backbone's, ``lr * backbone_lr_mult``)."""
-    return {("lr" if name == "main" else f"lr_{name}"): float(opt.param_groups[0]["lr"])
-            for name, opt in optimizers.items() if opt.param_groups}
-
-
-def optimization_state(optimizers, schedulers) -> dict[str, Any]:
-    """The optimisation part of a fit stage's checkpoint: ``{"optimizers": {name: state_dict},
-    "schedulers": {name: state_dict}}`` (``schedulers`` is ``{}`` for a constant lr; checkpoints
-    written before lr schedules existed have no ``"schedulers"`` key)."""
-    return {"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "schedulers": {k: sch.state_dict() for k, sch in schedulers.items()}}
-
-
-def restore_optimization(state: dict[str, Any], optimizers, schedulers, stage: str = "train") -> None:
-    """Load a checkpoint's optimiser states, then its scheduler states (:func:`optimization_state`).
-
-    ``schedulers`` must have been built on ``optimizers`` *before* this call (torch's order: a
-    scheduler's constructor resets each group's lr; the optimiser's loaded state restores the lr
-    reached, the scheduler's its step count), so the next step continues the schedule exactly.
-
-    Raises:
-        RuntimeError: the checkpoint has no state for a configured scheduler (written without that
-            schedule: resuming would restart it).
-    """
-    for name, opt in optimizers.items():
-        opt.load_state_dict(state["optimizers"][name])
-    saved = state.get("schedulers") or {}
-    for name, sched in schedulers.items():
-        if name not in saved:
-            raise RuntimeError(f"stage {stage!r}: the trial checkpoint has no state for lr scheduler {name!r} (it was "
-                               f"written without this schedule); start the trial afresh (remove its trial directory)")
-        sched.load_state_dict(saved[name])
-
-
-def _ckpt_order(state: dict[str, Any]) -> tuple[int, int]:
-    return int(state.get("cursor", 0)), int(state.get("epoch", 0))
-
-
-def _run(spec: TrialSpec, reporter: _Reporter, segment: int | None = None) -> dict[str, float] | None:
-    from weakbench.platform import tracking
-
-    rank, world = _world()
+def _run(spec: TrialSpec, mode: str, segment: int | None = None, tracker=None) -> dict[str, float] | None:
+    """Run plan segment ``segment`` (None: the whole plan) of one trial on this worker, under the
+    runtime of executor ``mode`` (``"none"``, ``"tune"``, ``"train"``), tracked by ``tracker``
+    (None: MLflow at ``spec.tracking_uri``). Returns the final metrics on rank 0. The run ends
+    FAILED on an exception, KILLED when Tune stops the trial or an interrupt reaches it."""
+    callbacks = build_callbacks(spec.callbacks)
+    runtime = make_runtime(mode, use_gpu=spec.use_gpu)
     Path(spec.trial_dir).mkdir(parents=True, exist_ok=True)
-    if spec.use_gpu and torch.cuda.is_available():
-        if reporter.mode == "train":
-            import ray.train.torch as rtt
-
-            device = rtt.get_device()
-        else:  # an inline trial: Ray set CUDA_VISIBLE_DEVICES to the GPU (share) the trial holds
-            device = torch.device("cuda", 0)
-            torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
-    runner = _Runner(spec, reporter, rank, world, device)
+    if tracker is None:
+        def tracker_factory():
+            from weakbench.platform.trackers import MlflowTracker
+
+            return MlflowTracker(spec.tracking_uri)
+    else:
+        def tracker_factory():
+            return tracker
+    trial = TrialState(spec, runtime, tracker_factory, callbacks)
     try:
-        if not runner.open():
-            return runner.final if rank == 0 else None
-        segments = plan_segments(runner.plan)
+        if not trial.open():
+            return trial.final if runtime.rank == 0 else None
+        segments = plan_segments(trial.plan)
         stage_ids = [i for seg in segments for i in seg] if segment is None else segments[segment]
         for i in stage_ids:
-            runner.run_stage(i)
-        if stage_ids[-1] == len(runner.plan) - 1:
-            runner.finish()
-        return runner.final if rank == 0 else None
-    except SystemExit as e:
-        # Tune ends a function trial by raising SystemExit(0) from tune.report: after the last
-        # report, or when the scheduler (ASHA) stops it early. A finished run stays FINISHED.
-        client, run_id = runner.client, runner.run_id
-        if rank == 0 and client is not None and run_id is not None:
-            if e.code in (0, None):
-                if runner.unlogged is not None:  # stopped inside the report of a checkpointed epoch
-                    tracking.log_metrics(client, run_id, runner.unlogged["metrics"], step=runner.unlogged["step"])
-                if client.get_run(run_id).info.status == "RUNNING":
-                    # the scheduler's decision or the sweep ending (an interrupt): the driver, which
-                    # knows which, writes the final reason (weakbench.platform.sweep._reconcile)
-                    client.set_tag(run_id, "weakbench.stopped", "stopped by Ray Tune")
-                    client.set_terminated(run_id, status="KILLED")
-            else:
-                tracking.fail_run(client, run_id, f"SystemExit: {e.code}")
-        raise
-    except KeyboardInterrupt:
-        # a SIGINT reached the worker (Ctrl-C to a terminal's whole process group): the run was
-        # interrupted, not broken; it ends KILLED and ``--resume`` continues it from its checkpoint
-        if rank == 0 and runner.client is not None and runner.run_id is not None:
-            try:
-                runner.client.set_tag(runner.run_id, C.TAG_INTERRUPTED, "the sweep was interrupted; --resume continues it")
-                runner.client.set_terminated(runner.run_id, status="KILLED")
-            except Exception:  # noqa: BLE001 - reporting must not mask the interrupt
-                pass
-        raise
+            run_stage(trial, i)
+        if trial.is_last(stage_ids[-1]):
+            trial.finish()
+        return trial.final if runtime.rank == 0 else None
     except BaseException as e:
-        if rank == 0 and runner.client is not None and runner.run_id is not None:
-            tracking.fail_run(runner.client, runner.run_id, e)
-            if isinstance(e, DivergenceError):
-                runner.client.set_tag(runner.run_id, "weakbench.diverged", "true")
-            (Path(spec.trial_dir) / "error.txt").write_text(traceback.format_exc())
+        if runtime.rank == 0 and trial.tracker is not None and trial.run_id is not None:
+            _end_run_on(e, trial)
         raise
 
 
-@contextlib.contextmanager
-def _removed_on_error(path: str | Path):
-    """Remove ``path`` (a checkpoint or staging directory being written) when the block raises:
-    on a full disk the partly written file would otherwise keep the space that the run's FAILED
-    status, the sweep's record and its MLflow store need (issue 19). A local fault (a full disk,
-    a read-only file system: :func:`weakbench.platform.tune_record.local_fault_error`) behind the
-    error is raised as itself, so that neither Tune nor Train retries it."""
-    try:
-        yield Path(path)
-    except BaseException as e:
-        shutil.rmtree(path, ignore_errors=True)
-        # the failed writer (and its open file, whose space the unlink does not free while it is
-        # open) is a local of the traceback's frames: drop them; the traceback's lines remain
-        traceback.clear_frames(e.__traceback__)
-        from weakbench.platform.tune_record import local_fault_error
+def _end_run_on(e: BaseException, trial: TrialState) -> None:
+    """End rank 0's run after ``e`` ended the trial.
 
-        fault = local_fault_error(e)
-        if fault is not None and fault is not e:
-            # torch reports a full disk as "RuntimeError: unexpected pos" with the OSError as its
-            # context, which Ray drops when it sends the error to the driver: raise the OSError
-            raise fault from e
-        raise
-
-
-def _latest_local_checkpoint(trial_dir: Path) -> dict[str, Any] | None:
-    """The newest readable ``wb-ckpt-*/trial_state.pt`` of a trial, or None."""
-    dirs = sorted(trial_dir.glob("wb-ckpt-*"), key=lambda d: d.stat().st_mtime, reverse=True)
-    for d in dirs:
-        f = d / CHECKPOINT_FILE
-        if f.is_file():
-            try:
-                return load_data(f)
-            except Exception:  # noqa: BLE001 - an unreadable file: try the one before
-                continue
-    return None
-
-
-def _prune_local_checkpoints(trial_dir: Path, keep: Path) -> None:
-    """Remove a trial's older local checkpoints once ``keep`` has been reported."""
-    import shutil
-
-    for d in trial_dir.glob("wb-ckpt-*"):
-        if d != keep:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _remove_private_products(trial_dir: Path) -> None:
-    """Remove a finished trial's private stage products, ``<trial dir>/products`` (the sweep's
-    shared products live under ``TrialSpec.products_dir`` and stay for the other trials)."""
-    import shutil
-
-    shutil.rmtree(trial_dir / "products", ignore_errors=True)
-
-
-def _log_pending(client, run_id: str, pending: dict[str, Any]) -> None:
-    """Log a checkpoint's epoch metrics unless MLflow already has that step (idempotent)."""
-    steps = {m.step for m in client.get_metric_history(run_id, "epoch")}
-    if pending["step"] not in steps:
-        from weakbench.platform import tracking
-
-        tracking.log_metrics(client, run_id, pending["metrics"], step=pending["step"])
+    * ``SystemExit(0)``: Tune ends a function trial so from ``tune.report``, after the last report
+      or when the scheduler (ASHA) stops it early; a finished run stays FINISHED, a running one
+      ends KILLED (the driver, which knows which, writes the final reason:
+      ``weakbench.platform.sweep._reconcile``), its last checkpointed epoch logged first;
+    * ``KeyboardInterrupt``: a SIGINT reached the worker (Ctrl-C to a terminal's whole process
+      group): the run was interrupted, not broken; it ends KILLED and ``--resume`` continues it;
+    * anything else (another ``SystemExit`` code included): FAILED with the error as a tag (and
+      ``weakbench.diverged`` for a :class:`DivergenceError`), the traceback in ``error.txt``.
+    """
+    tracker, run_id = trial.tracker, trial.run_id
+    if isinstance(e, SystemExit) and e.code in (0, None):
+        if trial.unlogged is not None:  # stopped inside the report of a checkpointed epoch
+            tracker.log_metrics(run_id, trial.unlogged["metrics"], step=trial.unlogged["step"])
+        if tracker.status(run_id) == "RUNNING":
+            tracker.set_tag(run_id, "weakbench.stopped", "stopped by Ray Tune")
+            tracker.end_run(run_id, "KILLED")
+    elif isinstance(e, SystemExit):
+        tracker.fail_run(run_id, f"SystemExit: {e.code}")
+    elif isinstance(e, KeyboardInterrupt):
+        try:
+            tracker.set_tag(run_id, C.TAG_INTERRUPTED, "the sweep was interrupted; --resume continues it")
+            tracker.end_run(run_id, "KILLED")
+        except Exception:  # noqa: BLE001 - reporting must not mask the interrupt
+            pass
+    else:
+        tracker.fail_run(run_id, e)
+        if isinstance(e, DivergenceError):
+            tracker.set_tag(run_id, "weakbench.diverged", "true")
+        (Path(trial.spec.trial_dir) / "error.txt").write_text(traceback.format_exc())
 
 
 # ---------------------------------------------------------------------- executors
@@ -988,21 +279,27 @@ def run_segments(spec: TrialSpec, *, storage_path: str, callbacks: list | None =
 
 
 def run_trial(spec: TrialSpec, *, executor: str = "train", storage_path: str | None = None,
-              max_failures: int = 0) -> dict[str, float]:
+              max_failures: int = 0, tracker=None) -> dict[str, float]:
     """Run one trial outside a sweep and return its final metrics (rank 0's last report).
 
     ``executor="train"`` runs each plan segment as a ``TorchTrainer`` (Ray must be initialised or
     will be started locally); ``"inline"`` runs every stage in this process without checkpoint
-    reporting.
+    reporting. ``tracker`` (inline only): a :class:`~weakbench.platform.trackers.Tracker` to record
+    the run in instead of MLflow at ``spec.tracking_uri``, e.g. an
+    :class:`~weakbench.platform.trackers.InMemoryTracker`.
 
     Raises:
         ray.train.TrainingFailedError (train) or the original exception (inline); in both cases
-        the trial's MLflow run is FAILED.
+        the trial's run is FAILED. ValueError: ``num_workers`` > 1 inline, or a ``tracker`` with
+        the train executor (its workers are other processes).
     """
     if executor == "inline":
         if spec.num_workers != 1:
             raise ValueError("the inline executor runs one worker; use executor='train' for DDP")
-        return _run(spec, _Reporter("none")) or {}
+        return _run(spec, "none", tracker=tracker) or {}
+    if tracker is not None:
+        raise ValueError("a tracker object can only record an inline trial (executor='inline'); the train "
+                         "executor's workers log to MLflow at spec.tracking_uri")
     storage = storage_path or str(Path(spec.trial_dir).parent / "ray_train")
     return run_segments(spec, storage_path=storage, max_failures=max_failures)
 
@@ -1013,4 +310,4 @@ def run_inline_in_tune(spec: TrialSpec) -> dict[str, float]:
     holds with ``gpus_per_trial``)."""
     if spec.num_workers != 1:
         raise ValueError("the inline executor runs one worker; use executor='train' for DDP")
-    return _run(spec, _Reporter("tune")) or {}
+    return _run(spec, "tune") or {}

@@ -245,11 +245,16 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
     diverged, and it keeps the run off the leaderboard and out of the registry.
     """
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
-             if isinstance(v, (int, float))
-             and (k.startswith("train/") or (v == v and abs(float(v)) != float("inf")))]
+    items = [Metric(k, v, now, step) for k, v in sorted(loggable_metrics(metrics).items())]
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def loggable_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The entries of ``metrics`` a tracker logs (:func:`log_metrics`' rule), as floats: numbers
+    only; a non-finite value only under ``train/``."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and (k.startswith("train/") or (v == v and abs(float(v)) != float("inf")))}
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
