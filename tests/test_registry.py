@@ -13,7 +13,7 @@ from weakbench.methods import build_method
 from weakbench.methods.classifier import CamPredictor
 from weakbench.core import conventions as C
 from weakbench import cli
-from weakbench.platform import registry, tracking
+from weakbench.platform import model_format, registry
 from weakbench.core.errors import DataError, UnknownNameError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -33,7 +33,7 @@ def _log_trial(client: MlflowClient, exp_id: str, parent: str, lr: float, seed: 
         if with_model:
             m = build_method(method, {"backbone": "resnet10t", "input_size": 64, "lr": lr, "seed": seed}, num_classes=3)
             predictor = CamPredictor(m, m.build_model().eval(), ["a", "b", "c"], 64, IMAGENET_MEAN, IMAGENET_STD)
-            tracking.log_model(mlflow.get_tracking_uri(), run.info.run_id, predictor, metadata={},
+            model_format.log_predictor(mlflow.get_tracking_uri(), run.info.run_id, predictor, metadata={},
                                stage_of=lambda module: "train")
     return run.info.run_id
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from weakbench import __version__
+from weakbench.core import conventions as C
 from weakbench.core.errors import DataError, UnknownNameError
 
 FORMAT = "weakbench-model"
@@ -110,6 +111,30 @@ def save_predictor(predictor: torch.nn.Module, directory: str | Path, *,
     (d / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
     _write_mlmodel(d)
     return d
+
+
+
+def log_predictor(tracking_uri: str, run_id: str, predictor, *, metadata: Mapping[str, Any],
+                  stage_of=lambda module: None) -> str:
+    """Log a predictor (:class:`~weakbench.methods.classifier.CamPredictor`,
+    :class:`~weakbench.methods.instance.InstancePredictor`) as the run's model, artifact
+    ``model/``, and return its URI ``runs:/<run id>/model`` (also in tag ``weakbench.model_uri``).
+
+    The model is data (:func:`save_predictor`): a versioned JSON spec (method, validated config,
+    classes, input size, which fit stage built each network, as told by ``stage_of``) and
+    safetensors weights, written into a temporary directory and uploaded through a client of
+    ``tracking_uri`` (no global tracking URI is set and no run is re-opened). Loading it never
+    unpickles anything.
+    """
+    from weakbench.platform.tracking import client_for
+
+    client = client_for(tracking_uri)
+    with tempfile.TemporaryDirectory() as d:
+        path = save_predictor(predictor, Path(d) / C.MODEL_ARTIFACT, stage_of=stage_of, metadata=metadata)
+        client.log_artifacts(run_id, str(path), C.MODEL_ARTIFACT)
+    uri = f"runs:/{run_id}/{C.MODEL_ARTIFACT}"
+    client.set_tag(run_id, C.TAG_MODEL_URI, uri)
+    return uri
 
 
 def _write_mlmodel(d: Path) -> None:

@@ -124,9 +124,9 @@ class MlflowTracker:
         self.client.log_artifacts(run_id, local_dir, artifact_path)
 
     def log_model(self, run_id, predictor, *, metadata, stage_of):
-        from weakbench.platform import tracking
+        from weakbench.platform import model_format
 
-        return tracking.log_model(self.tracking_uri, run_id, predictor, metadata=metadata, stage_of=stage_of)
+        return model_format.log_predictor(self.tracking_uri, run_id, predictor, metadata=metadata, stage_of=stage_of)
 
     def end_run(self, run_id, status):
         self.client.set_terminated(run_id, status=status)

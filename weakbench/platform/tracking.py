@@ -301,28 +301,3 @@ def reconcile_children(client: MlflowClient, experiment_id: str, parent_run_id: 
 def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str):
     """All child runs of a sweep's parent run."""
     return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
-
-
-def log_model(tracking_uri: str, run_id: str, predictor, *, metadata: Mapping[str, Any],
-              stage_of=lambda module: None) -> str:
-    """Log a predictor (:class:`~weakbench.methods.classifier.CamPredictor`,
-    :class:`~weakbench.methods.instance.InstancePredictor`) as the run's model, artifact
-    ``model/``, and return its URI ``runs:/<run id>/model`` (also in tag ``weakbench.model_uri``).
-
-    The model is data (:mod:`weakbench.platform.model_format`): a versioned JSON spec (method,
-    validated config, classes, input size, which fit stage built each network, as told by
-    ``stage_of``) and safetensors weights, written into a temporary directory and uploaded through
-    this client (no global tracking URI is set and no run is re-opened). Loading it never
-    unpickles anything.
-    """
-    import tempfile
-
-    from weakbench.platform.model_format import save_predictor
-
-    client = client_for(tracking_uri)
-    with tempfile.TemporaryDirectory() as d:
-        path = save_predictor(predictor, Path(d) / C.MODEL_ARTIFACT, stage_of=stage_of, metadata=metadata)
-        client.log_artifacts(run_id, str(path), C.MODEL_ARTIFACT)
-    uri = f"runs:/{run_id}/{C.MODEL_ARTIFACT}"
-    client.set_tag(run_id, C.TAG_MODEL_URI, uri)
-    return uri
