@@ -84,7 +84,8 @@ def main() -> None:
 
     from weakbench.platform import tracking
     from weakbench.platform.live import _tune_state
-    from weakbench.platform.sweep import SweepOptions, _ensure_ray, resolve_executor, run_sweep
+    from weakbench.platform.launch import ensure_ray
+    from weakbench.platform.sweep import SweepOptions, resolve_executor, run_sweep
 
     overrides = {}
     for item in args.set:
@@ -94,7 +95,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     opts = SweepOptions(space=args.space, output_dir=str(out), trials=args.trials, address="local",
                         eval_max_images=args.eval_max_images, log_model=not args.no_model, overrides=overrides,
-                        num_cpus=args.num_cpus, max_concurrent=args.max_concurrent,
+                        num_cpus=args.num_cpus, max_concurrent=args.max_concurrent, baselines=False,
                         **({"executor": args.executor} if args.executor else {}))
     executor = resolve_executor(opts)
 
@@ -109,7 +110,7 @@ def main() -> None:
     import ray
 
     t0 = time.time()
-    _ensure_ray(opts)
+    ensure_ray(opts)
     t_ray = time.time() - t0
     t1 = time.time()
     s = run_sweep(opts)

@@ -45,7 +45,7 @@ def main() -> None:
             t0 = time.time()
             s = run_sweep(SweepOptions(space=str(space), output_dir=str(Path(d) / "out"), name=f"bench-{executor}",
                                        trials=args.trials, executor=executor, eval_max_images=8, num_overlays=0,
-                                       log_model=False, max_concurrent=1))
+                                       log_model=False, max_concurrent=1, baselines=False))
             wall = time.time() - t0
             client = tracking.client_for(s.tracking_uri)
             exp = client.get_experiment_by_name(s.experiment)

@@ -47,14 +47,14 @@ def ray_local():
     """
     import ray
 
-    from weakbench.platform.sweep import _free_port
+    from weakbench.platform.launch import free_port
 
     # as `weakbench sweep --address local` does: the dashboard on a free port and every process of
     # the instance told where it is, so Train's placement-group cleaner never looks for "the" Ray
     # instance of the machine (other tests start their own beside this one)
     # (through the job's runtime env, not this process's environment, which the clusters and
     # subprocess sweeps of other tests inherit)
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              logging_level="WARNING", log_to_driver=False,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})

@@ -27,9 +27,9 @@ def test_readme_main_job_runs_beside_another_ray_instance(tmp_path):
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert other.stdout.readline().strip() == "up"
-        from weakbench.platform.sweep import _running_ray_instances
+        from weakbench.platform.launch import running_ray_instances
 
-        assert _running_ray_instances()  # the machine does hold another Ray instance
+        assert running_ray_instances()  # the machine does hold another Ray instance
         out = str(tmp_path / "o")
         sweep = subprocess.run([sys.executable, "-m", "weakbench", "sweep", "search_spaces/cam.yaml", "--trials", "2",
                                 "--output-dir", out, "--set", "epochs=1", "--set", "input_size=64",

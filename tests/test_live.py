@@ -125,9 +125,9 @@ def test_main_job_prints_a_short_view_and_no_ray_internals(tmp_path, executor):
     one epoch at 64 px: at most ~40 lines before the summary, none of them Ray's, Tune's or
     MLflow's; all of that is in the log."""
     if executor == "train":
-        from weakbench.platform.sweep import _running_ray_instances
+        from weakbench.platform.launch import running_ray_instances
 
-        if _running_ray_instances():
+        if running_ray_instances():
             # Ray Train's placement-group cleaner finds its cluster through the State API, which
             # refuses "multiple active Ray instances": every finished trial's placement group then
             # stays reserved and the next trial waits --worker-start-timeout (a sweep bug, reported)

@@ -178,7 +178,7 @@ def test_the_trial_spec_carries_every_per_trial_field(monkeypatch, tmp_path, exe
     from ray.tune.integration import ray_train
 
     from weakbench.platform import engine
-    from weakbench.platform import sweep as sweep_mod
+    from weakbench.platform import launch
 
     values = dict(data="/data/x", classes="person", tracking_uri="sqlite:///x.db", experiment="exp", num_workers=1,
                   use_gpu=False,
@@ -188,9 +188,9 @@ def test_the_trial_spec_carries_every_per_trial_field(monkeypatch, tmp_path, exe
         values.update(num_workers=2, use_gpu=True)
     assert sorted(values) == sorted(RS.per_trial_fields())
     opts = SweepOptions(space="s.yaml", executor=executor, max_failures=1, **values)
-    ctx = sweep_mod._SweepContext(opts=opts, method="cam", data_cache=str(tmp_path / "cache"),
-                                  splits_path=str(tmp_path / "splits.json"), sweep_dir=str(tmp_path), parent_run_id="p",
-                                  sweep_id="sw", seed_values=[10, 11]).model_dump()
+    ctx = launch.SweepContext(opts=opts, method="cam", data_cache=str(tmp_path / "cache"),
+                              splits_path=str(tmp_path / "splits.json"), sweep_dir=str(tmp_path), parent_run_id="p",
+                              sweep_id="sw", seed_values=[10, 11]).model_dump()
     got = {}
 
     class _Ctx:
@@ -201,7 +201,7 @@ def test_the_trial_spec_carries_every_per_trial_field(monkeypatch, tmp_path, exe
     monkeypatch.setattr(ray_train, "TuneReportCallback", lambda: "callback")  # needs a Tune session
     monkeypatch.setattr(engine, "run_inline_in_tune", lambda spec: got.update(spec=spec))
     monkeypatch.setattr(engine, "run_segments", lambda spec, **kw: got.update(spec=spec, **kw))
-    sweep_mod._trial({"lr": 0.1, "__trial_index__": 1}, ctx)
+    launch.trial({"lr": 0.1, "__trial_index__": 1}, ctx)
     spec: TrialSpec = got["spec"]
     for name, value in values.items():
         field = TrialSpec.model_fields[name]

@@ -65,7 +65,9 @@ def test_tune_conversion_and_grid():
         "search": {"lr": {"loguniform": [0.001, 0.1]}, "batch_size": {"int": [4, 8]},
                    "weight_decay": {"choice": [0.0, 0.0001]}, "seed": {"grid": [0, 1, 2]}},
     })
-    ps = space.tune_param_space()
+    from weakbench.platform.launch import tune_param_space
+
+    ps = tune_param_space(space.fixed, space.search)
     assert ps["epochs"] == 2
     assert ps["seed"] == {"grid_search": [0, 1, 2]}
     assert space.num_grid_points() == 3

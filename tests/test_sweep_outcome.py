@@ -13,7 +13,8 @@ from weakbench.core import conventions as C
 from weakbench.platform import tracking
 from weakbench.platform.search_space import load_search_space
 from weakbench.core.errors import ConfigError
-from weakbench.platform.sweep import SweepOptions, SweepSummary, _reconcile, prepare_sweep_dir, resolve_executor
+from weakbench.platform.sweep import SweepOptions, SweepSummary, prepare_sweep_dir, resolve_executor
+from weakbench.platform.reconcile import reconcile
 from weakbench.platform.sweep_state import SweepState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_tune_errors_are_failed_in_mlflow(tmp_path, ray_local):
         sweep_state.ACTIVE = None
     assert sorted(t["status"] for t in SweepState.load(tmp_path).trials.values()) == ["failed", "failed", "finished"]
     source = open_dataset(None, cache_dir=tmp_path / "cache")
-    outcome = _reconcile(client, exp, parent, "toy", state, "cam", source, interrupted=False)
+    outcome = reconcile(client, exp, parent, "toy", state, "cam", source, interrupted=False)
     runs = {r.data.params.get("x"): r for r in tracking.child_runs(client, exp, parent)}
     assert sorted(runs) == ["0", "1", "2"]  # the trial that never created a run has one now
     assert runs["0"].info.status == "FAILED" and runs["0"].data.tags[C.TAG_ERROR] == "ValueError: boom before any run [x, y, w, h]"
@@ -120,7 +121,7 @@ def test_tune_errors_are_failed_in_mlflow(tmp_path, ray_local):
     assert runs["2"].info.status == "FINISHED"
     assert outcome["restarts"] == 2  # x=0 and x=1 each retried once (max_failures=1)
     # idempotent: a second reconciliation creates nothing
-    _reconcile(client, exp, parent, "toy", state, "cam", source, interrupted=False)
+    reconcile(client, exp, parent, "toy", state, "cam", source, interrupted=False)
     assert len(tracking.child_runs(client, exp, parent)) == 3
 
 
@@ -135,7 +136,7 @@ def test_sweep_without_address_beside_a_ray_start_cluster_is_refused_clearly(tmp
     import ray._private.utils
     from ray.cluster_utils import Cluster
 
-    from weakbench.platform.sweep import _check_ray_target
+    from weakbench.platform.launch import check_ray_target
 
     # the suite's session-wide instance (the ray_local fixture) may already be up in this process;
     # the check is about a sweep's own driver, which is not connected yet
@@ -146,11 +147,11 @@ def test_sweep_without_address_beside_a_ray_start_cluster_is_refused_clearly(tmp
                                                             "include_dashboard": False})
     address = cluster.address
     try:
-        _check_ray_target(SweepOptions(space="x.yaml"))  # another driver's private instance: no refusal
+        check_ray_target(SweepOptions(space="x.yaml"))  # another driver's private instance: no refusal
         monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda *a, **k: address)
         with pytest.raises(ConfigError) as e:
-            _check_ray_target(SweepOptions(space="x.yaml"))
-        _check_ray_target(SweepOptions(space="x.yaml", address="local"))  # the user said which
+            check_ray_target(SweepOptions(space="x.yaml"))
+        check_ray_target(SweepOptions(space="x.yaml", address="local"))  # the user said which
     finally:
         cluster.shutdown()
     err = str(e.value)
@@ -184,7 +185,7 @@ def test_interrupt_reconciliation_tells_interrupted_from_stopped(tmp_path):
     tracking.fail_run(client, ids["worker_sigint"], KeyboardInterrupt())
     tracking.fail_run(client, ids["real_failure"], ValueError("bad pixel"))
     source = open_dataset(None, cache_dir=tmp_path / "cache")
-    _reconcile(client, exp, parent, "toy", SweepState(tmp_path / "state.json"), "cam", source, interrupted=True,
+    reconcile(client, exp, parent, "toy", SweepState(tmp_path / "state.json"), "cam", source, interrupted=True,
                interrupted_at=t_int)
     runs = {r.info.run_name: r for r in tracking.child_runs(client, exp, parent)}
     for name in ("running", "report_stop", "worker_sigint"):
@@ -236,7 +237,7 @@ def test_error_text_read_from_the_local_error_file_when_storage_has_none(tmp_pat
     """Tune's ``on_trial_error`` runs right after the error is written to the trial's local
     directory, before it reaches the storage path: the reason comes from the local ``error.txt``
     (its latest failure's last line), not the generic text."""
-    from weakbench.platform.sweep import _tune_error_text
+    from weakbench.platform.launch import tune_error_text
 
     error_file = tmp_path / "error.txt"
     error_file.write_text("Failure # 1 (occurred at 2026-12-06_17-00-00)\nray::ImplicitFunc.train()\n"
@@ -254,6 +255,6 @@ def test_error_text_read_from_the_local_error_file_when_storage_has_none(tmp_pat
         def get_error(self):
             return None
 
-    assert _tune_error_text(StorageHasNoError()) == "RuntimeError: worker died"
+    assert tune_error_text(StorageHasNoError()) == "RuntimeError: worker died"
     StorageHasNoError.error_file = str(tmp_path / "missing.txt")
-    assert _tune_error_text(StorageHasNoError()).startswith("the trial errored inside Ray Tune (after 2 failure(s))")
+    assert tune_error_text(StorageHasNoError()).startswith("the trial errored inside Ray Tune (after 2 failure(s))")

@@ -16,7 +16,6 @@ Bad input prints one line naming the file, the field and the fix, and exits with
 from __future__ import annotations
 
 import inspect
-import io
 import os
 import re
 import sys
@@ -32,6 +31,7 @@ from weakbench import __version__
 from weakbench.core import conventions as C
 from weakbench.platform import output, run_spec
 from weakbench.core.errors import ConfigError, WeakbenchError
+from weakbench.platform.reconcile import searched_params  # noqa: F401 - the CLI's summary uses it
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="weakbench: sweeps, leaderboards and a model registry for weakly supervised localisation.")
@@ -216,8 +216,7 @@ def sweep(**values: Any) -> None:
     pad = max(len(k) for k, _ in rows)
     for k, v in rows:
         console.print(Text(f"  {k:<{pad}}  {v}"), soft_wrap=True, highlight=False)
-    if opts.baselines and not s.interrupted and s.num_finished:
-        _add_trivial_baselines(opts, s)
+    _print_baselines(s)
     for warning in s.warnings:
         err_console.print(Text("warning: ", style="yellow") + Text(warning))
     if s.interrupted:
@@ -262,52 +261,22 @@ def summary_metrics(metrics: dict[str, float], metric: str) -> dict[str, float]:
     return out
 
 
-def searched_params(space_file, params: dict) -> dict:
-    """``params`` restricted to the axes the space file searches (all of them when it cannot be read)."""
-    from weakbench.platform.search_space import load_search_space
-
-    try:
-        keys = set(load_search_space(space_file).search)
-    except Exception:  # noqa: BLE001 - the summary never fails on it
-        return dict(params)
-    return {k: v for k, v in params.items() if k in keys} or dict(params)
-
-
-def _add_trivial_baselines(opts, s) -> None:
-    """After sweep ``s`` of a classifier → CAM method: sweep each trivial baseline its dataset and
-    input size have no finished run of (weakbench.platform.trivial), one line each; a baseline
-    that fails is reported and does not change the sweep's exit status."""
-    from weakbench.platform import tracking, trivial
-
-    if not trivial.applies_to(s.method) or not s.best_run_id:
-        return
-    client = tracking.client_for(s.tracking_uri)
-    best = client.get_run(s.best_run_id)
-    fingerprint = best.data.tags.get(C.TAG_DATASET_FINGERPRINT)
-    size = best.data.params.get("input_size")
-    if not fingerprint or size is None:
-        return
-    size = int(float(size))
-    missing = trivial.missing_baselines(client, best.info.experiment_id, fingerprint=fingerprint, input_size=size)
-    for name in missing:
-        bopts = trivial.baseline_sweep_options(opts, name, input_size=size).model_copy(
-            update={"name": trivial.automatic_sweep_name(name, s.sweep_name)})
-        try:
-            b = _run_sweep_with_view(bopts, verbose=False, show=False)
-        except WeakbenchError as e:
-            err_console.print(Text(f"trivial baseline {name}: not added ({e})", style="yellow"))
+def _print_baselines(s) -> None:
+    """One line per trivial-baseline sweep that :func:`~weakbench.platform.sweep.run_sweep` added after
+    sweep ``s`` (:func:`weakbench.platform.reconcile.follow_up_baselines`); one that was refused is
+    reported and does not change the sweep's exit status."""
+    for b in s.baselines:
+        if b.error is not None:
+            err_console.print(Text(f"trivial baseline {b.name}: not added ({b.error})", style="yellow"))
             continue
-        value = b.best_metrics.get(b.metric)
-        test = b.best_metrics.get("test/" + b.metric.split("/", 1)[-1])
-        chosen = ", ".join(f"{k}={v}" for k, v in searched_params(bopts.space, b.best_params).items() if k != "seed")
-        result = f"{b.metric} {value:.2f}, test {test:.2f}" if value is not None and test is not None else "no result"
-        console.print(f"trivial baseline [bold]{name}[/] at {size} px{f' ({chosen} chosen on val)' if chosen else ''}: "
+        chosen = ", ".join(f"{k}={v}" for k, v in b.chosen.items())
+        result = f"{b.metric} {b.value:.2f}, test {b.test:.2f}" if b.value is not None and b.test is not None else "no result"
+        console.print(f"trivial baseline [bold]{b.name}[/] at {b.input_size} px{f' ({chosen} chosen on val)' if chosen else ''}: "
                       f"{result}  (sweep {b.sweep_name}; --no-baselines skips this)", highlight=False)
 
 
-def _run_sweep_with_view(opts, *, verbose: bool, show: bool = True):
-    """``run_sweep`` with the live view (weakbench.platform.live; ``show=False``: no view, for a
-    sweep summarised in one line); unless ``verbose`` everything the process and its children
+def _run_sweep_with_view(opts, *, verbose: bool):
+    """``run_sweep`` with the live view (weakbench.platform.live); unless ``verbose`` everything the process and its children
     write to stdout/stderr goes to ``<sweep dir>/sweep.log``."""
     from weakbench.platform.live import QuietOutput, SweepObserver
     from weakbench.platform.sweep import run_sweep
@@ -322,8 +291,7 @@ def _run_sweep_with_view(opts, *, verbose: bool, show: bool = True):
     ours = not ray.is_initialized()  # a caller's own Ray instance (a notebook, a test) is left running
     try:
         with quiet:
-            view_console = (Console(file=quiet.terminal, no_color=not quiet.terminal.isatty()) if show
-                            else Console(file=io.StringIO()))
+            view_console = Console(file=quiet.terminal, no_color=not quiet.terminal.isatty())
             observer = SweepObserver(view_console, quiet=quiet)
             try:
                 s = run_sweep(opts, observer=observer)

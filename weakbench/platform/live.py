@@ -562,9 +562,9 @@ class SweepObserver:
 
         if error or last.get(FATAL_KEY):  # a local fault ends the trial without a retry: failed all the same
             row.status = "failed"
-            from weakbench.platform.sweep import _tune_error_text
+            from weakbench.platform.launch import tune_error_text
 
-            row.error = str(last[FATAL_KEY]) if last.get(FATAL_KEY) else _tune_error_text(trial)
+            row.error = str(last[FATAL_KEY]) if last.get(FATAL_KEY) else tune_error_text(trial)
             where = getattr(trial, "error_file", None) or (self.sweep_dir / "trials" / row.trial_id / "error.txt"
                                                            if self.sweep_dir else None)
             self.console.print(Text(f"trial {row.trial_id} failed: {_one_line(row.error)} "
@@ -603,10 +603,10 @@ def _tune_state(tune_path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
 
 def _space_of(saved: dict[str, Any]):
     from weakbench.platform.search_space import load_search_space
-    from weakbench.platform.sweep import _with_overrides
+    from weakbench.platform.sweep_plan import with_overrides
 
     try:
-        return _with_overrides(load_search_space(saved["space"]), saved.get("overrides") or {})
+        return with_overrides(load_search_space(saved["space"]), saved.get("overrides") or {})
     except Exception:  # noqa: BLE001 - the space file moved: MLflow's parent params still tell the metric
         return None
 

@@ -52,21 +52,6 @@ class Distribution(BaseModel):
         """Values to check against the schema: both bounds, or every option."""
         return list(self.values)
 
-    def to_tune(self):
-        """The Ray Tune sampler for this dimension."""
-        from ray import tune
-
-        v = self.values
-        if self.kind == "uniform":
-            return tune.uniform(float(v[0]), float(v[1]))
-        if self.kind == "loguniform":
-            return tune.loguniform(float(v[0]), float(v[1]))
-        if self.kind == "int":
-            return tune.randint(int(v[0]), int(v[1]) + 1)  # Tune's upper bound is exclusive
-        if self.kind == "choice":
-            return tune.choice(list(v))
-        return tune.grid_search(list(v))
-
 
 class SchedulerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -105,13 +90,6 @@ class SearchSpace(BaseModel):
 
     def num_grid_points(self) -> int:
         return math.prod(len(v) for v in self.grid_axes().values()) if self.grid_axes() else 1
-
-    def tune_param_space(self) -> dict[str, Any]:
-        """``fixed`` values plus Tune samplers, for ``Tuner(param_space=...)``."""
-        space: dict[str, Any] = dict(self.fixed)
-        for k, d in self.search.items():
-            space[k] = d.to_tune()
-        return space
 
     def defaults_config(self) -> dict[str, Any]:
         """A concrete config: ``fixed`` plus, for each searched key, its first grid value, the

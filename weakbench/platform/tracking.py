@@ -14,7 +14,7 @@ Restart safety:
   reports it and the engine skips the trial);
 * a failing trial ends its run FAILED with the error in tag ``weakbench.error``;
 * after a sweep, the sweep's driver ends every child run from its record of what happened
-  (:func:`weakbench.platform.sweep._reconcile`: FAILED, KILLED when stopped early by the scheduler
+  (:func:`weakbench.platform.reconcile.reconcile`: FAILED, KILLED when stopped early by the scheduler
   or interrupted), so no run is left RUNNING; :func:`reconcile_children` ends those still RUNNING
   as KILLED.
 """

@@ -22,99 +22,18 @@
 
 from __future__ import annotations
 
-import errno
 import time
 from typing import Any
 
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
-from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from weakbench.platform import sweep_state
+# the local-fault rule and Ray Train's failure policy live in the Ray adapter (they read private
+# Ray APIs); their names stay importable here (the engine and older callers import them from here)
+from weakbench.platform.launch import (FATAL_ERRNOS, FATAL_KEY, LocalFaultPolicy, end_on_local_fault,  # noqa: F401
+                                       local_fault, local_fault_error, local_fault_trainer, tune_error_text)
 from weakbench.platform.sweep_state import ENDED, HEARTBEAT_S, TRIAL_ID_KEY, SweepState
-
-#: the result key with which a trial reports a local fault that a retry cannot fix (it then
-#: returns instead of raising, so that Tune does not retry it; the driver records it failed)
-FATAL_KEY = "weakbench_fatal_error"
-#: errno values of local faults that a retry on the same storage cannot fix
-FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.ENOENT, errno.EDQUOT}
-
-
-def local_fault_error(exc: BaseException) -> OSError | None:
-    """The ``OSError`` whose errno is in :data:`FATAL_ERRNOS` (a full disk or quota, a read-only
-    file system, a missing file) that ``exc`` is or was caused by (``__cause__``/``__context__``,
-    a Ray task error's ``cause``, a Train worker group's ``worker_failures`` and the user error
-    each wraps); None when there is none."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in FATAL_ERRNOS:
-            return e
-        todo += [getattr(e, "__cause__", None), getattr(e, "__context__", None), getattr(e, "cause", None),
-                 getattr(e, "_base_exc", None)]  # Ray Train's UserExceptionWithTraceback (a worker's own error)
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            todo += list(failures.values())
-    return None
-
-
-def local_fault(exc: BaseException) -> str | None:
-    """``"OSError: [Errno 28] No space left on device: '…'"`` for :func:`local_fault_error`'s
-    error, None when ``exc`` is not a local fault."""
-    e = local_fault_error(exc)
-    return None if e is None else f"{type(e).__name__}: {e}"
-
-
-def end_on_local_fault(exc: BaseException) -> None:
-    """In a Tune trial function's ``except``: re-raise ``exc`` (Tune retries it, up to
-    ``max_failures``) unless it is a :func:`local_fault`; then report it under :data:`FATAL_KEY`
-    and return, so the trial ends without a retry and the driver records it failed with that error."""
-    from ray import tune
-
-    fault = local_fault(exc)
-    if fault is None:
-        raise exc
-    tune.report({FATAL_KEY: f"{fault} (a local fault a retry cannot fix: not retried)"})
-
-
-class LocalFaultPolicy(DefaultFailurePolicy):
-    """Ray Train's failure policy, except that a worker group that failed on a
-    :func:`local_fault` (a full disk, a read-only file system, a missing file) is not restarted:
-    the error is raised at once (``FailureDecision.RAISE``), whatever ``max_failures`` says, and
-    the trial function ends the trial without a Tune retry either (:func:`end_on_local_fault`).
-    Every other failure is Ray's default decision (``max_failures`` restarts)."""
-
-    def make_decision(self, training_failed_error) -> FailureDecision:
-        if local_fault(training_failed_error) is not None:
-            return FailureDecision.RAISE
-        return super().make_decision(training_failed_error)
-
-
-def local_fault_trainer(**kwargs):
-    """A ``ray.train.torch.TorchTrainer(**kwargs)`` whose controller uses :class:`LocalFaultPolicy`.
-
-    Ray 2.60's Train V2 takes its policy from ``create_failure_policy(run_config.failure_config)``
-    with no public option; the trainer's ``_initialize_and_run_controller`` (a private method,
-    checked by ``tests/test_faults_train.py``) is given this policy instead. Raises
-    ``RuntimeError`` when that method is gone (a Ray upgrade): the policy would silently not apply.
-    """
-    from ray.train.torch import TorchTrainer
-
-    if not hasattr(TorchTrainer, "_initialize_and_run_controller"):
-        raise RuntimeError("ray.train.torch.TorchTrainer has no _initialize_and_run_controller in this Ray version: "
-                           "weakbench cannot keep Ray Train from retrying a local fault (update tune_record.py)")
-
-    class LocalFaultTorchTrainer(TorchTrainer):
-        def _initialize_and_run_controller(self, **controller_kwargs):
-            controller_kwargs["failure_policy"] = LocalFaultPolicy(self.run_config.failure_config)
-            return super()._initialize_and_run_controller(**controller_kwargs)
-
-    return LocalFaultTorchTrainer(**kwargs)
 
 
 def trial_key(trial) -> str:
@@ -200,10 +119,8 @@ class Recorder:
         self.save()
 
     def error(self, trial) -> None:
-        from weakbench.platform.sweep import _tune_error_text
-
         entry = self._entry(trial)
-        entry.update(status="failed", ended=time.time(), error=_tune_error_text(trial))
+        entry.update(status="failed", ended=time.time(), error=tune_error_text(trial))
         self.save()
 
     def recover(self, trial) -> None:
@@ -261,10 +178,17 @@ class ReattachingSearcher(Searcher):
         self._suggested = 0
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
+    @property
+    def metric(self) -> str:
+        """The wrapped searcher's metric (set by it, not copied: no private attribute is written)."""
+        return self.searcher.metric
+
+    @property
+    def mode(self) -> str:
+        return self.searcher.mode
+
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        ok = self.searcher.set_search_properties(metric, mode, config, **spec)
-        self._metric, self._mode = self.searcher.metric, self.searcher.mode
-        return ok
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str):
         config = self.searcher.suggest(trial_id)
