@@ -99,3 +99,38 @@ def test_help_fits_80_columns_and_cuts_no_option_name(command):
     if command == ["sweep"]:
         for name in ("--no-early-stopping", "WEAKBENCH_TRACKING_URI", "MLFLOW_TRACKING_URI", "--dry-run"):
             assert name in p.stdout
+
+
+def _commands():
+    """Every (name, click command) of ``weakbench``, sub-apps included."""
+    import typer.main
+
+    from weakbench.cli import app
+
+    def walk(cmd, prefix):
+        subs = getattr(cmd, "commands", None)
+        if subs is None:
+            yield prefix, cmd
+            return
+        for name, sub in subs.items():
+            yield from walk(sub, f"{prefix} {name}".strip())
+
+    yield from walk(typer.main.get_command(app), "")
+
+
+def test_shared_options_are_declared_once_with_one_precedence():
+    from weakbench.core.conventions import TRACKING_URI_ENVVARS
+
+    seen = {}
+    for name, cmd in _commands():
+        for p in cmd.params:
+            if "--tracking-uri" in p.opts:
+                # every command: --tracking-uri, then WEAKBENCH_TRACKING_URI, then MLFLOW_TRACKING_URI
+                assert list(p.envvar) == list(TRACKING_URI_ENVVARS), name
+                seen[name] = p.help
+    assert {"sweep", "status", "leaderboard", "register", "predict", "evaluate", "dashboard build"} <= set(seen)
+    assert len(set(seen.values())) == 1  # one declaration, one help text
+    # no command declares a shared flag of its own: the flags' text appears only where they are declared
+    src = {p.name: p.read_text() for p in [REPO / "weakbench" / "cli.py", REPO / "weakbench" / "dashboards" / "cli.py"]}
+    for flag in ('"--tracking-uri"', '"--experiment"', '"--output-dir"', '"--report-split"', '"--baseline"', '"--format"'):
+        assert not [n for n, text in src.items() if flag in text], flag

@@ -19,9 +19,8 @@ import inspect
 import os
 import re
 import sys
-import typing
 from pathlib import Path
-from typing import Any, List, Literal, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -30,6 +29,8 @@ from rich.text import Text
 from weakbench import __version__
 from weakbench.core import conventions as C
 from weakbench.platform import output, run_spec
+from weakbench.platform.cli_options import (BASELINE, CLASSES, EXPERIMENT, FORMAT, OUTPUT_DIR, REPORT_SPLIT,
+                                            SWEEP_EXPERIMENT, TRACKING_URI, format_option, typer_parameter)
 from weakbench.core.errors import ConfigError, WeakbenchError
 from weakbench.platform.reconcile import searched_params  # noqa: F401 - the CLI's summary uses it
 
@@ -37,42 +38,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="weakbench: sweeps, leaderboards and a model registry for weakly supervised localisation.")
 # a terminal's width; a pipe's (COLUMNS, else 80) as plain text: tables that do not fit are stacked, never cut
 console, err_console = output.console, output.err_console
-FORMAT = typer.Option(output.OutputFormat.table, "--format", "-f", help=output.FORMAT_HELP, case_sensitive=False)
-
-
-def _cli_type(annotation: Any) -> Any:
-    """The type typer parses a flag as, from a field's annotation: ``X | None`` → ``Optional[X]``,
-    a ``Literal`` → the type of its values (the field checks the value)."""
-    args = typing.get_args(annotation)
-    optional = type(None) in args
-    base = next(a for a in args if a is not type(None)) if optional else annotation
-    if typing.get_origin(base) is Literal:
-        base = type(typing.get_args(base)[0])
-    return Optional[base] if optional else base
-
-
-def _typer_parameter(name: str) -> tuple[Any, Any]:
-    """``(annotation, typer.Option or typer.Argument)`` of the command-line form of field ``name``
-    of :class:`~weakbench.platform.run_spec.SweepOptions` (:func:`run_spec.flag` / :func:`run_spec.argument`).
-
-    Raises:
-        ValueError: the field has no command-line form.
-    """
-    field = run_spec.SweepOptions.model_fields[name]
-    cli = run_spec.cli_of(name)
-    if cli is None:
-        raise ValueError(f"SweepOptions.{name} has no command-line form")
-    default = ... if field.is_required() else field.get_default(call_default_factory=True)
-    if cli["kind"] == "argument":
-        return (Path if cli["path"] else _cli_type(field.annotation)), typer.Argument(default, help=cli["help"])
-    if cli["key_value"]:  # repeatable KEY=VALUE items → the field's dict (_options_from_cli)
-        annotation, default = List[str], []
-    elif cli["negate"]:  # --no-model: True on the command line is False in the field
-        annotation, default = bool, not default
-    else:
-        annotation = _cli_type(field.annotation)
-    extra = {k: (list(cli[k]) if isinstance(cli[k], tuple) else cli[k]) for k in ("envvar", "min") if cli[k] is not None}
-    return annotation, typer.Option(default, *cli["names"], help=cli["help"] or None, **extra)
 
 
 def _sweep_signature() -> inspect.Signature:
@@ -81,7 +46,7 @@ def _sweep_signature() -> inspect.Signature:
     params = []
     for name in run_spec.SweepOptions.model_fields:
         if run_spec.cli_of(name) is not None:
-            annotation, default = _typer_parameter(name)
+            annotation, default = typer_parameter(name)
             params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
                                             annotation=annotation))
     # the command line's own flag (not an option of the sweep itself)
@@ -115,13 +80,6 @@ def _options_from_cli(values: dict[str, Any]) -> run_spec.SweepOptions:
         return run_spec.SweepOptions(**fields)
     except pydantic.ValidationError as e:  # one line naming the flag, the value and the fix
         raise options_error(e) from None
-
-
-# the options other commands share with `weakbench sweep`, from the same declaration
-OUTPUT_DIR = _typer_parameter("output_dir")[1]
-TRACKING_URI = _typer_parameter("tracking_uri")[1]
-EXPERIMENT = _typer_parameter("experiment")[1]
-CLASSES = _typer_parameter("classes")[1]
 
 
 def _tracking_uri(output_dir: str, tracking_uri: str | None) -> str:
@@ -314,7 +272,7 @@ def status(
     sweep_name: Optional[str] = typer.Argument(None, metavar="[SWEEP]", help="Sweep name (default: the latest sweep under --output-dir)."),
     output_dir: str = OUTPUT_DIR,
     tracking_uri: Optional[str] = TRACKING_URI,
-    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment name (default: the sweep's, or weakbench)."),
+    experiment: Optional[str] = SWEEP_EXPERIMENT,
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the sweep ends (Ctrl-C stops watching, not the sweep)."),
     interval: float = typer.Option(5.0, "--interval", help="Seconds between refreshes with --watch."),
     fmt: output.OutputFormat = FORMAT,
@@ -360,10 +318,10 @@ def leaderboard(
     output_dir: str = OUTPUT_DIR,
     tracking_uri: Optional[str] = TRACKING_URI,
     experiment: str = EXPERIMENT,
-    report_split: str = typer.Option("test", "--report-split", help="Split whose metrics are reported."),
-    baseline: str = typer.Option("cam", "--baseline", help="Method the others are compared with (paired over seeds)."),
+    report_split: str = REPORT_SPLIT,
+    baseline: str = BASELINE,
     store: Optional[Path] = typer.Option(None, "--store", help="Results store directory (default <output-dir>/results)."),
-    fmt: output.OutputFormat = typer.Option(output.OutputFormat.table, "--format", "-f", case_sensitive=False, help=(
+    fmt: output.OutputFormat = format_option(help=(
         "table (fits the terminal, or the pipe's width as plain text), markdown, csv (one row per board row) or json "
         "(every board as plain records: intervals, images and seeds behind them, flags, verdicts).")),
 ):

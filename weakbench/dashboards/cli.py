@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from weakbench.core.conventions import DEFAULT_EXPERIMENT, TRACKING_URI_ENVVARS
+from weakbench.platform.cli_options import BASELINE, EXPERIMENT, REPORT_SPLIT, TRACKING_URI
 
 app = typer.Typer(help="Leaderboard and sweep dashboard: one HTML file that works offline.", no_args_is_help=True)
 
@@ -24,21 +24,20 @@ app = typer.Typer(help="Leaderboard and sweep dashboard: one HTML file that work
 @app.command("build")
 def build(
     store: Path = typer.Option(Path("weakbench_runs/results"), "--store", help="results store directory (Parquet)"),
-    tracking_uri: Optional[str] = typer.Option(
-        None, "--tracking-uri", envvar=list(TRACKING_URI_ENVVARS),
-        help="MLflow tracking URI; new runs are added to the store first and overlays are fetched from it "
-             "(default: sqlite:///<store>/../mlflow.db when that file exists, as `weakbench sweep` lays it out)"),
-    experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="MLflow experiment name"),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    experiment: str = EXPERIMENT,
     out: Optional[Path] = typer.Option(None, "--out", help="output HTML file (default <store>/dashboard.html)"),
     select_metric: Optional[str] = typer.Option(
         None, "--select-metric",
         help="validation metric that selects, e.g. val/max_box_acc_v2: one board ranked by it (default: each "
              "method's headline metric, one board per headline, as `weakbench leaderboard` shows them)"),
-    report_split: str = typer.Option("test", "--report-split", help="split whose metrics are reported"),
-    baseline: str = typer.Option("cam", "--baseline", help="method for the paired comparison"),
+    report_split: str = REPORT_SPLIT,
+    baseline: str = BASELINE,
     mlflow_ui_url: Optional[str] = typer.Option(None, "--mlflow-ui-url", help="MLflow UI base URL for run links"),
 ) -> None:
-    """Build the dashboard HTML from the results store."""
+    """Build the dashboard HTML from the results store. With --tracking-uri (or its variables, or
+    <store>/../mlflow.db when that file exists, as `weakbench sweep` lays it out) new runs are added
+    to the store first and overlays are fetched from MLflow."""
     from weakbench.dashboards.build import build_dashboard
     from weakbench.core.errors import DataError
     from weakbench.core.errors import ConfigError

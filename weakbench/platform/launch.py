@@ -71,7 +71,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from weakbench.core.errors import ConfigError
 from weakbench.platform.run_spec import SweepOptions, trial_fields
 from weakbench.platform.search_space import Distribution
-from weakbench.platform.sweep_plan import SweepPlan, configuration_key, resolve_executor
+from weakbench.platform.sweep_plan import SweepPlan, configuration_key, ray_address, resolve_executor
 from weakbench.platform.sweep_state import note_scheduler_stop
 
 
@@ -109,7 +109,7 @@ def check_ray_target(opts: SweepOptions) -> None:
     """
     import ray
 
-    if ray.is_initialized() or opts.address or os.environ.get("RAY_ADDRESS"):
+    if ray.is_initialized() or ray_address(opts):
         return
     running = running_ray_instances()
     started = recorded_ray_cluster(running)
@@ -160,7 +160,7 @@ def ensure_ray(opts: SweepOptions) -> None:
     # Ray Train's controller reads this in its own process: a bounded wait for a worker group
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{opts.worker_start_timeout_s:g}"}
     kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
-    address = opts.address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(opts)
     if address and address != "local":
         if opts.num_cpus is not None:
             raise ConfigError(f"--num-cpus {opts.num_cpus} sizes a local Ray instance, but --address {address} joins a "

@@ -37,6 +37,13 @@ def configuration_key(config: dict[str, Any]) -> str:
     return json.dumps({k: config[k] for k in sorted(config) if k not in REPEAT_KEYS}, sort_keys=True, default=repr)
 
 
+def ray_address(opts: SweepOptions) -> str | None:
+    """The Ray cluster a sweep joins: ``--address`` (``auto``, ``local`` or an address), else the
+    environment variable ``RAY_ADDRESS``, else None (a private local instance). The one rule
+    every part of the driver reads."""
+    return opts.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def resolve_executor(opts: SweepOptions) -> Literal["train", "inline"]:
     """The executor a sweep runs: ``opts.executor``, with ``"auto"`` resolved to ``"inline"`` for
     one-worker CPU trials (the Train executor would add a controller and a worker process per
@@ -85,7 +92,7 @@ def check_gpu_request(opts: SweepOptions, *, cuda_visible: bool | None = None) -
                               f"worker")
     if not (opts.use_gpu or g is not None):
         return
-    local = opts.address == "local" or (opts.address is None and not os.environ.get("RAY_ADDRESS"))
+    local = ray_address(opts) in (None, "local")
     if cuda_visible is None:
         import torch
 
@@ -302,7 +309,7 @@ def describe_sweep(opts: SweepOptions) -> list[dict[str, str]]:
              {"section": "run", "key": "per trial", "value": trial},
              {"section": "run", "key": "at once", "value": str(opts.max_concurrent) if opts.max_concurrent else
                                                           "as many as the cluster's CPUs allow"},
-             {"section": "run", "key": "Ray", "value": opts.address or os.environ.get("RAY_ADDRESS") or
+             {"section": "run", "key": "Ray", "value": ray_address(opts) or
                                                       f"a private local instance ({opts.num_cpus or os.cpu_count()} CPUs)"},
              {"section": "data", "key": "data", "value": opts.data or "the embedded synthetic default"},
              {"section": "data", "key": "split seed", "value": str(opts.split_seed)},
