@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from weakbench.platform.run_spec import SweepOptions
+
 from spaces import cam_space
 from weakbench.platform.live import PlanStage, SweepView, TrialRow, stage_label, trial_params
 
@@ -75,31 +77,42 @@ def test_min_mode_and_seed_from_the_repeater_index():
     assert trial_params({"lr": 0.1, "__trial_index__": 3}, [0, 1]) == {"lr": 0.1, "seed": 1}
 
 
-def test_status_reads_tune_state_without_ray(tmp_path):
-    """A sweep directory copied to a laptop: Tune's JSON state is enough (MLflow is empty here)."""
+def test_status_reads_the_drivers_record_without_ray_or_tunes_files(tmp_path):
+    """A sweep directory copied to a laptop: the driver's record (its plan and its trials) is
+    enough (MLflow is empty here, the space file is not readable, and Tune's files are never read)."""
     from weakbench.platform.live import load_view
+    from weakbench.platform.search_space import load_search_space
+    from weakbench.platform.sweep_plan import plan_sweep, with_overrides
+    from weakbench.platform.sweep_state import STATE_NAME, SweepState
 
     sweep = tmp_path / "sweeps" / "cam-x"
     (sweep / "tune").mkdir(parents=True)
-    (sweep / "sweep.json").write_text(json.dumps({"space": str(REPO / "search_spaces" / "cam.yaml"), "overrides": {"epochs": 3},
+    (sweep / "sweep.json").write_text(json.dumps({"space": str(tmp_path / "moved.yaml"), "overrides": {"epochs": 3},
                                                   "trials": 3, "name": "cam-x",
                                                   "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
-    def trial(tid, status, progress, vals, t0):
-        meta = {"start_time": t0, "last_result_time": t0 + 30, "error_filename": None,
-                "last_result": {"progress": progress, "epoch": min(progress, 3), "val/max_box_acc_v2": vals[-1]} if vals else {},
-                "metric_analysis": {"val/max_box_acc_v2": {"max": max(vals), "min": min(vals)}} if vals else {}}
-        return [json.dumps({"trial_id": tid, "status": status, "config": {"lr": 0.01, "weight_decay": 0.0, "__trial_index__": 1}}),
-                json.dumps(meta)]
-    state = {"trial_data": [trial("a", "TERMINATED", 4.0, [10.0, 20.0, 15.0], 100.0),
-                            trial("b", "TERMINATED", 1.0, [5.0], 140.0),
-                            trial("c", "RUNNING", 2.0, [7.0, 9.0], 150.0)]}
-    (sweep / "tune" / "experiment_state-2026.json").write_text(json.dumps(state))
+    # a stale, contradicting Tune file: never read
+    (sweep / "tune" / "experiment_state-2026.json").write_text(json.dumps({"trial_data": [[
+        json.dumps({"trial_id": "z", "status": "RUNNING", "config": {}}), json.dumps({})]]}))
+    space = with_overrides(load_search_space(REPO / "search_spaces" / "cam.yaml"), {"epochs": 3})
+    plan = plan_sweep(space, SweepOptions(space="moved.yaml", trials=3), units=4, cluster={"CPU": 2})
+    s = SweepState(sweep / STATE_NAME)
+    s.start_driver()
+    s.data.update(planned=plan.num_planned, plan=plan.model_dump(mode="json"))
+    config = {"lr": 0.01, "weight_decay": 0.0, "__trial_index__": 1}
+    s.trial("a").update(index=0, status="finished", config=config, progress=4.0, epoch=3.0, latest=15.0,
+                        started=100.0, ended=130.0, updated=130.0)
+    s.trial("b").update(index=1, status="stopped", config=config, progress=1.0, epoch=1.0, latest=5.0,
+                        started=140.0, ended=170.0, updated=170.0)
+    s.trial("c").update(index=2, status="running", config=config, progress=2.0, epoch=2.0, latest=9.0,
+                        started=150.0, updated=180.0)
+    s.save()
     v = load_view(None, output_dir=tmp_path)
     rows = v.rows
-    assert (rows["a"].status, rows["a"].best, rows["a"].latest) == ("finished", 20.0, 15.0)
-    assert rows["b"].status == "stopped"
+    assert sorted(rows) == ["a", "b", "c"]
+    assert (rows["a"].status, rows["a"].latest, rows["b"].status) == ("finished", 15.0, "stopped")
     assert (rows["c"].status, rows["c"].stage, rows["c"].params["seed"]) == ("running", "train epoch 3/3", 1)
-    assert v.best_row() is rows["a"] and v.planned == 3
+    assert v.best_row() is rows["a"] and v.planned == 3 and v.metric == "val/max_box_acc_v2"
+    assert v.searched == ["lr", "weight_decay", "seed"]
     # no parent run in MLflow: the sweep's start is its first trial's, not the time of this call
     assert v.started == 100.0 and v.ended is None
     assert "elapsed 0 s" not in v.header(200.0).plain and "elapsed 1 min 40 s" in v.header(200.0).plain

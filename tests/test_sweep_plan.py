@@ -30,7 +30,7 @@ def _plan(space=CAM, overrides=None, **kw) -> SweepPlan:
 def test_planning_imports_no_ray():
     # a fresh interpreter: the driver's pure parts load without Ray (and the CLI's --dry-run with them)
     code = ("import sys; import weakbench.platform.sweep_plan, weakbench.platform.sweep, weakbench.platform.reconcile, "
-            "weakbench.platform.sweep_state; print('ray' in sys.modules, 'optuna' in sys.modules)")
+            "weakbench.platform.sweep_state, weakbench.platform.live; print('ray' in sys.modules, 'optuna' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
@@ -38,7 +38,7 @@ def test_planning_imports_no_ray():
 
 # what counts as a private Ray API (see the list at the top of weakbench/platform/launch.py)
 _PRIVATE = re.compile(r"ray\._private|ray\._common|ray\.train\.v2\._internal|internal_kv|_initialize_and_run_controller|"
-                      r"_base_exc|tune\.impl|\._brackets|\._rungs|\._metric\b|\._mode\b")
+                      r"_base_exc|tune\.impl|experiment_state|\._brackets|\._rungs|\._metric\b|\._mode\b")
 
 
 def test_every_private_ray_api_is_in_the_adapter():

@@ -10,8 +10,9 @@ what is left. Two sources feed the same :class:`SweepView`:
 * ``weakbench status``: :func:`load_view` reads the driver's own record of the sweep
   (``<sweep dir>/state.json``, :mod:`weakbench.platform.sweep_state`: written as Tune's events
   happen, with the driver's heartbeat, so that a sweep whose driver is gone is told from a running
-  one), Tune's experiment state only for sweeps without that record, and the sweep's MLflow runs
-  (stage tags, errors; the only source when the sweep directory is on a cluster).
+  one; the sweep's plan, :class:`~weakbench.platform.sweep_plan.SweepPlan`, is recorded there too),
+  and the sweep's MLflow runs (stage tags, errors; the only source when the sweep directory is on a
+  cluster). Tune's own files are never read.
 
 Every report to Tune carries ``progress`` (plan units done: one per fit epoch, one per map/eval
 stage) and ``epoch`` (fit epochs done); the stage is read off the method's plan.
@@ -316,8 +317,7 @@ def fmt_metric(v: float | None) -> str:
     return "" if v is None else f"{v:.2f}"
 
 
-# ------------------------------------------------------------------------ rows from Tune trials
-_TUNE_STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}
+# ------------------------------------------------------------------------ rows from the record
 # statuses of the driver's record (weakbench.platform.sweep_state) as the view shows them
 _RECORD_STATUS = {"pending": "pending", "running": "running", "restarting": "starting", "finished": "finished",
                   "stopped": "stopped", "failed": "failed", "interrupted": "paused"}
@@ -585,22 +585,6 @@ def _one_line(s: str, limit: int = 200) -> str:
 
 
 # ------------------------------------------------------------------------ weakbench status
-def _tune_state(tune_path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """``(trial, run_metadata)`` dicts from the newest ``experiment_state-*.json`` (Tune's own JSON;
-    read without Ray so that a laptop can read a synced sweep directory), or []."""
-    files = sorted(Path(tune_path).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return []
-    for _ in range(3):  # Tune rewrites the file in place: a torn read is retried
-        try:
-            data = json.loads(files[-1].read_text())
-            return [(json.loads(t) if isinstance(t, str) else t, json.loads(m) if isinstance(m, str) else m)
-                    for t, m in data.get("trial_data", [])]
-        except (ValueError, OSError):
-            time.sleep(0.2)
-    return []
-
-
 def _space_of(saved: dict[str, Any]):
     from weakbench.platform.search_space import load_search_space
     from weakbench.platform.sweep_plan import with_overrides
@@ -611,143 +595,106 @@ def _space_of(saved: dict[str, Any]):
         return None
 
 
-def find_sweep_dir(output_dir: str | Path, name: str | None) -> Path | None:
-    """``<output_dir>/sweeps/<name>``, or, when ``name`` is None, the most recently started sweep there
-    (a folder whose start failed is skipped: :func:`weakbench.platform.sweep_state.started_sweeps`) that
-    the user started (not a trivial-baseline sweep that ``weakbench sweep`` added after it,
-    :func:`weakbench.platform.trivial.is_automatic_sweep`)."""
-    from weakbench.platform.sweep_state import started_sweeps
-    from weakbench.platform.trivial import is_automatic_sweep
+@dataclass
+class _Shape:
+    """What the view needs to know of a sweep: its method, selecting metric and direction, the
+    searched axes, the seed grid (for a repeat index), the fixed values and the planned trials."""
 
-    sweeps = Path(output_dir) / "sweeps"
-    if name:
-        return sweeps / name
-    cands = [p for p in started_sweeps(sweeps) if not is_automatic_sweep(p.name)]
-    return cands[-1] if cands else None
+    method: str
+    metric: str
+    mode: str
+    searched: list[str]
+    seed_values: list[int] | None
+    fixed: dict[str, Any]
+    planned: int
 
 
-def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | None = None,
-              experiment: str | None = None) -> SweepView:
-    """The view of sweep ``name`` (default: the latest under ``output_dir``) from Tune's saved
-    experiment state (when the sweep directory is readable here) and MLflow (always).
-
-    Raises:
-        ConfigError: no such sweep in the sweep directory nor in MLflow.
-    """
+def _shape(record, saved: dict[str, Any], parent) -> _Shape:
+    """The sweep's shape from the plan the driver recorded (``state.json``), else its space file
+    (``sweep.json`` names it; a record of an older weakbench has no plan), else the MLflow parent
+    run's params (the sweep directory is elsewhere)."""
     from weakbench.core import conventions as C
-    from weakbench.platform import tracking
-    from weakbench.core.errors import ConfigError
-
-    sweep_dir = find_sweep_dir(output_dir, name)
-    saved: dict[str, Any] = {}
-    if sweep_dir is not None and (sweep_dir / "sweep.json").is_file():
-        saved = json.loads((sweep_dir / "sweep.json").read_text())
-    name = name or (saved.get("name") or (sweep_dir.name if sweep_dir else None))
-    if not name:
-        raise ConfigError(f"no sweep in {Path(output_dir) / 'sweeps'}; pass the sweep's name (weakbench status NAME) "
-                          f"and --tracking-uri for a sweep that runs elsewhere")
-    uri = tracking_uri or saved.get("tracking_uri") or tracking.default_tracking_uri(output_dir)
-    exp_name = experiment or saved.get("experiment") or C.DEFAULT_EXPERIMENT
-    space = _space_of(saved) if saved else None
-
-    # MLflow: the parent run (metric, searched axes, planned trials) and the trial runs
-    parent = None
-    runs = []
-    try:
-        client = tracking.client_for(uri)
-        exp = client.get_experiment_by_name(exp_name)
-        if exp is not None:
-            found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{C.TAG_KIND}` = '{C.KIND_SWEEP}' and "
-                                                                          f"tags.`{C.TAG_SWEEP_ID}` = '{name}'", max_results=1)
-            if found:
-                parent = found[0]
-                runs = tracking.child_runs(client, exp.experiment_id, parent.info.run_id)
-    except Exception:  # noqa: BLE001 - MLflow unreachable: Tune's state alone
-        client = None
-    from weakbench.platform.sweep_state import SweepState, driver_gone
-
-    record = SweepState.load(sweep_dir) if sweep_dir is not None else None
-    # the driver's own record when there is one (written as events happen); Tune's saved state
-    # (every ≥ 10 s, and not a record of what happened) only for sweeps of an older weakbench
-    trials = _tune_state(sweep_dir / "tune") if sweep_dir is not None and record is None else []
-    if parent is None and not trials and not saved and record is None:
-        raise ConfigError(f"sweep {name!r}: not in {Path(output_dir) / 'sweeps'} nor in MLflow {uri} (experiment "
-                          f"{exp_name}); check the name, --output-dir and --tracking-uri")
-
-    pp = parent.data.params if parent is not None else {}
     from weakbench.methods.metric_declarations import DEFAULT_SELECT_METRIC, lookup
 
-    metric = space.metric if space else pp.get("metric", DEFAULT_SELECT_METRIC)
-    declared = lookup(metric)
-    mode = space.mode if space else pp.get("mode") or (declared.direction if declared and declared.direction else "max")
-    method = space.method if space else (parent.data.tags.get(C.TAG_METHOD, "") if parent else "")
-    if space is not None:
-        searched = [k for k in space.search if k != "seed"] + (["seed"] if "seed" in space.search else [])
-        grid = space.grid_axes()
-        seed_values = [int(s) for s in grid["seed"]] if "seed" in grid else None
-    else:
-        searched = [k[len("search."):] for k in pp if k.startswith("search.")]
-        seed_values = None
-    fixed = dict(space.fixed) if space is not None else {}
-    planned = int(parent.data.tags.get("weakbench.trials_planned") or 0) if parent else 0
+    pp = parent.data.params if parent is not None else {}
+    planned = int(parent.data.tags.get("weakbench.trials_planned") or 0) if parent is not None else 0
+    planned = planned or int((record.data.get("planned") if record is not None else 0) or 0)
     planned = planned or int(saved.get("trials") or pp.get("trials") or 0)
-    started = parent.info.start_time / 1000.0 if parent is not None else None
-    view = SweepView(name, metric=metric, mode=mode, searched=searched, planned=planned, started=started, method=method)
-    if parent is not None and parent.info.status != "RUNNING" and parent.info.end_time:
-        view.ended = parent.info.end_time / 1000.0
+    plan = (record.data.get("plan") if record is not None else None) or {}
+    if plan:
+        seeds = (plan.get("axes") or {}).get("seed") or {}
+        seed_values = plan.get("seed_values") or ([int(v) for v in seeds["values"]] if seeds.get("kind") == "grid" else None)
+        return _Shape(plan["method"], plan["metric"], plan["mode"], list(plan.get("searched") or []), seed_values,
+                      dict(plan.get("fixed") or {}), planned)
+    space = _space_of(saved) if saved else None
+    if space is not None:
+        grid = space.grid_axes()
+        return _Shape(space.method, space.metric, space.mode,
+                      [k for k in space.search if k != "seed"] + (["seed"] if "seed" in space.search else []),
+                      [int(v) for v in grid["seed"]] if "seed" in grid else None, dict(space.fixed), planned)
+    metric = pp.get("metric", DEFAULT_SELECT_METRIC)
+    declared = lookup(metric)
+    mode = pp.get("mode") or (declared.direction if declared and declared.direction else "max")
+    return _Shape(parent.data.tags.get(C.TAG_METHOD, "") if parent is not None else "", metric, mode,
+                  [k[len("search."):] for k in pp if k.startswith("search.")], None, {}, planned)
 
-    by_trial = {r.data.tags.get(C.TAG_TRIAL_ID): r for r in runs}
+
+def _mlflow_sweep(uri: str, experiment: str, name: str) -> tuple[Any, list]:
+    """The sweep's MLflow parent run and its trial runs, ``(None, [])`` when MLflow has none or
+    cannot be reached (the driver's record alone then)."""
+    from weakbench.core import conventions as C
+    from weakbench.platform import tracking
+
+    try:
+        client = tracking.client_for(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None, []
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{C.TAG_KIND}` = '{C.KIND_SWEEP}' and "
+                                                                      f"tags.`{C.TAG_SWEEP_ID}` = '{name}'", max_results=1)
+        if not found:
+            return None, []
+        return found[0], tracking.child_runs(client, exp.experiment_id, found[0].info.run_id)
+    except Exception:  # noqa: BLE001 - MLflow unreachable: the record alone
+        return None, []
+
+
+def _rows_from_record(view: "SweepView", record, shape: _Shape) -> None:
+    """One row per trial the driver recorded, in the order the searcher suggested them."""
     for tid in (record.order() if record is not None else []):
         entry = record.trials[tid]
         row = view.row(tid)
-        row.params = trial_params(entry.get("config") or {}, seed_values)
-        row.plan = plan_of(method, {**fixed, **row.params})
+        row.params = trial_params(entry.get("config") or {}, shape.seed_values)
+        row.plan = plan_of(shape.method, {**shape.fixed, **row.params})
         row.total_units = sum(s.units for s in row.plan)
         row.started = entry.get("started")
         if entry.get("progress") is not None or entry.get("latest") is not None:
             view.on_result(row, {k: entry[k] for k in ("progress", "epoch") if entry.get(k) is not None}
-                           | ({metric: entry["latest"]} if entry.get("latest") is not None else {}),
+                           | ({shape.metric: entry["latest"]} if entry.get("latest") is not None else {}),
                            now=entry.get("updated") or entry.get("started"))
         row.status = _RECORD_STATUS.get(entry.get("status"), "pending")
         row.ended = entry.get("ended")
         row.error = entry.get("error")
         if row.status == "starting":
             row.stage = "start-up"
-    for t, meta in trials:
-        row = view.row(t["trial_id"])
-        row.params = trial_params(t.get("config") or {}, seed_values)
-        row.plan = plan_of(method, {**fixed, **row.params})
-        row.total_units = sum(s.units for s in row.plan)
-        row.status = _TUNE_STATUS.get(t.get("status"), "pending")
-        row.started = meta.get("start_time")
-        last = meta.get("last_result") or {}
-        if last:
-            view.on_result(row, last, now=meta.get("last_result_time"))
-            row.status = _TUNE_STATUS.get(t.get("status"), "pending")  # on_result would say running
-        ma = (meta.get("metric_analysis") or {}).get(metric) or {}
-        if mode in ma:
-            row.best = float(ma[mode])
-        if t.get("status") == "TERMINATED":
-            row.ended = meta.get("last_result_time")
-            row.status = _ended_status(row)
-        elif t.get("status") == "ERROR":
-            row.ended = meta.get("last_result_time") or row.started
-            row.error = meta.get("error_filename")
-        elif t.get("status") == "RUNNING" and not last:
-            row.status, row.stage = "starting", "start-up"
-    # MLflow: trials Tune's state does not show (no sweep directory here, or not yet saved), the
-    # stage tag, errors, and the runs' own times
-    for tid, r in by_trial.items():
+
+
+def _rows_from_mlflow(view: "SweepView", runs: list, shape: _Shape) -> None:
+    """Trials the record does not show (no sweep directory here), the stage tag, errors, the runs'
+    own times and statuses."""
+    from weakbench.core import conventions as C
+
+    for tid, r in {r.data.tags.get(C.TAG_TRIAL_ID): r for r in runs}.items():
         if not tid:
             continue
         row = view.row(tid)
         if not row.params:
-            row.params = {k: _parse(v) for k, v in r.data.params.items() if k in searched}
-            row.plan = plan_of(method, {k: _parse(v) for k, v in r.data.params.items()})
+            row.params = {k: _parse(v) for k, v in r.data.params.items() if k in shape.searched}
+            row.plan = plan_of(shape.method, {k: _parse(v) for k, v in r.data.params.items()})
             row.total_units = sum(s.units for s in row.plan)
         if row.started is None:
             row.started = r.info.start_time / 1000.0
-        v = r.data.metrics.get(metric)
+        v = r.data.metrics.get(view.metric)
         if v is not None and math.isfinite(v):
             if row.latest is None or (r.info.status != "RUNNING"):
                 row.latest = float(v)
@@ -769,31 +716,95 @@ def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | N
                 row.error = r.data.tags.get(C.TAG_ERROR) or row.error
         if row.best is None and row.latest is not None:
             row.best = row.latest
-    if parent is None:
-        # no parent run readable (MLflow elsewhere or unreachable): the sweep's times from its
-        # trials, else from sweep.json, never "elapsed 0 s" from the time of this call
-        starts = [r.started for r in view.rows.values() if r.started]
-        sweep_json = sweep_dir / "sweep.json" if sweep_dir is not None else None
-        view.started = min(starts) if starts else (
-            sweep_json.stat().st_mtime if sweep_json is not None and sweep_json.is_file() else view.started)
-        rows = list(view.rows.values())
-        if rows and len(rows) >= planned and all(r.status in ("finished", "stopped", "failed", "paused") for r in rows):
-            view.ended = max((r.ended or r.updated or r.started or view.started) for r in rows)
+
+
+def _sweep_times(view: "SweepView", parent, sweep_dir: Path | None) -> None:
+    """When the sweep started and ended: its parent run's times; without a readable parent run,
+    its trials' (else ``sweep.json``'s), never "elapsed 0 s" from the time of this call."""
+    if parent is not None:
+        view.started = parent.info.start_time / 1000.0
+        if parent.info.status != "RUNNING" and parent.info.end_time:
+            view.ended = parent.info.end_time / 1000.0
+        return
+    starts = [r.started for r in view.rows.values() if r.started]
+    sweep_json = sweep_dir / "sweep.json" if sweep_dir is not None else None
+    view.started = min(starts) if starts else (
+        sweep_json.stat().st_mtime if sweep_json is not None and sweep_json.is_file() else view.started)
+    rows = list(view.rows.values())
+    if rows and len(rows) >= view.planned and all(r.status in ("finished", "stopped", "failed", "paused") for r in rows):
+        view.ended = max((r.ended or r.updated or r.started or view.started) for r in rows)
+
+
+def _note(view: "SweepView", record, parent, uri: str) -> None:
+    """The line under the table: a driver that is gone (its running trials shown paused, and
+    ``--watch`` stops), where a running sweep is tracked, and each failed trial's error."""
+    from weakbench.platform.sweep_state import driver_gone
+
     gone = driver_gone(record) if record is not None else None
     if gone:
-        # nothing runs any more: the trials the dead driver left running are shown paused, and
-        # --watch stops
         for row in view.rows.values():
             if row.status in ("running", "starting", "pending"):
                 row.status = "paused"
         view.ended = view.ended or float(record.driver.get("heartbeat") or time.time())
-        view.note = (f"the sweep is not running: {gone}; `weakbench sweep <space> --resume --name {name}` continues it")
+        view.note = (f"the sweep is not running: {gone}; `weakbench sweep <space> --resume --name {view.name}` continues it")
     elif parent is not None and parent.info.status == "RUNNING":
-        view.note = (f"MLflow {uri}, parent run {parent.info.run_id}" +
-                     ("" if record is not None else "; Tune's state is saved every ≥ 10 s"))
+        view.note = f"MLflow {uri}, parent run {parent.info.run_id}"
     failed = [r for r in view.rows.values() if r.status == "failed" and r.error]
     if failed:
         view.note = "\n".join([view.note] * bool(view.note) + [f"trial {r.trial_id} failed: {_one_line(r.error)}" for r in failed])
+
+
+def find_sweep_dir(output_dir: str | Path, name: str | None) -> Path | None:
+    """``<output_dir>/sweeps/<name>``, or, when ``name`` is None, the most recently started sweep there
+    (a folder whose start failed is skipped: :func:`weakbench.platform.sweep_state.started_sweeps`) that
+    the user started (not a trivial-baseline sweep that ``weakbench sweep`` added after it,
+    :func:`weakbench.platform.trivial.is_automatic_sweep`)."""
+    from weakbench.platform.sweep_state import started_sweeps
+    from weakbench.platform.trivial import is_automatic_sweep
+
+    sweeps = Path(output_dir) / "sweeps"
+    if name:
+        return sweeps / name
+    cands = [p for p in started_sweeps(sweeps) if not is_automatic_sweep(p.name)]
+    return cands[-1] if cands else None
+
+
+def load_view(name: str | None, *, output_dir: str | Path, tracking_uri: str | None = None,
+              experiment: str | None = None) -> SweepView:
+    """The view of sweep ``name`` (default: the latest under ``output_dir``) from the driver's own
+    record (``state.json``, when the sweep directory is readable here) and MLflow (always). Reads no
+    file of Ray Tune's and imports no Ray.
+
+    Raises:
+        ConfigError: no such sweep in the sweep directory nor in MLflow.
+    """
+    from weakbench.core import conventions as C
+    from weakbench.core.errors import ConfigError
+    from weakbench.platform import tracking
+    from weakbench.platform.sweep_state import SweepState
+
+    sweep_dir = find_sweep_dir(output_dir, name)
+    saved: dict[str, Any] = {}
+    if sweep_dir is not None and (sweep_dir / "sweep.json").is_file():
+        saved = json.loads((sweep_dir / "sweep.json").read_text())
+    record = SweepState.load(sweep_dir) if sweep_dir is not None else None
+    name = name or (saved.get("name") or (sweep_dir.name if sweep_dir else None))
+    if not name:
+        raise ConfigError(f"no sweep in {Path(output_dir) / 'sweeps'}; pass the sweep's name (weakbench status NAME) "
+                          f"and --tracking-uri for a sweep that runs elsewhere")
+    uri = tracking_uri or saved.get("tracking_uri") or tracking.default_tracking_uri(output_dir)
+    exp_name = experiment or saved.get("experiment") or C.DEFAULT_EXPERIMENT
+    parent, runs = _mlflow_sweep(uri, exp_name, name)
+    if parent is None and not saved and record is None:
+        raise ConfigError(f"sweep {name!r}: not in {Path(output_dir) / 'sweeps'} nor in MLflow {uri} (experiment "
+                          f"{exp_name}); check the name, --output-dir and --tracking-uri")
+    shape = _shape(record, saved, parent)
+    view = SweepView(name, metric=shape.metric, mode=shape.mode, searched=shape.searched, planned=shape.planned,
+                     method=shape.method)
+    _rows_from_record(view, record, shape)
+    _rows_from_mlflow(view, runs, shape)
+    _sweep_times(view, parent, sweep_dir)
+    _note(view, record, parent, uri)
     return view
 
 
