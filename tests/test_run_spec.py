@@ -201,7 +201,7 @@ def test_the_trial_spec_carries_every_per_trial_field(monkeypatch, tmp_path, exe
     monkeypatch.setattr(ray_train, "TuneReportCallback", lambda: "callback")  # needs a Tune session
     monkeypatch.setattr(engine, "run_inline_in_tune", lambda spec: got.update(spec=spec))
     monkeypatch.setattr(engine, "run_segments", lambda spec, **kw: got.update(spec=spec, **kw))
-    launch.trial({"lr": 0.1, "__trial_index__": 1}, ctx)
+    launch._trial({"lr": 0.1, "__trial_index__": 1}, ctx)
     spec: TrialSpec = got["spec"]
     for name, value in values.items():
         field = TrialSpec.model_fields[name]

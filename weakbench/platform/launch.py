@@ -31,7 +31,7 @@ Nothing else in weakbench imports ``ray._private``, ``ray._common``, ``ray.train
 ``internal_kv``, nor reads an underscore attribute of a Ray object; ``tests/test_sweep_plan.py``
 checks it by grep.
 
-Each Tune trial is a plain function (:func:`trial`). Executors
+Each Tune trial is a plain function (:func:`_trial`). Executors
 (:func:`weakbench.platform.sweep_plan.resolve_executor`):
 
 * ``"inline"``: a one-worker CPU trial trains inside the trial function, holding
@@ -465,8 +465,12 @@ class SweepContext(BaseModel):
                 "products_dir": str(Path(self.sweep_dir) / "products")}
 
 
-def trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """The Tune trial function: one configuration, one Train run."""
+def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune trial function: one configuration, one Train run.
+
+    Its name is Tune's name of the trainable: trial directories are ``tune/_trial_<id>_…`` and
+    ``Tuner.restore`` (``--resume``) finds a sweep's trials under it, so it keeps the name it had
+    when it lived in ``weakbench.platform.sweep``."""
     from ray import tune
 
     from weakbench.platform.engine import TrialSpec, run_inline_in_tune, run_segments
@@ -590,7 +594,7 @@ def tune_param_space(fixed: dict[str, Any], axes: dict[str, Distribution]) -> di
 def launch(plan: SweepPlan, ctx: dict[str, Any], *, sweep_dir: Path, resume: bool, callbacks: list,
            wrap_searcher, stop: StopRequest) -> None:
     """Run the sweep ``plan`` on the connected Ray cluster (:func:`ensure_ray`): Tune's trainable
-    (:func:`trial` with ``ctx``, a :class:`SweepContext` dump, holding the plan's resources), its
+    (:func:`_trial` with ``ctx``, a :class:`SweepContext` dump, holding the plan's resources), its
     searcher (Optuna made stage-aware, :func:`stage_aware`, repeated once per seed, then wrapped by
     ``wrap_searcher``, the driver's recording wrapper), its scheduler (:class:`ConfigurationASHA` or
     FIFO) and ``callbacks``; restores ``<sweep_dir>/tune`` instead when ``resume`` and Tune saved it
@@ -628,7 +632,7 @@ def launch(plan: SweepPlan, ctx: dict[str, Any], *, sweep_dir: Path, resume: boo
     a = plan.scheduler
     scheduler = (ConfigurationASHA(time_attr=a.time_attr, max_t=a.max_t, grace_period=a.grace_period,
                                    reduction_factor=a.reduction_factor) if a is not None else FIFOScheduler())
-    trainable = tune.with_resources(tune.with_parameters(trial, ctx=ctx), plan.resources)
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), plan.resources)
     tune_path = Path(sweep_dir) / "tune"
     if resume and tune.Tuner.can_restore(str(tune_path)):
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
