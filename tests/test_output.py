@@ -162,26 +162,30 @@ def test_methods_name_lists_hyperparameters_with_paper_names_defaults_and_ranges
     assert list(rows)[:3] == ["crr_weight", "frr_weight", "set_size"]  # the method's own first
 
 
-def _tune_sweep(root: Path, name: str, space: str = "cam.yaml") -> None:
+def _recorded_sweep(root: Path, name: str, space: str = "cam.yaml") -> None:
+    """A sweep directory as the driver leaves it: sweep.json and its record (state.json), ended."""
+    from weakbench.platform.sweep_state import STATE_NAME, SweepState
+
     sweep = root / "sweeps" / name
-    (sweep / "tune").mkdir(parents=True)
+    sweep.mkdir(parents=True)
     (sweep / "sweep.json").write_text(json.dumps({"space": str(REPO / "search_spaces" / space), "trials": 2, "name": name,
                                                   "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}))
-    meta = {"start_time": 100.0, "last_result_time": 130.0, "error_filename": None,
-            "last_result": {"progress": 4.0, "epoch": 3, "val/max_box_acc_v2": 15.0},
-            "metric_analysis": {"val/max_box_acc_v2": {"max": 20.0, "min": 10.0}}}
-    state = {"trial_data": [[json.dumps({"trial_id": f"{name}_t{i}", "status": "TERMINATED",
-                                         "config": {"lr": 0.01, "weight_decay": 0.0, "__trial_index__": i}}), json.dumps(meta)]
-                            for i in range(2)]}
-    (sweep / "tune" / "experiment_state-2026.json").write_text(json.dumps(state))
+    state = SweepState(sweep / STATE_NAME)
+    state.start_driver()
+    for i in range(2):
+        state.trial(f"{name}_t{i}").update(index=i, status="finished", started=100.0, ended=130.0, updated=130.0,
+                                          config={"lr": 0.01, "weight_decay": 0.0, "__trial_index__": i},
+                                          progress=4.0, epoch=3.0, latest=20.0)
+    state.end_driver(0)
+    state.save()
 
 
 def test_status_shows_the_users_sweep_not_the_automatic_baseline(tmp_path):
     import time
 
-    _tune_sweep(tmp_path, "cam-synthetic-20261206-100000-abcd")
+    _recorded_sweep(tmp_path, "cam-synthetic-20261206-100000-abcd")
     time.sleep(0.05)
-    _tune_sweep(tmp_path, "center_gaussian-after-cam-synthetic-20261206-100000-abcd", "center_gaussian.yaml")
+    _recorded_sweep(tmp_path, "center_gaussian-after-cam-synthetic-20261206-100000-abcd", "center_gaussian.yaml")
     p = weakbench("status", "--output-dir", str(tmp_path))
     assert "sweep cam-synthetic-20261206-100000-abcd" in p.stdout and "center_gaussian-after" not in p.stdout
     for h in ("trial", "lr", "weight_decay", "seed", "status", "epoch / stage", "max_box_acc_v2", "best", "elapsed", "left"):
