@@ -123,73 +123,99 @@ def reconcile(client, exp_id: str, parent: str, sweep_id: str, state, method: st
     """
     from weakbench.platform import tracking
 
-    restarts = 0
-    scheduler_stopped: set[str] = set()
+    restarts, scheduler_stopped = 0, set()
     for tid in state.order():
         entry = state.trials[tid]
         restarts += int(entry.get("restarts") or 0)
-        run = tracking.find_trial_run(client, exp_id, sweep_id, tid)
-        status = run.info.status if run is not None else None
-        what = entry.get("status")
-        if what == "stopped":
+        if entry.get("status") == "stopped":
             scheduler_stopped.add(tid)
-        if status == "FINISHED":
-            pass  # finished results are never overwritten
-        elif what == "failed":
-            error = entry.get("error") or "the trial failed in Ray Tune; see its error.txt"
-            if run is None:
-                run_id, _ = tracking.get_or_create_trial_run(
-                    client, exp_id, parent_run_id=parent, sweep_id=sweep_id, trial_id=tid, run_name=f"{method}-{tid}",
-                    tags={C.TAG_METHOD: method, C.TAG_DATASET: source.name, C.TAG_DATASET_FINGERPRINT: source.fingerprint,
-                          C.TAG_SPLIT: "val"},
-                    params={k: v for k, v in (entry.get("config") or {}).items() if not k.startswith("__")})
-                tracking.fail_run(client, run_id, error)
-            elif status != "FAILED" or not run.data.tags.get(C.TAG_ERROR):
-                if "weakbench.stopped" in run.data.tags:
-                    client.delete_tag(run.info.run_id, "weakbench.stopped")
-                tracking.fail_run(client, run.info.run_id, run.data.tags.get(C.TAG_ERROR) or error)
-        elif what == "stopped":
-            if status in ("RUNNING", "KILLED"):  # tag, "[stopped early]" in the run name, KILLED
-                tracking.mark_stopped_early(client, run.info.run_id)
-        elif run is not None and status in ("RUNNING", "KILLED") and not interrupted:
-            if "weakbench.stopped" in run.data.tags:
-                client.delete_tag(run.info.run_id, "weakbench.stopped")
-            tracking.fail_run(client, run.info.run_id, "the trial ended in Ray Tune but its run did not finish"
-                              if what == "finished" else "the sweep's driver ended before this trial did")
-        if int(entry.get("restarts") or 0) > 0 and run is not None:
-            client.set_tag(run.info.run_id, C.TAG_RESTARTS, str(entry["restarts"]))
-    # a run that finished with a non-finite loss or metric diverged: it fails (the engine may
-    # already have failed it at the epoch it diverged; this catches any run that slipped through)
-    for r in tracking.child_runs(client, exp_id, parent):
-        if r.info.status == "FINISHED" and not is_finite_metrics(r.data.metrics):
-            try:
-                check_finite(r.data.metrics, f"run {r.info.run_id} (trial {r.data.tags.get(C.TAG_TRIAL_ID, '?')})")
-            except DivergenceError as e:
-                tracking.fail_run(client, r.info.run_id, e)
+        _settle_recorded_trial(client, exp_id, parent, sweep_id, tid, entry, method, source, interrupted=interrupted)
+    _fail_diverged(client, tracking.child_runs(client, exp_id, parent))
     if interrupted:
-        since_ms = int(((interrupted_at or time.time()) - 2.0) * 1000)  # 2 s: clocks of one host, a report in flight
-        for r in tracking.child_runs(client, exp_id, parent):
-            if r.data.tags.get(C.TAG_TRIAL_ID) in scheduler_stopped:
-                continue
-            ended_by_interrupt = r.info.status == "RUNNING" or (
-                (r.info.end_time or 0) >= since_ms
-                and ((r.info.status == "KILLED" and r.data.tags.get("weakbench.stopped"))
-                     or (r.info.status == "FAILED" and str(r.data.tags.get(C.TAG_ERROR, "")).startswith("KeyboardInterrupt"))))
-            if ended_by_interrupt:
-                client.set_tag(r.info.run_id, C.TAG_INTERRUPTED, "the sweep was interrupted; --resume continues it")
-                if "weakbench.stopped" in r.data.tags:
-                    client.set_tag(r.info.run_id, "weakbench.stopped", "the sweep was interrupted")
-                if r.info.status == "FAILED":
-                    client.delete_tag(r.info.run_id, C.TAG_ERROR)
-                    client.set_terminated(r.info.run_id, status="KILLED", end_time=r.info.end_time)
+        _mark_interrupted(client, tracking.child_runs(client, exp_id, parent), scheduler_stopped, interrupted_at)
         tracking.reconcile_children(client, exp_id, parent, reason="the sweep was interrupted")
     else:
         for r in tracking.child_runs(client, exp_id, parent):
             if r.info.status == "RUNNING":
                 tracking.fail_run(client, r.info.run_id, "the run was left RUNNING when the sweep ended (no outcome "
                                                          "was recorded for its trial)")
-    # the record ends as MLflow does (what `weakbench status` reads)
-    for r in tracking.child_runs(client, exp_id, parent):
+    _record_final_statuses(state, tracking.child_runs(client, exp_id, parent))
+    return {"restarts": restarts}
+
+
+def _settle_recorded_trial(client, exp_id: str, parent: str, sweep_id: str, tid: str, entry: dict, method: str, source,
+                           *, interrupted: bool) -> None:
+    """Make trial ``tid``'s run say what the record (``entry``) says happened to it (:func:`reconcile`'s
+    first four rules and its restarts tag); a FINISHED run is never written."""
+    from weakbench.platform import tracking
+
+    run = tracking.find_trial_run(client, exp_id, sweep_id, tid)
+    status = run.info.status if run is not None else None
+    what = entry.get("status")
+    if status == "FINISHED":
+        pass  # finished results are never overwritten
+    elif what == "failed":
+        error = entry.get("error") or "the trial failed in Ray Tune; see its error.txt"
+        if run is None:
+            run_id, _ = tracking.get_or_create_trial_run(
+                client, exp_id, parent_run_id=parent, sweep_id=sweep_id, trial_id=tid, run_name=f"{method}-{tid}",
+                tags={C.TAG_METHOD: method, C.TAG_DATASET: source.name, C.TAG_DATASET_FINGERPRINT: source.fingerprint,
+                      C.TAG_SPLIT: "val"},
+                params={k: v for k, v in (entry.get("config") or {}).items() if not k.startswith("__")})
+            tracking.fail_run(client, run_id, error)
+        elif status != "FAILED" or not run.data.tags.get(C.TAG_ERROR):
+            if "weakbench.stopped" in run.data.tags:
+                client.delete_tag(run.info.run_id, "weakbench.stopped")
+            tracking.fail_run(client, run.info.run_id, run.data.tags.get(C.TAG_ERROR) or error)
+    elif what == "stopped":
+        if status in ("RUNNING", "KILLED"):  # tag, "[stopped early]" in the run name, KILLED
+            tracking.mark_stopped_early(client, run.info.run_id)
+    elif run is not None and status in ("RUNNING", "KILLED") and not interrupted:
+        if "weakbench.stopped" in run.data.tags:
+            client.delete_tag(run.info.run_id, "weakbench.stopped")
+        tracking.fail_run(client, run.info.run_id, "the trial ended in Ray Tune but its run did not finish"
+                          if what == "finished" else "the sweep's driver ended before this trial did")
+    if int(entry.get("restarts") or 0) > 0 and run is not None:
+        client.set_tag(run.info.run_id, C.TAG_RESTARTS, str(entry["restarts"]))
+
+
+def _fail_diverged(client, runs: list) -> None:
+    """A run that finished with a non-finite loss or metric diverged: it fails (the engine may
+    already have failed it at the epoch it diverged; this catches any run that slipped through)."""
+    from weakbench.platform import tracking
+
+    for r in runs:
+        if r.info.status == "FINISHED" and not is_finite_metrics(r.data.metrics):
+            try:
+                check_finite(r.data.metrics, f"run {r.info.run_id} (trial {r.data.tags.get(C.TAG_TRIAL_ID, '?')})")
+            except DivergenceError as e:
+                tracking.fail_run(client, r.info.run_id, e)
+
+
+def _mark_interrupted(client, runs: list, scheduler_stopped: set[str], interrupted_at: float | None) -> None:
+    """Tag ``weakbench.interrupted`` (and end KILLED) each run the interrupt ended: still RUNNING,
+    or ended after ``interrupted_at`` as if stopped early or with a KeyboardInterrupt; a run the
+    scheduler stopped stays stopped early."""
+    since_ms = int(((interrupted_at or time.time()) - 2.0) * 1000)  # 2 s: clocks of one host, a report in flight
+    for r in runs:
+        if r.data.tags.get(C.TAG_TRIAL_ID) in scheduler_stopped:
+            continue
+        ended_by_interrupt = r.info.status == "RUNNING" or (
+            (r.info.end_time or 0) >= since_ms
+            and ((r.info.status == "KILLED" and r.data.tags.get("weakbench.stopped"))
+                 or (r.info.status == "FAILED" and str(r.data.tags.get(C.TAG_ERROR, "")).startswith("KeyboardInterrupt"))))
+        if ended_by_interrupt:
+            client.set_tag(r.info.run_id, C.TAG_INTERRUPTED, "the sweep was interrupted; --resume continues it")
+            if "weakbench.stopped" in r.data.tags:
+                client.set_tag(r.info.run_id, "weakbench.stopped", "the sweep was interrupted")
+            if r.info.status == "FAILED":
+                client.delete_tag(r.info.run_id, C.TAG_ERROR)
+                client.set_terminated(r.info.run_id, status="KILLED", end_time=r.info.end_time)
+
+
+def _record_final_statuses(state, runs: list) -> None:
+    """The record ends as MLflow does (what ``weakbench status`` reads)."""
+    for r in runs:
         tid = r.data.tags.get(C.TAG_TRIAL_ID)
         if tid in state.trials:
             st = r.info.status
@@ -197,7 +223,6 @@ def reconcile(client, exp_id: str, parent: str, sweep_id: str, state, method: st
                                            {"FINISHED": "finished", "FAILED": "failed", "KILLED": "stopped"}.get(st, "failed"))
             if st == "FAILED":
                 state.trials[tid]["error"] = r.data.tags.get(C.TAG_ERROR)
-    return {"restarts": restarts}
 
 
 class FinalStatusError(WeakbenchError):
