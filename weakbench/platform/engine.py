@@ -192,7 +192,7 @@ def _end_run_on(e: BaseException, trial: TrialState) -> None:
     * ``SystemExit(0)``: Tune ends a function trial so from ``tune.report``, after the last report
       or when the scheduler (ASHA) stops it early; a finished run stays FINISHED, a running one
       ends KILLED (the driver, which knows which, writes the final reason:
-      ``weakbench.platform.sweep._reconcile``), its last checkpointed epoch logged first;
+      :func:`weakbench.platform.reconcile.reconcile`), its last checkpointed epoch logged first;
     * ``KeyboardInterrupt``: a SIGINT reached the worker (Ctrl-C to a terminal's whole process
       group): the run was interrupted, not broken; it ends KILLED and ``--resume`` continues it;
     * anything else (another ``SystemExit`` code included): FAILED with the error as a tag (and

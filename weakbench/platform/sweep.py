@@ -30,7 +30,7 @@ Layout of a sweep directory ``<output>/sweeps/<sweep name>/``::
 What stays once a trial finishes (unless ``--keep-checkpoints``): its model in MLflow (the final
 weights, once), its small final checkpoint cursor, Tune's state; Tune and Train keep only each
 trial's latest checkpoint (what a restart needs), and a finished trial's epoch checkpoints, private
-products and Train checkpoints are removed (:meth:`weakbench.platform.engine._Runner.finish`,
+products and Train checkpoints are removed (:meth:`weakbench.platform.trial.TrialState.finish`,
 :func:`_remove_train_checkpoints`).
 """
 
