@@ -31,7 +31,7 @@ What stays once a trial finishes (unless ``--keep-checkpoints``): its model in M
 weights, once), its small final checkpoint cursor, Tune's state; Tune and Train keep only each
 trial's latest checkpoint (what a restart needs), and a finished trial's epoch checkpoints, private
 products and Train checkpoints are removed (:meth:`weakbench.platform.trial.TrialState.finish`,
-:func:`_remove_train_checkpoints`).
+:func:`weakbench.platform.launch._remove_train_checkpoints`).
 """
 
 from __future__ import annotations
