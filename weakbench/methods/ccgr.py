@@ -555,7 +555,8 @@ class InstanceFit(FitTask):
         model = build_detector("mask_rcnn", c.backbone, self.method.num_classes, min_size=c.input_size,
                                max_size=int(math.ceil(c.input_size * 1333 / 800)), image_mean=mean,
                                image_std=std, weights_path=c.weights_path, pretrained_backbone=c.pretrained,
-                               output_stride=32, fpn_channels=c.fpn_channels, box_representation_size=c.box_head_size)
+                               output_stride=32, fpn_channels=c.fpn_channels, box_representation_size=c.box_head_size,
+                               mask_logits_init="detectron2")
         cls_dir = (self.inputs or {}).get("classifier")
         if cls_dir is not None:  # the backbone starts from the classifier (the paper: from ImageNet weights)
             state = load_data(Path(cls_dir) / "model.pt")

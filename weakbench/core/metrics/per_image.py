@@ -589,21 +589,49 @@ def weighted_average_precision(scores: np.ndarray, labels: np.ndarray, w: np.nda
 
 def weighted_voc_map(data: PerImage, scope: str, name: str, image_order: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """mAP^r or box AP (%) (:data:`AP_NAMES`) of ``scope`` for each row of image multiplicities,
-    float64 (B,): per class with ground truth in the weighted set, the predictions sorted by score
-    (ties in stored order), weighted true/false positive counts from their flags, recall over the
-    weighted GT count, and PASCAL VOC's all-point AP of the monotone precision envelope
-    (:func:`~weakbench.core.metrics.instance.voc_ap`); the mean over those classes (0 when
-    there is none, as :func:`~weakbench.core.metrics.instance.voc_instance_ap`). A prediction
-    repeated ``k`` times (its image drawn ``k`` times) enters as one point of weight ``k``: for a
-    true positive the envelope is the same at every one of the ``k`` points, so the area is exact."""
+    float64 (B,): :func:`weighted_voc_map_of_calls` on the scope's stored GT instances and
+    detection flags at the name's IoU threshold (0 when the scope has no GT instance)."""
     kind, thr = AP_NAMES[name]
     l = int(np.argmin(np.abs(np.asarray(data.ap_iou) - thr)))
     det_images, det_classes, det_scores, hits = data.detections[scope]
-    hit = hits[kind][:, l]
-    b = counts.shape[0]
     if scope not in data.instances:
-        return np.zeros(b)
+        return np.zeros(counts.shape[0])
     gt_images, gt_classes, _ = data.instances[scope]
+    return weighted_voc_map_of_calls(gt_images, gt_classes, det_images, det_classes, det_scores, hits[kind][:, l],
+                                     image_order, counts)
+
+
+def weighted_voc_map_of_calls(gt_images: np.ndarray, gt_classes: np.ndarray, det_images: np.ndarray,
+                              det_classes: np.ndarray, det_scores: np.ndarray, det_hits: np.ndarray,
+                              image_order: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """VOC mAP (%) from per-prediction true/false-positive calls, for each row of image
+    multiplicities, float64 (B,).
+
+    Args:
+        gt_images, gt_classes: one entry per ground-truth instance (n,): its image id and class.
+        det_images, det_classes, det_scores: one entry per prediction (m,): image id, class,
+            score (float).
+        det_hits: bool (m,), the prediction's VOC call at one IoU threshold
+            (:func:`~weakbench.core.metrics.instance.voc_hits`; calls never cross images, so an
+            image drawn ``k`` times repeats its calls).
+        image_order: (I,) image ids; counts: (B, I) multiplicity of each image per row (1 for
+            the plain value).
+
+    Per class with ground truth in the weighted set, the predictions sorted by score (ties in
+    the given order), weighted true/false positive counts, recall over the weighted GT count,
+    and PASCAL VOC's all-point AP of the monotone precision envelope
+    (:func:`~weakbench.core.metrics.instance.voc_ap`); the mean over those classes (0 when
+    there is none, as :func:`~weakbench.core.metrics.instance.voc_instance_ap`). A prediction
+    repeated ``k`` times (its image drawn ``k`` times) enters as one point of weight ``k``: for a
+    true positive the envelope is the same at every one of the ``k`` points, so the area is exact.
+
+    Raises:
+        DataError: an image of a GT instance or prediction is not in ``image_order``.
+    """
+    gt_images, det_images = np.asarray(gt_images, dtype=object), np.asarray(det_images, dtype=object)
+    gt_classes, det_classes = np.asarray(gt_classes, np.int64), np.asarray(det_classes, np.int64)
+    det_scores, hit = np.asarray(det_scores, np.float64), np.asarray(det_hits, bool)
+    b = counts.shape[0]
     w_gt = weights_of(gt_images, image_order, counts)
     w_det = weights_of(det_images, image_order, counts)
     aps = []
