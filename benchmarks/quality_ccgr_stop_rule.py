@@ -20,7 +20,8 @@ round's Mask R-CNN on the test images, no labels: the paper's measure; its round
 is checked against the logged ``test/mask_rcnn/map_r50``). Intervals: a two-stage bootstrap
 (as :mod:`weakbench.platform.verdicts`: images drawn with replacement, then seeds drawn with
 replacement; the value is the mean over drawn seeds of the metric recomputed exactly on the
-weighted images, mAP^r by the script's ``voc_map_from_matches``), 95 %
+weighted images, mAP^r by
+:func:`weakbench.core.metrics.per_image.weighted_voc_map_of_calls`), 95 %
 percentile intervals; rows of one table share the image and seed draws, so the difference of
 two rules is a paired interval.
 
@@ -185,33 +186,22 @@ def voc_matches(gt, results: list[dict], thr: float) -> tuple[dict, list]:
 # ---------------------------------------------------------------------------- bootstrap
 def voc_map_from_matches(n_gt: dict, matches: list, weights: dict | None = None) -> float:
     """mAP^r (%) of :func:`voc_matches`' calls with each image counted ``weights[image]`` times
-    (``None``: once each, = ``voc_instance_ap``): weighted TP/FP cumulation and VOC's all-point
-    AP, as ``weakbench.core.metrics.per_image.weighted_voc_map`` does on stored tables (this
-    script's records predate that store)."""
-    from collections import defaultdict
+    (``None``: once each, = ``voc_instance_ap``): the records handed to
+    :func:`weakbench.core.metrics.per_image.weighted_voc_map_of_calls`, the arithmetic the
+    board's bootstrap uses on stored per-image tables."""
+    from weakbench.core.metrics.per_image import weighted_voc_map_of_calls
 
-    from weakbench.core.metrics import voc_ap
-
-    w = (lambda img: 1.0) if weights is None else (lambda img: float(weights.get(img, 0.0)))
-    n_pos: dict = defaultdict(float)
-    for (img, cat), n in n_gt.items():
-        n_pos[cat] += n * w(img)
-    by_cat: dict = defaultdict(list)
-    for img, cat, score, hit in matches:
-        by_cat[cat].append((score, hit, w(img)))
-    aps = []
-    for cat, npos in n_pos.items():
-        if npos <= 0:
-            continue
-        items = by_cat.get(cat, [])
-        sc = np.asarray([t[0] for t in items], np.float64)
-        order = np.argsort(-sc, kind="stable")
-        hit = np.asarray([t[1] for t in items], bool)[order]
-        wt = np.asarray([t[2] for t in items], np.float64)[order]
-        hit, wt = hit[wt > 0], wt[wt > 0]
-        tp, fp = np.cumsum(wt * hit), np.cumsum(wt * ~hit)
-        aps.append(voc_ap(tp / npos, tp / np.maximum(tp + fp, 1e-12)))
-    return 100.0 * float(np.mean(aps)) if aps else 0.0
+    gt_images = [img for (img, _), n in n_gt.items() for _ in range(int(n))]
+    gt_classes = [cat for (_, cat), n in n_gt.items() for _ in range(int(n))]
+    order = sorted(set(gt_images) | {m[0] for m in matches})
+    counts = np.ones((1, len(order))) if weights is None else \
+        np.asarray([[float(weights.get(img, 0.0)) for img in order]])
+    ap = weighted_voc_map_of_calls(np.asarray(gt_images, dtype=object), np.asarray(gt_classes, np.int64),
+                                   np.asarray([m[0] for m in matches], dtype=object),
+                                   np.asarray([m[1] for m in matches], np.int64),
+                                   np.asarray([m[2] for m in matches], np.float64),
+                                   np.asarray([m[3] for m in matches], bool), np.asarray(order, dtype=object), counts)
+    return float(ap[0])
 
 
 def _metric(rnd: dict, name: str, w: dict | None) -> float:

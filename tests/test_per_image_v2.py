@@ -138,6 +138,27 @@ def test_map_r_of_a_resample_is_recomputed_exactly(seed):
         assert metric_on_images(data, "mask_rcnn/instance_miou", order, w)[0] == pytest.approx(want)
 
 
+def test_stop_rule_benchmark_recomputes_map_r_with_the_core_arithmetic():
+    """benchmarks/quality_ccgr_stop_rule.py keeps per-prediction VOC calls in its records and
+    recomputes mAP^r on a resample through the core's weighted_voc_map_of_calls: equal to
+    voc_instance_ap on the repeated images, at IoU 0.25 and 0.5."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_ccgr_stop_rule.py"
+    spec = importlib.util.spec_from_file_location("quality_ccgr_stop_rule", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gt, results = _coco(seed=4)
+    for thr in (0.25, 0.5):
+        n_gt, matches = bench.voc_matches(gt, results, thr)
+        assert bench.voc_map_from_matches(n_gt, matches) == pytest.approx(voc_instance_ap(gt, results, thr, "segm"))
+        for rep in ([0, 2, 4], [1, 1, 3, 3, 3, 4]):
+            g, res = _subset(gt, results, rep)
+            w = {i: float(rep.count(i)) for i in set(rep)}
+            assert bench.voc_map_from_matches(n_gt, matches, w) == pytest.approx(voc_instance_ap(g, res, thr, "segm"))
+
+
 def test_version_1_tables_are_read_and_merged():
     """A version-1 table (no kind/scope columns) still recomputes its box metric, alone and merged
     with version-2 rows of the same images."""
