@@ -87,8 +87,9 @@ Choices where the paper is silent or out of reach here (each documented where it
   under 4 px a side are dropped (such targets made Mask R-CNN's box regression diverge);
 * the IS branch's mask logits start as Detectron2's (weights normal with std 0.001, zero bias;
   ``build_detector(mask_logits_init="detectron2")``), not torchvision's Kaiming init, whose
-  weight std is ``sqrt(2 / (C + 1))``: with one class on a pretrained body (coco128 ``person``)
-  the initial mask loss was ≈ 17 and SGD diverged to NaN (docs/ccgr.md, "The instance branch");
+  weight std is ``sqrt(2 / (C + 1))`` (1 for one class): with one class on a pretrained body
+  (coco128 ``person``) the mask logits started far from 0 and SGD diverged to NaN (figures in
+  docs/ccgr.md, "The instance branch");
 * peaks below ``peak_min_score`` (0.2 of the class map's maximum) are dropped on top of PRM's
   median rule, which alone leaves several peaks per instance, most of them off any object (the
   count is in docs/ccgr.md); the extra peaks also split bags: a proposal may hold only its own
