@@ -108,10 +108,15 @@ def trial_records(spec: TrialSpec, rounds: int) -> dict:
     from weakbench.core.metrics import coco_gt_from_source
 
     source = open_dataset(spec.data, cache_dir=spec.data_cache, classes=spec.classes)
-    splits = load_splits(spec.splits_path)
+    splits = load_splits(spec.splits_path, source)
     method = build_method("ccgr", spec.params, num_classes=source.num_classes, multilabel=source.multilabel)
-    plan = method.plan()
+    plan = method.stages()  # the plan with each stage's reads, as the engine hashes it
     products = stage_products(spec, method, plan, source, splits)
+    if not (products["refine_r1"].dir / "refined.pt").is_file():  # product hashes include the code digest
+        raise SystemExit(f"{spec.trial_id}: its products are not under {spec.products_dir} for this code "
+                         "(weakbench.methods changed since the trial ran, so every product hash differs); fix: "
+                         "run the script with the weakbench the trial ran with (PYTHONPATH), or remove the "
+                         "trial's MLflow run and products to recompute it")
     test_all = [int(i) for i in splits["test"]]
     gt_all = coco_gt_from_source(source, test_all, masks=True)
     out: dict = {"test_images": test_all}
