@@ -176,7 +176,7 @@ class CCGRConfig(MethodConfig):
     max_proposals: int = Field(300, ge=10, le=5000, description="proposals kept per image, in selective search's order")
     proposal_min_size: float = Field(4.0, ge=1, le=256, description="proposals narrower or lower than this (pixels) are dropped")
     proposal_max_side: int = Field(224, ge=32, le=2048, description="selective search runs on the image resized to at most "
-                                   "this long side (6.8 s per 640×480 image at full size; ~0.4 s at 224)")
+                                   "this long side, in pixels (a speed/recall trade-off; timings in docs/ccgr.md)")
     # peaks, bags, round-1 labels
     peak_min_score: float = Field(0.2, ge=0, lt=1, description="peaks whose normalised CAM value (of the class's "
                                   "maximum) is below this are dropped; 0: PRM's rule alone (local maxima at or above the "
@@ -206,7 +206,7 @@ class CCGRConfig(MethodConfig):
                                         "width / height (refinement_step_unit 'box') or pixels ('pixel'); see "
                                         "ccgr_ops.refine_boxes. 200 steps of 0.02 let a side travel ≈ 2.5 box sides: "
                                         "MIL boxes are far off (IoU ≈ 0.5 with GT) and shorter budgets stop at a worse "
-                                        "local optimum (measured in the module docstring)")
+                                        "local optimum (measured: docs/ccgr.md)")
     refinement_step_unit: Literal["box", "pixel"] = Field("box", description="unit of refinement_step_size: 'box' makes "
                                                           "the refinement independent of image and object size")
     ccgr_form: Literal["area_weighted", "literal"] = Field("area_weighted", description="Φ(C): the mean over the context "
