@@ -4,8 +4,10 @@ Runs BBAM's own stage hooks in one process (no Ray, no MLflow), per detector see
 
 1. **detector**: the method's ``DetectorFit`` task (its model, optimiser, dataset and losses),
    ``--epochs`` epochs at batch ``--batch-size`` on the train split, shuffled by the seed
-   (constant learning rate, as the engine runs this task); its COCO box AP50 on test
-   (``detection_metrics``);
+   (the task's linear lr warm-up, then constant, as the engine runs this task); its COCO box AP50
+   on test (``detection_metrics``), and per test box whether the detector finds it (a detection
+   of its class with score ≥ 0.5 and IoU ≥ 0.5) and, while O⁺ is selected, the best truncated IoU
+   of a regressed proposal whose arg-max is the GT class (why an O⁺ is empty);
 2. **attribute**, once per attribution configuration (the ablations below), on the val and test
    images (the first ``--images`` of each split with a GT box): ``BBAM._attribute``;
    the λ grid (``base``, ``lambda_0.002``, ``lambda_0.02``) on val and test, the other ablations
@@ -87,11 +89,15 @@ def train_detector(method, source, train_idx, epochs: int, seed: int):
     loader = torch.utils.data.DataLoader(task.train_dataset(source, train_idx), batch_size=task.batch_size,
                                          shuffle=True, collate_fn=task.collate,
                                          generator=torch.Generator().manual_seed(seed))
+    # the task's own warm-up (as the engine: built on the optimisers, stepped after every step)
+    scheds = task.configure_schedulers(opt, epochs * max(1, len(loader)))
     det.train()
     losses = []
     for epoch in range(epochs):
         for batch in loader:
             losses.append(task.training_step(det, batch, opt, None)["loss"])
+            for sch in scheds.values():
+                sch.step()
             if not np.isfinite(losses[-1]):
                 _log(f"seed {seed}: detector loss {losses[-1]} in epoch {epoch + 1}, step {len(losses)}: diverged")
                 det.eval()
@@ -133,6 +139,68 @@ def attribute(method, keys, ctx, chunk: int, snapshot_at: int | None = None):
     return table, table_snap
 
 
+def detector_finds(det, source, keys) -> dict[str, list[dict]]:
+    """Per key, per GT box: the best IoU (float, original pixels) of the detector's own
+    detections of the box's class with score ≥ 0.5, and that detection's score (0, 0 if none):
+    whether the detector *finds* the box, to read the O⁺ share against."""
+    from torchvision.ops import box_iou
+
+    from weakbench.methods.bbam import _image_tensor
+
+    out = {}
+    det.eval()
+    with torch.no_grad():
+        for key in keys:
+            index = int(key.split(":")[1])
+            o = det([_image_tensor(source.load_image(index))])[0]
+            boxes, classes = source.gt_boxes(index)
+            gt = torch.as_tensor(np.asarray(boxes, np.float32)).reshape(-1, 4)
+            keep = o["scores"] >= 0.5
+            iou = box_iou(gt, o["boxes"][keep]) if keep.any() else torch.zeros((len(gt), 0))
+            rows = []
+            for k, c in enumerate(classes):
+                same = (o["labels"][keep] == int(c) + 1)
+                v = torch.where(same, iou[k], torch.zeros_like(iou[k])) if iou.shape[1] else iou[k]
+                j = int(v.argmax()) if v.numel() else -1
+                rows.append({"iou": float(v[j]) if j >= 0 else 0.0,
+                             "score": float(o["scores"][keep][j]) if j >= 0 and v[j] > 0 else 0.0})
+            out[key] = rows
+    return out
+
+
+class PositiveProbe:
+    """Wraps ``bbam_ops.select_positive_proposals`` (which ``make_box_jobs`` calls once per GT box,
+    in order) and records, per box, the share of its jittered proposals whose arg-max class is the
+    GT class and the best truncated IoU of their regressed boxes with the GT box: why an O⁺ is
+    empty (the rule wants both, IoU > 0.8 at least)."""
+
+    def __init__(self):
+        from weakbench.methods import bbam_ops as ops
+
+        self.ops, self.original, self.records = ops, ops.select_positive_proposals, []
+
+    def __enter__(self):
+        ops = self.ops
+
+        def probe(proposals, class_probs, box_regression, gt_box, cls, *, box_coder, **kw):
+            n, ncls = class_probs.shape
+            with torch.no_grad():
+                dec = box_coder.decode(box_regression.detach(), [proposals.detach().to(box_regression.dtype)])
+                dec = dec.reshape(n, ncls, 4)[:, int(cls) + 1]
+                hit = class_probs.detach().argmax(1) == int(cls) + 1
+                iou = ops.truncated_iou(torch.as_tensor(gt_box, dtype=torch.float64), dec)
+            self.records.append({"argmax_share": float(hit.double().mean()),
+                                 "best_iou": float(iou[hit].max()) if hit.any() else 0.0,
+                                 "best_iou_any": float(iou.max()) if n else 0.0})
+            return self.original(proposals, class_probs, box_regression, gt_box, cls, box_coder=box_coder, **kw)
+
+        ops.select_positive_proposals = probe
+        return self
+
+    def __exit__(self, *exc):
+        self.ops.select_positive_proposals = self.original
+
+
 def box_ious(source, key, masks) -> list[float]:
     from weakbench.core.metrics.instance import mask_iou
 
@@ -161,7 +229,8 @@ def run(args) -> dict:
     params = {"backbone": args.backbone, "pretrained": args.pretrained, "input_size": args.input_size,
               "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "fpn_channels": args.fpn_channels,
               "box_head_size": args.box_head_size, "num_proposals": args.num_proposals,
-              "mask_iterations": BASE_ITERATIONS, "attribution_splits": ["val", "test"]}
+              "mask_iterations": BASE_ITERATIONS, "attribution_splits": ["val", "test"],
+              **({"warmup_iters": args.warmup_iters} if args.warmup_iters is not None else {})}
     configs = [c for c in args.configs.split(",") if c]
     thetas = [float(t) for t in args.thetas.split(",")]
     n_boxes = {s: sum(len(source.gt_boxes(i)[0]) for i in idx[s]) for s in ("val", "test")}
@@ -206,6 +275,11 @@ def run(args) -> dict:
         if not np.isfinite(losses[-1]):  # a diverged detector: no attribution is measured for it
             result["detector"][str(seed)]["diverged"] = True
             continue
+        found = detector_finds(det, source, [k for k in keys if k.startswith("test:")])
+        result.setdefault("found", {})[str(seed)] = found
+        n_found = sum(r["iou"] >= 0.5 for rows in found.values() for r in rows)
+        _log(f"seed {seed}: detector finds {n_found}/{sum(len(r) for r in found.values())} test boxes "
+             f"(IoU >= 0.5, score >= 0.5)")
         ctx.load_model = lambda name, det=det: det
         for cfg in configs:
             over = CONFIGS.get(cfg, {})
@@ -214,8 +288,14 @@ def run(args) -> dict:
             m = build_method("bbam", {**params, **over, "seed": seed}, num_classes=source.num_classes,
                              multilabel=source.multilabel)
             t0 = time.perf_counter()
-            table, snap = attribute(m, cfg_keys, ctx, args.chunk, BASE_ITERATIONS if cfg == "it300" else None)
+            with PositiveProbe() as probe:
+                table, snap = attribute(m, cfg_keys, ctx, args.chunk, BASE_ITERATIONS if cfg == "it300" else None)
             t_att = time.perf_counter() - t0
+            if cfg == "base":  # make_box_jobs' order: keys in order, boxes in order
+                nb = [len(source.gt_boxes(int(k.split(":")[1]))[0]) for k in cfg_keys]
+                starts = np.cumsum([0] + nb)
+                result.setdefault("probe", {})[str(seed)] = {
+                    k: probe.records[starts[i]:starts[i + 1]] for i, k in enumerate(cfg_keys)}
             result["times"][f"attribute_{cfg}_seed{seed}_s"] = t_att
             tables = {cfg: table}
             if cfg == "it300":
@@ -328,7 +408,25 @@ def report(res: dict, n_boot: int = 2000) -> str:
     det = res["detector"]
     aps = [d["test_bbox_ap50"] for d in det.values() if d.get("test_bbox_ap50") is not None]
     lines.append("detector test box AP50 per seed: " + ", ".join(f"{a:.1f}" for a in aps))
+    if res.get("found"):
+        base_recs = [r for r in recs if r["row"] == "bbam_crf" and r.get("config") == "base"
+                     and r["key"].startswith("test:")]
+        pos = {(str(r["seed"]), r["key"], r["box"]): r["positives"] for r in base_recs}
+        for s_, found in res["found"].items():
+            rows = [(k, b, f) for k, fs in found.items() for b, f in enumerate(fs)]
+            hit = [(k, b) for k, b, f in rows if f["iou"] >= 0.5]
+            ne_hit = [x for x in hit if pos.get((s_, *x), 0) > 0]
+            ne_all = [(k, b) for k, b, _ in rows if pos.get((s_, k, b), 0) > 0]
+            pr = res.get("probe", {}).get(s_, {})
+            best = [p["best_iou"] for k in pr if k.startswith("test:") for p in pr[k]]
+            lines.append(f"seed {s_}: detector finds {len(hit)}/{len(rows)} test boxes (a detection of the class, "
+                         f"score >= 0.5, IoU >= 0.5); O+ non-empty for {len(ne_hit)}/{len(hit)} of those and "
+                         f"{len(ne_all)}/{len(rows)} of all"
+                         + (f"; best truncated IoU of a regressed proposal (arg-max = GT class) per box: median "
+                            f"{np.median(best):.2f}, > 0.8 for {sum(b > 0.8 for b in best)}/{len(best)}" if best else ""))
     lines.append("")
+    if not any(r["row"] == "bbam_crf" for r in recs):  # --configs "": the detector only
+        return "\n".join(lines)
     chosen = {}
     for row in ("bbam_crf", "bbam"):
         grid = [(c, t) for c in LAMBDA_GRID for t in res["thetas"] if any(
@@ -387,6 +485,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--warmup-iters", type=int, default=None,
+                   help="detector lr warm-up steps (default: the method's, min(1000, steps per epoch - 1); 0: none)")
     p.add_argument("--fpn-channels", type=int, default=64)
     p.add_argument("--box-head-size", type=int, default=256)
     p.add_argument("--num-proposals", type=int, default=300)

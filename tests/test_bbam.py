@@ -50,6 +50,43 @@ def test_plan_stages_products_and_config_errors():
     assert m.headline_metric == "pseudo_masks/instance_miou"
 
 
+def test_detector_warmup_follows_torchvisions_reference_and_keeps_lr_schedule_refused():
+    """The detector's lr rises linearly from lr/1000 over min(1000, steps per epoch − 1) steps
+    (torchvision's detection reference), each parameter group from its own lr, then stays; the
+    Mask R-CNN stage counts its own epochs; warmup_iters 0 (or factor 1) configures none; a
+    non-constant lr_schedule is still refused although the stage now has a scheduler."""
+    from weakbench.methods.bbam import DetectorFit
+    from weakbench.methods.pipeline import Stage
+
+    m = build_method("bbam", {"lr": 0.02, "backbone_lr_mult": 0.1, "epochs": 3, "mask_rcnn_epochs": 2}, num_classes=2)
+    assert m.config.warmup_iters is None and m.config.warmup_factor == 0.001
+    task = DetectorFit(m, "faster_rcnn")
+    assert task.warmup_steps(3 * 5) == 4 and task.warmup_steps(3 * 5000) == 1000 and task.warmup_steps(3) == 0
+    assert DetectorFit(m, "mask_rcnn").warmup_steps(2 * 5) == 4
+    body = torch.nn.Parameter(torch.zeros(1))
+    head = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [body], "lr": 0.002}, {"params": [head], "lr": 0.02}], lr=0.02, momentum=0.9)
+    sched = task.configure_schedulers({"main": opt}, 3 * 5)["main"]
+    seen = []
+    for _ in range(7):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    f = [0.001 + (1 - 0.001) * t / 4 for t in range(4)] + [1.0] * 3
+    assert np.allclose(seen, [[0.002 * x, 0.02 * x] for x in f], rtol=1e-9, atol=0)
+    assert DetectorFit(build_method("bbam", {"warmup_iters": 0}, num_classes=2), "faster_rcnn") \
+        .configure_schedulers({"main": opt}, 100) == {}
+    assert DetectorFit(build_method("bbam", {"warmup_factor": 1.0}, num_classes=2), "faster_rcnn") \
+        .configure_schedulers({"main": opt}, 100) == {}
+    assert "warmup_iters" in {s.name: s for s in m.stages()}["detector"].reads
+    poly = build_method("bbam", {"lr_schedule": "poly"}, num_classes=2)
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheds = DetectorFit(poly, "faster_rcnn").configure_schedulers({"main": opt2}, 50)
+    assert scheds
+    with pytest.raises(ConfigError, match=r"stage 'detector': lr_schedule is 'poly'.*lr_schedule: constant"):
+        poly.check_fit(Stage("detector", "fit", epochs=2), {"main": opt2}, scheds)
+
+
 def _spec(tmp: Path, source_dir: str | None, cache: Path, splits: Path, params: dict, trial: str = "t0") -> TrialSpec:
     return TrialSpec(method="bbam", params=params, data=source_dir, data_cache=str(cache), splits_path=str(splits),
                      trial_dir=str(tmp / trial), tracking_uri=tracking.default_tracking_uri(tmp), sweep_id="s",

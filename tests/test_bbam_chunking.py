@@ -161,3 +161,64 @@ def test_indicators_reach_the_optimisation(mixed):
     assert nonempty
     for other in ("box", "cls"):
         assert any((out["both"][k].float() - out[other][k].float()).abs().max() > 1e-4 for k in nonempty), other
+
+
+class _ExactHeads:
+    """Box heads that know the answer: every proposal is classified as the one class (softmax
+    ≈ 1) and regressed exactly onto the GT box (in the detector's resized pixels, given per image
+    in ``gt``) it overlaps most. A detector this good finds every box; BBAM's O⁺ (the code's rule:
+    arg-max = GT class and truncated IoU of the regressed box > 0.9 / 0.85 / 0.8) must then be
+    full for every box, whatever the image's size against the detector's input size."""
+
+    def __init__(self, det):
+        from torchvision.ops import box_iou
+
+        self.gt = None
+        self.props = None
+        rh, coder, pool = det.roi_heads, det.roi_heads.box_coder, det.roi_heads.box_roi_pool
+        outer = self
+
+        class Pool(torch.nn.Module):
+            def forward(self, features, proposals, image_shapes):
+                outer.props = torch.cat(list(proposals))
+                return pool(features, proposals, image_shapes)
+
+        class Predictor(torch.nn.Module):
+            def forward(self, x):
+                props = outer.props.to(torch.float64)
+                target = outer.gt[box_iou(props, outer.gt).argmax(1)]
+                deltas = coder.encode_single(target, props).to(x.dtype)
+                logits = torch.tensor([0.0, 20.0], dtype=x.dtype).expand(len(props), 2) + 0 * x[:, :1]
+                return logits, torch.cat([torch.zeros_like(deltas), deltas], 1) + 0 * x[:, :1]
+
+        rh.box_roi_pool, rh.box_predictor = Pool(), Predictor()
+
+
+def test_boxes_the_detector_finds_get_a_full_positive_set(mixed):
+    """The O⁺ rule end to end (BBAM._attribute: resize, jitter, heads, decode, truncated IoU) on
+    images the detector resizes by 1.5 and 1.2: a detector that finds every GT box (its own
+    detections: the box's class, score > 0.99, IoU > 0.99) gives every box 100 positives at θ = 0.9.
+    A frame slip (GT boxes in original pixels against proposals in resized ones) would empty O⁺."""
+    from torchvision.ops import box_iou
+
+    source = open_dataset(mixed)
+    method = build_method("bbam", {"backbone": "test_resnet", "input_size": 96, "fpn_channels": 16,
+                                   "box_head_size": 32, "num_proposals": 300, "mask_iterations": 1}, num_classes=1)
+    from weakbench.methods.bbam import DetectorFit
+
+    torch.manual_seed(0)
+    det = DetectorFit(method, "faster_rcnn").build_model().eval()
+    heads = _ExactHeads(det)
+    for i, (w, h) in enumerate(SIZES):
+        boxes, _ = source.gt_boxes(i)
+        gt = torch.as_tensor(np.asarray(boxes, np.float64)).reshape(-1, 4)
+        scale = 96 / min(w, h)
+        assert scale > 1.1
+        heads.gt = gt * scale
+        image = torch.as_tensor(np.array(source.load_image(i)), dtype=torch.float32).permute(2, 0, 1) / 255
+        with torch.no_grad():
+            found = det([image])[0]
+        iou = box_iou(gt.float(), found["boxes"])
+        assert (iou.max(1).values > 0.99).all() and (found["scores"] > 0.99).all()  # the detector finds every box
+        out = method._attribute([f"train:{i}"], _ctx(source, det))[f"train:{i}"]
+        assert out["positives"] == [100] * len(gt), (i, out["positives"])

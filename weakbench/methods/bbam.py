@@ -82,7 +82,8 @@ class BBAMConfig(MethodConfig):
 
     field_groups: ClassVar[dict[str, tuple[str, ...]]] = {
         "detector": ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
-                     "momentum", "batch_size", "epochs", "input_size", "seed", "fpn_channels", "box_head_size"),
+                     "momentum", "batch_size", "epochs", "input_size", "seed", "fpn_channels", "box_head_size",
+                     "warmup_iters", "warmup_factor"),
         "attribution": ("num_proposals", "jitter_ratio", "max_positives", "mask_iterations", "mask_lr", "mask_l1_weight",
                         "tv_weight", "stride_s0", "stride_s1", "loss_variant", "indicator_box", "indicator_cls",
                         "attribution_splits", "max_images_per_split"),
@@ -90,12 +91,18 @@ class BBAMConfig(MethodConfig):
         "mask_rcnn": ("mask_rcnn_epochs", "mask_rcnn_lr", "mask_loss", "seed_growing_threshold"),
         SPEED_ONLY: ("attribution_batch_images",),
         PREDICTOR: ("score_threshold",),
-        # the detectors' SGD is plain and their lr constant: the engine refuses nesterov: true and a
-        # non-constant lr_schedule for these fit stages, so no product depends on these fields
+        # the detectors' SGD is plain and their lr constant after the warm-up: the engine refuses
+        # nesterov: true and a non-constant lr_schedule for these fit stages, so no product depends
+        # on these fields
         UNUSED: ("nesterov", "lr_schedule", "poly_power", "lr_milestones", "lr_gamma")}
 
     epochs: int = Field(8, ge=0, le=1000, description="detector epochs (the paper trains Faster R-CNN for its schedule; scaled to fit)")
     lr: float = Field(0.01, gt=0, le=10, description="detector SGD learning rate")
+    warmup_iters: int | None = Field(
+        None, ge=0, le=100000, description="linear lr warm-up steps of the detector and the Mask R-CNN (None: "
+                                           "min(1000, steps per epoch − 1), torchvision's detection reference; 0: none)")
+    warmup_factor: float = Field(0.001, gt=0, le=1, description="lr factor of the warm-up's first step, rising "
+                                                                "linearly to 1 (torchvision's reference: 1/1000)")
     batch_size: int = Field(4, ge=1, le=256, description="detector images per worker per step")
     input_size: int = Field(128, ge=32, le=1333, description="detector input: shorter side in pixels (800 in the paper)")
     fpn_channels: int = Field(256, ge=8, le=1024, description="FPN width (256 in the paper; smaller for CPU tests)")
@@ -239,6 +246,30 @@ class DetectorFit(FitTask):
         rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.body.") and p.requires_grad]
         groups = [g for g in ({"params": body, "lr": lr * c.backbone_lr_mult}, {"params": rest, "lr": lr}) if g["params"]]
         return {"main": torch.optim.SGD(groups, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)}
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Steps of the linear warm-up for a stage of ``total_steps`` training steps: the config's
+        ``warmup_iters``, or (``None``) torchvision's detection reference rule ``min(1000, steps
+        per epoch − 1)`` (``references/detection/engine.py``: the first epoch only)."""
+        c = self.method.config
+        if c.warmup_iters is not None:
+            return int(c.warmup_iters)
+        epochs = c.epochs if self.kind == "faster_rcnn" else c.mask_rcnn_epochs
+        return max(0, min(1000, int(total_steps) // max(1, int(epochs)) - 1))
+
+    def configure_schedulers(self, optimizers, total_steps: int):
+        """torchvision's detection warm-up: the lr of every parameter group (its own lr, so
+        ``backbone_lr_mult`` keeps its ratio) multiplied by a factor rising linearly from
+        ``warmup_factor`` (1/1000) at step 0 to 1 at step :meth:`warmup_steps`, constant after
+        (torch's ``LinearLR``, stepped once per training step by the engine). None with 0 steps
+        or a factor of 1."""
+        n = self.warmup_steps(total_steps)
+        c = self.method.config
+        if n <= 0 or c.warmup_factor >= 1.0:
+            return {}
+        return {name: torch.optim.lr_scheduler.LinearLR(opt, start_factor=c.warmup_factor, end_factor=1.0,
+                                                        total_iters=n)
+                for name, opt in optimizers.items()}
 
     def train_dataset(self, source, indices):
         from weakbench.methods.detection import DetectionDataset
@@ -411,6 +442,12 @@ class BBAM(Method):
                              shared=True),
                        Stage("instance_eval", "eval", inputs=("mask_rcnn",), split="test", metric_ns="mask_rcnn")]
         return tuple(stages)
+
+    def check_fit(self, stage: Stage, optimizers, schedulers) -> None:
+        """The common checks, with the detectors' warm-up (:meth:`DetectorFit.configure_schedulers`)
+        not counted as honouring ``lr_schedule``: a non-constant ``lr_schedule`` is refused, as
+        before the warm-up existed (after the warm-up the lr is constant)."""
+        super().check_fit(stage, optimizers, {})
 
     def fit_task(self, stage: Stage, inputs=None) -> FitTask:
         if stage.name == "detector":
