@@ -9,8 +9,10 @@ which a Mask R-CNN can be trained. The algorithm lives in :mod:`weakbench.method
 detectors in :mod:`weakbench.methods.detection`; this module is the plan:
 
 1. ``detector`` (fit, shared across a sweep's trials with the same detector settings):
-   torchvision Faster R-CNN on a timm backbone + FPN, trained on GT boxes of the train split;
-   validated by COCO box AP on val.
+   torchvision Faster R-CNN on a timm backbone + FPN, trained on GT boxes of the train split
+   with SGD and torchvision's detection warm-up (the lr rising linearly from ``lr/1000`` over
+   ``min(1000, steps per epoch − 1)`` steps, then constant; ``warmup_iters`` / ``warmup_factor``;
+   the Mask R-CNN stage warms up the same way); validated by COCO box AP on val.
 2. ``attribute`` (map over images, shared): per GT box, 1000 jittered proposals, O⁺ selection,
    and ``mask_iterations`` Adam steps on the mask (stride ``s(a) = s0 + s1·√a`` scaled by the
    detector's input size over 800 px), many boxes optimised together (exactly the sequential
@@ -216,7 +218,9 @@ def _pseudo_mask_loss(variant: str = "seed_growing", threshold: float = ops.SEED
 
 
 class DetectorFit(FitTask):
-    """Fit stage of a torchvision detector (Faster R-CNN on boxes, or Mask R-CNN on pseudo masks)."""
+    """Fit stage of a torchvision detector (Faster R-CNN on boxes, or Mask R-CNN on pseudo masks):
+    SGD (momentum, weight decay, ``backbone_lr_mult`` for the body) with the linear warm-up of
+    :meth:`configure_schedulers`, constant after it."""
 
     def __init__(self, method: "BBAM", kind: Literal["faster_rcnn", "mask_rcnn"], pseudo_dir: Path | None = None,
                  init_dir: Path | None = None):
