@@ -1,5 +1,5 @@
 """benchmarks/quality_ccgr_stop_rule.py --part report: the trial time in a table's header is the
-trials' logged stage time, not the wall time of the run that recorded them (a trial resumed
+trials' logged cost/*_seconds, not the wall time of the run that recorded them (a trial resumed
 after an interruption is recorded by a run that finds its stages done)."""
 
 from __future__ import annotations
@@ -35,6 +35,6 @@ def test_report_header_counts_logged_stage_time_of_resumed_trials(tmp_path):
     args = argparse.Namespace(seeds=[0], round_seeds=[0], boot=5)
     text = bench.report(args, tmp_path)
     header = next(line for line in text.splitlines() if line.startswith("### synthetic default"))
-    assert "1830 s of logged stage time" in header, header  # 1117 + 405 + 308, not 0 + 100 + 100
+    assert "1830 s of logged cost/*_seconds" in header, header  # 1117 + 405 + 308, not 0 + 100 + 100
     assert "| any | 50.0 [50.0, 50.0] | 60.0 [60.0, 60.0] | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] |" in text
     assert "warning" not in text
