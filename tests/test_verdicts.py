@@ -95,6 +95,24 @@ def test_beyond_seed_noise_but_within_test_image_noise_is_not_called():
     assert hi - lo > 10
 
 
+def test_intervals_do_not_depend_on_the_order_runs_are_listed_in():
+    """The same runs listed in another order (a fresh sweep's run ids and start times) give the
+    same intervals: each row's runs enter the bootstrap in seed order."""
+    n = 40
+    per_image: dict = {}
+    cam = [_table(_at_first(n, range(10 + 3 * k))) for k in range(3)]
+    rows = (_runs("cam", [0, 1, 2], [_value(t) for t in cam], cam, per_image)
+            + _runs("minmaxcam", [0, 1, 2], [_value(t) for t in reversed(cam)], list(reversed(cam)), per_image))
+    boards = []
+    for order in (rows, rows[::-1], rows[1:] + rows[:1]):
+        lb = build_leaderboard(rows_to_table(order), n_boot=300, per_image=per_image).to_pylist()
+        keys = ("test/max_box_acc_v2.ci_low", "test/max_box_acc_v2.ci_high", "baseline_diff_ci_low",
+                "baseline_diff_ci_high")
+        boards.append({r["method"]: tuple(None if r[k] is None or r[k] != r[k] else r[k] for k in keys) for r in lb})
+    assert boards[0] == boards[1] == boards[2]
+    assert boards[0]["cam"][0] < boards[0]["cam"][1]  # a real interval, not a degenerate one
+
+
 def _pair(n, common, only_a, only_b):
     a = _at_first(n, list(range(common)) + list(range(common, common + only_a)))
     b = _at_first(n, list(range(common)) + list(range(common + only_a, common + only_a + only_b)))

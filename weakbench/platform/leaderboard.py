@@ -399,13 +399,15 @@ def _row_runs(runs: np.ndarray, run_ids: np.ndarray, seeds: np.ndarray, metrics:
               per_image: Mapping[str, Any], seed_free: bool):
     """The :class:`~weakbench.platform.verdicts.RowRuns` of a row's selected runs (one run per
     seed, the first; one run in all when seed-free), or ``None`` when one lacks per-image results
-    or they cover different images."""
+    or they cover different images. The runs are in ascending seed order, so that the bootstrap's
+    seed draws, and with them the intervals, do not depend on the order the store lists runs in."""
     from weakbench.platform.verdicts import RowRuns, consistent
 
     first: dict[int, int] = {}
     for r in runs.tolist():
         first.setdefault(int(seeds[r]), r)
-    chosen = list(first.values())[:1] if seed_free else list(first.values())
+    by_seed = [first[s] for s in sorted(first)]
+    chosen = by_seed[:1] if seed_free else by_seed
     if not chosen or any(run_ids[r] not in per_image for r in chosen):
         return None
     taus = []
