@@ -258,6 +258,12 @@ def test_official_space_runs_the_schema_defaults():
     for k in OFFICIAL_ATTRIBUTION:
         assert getattr(cfg, k) == getattr(defaults, k), k
     assert (cfg.mask_iterations, cfg.mask_l1_weight, cfg.theta_fg, cfg.theta_bg) == (300, 0.007, 0.85, 0.2)
+    # the official solver per image (configs/pascal_voc/BBAM_VOC_aug_FPN_R101_{FasterRCNN,MaskRCNN}.yaml:
+    # lr 0.01 at 16 images, 0.008 at 8; weight decay 1e-4; maskrcnn-benchmark's warm-up factor 1/3),
+    # scaled linearly to the file's batch size
+    assert cfg.lr == pytest.approx(0.01 * cfg.batch_size / 16)
+    assert cfg.mask_rcnn_lr == pytest.approx(0.008 * cfg.batch_size / 8)
+    assert (cfg.weight_decay, round(cfg.warmup_factor, 4)) == (1e-4, 0.3333)
     with pytest.raises(ConfigError, match="indicator_box and indicator_cls"):
         validate_config("bbam", {"indicator_box": False, "indicator_cls": False})
     plan = {s.name: s for s in build_method("bbam", {"mask_rcnn_epochs": 1}, num_classes=2).stages()}
