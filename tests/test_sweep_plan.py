@@ -81,3 +81,18 @@ def test_planned_trials_is_the_plans_count(kw):
 def test_a_trial_larger_than_the_cluster_is_refused_at_planning():
     with pytest.raises(ConfigError, match="--num-workers or --cpus-per-worker"):
         _plan(cpus_per_worker=8.0)
+
+
+def test_dry_run_names_the_class_filter_and_where_it_comes_from(tmp_path):
+    """``--dry-run`` shows the class filter the sweep would run with: the space file's ``classes``
+    key, the command line's ``--classes`` (which wins), or every class."""
+    from weakbench.platform.run_spec import SweepOptions
+    from weakbench.platform.sweep_plan import describe_sweep
+
+    def classes(space: str, **kw) -> str:
+        rows = describe_sweep(SweepOptions(space=str(REPO / "search_spaces" / space), output_dir=str(tmp_path), **kw))
+        return next(r["value"] for r in rows if (r["section"], r["key"]) == ("data", "classes"))
+
+    assert classes("bbam_coco_person.yaml") == "person (the space file's classes)"
+    assert classes("bbam_coco_person.yaml", classes="dog,cat") == "dog,cat (--classes)"
+    assert classes("cam.yaml") == "every class of the dataset"

@@ -312,6 +312,9 @@ def describe_sweep(opts: SweepOptions) -> list[dict[str, str]]:
              {"section": "run", "key": "Ray", "value": ray_address(opts) or
                                                       f"a private local instance ({opts.num_cpus or os.cpu_count()} CPUs)"},
              {"section": "data", "key": "data", "value": opts.data or "the embedded synthetic default"},
+             {"section": "data", "key": "classes", "value": (f"{opts.classes} (--classes)" if opts.classes else
+                                                            f"{space.classes} (the space file's classes)" if space.classes
+                                                            else "every class of the dataset")},
              {"section": "data", "key": "split seed", "value": str(opts.split_seed)},
              {"section": "tracking", "key": "output dir", "value": str(Path(opts.output_dir).resolve())},
              {"section": "tracking", "key": "MLflow", "value": opts.tracking_uri or
