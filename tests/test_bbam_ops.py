@@ -476,3 +476,130 @@ def test_image_crf_reused_for_many_boxes_equals_a_fresh_crf_per_box(source):
         assert empty_fg.any() and not empty_ignore.any()  # no attribution: one box-prior pass, no band
     with pytest.raises(ValueError, match="expected"):
         crf(np.zeros((h + 1, w), np.float32))
+
+
+# ----------------------------------------------------------------------------- the numba dense CRF
+@pytest.fixture(scope="module")
+def coco_images(coco128_dir, tmp_path_factory):
+    """Three coco128 person images (uint8 (H, W, 3)) with their GT boxes."""
+    from weakbench.core.data import open_dataset
+
+    src = open_dataset(coco128_dir, cache_dir=tmp_path_factory.mktemp("coco_crf"), classes="person")
+    idx = [i for i in range(len(src)) if len(src.gt_boxes(i)[0])][:3]
+    return [(np.asarray(src.load_image(i), dtype=np.uint8), np.asarray(src.gt_boxes(i)[0], dtype=np.float64))
+            for i in idx]
+
+
+def _crf_unaries(img, boxes, rng):
+    """The fg_prob maps BBAM's CRF sees: the box priors of the fallbacks (0.7 and 0.95 inside the
+    box, 1 on an earlier mask) and a blurred, renormalised rank cut (the main path), plus noise."""
+    from weakbench.methods.bbam_ops import _gaussian_blur
+
+    H, W = img.shape[:2]
+    x0, y0, x1, y1 = box_pixels(boxes[0], H, W)
+    roi = np.zeros((H, W), bool)
+    roi[y0:y1, x0:x1] = True
+    grown = np.where(roi, 0.95, 0.0)
+    grown[(y0 + y1) // 2 - 5:(y0 + y1) // 2 + 5, (x0 + x1) // 2 - 5:(x0 + x1) // 2 + 5] = 1.0
+    cut = box_rank_cut(rng.uniform(0, 1, (H, W)) * roi, boxes[0], 0.85)
+    m = _gaussian_blur(cut, 20.0) * roi
+    return {"box 0.7": np.where(roi, 0.7, 0.0), "box 0.95 + mask": grown, "rank cut": (m - m.min()) / m.max(),
+            "uniform noise": rng.uniform(0, 1, (H, W)).astype(np.float32)}
+
+
+def test_numba_crf_equals_pydensecrf_on_coco_images(coco_images):
+    """Our mean-field inference (Krähenbühl & Koltun's algorithm on the permutohedral lattice,
+    one channel per kernel) gives pydensecrf's marginals to float32 rounding, and the same
+    ``> 0.9`` masks, on real images and the unaries BBAM uses."""
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 not installed")
+    from weakbench.methods.bbam_ops import ImageCRF
+
+    rng = np.random.default_rng(0)
+    for img, boxes in coco_images[:2]:
+        ours, ref = ImageCRF(img, engine="numba"), ImageCRF(img, engine="pydensecrf")
+        for name, p in _crf_unaries(img, boxes, rng).items():
+            q, r = ours(p), ref(p)
+            assert q.dtype == np.float32 and q.shape == img.shape[:2]
+            if name != "uniform noise":  # BBAM's unaries: at most 1e-5 apart seen, the same masks
+                assert np.abs(q - r).max() <= 3e-5, (img.shape, name, np.abs(q - r).max())
+                np.testing.assert_array_equal(q > 0.9, r > 0.9, err_msg=f"{img.shape} {name}")
+                continue
+            # independent noise per pixel (a stress case, not a BBAM unary) amplifies float32
+            # rounding most: up to 1.5e-4 seen, and a pixel or two whose marginal lies within
+            # rounding of the threshold lands on the other side
+            assert np.abs(q - r).max() <= 5e-4, (img.shape, np.abs(q - r).max())
+            differ = (q > 0.9) != (r > 0.9)
+            assert differ.sum() <= 3 and (np.abs(r[differ] - 0.9) <= 5e-5).all(), r[differ]
+
+
+def test_numba_crf_pseudo_masks_equal_pydensecrf_ones(coco_images):
+    """The whole pseudo-mask rule (θ_fg and θ_bg passes, the fallbacks' retries) gives the same
+    masks with either engine: every GT box of a coco128 image, a random attribution and none."""
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 not installed")
+    from weakbench.methods.bbam_ops import ImageCRF
+
+    img, boxes = coco_images[2]
+    H, W = img.shape[:2]
+    ours, ref = ImageCRF(img, engine="numba"), ImageCRF(img, engine="pydensecrf")
+    rng = np.random.default_rng(1)
+    for k, box in enumerate(boxes[:3]):
+        attr = np.zeros((H, W)) if k == 0 else rng.uniform(0, 1, (H, W))
+        got = [pseudo_mask_from_attribution(attr, box, image_uint8=img, crf=c, stride_scale=max(H, W) / 500)
+               for c in (ours, ref)]
+        for a, b in zip(got[0], got[1]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_lattice_filter_is_linear_so_one_channel_suffices(coco_images):
+    """K(Q_bg) = K(1) − K(Q_fg): the one-channel update equals mean field with both channels
+    filtered (written here with numpy on the same lattice)."""
+    from weakbench.methods.densecrf import DenseCRF2
+
+    img = np.ascontiguousarray(coco_images[0][0][:60, :90])
+    crf = DenseCRF2(img, pos_xy_std=1.0, pos_w=3.0, bi_xy_std=80.0, bi_rgb_std=3.0, bi_w=4.0)
+    rng = np.random.default_rng(2)
+    q = rng.uniform(0, 1, img.shape[:2]).astype(np.float32).ravel()
+    for lat in crf._lat:
+        lin = lat.compute(1 - q) - (lat.compute(np.ones_like(q)) - lat.compute(q))
+        assert np.abs(lin).max() <= 1e-5 * np.abs(lat.compute(q)).max()
+    u = -np.log(np.clip(np.stack([q, 1 - q]), 1e-5, 1)).astype(np.float32)
+    Q = np.exp(-u) / np.exp(-u).sum(0)
+    for _ in range(5):
+        msg = sum(w * np.stack([lat.norm * lat.compute(lat.norm * Q[l]) for l in (0, 1)])
+                  for w, lat in zip(crf._w, crf._lat))
+        e = np.exp(-u + msg - (-u + msg).max(0))
+        Q = e / e.sum(0)
+    got = crf.inference(u[0].reshape(img.shape[:2]), u[1].reshape(img.shape[:2]), 5).ravel()
+    assert np.abs(got - Q[0]).max() <= 1e-5
+    # the filter of a constant is the constant times the kernel's mass: symmetric normalisation
+    # makes K(1) about 1 away from the border
+    assert 0.5 < np.median(crf._one[0]) < 1.5
+
+
+def test_dense_crf_bad_input():
+    from weakbench.methods.bbam_ops import ImageCRF
+    from weakbench.methods.densecrf import DenseCRF2, lattice_filter
+
+    img = np.zeros((6, 7, 3), np.uint8)
+    with pytest.raises(ValueError, match="engine='torch'"):
+        ImageCRF(img, engine="torch")
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        ImageCRF(np.zeros((6, 7), np.uint8))
+    with pytest.raises(ValueError, match="fg_prob is"):
+        ImageCRF(img)(np.zeros((7, 6)))
+    kw = dict(pos_xy_std=1.0, pos_w=3.0, bi_xy_std=80.0, bi_rgb_std=3.0, bi_w=4.0)
+    with pytest.raises(ValueError, match="uint8"):
+        DenseCRF2(img.astype(np.float32), **kw)
+    with pytest.raises(ValueError, match="bi_rgb_std=0"):
+        DenseCRF2(img, **{**kw, "bi_rgb_std": 0})
+    crf = DenseCRF2(img, **kw)
+    with pytest.raises(ValueError, match="unary_bg is"):
+        crf.inference(np.zeros((6, 7)), np.zeros((7, 6)), 5)
+    with pytest.raises(ValueError, match="n_iterations=-1"):
+        crf.inference(np.zeros((6, 7)), np.zeros((6, 7)), -1)
+    with pytest.raises(ValueError, match="values"):
+        lattice_filter(np.zeros((5, 2)), np.zeros(4))
+    with pytest.raises(ValueError, match="16-bit"):  # densecrf's keys are shorts: refuse, do not wrap
+        lattice_filter(np.array([[0.0, 0.0], [30000.0, 0.0]]), np.ones(2))
+    q = crf.inference(np.zeros((6, 7)), np.full((6, 7), 20.0), 0)  # no iteration: softmax of −U
+    np.testing.assert_allclose(q, 1 / (1 + np.exp(-20.0)), rtol=1e-6)

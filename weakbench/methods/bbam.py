@@ -121,7 +121,7 @@ class BBAMConfig(MethodConfig):
     loss_variant: Literal["code", "paper"] = Field("code", description="perturbation loss as the official code or the paper's Eq. 3")
     theta_fg: float = Field(ops.THETA_FG, gt=0, lt=1, description="θ_fg: within-box rank cut of the foreground (0.85 in the code)")
     theta_bg: float = Field(ops.THETA_BG, ge=0, lt=1, description="θ_bg: the liberal cut; pixels between θ_bg and θ_fg are ignore")
-    use_crf: bool = Field(True, description="refine the pseudo masks with a dense CRF (pydensecrf2)")
+    use_crf: bool = Field(True, description="refine the pseudo masks with a dense CRF (bbam_ops.ImageCRF)")
     attribution_splits: tuple[Literal["train", "val", "test"], ...] = Field(
         ("train", "val", "test"), description="splits whose GT boxes get BBAM masks (train: pseudo labels; val/test: evaluation)")
     max_images_per_split: int | None = Field(None, ge=1, description="attribute at most this many images per split (CPU budgets)")

@@ -41,7 +41,7 @@ __all__ = [
     "mask_stride", "mask_shape", "jitter_proposals", "truncated_iou", "PositiveSet", "select_positive_proposals",
     "BoxJob", "make_box_jobs", "perturbation_loss", "mask_l1", "total_variation", "upsample_mask",
     "perturb", "init_mask", "optimise_box_masks", "attribution_map", "box_pixels", "box_filled_mask",
-    "box_rank_cut", "dense_crf", "ImageCRF", "pseudo_mask_from_attribution", "SEED_GROWING_THRESHOLD", "seed_growing_mask_loss",
+    "box_rank_cut", "dense_crf", "ImageCRF", "CRF_ENGINE", "CRF_ENGINES", "pseudo_mask_from_attribution", "SEED_GROWING_THRESHOLD", "seed_growing_mask_loss",
 ]
 
 # ---------------------------------------------------------------- defaults (one place each)
@@ -721,8 +721,17 @@ def box_rank_cut(attr: np.ndarray, box, theta: float) -> np.ndarray:
     return np.clip(a / (v + 1e-8), 0.0, 1.0)
 
 
-def dense_crf(image_uint8: np.ndarray, fg_prob: np.ndarray, params: dict | None = None) -> np.ndarray:
-    """Two-label dense CRF (Krähenbühl & Koltun 2011) via ``pydensecrf`` (package ``pydensecrf2``).
+#: engine of :class:`ImageCRF` when none is named: ``"numba"`` (ours, :mod:`weakbench.methods.densecrf`)
+#: or ``"pydensecrf"`` (the official code's library); the two give the same marginals up to float32
+#: rounding and the same masks on the tested coco128 images (tests/test_bbam_ops.py, docs/bbam.md)
+CRF_ENGINE: str = "numba"
+CRF_ENGINES: tuple[str, ...] = ("numba", "pydensecrf")
+
+
+def dense_crf(image_uint8: np.ndarray, fg_prob: np.ndarray, params: dict | None = None,
+              engine: str | None = None) -> np.ndarray:
+    """Two-label dense CRF (Krähenbühl & Koltun, NIPS 2011) of the official code's
+    ``make_annotation``: :class:`ImageCRF` of one image, one unary.
 
     Unaries ``−log(max(p, 1e-5))`` of ``[fg_prob, 1 − fg_prob]``; a Gaussian and a bilateral
     pairwise term with :data:`CRF_PARAMS`. The bilateral kernel uses the Euclidean colour
@@ -730,64 +739,89 @@ def dense_crf(image_uint8: np.ndarray, fg_prob: np.ndarray, params: dict | None 
 
     Args:
         image_uint8: ``(H, W, 3)`` uint8; fg_prob: float ``(H, W)`` in ``[0, 1]``.
+        params: overrides of :data:`CRF_PARAMS`; engine: see :class:`ImageCRF`.
 
     Returns:
         float32 ``(H, W)``: the CRF's foreground marginal.
 
     Raises:
-        ImportError: pydensecrf is not installed (``pip install pydensecrf2``, or pass
-        ``use_crf=False`` to :func:`pseudo_mask_from_attribution`).
+        ValueError: shapes disagree or an unknown engine;
+        ImportError: ``engine="pydensecrf"`` without pydensecrf (``pip install pydensecrf2``).
     """
     H, W = np.shape(fg_prob)
     if np.shape(image_uint8) != (H, W, 3):
         raise ValueError(f"image_uint8 is {np.shape(image_uint8)}, expected {(H, W, 3)} (the attribution's size)")
-    return ImageCRF(image_uint8, params)(fg_prob)
+    return ImageCRF(image_uint8, params, engine=engine)(fg_prob)
 
 
 class ImageCRF:
     """The dense CRF of one image (:func:`dense_crf`), its pairwise terms built once for many
-    unaries: ``ImageCRF(image)(fg_prob)`` equals ``dense_crf(image, fg_prob)`` exactly (mean-field
-    inference starts from the unary each call), but the permutohedral lattice of the bilateral
-    kernel, most of one call's time (docs/bbam.md), is built once per image instead of once per
-    box and threshold (the official code builds it per call).
+    unaries: each call runs mean-field inference from its unary, so the result does not
+    depend on earlier calls, but the permutohedral lattices (Adams et al. 2010) of the two
+    kernels are built once per image instead of once per box and threshold (the official
+    code builds them per call).
+
+    Engines: ``"numba"`` (:class:`weakbench.methods.densecrf.DenseCRF2`, ours: the algorithm of
+    Krähenbühl's densecrf library, which pydensecrf wraps, filtering one channel per kernel and
+    iteration since ``Q_bg = 1 − Q_fg``) and ``"pydensecrf"`` (``DenseCRF2D`` of package
+    ``pydensecrf2``, the official code's). They agree to float32 rounding: at most a few 1e-6
+    in the marginal on the tested coco128 images and unaries, the same ``> 0.9`` masks
+    (tests/test_bbam_ops.py; docs/bbam.md has the figures and the speed).
 
     Args:
         image_uint8: ``(H, W, 3)`` uint8.
         params: overrides of :data:`CRF_PARAMS`.
+        engine: one of :data:`CRF_ENGINES`; ``None`` → :data:`CRF_ENGINE`.
 
     Raises:
-        ImportError: pydensecrf is not installed (``pip install pydensecrf2``, or pass
-            ``use_crf=False`` to :func:`pseudo_mask_from_attribution`).
-        ValueError: the image is not ``(H, W, 3)``.
+        ImportError: ``engine="pydensecrf"`` and pydensecrf is not installed (``pip install
+            pydensecrf2``, or pass ``use_crf=False`` to :func:`pseudo_mask_from_attribution`).
+        ValueError: the image is not ``(H, W, 3)``, or an unknown engine.
     """
 
-    def __init__(self, image_uint8: np.ndarray, params: dict | None = None):
-        try:
-            import pydensecrf.densecrf as dcrf
-        except ImportError:
-            raise ImportError("BBAM's CRF needs pydensecrf: `pip install pydensecrf2` (imports as pydensecrf), "
-                              "or call pseudo_mask_from_attribution(..., use_crf=False)") from None
+    def __init__(self, image_uint8: np.ndarray, params: dict | None = None, engine: str | None = None):
+        engine = CRF_ENGINE if engine is None else engine
+        if engine not in CRF_ENGINES:
+            raise ValueError(f"engine={engine!r}: the dense CRF engines are {', '.join(CRF_ENGINES)}")
         p = {**CRF_PARAMS, **(params or {})}
         img = np.array(image_uint8, dtype=np.uint8, order="C", copy=True)  # pydensecrf needs a writable buffer
         if img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"image_uint8 must be (H, W, 3), got {img.shape}")
+        self.engine = engine
         self.shape = img.shape[:2]
         self.iter_max = int(p["iter_max"])
         H, W = self.shape
+        if engine == "numba":
+            from weakbench.methods.densecrf import DenseCRF2
+
+            self._d = DenseCRF2(img, pos_xy_std=p["pos_xy_std"], pos_w=p["pos_w"], bi_xy_std=p["bi_xy_std"],
+                                bi_rgb_std=p["bi_rgb_std"], bi_w=p["bi_w"])
+            return
+        try:
+            import pydensecrf.densecrf as dcrf
+        except ImportError:
+            raise ImportError("BBAM's CRF engine 'pydensecrf' needs pydensecrf: `pip install pydensecrf2` "
+                              "(imports as pydensecrf), or use engine='numba'") from None
         self._d = dcrf.DenseCRF2D(W, H, 2)
         self._d.addPairwiseGaussian(sxy=p["pos_xy_std"], compat=p["pos_w"])
         self._d.addPairwiseBilateral(sxy=p["bi_xy_std"], srgb=p["bi_rgb_std"], rgbim=img, compat=p["bi_w"])
 
     def __call__(self, fg_prob: np.ndarray) -> np.ndarray:
         """Foreground marginal, float32 ``(H, W)``, of the unaries ``−log(max(p, 1e-5))`` of
-        ``[fg_prob, 1 − fg_prob]`` (``fg_prob`` float ``(H, W)`` in ``[0, 1]``)."""
-        from pydensecrf.utils import unary_from_softmax
+        ``[fg_prob, 1 − fg_prob]`` (``fg_prob`` float ``(H, W)`` in ``[0, 1]``) after
+        ``iter_max`` mean-field iterations.
 
+        Raises:
+            ValueError: ``fg_prob`` is not ``(H, W)``.
+        """
         if np.shape(fg_prob) != tuple(self.shape):
             raise ValueError(f"fg_prob is {np.shape(fg_prob)}, expected {tuple(self.shape)} (the image's size)")
         prob = np.stack([fg_prob, 1.0 - fg_prob]).astype(np.float32)
-        self._d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(prob)))
+        unary = -np.log(np.clip(prob, 1e-5, 1.0))  # pydensecrf.utils.unary_from_softmax, float32
         H, W = self.shape
+        if self.engine == "numba":
+            return self._d.inference(unary[0], unary[1], self.iter_max)
+        self._d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(2, -1)))
         q = np.array(self._d.inference(self.iter_max)).reshape(2, H, W)
         return q[0].astype(np.float32)
 
@@ -882,7 +916,7 @@ def pseudo_mask_from_attribution(
             VOC images of about 500 px at scale 1; pass ``max(H, W) / 500`` to keep the blur
             relative to the image).
         image_uint8: ``(H, W, 3)`` uint8 image (needed when ``use_crf``).
-        use_crf: run the dense CRF (needs ``pydensecrf2``).
+        use_crf: run the dense CRF (:class:`ImageCRF`, engine :data:`CRF_ENGINE`).
         crf_params: overrides of :data:`CRF_PARAMS`.
         crf: an :class:`ImageCRF` of this image (and ``crf_params``), shared by the image's boxes
             (same result, the bilateral lattice built once); default: built here from ``image_uint8``.
@@ -892,7 +926,7 @@ def pseudo_mask_from_attribution(
 
     Raises:
         ValueError: thresholds out of order, ``attr`` not 2-D, or ``use_crf`` without an image;
-        ImportError: ``use_crf`` without pydensecrf.
+        ImportError: ``use_crf`` with the pydensecrf engine and without pydensecrf.
     """
     a = np.asarray(attr, dtype=np.float64)
     if a.ndim != 2:
