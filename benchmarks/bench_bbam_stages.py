@@ -60,6 +60,27 @@ def _count_crf(ops) -> dict[str, list]:
     return calls
 
 
+def _mask_difference(a, b) -> tuple[int, int]:
+    """Pixels that differ between two ``_pseudo_masks`` outputs (nested dicts / lists of boolean
+    tensors or arrays), and the pixels compared."""
+    if isinstance(a, dict) and "counts" in a and "size" in a:  # a COCO RLE
+        from pycocotools import mask as mask_utils
+
+        x, y = (mask_utils.decode({"size": r["size"], "counts": r["counts"].encode("ascii")
+                                   if isinstance(r["counts"], str) else r["counts"]}) for r in (a, b))
+        return int((x != y).sum()), int(x.size)
+    if isinstance(a, dict):
+        pairs = [_mask_difference(a[k], b[k]) for k in a]
+    elif isinstance(a, (list, tuple)):
+        pairs = [_mask_difference(x, y) for x, y in zip(a, b, strict=True)]
+    elif isinstance(a, (torch.Tensor, np.ndarray)):
+        x, y = np.asarray(a), np.asarray(b)
+        return (int((x != y).sum()), int(x.size)) if x.dtype == bool or x.dtype == np.uint8 else (0, 0)
+    else:
+        return 0, 0
+    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+
 def _uncount_crf(ops) -> None:
     if hasattr(ops, "ImageCRF") and hasattr(ops.ImageCRF, "_bench_orig"):
         ops.ImageCRF.__init__, ops.ImageCRF.__call__ = ops.ImageCRF._bench_orig
@@ -79,6 +100,10 @@ def main() -> None:
     p.add_argument("--random-attribution", action="store_true")
     p.add_argument("--no-crf", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--crf-engines", default=None,
+                   help="comma list of bbam_ops.CRF_ENGINES to time in turn, e.g. numba,pydensecrf (the last is "
+                        "the ratio's baseline; masks compared to the first); default: the module's engine")
+    p.add_argument("--repeats", type=int, default=1, help="runs of the pseudo-mask stage per engine")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -123,7 +148,8 @@ def main() -> None:
     det.eval()
     ctx = types.SimpleNamespace(source=source, device=torch.device("cpu"), load_model=lambda name: det,
                                 splits={"train": [], "val": idx, "test": []}, num_overlays=0,
-                                stage=types.SimpleNamespace(split="val"), inputs={})
+                                stage=types.SimpleNamespace(split="val", name="evaluate", metric_ns="pseudo_masks"), inputs={},
+                                out_dir=tmp / "out", max_images=None)
     keys = [f"val:{i}" for i in idx]
 
     # attribute
@@ -177,16 +203,53 @@ def main() -> None:
     (tmp / "attribute").mkdir()
     torch.save(table, tmp / "attribute" / "attributions.pt")
     ctx.inputs = {"attribute": tmp / "attribute"}
-    crf_calls = _count_crf(ops)
-    t0, c0 = time.perf_counter(), time.process_time()
-    masks = method._pseudo_masks(keys, ctx)
-    t, c = time.perf_counter() - t0, time.process_time() - c0
-    rows.append(("pseudo_masks", t, len(idx), "image"))
-    rows.append(("pseudo_masks, CPU time", c, len(idx), "image (process time: one core's share on a loaded machine)"))
-    for name, (n, tc, cc) in crf_calls.items():
-        rows.append((f"  of which CRF {name}", tc, len(idx), f"image ({n} calls, {tc / max(n, 1):.3f} s each; "
-                                                             f"CPU {cc / max(n, 1):.3f} s each)"))
-    _uncount_crf(ops)
+    engines = [e for e in (args.crf_engines or "").split(",") if e] or [None]
+    if engines != [None] and not hasattr(ops, "CRF_ENGINE"):
+        raise SystemExit("--crf-engines: this commit's bbam_ops has one CRF engine (no CRF_ENGINE)")
+    if "numba" in engines:  # the first call compiles or loads numba's cache: timed apart from the stage
+        c0 = time.process_time()
+        ops.ImageCRF(np.zeros((8, 8, 3), np.uint8), engine="numba")(np.full((8, 8), 0.5))
+        rows.append(("numba CRF first call (compile/cache)", time.process_time() - c0, 1, "process (CPU s)"))
+    default_engine = getattr(ops, "CRF_ENGINE", None)
+    per_engine: dict = {}
+    masks = first_masks = None
+    for rep in range(args.repeats):
+        for engine in engines:
+            if engine is not None:
+                ops.CRF_ENGINE = engine
+            crf_calls = _count_crf(ops)
+            t0, c0 = time.perf_counter(), time.process_time()
+            masks = method._pseudo_masks(keys, ctx)
+            t, c = time.perf_counter() - t0, time.process_time() - c0
+            _uncount_crf(ops)
+            label = f"pseudo_masks [{engine or 'default'}, run {rep + 1}]"
+            rows.append((label, t, len(idx), "image"))
+            rows.append((f"  CPU time", c, len(idx), "image (process time: one core's share on a loaded machine)"))
+            for name, (n, tc, cc) in crf_calls.items():
+                rows.append((f"  of which CRF {name}", tc, len(idx), f"image ({n} calls, {tc / max(n, 1):.3f} s each; "
+                                                                     f"CPU {cc / max(n, 1):.3f} s each)"))
+            inf = crf_calls.get("inferences", [0, 0.0, 0.0])
+            per_engine.setdefault(engine, []).append((c / len(idx), inf[2] / max(inf[0], 1)))
+            if first_masks is None:
+                first_masks = masks
+            else:
+                diff, total = _mask_difference(first_masks, masks)
+                rows.append((f"  masks differing from [{engines[0] or 'default'}, run 1]", diff, 1,
+                             f"pixels (of {total} mask pixels)"))
+    if default_engine is not None:
+        ops.CRF_ENGINE = default_engine
+    if len(per_engine) > 1:
+        base = engines[-1]
+        print(f"CPU time per image of the pseudo-mask stage and per CRF inference, against [{base}] "
+              f"in the same run (one line per repeat):")
+        for rep in range(args.repeats):
+            cells = []
+            for engine in engines:
+                img_s, inf_s = per_engine[engine][rep]
+                b_img, b_inf = per_engine[base][rep]
+                cells.append(f"{engine}: {img_s:.3f} s/image ({b_img / img_s:.2f}x), {inf_s:.3f} s/inference "
+                             f"({b_inf / max(inf_s, 1e-12):.2f}x)")
+            print(f"  run {rep + 1}: " + "; ".join(cells))
     (tmp / "pseudo").mkdir()
     torch.save(masks, tmp / "pseudo" / "pseudo_masks.pt")
     ctx.inputs = {"pseudo_masks": tmp / "pseudo"}

@@ -72,10 +72,11 @@ def _slot(table, w0, w1, shift):
 
 @_jit
 def _build_lattice(feat, scale, inv_d1, d1f):
-    """Permutohedral lattice of ``feat`` (float32 ``(N, d)``, ``d <= 6``): splat vertices
-    ``offset`` (int32 ``(N, d + 1)``, 1-based, 0 = the empty slot), barycentric weights (float32
-    ``(N, d + 1)``), blur neighbours (int32 ``(d + 1, M, 2)``, 1-based, 0 = absent), ``M`` and
-    whether a key left the 16-bit range. Vertices are numbered in order of first use."""
+    """Permutohedral lattice of ``feat`` (float32 ``(N, d)``, ``d <= 6``), as densecrf's SSE
+    ``Permutohedral::init``: splat vertices ``offset`` (int32 ``(d + 1, N)``, 1-based, 0 = the
+    empty slot), barycentric weights (float32 ``(d + 1, N)``), the vertices' keys (int16
+    ``(M, d)``, numbered in order of first use), their hash table and its shift (for
+    :func:`_lattice_neighbours`), and whether a key left the 16-bit range."""
     N, d = feat.shape
     d1 = d + 1
     cap = 1024
@@ -89,8 +90,8 @@ def _build_lattice(feat, scale, inv_d1, d1f):
     low = np.uint64(0xFFFFFFFF)
     high = ~low
     keys = np.empty((N * d1, d), np.int16)
-    offset = np.empty((N, d1), np.int32)
-    bary = np.empty((N, d1), np.float32)
+    offset = np.empty((d1, N), np.int32)
+    bary = np.empty((d1, N), np.float32)
     canonical = np.empty((d1, d1), np.int32)
     for i in range(d1):
         for j in range(d1 - i):
@@ -106,6 +107,8 @@ def _build_lattice(feat, scale, inv_d1, d1f):
     one = np.float32(1.0)
     filled = 0
     overflow = False
+    last_w0 = np.zeros(d1, np.uint64)
+    last_w1 = np.zeros(d1, np.uint64)
     for n in range(N):
         sm = zero
         for j in range(d, 0, -1):
@@ -162,16 +165,31 @@ def _build_lattice(feat, scale, inv_d1, d1f):
                         table[s, 0] = old[h, 0]
                         table[s, 1] = old[h, 1]
             w0, w1 = _pack(probe, d)
-            s = _slot(table, w0, w1, shift)
-            if table[s, 1] == 0:
-                table[s, 0] = w0
-                table[s, 1] = w1 | np.uint64(filled + 1)
-                for i in range(d):
-                    keys[filled, i] = probe[i]
-                filled += 1
-            offset[n, r] = np.int32(table[s, 1] & low)
-            bary[n, r] = b[r]
-    M = filled
+            if w0 == last_w0[r] and w1 == last_w1[r] and n > 0:  # the previous pixel's vertex
+                offset[r, n] = offset[r, n - 1]
+            else:
+                s = _slot(table, w0, w1, shift)
+                if table[s, 1] == 0:
+                    table[s, 0] = w0
+                    table[s, 1] = w1 | np.uint64(filled + 1)
+                    for i in range(d):
+                        keys[filled, i] = probe[i]
+                    filled += 1
+                offset[r, n] = np.int32(table[s, 1] & low)
+                last_w0[r] = w0
+                last_w1[r] = w1
+            bary[r, n] = b[r]
+    return offset, bary, keys[:filled], table, shift, overflow
+
+
+@_jit
+def _lattice_neighbours(keys, table, shift):
+    """Blur neighbours (int32 ``(d + 1, M, 2)``, 1-based, 0 = absent) of the ``M`` lattice
+    vertices ``keys`` (int16 ``(M, d)``), looked up in their hash ``table``."""
+    M, d = keys.shape
+    d1 = d + 1
+    low = np.uint64(0xFFFFFFFF)
+    probe = np.empty(d1, np.int32)
     # blur neighbours along axis j: n1 = key - 1 + (d + 1) e_j, n2 = key + 1 - (d + 1) e_j (the
     # d-component key drops the last coordinate); n2 is the inverse of n1, so only n1 is looked up
     nbr = np.zeros((d1, M, 2), np.int32)
@@ -187,54 +205,57 @@ def _build_lattice(feat, scale, inv_d1, d1f):
                 m = np.int32(table[s, 1] & low)
                 nbr[j, i, 0] = m
                 nbr[j, m - 1, 1] = i + 1
-    return offset, bary, nbr, M, overflow
+    return nbr
 
 
 @_jit
 def _lattice_compute(inp, offset, bary, nbr, alpha, values, new_values, out):
-    """``out = L(inp)`` for one channel (float32 ``(N,)``): splat, blur, slice. ``values`` and
-    ``new_values`` are float32 ``(M + 1,)`` scratch buffers."""
-    N, d1 = offset.shape
-    M = nbr.shape[1]
-    for i in range(M + 1):
-        values[i] = 0.0
+    """``out = L(inp)`` for one channel (float32 ``(N,)``): splat, blur, slice. ``offset`` and
+    ``bary`` are ``(d + 1, N)``; ``values`` and ``new_values`` are float32 ``(M + 1,)`` scratch
+    buffers. A vertex's remainder r is fixed by its key (its coordinates are ≡ r mod d + 1), so
+    splatting r by r adds each vertex's terms in pixel order, as densecrf's pixel-by-pixel loop."""
+    d1, N = offset.shape
+    values[:] = 0.0
     new_values[0] = 0.0
-    for n in range(N):
-        x = inp[n]
-        for j in range(d1):
-            values[offset[n, j]] += bary[n, j] * x
+    for r in range(d1):
+        for n in range(N):
+            values[offset[r, n]] += bary[r, n] * inp[n]
+    M = nbr.shape[1]
     for j in range(d1):
         for i in range(M):
             new_values[i + 1] = values[i + 1] + np.float32(0.5) * (values[nbr[j, i, 0]] + values[nbr[j, i, 1]])
         values, new_values = new_values, values
-    for n in range(N):
-        s = np.float32(0.0)
-        for j in range(d1):
-            s += bary[n, j] * values[offset[n, j]] * alpha
-        out[n] = s
-    return values, new_values  # the buffers, swapped d + 1 times
+    out[:] = 0.0
+    for r in range(d1):
+        for n in range(N):
+            out[n] += bary[r, n] * values[offset[r, n]] * alpha
+
+
+@_jit
+def _softmax2(a, c):
+    """``exp(a) / (exp(a) + exp(c))`` as densecrf's ``expAndNormalize`` computes it (the larger
+    energy subtracted first, so its exponential is exactly 1), with one ``exp``."""
+    if a >= c:
+        return np.float32(1.0) / (np.float32(1.0) + np.exp(c - a))
+    e = np.exp(a - c)
+    return e / (e + np.float32(1.0))
 
 
 @_jit
 def _mean_field(u_fg, u_bg, n_iter, kernels_norm, kernels_one, weights,
                 off0, bary0, nbr0, alpha0, off1, bary1, nbr1, alpha1):
-    """Foreground marginal after ``n_iter`` mean-field steps, two kernels (see the module)."""
+    """Foreground marginal after ``n_iter`` mean-field steps with two kernels (see the module)."""
     N = u_fg.shape[0]
     q = np.empty(N, np.float32)
     for n in range(N):
-        a = -u_fg[n]
-        c = -u_bg[n]
-        m = max(a, c)
-        ea = np.exp(a - m)
-        ec = np.exp(c - m)
-        q[n] = ea / (ea + ec)
+        q[n] = _softmax2(-u_fg[n], -u_bg[n])
     x = np.empty(N, np.float32)
     f0 = np.empty(N, np.float32)
     f1 = np.empty(N, np.float32)
-    v0a = np.empty(nbr0.shape[1] + 1, np.float32)
-    v0b = np.empty(nbr0.shape[1] + 1, np.float32)
-    v1a = np.empty(nbr1.shape[1] + 1, np.float32)
-    v1b = np.empty(nbr1.shape[1] + 1, np.float32)
+    v0a = np.zeros(nbr0.shape[1] + 1, np.float32)
+    v0b = np.zeros(nbr0.shape[1] + 1, np.float32)
+    v1a = np.zeros(nbr1.shape[1] + 1, np.float32)
+    v1b = np.zeros(nbr1.shape[1] + 1, np.float32)
     w0 = weights[0]
     w1 = weights[1]
     for _ in range(n_iter):
@@ -249,10 +270,7 @@ def _mean_field(u_fg, u_bg, n_iter, kernels_norm, kernels_one, weights,
             k1 = f1[n] * kernels_norm[1, n]
             a = -u_fg[n] + w0 * k0 + w1 * k1
             c = -u_bg[n] + w0 * (kernels_one[0, n] - k0) + w1 * (kernels_one[1, n] - k1)
-            m = max(a, c)
-            ea = np.exp(a - m)
-            ec = np.exp(c - m)
-            q[n] = ea / (ea + ec)
+            q[n] = _softmax2(a, c)
     return q
 
 
@@ -264,13 +282,14 @@ class _Lattice:
         N, d = feat.shape
         inv_std = np.float32(math.sqrt(2.0 / 3.0) * (d + 1))
         scale = np.array([1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std) for i in range(d)], dtype=np.float32)
-        self.offset, self.bary, self.nbr, self.M, overflow = _build_lattice(
+        self.offset, self.bary, keys, table, shift, overflow = _build_lattice(
             feat, scale, np.float32(1.0 / (d + 1)), np.float32(d + 1))
         if overflow:
             raise ValueError(f"the CRF features span more than densecrf's 16-bit lattice keys allow "
                              f"(max |feature| {float(np.abs(feat).max()):.0f}): use a smaller image or larger σ")
+        self.nbr = _lattice_neighbours(keys, table, shift)
+        self.M = len(keys)
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** -d))
-        self.nbr = self.nbr[:, : self.M]
         ones = np.ones(N, np.float32)
         raw = self.compute(ones)
         self.norm = (1.0 / np.sqrt(raw.astype(np.float64) + 1e-20)).astype(np.float32)
@@ -359,3 +378,4 @@ class DenseCRF2:
                         self._norm, self._one, self._w,
                         g.offset, g.bary, g.nbr, g.alpha, b.offset, b.bary, b.nbr, b.alpha)
         return q.reshape(self.shape)
+
