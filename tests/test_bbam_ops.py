@@ -571,6 +571,22 @@ def test_lattice_filter_is_linear_so_one_channel_suffices(coco_images):
         Q = e / e.sum(0)
     got = crf.inference(u[0].reshape(img.shape[:2]), u[1].reshape(img.shape[:2]), 5).ravel()
     assert np.abs(got - Q[0]).max() <= 1e-5
+    # blur neighbours: the sorted merge (the default) and the hash lookups (the fallback for
+    # keys too spread to pack in 62 bits) find the same ones
+    from weakbench.methods import densecrf
+
+    for lat in crf._lat:
+        assert (lat.nbr > 0).any()
+    for feat in (np.stack(np.meshgrid(np.arange(40.0), np.arange(30.0)), -1).reshape(-1, 2),
+                 rng.uniform(0, 60, (500, 5))):
+        f = np.ascontiguousarray(feat, dtype=np.float32)
+        d = f.shape[1]
+        scale = np.array([1 / np.sqrt((i + 2) * (i + 1)) * np.float32(np.sqrt(2 / 3) * (d + 1)) for i in range(d)],
+                         dtype=np.float32)
+        _, _, keys, table, shift, _ = densecrf._build_lattice(f, scale, np.float32(1 / (d + 1)), np.float32(d + 1))
+        by_sort, ok = densecrf._lattice_neighbours_sorted(keys)
+        assert ok
+        np.testing.assert_array_equal(by_sort, densecrf._lattice_neighbours(keys, table, shift))
     # the filter of a constant is the constant times the kernel's mass: symmetric normalisation
     # makes K(1) about 1 away from the border
     assert 0.5 < np.median(crf._one[0]) < 1.5

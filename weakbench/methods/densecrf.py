@@ -209,6 +209,61 @@ def _lattice_neighbours(keys, table, shift):
 
 
 @_jit
+def _lattice_neighbours_sorted(keys):
+    """:func:`_lattice_neighbours` by sorting instead of hashing, when the keys pack into 62
+    bits (each component offset to start at d + 1 in a field wide enough for ± d + 1): a
+    neighbour's key is the key plus a constant vector, i.e. its packed key plus a constant, so
+    one merge pass over the sorted keys per axis finds them all. Returns ``(nbr, ok)``."""
+    M, d = keys.shape
+    d1 = d + 1
+    nbr = np.zeros((d1, M, 2), np.int32)
+    lo = np.empty(d, np.int64)
+    shift = np.empty(d, np.int64)
+    total = 0
+    for k in range(d):
+        mn = 1 << 30
+        mx = -(1 << 30)
+        for i in range(M):
+            v = np.int64(keys[i, k])
+            mn = min(mn, v)
+            mx = max(mx, v)
+        lo[k] = mn - d1
+        span = mx + d1 - lo[k] + 1
+        b = 1
+        while (1 << b) < span:
+            b += 1
+        shift[k] = total
+        total += b
+    if total > 62 or M == 0:
+        return nbr, M == 0
+    packed = np.empty(M, np.int64)
+    for i in range(M):
+        v = np.int64(0)
+        for k in range(d):
+            v += (np.int64(keys[i, k]) - lo[k]) << shift[k]
+        packed[i] = v
+    order = np.argsort(packed)
+    srt = packed[order]
+    for j in range(d1):
+        delta = np.int64(0)
+        for k in range(d):
+            delta += (np.int64(d) if k == j else np.int64(-1)) << shift[k]
+        p = 0
+        for t in range(M):
+            target = srt[t] + delta
+            while p < M and srt[p] < target:
+                p += 1
+            if p == M:
+                break
+            if srt[p] == target:
+                i = order[t]
+                m = order[p]
+                nbr[j, i, 0] = m + 1
+                nbr[j, m, 1] = i + 1
+    return nbr, True
+
+
+@_jit
 def _lattice_compute(inp, offset, bary, nbr, alpha, values, new_values, out):
     """``out = L(inp)`` for one channel (float32 ``(N,)``): splat, blur, slice. ``offset`` and
     ``bary`` are ``(d + 1, N)``; ``values`` and ``new_values`` are float32 ``(M + 1,)`` scratch
@@ -287,7 +342,9 @@ class _Lattice:
         if overflow:
             raise ValueError(f"the CRF features span more than densecrf's 16-bit lattice keys allow "
                              f"(max |feature| {float(np.abs(feat).max()):.0f}): use a smaller image or larger σ")
-        self.nbr = _lattice_neighbours(keys, table, shift)
+        self.nbr, ok = _lattice_neighbours_sorted(keys)
+        if not ok:  # keys too spread to pack in 62 bits
+            self.nbr = _lattice_neighbours(keys, table, shift)
         self.M = len(keys)
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** -d))
         ones = np.ones(N, np.float32)
