@@ -583,7 +583,7 @@ def test_lattice_filter_is_linear_so_one_channel_suffices(coco_images):
         d = f.shape[1]
         scale = np.array([1 / np.sqrt((i + 2) * (i + 1)) * np.float32(np.sqrt(2 / 3) * (d + 1)) for i in range(d)],
                          dtype=np.float32)
-        _, _, keys, table, shift, _ = densecrf._build_lattice(f, scale, np.float32(1 / (d + 1)), np.float32(d + 1))
+        _, _, keys, table, shift, _ = densecrf._build_lattice(f, scale, np.float32(1 / (d + 1)), np.float32(d + 1), 0)
         by_sort, ok = densecrf._lattice_neighbours_sorted(keys)
         assert ok
         np.testing.assert_array_equal(by_sort, densecrf._lattice_neighbours(keys, table, shift))

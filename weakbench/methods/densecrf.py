@@ -71,7 +71,7 @@ def _slot(table, w0, w1, shift):
 
 
 @_jit
-def _build_lattice(feat, scale, inv_d1, d1f):
+def _build_lattice(feat, scale, inv_d1, d1f, row):
     """Permutohedral lattice of ``feat`` (float32 ``(N, d)``, ``d <= 6``), as densecrf's SSE
     ``Permutohedral::init``: splat vertices ``offset`` (int32 ``(d + 1, N)``, 1-based, 0 = the
     empty slot), barycentric weights (float32 ``(d + 1, N)``), the vertices' keys (int16
@@ -107,8 +107,8 @@ def _build_lattice(feat, scale, inv_d1, d1f):
     one = np.float32(1.0)
     filled = 0
     overflow = False
-    last_w0 = np.zeros(d1, np.uint64)
-    last_w1 = np.zeros(d1, np.uint64)
+    vw0 = np.empty(N * d1, np.uint64)  # each vertex's packed key
+    vw1 = np.empty(N * d1, np.uint64)
     for n in range(N):
         sm = zero
         for j in range(d, 0, -1):
@@ -165,19 +165,27 @@ def _build_lattice(feat, scale, inv_d1, d1f):
                         table[s, 0] = old[h, 0]
                         table[s, 1] = old[h, 1]
             w0, w1 = _pack(probe, d)
-            if w0 == last_w0[r] and w1 == last_w1[r] and n > 0:  # the previous pixel's vertex
-                offset[r, n] = offset[r, n - 1]
-            else:
+            e = 0  # the vertex of the pixel before or above (row > 0: an image's width), if the same
+            if n >= 1:
+                c = offset[r, n - 1]
+                if vw0[c - 1] == w0 and vw1[c - 1] == w1:
+                    e = c
+            if e == 0 and row > 0 and n >= row:
+                c = offset[r, n - row]
+                if vw0[c - 1] == w0 and vw1[c - 1] == w1:
+                    e = c
+            if e == 0:
                 s = _slot(table, w0, w1, shift)
                 if table[s, 1] == 0:
                     table[s, 0] = w0
                     table[s, 1] = w1 | np.uint64(filled + 1)
                     for i in range(d):
                         keys[filled, i] = probe[i]
+                    vw0[filled] = w0
+                    vw1[filled] = w1
                     filled += 1
-                offset[r, n] = np.int32(table[s, 1] & low)
-                last_w0[r] = w0
-                last_w1[r] = w1
+                e = np.int32(table[s, 1] & low)
+            offset[r, n] = e
             bary[r, n] = b[r]
     return offset, bary, keys[:filled], table, shift, overflow
 
@@ -332,13 +340,13 @@ def _mean_field(u_fg, u_bg, n_iter, kernels_norm, kernels_one, weights,
 class _Lattice:
     """One kernel's lattice over features float32 ``(N, d)`` and its symmetric normalisation."""
 
-    def __init__(self, feat: np.ndarray):
+    def __init__(self, feat: np.ndarray, row: int = 0):
         feat = np.ascontiguousarray(feat, dtype=np.float32)
         N, d = feat.shape
         inv_std = np.float32(math.sqrt(2.0 / 3.0) * (d + 1))
         scale = np.array([1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std) for i in range(d)], dtype=np.float32)
         self.offset, self.bary, keys, table, shift, overflow = _build_lattice(
-            feat, scale, np.float32(1.0 / (d + 1)), np.float32(d + 1))
+            feat, scale, np.float32(1.0 / (d + 1)), np.float32(d + 1), int(row))
         if overflow:
             raise ValueError(f"the CRF features span more than densecrf's 16-bit lattice keys allow "
                              f"(max |feature| {float(np.abs(feat).max()):.0f}): use a smaller image or larger σ")
@@ -412,7 +420,7 @@ class DenseCRF2:
         pos = np.stack([ii.ravel() / sxy, jj.ravel() / sxy], axis=1)
         bil = np.concatenate([np.stack([ii.ravel() / bxy, jj.ravel() / bxy], axis=1),
                               img.reshape(-1, 3).astype(np.float32) / srgb], axis=1)
-        self._lat = (_Lattice(pos), _Lattice(bil))
+        self._lat = (_Lattice(pos, W), _Lattice(bil, W))
         self._norm = np.stack([lat.norm for lat in self._lat])
         self._one = np.stack([lat.one for lat in self._lat])
         self._w = np.array([pos_w, bi_w], dtype=np.float32)
