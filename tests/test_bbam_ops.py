@@ -615,6 +615,10 @@ def test_dense_crf_bad_input():
         crf.inference(np.zeros((6, 7)), np.zeros((6, 7)), -1)
     with pytest.raises(ValueError, match="values"):
         lattice_filter(np.zeros((5, 2)), np.zeros(4))
+    with pytest.raises(ValueError, match="1 <= d <= 6"):
+        lattice_filter(np.zeros((5, 7)), np.zeros(5))
+    with pytest.raises(ValueError, match="finite"):
+        lattice_filter(np.full((5, 2), np.nan), np.zeros(5))
     with pytest.raises(ValueError, match="16-bit"):  # densecrf's keys are shorts: refuse, do not wrap
         lattice_filter(np.array([[0.0, 0.0], [30000.0, 0.0]]), np.ones(2))
     q = crf.inference(np.zeros((6, 7)), np.full((6, 7), 20.0), 0)  # no iteration: softmax of −U
