@@ -764,8 +764,8 @@ class ImageCRF:
     Engines: ``"numba"`` (:class:`weakbench.methods.densecrf.DenseCRF2`, ours: the algorithm of
     Krähenbühl's densecrf library, which pydensecrf wraps, filtering one channel per kernel and
     iteration since ``Q_bg = 1 − Q_fg``) and ``"pydensecrf"`` (``DenseCRF2D`` of package
-    ``pydensecrf2``, the official code's). They agree to float32 rounding: at most a few 1e-6
-    in the marginal on the tested coco128 images and unaries, the same ``> 0.9`` masks
+    ``pydensecrf2``, the official code's). They agree to float32 rounding: at most 1e-5 in the
+    marginal on coco128 images with BBAM's unaries and the same ``> 0.9`` masks
     (tests/test_bbam_ops.py; docs/bbam.md has the figures and the speed).
 
     Args:

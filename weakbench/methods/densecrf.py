@@ -412,7 +412,7 @@ class DenseCRF2:
 
     Raises:
         ValueError: the image is not uint8 ``(H, W, 3)``, a σ is not positive, or the lattice
-            keys overflow (images beyond about 9000 px at σ = 1).
+            keys leave densecrf's 16-bit range (images of more than about 10,000 px a side at σ = 1).
     """
 
     def __init__(self, image_uint8: np.ndarray, *, pos_xy_std: float, pos_w: float, bi_xy_std: float,
