@@ -13,6 +13,10 @@ Stages, in order, on the first ``--images`` images (with GT boxes) of the datase
   on the attribute stage's output (seconds per image), and the part of it spent in the dense CRF
   (``ImageCRF``: lattice builds and mean-field inferences, their counts and time each); ``--random-attribution`` replaces each
   box's mask by a random map inside the box, so the non-empty path is timed whatever the detector;
+  ``--crf-engines numba,pydensecrf --repeats 3`` runs the stage with each ``ImageCRF`` engine in
+  turn, in the same process, and prints the CPU time per image and per inference against the
+  last engine, and the mask pixels that differ from the first run; numba's first call (compile
+  or cache load) is timed apart;
 * **evaluate**: ``BBAM._evaluate_pseudo_masks`` (metrics, and with the CRF on the ``box_crf``
   baseline: one box-prior CRF per box) in seconds per image.
 
@@ -21,7 +25,8 @@ of this script: ``git archive <commit> | tar -x -C /tmp/old`` and ``PYTHONPATH=/
 
 Run: ``python benchmarks/bench_bbam_stages.py`` (synthetic default), or
 ``python benchmarks/bench_bbam_stages.py --data ../shared/data/coco128 --classes person --input-size 480
---images 2 --detector-steps 0 --random-attribution``.
+--images 2 --detector-steps 0 --random-attribution`` (with ``NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1`` and
+``--crf-engines numba,pydensecrf --repeats 3`` for the CRF engines' figures in docs/bbam.md).
 """
 
 from __future__ import annotations
@@ -206,11 +211,12 @@ def main() -> None:
     engines = [e for e in (args.crf_engines or "").split(",") if e] or [None]
     if engines != [None] and not hasattr(ops, "CRF_ENGINE"):
         raise SystemExit("--crf-engines: this commit's bbam_ops has one CRF engine (no CRF_ENGINE)")
-    if "numba" in engines:  # the first call compiles or loads numba's cache: timed apart from the stage
+    default_engine = getattr(ops, "CRF_ENGINE", None)
+    if "numba" in engines or (engines == [None] and default_engine == "numba" and not args.no_crf):
+        # the first call compiles or loads numba's cache: timed apart from the stage
         c0 = time.process_time()
         ops.ImageCRF(np.zeros((8, 8, 3), np.uint8), engine="numba")(np.full((8, 8), 0.5))
         rows.append(("numba CRF first call (compile/cache)", time.process_time() - c0, 1, "process (CPU s)"))
-    default_engine = getattr(ops, "CRF_ENGINE", None)
     per_engine: dict = {}
     masks = first_masks = None
     for rep in range(args.repeats):
