@@ -151,3 +151,32 @@ def test_pretrained_detectors_use_the_backbones_statistics_and_frozen_batch_norm
                           "faster_rcnn").build_model()
     assert list(scratch.transform.image_mean) == [0.485, 0.456, 0.406]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in scratch.backbone.body.modules())
+
+
+def test_bbam_detectors_start_the_box_head_as_the_official_code_does(weights_dir):
+    """BBAM's detector and Mask R-CNN build their box head and predictor as maskrcnn-benchmark
+    (the official code's ``make_fc`` / ``FPNPredictor``; Detectron2 is the same): class logits
+    normal of std 0.01, box deltas of std 0.001, zero biases, fc6/fc7 Kaiming uniform a = 1 with
+    zero bias. The ``torchvision`` option keeps ``nn.Linear``'s default; an unknown name is
+    refused."""
+    from weakbench.methods.bbam import DetectorFit
+    from weakbench.methods.detection import build_detector
+
+    params = {"backbone": LITE0, "pretrained": True, "input_size": 96, "fpn_channels": 64, "box_head_size": 256}
+    torch.manual_seed(0)
+    for kind in ("faster_rcnn", "mask_rcnn"):
+        det = DetectorFit(build_method("bbam", params, num_classes=3), kind).build_model()
+        head, pred = det.roi_heads.box_head, det.roi_heads.box_predictor
+        for lin in (head.fc6, head.fc7, pred.cls_score, pred.bbox_pred):
+            assert not lin.bias.any(), kind
+        assert pred.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.05)
+        assert pred.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.05)
+        # Kaiming uniform with a = 1: bound sqrt(3 / fan_in), std bound / sqrt(3) = 1 / sqrt(fan_in)
+        fan_in = head.fc6.weight.shape[1]
+        assert head.fc6.weight.std().item() == pytest.approx(fan_in ** -0.5, rel=0.05)
+    tv = DetectorFit(build_method("bbam", {**params, "box_head_init": "torchvision"}, num_classes=3),
+                     "faster_rcnn").build_model()
+    assert tv.roi_heads.box_predictor.cls_score.bias.any()  # nn.Linear's uniform bias
+    with pytest.raises(ConfigError, match="box_head_init 'caffe' unknown"):
+        build_detector("faster_rcnn", "resnet18", 2, min_size=64, max_size=107, image_mean=[0.5] * 3,
+                       image_std=[0.5] * 3, fpn_channels=16, box_representation_size=32, box_head_init="caffe")

@@ -12,7 +12,12 @@ detectors in :mod:`weakbench.methods.detection`; this module is the plan:
    torchvision Faster R-CNN on a timm backbone + FPN, trained on GT boxes of the train split
    with SGD and torchvision's detection warm-up (the lr rising linearly from ``lr/1000`` over
    ``min(1000, steps per epoch − 1)`` steps, then constant; ``warmup_iters`` / ``warmup_factor``;
-   the Mask R-CNN stage warms up the same way); validated by COCO box AP on val.
+   the Mask R-CNN stage warms up the same way); validated by COCO box AP on val. The box head
+   and predictor start as the official code's maskrcnn-benchmark (``box_head_init:
+   detectron2``: class logits of std 0.01, box deltas of std 0.001, zero biases; torchvision's
+   ``nn.Linear`` default is the ``torchvision`` option): with torchvision's init a pretrained
+   Lite0 detector diverged at lr 0.01 on two of three seeds, with the official init on none
+   (docs/bbam.md).
 2. ``attribute`` (map over images, shared): per GT box, 1000 jittered proposals, O⁺ selection,
    and ``mask_iterations`` Adam steps on the mask (stride ``s(a) = s0 + s1·√a`` scaled by the
    detector's input size over 800 px), many boxes optimised together (exactly the sequential
@@ -85,7 +90,7 @@ class BBAMConfig(MethodConfig):
     field_groups: ClassVar[dict[str, tuple[str, ...]]] = {
         "detector": ("backbone", "pretrained", "weights_path", "output_stride", "lr", "backbone_lr_mult", "weight_decay",
                      "momentum", "batch_size", "epochs", "input_size", "seed", "fpn_channels", "box_head_size",
-                     "warmup_iters", "warmup_factor"),
+                     "warmup_iters", "warmup_factor", "box_head_init"),
         "attribution": ("num_proposals", "jitter_ratio", "max_positives", "mask_iterations", "mask_lr", "mask_l1_weight",
                         "tv_weight", "stride_s0", "stride_s1", "loss_variant", "indicator_box", "indicator_cls",
                         "attribution_splits", "max_images_per_split"),
@@ -105,6 +110,10 @@ class BBAMConfig(MethodConfig):
                                            "min(1000, steps per epoch − 1), torchvision's detection reference; 0: none)")
     warmup_factor: float = Field(0.001, gt=0, le=1, description="lr factor of the warm-up's first step, rising "
                                                                 "linearly to 1 (torchvision's reference: 1/1000)")
+    box_head_init: Literal["detectron2", "torchvision"] = Field(
+        "detectron2", description="init of the detectors' box head and predictor: 'detectron2' = maskrcnn-benchmark's "
+                                  "(the official code's: class logits std 0.01, box deltas 0.001, zero biases); "
+                                  "'torchvision' = nn.Linear's default (diverged at lr 0.01 on a Lite0 body, docs/bbam.md)")
     batch_size: int = Field(4, ge=1, le=256, description="detector images per worker per step")
     input_size: int = Field(128, ge=32, le=1333, description="detector input: shorter side in pixels (800 in the paper)")
     fpn_channels: int = Field(256, ge=8, le=1024, description="FPN width (256 in the paper; smaller for CPU tests)")
@@ -233,7 +242,7 @@ class DetectorFit(FitTask):
 
         c = self.method.config
         model = build_detector(self.kind, c.backbone, self.method.num_classes, output_stride=c.output_stride,
-                               **detector_settings(c))
+                               box_head_init=c.box_head_init, **detector_settings(c))
         if self.init_dir is not None:
             # Mask R-CNN starts from the trained detector (backbone, FPN, RPN, box head; the mask
             # head is new): the paper starts from ImageNet weights, which a from-scratch CPU

@@ -134,6 +134,7 @@ def build_detector(
     anchor_sizes: Sequence[Sequence[int]] | None = None,
     frozen_batch_norm: bool | None = None,
     mask_logits_init: Literal["torchvision", "detectron2"] = "torchvision",
+    box_head_init: Literal["torchvision", "detectron2"] = "torchvision",
     **detector_kwargs: Any,
 ) -> FasterRCNN:
     """A torchvision Faster R-CNN or Mask R-CNN on a timm backbone with an FPN.
@@ -172,6 +173,16 @@ def build_detector(
             With one class on a pretrained EfficientNet-Lite0 body, torchvision's init gives
             initial mask logits of std ≈ 33 and a mask loss ≈ 17.6 (not 0.69), gradient norms
             in the hundreds, and SGD at lr 0.002 diverges within 3 epochs (docs/ccgr.md).
+        box_head_init: initialisation of the box head (the two-layer MLP ``fc6``, ``fc7``) and
+            the box predictor (``cls_score``, ``bbox_pred``). ``"torchvision"`` (default):
+            ``nn.Linear``'s own (Kaiming uniform with a = √5, uniform bias). ``"detectron2"``:
+            Detectron2's ``FastRCNNConvFCHead`` / ``FastRCNNOutputLayers`` and, identically,
+            maskrcnn-benchmark's ``FPN2MLPFeatureExtractor`` (``make_fc``) / ``FPNPredictor`` (the
+            code BBAM's official implementation trains its detector with): ``fc6``/``fc7`` Kaiming
+            uniform with a = 1 (Caffe2's XavierFill) and zero bias; class logits normal of std
+            0.01, box deltas normal of std 0.001, zero biases (logits about 3.6x smaller than
+            ``nn.Linear``'s at a 256-wide head, the deltas near 0). The RPN head and the FPN
+            are initialised the same way by both (normal 0.01; Kaiming uniform a = 1).
         **detector_kwargs: passed to torchvision's ``FasterRCNN`` / ``MaskRCNN`` (e.g.
             ``box_detections_per_img``, ``rpn_post_nms_top_n_test``).
 
@@ -181,7 +192,7 @@ def build_detector(
 
     Raises:
         UnknownNameError: ``backbone`` is not a timm model; ConfigError: bad ``kind``,
-        ``num_classes`` < 1, an unreadable ``weights_path``, an unsupported ``output_stride``.
+        ``num_classes`` < 1, an unreadable ``weights_path``, an unsupported ``output_stride``, an unknown ``mask_logits_init`` or ``box_head_init``.
     """
     if kind not in ("faster_rcnn", "mask_rcnn"):
         raise ConfigError(f"detector kind {kind!r} unknown; use 'faster_rcnn' or 'mask_rcnn'")
@@ -209,6 +220,16 @@ def build_detector(
     box_pool = MultiScaleRoIAlign(featmap_names=roi_names, output_size=7, sampling_ratio=2)
     box_head = TwoMLPHead(fpn_channels * 7 * 7, box_representation_size)
     box_predictor = FastRCNNPredictor(box_representation_size, num_classes + 1)
+    if box_head_init not in ("torchvision", "detectron2"):
+        raise ConfigError(f"box_head_init {box_head_init!r} unknown; use 'torchvision' or 'detectron2'")
+    if box_head_init == "detectron2":
+        for fc in (box_head.fc6, box_head.fc7):
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(box_predictor.cls_score.weight, std=0.01)
+        nn.init.normal_(box_predictor.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(box_predictor.cls_score.bias)
+        nn.init.zeros_(box_predictor.bbox_pred.bias)
     common = dict(min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
                   rpn_anchor_generator=anchors, box_roi_pool=box_pool, box_head=box_head,
                   box_predictor=box_predictor, **detector_kwargs)
