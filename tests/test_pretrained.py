@@ -153,19 +153,20 @@ def test_pretrained_detectors_use_the_backbones_statistics_and_frozen_batch_norm
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in scratch.backbone.body.modules())
 
 
-def test_bbam_detectors_start_the_box_head_as_the_official_code_does(weights_dir):
-    """BBAM's detector and Mask R-CNN build their box head and predictor as maskrcnn-benchmark
-    (the official code's ``make_fc`` / ``FPNPredictor``; Detectron2 is the same): class logits
-    normal of std 0.01, box deltas of std 0.001, zero biases, fc6/fc7 Kaiming uniform a = 1 with
-    zero bias. The ``torchvision`` option keeps ``nn.Linear``'s default; an unknown name is
-    refused."""
+def test_bbam_detectors_box_head_init_official_option_and_torchvision_default(weights_dir):
+    """``box_head_init: detectron2`` builds BBAM's detector and Mask R-CNN box head and predictor
+    as maskrcnn-benchmark (the official code's ``make_fc`` / ``FPNPredictor``; Detectron2 is the
+    same): class logits normal of std 0.01, box deltas of std 0.001, zero biases, fc6/fc7 Kaiming
+    uniform a = 1 with zero bias. The default (``torchvision``, measured better here) keeps
+    ``nn.Linear``'s; an unknown name is refused."""
     from weakbench.methods.bbam import DetectorFit
     from weakbench.methods.detection import build_detector
 
     params = {"backbone": LITE0, "pretrained": True, "input_size": 96, "fpn_channels": 64, "box_head_size": 256}
     torch.manual_seed(0)
     for kind in ("faster_rcnn", "mask_rcnn"):
-        det = DetectorFit(build_method("bbam", params, num_classes=3), kind).build_model()
+        det = DetectorFit(build_method("bbam", {**params, "box_head_init": "detectron2"}, num_classes=3),
+                          kind).build_model()
         head, pred = det.roi_heads.box_head, det.roi_heads.box_predictor
         for lin in (head.fc6, head.fc7, pred.cls_score, pred.bbox_pred):
             assert not lin.bias.any(), kind
@@ -174,9 +175,11 @@ def test_bbam_detectors_start_the_box_head_as_the_official_code_does(weights_dir
         # Kaiming uniform with a = 1: bound sqrt(3 / fan_in), std bound / sqrt(3) = 1 / sqrt(fan_in)
         fan_in = head.fc6.weight.shape[1]
         assert head.fc6.weight.std().item() == pytest.approx(fan_in ** -0.5, rel=0.05)
-    tv = DetectorFit(build_method("bbam", {**params, "box_head_init": "torchvision"}, num_classes=3),
-                     "faster_rcnn").build_model()
-    assert tv.roi_heads.box_predictor.cls_score.bias.any()  # nn.Linear's uniform bias
+    default = DetectorFit(build_method("bbam", params, num_classes=3), "faster_rcnn").build_model()
+    cls = default.roi_heads.box_predictor.cls_score
+    assert cls.bias.any()  # nn.Linear's uniform bias
+    # nn.Linear's Kaiming uniform with a = sqrt(5): bound 1 / sqrt(fan_in), std 1 / sqrt(3 fan_in)
+    assert cls.weight.std().item() == pytest.approx((3 * cls.weight.shape[1]) ** -0.5, rel=0.05)
     with pytest.raises(ConfigError, match="box_head_init 'caffe' unknown"):
         build_detector("faster_rcnn", "resnet18", 2, min_size=64, max_size=107, image_mean=[0.5] * 3,
                        image_std=[0.5] * 3, fpn_channels=16, box_representation_size=32, box_head_init="caffe")

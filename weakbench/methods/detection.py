@@ -182,7 +182,8 @@ def build_detector(
             uniform with a = 1 (Caffe2's XavierFill) and zero bias; class logits normal of std
             0.01, box deltas normal of std 0.001, zero biases (logits about 3.6x smaller than
             ``nn.Linear``'s at a 256-wide head, the deltas near 0). The RPN head and the FPN
-            are initialised the same way by both (normal 0.01; Kaiming uniform a = 1).
+            are initialised the same way by both (normal 0.01; Kaiming uniform a = 1). Measured
+            worse than the default on BBAM's Lite0 detectors (docs/bbam.md), so an option.
         **detector_kwargs: passed to torchvision's ``FasterRCNN`` / ``MaskRCNN`` (e.g.
             ``box_detections_per_img``, ``rpn_post_nms_top_n_test``).
 
