@@ -84,7 +84,10 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train_detector(method, source, train_idx, epochs: int, seed: int):
+def train_detector(method, source, train_idx, epochs: int, seed: int, on_epoch=None):
+    """The task's detector trained ``epochs`` epochs; ``on_epoch(epoch, det)`` (optional) runs after
+    each epoch (1-based) with the torch RNG state restored after it, so a probe does not change
+    the training that follows (the loader shuffles with its own generator)."""
     from weakbench.methods.bbam import DetectorFit
 
     torch.manual_seed(seed)
@@ -107,6 +110,12 @@ def train_detector(method, source, train_idx, epochs: int, seed: int):
                 _log(f"seed {seed}: detector loss {losses[-1]} in epoch {epoch + 1}, step {len(losses)}: diverged")
                 det.eval()
                 return det, losses
+        if on_epoch is not None:
+            state = torch.get_rng_state()
+            det.eval()
+            on_epoch(epoch + 1, det)
+            det.train()
+            torch.set_rng_state(state)
     det.eval()
     return det, losses
 
@@ -243,7 +252,8 @@ def run(args) -> dict:
     _log(f"{source.name}: train {len(idx['train'])} images, val {len(idx['val'])} ({n_boxes['val']} boxes), "
          f"test {len(idx['test'])} ({n_boxes['test']} boxes); {params}; configs {configs}; θ_fg {thetas}")
     result: dict = {"dataset": source.name, "params": params, "detector_splits": args.detector_splits, "configs": configs, "thetas": thetas,
-                    "images": {s: idx[s] for s in ("val", "test")}, "seeds": args.seeds, "boxes": [], "times": {},
+                    "images": {s: idx[s] for s in ("val", "test")}, "seeds": args.seeds,
+                    "select_epochs": list(getattr(args, "select_epochs", [])), "boxes": [], "times": {},
                     "detector": {}}
     ctx = types.SimpleNamespace(source=source, device=torch.device("cpu"), splits=idx, num_overlays=0,
                                 stage=types.SimpleNamespace(split="val"), inputs={})
@@ -271,12 +281,45 @@ def run(args) -> dict:
                             multilabel=source.multilabel)
         t0 = time.perf_counter()
         det_idx = sorted({i for sp in args.detector_splits.split(",") for i in idx_all[sp]})
-        det, losses = train_detector(base, source, det_idx, args.epochs, seed)
-        t_det = time.perf_counter() - t0
+        probe_rows: list[dict] = []
+        snaps: dict[int, dict] = {}
+        probe_s = [0.0]
+
+        def on_epoch(epoch, det, seed=seed, probe_rows=probe_rows, snaps=snaps, probe_s=probe_s, t0=t0):
+            if epoch not in result["select_epochs"]:
+                return
+            t1 = time.perf_counter()
+            # val box AP50 on every val image with a box; the O+ share on the attributed val images
+            ap_v = detection_metrics(det, source, idx_all["val"], torch.device("cpu"), masks=False).get("bbox_ap50")
+            pm = build_method("bbam", {**params, "mask_iterations": 1, "seed": seed},
+                              num_classes=source.num_classes, multilabel=source.multilabel)
+            ctx.load_model = lambda name, det=det: det
+            val_keys = [k for k in keys if k.startswith("val:")]
+            tab, _ = attribute(pm, val_keys, ctx, args.chunk)  # O+ does not depend on the iterations
+            pos = [p for k in val_keys for p in tab[k]["positives"]]
+            snaps[epoch] = copy.deepcopy(det.state_dict())
+            probe_s[0] += time.perf_counter() - t1
+            probe_rows.append({"epochs": epoch, "val_bbox_ap50": ap_v, "val_boxes": len(pos),
+                               "val_positive_share": 100.0 * sum(p > 0 for p in pos) / max(len(pos), 1),
+                               "train_s": time.perf_counter() - t0 - probe_s[0]})
+            _log(f"seed {seed}: epoch {epoch}: val box AP50 {ap_v:.1f}, val O+ non-empty "
+                 f"{sum(p > 0 for p in pos)}/{len(pos)} ({time.perf_counter() - t1:.0f} s)")
+
+        det, losses = train_detector(base, source, det_idx, args.epochs, seed,
+                                     on_epoch if result["select_epochs"] else None)
+        t_det = time.perf_counter() - t0 - probe_s[0]
+        chosen_epochs = args.epochs
+        if probe_rows:  # the most val boxes with a non-empty O+, then the val box AP50, then fewer epochs
+            best = max(probe_rows, key=lambda r: (r["val_positive_share"], r["val_bbox_ap50"], -r["epochs"]))
+            chosen_epochs = best["epochs"]
+            det.load_state_dict(snaps[chosen_epochs])
+            det.eval()
+            _log(f"seed {seed}: {chosen_epochs} epochs chosen on val")
         ap = detection_metrics(det, source, idx["test"], torch.device("cpu"), masks=False)
         result["detector"][str(seed)] = {"train_s": t_det, "loss_first": losses[0] if losses else None,
                                          "loss_last": float(np.mean(losses[-5:])) if losses else None,
-                                         "test_bbox_ap50": ap.get("bbox_ap50"), "test_bbox_ap": ap.get("bbox_ap")}
+                                         "test_bbox_ap50": ap.get("bbox_ap50"), "test_bbox_ap": ap.get("bbox_ap"),
+                                         "epochs": chosen_epochs, "epoch_probe": probe_rows, "probe_s": probe_s[0]}
         _log(f"seed {seed}: detector {t_det:.0f} s, loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}, "
              f"test box AP50 {ap.get('bbox_ap50')}")
         if not np.isfinite(losses[-1]):  # a diverged detector: no attribution is measured for it
@@ -337,6 +380,33 @@ def run(args) -> dict:
 
 
 # ------------------------------------------------------------------------------ report
+def merge(results: list[dict]) -> dict:
+    """One result from runs of the same command on different ``--seeds`` (run in parallel): the
+    seed-independent rows (``box_filled``, ``box_crf``) from the first, every seed's rows, detector,
+    probe and times. Raises ``ValueError`` naming the field when the runs' settings differ or a
+    seed repeats."""
+    first = results[0]
+    if len(results) == 1:
+        return first
+    for r in results[1:]:
+        for field in ("dataset", "params", "detector_splits", "configs", "thetas", "images", "select_epochs"):
+            if r.get(field) != first.get(field):
+                raise ValueError(f"runs differ in {field!r}: {r.get(field)!r} against {first.get(field)!r}; "
+                                 "merge only runs of one command that differ in --seeds")
+    seeds = [s for r in results for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeat across the runs: {seeds}; merge runs of different --seeds")
+    out = {**first, "seeds": seeds, "boxes": [b for b in first["boxes"] if "seed" not in b],
+           "times": {}, "detector": {}, "found": {}, "probe": {}}
+    for r in results:
+        out["boxes"] += [b for b in r["boxes"] if "seed" in b]
+        for field in ("detector", "found", "probe"):
+            out[field].update(r.get(field, {}))
+        out["times"].update({k if "seed" in k else f"{k}_seeds{'+'.join(map(str, r['seeds']))}": v
+                             for k, v in r["times"].items()})
+    return out
+
+
 class Boot:
     """Two-stage bootstrap over the test images and the seeds (shared draws: paired rows)."""
 
@@ -410,7 +480,10 @@ def report(res: dict, n_boot: int = 2000) -> str:
     lines = [f"dataset {res['dataset']}; test {len(test_keys)} images, seeds {seeds}; detector trained on the boxes "
              f"of {res.get('detector_splits', 'train')}: "
              f"{res['params']['backbone']}{' (pretrained)' if res['params'].get('pretrained') else ''} at "
-             f"{res['params']['input_size']} px, {res['params']['epochs']} epochs; {res['params']['num_proposals']} "
+             f"{res['params']['input_size']} px, "
+             + (f"epochs chosen on val per seed from {res['select_epochs']}: "
+                + ", ".join(f"{d.get('epochs')}" for d in res["detector"].values()) if res.get("select_epochs")
+                else f"{res['params']['epochs']} epochs") + f"; {res['params']['num_proposals']} "
              f"proposals; 95 % intervals: {n_boot} resamples of test images and seeds"
              + (f"; seeds without results (diverged or not reached): {missing}" if missing else ""), ""]
     det = res["detector"]
@@ -418,6 +491,11 @@ def report(res: dict, n_boot: int = 2000) -> str:
     seen = "test" in res.get("detector_splits", "train").split(",")
     lines.append("detector test box AP50 per seed" + (" (on boxes it was trained on, not held out)" if seen else "")
                  + ": " + ", ".join(f"{a:.1f}" for a in aps))
+    for s_, d in det.items():
+        for r in d.get("epoch_probe", []):
+            lines.append(f"seed {s_}: after {r['epochs']} epochs ({r['train_s']:.0f} s): val box AP50 "
+                         f"{r['val_bbox_ap50']:.1f}, val O+ non-empty {r['val_positive_share']:.0f} % of "
+                         f"{r['val_boxes']} boxes" + (" <- chosen" if r["epochs"] == d.get("epochs") else ""))
     if res.get("found"):
         base_recs = [r for r in recs if r["row"] == "bbam_crf" and r.get("config") == "base"
                      and r["key"].startswith("test:")]
@@ -500,6 +578,11 @@ def main() -> None:
                         "setting, where the detector has seen the boxes it explains; GT masks are never used)")
     p.add_argument("--warmup-iters", type=int, default=None,
                    help="detector lr warm-up steps (default: the method's, min(1000, steps per epoch - 1); 0: none)")
+    p.add_argument("--select-epochs", default=None,
+                   help="comma-separated epoch counts: train to the largest, and after each listed epoch measure "
+                        "the val box AP50 (every val image with a box) and the val O+ share (the attributed val "
+                        "images); per seed, keep the detector of the epoch with the largest val O+ share (then "
+                        "val AP50, then fewer epochs). Overrides --epochs; needs val (not --no-val)")
     p.add_argument("--fpn-channels", type=int, default=64)
     p.add_argument("--box-head-size", type=int, default=256)
     p.add_argument("--num-proposals", type=int, default=300)
@@ -509,12 +592,23 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=8, help="images attributed per call (memory only)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the per-box results here (JSON)")
-    p.add_argument("--report", default=None, help="print the tables of a saved JSON and exit")
+    p.add_argument("--report", default=None, help="print the tables of a saved JSON and exit; several, comma-"
+                                                   "separated: runs of one command on different --seeds, merged")
     args = p.parse_args()
     if args.report:
-        print(report(json.loads(Path(args.report).read_text())))
+        try:
+            res = merge([json.loads(Path(f).read_text()) for f in args.report.split(",")])
+        except ValueError as e:
+            p.error(f"--report {args.report}: {e}")
+        print(report(res))
         return
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.select_epochs = sorted({int(e) for e in args.select_epochs.split(",")}) if args.select_epochs else []
+    if args.select_epochs:
+        if args.no_val or args.select_epochs[0] < 1:
+            p.error(f"--select-epochs {','.join(map(str, args.select_epochs))}: needs val images (drop --no-val) "
+                    "and epoch counts >= 1")
+        args.epochs = args.select_epochs[-1]
     res = run(args)
     if args.out:
         Path(args.out).write_text(json.dumps(res))
