@@ -21,6 +21,15 @@ Runs BBAM's own stage hooks in one process (no Ray, no MLflow), per detector see
    ``box_filled`` (the box) and ``box_crf`` (the dense CRF from the box prior alone: BBAM's own
    fallback, which every box with an empty O⁺ receives).
 
+``--select-epochs 10,20,30,40`` chooses the detector's training budget on val, per seed: the
+detector trains to the largest count and, after each listed epoch, its val box AP50 (every val
+image with a GT box) and its val O⁺ share (the boxes of the attributed val images with a non-empty
+O⁺; the O⁺ rule does not depend on the iteration count, so one iteration is run) are measured and
+its weights copied; the epoch with the largest val O⁺ share (then val AP50, then fewer epochs) is
+kept for steps 2–4 and the test AP50. The probe restores torch's RNG state, and the warm-up (one
+epoch) and the constant lr after it do not depend on the total count, so the copy after epoch E is
+the detector ``--epochs E`` trains. Nothing is chosen on test.
+
 ``--detector-splits train,val,test`` trains the detector on the GT boxes of every split (the
 boxes are the weak supervision, given for every image; the GT masks are only scored): the
 paper's setting, where the detector explains boxes it was trained on (its pseudo masks are made
@@ -45,12 +54,15 @@ seed's detector is common to every row), and recomputes the metric as the mean o
 
 Commands (the README's tables):
 
-* ``python benchmarks/quality_bbam.py --data synthetic:hard --out bbam_hard.json`` (the README's
-  scale: ``--images 6 --epochs 8``)
+* ``python benchmarks/quality_bbam.py --data synthetic:hard --seeds S --images 6 --select-epochs
+  10,20,30,40 --out hard_seedS.json`` for S = 0, 1, 2, then ``--report
+  hard_seed0.json,hard_seed1.json,hard_seed2.json`` (the README's ``synthetic:hard`` table)
 * ``python benchmarks/quality_bbam.py --data ../shared/data/coco128 --classes person --backbone
   tf_efficientnet_lite0 --pretrained --input-size 320 ... --out bbam_person.json``
 
-``--report FILE.json`` prints the tables again from a saved run without computing anything.
+``--report FILE.json`` prints the tables again from a saved run without computing anything;
+``--report s0.json,s1.json,s2.json`` merges runs of one command on different ``--seeds`` (run side
+by side; the baselines are taken once) and prints the tables of the merged run.
 """
 
 from __future__ import annotations
