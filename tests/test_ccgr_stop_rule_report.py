@@ -5,17 +5,13 @@ after an interruption is recorded by a run that finds its stages done)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pickle
-from pathlib import Path
+
+from benchmark_scripts import load_benchmark
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_ccgr_stop_rule.py"
-    spec = importlib.util.spec_from_file_location("quality_ccgr_stop_rule", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("quality_ccgr_stop_rule")
 
 
 def test_report_header_counts_logged_stage_time_of_resumed_trials(tmp_path):

@@ -142,13 +142,9 @@ def test_stop_rule_benchmark_recomputes_map_r_with_the_core_arithmetic():
     """benchmarks/quality_ccgr_stop_rule.py keeps per-prediction VOC calls in its records and
     recomputes mAP^r on a resample through the core's weighted_voc_map_of_calls: equal to
     voc_instance_ap on the repeated images, at IoU 0.25 and 0.5."""
-    import importlib.util
-    from pathlib import Path
+    from benchmark_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_ccgr_stop_rule.py"
-    spec = importlib.util.spec_from_file_location("quality_ccgr_stop_rule", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("quality_ccgr_stop_rule")
     gt, results = _coco(seed=4)
     for thr in (0.25, 0.5):
         n_gt, matches = bench.voc_matches(gt, results, thr)

@@ -5,19 +5,15 @@ snapshot after epoch E differ from a detector trained E epochs."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
+
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_bbam.py"
-    spec = importlib.util.spec_from_file_location("quality_bbam", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("quality_bbam")
 
 
 def _result(seeds):
